@@ -1,0 +1,1 @@
+"""Backbone (atrous ResNet) and DeepLabv3+ with the dilated-affinity head."""

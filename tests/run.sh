@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's test command: sets up .venv on a fresh machine, then runs the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+exec .venv/bin/python -m pytest -q "$@"
