@@ -1,0 +1,90 @@
+"""Benchmark of affinity propagation (Eq. 6) and of the affinity targets + loss, on this machine's CPU.
+
+Paper-sized case: 513x513, 21 classes, R = {8, (12, 24), 16} (4 explicit rates, 32 directions), 10 iterations,
+batch 1. Prints ms per iteration, the memory-traffic floor (bytes one iteration must read and write, at the copy
+bandwidth measured in this same run) and their ratio (target: within 3x), then the time of
+``affinity_targets + affinity_loss`` forward and backward at the same size.
+
+  .venv/bin/python benchmarks/propagation.py [--size 513] [--iterations 10] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dilaff_jax import affinity, propagation
+from dilaff_jax.stats import AffinityStats
+
+
+def best_time(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> float:
+  """Bytes per second of a jit'd elementwise copy (read + write) of a float32 buffer of ``nbytes``."""
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(lambda v: v * 1.0001)
+  return 2 * nbytes / best_time(lambda: f(x), repeats)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--size", type=int, default=513)
+  p.add_argument("--classes", type=int, default=21)
+  p.add_argument("--rates", default="8,12x24,16")
+  p.add_argument("--iterations", type=int, default=10)
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--repeats", type=int, default=5)
+  args = p.parse_args()
+
+  rates = affinity.parse_rates(args.rates)
+  b, s, c, d = args.batch, args.size, args.classes, 8 * len(rates)
+  rng = np.random.default_rng(0)
+  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(b, s, s, c)), jnp.float32), axis=-1)
+  aff = propagation.steep_sigmoid(jnp.asarray(rng.normal(size=(b, s, s, d)), jnp.float32))
+  labels = jnp.asarray(rng.integers(0, c, size=(b, s, s)), jnp.int32)
+
+  n = args.iterations
+  t_n = best_time(lambda: propagation.propagate(probs, aff, rates, iterations=n), args.repeats)
+  t_1 = best_time(lambda: propagation.propagate(probs, aff, rates, iterations=1), args.repeats)
+  per_iter = (t_n - t_1) / (n - 1) if n > 1 else t_n
+
+  bytes_iter = 4 * b * s * s * (2 * c + d)  # read p and a, write p (float32)
+  bw = copy_bandwidth(64 << 20, args.repeats)
+  floor = bytes_iter / bw
+
+  stats = AffinityStats(rates, np.full((len(rates), 9), 1 / 9), np.full(len(rates), 0.8))
+  logits = jnp.asarray(rng.normal(size=(b, s, s, d)), jnp.float32)
+  loss_fn = jax.jit(lambda lg, lb: affinity.affinity_loss(lg, lb, rates, stats))
+  grad_fn = jax.jit(jax.value_and_grad(lambda lg, lb: affinity.affinity_loss(lg, lb, rates, stats)))
+  t_fwd = best_time(lambda: loss_fn(logits, labels), args.repeats)
+  t_bwd = best_time(lambda: grad_fn(logits, labels), args.repeats)
+  t_oracle = best_time(lambda: propagation.gt_affinity(labels, rates), args.repeats)
+
+  print(f"# propagation benchmark: {b}x{s}x{s}, {c} classes, R={list(rates)} ({d} directions), "
+        f"{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}")
+  print("| quantity | value |")
+  print("|---|---|")
+  print(f"| propagation, {n} iterations (total) | {1e3 * t_n:.1f} ms |")
+  print(f"| propagation, per iteration (marginal) | {1e3 * per_iter:.2f} ms |")
+  print(f"| copy bandwidth (read+write, 64 MiB) | {bw / 1e9:.2f} GB/s |")
+  print(f"| memory-traffic floor per iteration ({bytes_iter / 2**20:.1f} MiB) | {1e3 * floor:.2f} ms |")
+  print(f"| ratio per-iteration / floor (target <= 3) | {per_iter / floor:.2f} |")
+  print(f"| affinity_targets + affinity_loss, forward | {1e3 * t_fwd:.1f} ms |")
+  print(f"| affinity_targets + affinity_loss, forward + backward | {1e3 * t_bwd:.1f} ms |")
+  print(f"| gt_affinity (oracle) | {1e3 * t_oracle:.1f} ms |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,301 @@
+"""Dilated affinity (paper §3.1–3.2): targets (Eq. 1–3), neighbour categories n_k, weighted focal loss (Eq. 4–5).
+
+Conventions follow ``shared/spec/affinity-contract.md``:
+
+* A rate is a pair ``(r1, r2)``: ``r1`` moves along rows (height), ``r2`` along columns (width).
+  The paper's shorthand (a scalar ``8`` for ``(8, 8)``, a pair ``(12, 24)`` for both ``(12, 24)`` and
+  ``(24, 12)``) is expanded once by :func:`expand_rates`; every other function takes *explicit* pairs
+  (a bare scalar ``s`` is accepted there too and means ``(s, s)``).
+* Per rate, the 8 directions of ``S_r(i, j)`` (Eq. 3) in row-major order over ``s in (-r1, 0, r1)``,
+  ``t in (-r2, 0, r2)`` with the centre skipped. Channel ``c = rate_index * 8 + direction_index``;
+  arrays are channels-last ``[B, H, W, 8·|R|]``; channel ``c`` at ``(i, j)`` concerns ``x[i, j]`` and
+  ``x[i + s, j + t]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+  from dilaff_jax.stats import AffinityStats
+
+RateSpec = Union[int, Sequence[int]]
+Rates = tuple[tuple[int, int], ...]
+
+DIRECTIONS_PER_RATE = 8
+NUM_CATEGORIES = 9  # n_0 .. n_8
+SCHEMES = ("none", "signal", "neighbor", "sqrt")
+DEFAULT_MAX_WEIGHT = 100.0
+
+
+def _as_pair(rate: RateSpec, where: str) -> tuple[int, int]:
+  """One rate as an explicit ``(r1, r2)`` pair of positive ints, or a ValueError naming it."""
+  if isinstance(rate, (int, np.integer)) and not isinstance(rate, bool):
+    pair = (int(rate), int(rate))
+  elif isinstance(rate, Sequence) and not isinstance(rate, str) and len(rate) == 2 and all(
+      isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in rate):
+    pair = (int(rate[0]), int(rate[1]))
+  else:
+    raise ValueError(f"{where}: rate {rate!r} is neither a positive int nor a pair of positive ints")
+  if pair[0] < 1 or pair[1] < 1:
+    raise ValueError(f"{where}: rate {rate!r} must be positive")
+  return pair
+
+
+def _check_unique(pairs: Sequence[tuple[int, int]], where: str) -> Rates:
+  seen = set()
+  for p in pairs:
+    if p in seen:
+      raise ValueError(f"{where}: rate {p} appears twice in {list(pairs)}")
+    seen.add(p)
+  if not pairs:
+    raise ValueError(f"{where}: the set of rates R is empty")
+  return tuple(pairs)
+
+
+def expand_rates(rates: Sequence[RateSpec]) -> Rates:
+  """Expands the paper's shorthand for R (§4.2) into explicit ``(r1, r2)`` pairs.
+
+  ``8`` means ``(8, 8)``; ``(12, 24)`` means ``(12, 24)`` followed by ``(24, 12)``; a square pair once.
+  Order is kept: ``expand_rates([8, (12, 24), 16]) == ((8, 8), (12, 24), (24, 12), (16, 16))``.
+  """
+  if isinstance(rates, (int, np.integer)):
+    rates = [rates]
+  out = []
+  for r in rates:
+    a, b = _as_pair(r, "expand_rates")
+    out.append((a, b))
+    if a != b:
+      out.append((b, a))
+  return _check_unique(out, "expand_rates")
+
+
+def explicit_rates(rates: Sequence[RateSpec]) -> Rates:
+  """Validates explicit rate pairs (no expansion); a bare scalar ``s`` means ``(s, s)``."""
+  if isinstance(rates, (int, np.integer)):
+    rates = [rates]
+  return _check_unique([_as_pair(r, "rates") for r in rates], "rates")
+
+
+def neighbor_offsets(rates: Sequence[RateSpec]) -> tuple[tuple[int, int], ...]:
+  """The ``(s, t)`` offsets of ``S_r(i, j)`` (Eq. 3) for every rate: 8 per rate, contract order."""
+  offsets = []
+  for r1, r2 in explicit_rates(rates):
+    for s in (-r1, 0, r1):
+      for t in (-r2, 0, r2):
+        if s or t:
+          offsets.append((s, t))
+  return tuple(offsets)
+
+
+def affinity_targets(labels: jax.Array, rates: Sequence[RateSpec],
+                     ignore_label: int = 255) -> tuple[jax.Array, jax.Array]:
+  """Dilated-affinity ground truth (Eq. 1) for every pixel and direction.
+
+  Args:
+    labels: int ``[B, H, W]`` class map.
+    rates: explicit rate pairs.
+    ignore_label: void label; any pair touching it is invalid.
+
+  Returns:
+    ``(targets, valid)``, both ``[B, H, W, 8·|R|]``: ``targets`` float32, 1 where the pair's labels are equal
+    and the pair is valid, else 0; ``valid`` bool, true where the neighbour ``(i+s, j+t)`` lies inside the image
+    and neither label is ``ignore_label``. Built with ``jnp.roll``; the border mask makes wrapped-around
+    neighbours invalid (rates larger than the image give no valid pair).
+  """
+  labels = jnp.asarray(labels)
+  if labels.ndim != 3:
+    raise ValueError(f"affinity_targets: labels must be [B, H, W], got shape {labels.shape}")
+  _, h, w = labels.shape
+  rows = jnp.arange(h)[:, None]
+  cols = jnp.arange(w)[None, :]
+  centre_ok = labels != ignore_label
+  targets, valid = [], []
+  for s, t in neighbor_offsets(rates):
+    nb = jnp.roll(labels, shift=(-s, -t), axis=(1, 2))  # nb[i, j] = labels[i + s, j + t] (wrapped)
+    inside = (rows + s >= 0) & (rows + s < h) & (cols + t >= 0) & (cols + t < w)
+    v = inside[None] & centre_ok & (nb != ignore_label)
+    valid.append(v)
+    targets.append(v & (nb == labels))
+  valid = jnp.stack(valid, axis=-1)
+  targets = jnp.stack(targets, axis=-1).astype(jnp.float32)
+  return targets, valid
+
+
+def neighbor_categories(targets: jax.Array, valid: jax.Array, num_rates: int) -> jax.Array:
+  """The category ``k`` of ``n_k`` (§3.2): per pixel and rate, the number of valid positive neighbours (0..8).
+
+  Invalid neighbours count neither way. Returns int32 ``[B, H, W, |R|]``. The value is only meaningful for
+  pixels whose own label is not ignored (for those every direction is invalid, so it is 0).
+  """
+  pos = (targets > 0.5) & valid
+  b, h, w, c = pos.shape
+  if c != DIRECTIONS_PER_RATE * num_rates:
+    raise ValueError(f"neighbor_categories: {c} channels but num_rates={num_rates} needs "
+                     f"{DIRECTIONS_PER_RATE * num_rates}")
+  return pos.reshape(b, h, w, num_rates, DIRECTIONS_PER_RATE).sum(-1, dtype=jnp.int32)
+
+
+def focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0) -> jax.Array:
+  """Elementwise focal loss ``FL(p_t) = -(1 - p_t)^γ log p_t`` (Eq. 4) from logits.
+
+  With ``z = logit`` for positive targets and ``-logit`` for negative ones, ``log p_t = log σ(z)`` and
+  ``(1 - p_t)^γ = exp(γ · log σ(-z))``: finite values and gradients for logits of any magnitude.
+  ``gamma = 0`` is plain binary cross-entropy.
+  """
+  logits = jnp.asarray(logits)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bfloat16 -> float32, float64 kept
+  z = jnp.where(jnp.asarray(targets) > 0.5, logits, -logits)
+  nll = -jax.nn.log_sigmoid(z)
+  if gamma == 0:
+    return nll
+  return jnp.exp(gamma * jax.nn.log_sigmoid(-z)) * nll
+
+
+def neighbor_weights(freq: np.ndarray, scheme: str, max_weight: float = DEFAULT_MAX_WEIGHT) -> np.ndarray:
+  """Per-rate weights ``w_r(k)`` of the categories n_0..n_8 (Eq. 5, Table 1), shape ``[|R|, 9]``.
+
+  ``neighbor``: ``freq(n_8, r) / freq(n_k, r)``; ``sqrt``: its square root (the paper's best); ``none``: 1.
+  Weights are clipped to ``max_weight`` (a category never seen in the statistics gets ``max_weight``).
+  """
+  freq = np.asarray(freq, np.float64)
+  if freq.ndim != 2 or freq.shape[1] != NUM_CATEGORIES:
+    raise ValueError(f"neighbor_weights: freq must be [|R|, 9], got {freq.shape}")
+  if scheme == "none":
+    return np.ones_like(freq, np.float32)
+  if scheme not in ("neighbor", "sqrt"):
+    raise ValueError(f"neighbor_weights: scheme {scheme!r} has no per-category weights "
+                     f"(expected 'none', 'neighbor' or 'sqrt')")
+  if np.any(freq[:, 8] <= 0):
+    bad = [i for i in range(freq.shape[0]) if freq[i, 8] <= 0]
+    raise ValueError(f"neighbor_weights: freq(n_8, r) is 0 for rate index {bad}: the weights "
+                     "freq(n_8)/freq(n_k) are undefined (statistics from too small images for this rate?)")
+  with np.errstate(divide="ignore"):
+    w = freq[:, 8:9] / freq
+  if scheme == "sqrt":
+    w = np.sqrt(w)
+  return np.minimum(w, max_weight).astype(np.float32)
+
+
+def signal_weights(pos_freq: np.ndarray, max_weight: float = DEFAULT_MAX_WEIGHT) -> np.ndarray:
+  """``signal`` scheme (Table 1): inverse frequency of the signal's own value, positives weigh 1.
+
+  Returns ``[|R|, 2]`` with columns (negative, positive): ``(π_r / (1 - π_r), 1)``, clipped to ``max_weight``.
+  """
+  pi = np.asarray(pos_freq, np.float64)
+  with np.errstate(divide="ignore"):
+    neg = np.where(pi < 1.0, pi / np.maximum(1.0 - pi, 0.0), np.inf)
+  w = np.stack([neg, np.ones_like(pi)], axis=-1)
+  return np.minimum(w, max_weight).astype(np.float32)
+
+
+def affinity_loss(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec], stats: "AffinityStats",
+                  scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = 255,
+                  max_weight: float = DEFAULT_MAX_WEIGHT) -> jax.Array:
+  """The affinity loss ``L_aff`` (Eq. 5 without β), a scalar.
+
+  ``L_aff = (1/N) Σ_pixels Σ_r w_r(k) Σ_{c in rate r, valid} FL``, with ``N`` the number of non-ignored centre
+  pixels in the batch and ``k`` the pixel's n_k category for rate ``r``. The caller multiplies by β.
+
+  Args:
+    logits: ``[B, H, W, 8·|R|]`` affinity logits at the label resolution (upsample first).
+    labels: int ``[B, H, W]``.
+    rates: explicit rate pairs; must equal ``stats.rates``.
+    stats: :class:`dilaff_jax.stats.AffinityStats` holding ``freq(n_k, r)`` and ``π_r``.
+    scheme: ``none`` (equal weights and plain cross-entropy: γ is forced to 0, Table 1's baseline),
+      ``signal``, ``neighbor`` or ``sqrt`` (default).
+    gamma: focal-loss focusing parameter γ for the other schemes.
+    ignore_label: void label.
+    max_weight: upper clip of every weight.
+  """
+  rates = explicit_rates(rates)
+  if tuple(map(tuple, stats.rates)) != rates:
+    raise ValueError(f"affinity_loss: rates {list(rates)} differ from the statistics' rates {list(stats.rates)}"
+                     " (recompute the statistics for these rates)")
+  if scheme not in SCHEMES:
+    raise ValueError(f"affinity_loss: unknown weighting scheme {scheme!r}; expected one of {SCHEMES}")
+  num_rates = len(rates)
+  if logits.shape[-1] != DIRECTIONS_PER_RATE * num_rates or logits.shape[:-1] != labels.shape:
+    raise ValueError(f"affinity_loss: logits {logits.shape} do not match labels {labels.shape} and "
+                     f"{num_rates} rates (expected [..., {DIRECTIONS_PER_RATE * num_rates}])")
+  targets, valid = affinity_targets(labels, rates, ignore_label)
+  b, h, w, _ = targets.shape
+  shape5 = (b, h, w, num_rates, DIRECTIONS_PER_RATE)
+  fl = focal_loss(logits, targets, 0.0 if scheme == "none" else gamma)
+  fl = jnp.where(valid, fl, 0.0).reshape(shape5)
+  if scheme == "signal":
+    sw = jnp.asarray(signal_weights(stats.pos_freq, max_weight))  # [R, 2]
+    pos = targets.reshape(shape5) > 0.5
+    weighted = fl * jnp.where(pos, sw[:, 1][:, None], sw[:, 0][:, None])
+    total = weighted.sum()
+  else:
+    per_pixel = fl.sum(-1)  # [B, H, W, R]
+    if scheme == "none":
+      total = per_pixel.sum()
+    else:
+      table = jnp.asarray(neighbor_weights(stats.freq, scheme, max_weight))  # [R, 9]
+      k = neighbor_categories(targets, valid, num_rates)
+      wk = table[jnp.arange(num_rates), k]  # [B, H, W, R]
+      total = (wk * per_pixel).sum()
+  n = jnp.sum(labels != ignore_label)
+  return total / jnp.maximum(n, 1).astype(jnp.float32)
+
+
+def prior_bias(pos_freq: Sequence[float], eps: float = 1e-4) -> np.ndarray:
+  """Initial bias of the affinity layer (§4.1, the focal-loss prior init): ``σ(b_r) = π_r``.
+
+  ``b_r = log(π_r / (1 - π_r))``, repeated over the 8 channels of each rate: a float32 vector of length
+  ``8·|R|``. The paper prints ``-log(π_r / (1 - π_r))``, which would give ``σ(b_r) = 1 - π_r``: a sign slip
+  (see the affinity contract). ``π_r`` is clipped to ``[eps, 1 - eps]`` to keep the bias finite.
+  """
+  pi = np.clip(np.asarray(pos_freq, np.float64), eps, 1.0 - eps)
+  if pi.ndim != 1 or pi.size == 0:
+    raise ValueError(f"prior_bias: pos_freq must be a non-empty vector, got shape {pi.shape}")
+  b = np.log(pi / (1.0 - pi))
+  return np.repeat(b, DIRECTIONS_PER_RATE).astype(np.float32)
+
+
+def affinity_accuracy_counts(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec],
+                             ignore_label: int = 255) -> tuple[jax.Array, jax.Array]:
+  """Correct and total valid signals per rate and neighbour category (Fig. 4).
+
+  A signal is correct when ``σ(logit) > 0.5`` equals its target. Returns two int32 arrays ``[|R|, 9]``:
+  correct signals and valid signals, grouped by the centre pixel's n_k category for that rate.
+  """
+  rates = explicit_rates(rates)
+  num_rates = len(rates)
+  targets, valid = affinity_targets(labels, rates, ignore_label)
+  k = neighbor_categories(targets, valid, num_rates)  # [B,H,W,R]
+  b, h, w, _ = targets.shape
+  shape5 = (b, h, w, num_rates, DIRECTIONS_PER_RATE)
+  correct = ((logits > 0) == (targets > 0.5)) & valid
+  correct = correct.reshape(shape5).sum(-1, dtype=jnp.int32)
+  total = valid.reshape(shape5).sum(-1, dtype=jnp.int32)
+  onehot = jax.nn.one_hot(k, NUM_CATEGORIES, dtype=jnp.int32)  # [B,H,W,R,9]
+  return (jnp.einsum("bhwr,bhwrk->rk", correct, onehot), jnp.einsum("bhwr,bhwrk->rk", total, onehot))
+
+
+def rate_label(rate: tuple[int, int]) -> str:
+  """``8`` for (8, 8), ``12x24`` for (12, 24): names for tables and plots."""
+  return str(rate[0]) if rate[0] == rate[1] else f"{rate[0]}x{rate[1]}"
+
+
+def parse_rates(text: str) -> Rates:
+  """Parses ``"8,12x24,16"`` (shorthand, as in the paper) into explicit pairs via :func:`expand_rates`."""
+  specs: list[RateSpec] = []
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    try:
+      if "x" in part:
+        a, b = part.split("x")
+        specs.append((int(a), int(b)))
+      else:
+        specs.append(int(part))
+    except ValueError:
+      raise ValueError(f"cannot parse rate {part!r} in {text!r} (use e.g. '8,12x24,16')") from None
+  return expand_rates(specs)
+

@@ -1,0 +1,267 @@
+"""Neighbour-category statistics of a label set (§3.2, Fig. 3): ``freq(n_k, r)`` and ``π_r``.
+
+``freq(n_k, r)`` is the share of non-ignored pixels whose number of valid positive neighbours at rate ``r`` is
+``k``; ``π_r`` the share of valid signals at rate ``r`` that are positive. Both come from integer counts
+accumulated one label map at a time (memory independent of the dataset size), so partial results merge exactly.
+
+Command line (writes the JSON that training loads, and a Fig. 3-style PNG)::
+
+  python -m dilaff_jax.stats --dataset=synthetic_shapes/default --split=train \
+      --rates=8,12x24,16 --output=stats.json --plot=fig3.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dilaff_jax import affinity
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsCounts:
+  """Raw integer counts behind :class:`AffinityStats` (exactly mergeable)."""
+  category: np.ndarray  # int64 [|R|, 9]: centre pixels per n_k
+  positive: np.ndarray  # int64 [|R|]: valid positive signals
+  valid: np.ndarray  # int64 [|R|]: valid signals
+  images: int = 0
+
+  def __add__(self, other: "StatsCounts") -> "StatsCounts":
+    return StatsCounts(self.category + other.category, self.positive + other.positive,
+                       self.valid + other.valid, self.images + other.images)
+
+  @classmethod
+  def zeros(cls, num_rates: int) -> "StatsCounts":
+    return cls(np.zeros((num_rates, affinity.NUM_CATEGORIES), np.int64), np.zeros(num_rates, np.int64),
+               np.zeros(num_rates, np.int64), 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AffinityStats:
+  """``freq(n_k, r)`` (``freq [|R|, 9]``, rows sum to 1) and ``π_r`` (``pos_freq [|R|]``) for explicit rates."""
+  rates: affinity.Rates
+  freq: np.ndarray
+  pos_freq: np.ndarray
+  counts: StatsCounts | None = None
+  source: str = ""
+
+  def __post_init__(self):
+    rates = affinity.explicit_rates(self.rates)
+    freq = np.asarray(self.freq, np.float64)
+    pos = np.asarray(self.pos_freq, np.float64)
+    if freq.shape != (len(rates), affinity.NUM_CATEGORIES):
+      raise ValueError(f"AffinityStats: freq has shape {freq.shape}, expected ({len(rates)}, 9) for rates {rates}")
+    if pos.shape != (len(rates),):
+      raise ValueError(f"AffinityStats: pos_freq has shape {pos.shape}, expected ({len(rates)},)")
+    if not (np.all(np.isfinite(freq)) and np.all(freq >= 0) and np.all(np.isfinite(pos))
+            and np.all((pos >= 0) & (pos <= 1))):
+      raise ValueError("AffinityStats: freq and pos_freq must be finite shares in [0, 1]")
+    object.__setattr__(self, "rates", rates)
+    object.__setattr__(self, "freq", freq)
+    object.__setattr__(self, "pos_freq", pos)
+
+  @classmethod
+  def from_counts(cls, rates: Sequence, counts: StatsCounts, source: str = "") -> "AffinityStats":
+    rates = affinity.explicit_rates(rates)
+    pixels = counts.category.sum(axis=1, keepdims=True)
+    if np.any(pixels == 0) or np.any(counts.valid == 0):
+      raise ValueError(f"AffinityStats: no labelled pixels / valid signals for some rate in {rates} "
+                       f"({counts.images} images seen): cannot compute shares")
+    return cls(rates, counts.category / pixels, counts.positive / counts.valid, counts, source)
+
+  def select(self, rates: Sequence) -> "AffinityStats":
+    """The statistics of a subset of the rates (in the given order)."""
+    rates = affinity.explicit_rates(rates)
+    missing = [r for r in rates if r not in self.rates]
+    if missing:
+      raise ValueError(f"AffinityStats: rates {missing} are not in the statistics ({list(self.rates)})")
+    idx = [self.rates.index(r) for r in rates]
+    counts = None
+    if self.counts is not None:
+      c = self.counts
+      counts = StatsCounts(c.category[idx], c.positive[idx], c.valid[idx], c.images)
+    return AffinityStats(rates, self.freq[idx], self.pos_freq[idx], counts, self.source)
+
+  def to_json(self) -> dict:
+    out = {"format_version": FORMAT_VERSION, "source": self.source,
+           "rates": [list(r) for r in self.rates], "freq": self.freq.tolist(), "pos_freq": self.pos_freq.tolist()}
+    if self.counts is not None:
+      out["counts"] = {"category": self.counts.category.tolist(), "positive": self.counts.positive.tolist(),
+                       "valid": self.counts.valid.tolist(), "images": self.counts.images}
+    return out
+
+  @classmethod
+  def from_json(cls, data: dict) -> "AffinityStats":
+    if data.get("format_version") != FORMAT_VERSION:
+      raise ValueError(f"AffinityStats: unsupported format_version {data.get('format_version')!r}")
+    counts = None
+    if "counts" in data:
+      c = data["counts"]
+      counts = StatsCounts(np.asarray(c["category"], np.int64), np.asarray(c["positive"], np.int64),
+                           np.asarray(c["valid"], np.int64), int(c["images"]))
+    return cls(tuple(tuple(r) for r in data["rates"]), np.asarray(data["freq"]), np.asarray(data["pos_freq"]),
+               counts, data.get("source", ""))
+
+  def save(self, path: str) -> None:
+    """Writes JSON atomically (temporary file + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(self.to_json(), f, indent=1)
+    os.replace(tmp, path)
+
+  @classmethod
+  def load(cls, path: str) -> "AffinityStats":
+    try:
+      with open(path) as f:
+        data = json.load(f)
+    except FileNotFoundError:
+      raise FileNotFoundError(f"affinity statistics file {path!r} does not exist; create it with "
+                              "`python -m dilaff_jax.stats` or let training compute it") from None
+    except json.JSONDecodeError as e:
+      raise ValueError(f"affinity statistics file {path!r} is not valid JSON: {e}") from None
+    return cls.from_json(data)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _map_counts(labels: jax.Array, rates: affinity.Rates, ignore_label: int):
+  targets, valid = affinity.affinity_targets(labels[None], rates, ignore_label)
+  k = affinity.neighbor_categories(targets, valid, len(rates))[0]  # [H, W, R]
+  centre = (labels != ignore_label)[..., None]
+  onehot = jax.nn.one_hot(k, affinity.NUM_CATEGORIES, dtype=jnp.int32) * centre[..., None]
+  nr = len(rates)
+  category = onehot.sum((0, 1))
+  positive = targets[0].reshape(*labels.shape, nr, 8).sum((0, 1, 3)).astype(jnp.int32)
+  nvalid = valid[0].reshape(*labels.shape, nr, 8).sum((0, 1, 3), dtype=jnp.int32)
+  return category, positive, nvalid
+
+
+def _pad_to_multiple(label: np.ndarray, multiple: int, ignore_label: int) -> np.ndarray:
+  """Pads with the ignore label: padded pixels are not counted and make no neighbour valid, so counts
+  are unchanged while the number of distinct shapes (and compilations) stays small."""
+  h, w = label.shape
+  ph, pw = -h % multiple, -w % multiple
+  if ph or pw:
+    label = np.pad(label, ((0, ph), (0, pw)), constant_values=ignore_label)
+  return label
+
+
+def map_counts(label: np.ndarray, rates: Sequence, ignore_label: int = 255, pad_multiple: int = 32) -> StatsCounts:
+  """Counts of one ``[H, W]`` label map (jit'd; shapes padded to ``pad_multiple`` to bound recompiles)."""
+  label = np.asarray(label)
+  if label.ndim == 3 and label.shape[-1] == 1:
+    label = label[..., 0]
+  if label.ndim != 2:
+    raise ValueError(f"map_counts: a label map must be [H, W] (or [H, W, 1]), got shape {label.shape}")
+  if pad_multiple > 1:
+    label = _pad_to_multiple(label, pad_multiple, ignore_label)
+  cat, pos, val = jax.device_get(_map_counts(jnp.asarray(label, jnp.int32), affinity.explicit_rates(rates),
+                                             int(ignore_label)))
+  return StatsCounts(cat.astype(np.int64), pos.astype(np.int64), val.astype(np.int64), 1)
+
+
+def compute_stats(label_maps: Iterable[np.ndarray], rates: Sequence, ignore_label: int = 255, source: str = "",
+                  log_every: int = 0, total: int | None = None, pad_multiple: int = 32) -> AffinityStats:
+  """Streams over label maps (any sizes) and returns their :class:`AffinityStats`.
+
+  Memory does not grow with the number of maps. With ``log_every > 0`` prints progress (and an ETA when
+  ``total`` is known).
+  """
+  rates = affinity.explicit_rates(rates)
+  counts = StatsCounts.zeros(len(rates))
+  start = time.time()
+  for i, label in enumerate(label_maps, 1):
+    counts = counts + map_counts(label, rates, ignore_label, pad_multiple)
+    if log_every and i % log_every == 0:
+      rate = i / max(time.time() - start, 1e-9)
+      eta = f", ETA {(total - i) / rate:.0f}s" if total else ""
+      print(f"[stats] {i}{'/' + str(total) if total else ''} label maps, {rate:.1f}/s{eta}", flush=True)
+  if counts.images == 0:
+    raise ValueError("compute_stats: no label maps were given")
+  return AffinityStats.from_counts(rates, counts, source)
+
+
+def plot_category_shares(stats: AffinityStats, path: str, title: str = "") -> None:
+  """Fig. 3-style PNG: share (%) of n_0..n_8 among labelled pixels against the rate."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  x = np.arange(len(stats.rates))
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+  cmap = plt.get_cmap("viridis")
+  for k in range(affinity.NUM_CATEGORIES):
+    ax.plot(x, 100 * stats.freq[:, k], marker="o", color=cmap(k / 8), label=f"$n_{k}$")
+  ax.set_xticks(x, [affinity.rate_label(r) for r in stats.rates])
+  ax.set_xlabel("rate r")
+  ax.set_ylabel("share of labelled pixels (%)")
+  ax.set_title(title or f"Neighbour categories against rate ({stats.source or 'labels'})")
+  ax.grid(alpha=0.3)
+  ax.legend(ncol=3, fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def tfds_label_maps(name: str, split: str, data_dir: str | None = None, max_images: int = 0):
+  """``(iterator of [H, W] uint8 label maps, count)`` from a prepared TFDS dataset with a ``label`` feature."""
+  import tensorflow_datasets as tfds
+  import dilaff_jax.datasets  # noqa: F401  (registers the project's builders)
+
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"dataset {name!r} is not prepared in data_dir={builder.data_dir!r}; prepare it "
+                            "first (see README, 'Data')")
+  total = builder.info.splits[split].num_examples
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  if max_images:
+    ds = ds.take(max_images)
+    total = min(total, max_images)
+  ds = ds.map(lambda ex: ex["label"][..., 0])
+  return ds.as_numpy_iterator(), total
+
+
+def main(argv=None) -> None:
+  import argparse
+
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m dilaff_jax.stats")
+  p.add_argument("--dataset", required=True, help="TFDS name, e.g. synthetic_shapes/default or voc2012_aug")
+  p.add_argument("--split", default="train")
+  p.add_argument("--data_dir", default=None)
+  p.add_argument("--rates", default="8,12x24,16", help="paper shorthand, e.g. '8,12x24,16' (12x24 adds 24x12)")
+  p.add_argument("--plot_rates", default="2,4,8,16,32,64", help="rates for the Fig. 3 PNG")
+  p.add_argument("--ignore_label", type=int, default=255)
+  p.add_argument("--max_images", type=int, default=0, help="0 = the whole split")
+  p.add_argument("--output", required=True, help="JSON file for the configured rates")
+  p.add_argument("--plot", default="", help="PNG path for the Fig. 3-style plot (optional)")
+  args = p.parse_args(argv)
+
+  rates = affinity.parse_rates(args.rates)
+  plot_rates = affinity.parse_rates(args.plot_rates) if args.plot else ()
+  all_rates = tuple(dict.fromkeys(rates + plot_rates))
+  maps, total = tfds_label_maps(args.dataset, args.split, args.data_dir, args.max_images)
+  source = f"{args.dataset}:{args.split}"
+  stats = compute_stats(maps, all_rates, args.ignore_label, source, log_every=100, total=total)
+  stats.select(rates).save(args.output)
+  print(f"[stats] wrote {args.output}")
+  for r, f, pi in zip(rates, stats.select(rates).freq, stats.select(rates).pos_freq):
+    shares = " ".join(f"{100 * v:5.1f}" for v in f)
+    print(f"  rate {affinity.rate_label(r):>6}: pi={pi:.3f}  n0..n8 (%): {shares}")
+  if args.plot:
+    plot_category_shares(stats.select(plot_rates), args.plot, f"Neighbour categories, {source}")
+    print(f"[stats] wrote {args.plot}")
+
+
+if __name__ == "__main__":
+  main()

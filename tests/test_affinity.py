@@ -1,0 +1,319 @@
+"""Dilated-affinity core against brute-force loops and hand-computed cases (paper Eq. 1–5)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dilaff_jax import affinity
+from dilaff_jax.stats import AffinityStats
+
+IGN = 255
+RATES = ((1, 2), (2, 1), (3, 3), (9, 20))  # asymmetric, and one larger than the test images
+
+
+def random_labels(seed, shape=(2, 7, 9), num_classes=3, ignore_share=0.15):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, num_classes, size=shape)
+  labels[rng.random(shape) < ignore_share] = IGN
+  return labels.astype(np.int32)
+
+
+def brute_offsets(rates):
+  out = []
+  for r1, r2 in rates:
+    for s in (-r1, 0, r1):
+      for t in (-r2, 0, r2):
+        if (s, t) != (0, 0):
+          out.append((s, t))
+  return out
+
+
+def brute_targets(labels, rates):
+  b, h, w = labels.shape
+  offs = brute_offsets(rates)
+  targets = np.zeros((b, h, w, len(offs)), np.float32)
+  valid = np.zeros((b, h, w, len(offs)), bool)
+  for n in range(b):
+    for i in range(h):
+      for j in range(w):
+        for c, (s, t) in enumerate(offs):
+          ii, jj = i + s, j + t
+          if 0 <= ii < h and 0 <= jj < w and labels[n, i, j] != IGN and labels[n, ii, jj] != IGN:
+            valid[n, i, j, c] = True
+            targets[n, i, j, c] = float(labels[n, i, j] == labels[n, ii, jj])
+  return targets, valid
+
+
+def brute_categories(labels, rates):
+  targets, valid = brute_targets(labels, rates)
+  b, h, w, _ = targets.shape
+  k = np.zeros((b, h, w, len(rates)), np.int32)
+  for n in range(b):
+    for i in range(h):
+      for j in range(w):
+        for r in range(len(rates)):
+          k[n, i, j, r] = sum(1 for c in range(8 * r, 8 * r + 8) if valid[n, i, j, c] and targets[n, i, j, c] == 1)
+  return k
+
+
+def brute_focal(x, y, gamma):
+  p = 1.0 / (1.0 + math.exp(-x))
+  pt = p if y == 1 else 1 - p
+  return -((1 - pt) ** gamma) * math.log(pt)
+
+
+def brute_affinity_loss(logits, labels, rates, freq, pos_freq, scheme, gamma, max_weight):
+  targets, valid = brute_targets(labels, rates)
+  k = brute_categories(labels, rates)
+  b, h, w, _ = targets.shape
+  g = 0.0 if scheme == "none" else gamma
+  total, n = 0.0, 0
+  for bi in range(b):
+    for i in range(h):
+      for j in range(w):
+        if labels[bi, i, j] == IGN:
+          continue
+        n += 1
+        for r in range(len(rates)):
+          kk = k[bi, i, j, r]
+          if scheme in ("neighbor", "sqrt"):
+            wr = freq[r][8] / freq[r][kk] if freq[r][kk] > 0 else math.inf
+            wr = math.sqrt(wr) if scheme == "sqrt" else wr
+            wr = min(wr, max_weight)
+          for c in range(8 * r, 8 * r + 8):
+            if not valid[bi, i, j, c]:
+              continue
+            y = targets[bi, i, j, c]
+            if scheme == "none":
+              wgt = 1.0
+            elif scheme == "signal":
+              wgt = 1.0 if y == 1 else min(pos_freq[r] / (1 - pos_freq[r]), max_weight)
+            else:
+              wgt = wr
+            total += wgt * brute_focal(float(logits[bi, i, j, c]), y, g)
+  return total / max(n, 1)
+
+
+# ---------------------------------------------------------------------------------------------- rates
+
+
+def test_expand_rates_contract_example():
+  assert affinity.expand_rates([8, (12, 24), 16]) == ((8, 8), (12, 24), (24, 12), (16, 16))
+  assert affinity.expand_rates([(5, 5), 3]) == ((5, 5), (3, 3))
+
+
+@pytest.mark.parametrize("bad", [[], [0], [(3, -1)], [8, 8], [(12, 24), (24, 12)], ["8"], [(1, 2, 3)]])
+def test_expand_rates_rejects_bad_input(bad):
+  with pytest.raises(ValueError):
+    affinity.expand_rates(bad)
+
+
+def test_parse_rates_shorthand():
+  assert affinity.parse_rates("8,12x24,16") == ((8, 8), (12, 24), (24, 12), (16, 16))
+  with pytest.raises(ValueError, match="cannot parse"):
+    affinity.parse_rates("8,a")
+
+
+def test_neighbor_offsets_contract_order():
+  assert affinity.neighbor_offsets([(1, 2)]) == ((-1, -2), (-1, 0), (-1, 2), (0, -2), (0, 2), (1, -2), (1, 0), (1, 2))
+  assert affinity.neighbor_offsets(RATES) == tuple(brute_offsets(RATES))
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_affinity_targets_match_brute_force(seed):
+  labels = random_labels(seed)
+  targets, valid = affinity.affinity_targets(jnp.asarray(labels), RATES, IGN)
+  bt, bv = brute_targets(labels, RATES)
+  assert targets.dtype == jnp.float32 and valid.dtype == jnp.bool_
+  np.testing.assert_array_equal(np.asarray(valid), bv)
+  np.testing.assert_array_equal(np.asarray(targets), bt)
+  # the rate larger than the image (9, 20) on a 7x9 map gives no valid pair
+  assert not np.asarray(valid)[..., 24:].any()
+
+
+def test_affinity_targets_hand_case():
+  # 1x3x3, rate 1: the centre sees all 8 neighbours; one is ignored, two differ.
+  labels = np.array([[[0, 0, 1], [0, 0, 1], [0, 0, IGN]]], np.int32)
+  targets, valid = affinity.affinity_targets(labels, [1])
+  # directions: (-1,-1) (-1,0) (-1,1) (0,-1) (0,1) (1,-1) (1,0) (1,1)
+  np.testing.assert_array_equal(np.asarray(valid)[0, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(np.asarray(targets)[0, 1, 1], [1, 1, 0, 1, 0, 1, 1, 0])
+  # the top-left corner has only 3 in-image neighbours
+  np.testing.assert_array_equal(np.asarray(valid)[0, 0, 0], [0, 0, 0, 0, 1, 0, 1, 1])
+
+
+def test_neighbor_categories_match_brute_force():
+  labels = random_labels(3, shape=(3, 8, 6))
+  targets, valid = affinity.affinity_targets(labels, RATES)
+  k = affinity.neighbor_categories(targets, valid, len(RATES))
+  np.testing.assert_array_equal(np.asarray(k), brute_categories(labels, RATES))
+  with pytest.raises(ValueError, match="num_rates"):
+    affinity.neighbor_categories(targets, valid, 3)
+
+
+# ---------------------------------------------------------------------------------------------- focal loss
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_loss_closed_form(gamma):
+  xs = np.linspace(-8, 8, 33)
+  for y in (0.0, 1.0):
+    got = np.asarray(affinity.focal_loss(jnp.asarray(xs, jnp.float32), jnp.full(xs.shape, y), gamma))
+    want = np.array([brute_focal(x, y, gamma) for x in xs])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+
+
+def test_focal_loss_extreme_logits_finite():
+  x = jnp.array([-100.0, -30.0, 30.0, 100.0, 1e4, -1e4])
+  for y in (0.0, 1.0):
+    t = jnp.full(x.shape, y)
+    for gamma in (0.0, 2.0):
+      val = affinity.focal_loss(x, t, gamma)
+      grad = jax.grad(lambda v: affinity.focal_loss(v, t, gamma).sum())(x)
+      assert np.all(np.isfinite(val)) and np.all(np.isfinite(grad))
+  # a confident wrong prediction costs about |x| (cross-entropy), a confident right one about 0
+  np.testing.assert_allclose(affinity.focal_loss(jnp.array([-100.0]), jnp.array([1.0]), 2.0), [100.0], rtol=1e-6)
+  assert float(affinity.focal_loss(jnp.array([100.0]), jnp.array([1.0]), 2.0)[0]) < 1e-30
+
+
+# ---------------------------------------------------------------------------------------------- weights and loss
+
+
+FREQ = np.array([[0.02, 0.0, 0.05, 0.03, 0.1, 0.1, 0.1, 0.1, 0.5],  # n_1 never seen -> max_weight
+                 [0.04, 0.06, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.3],
+                 [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2],
+                 [0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])
+POS = np.array([0.9, 0.8, 0.7, 0.75])
+
+
+def test_neighbor_weights_hand_computed():
+  w = affinity.neighbor_weights(FREQ, "neighbor", max_weight=100.0)
+  np.testing.assert_allclose(w[0], [25, 100, 10, 50 / 3, 5, 5, 5, 5, 1], rtol=1e-6)
+  np.testing.assert_allclose(w[:, 8], 1.0)
+  s = affinity.neighbor_weights(FREQ, "sqrt", max_weight=100.0)
+  np.testing.assert_allclose(s[0], [5, 100, math.sqrt(10), math.sqrt(50 / 3), math.sqrt(5), math.sqrt(5),
+                                    math.sqrt(5), math.sqrt(5), 1], rtol=1e-6)
+  np.testing.assert_allclose(affinity.neighbor_weights(FREQ, "neighbor", max_weight=20.0)[0, 0], 20.0)
+  np.testing.assert_array_equal(affinity.neighbor_weights(FREQ, "none"), np.ones((4, 9)))
+  sig = affinity.signal_weights(POS)
+  np.testing.assert_allclose(sig, [[9, 1], [4, 1], [7 / 3, 1], [3, 1]], rtol=1e-6)
+  with pytest.raises(ValueError, match="n_8"):
+    affinity.neighbor_weights(np.array([[0.5, 0.5, 0, 0, 0, 0, 0, 0, 0]]), "sqrt")
+
+
+def test_affinity_loss_each_scheme_hand_computed():
+  # One 3x3 map, rate 1. Centre label 0 with neighbours [0,0,1 / 0,1 / 0,0,255] -> 5 positives: n_5.
+  labels = np.array([[[0, 0, 1], [0, 0, 1], [0, 0, IGN]]], np.int32)
+  rates = [(1, 1)]
+  freq = np.array([[0.1, 0.1, 0.1, 0.1, 0.1, 0.04, 0.16, 0.1, 0.2]])
+  stats = AffinityStats(rates, freq, np.array([0.8]))
+  # all logits 0 -> p = 0.5 everywhere, FL = 0.25 * log 2 (γ=2) or log 2 (γ=0), per valid signal
+  logits = jnp.zeros((1, 3, 3, 8))
+  # per-pixel (k, #valid, #pos): computed by hand from the 3x3 map
+  #  (0,0): nbrs (0,1)=0 (1,0)=0 (1,1)=0          -> k=3, 3 valid, 3 pos
+  #  (0,1): (0,0)=0 (0,2)=1 (1,0)=0 (1,1)=0 (1,2)=1 -> k=3, 5 valid, 3 pos
+  #  (0,2)=1: (0,1)=0 (1,1)=0 (1,2)=1             -> k=1, 3 valid, 1 pos
+  #  (1,0): (0,0) (0,1) (1,1) (2,0) (2,1) all 0   -> k=5, 5 valid, 5 pos
+  #  (1,1): 7 valid (255 excluded), 5 pos         -> k=5
+  #  (1,2)=1: (0,1)=0 (0,2)=1 (1,1)=0 (2,1)=0; (2,2) ignored -> k=1, 4 valid, 1 pos
+  #  (2,0): (1,0) (1,1) (2,1) all 0               -> k=3, 3 valid, 3 pos
+  #  (2,1): (1,0)=0 (1,1)=0 (1,2)=1 (2,0)=0; (2,2) ignored -> k=3, 4 valid, 3 pos
+  #  (2,2) ignored centre.
+  pix = [(3, 3, 3), (3, 5, 3), (1, 3, 1), (5, 5, 5), (5, 7, 5), (1, 4, 1), (3, 3, 3), (3, 4, 3)]
+  n = 8
+  fl2, fl0 = 0.25 * math.log(2), math.log(2)
+  want = {
+      "none": sum(v for _, v, _ in pix) * fl0 / n,
+      "neighbor": sum(0.2 / freq[0, k] * v for k, v, _ in pix) * fl2 / n,
+      "sqrt": sum(math.sqrt(0.2 / freq[0, k]) * v for k, v, _ in pix) * fl2 / n,
+      "signal": sum(p * 1.0 + (v - p) * 4.0 for _, v, p in pix) * fl2 / n,  # π=0.8: negatives weigh 4
+  }
+  for scheme, value in want.items():
+    got = float(affinity.affinity_loss(logits, jnp.asarray(labels), rates, stats, scheme=scheme))
+    assert got == pytest.approx(value, rel=1e-5), scheme
+
+
+@pytest.mark.parametrize("scheme", ["none", "signal", "neighbor", "sqrt"])
+def test_affinity_loss_matches_brute_force(scheme):
+  labels = random_labels(7, shape=(2, 6, 7))
+  rng = np.random.default_rng(8)
+  logits = rng.normal(scale=3.0, size=(2, 6, 7, 8 * len(RATES))).astype(np.float32)
+  stats = AffinityStats(RATES, FREQ, POS)
+  got = float(affinity.affinity_loss(jnp.asarray(logits), jnp.asarray(labels), RATES, stats, scheme=scheme,
+                                     gamma=2.0, max_weight=30.0))
+  want = brute_affinity_loss(logits, labels, RATES, FREQ, POS, scheme, 2.0, 30.0)
+  assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_affinity_loss_gradient_matches_finite_differences():
+  labels = random_labels(11, shape=(1, 5, 6))
+  rates = ((1, 2), (2, 1))
+  stats = AffinityStats(rates, FREQ[:2], POS[:2])
+  rng = np.random.default_rng(12)
+  with jax.enable_x64(True):
+    logits = jnp.asarray(rng.normal(size=(1, 5, 6, 16)), jnp.float64)
+    f = lambda x: affinity.affinity_loss(x, jnp.asarray(labels), rates, stats, scheme="sqrt")
+    grad = np.asarray(jax.grad(f)(logits))
+    eps = 1e-6
+    for idx in [(0, 0, 0, 0), (0, 2, 3, 5), (0, 4, 5, 15), (0, 1, 1, 9), (0, 3, 2, 12)]:
+      e = np.zeros(logits.shape)
+      e[idx] = eps
+      fd = (float(f(logits + e)) - float(f(logits - e))) / (2 * eps)
+      assert grad[idx] == pytest.approx(fd, rel=1e-5, abs=1e-9), idx
+    # invalid signals (centre ignored, or neighbour outside) get exactly zero gradient
+    _, valid = affinity.affinity_targets(jnp.asarray(labels), rates)
+    assert np.all(grad[~np.asarray(valid)] == 0)
+    assert np.any(grad[np.asarray(valid)] != 0)
+
+
+def test_affinity_loss_rejects_mismatches():
+  labels = jnp.zeros((1, 4, 4), jnp.int32)
+  stats = AffinityStats(((1, 1),), FREQ[:1], POS[:1])
+  with pytest.raises(ValueError, match="differ from the statistics"):
+    affinity.affinity_loss(jnp.zeros((1, 4, 4, 8)), labels, [(2, 2)], stats)
+  with pytest.raises(ValueError, match="unknown weighting scheme"):
+    affinity.affinity_loss(jnp.zeros((1, 4, 4, 8)), labels, [(1, 1)], stats, scheme="sqrt-reweight")
+  with pytest.raises(ValueError, match="do not match"):
+    affinity.affinity_loss(jnp.zeros((1, 4, 4, 16)), labels, [(1, 1)], stats)
+
+
+def test_affinity_loss_all_ignored_is_zero():
+  labels = jnp.full((1, 4, 4), IGN, jnp.int32)
+  stats = AffinityStats(((1, 1),), FREQ[:1], POS[:1])
+  assert float(affinity.affinity_loss(jnp.ones((1, 4, 4, 8)), labels, [(1, 1)], stats)) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- bias, accuracy
+
+
+def test_prior_bias_sigmoid_equals_pi():
+  pi = np.array([0.9, 0.6, 0.75])
+  b = affinity.prior_bias(pi)
+  assert b.shape == (24,) and b.dtype == np.float32
+  np.testing.assert_allclose(1 / (1 + np.exp(-b)), np.repeat(pi, 8), rtol=1e-6)
+  assert np.all(np.isfinite(affinity.prior_bias([0.0, 1.0])))
+
+
+def test_affinity_accuracy_counts_brute_force():
+  labels = random_labels(21, shape=(2, 6, 5))
+  rng = np.random.default_rng(22)
+  logits = rng.normal(size=(2, 6, 5, 8 * len(RATES))).astype(np.float32)
+  correct, total = affinity.affinity_accuracy_counts(jnp.asarray(logits), jnp.asarray(labels), RATES)
+  targets, valid = brute_targets(labels, RATES)
+  k = brute_categories(labels, RATES)
+  want_c = np.zeros((len(RATES), 9), int)
+  want_t = np.zeros((len(RATES), 9), int)
+  for idx in np.ndindex(*labels.shape):
+    for c in range(8 * len(RATES)):
+      if valid[idx][c]:
+        r = c // 8
+        want_t[r, k[idx][r]] += 1
+        want_c[r, k[idx][r]] += int((logits[idx][c] > 0) == (targets[idx][c] == 1))
+  np.testing.assert_array_equal(np.asarray(correct), want_c)
+  np.testing.assert_array_equal(np.asarray(total), want_t)

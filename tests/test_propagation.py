@@ -1,0 +1,141 @@
+"""Affinity propagation (Eq. 6–7) against a brute-force loop, and the oracle's effect on a hand-made scene."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dilaff_jax import affinity, propagation
+from test_affinity import IGN, brute_offsets, brute_targets
+
+RATES = ((1, 2), (2, 1), (7, 9))  # asymmetric, and (7, 9) larger than the test images
+
+
+def brute_propagate(p, a, rates, lam, iterations):
+  p = np.array(p, np.float64)
+  a = np.asarray(a, np.float64)
+  offs = brute_offsets(rates)
+  b, h, w, c = p.shape
+  for _ in range(iterations):
+    new = np.zeros_like(p)
+    for n in range(b):
+      for i in range(h):
+        for j in range(w):
+          v = lam * p[n, i, j] * p[n, i, j].max()
+          for d, (s, t) in enumerate(offs):
+            if 0 <= i + s < h and 0 <= j + t < w:
+              v = v + a[n, i, j, d] * p[n, i + s, j + t]
+          new[n, i, j] = v / v.sum()
+    p = new
+  return p
+
+
+def random_inputs(seed, b=2, h=5, w=6, c=4, rates=RATES):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(b, h, w, c)) * 2
+  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  a = rng.uniform(size=(b, h, w, 8 * len(rates)))
+  return p.astype(np.float32), a.astype(np.float32)
+
+
+def test_steep_sigmoid_is_eq7():
+  x = np.linspace(-3, 3, 13)
+  want = 7.0 ** x / (1 + 7.0 ** x)
+  np.testing.assert_allclose(propagation.steep_sigmoid(jnp.asarray(x, jnp.float32)), want, rtol=1e-5)
+  np.testing.assert_allclose(propagation.steep_sigmoid(jnp.asarray(x), mu=math.e), 1 / (1 + np.exp(-x)), rtol=1e-5)
+  with pytest.raises(ValueError):
+    propagation.steep_sigmoid(x, mu=1.0)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_propagate_matches_brute_force(iterations):
+  p, a = random_inputs(0)
+  got = propagation.propagate(jnp.asarray(p), jnp.asarray(a), RATES, lam=6.0, iterations=iterations)
+  want = brute_propagate(p, a, RATES, 6.0, iterations)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-6)
+
+
+def test_propagate_zero_iterations_is_identity_and_outputs_are_distributions():
+  p, a = random_inputs(1, b=1, h=9, w=7, c=5)
+  np.testing.assert_array_equal(np.asarray(propagation.propagate(p, a, RATES, iterations=0)), p)
+  out = np.asarray(propagation.propagate(p, a, RATES, iterations=10))
+  assert np.all(out >= 0)
+  np.testing.assert_allclose(out.sum(-1), 1.0, rtol=1e-5)
+  # neighbours outside the image contribute nothing: affinity only on the (7, 9) rate, whose neighbours on a
+  # 9x7 map are inside only for the (+-7, 0) directions of the first/last two rows
+  a_far = np.zeros_like(a)
+  a_far[..., 16:] = 1.0
+  only_far = np.asarray(propagation.propagate(p, a_far, RATES, lam=6.0, iterations=1))
+  np.testing.assert_allclose(only_far, brute_propagate(p, a_far, RATES, 6.0, 1), rtol=2e-5, atol=1e-6)
+
+
+def test_propagate_any_size_and_bfloat16():
+  for h, w in ((3, 4), (11, 2)):
+    p, a = random_inputs(h * w, b=1, h=h, w=w, c=3)
+    got = propagation.propagate(jnp.asarray(p), jnp.asarray(a), RATES, iterations=2)
+    np.testing.assert_allclose(np.asarray(got), brute_propagate(p, a, RATES, 6.0, 2), rtol=2e-5, atol=1e-6)
+  p, a = random_inputs(5)
+  bf = propagation.propagate(jnp.asarray(p, jnp.bfloat16), jnp.asarray(a, jnp.bfloat16), RATES, iterations=3)
+  assert bf.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bf, np.float32), brute_propagate(p, a, RATES, 6.0, 3), atol=2e-2)
+  jitted = jax.jit(propagation.propagate, static_argnames=("rates", "iterations"))
+  np.testing.assert_allclose(np.asarray(jitted(p, a, rates=RATES, lam=6.0, iterations=3)),
+                             brute_propagate(p, a, RATES, 6.0, 3), rtol=2e-5, atol=1e-6)
+
+
+def test_propagate_rejects_bad_shapes():
+  p, a = random_inputs(2)
+  with pytest.raises(ValueError, match="expected"):
+    propagation.propagate(p, a[..., :8], RATES)
+  with pytest.raises(ValueError, match="iterations"):
+    propagation.propagate(p, a, RATES, iterations=-1)
+
+
+def test_gt_affinity_is_target_times_valid():
+  labels = np.array([[[0, 0, 1, 1], [0, IGN, 1, 1], [2, 2, 2, 1]]], np.int32)
+  a = np.asarray(propagation.gt_affinity(labels, RATES))
+  t, v = brute_targets(labels, RATES)
+  np.testing.assert_array_equal(a, t * v)
+
+
+def miou(pred, labels, num_classes):
+  ious = []
+  for c in range(num_classes):
+    inter = np.sum((pred == c) & (labels == c))
+    union = np.sum(((pred == c) | (labels == c)) & (labels != IGN))
+    if union:
+      ious.append(inter / union)
+  return float(np.mean(ious))
+
+
+def test_ground_truth_oracle_repairs_a_corrupted_prediction():
+  """A hand-made scene: two rectangles on background, a prediction that is right on average but noisy."""
+  h, w, c = 32, 32, 3
+  labels = np.zeros((h, w), np.int32)
+  labels[4:20, 3:14] = 1
+  labels[12:28, 16:29] = 2
+  labels[19, 3:14] = IGN  # a void band, as in VOC
+  rng = np.random.default_rng(0)
+  probs = np.full((h, w, c), 0.1 / (c - 1))
+  probs[np.arange(h)[:, None], np.arange(w)[None], np.where(labels == IGN, 0, labels)] = 0.9
+  noisy = rng.random((h, w)) < 0.3  # 30% of pixels get a confident wrong class
+  wrong = (np.where(labels == IGN, 0, labels) + rng.integers(1, c, size=(h, w))) % c
+  probs[noisy] = 0.05
+  probs[noisy, wrong[noisy]] = 0.9
+  probs /= probs.sum(-1, keepdims=True)
+  rates = affinity.expand_rates([1, 2])
+  aff = propagation.gt_affinity(labels[None], rates)
+  scores = []
+  for it in (0, 1, 3, 6, 10):
+    out = propagation.propagate(jnp.asarray(probs[None], jnp.float32), aff, rates, lam=6.0, iterations=it)
+    scores.append(miou(np.asarray(out[0]).argmax(-1), labels, c))
+  print('oracle mIoU by iterations', scores)
+  assert scores[0] < 0.6
+  assert all(b >= a - 1e-9 for a, b in zip(scores, scores[1:])), scores
+  assert scores[-1] > 0.95, scores
+  # predicted-like affinity that says "everything is one region" does not repair it (the oracle is what helps)
+  flat = jnp.ones_like(aff)
+  out = propagation.propagate(jnp.asarray(probs[None], jnp.float32), flat, rates, iterations=10)
+  assert miou(np.asarray(out[0]).argmax(-1), labels, c) < scores[-1]
