@@ -194,24 +194,13 @@ def signal_weights(pos_freq: np.ndarray, max_weight: float = DEFAULT_MAX_WEIGHT)
   return np.minimum(w, max_weight).astype(np.float32)
 
 
-def affinity_loss(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec], stats: "AffinityStats",
-                  scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = 255,
-                  max_weight: float = DEFAULT_MAX_WEIGHT) -> jax.Array:
-  """The affinity loss ``L_aff`` (Eq. 5 without β), a scalar.
+def affinity_loss_sum(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec], stats: "AffinityStats",
+                      scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = 255,
+                      max_weight: float = DEFAULT_MAX_WEIGHT) -> tuple[jax.Array, jax.Array]:
+  """Numerator and denominator of :func:`affinity_loss`: ``(Σ_pixels Σ_r w_r(k) Σ_c valid·FL, N)``.
 
-  ``L_aff = (1/N) Σ_pixels Σ_r w_r(k) Σ_{c in rate r, valid} FL``, with ``N`` the number of non-ignored centre
-  pixels in the batch and ``k`` the pixel's n_k category for rate ``r``. The caller multiplies by β.
-
-  Args:
-    logits: ``[B, H, W, 8·|R|]`` affinity logits at the label resolution (upsample first).
-    labels: int ``[B, H, W]``.
-    rates: explicit rate pairs; must equal ``stats.rates``.
-    stats: :class:`dilaff_jax.stats.AffinityStats` holding ``freq(n_k, r)`` and ``π_r``.
-    scheme: ``none`` (equal weights and plain cross-entropy: γ is forced to 0, Table 1's baseline),
-      ``signal``, ``neighbor`` or ``sqrt`` (default).
-    gamma: focal-loss focusing parameter γ for the other schemes.
-    ignore_label: void label.
-    max_weight: upper clip of every weight.
+  Data-parallel training sums both over devices before dividing, so the loss of a sharded batch equals the
+  loss of the whole batch.
   """
   rates = explicit_rates(rates)
   if tuple(map(tuple, stats.rates)) != rates:
@@ -231,8 +220,7 @@ def affinity_loss(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec
   if scheme == "signal":
     sw = jnp.asarray(signal_weights(stats.pos_freq, max_weight))  # [R, 2]
     pos = targets.reshape(shape5) > 0.5
-    weighted = fl * jnp.where(pos, sw[:, 1][:, None], sw[:, 0][:, None])
-    total = weighted.sum()
+    total = (fl * jnp.where(pos, sw[:, 1][:, None], sw[:, 0][:, None])).sum()
   else:
     per_pixel = fl.sum(-1)  # [B, H, W, R]
     if scheme == "none":
@@ -240,10 +228,32 @@ def affinity_loss(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec
     else:
       table = jnp.asarray(neighbor_weights(stats.freq, scheme, max_weight))  # [R, 9]
       k = neighbor_categories(targets, valid, num_rates)
-      wk = table[jnp.arange(num_rates), k]  # [B, H, W, R]
-      total = (wk * per_pixel).sum()
-  n = jnp.sum(labels != ignore_label)
-  return total / jnp.maximum(n, 1).astype(jnp.float32)
+      total = (table[jnp.arange(num_rates), k] * per_pixel).sum()
+  return total, jnp.sum(labels != ignore_label)
+
+
+def affinity_loss(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec], stats: "AffinityStats",
+                  scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = 255,
+                  max_weight: float = DEFAULT_MAX_WEIGHT) -> jax.Array:
+  """The affinity loss ``L_aff`` (Eq. 5 without β), a scalar.
+
+  ``L_aff = (1/N) Σ_pixels Σ_r w_r(k) Σ_{c in rate r, valid} FL``, with ``N`` the number of non-ignored centre
+  pixels in the batch and ``k`` the pixel's n_k category for rate ``r``. The caller multiplies by β.
+
+  Args:
+    logits: ``[B, H, W, 8·|R|]`` affinity logits at the label resolution (upsample first).
+    labels: int ``[B, H, W]``.
+    rates: explicit rate pairs; must equal ``stats.rates``.
+    stats: :class:`dilaff_jax.stats.AffinityStats` holding ``freq(n_k, r)`` and ``π_r``.
+    scheme: ``none`` (equal weights and plain cross-entropy: γ is forced to 0, Table 1's baseline),
+      ``signal`` (negatives weigh ``π_r/(1-π_r)``, positives 1), ``neighbor`` (``freq(n_8,r)/freq(n_k,r)``)
+      or ``sqrt`` (its square root, the default).
+    gamma: focal-loss focusing parameter γ for the schemes other than ``none``.
+    ignore_label: void label.
+    max_weight: upper clip of every weight.
+  """
+  total, n = affinity_loss_sum(logits, labels, rates, stats, scheme, gamma, ignore_label, max_weight)
+  return total / jnp.maximum(n, 1).astype(total.dtype)
 
 
 def prior_bias(pos_freq: Sequence[float], eps: float = 1e-4) -> np.ndarray:

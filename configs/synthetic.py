@@ -1,0 +1,65 @@
+"""The embedded default: `synthetic_shapes` (generated locally, no download), sized for a 2-core CPU.
+
+A small DeepLabv3+ (ResNet-18, narrow heads, random init) trains jointly with dilated affinity and is evaluated
+with the propagation sweep in about 10 minutes on 2 CPU cores:
+
+  python -m dilaff_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
+  python -m dilaff_jax.main --config=configs/synthetic.py:baseline --workdir=runs/synthetic_baseline
+  python -m dilaff_jax.main --config=configs/synthetic.py:tiny --workdir=/tmp/t   # seconds; used by tests
+
+Rates are the paper's R = {8, (12, 24), 16} scaled to these ~4x smaller images, kept wider than the
+3-pixel void band along boundaries (a pair inside the band is never valid): {4, (6, 12), 8}.
+"""
+
+from configs import default
+from configs import voc
+
+
+def get_config(variant: str = ""):
+  c = default.get_config()
+  c.dataset.name = "synthetic_shapes/default"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "validation"
+  c.dataset.num_classes = 6
+  c.dataset.crop_size = 97
+  c.dataset.min_scale = 0.75
+  c.dataset.max_scale = 1.5
+  c.dataset.eval_pad_size = (129, 129)
+
+  c.model.depth = 18
+  c.model.multi_grid = (1, 2)              # one rate per unit of ResNet-18's last stage
+  c.model.aspp_channels = 64
+  c.model.low_level_channels = 24
+  c.model.decoder_channels = 64
+  c.model.dropout_rate = 0.0
+  c.model.bn_momentum = 0.9               # short runs: running statistics must follow quickly
+
+  c.affinity.rates = (4, (6, 12), 8)
+  c.affinity.beta = 1.2
+
+  c.train.batch_size = 8
+  c.train.num_steps = 600
+  c.train.learning_rate = 0.02
+  c.train.weight_decay = 1e-4
+  c.train.log_every = 25
+  c.train.image_summary_every = 200
+  c.train.checkpoint_every = 200
+  c.eval.batch_size = 10
+
+  if variant == "tiny":
+    c.dataset.name = "synthetic_shapes/tiny"
+    c.dataset.crop_size = 33
+    c.dataset.eval_pad_size = (65, 65)
+    c.model.aspp_channels = 16
+    c.model.low_level_channels = 8
+    c.model.decoder_channels = 16
+    c.train.batch_size = 2
+    c.train.num_steps = 4
+    c.train.log_every = 2
+    c.train.checkpoint_every = 2
+    c.train.image_summary_every = 2
+    c.eval.batch_size = 4
+    c.eval.iterations = (0, 1, 3)
+    c.affinity.iterations = 3
+    return c
+  return voc.apply_variant(c, variant, {})

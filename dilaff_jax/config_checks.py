@@ -1,0 +1,143 @@
+"""Start-up validation of a run's configuration: every error names the bad key and what was expected."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from dilaff_jax import affinity
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message starts with the dotted key."""
+
+
+def _get(config: ml_collections.ConfigDict, key: str):
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      raise ConfigError(f"config.{key}: missing (start from configs/default.py)")
+    node = node[part]
+  return node
+
+
+def _fail(key: str, value, expected: str):
+  raise ConfigError(f"config.{key} = {value!r}: {expected}")
+
+
+def _positive_int(config, key):
+  v = _get(config, key)
+  if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+    _fail(key, v, "expected a positive integer")
+  return v
+
+
+def _number(config, key, lo=None, hi=None, lo_open=False):
+  v = _get(config, key)
+  if not isinstance(v, (int, float)) or isinstance(v, bool):
+    _fail(key, v, "expected a number")
+  if lo is not None and (v <= lo if lo_open else v < lo):
+    _fail(key, v, f"expected a value {'>' if lo_open else '>='} {lo}")
+  if hi is not None and v > hi:
+    _fail(key, v, f"expected a value <= {hi}")
+  return v
+
+
+def _choice(config, key, choices):
+  v = _get(config, key)
+  if v not in choices:
+    _fail(key, v, f"expected one of {list(choices)}")
+  return v
+
+
+def rates_of(config: ml_collections.ConfigDict) -> affinity.Rates:
+  """Explicit rate pairs of ``config.affinity.rates`` (shorthand expanded), or () when affinity is disabled."""
+  if not _get(config, "affinity.enabled"):
+    return ()
+  raw = _get(config, "affinity.rates")
+  if isinstance(raw, str):
+    return affinity.parse_rates(raw)
+  try:
+    return affinity.expand_rates([tuple(r) if isinstance(r, (list, tuple)) else r for r in raw])
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config.affinity.rates = {raw!r}: {e}") from None
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str = "train") -> None:
+  """Raises :class:`ConfigError` naming the first bad key. ``num_devices`` is the global device count."""
+  _positive_int(config, "dataset.num_classes")
+  ign = _get(config, "dataset.ignore_label")
+  if not isinstance(ign, int) or not 0 <= ign <= 255:
+    _fail("dataset.ignore_label", ign, "expected an int in [0, 255] (labels are stored as uint8)")
+  if ign < _get(config, "dataset.num_classes"):
+    _fail("dataset.ignore_label", ign, "must not be a class index (< dataset.num_classes)")
+  crop = _positive_int(config, "dataset.crop_size")
+  lo = _number(config, "dataset.min_scale", 0, lo_open=True)
+  hi = _number(config, "dataset.max_scale", 0, lo_open=True)
+  if hi < lo:
+    _fail("dataset.max_scale", hi, f"must be >= dataset.min_scale ({lo})")
+  _number(config, "dataset.scale_step", 0)
+  for key in ("dataset.mean", "dataset.std"):
+    v = _get(config, key)
+    if len(tuple(v)) != 3:
+      _fail(key, v, "expected 3 values (RGB, 0-255 scale)")
+  if any(s <= 0 for s in _get(config, "dataset.std")):
+    _fail("dataset.std", _get(config, "dataset.std"), "every value must be > 0")
+
+  _choice(config, "model.depth", (18, 34, 50, 101, 152))
+  _choice(config, "model.stem", ("standard", "deep"))
+  units = {18: 2, 34: 3, 50: 3, 101: 3, 152: 3}[_get(config, "model.depth")]
+  grid = _get(config, "model.multi_grid")
+  if grid is not None and (len(tuple(grid)) != units or any(not isinstance(g, int) or g < 1 for g in grid)):
+    _fail("model.multi_grid", grid, f"expected {units} positive ints (one per unit of the last stage of "
+          f"ResNet-{_get(config, 'model.depth')}), or None")
+  for key in ("model.train_output_stride", "model.eval_output_stride", "eval.output_stride"):
+    _choice(config, key, (8, 16, 32))
+  os_train = _get(config, "model.train_output_stride")
+  if (crop - 1) % os_train:
+    _fail("dataset.crop_size", crop, f"must be k*{os_train}+1 for output stride {os_train} "
+          f"(DeepLab's aligned sizes, e.g. {os_train * ((crop - 1) // os_train) + 1} or "
+          f"{os_train * ((crop - 1) // os_train + 1) + 1})")
+  _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
+  _number(config, "model.dropout_rate", 0, 1)
+  _number(config, "model.bn_momentum", 0, 1)
+  _number(config, "model.bn_epsilon", 0, lo_open=True)
+  for key in ("model.aspp_channels", "model.low_level_channels", "model.decoder_channels"):
+    _positive_int(config, key)
+  pretrained = _get(config, "model.pretrained")
+  if pretrained and mode == "train" and not os.path.exists(pretrained):
+    _fail("model.pretrained", pretrained, "file does not exist (a torchvision/timm ResNet .safetensors or .pth)")
+
+  if _get(config, "affinity.enabled"):
+    rates = rates_of(config)
+    if not rates:
+      _fail("affinity.rates", _get(config, "affinity.rates"), "empty: give at least one rate or set "
+            "affinity.enabled=False for the baseline")
+    _choice(config, "affinity.scheme", affinity.SCHEMES)
+    _number(config, "affinity.beta", 0)
+    _number(config, "affinity.gamma", 0)
+    _number(config, "affinity.max_weight", 1)
+  _number(config, "affinity.lam", 0)
+  _number(config, "affinity.mu", 1, lo_open=True)
+  its = _get(config, "eval.iterations")
+  if not all(isinstance(i, int) and i >= 0 for i in its):
+    _fail("eval.iterations", its, "expected non-negative integers")
+
+  batch = _positive_int(config, "train.batch_size")
+  if batch % num_devices:
+    _fail("train.batch_size", batch, f"must be divisible by the number of devices ({num_devices})")
+  eval_batch = _positive_int(config, "eval.batch_size")
+  if eval_batch % num_devices:
+    _fail("eval.batch_size", eval_batch, f"must be divisible by the number of devices ({num_devices})")
+  _positive_int(config, "train.num_steps")
+  _number(config, "train.learning_rate", 0, lo_open=True)
+  _number(config, "train.lr_power", 0)
+  _number(config, "train.momentum", 0, 1)
+  _number(config, "train.weight_decay", 0)
+  for key in ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints"):
+    _positive_int(config, key)
+  scales = _get(config, "eval.scales")
+  if not scales or any(not isinstance(s, (int, float)) or s <= 0 for s in scales):
+    _fail("eval.scales", scales, "expected a non-empty list of positive scales")
+  _choice(config, "distributed.initialize", ("auto", "yes", "no"))

@@ -1,0 +1,303 @@
+"""Evaluation (paper §4): mIoU at output stride 8, the affinity-propagation sweep (Tables 3–4) with predicted and
+ground-truth affinity, and the affinity accuracy per neighbour category n_k (Fig. 4).
+
+Every pixel of every image of the split counts once: images are padded (label 255) to one size, dummy examples
+fill the last batch and are masked, and the confusion matrix is summed over devices and hosts.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Sequence
+
+import flax
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dilaff_jax import affinity, input_pipeline, propagation
+from dilaff_jax.models.deeplab import resize_bilinear, upsample_logits
+
+AXIS = "batch"
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int, valid: jax.Array) -> jax.Array:
+  """``[C, C]`` int32 counts (row: ground truth, column: prediction) over the ``valid`` pixels."""
+  idx = jnp.where(valid, labels * num_classes + preds, 0).reshape(-1)
+  return jnp.bincount(idx, weights=valid.reshape(-1).astype(jnp.int32), length=num_classes * num_classes
+                      ).reshape(num_classes, num_classes).astype(jnp.int32)
+
+
+def iou_from_confusion(conf: np.ndarray) -> np.ndarray:
+  """Per-class IoU ``TP / (TP + FP + FN)``; NaN for a class absent from both labels and predictions."""
+  conf = np.asarray(conf, np.float64)
+  tp = np.diag(conf)
+  union = conf.sum(0) + conf.sum(1) - tp
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(union > 0, tp / union, np.nan)
+
+
+def mean_iou(conf: np.ndarray) -> float:
+  """Mean IoU over the classes that occur (in labels or predictions)."""
+  return float(np.nanmean(iou_from_confusion(conf)))
+
+
+# ----------------------------------------------------------------------------------------------- predictions
+
+
+def flip_permutation(rates: affinity.Rates) -> np.ndarray:
+  """Channel permutation mapping the affinity of a left-right flipped image back: direction ``(s, t)`` of the
+  flipped image is direction ``(s, -t)`` of the original."""
+  offsets = affinity.neighbor_offsets(rates)
+  perm = []
+  for rate_index in range(len(rates)):
+    block = list(offsets[8 * rate_index:8 * rate_index + 8])
+    perm.extend(8 * rate_index + block.index((s, -t)) for s, t in block)
+  return np.asarray(perm)
+
+
+def predict(apply_fn, variables, images: jax.Array, *, size: tuple[int, int], output_stride: int,
+            scales: Sequence[float], flip: bool, rates: affinity.Rates, mu: float) -> tuple[jax.Array, jax.Array | None]:
+  """Class probabilities ``[B, H, W, C]`` and affinities ``[B, H, W, 8·|R|]`` (steep sigmoid, Eq. 7), averaged over
+  ``scales`` and optional left-right flips (DeepLab's multi-scale inference), at ``size``."""
+  h, w = images.shape[1:3]
+  probs, affs, n = 0.0, 0.0, 0
+  perm = flip_permutation(rates) if rates else None
+  for scale in scales:
+    if scale == 1.0:
+      scaled = images
+    else:  # DeepLab-aligned sizes: scale * (size - 1) + 1
+      sh, sw = int(round(scale * (h - 1))) + 1, int(round(scale * (w - 1))) + 1
+      scaled = resize_bilinear(images, (sh, sw))
+    for flipped in ((False, True) if flip else (False,)):
+      x = scaled[:, :, ::-1] if flipped else scaled
+      out = apply_fn(variables, x, train=False, output_stride=output_stride)
+      logits = upsample_logits(out["logits"], (x.shape[1], x.shape[2]))
+      if flipped:
+        logits = logits[:, :, ::-1]
+      probs = probs + jax.nn.softmax(resize_bilinear(logits, size), axis=-1)
+      if rates:
+        a = propagation.steep_sigmoid(upsample_logits(out["affinity_logits"], (x.shape[1], x.shape[2])), mu)
+        if flipped:
+          a = a[:, :, ::-1][..., perm]
+        affs = affs + resize_bilinear(a, size)
+      n += 1
+  return probs / n, (affs / n if rates else None)
+
+
+def inside_mask(heights: jax.Array, widths: jax.Array, size: tuple[int, int], rates: affinity.Rates) -> jax.Array:
+  """``[B, H, W, 8·|R|]`` bool: the neighbour of each direction lies inside the example's real (unpadded) image.
+  Propagation must not pull predictions in from the padding: a neighbour outside the image contributes nothing."""
+  rows = jnp.arange(size[0])[None, :, None]
+  cols = jnp.arange(size[1])[None, None, :]
+  h = heights[:, None, None]
+  w = widths[:, None, None]
+  masks = [(rows + s >= 0) & (rows + s < h) & (cols + t >= 0) & (cols + t < w)
+           for s, t in affinity.neighbor_offsets(rates)]
+  return jnp.stack(masks, axis=-1)
+
+
+def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, rates: affinity.Rates,
+              iterations: tuple[int, ...]) -> dict:
+  """Confusion matrices of one batch for every propagation iteration count (predicted and oracle affinity),
+  plus the affinity accuracy counts; summed over ``AXIS``."""
+  c = config.dataset.num_classes
+  ign = config.dataset.ignore_label
+  labels = batch["label"]
+  size = labels.shape[1:3]
+  valid = (labels != ign) & batch["mask"][:, None, None]
+  probs, aff = predict(apply_fn, variables, batch["image"], size=size, output_stride=config.eval.output_stride,
+                       scales=tuple(config.eval.scales), flip=config.eval.flip, rates=rates, mu=config.affinity.mu)
+  out = {"confusion": {0: confusion_matrix(labels, jnp.argmax(probs, -1), c, valid)}}
+  if rates:
+    inside = inside_mask(batch["height"], batch["width"], size, rates)
+    sweeps = {"predicted": aff * inside}
+    if config.eval.ground_truth_oracle:
+      sweeps["oracle"] = propagation.gt_affinity(labels, rates, ign)
+    out = {"confusion": {}}
+    for name, a in sweeps.items():
+      p, done = probs, 0
+      for it in sorted(iterations):
+        p = propagation.propagate(p, a, rates, lam=config.affinity.lam, iterations=it - done)
+        done = it
+        out["confusion"][f"{name}/{it}"] = confusion_matrix(labels, jnp.argmax(p, -1), c, valid)
+    # Fig. 4: affinity accuracy per rate and n_k, from the logits' sign (σ > 0.5 <=> steep σ > 0.5)
+    logit_sign = jnp.where(aff > 0.5, 1.0, -1.0)
+    lab = jnp.where(batch["mask"][:, None, None], labels, ign)
+    out["aff_correct"], out["aff_total"] = affinity.affinity_accuracy_counts(logit_sign, lab, rates, ign)
+  return jax.lax.psum(out, AXIS)
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _markdown(results: dict, class_names: Sequence[str]) -> str:
+  lines = [f"# Evaluation of step {results['step']} on {results['split']} ({results['num_images']} images)", ""]
+  sweep = results.get("sweep")
+  if sweep:
+    its = list(sweep["iterations"])
+    lines += ["| Iteration times | " + " | ".join(map(str, its)) + " |", "|---|" + "---|" * len(its)]
+    for name, label in (("predicted", "Refine with predicted affinity"), ("oracle", "Refine with ground truth")):
+      if name in sweep:
+        lines.append(f"| {label} | " + " | ".join(f"{100 * v:.2f}%" for v in sweep[name]) + " |")
+    lines.append("")
+  lines += [f"mIoU (no propagation): **{100 * results['miou']:.2f}%**"
+            + (f"; with {results['final_iterations']} iterations of propagation: "
+               f"**{100 * results['miou_propagated']:.2f}%**" if "miou_propagated" in results else ""), ""]
+  lines += ["| class | IoU |", "|---|---|"]
+  for name, v in zip(class_names, results["per_class_iou"]):
+    lines.append(f"| {name} | {'n/a' if v is None else f'{100 * v:.2f}%'} |")
+  acc = results.get("affinity_accuracy")
+  if acc:
+    lines += ["", "Affinity accuracy per neighbour category (Fig. 4)", "",
+              "| rate | " + " | ".join(f"n{k}" for k in range(9)) + " |", "|---|" + "---|" * 9]
+    for rate, row in acc["per_rate"].items():
+      lines.append(f"| {rate} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in row) + " |")
+    lines.append("| mean | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in acc["mean"]) + " |")
+  lines += ["", f"Throughput: {results['images_per_second']:.2f} images/s"]
+  return "\n".join(lines) + "\n"
+
+
+def plot_affinity_accuracy(acc: dict, path: str, title: str) -> None:
+  """Fig. 4-style PNG: accuracy of the affinity prediction against n_k, one line per rate and their mean."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+  ks = np.arange(9)
+  for rate, row in acc["per_rate"].items():
+    ax.plot(ks, [np.nan if v is None else 100 * v for v in row], marker="o", label=f"rate {rate}")
+  ax.plot(ks, [np.nan if v is None else 100 * v for v in acc["mean"]], "k--", lw=2, label="mean")
+  ax.set_xticks(ks, [f"$n_{k}$" for k in ks])
+  ax.set_ylabel("affinity accuracy (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> list:
+  return [None if d == 0 else float(n / d) for n, d in zip(num, den)]
+
+
+def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates: affinity.Rates,
+                   writer=None) -> dict:
+  """Evaluates an (unreplicated) train state on ``dataset.eval_split``; writes JSON, Markdown and a Fig. 4 PNG to
+  ``<workdir>/eval/step_<N>/`` and returns the results."""
+  from dilaff_jax import train  # local: train imports this module lazily
+
+  step = int(jax.device_get(state.step))
+  model = train.build_model(config, rates)
+  ndev = jax.local_device_count()
+  per_device = config.eval.batch_size // jax.device_count()
+  pipes = input_pipeline.from_config(config.dataset, seed=config.seed, local_device_count=ndev,
+                                     per_device_batch=per_device, eval_per_device_batch=per_device)
+  iterations = tuple(sorted(set(config.eval.iterations) | {int(config.affinity.iterations)}))
+  p_eval = jax.pmap(functools.partial(eval_step, apply_fn=model.apply, config=config, rates=rates,
+                                      iterations=iterations), axis_name=AXIS)
+  variables = flax.jax_utils.replicate({"params": state.params, "batch_stats": state.batch_stats})
+  totals = None
+  num_images = 0
+  start = time.time()
+  num_batches = -(-pipes.num_eval_examples // config.eval.batch_size)
+  if config.eval.max_images:
+    num_batches = min(num_batches, -(-config.eval.max_images // config.eval.batch_size))
+  for i, batch in enumerate(pipes.make_eval()):
+    if i >= num_batches:
+      break
+    device_batch = {k: v for k, v in batch.items() if k != "image_id"}
+    out = jax.device_get(jax.tree.map(lambda x: x[0], p_eval(variables, device_batch)))
+    totals = out if totals is None else jax.tree.map(np.add, totals, out)
+    num_images += int(np.sum(batch["mask"]))
+    if (i + 1) % max(num_batches // 10, 1) == 0 or i + 1 == num_batches:
+      rate = (i + 1) / (time.time() - start)
+      print(f"[eval] batch {i + 1}/{num_batches}, {rate * config.eval.batch_size:.2f} images/s, "
+            f"ETA {(num_batches - i - 1) / rate:.0f}s", flush=True)
+  elapsed = time.time() - start
+  confs = {str(k): np.asarray(v) for k, v in totals["confusion"].items()}
+  results = {"step": step, "split": config.dataset.eval_split, "num_images": num_images,
+             "output_stride": config.eval.output_stride, "scales": list(config.eval.scales), "flip": config.eval.flip,
+             "images_per_second": num_images / max(elapsed, 1e-9)}
+  if rates:
+    final = int(config.affinity.iterations)
+    base = confs["predicted/0"]
+    results["sweep"] = {"iterations": list(config.eval.iterations),
+                        "predicted": [mean_iou(confs[f"predicted/{it}"]) for it in config.eval.iterations]}
+    if config.eval.ground_truth_oracle:
+      results["sweep"]["oracle"] = [mean_iou(confs[f"oracle/{it}"]) for it in config.eval.iterations]
+    results["miou_propagated"] = mean_iou(confs[f"predicted/{final}"])
+    results["final_iterations"] = final
+    correct, total = np.asarray(totals["aff_correct"]), np.asarray(totals["aff_total"])
+    results["affinity_accuracy"] = {
+        "per_rate": {affinity.rate_label(r): _ratio(correct[i], total[i]) for i, r in enumerate(rates)},
+        "mean": _ratio(correct.sum(0), total.sum(0))}
+  else:
+    base = confs["0"]
+  results["miou"] = mean_iou(base)
+  iou = iou_from_confusion(base)
+  results["per_class_iou"] = [None if np.isnan(v) else float(v) for v in iou]
+  results["confusion"] = base.tolist()
+
+  if jax.process_index() == 0:
+    out_dir = os.path.join(workdir, "eval", f"step_{step}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    md = _markdown(results, pipes.class_names)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+      f.write(md)
+    if rates:
+      plot_affinity_accuracy(results["affinity_accuracy"], os.path.join(out_dir, "affinity_accuracy.png"),
+                             f"Affinity accuracy per n_k, step {step}")
+    print(md, flush=True)
+    if writer is not None:
+      scalars = {"eval/miou": results["miou"]}
+      if rates:
+        scalars["eval/miou_propagated"] = results["miou_propagated"]
+        for it, v in zip(config.eval.iterations, results["sweep"]["predicted"]):
+          scalars[f"eval/miou_propagation_{it}"] = v
+        for it, v in zip(config.eval.iterations, results["sweep"].get("oracle", [])):
+          scalars[f"eval/miou_oracle_{it}"] = v
+      writer.write_scalars(step, scalars)
+      writer.flush()
+    logging.info("Evaluation results written to %s", out_dir)
+  return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+  """Restores the latest (or ``step``) checkpoint of ``workdir`` and evaluates it."""
+  from dilaff_jax import config_checks, train
+
+  config_checks.validate(config, num_devices=jax.device_count(), mode="evaluate")
+  rates = config_checks.rates_of(config)
+  mngr = train.checkpoint_manager(workdir, config)
+  if mngr.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}: "
+                            "train first (python -m dilaff_jax.main --mode=train) or point --workdir at a run")
+  if step is not None and step not in mngr.all_steps():
+    raise FileNotFoundError(f"no checkpoint for step {step} in {mngr.directory}; available: {mngr.all_steps()}")
+  model = train.build_model(config, rates)
+  state = train.create_train_state(_no_pretrained(config),
+                                   model, jax.random.key(0))
+  state, _ = train.restore_checkpoint(mngr, state, train.compat_record(config, rates), step)
+  mngr.close()
+  return evaluate_state(config, workdir, state, rates)
+
+
+def _no_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config without ImageNet weights: the restored checkpoint replaces every variable anyway."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.pretrained = ""
+  return c
