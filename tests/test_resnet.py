@@ -146,6 +146,13 @@ def test_parity_with_timm_style_deep_stem():
         _assert_close(feats[name][..., :64], ref[f"os32.{name}"])
 
 
+def test_parity_with_torchvision_resnet18_basic_units():
+    _, state_dict, ref = fixtures.load_fixture("resnet18")
+    feats = _features(torch_resnet_to_flax(state_dict, 18), ref["input"], 32, depth=18, multi_grid=None)
+    for name in ("stage1", "stage2", "stage3", "stage4"):
+        _assert_close(feats[name][..., :64], ref[f"os32.{name}"])
+
+
 def test_bfloat16_compute_keeps_float32_params(resnet26):
     variables, ref = resnet26
     model = ResNet(depth=26, multi_grid=None, dtype=jnp.bfloat16)
