@@ -117,13 +117,14 @@ def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, 
   valid = (labels != ign) & batch["mask"][:, None, None]
   probs, aff = predict(apply_fn, variables, batch["image"], size=size, output_stride=config.eval.output_stride,
                        scales=tuple(config.eval.scales), flip=config.eval.flip, rates=rates, mu=config.affinity.mu)
-  out = {"confusion": {0: confusion_matrix(labels, jnp.argmax(probs, -1), c, valid)}}
+  out = {"confusion": {0: confusion_matrix(labels, jnp.argmax(probs, -1), c, valid)},
+         "num_images": jnp.sum(batch["mask"], dtype=jnp.int32)}
   if rates:
     inside = inside_mask(batch["height"], batch["width"], size, rates)
     sweeps = {"predicted": aff * inside}
     if config.eval.ground_truth_oracle:
       sweeps["oracle"] = propagation.gt_affinity(labels, rates, ign)
-    out = {"confusion": {}}
+    out["confusion"] = {}
     for name, a in sweeps.items():
       p, done = probs, 0
       for it in sorted(iterations):
@@ -220,7 +221,7 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
     device_batch = {k: v for k, v in batch.items() if k != "image_id"}
     out = jax.device_get(jax.tree.map(lambda x: x[0], p_eval(variables, device_batch)))
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
-    num_images += int(np.sum(batch["mask"]))
+    num_images += int(out["num_images"])  # over all devices of all processes
     if (i + 1) % max(num_batches // 10, 1) == 0 or i + 1 == num_batches:
       rate = (i + 1) / (time.time() - start)
       print(f"[eval] batch {i + 1}/{num_batches}, {rate * config.eval.batch_size:.2f} images/s, "

@@ -169,7 +169,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: ml_col
     out["affinity_accuracy"] = psum(c.sum()) / jnp.maximum(psum(t.sum()), 1)
     out["loss"] = out["ce_loss"] + config.affinity.beta * out["affinity_loss"]
     collection = AffinityMetrics
-  return new_state, collection.gather_from_model_output(**out)
+  # every value is already summed over the devices: each device holds the global metrics
+  return new_state, collection.single_from_model_output(**out)
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -180,6 +181,7 @@ def load_or_compute_stats(config: ml_collections.ConfigDict, workdir: str,
   """``freq(n_k, r)`` and ``π_r`` for ``rates``: from ``affinity.stats_path`` if set, else from
   ``<workdir>/affinity_stats.json``, computing and writing that file from the training labels when missing."""
   path = config.affinity.stats_path or os.path.join(workdir, "affinity_stats.json")
+  _barrier("before affinity statistics")  # every process sees the same file state below
   if os.path.exists(path) or config.affinity.stats_path:
     s = stats_lib.AffinityStats.load(path)
     try:
@@ -189,14 +191,23 @@ def load_or_compute_stats(config: ml_collections.ConfigDict, workdir: str,
                                       "`python -m dilaff_jax.stats`") from None
     logging.info("Affinity statistics from %s (%s)", path, s.source)
     return s
+  if jax.process_index() > 0:  # process 0 computes and writes the file; the others wait for it
+    _barrier("affinity statistics written")
+    return stats_lib.AffinityStats.load(path).select(rates)
   d = config.dataset
   maps, total = stats_lib.tfds_label_maps(d.name, d.train_split, d.get("data_dir"), config.affinity.stats_max_images)
   logging.info("Computing affinity statistics over %d training label maps (once; saved to %s)", total, path)
   s = stats_lib.compute_stats(maps, rates, d.ignore_label, f"{d.name}:{d.train_split}",
                               log_every=max(total // 10, 1), total=total)
-  if jax.process_index() == 0:
-    s.save(path)
+  s.save(path)
+  _barrier("affinity statistics written")
   return s
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
@@ -313,9 +324,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   ndev = jax.local_device_count()
   per_device = config.train.batch_size // jax.device_count()
-  # The dataset is prepared (if needed) before the statistics read its labels.
-  datasets.get_builder(config.dataset.name, data_dir=config.dataset.get("data_dir"),
-                       manual_dir=config.dataset.get("manual_dir"))
+  # The dataset is prepared (if needed, by process 0 only) before anything reads it.
+  if is_chief:
+    datasets.get_builder(config.dataset.name, data_dir=config.dataset.get("data_dir"),
+                         manual_dir=config.dataset.get("manual_dir"))
+  _barrier("dataset prepared")
   stats = load_or_compute_stats(config, workdir, rates) if rates else None
   bias = affinity.prior_bias(stats.pos_freq) if rates else None
   model = build_model(config, rates, bias)

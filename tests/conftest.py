@@ -1,7 +1,12 @@
-"""Test setup: 8 virtual CPU devices for the multi-device tests (set before JAX creates its backend)."""
+"""Test setup, before JAX creates its backend: 8 virtual CPU devices for the multi-device tests, and a persistent
+compilation cache shared by the tests and the subprocesses they start (the same programs compile once per run)."""
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["JAX_NUM_CPU_DEVICES"] = "8"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "dilaff_jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 

@@ -1,0 +1,260 @@
+"""Training-step cost of the paper's model on this CPU, with and without the dilated-affinity head (issue 5).
+
+The model is the paper's ResNet-101 DeepLabv3+ (21 classes, output stride 16 to train) with the affinity head for
+R = {8, (12, 24), 16} (4 explicit rates, 32 channels), next to plain DeepLabv3+ (no head, rates = ()): the head's
+overhead, the paper's "minor extra cost", is printed as a percentage of time, FLOPs and memory. For each crop and
+batch it times the real ``dilaff_jax.train.train_step`` (forward + backward + cross-replica BatchNorm + SGD update)
+under ``jax.pmap(axis_name="batch")`` on 1 CPU device, and prints one Markdown table (progress goes to stderr):
+
+- images/s: batch / the best step time of ``--repeats`` timed steps (the median is printed too), after one untimed
+  warm-up step; the two models of a crop and batch are compiled together and stepped in turn (A, B, A, B, ...), so a
+  change in the machine's load hits both alike and the time overhead stays a same-moment ratio;
+- GFLOPs/step: ``cost_analysis()["flops"]`` of the compiled step that is timed (XLA counts a multiply-add as 2);
+- GFLOP/s: those FLOPs / the best step time, and that rate as a share of the matmul rate measured in the same run
+  (a float32 ``jnp.dot`` of two 2048 x 2048 matrices, best of ``--repeats`` + 2 calls, once before the first case
+  and once after the last; the higher of the two is the reference);
+- memory: XLA's ``compiled.memory_analysis()`` of the step, ``argument + output - aliased + temp`` bytes (the state
+  is donated, so its outputs reuse the argument buffers): the buffers the step needs at its peak, not the process's
+  resident set (``getrusage`` maxima do not go down between cases in one process).
+
+Full run (the paper's crops; ~1-2 min compile per case on CPU, 8 cases; run it on a quiet machine)::
+
+  .venv/bin/python benchmarks/train_step.py
+
+Quick check (a couple of minutes)::
+
+  .venv/bin/python benchmarks/train_step.py --crops 129 --batches 1 --depth 50 --repeats 2
+
+Other flags: ``--crops 257,513 --batches 1,2 --repeats 3 --depth 101``. Crops must be 16k + 1 (output stride 16).
+Statistics for the loss weights are made up (binomial neighbour counts around π_r ≈ 0.9): they change the loss value,
+not its cost.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import voc  # noqa: E402
+from dilaff_jax import affinity, input_pipeline, train  # noqa: E402
+from dilaff_jax.stats import AffinityStats  # noqa: E402
+
+PAPER_RATES = affinity.expand_rates([8, (12, 24), 16])
+GIB = 1024 ** 3
+
+
+def log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def made_up_stats(rates: affinity.Rates) -> AffinityStats:
+  """Plausible ``π_r`` (a little lower for larger rates) and ``freq(n_k, r)`` = Binomial(8, π_r) over k = 0..8."""
+  pos = np.array([0.93 - 0.003 * max(r) for r in rates])
+  k = np.arange(affinity.NUM_CATEGORIES)
+  comb = np.array([math.comb(8, int(i)) for i in k], np.float64)
+  freq = comb * pos[:, None] ** k * (1 - pos[:, None]) ** (8 - k)
+  return AffinityStats(rates, freq / freq.sum(1, keepdims=True), pos, source="made up (benchmark)")
+
+
+def paper_config(crop: int, batch: int, depth: int):
+  """``configs/voc.py`` (the paper's §4.1 setting) at this crop, per-device batch and ResNet depth, random init."""
+  config = voc.get_config()
+  config.dataset.crop_size = crop
+  config.train.batch_size = batch
+  config.model.depth = depth
+  config.model.pretrained = ""
+  if (crop - 1) % config.model.train_output_stride:
+    raise ValueError(f"--crops: crop {crop} does not fit output stride {config.model.train_output_stride} "
+                     f"(needs 16k + 1, e.g. 129, 257, 513)")
+  return config
+
+
+def fake_batch(rng: np.random.Generator, crop: int, batch: int, num_classes: int, ignore: int) -> dict:
+  """One device's batch: normalised-looking images and labels in ``0..num_classes-1`` with ~10% ``ignore``."""
+  image = rng.normal(size=(1, batch, crop, crop, 3)).astype(np.float32)
+  label = rng.integers(0, num_classes, size=(1, batch, crop, crop)).astype(np.int32)
+  label[rng.random(label.shape) < 0.1] = ignore
+  return {"image": image, "label": label}
+
+
+@dataclasses.dataclass
+class CompiledStep:
+  """One model / crop / batch, compiled and ready to step: the state is donated and replaced by every call."""
+  crop: int
+  batch: int
+  rates: affinity.Rates
+  compiled: Any
+  state: Any
+  data: dict
+  rng: jax.Array
+  flops: float
+  memory_bytes: int
+  compile_s: float
+  times: list = dataclasses.field(default_factory=list)
+
+  def step(self) -> float:
+    """Runs one training step to completion and returns its wall time in seconds."""
+    start = time.perf_counter()
+    self.state, metrics = self.compiled(self.state, self.data, self.rng)
+    jax.block_until_ready((self.state, metrics))
+    elapsed = time.perf_counter() - start
+    loss = float(metrics.unreplicate().loss.compute())
+    if not np.isfinite(loss):
+      raise RuntimeError(f"the benchmarked step (crop {self.crop}, batch {self.batch}, rates {self.rates}) gave "
+                         f"a non-finite loss ({loss})")
+    return elapsed
+
+
+def compile_step(crop: int, batch: int, rates: affinity.Rates, *, depth: int = 101, seed: int = 0) -> CompiledStep:
+  """Builds the model, state and a fake batch, and compiles ``train.train_step`` (pmap over 1 device)."""
+  config = paper_config(crop, batch, depth)
+  stats = made_up_stats(rates) if rates else None
+  model = train.build_model(config, rates, affinity.prior_bias(stats.pos_freq) if rates else None)
+  device = jax.local_devices()[0]
+  state = flax.jax_utils.replicate(train.create_train_state(config, model, jax.random.key(seed)), [device])
+  step = functools.partial(train.train_step, config=config, rates=rates, stats=stats,
+                           schedule=train.learning_rate_schedule(config))
+  p_step = jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=[device])
+  data = fake_batch(np.random.default_rng(seed), crop, batch, config.dataset.num_classes,
+                    config.dataset.ignore_label)
+  data = next(input_pipeline.prefetch_to_device(iter([data]), devices=[device]))  # as training feeds it
+  rng = jax.random.key(seed + 1)
+
+  start = time.perf_counter()
+  compiled = p_step.lower(state, data, rng).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mem = compiled.memory_analysis()
+  memory = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+  return CompiledStep(crop, batch, tuple(rates), compiled, state, data, rng, float(cost["flops"]), int(memory),
+                      compile_s)
+
+
+def time_interleaved(steps: Sequence[CompiledStep], repeats: int) -> None:
+  """One untimed warm-up step each, then ``repeats`` rounds of one timed step each, in turn (A, B, A, B, ...), so
+  that a change in the machine's load hits every case alike; appends to each ``times``."""
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {repeats}")
+  for s in steps:
+    s.step()  # warm-up: first touch of buffers, thread pools
+  for i in range(repeats):
+    for s in steps:
+      s.times.append(s.step())
+    log(f"    round {i + 1}/{repeats}: " + ", ".join(f"{s.times[-1]:.2f}s" for s in steps))
+
+
+def model_steps_per_second(batch_size: int, crop_size: int, depth: int = 101, repeats: int = 2) -> float:
+  """Training steps per second (best of ``repeats``) of the paper's model with the affinity head at this
+  per-device batch and crop."""
+  s = compile_step(crop_size, batch_size, PAPER_RATES, depth=depth)
+  time_interleaved([s], repeats)
+  return 1.0 / min(s.times)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """Best-of-``repeats`` float32 ``jnp.dot`` of two ``n x n`` matrices on this device, in GFLOP/s (2n³ flops)."""
+  keys = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(keys[0], (n, n), jnp.float32)
+  b = jax.random.normal(keys[1], (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    dot(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best / 1e9
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
+def _percent(new: float, base: float) -> str:
+  return f"{100 * (new / base - 1):+.1f}%"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--crops", default="257,513", help="comma-separated square crops (16k + 1)")
+  parser.add_argument("--batches", default="1,2", help="comma-separated batch sizes (one device)")
+  parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (best and median reported)")
+  parser.add_argument("--depth", type=int, default=101, choices=[18, 34, 50, 101, 152], help="ResNet depth")
+  args = parser.parse_args()
+  crops = [int(c) for c in args.crops.split(",")]
+  batches = [int(b) for b in args.batches.split(",")]
+  for crop in crops:
+    paper_config(crop, 1, args.depth)  # fail fast on a bad crop
+  if args.repeats < 1 or min(batches) < 1:
+    parser.error("--repeats and --batches must be >= 1")
+
+  log("matmul reference (2048 x 2048 float32) ...")
+  matmul_before = matmul_gflops(repeats=args.repeats + 2)
+  pairs = []
+  t0 = time.perf_counter()
+  for crop in crops:
+    for batch in batches:
+      pair = []
+      for name, rates in (("DeepLabv3+ (no head)", ()), ("+ affinity head", PAPER_RATES)):
+        log(f"[{len(pairs) * 2 + len(pair) + 1}/{2 * len(crops) * len(batches)}] ResNet-{args.depth} {name}, "
+            f"crop {crop}, batch {batch}: compiling ({time.perf_counter() - t0:.0f}s so far)")
+        s = compile_step(crop, batch, rates, depth=args.depth)
+        log(f"    compiled in {s.compile_s:.1f}s: {s.flops / 1e9:.1f} GFLOPs, {s.memory_bytes / GIB:.2f} GiB")
+        pair.append((name, s))
+      log(f"    timing both, interleaved: {args.repeats} rounds after a warm-up")
+      time_interleaved([s for _, s in pair], args.repeats)
+      pairs.append(pair)
+      for _, s in pair:  # free the states before the next (larger) case
+        s.state = s.compiled = s.data = None
+  matmul_after = matmul_gflops(repeats=args.repeats + 2)
+  matmul = max(matmul_before, matmul_after)
+
+  print(f"Training step of ResNet-{args.depth} DeepLabv3+ (21 classes, output stride 16, float32, SGD momentum), "
+        f"affinity head R = {{8, (12,24), 16}} = {len(PAPER_RATES)} explicit rates; `jax.pmap` on 1 "
+        f"{jax.devices()[0].platform.upper()} device; jax {jax.__version__}; {_cpu_name()}, {os.cpu_count()} "
+        f"cores.\nStep time: best (and median) of {args.repeats} steps after a warm-up, the two models timed in "
+        f"turn; images/s, GFLOP/s and the time overhead use the best. FLOPs: XLA `cost_analysis()` of the timed "
+        f"step. Memory: XLA `memory_analysis()` of the step, arguments + outputs - donated + temporaries.\n"
+        f"Matmul reference (float32 2048 x 2048 `jnp.dot`, best of {args.repeats + 2}): {matmul_before:.1f} "
+        f"GFLOP/s before the cases, {matmul_after:.1f} GFLOP/s after; % of matmul uses the higher.\n")
+  print("| crop | batch | model | compile s | step s (median) | images/s | GFLOPs/step | GFLOP/s | % of matmul "
+        "| memory GiB | head overhead: time | FLOPs | memory |")
+  print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+  for pair in pairs:
+    base = pair[0][1]
+    for name, s in pair:
+      best = min(s.times)
+      achieved = s.flops / best / 1e9
+      overhead = "— | — | —" if s is base else (
+          f"{_percent(best, min(base.times))} | {_percent(s.flops, base.flops)} | "
+          f"{_percent(s.memory_bytes, base.memory_bytes)}")
+      print(f"| {s.crop} | {s.batch} | {name} | {s.compile_s:.0f} | {best:.2f} ({np.median(s.times):.2f}) | "
+            f"{s.batch / best:.3f} | {s.flops / 1e9:.1f} | {achieved:.1f} | {100 * achieved / matmul:.0f}% | "
+            f"{s.memory_bytes / GIB:.2f} | {overhead} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()

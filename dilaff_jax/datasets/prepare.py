@@ -1,0 +1,35 @@
+"""Prepares a dataset once (before a multi-host job, or to check the archives):
+
+  python -m dilaff_jax.datasets.prepare --dataset=voc2012_aug --manual_dir=/data/voc_archives [--data_dir=DIR]
+  python -m dilaff_jax.datasets.prepare --dataset=cityscapes19 --manual_dir=/data/cityscapes
+  python -m dilaff_jax.datasets.prepare --dataset=synthetic_shapes/default
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dilaff_jax import datasets
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m dilaff_jax.datasets.prepare", description=__doc__.split("\n\n")[0])
+  p.add_argument("--dataset", required=True, help="synthetic_shapes/default, synthetic_shapes/tiny, voc2012_aug, "
+                 "cityscapes19")
+  p.add_argument("--data_dir", default=None, help="TFDS data_dir (default ~/tensorflow_datasets)")
+  p.add_argument("--manual_dir", default=None, help="folder with the downloaded archives")
+  args = p.parse_args(argv)
+  try:
+    builder = datasets.get_builder(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir)
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for name, split in builder.info.splits.items():
+    print(f"{builder.info.full_name} {name}: {split.num_examples} examples")
+  print(f"prepared in {builder.data_dir}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,256 @@
+"""The training loop: cross-replica equivalence, resume after SIGTERM / hard kill, NaN stop, config errors."""
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import synthetic, voc
+from dilaff_jax import affinity, config_checks, input_pipeline, train
+from dilaff_jax.stats import AffinityStats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  from dilaff_jax import datasets
+  d = str(tmp_path_factory.mktemp("tfds"))
+  datasets.get_builder("synthetic_shapes/tiny", data_dir=d)
+  return d
+
+
+def tiny_config(data_dir, **overrides):
+  c = synthetic.get_config("tiny")
+  c.dataset.data_dir = data_dir
+  c.train.batch_size = 8  # the suite runs with 8 virtual CPU devices
+  c.eval.batch_size = 8
+  c.train.eval_at_end = False
+  c.train.image_summary_every = 0
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def restored_variables(workdir, config):
+  rates = config_checks.rates_of(config)
+  mngr = train.checkpoint_manager(workdir, config)
+  model = train.build_model(config, rates)
+  state = train.create_train_state(config, model, jax.random.key(0))
+  state, _ = train.restore_checkpoint(mngr, state, train.compat_record(config, rates))
+  mngr.close()
+  return int(state.step), {"params": state.params, "batch_stats": state.batch_stats}
+
+
+# ---------------------------------------------------------------------------------------------- cross-replica BN
+
+
+def test_step_on_4_devices_equals_step_on_1_device_with_whole_batch():
+  config = synthetic.get_config("tiny")
+  config.model.dropout_rate = 0.0
+  rates = config_checks.rates_of(config)
+  stats = AffinityStats(rates, np.tile([0.05, 0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.4], (len(rates), 1)),
+                        np.full(len(rates), 0.8))
+  model = train.build_model(config, rates, affinity.prior_bias(stats.pos_freq))
+  state = train.create_train_state(config, model, jax.random.key(1))
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(4, 33, 33, 3)).astype(np.float32)
+  labels = rng.integers(0, 6, size=(4, 33, 33)).astype(np.int32)
+  labels[:, 10:14] = 255
+  labels[3][rng.random((33, 33)) < 0.7] = 255  # uneven ignore shares across the devices
+  step = functools.partial(train.train_step, config=config, rates=rates, stats=stats,
+                           schedule=train.learning_rate_schedule(config))
+  outs = []
+  for ndev in (4, 1):
+    devices = jax.devices()[:ndev]
+    p_step = jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), devices=devices)
+    batch = {"image": images.reshape(ndev, 4 // ndev, 33, 33, 3), "label": labels.reshape(ndev, 4 // ndev, 33, 33)}
+    new_state, metrics = p_step(flax.jax_utils.replicate(state, devices), batch, jax.random.key(2))
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # flax's unreplicate mis-handles a 1-of-8 pmap
+    outs.append((first(new_state), first(metrics).compute()))
+  (s4, m4), (s1, m1) = outs
+  # the step did change the parameters, and both ways agree
+  assert not np.allclose(np.asarray(s1.params["classifier"]["kernel"]), state.params["classifier"]["kernel"])
+  tree_allclose(s4.params, s1.params, rtol=2e-4, atol=2e-6)
+  tree_allclose(s4.batch_stats, s1.batch_stats, rtol=2e-4, atol=2e-6)
+  for k in ("loss", "ce_loss", "affinity_loss", "pixel_accuracy", "affinity_accuracy"):
+    assert float(m4[k]) == pytest.approx(float(m1[k]), rel=1e-5), k
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_after_sigterm_equals_straight_run(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert straight["train"]
+
+  def sigterm_at_2(step, state):
+    del state
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  first = train.train_and_evaluate(config, str(tmp_path / "resumed"), hooks=[sigterm_at_2])
+  assert first["preempted_at"] == 2
+  step, _ = restored_variables(str(tmp_path / "resumed"), config)
+  assert step == 2
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  s_a, v_a = restored_variables(str(tmp_path / "straight"), config)
+  s_b, v_b = restored_variables(str(tmp_path / "resumed"), config)
+  assert s_a == s_b == 4
+  tree_allclose(v_a, v_b, rtol=1e-6, atol=1e-7)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    import jax
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_config
+    from dilaff_jax import train
+
+    def kill_after_checkpoint_2(step, state):
+      if step == 3:
+        done = os.path.join({workdir!r}, "checkpoints", "2")
+        for _ in range(600):
+          if os.path.isdir(done):
+            break
+          time.sleep(0.1)
+        time.sleep(1.0)
+        os._exit(17)  # a hard kill: no cleanup, no checkpoint of step 3
+
+    train.train_and_evaluate(tiny_config({data_dir!r}), {workdir!r}, hooks=[kill_after_checkpoint_2])
+""")
+
+
+def test_resume_after_hard_kill_equals_straight_run(data_dir, tmp_path):
+  workdir = str(tmp_path / "killed")
+  script = KILL_SCRIPT.format(tests=os.path.join(REPO, "tests"), workdir=workdir, data_dir=data_dir)
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 17, proc.stderr[-3000:]
+  config = tiny_config(data_dir)
+  step, _ = restored_variables(workdir, config)
+  assert step == 2
+  train.train_and_evaluate(config, workdir)
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(config, straight)
+  _, v_a = restored_variables(straight, config)
+  _, v_b = restored_variables(workdir, config)
+  tree_allclose(v_a, v_b, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+  real = input_pipeline.from_config
+
+  def poisoned(*args, **kwargs):
+    pipes = real(*args, **kwargs)
+
+    def batches():
+      for i, batch in enumerate(pipes.train, start=kwargs.get("start_step", 0) + 1):
+        if i == 3:
+          batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        yield batch
+    return pipes._replace(train=batches())
+
+  monkeypatch.setattr(input_pipeline, "from_config", poisoned)
+  config = tiny_config(data_dir)
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(train.TrainingError, match=r"non-finite loss \(nan\) at step 3.*last good checkpoint is step 2"):
+    train.train_and_evaluate(config, workdir)
+  step, variables = restored_variables(workdir, config)
+  assert step == 2
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):
+  config = tiny_config(data_dir, **{"train.num_steps": 2})
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  other = tiny_config(data_dir, **{"train.num_steps": 4, "affinity.rates": (4, 8)})
+  with pytest.raises(train.TrainingError, match=r"incompatible config:\n  affinity.rates \(explicit\)"):
+    train.train_and_evaluate(other, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("dataset.crop_size", 100, "config.dataset.crop_size = 100: must be k\\*16\\+1"),
+    ("affinity.scheme", "sqrt-reweight", "config.affinity.scheme = 'sqrt-reweight': expected one of"),
+    ("affinity.rates", (), "config.affinity.rates = \\(\\): "),
+    ("train.batch_size", 6, "config.train.batch_size = 6: must be divisible by the number of devices \\(4\\)"),
+    ("model.depth", 42, "config.model.depth = 42"),
+    ("model.multi_grid", (1, 2, 4), "config.model.multi_grid = \\(1, 2, 4\\): expected 2 positive ints"),
+    ("dataset.max_scale", 0.25, "config.dataset.max_scale = 0.25: must be >= dataset.min_scale"),
+    ("model.pretrained", "/nonexistent/r101.safetensors", "config.model.pretrained = '/nonexistent"),
+])
+def test_config_errors_name_the_key(key, value, match):
+  c = synthetic.get_config()
+  node = c
+  *path, last = key.split(".")
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(config_checks.ConfigError, match=match):
+    config_checks.validate(c, num_devices=4)
+
+
+def test_named_variants_of_the_paper_tables():
+  assert config_checks.rates_of(voc.get_config()) == ((8, 8), (12, 24), (24, 12), (16, 16))
+  t1 = voc.get_config("table1_neighbor")
+  assert (t1.affinity.scheme, t1.affinity.beta) == ("neighbor", 0.25)
+  assert config_checks.rates_of(t1) == ((8, 8), (16, 16), (32, 32), (64, 64))
+  assert config_checks.rates_of(voc.get_config("table2_r8_12x24_16_32x64_48"))[-3:] == ((32, 64), (64, 32), (48, 48))
+  assert not voc.get_config("baseline").affinity.enabled
+  assert config_checks.rates_of(voc.get_config("baseline")) == ()
+  with pytest.raises(ValueError, match="unknown config variant"):
+    voc.get_config("table9")
+  for variant in list(voc.VARIANTS) + ["baseline", ""]:
+    config_checks.validate(voc.get_config(variant), num_devices=8)
+
+
+# ---------------------------------------------------------------------------------------------- multi-host
+
+
+def test_two_processes_with_jax_distributed_train_and_checkpoint(data_dir, tmp_path):
+  """launch/cpu_multiprocess.sh: 2 processes x 2 CPU devices on localhost, a few steps, a shared checkpoint."""
+  workdir = str(tmp_path / "mp")
+  env = dict(os.environ, WORKDIR=workdir, DEVICES_PER_PROCESS="2", NUM_PROCESSES="2")
+  env.pop("JAX_NUM_CPU_DEVICES")
+  proc = subprocess.run(["bash", os.path.join(REPO, "launch", "cpu_multiprocess.sh"),
+                         f"--config.dataset.data_dir={data_dir}", "--config.train.eval_at_end=False"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  logs = [open(os.path.join(workdir, f"process_{i}.log")).read() for i in range(2)]
+  for log in logs:
+    assert "[train] step 4/4" in log
+  # both processes computed the same global metrics (cross-process psum), only process 0 wrote summaries
+  last = [next(line for line in log.splitlines() if line.startswith("[train] step 4/4")).split("|")[0]
+          for log in logs]
+  assert last[0] == last[1]
+  assert len([f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]) == 1
+  config = tiny_config(data_dir)
+  config.train.batch_size = 4
+  step, variables = restored_variables(workdir, config)
+  assert step == 4
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
