@@ -37,7 +37,7 @@ def model_steps_per_second(batch_size: int, crop_size: int) -> float | None:
   input pipeline limits training.
 
   Measured here with ``benchmarks/train_step.py``: the paper's ResNet-101 DeepLabv3+ with the affinity head, one
-  real ``train_step`` under ``jax.pmap`` on 1 device, median of 2 timed steps (it compiles the model once per batch
+  real ``train_step`` under ``jax.pmap`` on 1 device, best of 2 timed steps (it compiles the model once per batch
   size, ~1-2 min each on CPU).
   """
   from benchmarks import train_step  # local: only this column needs the model (and its compile time)
