@@ -15,6 +15,7 @@ dilaff_jax/models/README.md) with:
 
 Abstract shapes only (`jax.eval_shape`): nothing is initialised or run; each case compiles once (~40 s in all).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,53 +32,58 @@ PAPER_RATES = ((8, 8), (12, 24), (24, 12), (16, 16))  # R = {8, (12, 24), 16} ex
 
 
 def naive_multiply_adds(jaxpr) -> int:
-    """Sum over convolutions of output elements x kernel taps x input channels per group (padding included)."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            kernel = eqn.invars[1].aval.shape  # HWIO (flax)
-            out = eqn.outvars[0].aval.shape
-            total += int(np.prod(out)) * kernel[0] * kernel[1] * kernel[2]
-        for param in eqn.params.values():  # descend into pjit / custom_jvp sub-programs
-            inner = getattr(param, "jaxpr", None)
-            if inner is not None:
-                total += naive_multiply_adds(inner if hasattr(inner, "eqns") else inner.jaxpr)
-    return total
+  """Sum over convolutions of output elements x kernel taps x input channels per group (padding included)."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      kernel = eqn.invars[1].aval.shape  # HWIO (flax)
+      out = eqn.outvars[0].aval.shape
+      total += int(np.prod(out)) * kernel[0] * kernel[1] * kernel[2]
+    for param in eqn.params.values():  # descend into pjit / custom_jvp sub-programs
+      inner = getattr(param, "jaxpr", None)
+      if inner is not None:
+        total += naive_multiply_adds(inner if hasattr(inner, "eqns") else inner.jaxpr)
+  return total
 
 
 def measure(model: DeepLabV3Plus, size: int, output_stride: int) -> dict:
-    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0), images)
-    forward = partial(model.apply, train=False, output_stride=output_stride)
-    start = time.perf_counter()
-    cost = jax.jit(forward).lower(variables, images).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {
-        "xla_flops": float(cost["flops"]),
-        "naive_madds": naive_multiply_adds(jax.make_jaxpr(forward)(variables, images).jaxpr),
-        "params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(variables["params"]))),
-        "compile_s": time.perf_counter() - start,
-    }
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0), images)
+  forward = partial(model.apply, train=False, output_stride=output_stride)
+  start = time.perf_counter()
+  cost = jax.jit(forward).lower(variables, images).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {
+    "xla_flops": float(cost["flops"]),
+    "naive_madds": naive_multiply_adds(jax.make_jaxpr(forward)(variables, images).jaxpr),
+    "params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(variables["params"]))),
+    "compile_s": time.perf_counter() - start,
+  }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=513)
-    parser.add_argument("--classes", type=int, default=21)
-    parser.add_argument("--stems", nargs="+", default=["standard", "deep"], choices=["standard", "deep"])
-    args = parser.parse_args()
-    print(f"ResNet-101 DeepLabv3+, {args.classes} classes, {args.size}x{args.size}, batch 1, eval mode; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
-    print("| stem | model | OS | XLA GFLOPs | XLA multiply-adds (B) | naive multiply-adds (B) | parameters |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for stem in args.stems:
-        for output_stride in (16, 8):
-            for label, rates in (("DeepLabv3+ (baseline)", ()), ("+ affinity head (32 ch.)", PAPER_RATES)):
-                model = DeepLabV3Plus(num_classes=args.classes, rates=rates, stem=stem)
-                r = measure(model, args.size, output_stride)
-                print(f"| {stem} | {label} | {output_stride} | {r['xla_flops'] / 1e9:.2f} | "
-                      f"{r['xla_flops'] / 2e9:.2f} | {r['naive_madds'] / 1e9:.2f} | {r['params']:,} |", flush=True)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--size", type=int, default=513)
+  parser.add_argument("--classes", type=int, default=21)
+  parser.add_argument("--stems", nargs="+", default=["standard", "deep"], choices=["standard", "deep"])
+  args = parser.parse_args()
+  print(
+    f"ResNet-101 DeepLabv3+, {args.classes} classes, {args.size}x{args.size}, batch 1, eval mode; "
+    f"jax {jax.__version__} on {jax.devices()[0].platform}\n"
+  )
+  print("| stem | model | OS | XLA GFLOPs | XLA multiply-adds (B) | naive multiply-adds (B) | parameters |")
+  print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+  for stem in args.stems:
+    for output_stride in (16, 8):
+      for label, rates in (("DeepLabv3+ (baseline)", ()), ("+ affinity head (32 ch.)", PAPER_RATES)):
+        model = DeepLabV3Plus(num_classes=args.classes, rates=rates, stem=stem)
+        r = measure(model, args.size, output_stride)
+        print(
+          f"| {stem} | {label} | {output_stride} | {r['xla_flops'] / 1e9:.2f} | "
+          f"{r['xla_flops'] / 2e9:.2f} | {r['naive_madds'] / 1e9:.2f} | {r['params']:,} |",
+          flush=True,
+        )
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -1,4 +1,5 @@
 """Backbone (atrous ResNet) and DeepLabv3+ with the dilated-affinity head."""
+
 from dilaff_jax.models.deeplab import DeepLabV3Plus, resize_bilinear, upsample_logits
 from dilaff_jax.models.resnet import ResNet, resnet_param_count, unit_schedule
 
