@@ -193,6 +193,29 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> list:
   return [None if d == 0 else float(n / d) for n, d in zip(num, den)]
 
 
+def accumulate(p_eval, variables, batches, num_batches: int | None = None, batch_size: int = 0) -> dict:
+  """Sums ``p_eval``'s per-batch outputs over the batches (all devices and processes): confusion matrices keyed
+  ``"<affinity>/<iterations>"`` (or ``"0"`` without affinity), ``num_images`` and the affinity accuracy counts, as
+  numpy. Prints progress and an ETA when ``num_batches`` is known."""
+  totals = None
+  start = time.time()
+  for i, batch in enumerate(batches):
+    if num_batches is not None and i >= num_batches:
+      break
+    device_batch = {k: v for k, v in batch.items() if k != "image_id"}
+    out = jax.device_get(jax.tree.map(lambda x: x[0], p_eval(variables, device_batch)))
+    totals = out if totals is None else jax.tree.map(np.add, totals, out)
+    if num_batches and ((i + 1) % max(num_batches // 10, 1) == 0 or i + 1 == num_batches):
+      rate = (i + 1) / (time.time() - start)
+      print(f"[eval] batch {i + 1}/{num_batches}, {rate * batch_size:.2f} images/s, "
+            f"ETA {(num_batches - i - 1) / rate:.0f}s", flush=True)
+  if totals is None:
+    raise ValueError("evaluation got no batches: is the eval split empty?")
+  totals["confusion"] = {str(k): np.asarray(v) for k, v in totals["confusion"].items()}
+  totals["num_images"] = int(totals["num_images"])
+  return totals
+
+
 def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates: affinity.Rates,
                    writer=None) -> dict:
   """Evaluates an (unreplicated) train state on ``dataset.eval_split``; writes JSON, Markdown and a Fig. 4 PNG to
@@ -209,25 +232,14 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
   p_eval = jax.pmap(functools.partial(eval_step, apply_fn=model.apply, config=config, rates=rates,
                                       iterations=iterations), axis_name=AXIS)
   variables = flax.jax_utils.replicate({"params": state.params, "batch_stats": state.batch_stats})
-  totals = None
-  num_images = 0
-  start = time.time()
   num_batches = -(-pipes.num_eval_examples // config.eval.batch_size)
   if config.eval.max_images:
     num_batches = min(num_batches, -(-config.eval.max_images // config.eval.batch_size))
-  for i, batch in enumerate(pipes.make_eval()):
-    if i >= num_batches:
-      break
-    device_batch = {k: v for k, v in batch.items() if k != "image_id"}
-    out = jax.device_get(jax.tree.map(lambda x: x[0], p_eval(variables, device_batch)))
-    totals = out if totals is None else jax.tree.map(np.add, totals, out)
-    num_images += int(out["num_images"])  # over all devices of all processes
-    if (i + 1) % max(num_batches // 10, 1) == 0 or i + 1 == num_batches:
-      rate = (i + 1) / (time.time() - start)
-      print(f"[eval] batch {i + 1}/{num_batches}, {rate * config.eval.batch_size:.2f} images/s, "
-            f"ETA {(num_batches - i - 1) / rate:.0f}s", flush=True)
+  start = time.time()
+  totals = accumulate(p_eval, variables, pipes.make_eval(), num_batches, config.eval.batch_size)
+  num_images = totals["num_images"]
   elapsed = time.time() - start
-  confs = {str(k): np.asarray(v) for k, v in totals["confusion"].items()}
+  confs = totals["confusion"]
   results = {"step": step, "split": config.dataset.eval_split, "num_images": num_images,
              "output_stride": config.eval.output_stride, "scales": list(config.eval.scales), "flip": config.eval.flip,
              "images_per_second": num_images / max(elapsed, 1e-9)}

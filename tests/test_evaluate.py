@@ -1,0 +1,155 @@
+"""Evaluation: mIoU against a brute-force count, padding and batching never change the score, the flip-permutation
+of affinity channels, the oracle sweep, and a checkpoint evaluated twice."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import synthetic
+from dilaff_jax import affinity, config_checks, evaluate, input_pipeline, propagation
+from test_train import data_dir, tiny_config  # noqa: F401  (fixture)
+
+IGN = 255
+
+
+def brute_miou(labels, preds, num_classes):
+  ious = []
+  for c in range(num_classes):
+    tp = fp = fn = 0
+    for y, p in zip(labels.ravel(), preds.ravel()):
+      if y == IGN:
+        continue
+      tp += (y == c) and (p == c)
+      fp += (y != c) and (p == c)
+      fn += (y == c) and (p != c)
+    if tp + fp + fn:
+      ious.append(tp / (tp + fp + fn))
+  return float(np.mean(ious)), ious
+
+
+def test_miou_equals_brute_force_count_with_ignore():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 5, size=(3, 11, 13))
+  labels[rng.random(labels.shape) < 0.2] = IGN
+  labels[labels == 4] = 3  # class 4 absent from the labels...
+  preds = rng.integers(0, 5, size=labels.shape)
+  preds[preds == 2] = 1  # ...and class 2 absent from the predictions (still counted: it is in the labels)
+  conf = evaluate.confusion_matrix(jnp.asarray(labels), jnp.asarray(preds), 5, jnp.asarray(labels != IGN))
+  want, per_class = brute_miou(labels, preds, 5)
+  assert evaluate.mean_iou(np.asarray(conf)) == pytest.approx(want, rel=1e-12)
+  assert np.asarray(conf).sum() == np.sum(labels != IGN)
+  iou = evaluate.iou_from_confusion(np.asarray(conf))
+  assert iou[2] == 0.0 and np.isfinite(iou[4])  # predicted but never labelled: IoU 0, counted
+  assert np.isnan(evaluate.iou_from_confusion(np.diag([3, 0, 2]))[1])  # neither labelled nor predicted
+
+
+def test_flip_permutation_maps_affinity_of_flipped_image_back():
+  rates = affinity.expand_rates([1, (1, 2), 3])
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 3, size=(2, 7, 9)).astype(np.int32)
+  a = np.asarray(propagation.gt_affinity(labels, rates))
+  a_flip = np.asarray(propagation.gt_affinity(labels[:, :, ::-1].copy(), rates))
+  back = a_flip[:, :, ::-1][..., evaluate.flip_permutation(rates)]
+  np.testing.assert_array_equal(back, a)
+  assert not np.array_equal(a_flip[:, :, ::-1], a)  # the permutation is needed
+
+
+# ---------------------------------------------------------------------------------------------- with a pixel model
+
+
+def pixel_model(variables, images, *, train, output_stride, num_classes=6, num_aff=32):
+  """A stand-in for DeepLab whose outputs at a pixel depend only on that pixel: padding cannot change them."""
+  del train, output_stride
+  logits = jnp.einsum("bhwc,ck->bhwk", images, variables["w"]) + variables["b"]
+  aff = jnp.einsum("bhwc,ck->bhwk", images, variables["wa"])
+  return {"logits": logits, "affinity_logits": aff}
+
+
+def pixel_variables(num_classes, num_aff, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(3, num_classes)), jnp.float32),
+          "b": jnp.asarray(rng.normal(size=(num_classes,)), jnp.float32),
+          "wa": jnp.asarray(rng.normal(size=(3, num_aff)), jnp.float32)}
+
+
+def run_eval(config, data_dir, *, pad, per_device, devices=2):
+  rates = config_checks.rates_of(config)
+  variables = pixel_variables(config.dataset.num_classes, 8 * len(rates))
+  batches = input_pipeline.eval_iterator("synthetic_shapes/tiny", split="validation", data_dir=data_dir,
+                                         local_device_count=devices, per_device_batch=per_device,
+                                         num_classes=config.dataset.num_classes, pad_size=pad)
+  iterations = tuple(config.eval.iterations)
+  p_eval = jax.pmap(functools.partial(evaluate.eval_step, apply_fn=pixel_model, config=config, rates=rates,
+                                      iterations=iterations), axis_name=evaluate.AXIS,
+                    devices=jax.devices()[:devices])
+  replicated = jax.tree.map(lambda x: jnp.stack([x] * devices), variables)
+  return evaluate.accumulate(p_eval, replicated, batches)
+
+
+def test_padding_and_batching_never_change_the_score(data_dir):  # noqa: F811
+  config = synthetic.get_config("tiny")
+  a = run_eval(config, data_dir, pad=(65, 65), per_device=1)
+  b = run_eval(config, data_dir, pad=(80, 71), per_device=3)  # 6 per batch: 8 images -> 2 batches, 4 dummies
+  assert a["num_images"] == b["num_images"] == 8
+  for key in a["confusion"]:
+    np.testing.assert_array_equal(a["confusion"][key], b["confusion"][key], err_msg=key)
+  np.testing.assert_array_equal(a["aff_total"], b["aff_total"])
+  # every labelled pixel of the split is counted exactly once
+  from dilaff_jax import datasets
+  builder = datasets.get_builder("synthetic_shapes/tiny", data_dir=data_dir)
+  n = sum(int(np.sum(ex["label"] != IGN)) for ex in builder.as_dataset(split="validation").as_numpy_iterator())
+  assert a["confusion"]["predicted/0"].sum() == n
+
+
+def test_oracle_sweep_is_non_decreasing(data_dir):  # noqa: F811
+  config = synthetic.get_config("tiny")
+  config.eval.iterations = (0, 1, 3, 6)
+  totals = run_eval(config, data_dir, pad=(65, 65), per_device=2)
+  oracle = [evaluate.mean_iou(totals["confusion"][f"oracle/{it}"]) for it in (0, 1, 3, 6)]
+  assert all(b >= a - 1e-9 for a, b in zip(oracle, oracle[1:])), oracle
+  assert oracle[-1] > oracle[0] + 0.005, oracle  # a poor pixel model: small but real gains
+  assert evaluate.mean_iou(totals["confusion"]["predicted/0"]) == pytest.approx(oracle[0])
+
+
+def test_flip_prediction_is_the_mean_of_both_passes():
+  rates = affinity.expand_rates([1, (1, 2)])
+  variables = pixel_variables(4, 8 * len(rates), seed=3)
+  rng = np.random.default_rng(4)
+  images = jnp.asarray(rng.normal(size=(2, 9, 11, 3)), jnp.float32)
+  kw = dict(size=(9, 11), output_stride=8, scales=(1.0,), rates=rates, mu=7.0)
+  model = functools.partial(pixel_model, num_classes=4)
+  p1, a1 = evaluate.predict(model, variables, images, flip=False, **kw)
+  p2, a2 = evaluate.predict(model, variables, images, flip=True, **kw)
+  # a pixel model is flip-equivariant for probabilities; the flipped pass' affinity is re-ordered by direction
+  np.testing.assert_allclose(p2, p1, rtol=1e-6)
+  flipped = evaluate.predict(model, variables, images[:, :, ::-1], flip=False, **kw)[1]
+  want = 0.5 * (a1 + flipped[:, :, ::-1][..., evaluate.flip_permutation(rates)])
+  np.testing.assert_allclose(a2, want, rtol=1e-6)
+  # scales (1.0, 1.0) average two identical passes
+  p3, _ = evaluate.predict(model, variables, images, flip=False, **dict(kw, scales=(1.0, 1.0)))
+  np.testing.assert_allclose(p3, p1, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(data_dir, tmp_path):  # noqa: F811
+  from dilaff_jax import train
+  config = tiny_config(data_dir, **{"train.num_steps": 2})
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  first = evaluate.evaluate_checkpoint(config, workdir)
+  second = evaluate.evaluate_checkpoint(config, workdir)
+  assert first["step"] == 2 and first["num_images"] == 8
+  for key in ("miou", "per_class_iou", "sweep", "affinity_accuracy", "confusion"):
+    assert first[key] == second[key], key
+  import os
+  out = os.path.join(workdir, "eval", "step_2")
+  assert sorted(os.listdir(out)) == ["affinity_accuracy.png", "results.json", "results.md"]
+  with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
+    evaluate.evaluate_checkpoint(config, workdir, step=7)
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / "empty"))
