@@ -291,22 +291,56 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
   """Restores the latest (or ``step``) checkpoint of ``workdir`` and evaluates it."""
+  return evaluate_checkpoints(config, workdir, steps=[step] if step is not None else None)[-1]
+
+
+def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, steps: Sequence[int] | None = None,
+                         watch: bool = False, poll_seconds: float = 30.0, timeout_seconds: float = 0.0) -> list[dict]:
+  """Evaluates checkpoints of ``workdir``: ``steps``, or the latest one; with ``watch``, every checkpoint a running
+  training writes, as it appears, until the one at ``train.num_steps`` (or ``timeout_seconds`` without a new one).
+  Checkpoints already evaluated (``eval/step_N/results.json`` exists) are skipped while watching."""
   from dilaff_jax import config_checks, train
 
   config_checks.validate(config, num_devices=jax.device_count(), mode="evaluate")
   rates = config_checks.rates_of(config)
   mngr = train.checkpoint_manager(workdir, config)
-  if mngr.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {os.path.join(os.path.abspath(workdir), 'checkpoints')}: "
-                            "train first (python -m dilaff_jax.main --mode=train) or point --workdir at a run")
-  if step is not None and step not in mngr.all_steps():
-    raise FileNotFoundError(f"no checkpoint for step {step} in {mngr.directory}; available: {mngr.all_steps()}")
-  model = train.build_model(config, rates)
-  state = train.create_train_state(_no_pretrained(config),
-                                   model, jax.random.key(0))
-  state, _ = train.restore_checkpoint(mngr, state, train.compat_record(config, rates), step)
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not watch and mngr.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}: train first (python -m dilaff_jax.main --mode=train) "
+                            "or point --workdir at a run")
+  for s in steps or ():
+    if s not in mngr.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {s} in {directory}; available: {list(mngr.all_steps())}")
+  template = train.create_train_state(_no_pretrained(config), train.build_model(config, rates), jax.random.key(0))
+  compat = train.compat_record(config, rates)
+  results = []
+  if not watch:
+    for s in steps or [mngr.latest_step()]:
+      state, _ = train.restore_checkpoint(mngr, template, compat, s)
+      results.append(evaluate_state(config, workdir, state, rates))
+    mngr.close()
+    return results
+  last_new = time.time()
+  done = set()
+  print(f"[eval] watching {directory} for new checkpoints (until step {config.train.num_steps})", flush=True)
+  while True:
+    mngr.reload()
+    todo = [s for s in mngr.all_steps() if s not in done
+            and not os.path.exists(os.path.join(workdir, "eval", f"step_{s}", "results.json"))]
+    for s in sorted(todo):
+      state, _ = train.restore_checkpoint(mngr, template, compat, s)
+      results.append(evaluate_state(config, workdir, state, rates))
+      done.add(s)
+      last_new = time.time()
+    latest = mngr.latest_step()
+    if latest is not None and latest >= config.train.num_steps:
+      break
+    if timeout_seconds and time.time() - last_new > timeout_seconds:
+      print(f"[eval] no new checkpoint for {timeout_seconds:.0f}s: stopping", flush=True)
+      break
+    time.sleep(poll_seconds)
   mngr.close()
-  return evaluate_state(config, workdir, state, rates)
+  return results
 
 
 def _no_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -24,6 +24,9 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
                   "train: train (resuming from the workdir), then evaluate if config.train.eval_at_end; "
                   "evaluate: evaluate the latest checkpoint of the workdir.")
 flags.DEFINE_integer("step", None, "With --mode=evaluate: the checkpoint step (default: the latest).")
+flags.DEFINE_bool("watch", False, "With --mode=evaluate: evaluate every new checkpoint as a training run writes it, "
+                  "until the one at config.train.num_steps.")
+flags.DEFINE_float("watch_timeout", 3600.0, "With --watch: stop after this many seconds without a new checkpoint.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/voc.py or configs/voc.py:table1_sqrt.",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -67,7 +70,8 @@ def main(argv) -> None:
     if FLAGS.mode == "train":
       train.train_and_evaluate(config, FLAGS.workdir)
     else:
-      evaluate.evaluate_checkpoint(config, FLAGS.workdir, step=FLAGS.step)
+      evaluate.evaluate_checkpoints(config, FLAGS.workdir, steps=[FLAGS.step] if FLAGS.step is not None else None,
+                                    watch=FLAGS.watch, timeout_seconds=FLAGS.watch_timeout)
   except (config_checks.ConfigError, train.TrainingError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)

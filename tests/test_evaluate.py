@@ -153,3 +153,14 @@ def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(data_dir, tmp_path
     evaluate.evaluate_checkpoint(config, workdir, step=7)
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
     evaluate.evaluate_checkpoint(config, str(tmp_path / "empty"))
+
+
+def test_watch_evaluates_every_checkpoint_once(data_dir, tmp_path):  # noqa: F811
+  from dilaff_jax import train
+  config = tiny_config(data_dir)  # 4 steps, a checkpoint every 2
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  results = evaluate.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1, timeout_seconds=30)
+  assert [r["step"] for r in results] == [2, 4]
+  # a second watcher finds both already evaluated and stops at once (the last step is reached)
+  assert evaluate.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1) == []
