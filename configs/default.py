@@ -25,7 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.max_scale = 2.0
   c.dataset.scale_step = 0.25
   c.dataset.eval_pad_size = (513, 513)    # evaluation pads every image (image: mean, label: 255) to this size
-  c.dataset.shuffle_buffer = 0            # unused by index-shuffled pipelines; kept for builders without one
   c.dataset.mean = (123.675, 116.28, 103.53)  # torchvision ImageNet statistics (0-255), matching the weights
   c.dataset.std = (58.395, 57.12, 57.375)
 
@@ -86,6 +85,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.iterations = (0, 1, 3, 6, 10)    # propagation sweep (Tables 3–4)
   c.eval.ground_truth_oracle = True       # also the sweep with ground-truth affinity
   c.eval.max_images = 0                   # 0 = the whole split
+  c.eval.crf = False                      # also score dense-CRF post-processing (Table 5; pydensecrf2), slow
+  c.eval.crf_iterations = 10              # mean-field iterations; kernels: Krähenbühl & Koltun's defaults
+  c.eval.crf_sxy_gaussian = 3.0
+  c.eval.crf_compat_gaussian = 3.0
+  c.eval.crf_sxy_bilateral = 80.0
+  c.eval.crf_srgb = 13.0
+  c.eval.crf_compat_bilateral = 10.0
 
   # --- multi-host ---
   c.distributed = ml_collections.ConfigDict()

@@ -108,8 +108,9 @@ def inside_mask(heights: jax.Array, widths: jax.Array, size: tuple[int, int], ra
 
 def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, rates: affinity.Rates,
               iterations: tuple[int, ...]) -> dict:
-  """Confusion matrices of one batch for every propagation iteration count (predicted and oracle affinity),
-  plus the affinity accuracy counts; summed over ``AXIS``."""
+  """Confusion matrices of one batch for every propagation iteration count (predicted and oracle affinity), the
+  number of real images and the affinity accuracy counts, summed over ``AXIS``; and this device's probabilities
+  when ``eval.crf`` (for the host-side dense CRF), else None."""
   c = config.dataset.num_classes
   ign = config.dataset.ignore_label
   labels = batch["label"]
@@ -135,7 +136,7 @@ def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, 
     logit_sign = jnp.where(aff > 0.5, 1.0, -1.0)
     lab = jnp.where(batch["mask"][:, None, None], labels, ign)
     out["aff_correct"], out["aff_total"] = affinity.affinity_accuracy_counts(logit_sign, lab, rates, ign)
-  return jax.lax.psum(out, AXIS)
+  return jax.lax.psum(out, AXIS), (probs if config.eval.get("crf", False) else None)
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -164,7 +165,13 @@ def _markdown(results: dict, class_names: Sequence[str]) -> str:
     for rate, row in acc["per_rate"].items():
       lines.append(f"| {rate} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in row) + " |")
     lines.append("| mean | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in acc["mean"]) + " |")
-  lines += ["", f"Throughput: {results['images_per_second']:.2f} images/s"]
+  if "miou_crf" in results:
+    lines += ["", f"Dense CRF on the same predictions (Table 5): **{100 * results['miou_crf']:.2f}%**, "
+              f"{results['crf_ms_per_image']:.0f} ms per image"]
+  lines += ["", f"Throughput: {results['images_per_second']:.2f} images/s (network, propagation sweep and scoring)"]
+  if "propagation_ms_per_image" in results:
+    lines.append(f"Affinity propagation, {results['final_iterations']} iterations: "
+                 f"{results['propagation_ms_per_image']:.1f} ms per image (padded size, one image)")
   return "\n".join(lines) + "\n"
 
 
@@ -193,17 +200,66 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> list:
   return [None if d == 0 else float(n / d) for n, d in zip(num, den)]
 
 
-def accumulate(p_eval, variables, batches, num_batches: int | None = None, batch_size: int = 0) -> dict:
+def crf_confusion(batch: dict, probs: np.ndarray, config: ml_collections.ConfigDict) -> tuple[np.ndarray, float]:
+  """Dense-CRF post-processing (Table 5's comparison) of one host batch's probabilities ``[N, H, W, C]``: the
+  confusion matrix of the refined predictions over the real pixels, and the CRF seconds spent."""
+  from dilaff_jax import crf, visualize
+
+  c = config.dataset.num_classes
+  e = config.eval
+  images = visualize.denormalize(batch["image"].reshape(-1, *batch["image"].shape[2:]), config.dataset.mean,
+                                 config.dataset.std)
+  labels = batch["label"].reshape(-1, *batch["label"].shape[2:])
+  mask, heights, widths = (batch[k].reshape(-1) for k in ("mask", "height", "width"))
+  conf = np.zeros((c, c), np.int64)
+  seconds = 0.0
+  for i in np.flatnonzero(mask):
+    h, w = int(heights[i]), int(widths[i])
+    start = time.perf_counter()
+    refined = crf.dense_crf(images[i, :h, :w], probs[i, :h, :w], iterations=e.crf_iterations,
+                            sxy_gaussian=e.crf_sxy_gaussian, compat_gaussian=e.crf_compat_gaussian,
+                            sxy_bilateral=e.crf_sxy_bilateral, srgb=e.crf_srgb, compat_bilateral=e.crf_compat_bilateral)
+    seconds += time.perf_counter() - start
+    y = labels[i, :h, :w].reshape(-1)
+    keep = y != config.dataset.ignore_label
+    conf += np.bincount(y[keep] * c + refined.argmax(-1).reshape(-1)[keep], minlength=c * c).reshape(c, c)
+  return conf, seconds
+
+
+def propagation_seconds_per_image(size: tuple[int, int], num_classes: int, rates: affinity.Rates, lam: float,
+                                  iterations: int, repeats: int = 3) -> float:
+  """Wall time of :func:`propagation.propagate` on one image of ``size`` (after compiling), best of ``repeats``."""
+  rng = np.random.default_rng(0)
+  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, *size, num_classes)), jnp.float32), axis=-1)
+  aff = jnp.asarray(rng.uniform(size=(1, *size, 8 * len(rates))), jnp.float32)
+  jax.block_until_ready(propagation.propagate(probs, aff, rates, lam, iterations))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(propagation.propagate(probs, aff, rates, lam, iterations))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def accumulate(p_eval, variables, batches, num_batches: int | None = None, batch_size: int = 0,
+               crf_fn=None) -> dict:
   """Sums ``p_eval``'s per-batch outputs over the batches (all devices and processes): confusion matrices keyed
   ``"<affinity>/<iterations>"`` (or ``"0"`` without affinity), ``num_images`` and the affinity accuracy counts, as
   numpy. Prints progress and an ETA when ``num_batches`` is known."""
   totals = None
   start = time.time()
+  crf_conf, crf_seconds = None, 0.0
   for i, batch in enumerate(batches):
     if num_batches is not None and i >= num_batches:
       break
     device_batch = {k: v for k, v in batch.items() if k != "image_id"}
-    out = jax.device_get(jax.tree.map(lambda x: x[0], p_eval(variables, device_batch)))
+    out, probs = p_eval(variables, device_batch)
+    if crf_fn is not None:
+      probs = np.asarray(probs)
+      conf, sec = crf_fn(batch, probs.reshape(-1, *probs.shape[2:]))
+      crf_conf = conf if crf_conf is None else crf_conf + conf
+      crf_seconds += sec
+    out = jax.device_get(jax.tree.map(lambda x: x[0], out))
     totals = out if totals is None else jax.tree.map(np.add, totals, out)
     if num_batches and ((i + 1) % max(num_batches // 10, 1) == 0 or i + 1 == num_batches):
       rate = (i + 1) / (time.time() - start)
@@ -213,6 +269,13 @@ def accumulate(p_eval, variables, batches, num_batches: int | None = None, batch
     raise ValueError("evaluation got no batches: is the eval split empty?")
   totals["confusion"] = {str(k): np.asarray(v) for k, v in totals["confusion"].items()}
   totals["num_images"] = int(totals["num_images"])
+  if crf_fn is not None:
+    if jax.process_count() > 1:  # each process refined its own shard on the host
+      from jax.experimental import multihost_utils
+      crf_conf = np.asarray(multihost_utils.process_allgather(crf_conf)).sum(0)
+      crf_seconds = float(np.asarray(multihost_utils.process_allgather(np.float64(crf_seconds))).sum())
+    totals["confusion"]["crf"] = crf_conf
+    totals["crf_seconds"] = crf_seconds
   return totals
 
 
@@ -236,7 +299,8 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
   if config.eval.max_images:
     num_batches = min(num_batches, -(-config.eval.max_images // config.eval.batch_size))
   start = time.time()
-  totals = accumulate(p_eval, variables, pipes.make_eval(), num_batches, config.eval.batch_size)
+  crf_fn = functools.partial(crf_confusion, config=config) if config.eval.crf else None
+  totals = accumulate(p_eval, variables, pipes.make_eval(), num_batches, config.eval.batch_size, crf_fn)
   num_images = totals["num_images"]
   elapsed = time.time() - start
   confs = totals["confusion"]
@@ -262,6 +326,14 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
   iou = iou_from_confusion(base)
   results["per_class_iou"] = [None if np.isnan(v) else float(v) for v in iou]
   results["confusion"] = base.tolist()
+  if "crf" in confs:
+    results["miou_crf"] = mean_iou(confs["crf"])
+    results["crf_ms_per_image"] = 1e3 * totals["crf_seconds"] / max(num_images, 1)
+  if rates:
+    pad = tuple(int(v) for v in np.asarray(config.dataset.eval_pad_size)) if config.dataset.get("eval_pad_size") \
+        else (129, 129)
+    results["propagation_ms_per_image"] = 1e3 * propagation_seconds_per_image(
+        pad, config.dataset.num_classes, rates, config.affinity.lam, int(config.affinity.iterations))
 
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, "eval", f"step_{step}")
@@ -277,6 +349,8 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
     print(md, flush=True)
     if writer is not None:
       scalars = {"eval/miou": results["miou"]}
+      if "miou_crf" in results:
+        scalars["eval/miou_crf"] = results["miou_crf"]
       if rates:
         scalars["eval/miou_propagated"] = results["miou_propagated"]
         for it, v in zip(config.eval.iterations, results["sweep"]["predicted"]):

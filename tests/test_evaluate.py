@@ -75,7 +75,7 @@ def pixel_variables(num_classes, num_aff, seed=0):
           "wa": jnp.asarray(rng.normal(size=(3, num_aff)), jnp.float32)}
 
 
-def run_eval(config, data_dir, *, pad, per_device, devices=2):
+def run_eval(config, data_dir, *, pad, per_device, devices=2, crf_fn=None):
   rates = config_checks.rates_of(config)
   variables = pixel_variables(config.dataset.num_classes, 8 * len(rates))
   batches = input_pipeline.eval_iterator("synthetic_shapes/tiny", split="validation", data_dir=data_dir,
@@ -86,7 +86,7 @@ def run_eval(config, data_dir, *, pad, per_device, devices=2):
                                       iterations=iterations), axis_name=evaluate.AXIS,
                     devices=jax.devices()[:devices])
   replicated = jax.tree.map(lambda x: jnp.stack([x] * devices), variables)
-  return evaluate.accumulate(p_eval, replicated, batches)
+  return evaluate.accumulate(p_eval, replicated, batches, crf_fn=crf_fn)
 
 
 def test_padding_and_batching_never_change_the_score(data_dir):  # noqa: F811
@@ -102,6 +102,22 @@ def test_padding_and_batching_never_change_the_score(data_dir):  # noqa: F811
   builder = datasets.get_builder("synthetic_shapes/tiny", data_dir=data_dir)
   n = sum(int(np.sum(ex["label"] != IGN)) for ex in builder.as_dataset(split="validation").as_numpy_iterator())
   assert a["confusion"]["predicted/0"].sum() == n
+
+
+def test_dense_crf_scores_the_same_pixels(data_dir):  # noqa: F811
+  """With 0 mean-field iterations the CRF keeps every argmax: its confusion must equal the network's, which checks
+  that the host-side CRF sees each real image cropped, aligned with its labels, and no padding or dummy."""
+  config = synthetic.get_config("tiny")
+  config.eval.crf = True
+  config.eval.crf_iterations = 0
+  crf_fn = functools.partial(evaluate.crf_confusion, config=config)
+  totals = run_eval(config, data_dir, pad=(70, 66), per_device=3, crf_fn=crf_fn)
+  np.testing.assert_array_equal(totals["confusion"]["crf"], totals["confusion"]["predicted/0"])
+  config.eval.crf_iterations = 5
+  totals = run_eval(config, data_dir, pad=(70, 66), per_device=3, crf_fn=crf_fn)
+  assert totals["confusion"]["crf"].sum() == totals["confusion"]["predicted/0"].sum()
+  assert not np.array_equal(totals["confusion"]["crf"], totals["confusion"]["predicted/0"])
+  assert totals["crf_seconds"] > 0
 
 
 def test_oracle_sweep_is_non_decreasing(data_dir):  # noqa: F811

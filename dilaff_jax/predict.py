@@ -1,0 +1,410 @@
+r"""Prediction on your own images: colourised masks blended over each image, before and after affinity
+propagation (paper §3.3, Eq. 6, with the predicted affinity through the steep sigmoid of Eq. 7).
+
+  python -m dilaff_jax.predict --workdir=runs/voc --input=photos/ --output=out/
+  python -m dilaff_jax.predict --workdir=runs/voc --input=cat.jpg --output=out/ --config.affinity.iterations=3
+  python -m dilaff_jax.predict --workdir=runs/t1 --input=photos/ --output=out/ --config=configs/voc.py:table1_sqrt
+
+``--input`` is one image or a folder (its .jpg/.jpeg/.png/.bmp/.webp files, sorted, not recursive). For every image
+``<name>`` it writes, at the image's exact size:
+  <name>_seg.png      the raw prediction (argmax of the softmax), colourised and blended over the image;
+  <name>_refined.png  the prediction after ``config.affinity.iterations`` steps of propagation (affinity runs only);
+  <name>_mask.png     the final class-index mask (refined when there is affinity), a single-channel PNG.
+The config is ``--config`` (a config file, as for the main job) or else the ``config.json`` that training wrote into
+the workdir; either takes ``--config.KEY=VALUE`` overrides. Inference follows ``config.eval`` (output stride, scales,
+flip). Bad input (a missing path, a folder without images, an unreadable image, a workdir without checkpoint, an
+output path that is a file) ends with a message naming it and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+from dilaff_jax import config_checks, propagation, visualize  # noqa: E402
+
+# dilaff_jax.train and .evaluate load TensorFlow (seconds): they are imported where needed, so that a mistyped
+# path is reported at once.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+OUTPUT_SUFFIXES = ("_seg.png", "_refined.png", "_mask.png")
+
+
+class PredictError(ValueError):
+  """Bad input to prediction; the message names the path or flag at fault."""
+
+
+# ----------------------------------------------------------------------------------------------- inputs and outputs
+
+
+def list_images(path: str, output_dir: str | None = None) -> list[str]:
+  """``[path]`` for a file; for a folder its image files (by extension, any case), sorted. Files this tool wrote
+  are left out when ``output_dir`` is that same folder (a rerun must not predict on its own outputs)."""
+  if not os.path.exists(path):
+    raise PredictError(f"--input={path}: no such file or folder")
+  if not os.path.isdir(path):
+    return [path]
+  same = output_dir is not None and os.path.isdir(output_dir) and os.path.samefile(path, output_dir)
+  names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)
+                 and os.path.isfile(os.path.join(path, n)) and not (same and n.endswith(OUTPUT_SUFFIXES)))
+  if not names:
+    raise PredictError(f"--input={path}: the folder has no images ({'/'.join(IMAGE_EXTENSIONS)})")
+  return [os.path.join(path, n) for n in names]
+
+
+def output_names(paths: Sequence[str]) -> list[str]:
+  """The ``<name>`` of each input's outputs: its file name without extension, or ``<stem>_<ext>`` where two
+  inputs share a stem (``a.jpg`` and ``a.png`` become ``a_jpg`` and ``a_png``)."""
+  stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  exts = [os.path.splitext(p)[1].lstrip(".").lower() for p in paths]
+  return [f"{s}_{e}" if stems.count(s) > 1 else s for s, e in zip(stems, exts)]
+
+
+def check_output_dir(path: str) -> None:
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise PredictError(f"--output={path} is a file, not a folder: give a folder for the outputs")
+
+
+def make_output_dir(path: str) -> None:
+  check_output_dir(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise PredictError(f"--output={path}: cannot create the folder ({e})") from None
+
+
+def check_readable(path: str) -> None:
+  """Fails fast on a file that is no image Pillow knows (reads the header only)."""
+  try:
+    with Image.open(path):
+      pass
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise PredictError(f"cannot read image {path}: {e}") from None
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+  if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit / integer greyscale
+    grey = np.asarray(img, np.float32)
+    if grey.max(initial=0) > 255:
+      grey = grey * (255.0 / 65535.0)
+    grey = np.clip(grey + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+    rgba = img.convert("RGBA")  # transparent pixels show the white they would be displayed on
+    img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+  return np.asarray(img.convert("RGB"), np.uint8)
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image as RGB uint8 ``[H, W, 3]``, upright (EXIF orientation applied): greyscale is replicated, alpha is
+  composited over white, 16-bit greyscale is scaled to 8 bits."""
+  try:
+    with Image.open(path) as img:
+      return _to_rgb(ImageOps.exif_transpose(img))
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise PredictError(f"cannot read image {path}: {e}") from None
+
+
+def aligned_size(n: int, output_stride: int) -> int:
+  """The smallest ``k · output_stride + 1 >= n`` (DeepLab's aligned sizes: feature ``i`` sits on pixel
+  ``i · stride``)."""
+  return -(-(n - 1) // output_stride) * output_stride + 1
+
+
+def normalise_and_pad(image: np.ndarray, mean, std, output_stride: int) -> np.ndarray:
+  """``[1, H', W', 3]`` float32 ``(image - mean) / std``, padded at the bottom/right with zeros (the mean pixel,
+  as the evaluation pipeline pads) to the aligned size of each side."""
+  h, w = image.shape[:2]
+  x = (image.astype(np.float32) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  pad = ((0, aligned_size(h, output_stride) - h), (0, aligned_size(w, output_stride) - w), (0, 0))
+  return np.pad(x, pad)[None]
+
+
+def write_outputs(output_dir: str, name: str, image: np.ndarray, raw: np.ndarray, refined: np.ndarray | None,
+                  palette: np.ndarray) -> list[str]:
+  """Writes the blends and the class-index mask of one image; returns the paths."""
+  outs = {"seg": visualize.blend(image, visualize.colorize(raw, palette))}
+  if refined is not None:
+    outs["refined"] = visualize.blend(image, visualize.colorize(refined, palette))
+  outs["mask"] = (raw if refined is None else refined).astype(np.uint8)  # single channel ("L")
+  paths = []
+  for kind, pixels in outs.items():
+    path = os.path.join(output_dir, f"{name}_{kind}.png")
+    Image.fromarray(pixels).save(path)
+    paths.append(path)
+  return paths
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str):
+  """``(variables, step)`` of the latest checkpoint in ``<workdir>/checkpoints``, checked against ``config``."""
+  from dilaff_jax import evaluate, train
+
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  hint = "train first (python -m dilaff_jax.main --mode=train) or point --workdir at a run"
+  if not os.path.isdir(ckpt_dir):  # checked before the manager, which would create the folder
+    raise PredictError(f"--workdir={workdir}: no checkpoint in {ckpt_dir} (no such folder): {hint}")
+  rates = config_checks.rates_of(config)
+  mngr = train.checkpoint_manager(workdir, config)
+  try:
+    if mngr.latest_step() is None:
+      raise PredictError(f"--workdir={workdir}: no checkpoint in {ckpt_dir}: {hint}")
+    model = train.build_model(config, rates, axis_name=None)
+    state = train.create_train_state(evaluate._no_pretrained(config), model, jax.random.key(0))
+    state, _ = train.restore_checkpoint(mngr, state, train.compat_record(config, rates))
+  finally:
+    mngr.close()
+  return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)
+
+
+@dataclasses.dataclass
+class Prediction:
+  """Class-index masks ``[H, W]`` (uint8) of one image, and the seconds spent (compilation apart)."""
+  raw: np.ndarray
+  refined: np.ndarray | None
+  network_s: float
+  propagation_s: float
+  compile_s: float
+
+
+def _network(variables, x, *, apply_fn, config, rates):
+  """Raw class-index mask, probabilities and steep-sigmoid affinities (Eq. 7) of a padded image ``[1, H', W', 3]``,
+  as the evaluation computes them (``config.eval``: output stride, scales, flip)."""
+  from dilaff_jax import evaluate
+
+  probs, aff = evaluate.predict(apply_fn, variables, x, size=x.shape[1:3], output_stride=config.eval.output_stride,
+                                scales=tuple(config.eval.scales), flip=bool(config.eval.flip), rates=rates,
+                                mu=config.affinity.mu)
+  return jnp.argmax(probs[0], -1).astype(jnp.uint8), probs, aff
+
+
+def _refine(probs, aff, height, width, *, rates, lam, iterations):
+  """Eq. 6 on the padded prediction; a neighbour in the padding weighs nothing (it is outside the image)."""
+  from dilaff_jax import evaluate
+
+  inside = evaluate.inside_mask(height[None], width[None], probs.shape[1:3], rates)
+  p = propagation.propagate(probs, aff * inside, rates, lam=lam, iterations=iterations)
+  return jnp.argmax(p[0], -1).astype(jnp.uint8)
+
+
+def make_predictor(config: ml_collections.ConfigDict, variables):
+  """``predict_one(image uint8 [H, W, 3]) -> Prediction``. The network and the propagation are compiled once per
+  padded shape (ahead of time, so that their compilation is timed apart) and cached in the returned closure."""
+  from dilaff_jax import train
+
+  rates = config_checks.rates_of(config)
+  model = train.build_model(config, rates, axis_name=None)
+  variables = jax.device_put(variables)
+  network = jax.jit(functools.partial(_network, apply_fn=model.apply, config=config, rates=rates))
+  refine = jax.jit(functools.partial(_refine, rates=rates, lam=float(config.affinity.lam),
+                                     iterations=int(config.affinity.iterations))) if rates else None
+  compiled = {}  # padded shape -> (network, refine) executables
+  os_ = int(config.eval.output_stride)
+
+  def predict_one(image: np.ndarray) -> Prediction:
+    h, w = image.shape[:2]
+    x = jnp.asarray(normalise_and_pad(image, config.dataset.mean, config.dataset.std, os_))
+    hw = (jnp.int32(h), jnp.int32(w))
+    compile_s = 0.0
+    if x.shape not in compiled:
+      t = time.perf_counter()
+      net = network.lower(variables, x).compile()
+      ref = None
+      if refine is not None:
+        shapes = jax.eval_shape(network, variables, x)
+        ref = refine.lower(shapes[1], shapes[2], *hw).compile()
+      compiled[x.shape] = (net, ref)
+      compile_s = time.perf_counter() - t
+    net, ref = compiled[x.shape]
+    t = time.perf_counter()
+    raw, probs, aff = jax.block_until_ready(net(variables, x))
+    network_s = time.perf_counter() - t
+    refined, propagation_s = None, 0.0
+    if ref is not None:
+      t = time.perf_counter()
+      refined = jax.block_until_ready(ref(probs, aff, *hw))
+      propagation_s = time.perf_counter() - t
+      refined = np.asarray(refined)[:h, :w]
+    return Prediction(np.asarray(raw)[:h, :w], refined, network_s, propagation_s, compile_s)
+
+  return predict_one
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _progress(i: int, total: int, path: str, image: np.ndarray, pred: Prediction) -> str:
+  line = f"[predict] {i}/{total} {path} ({image.shape[0]}x{image.shape[1]}): network {1e3 * pred.network_s:.0f} ms"
+  if pred.refined is not None:
+    line += (f", propagation {1e3 * pred.propagation_s:.0f} ms, "
+             f"{np.mean(pred.refined != pred.raw):.1%} of the pixels changed")
+  return line + (f" (+{pred.compile_s:.1f} s compilation)" if pred.compile_s else "")
+
+
+def _timing_summary(timings: Sequence[Prediction]) -> dict:
+  """Mean and median seconds per image of the network and of propagation, compilation apart."""
+  out = {"compile_s": float(sum(t.compile_s for t in timings)),
+         "compilations": sum(1 for t in timings if t.compile_s)}
+  for key in ("network_s", "propagation_s"):
+    values = [getattr(t, key) for t in timings] or [0.0]
+    out[key] = float(np.mean(values))
+    out[key.replace("_s", "_median_s")] = float(np.median(values))
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output_dir: str) -> dict:
+  """Predicts every image of ``input_path`` into ``output_dir``, one at a time. Returns ``{"written": {input:
+  [paths]}, "failed": {input: message}}`` and the times of :func:`_timing_summary`."""
+  paths = list_images(input_path, output_dir)
+  for p in paths:
+    check_readable(p)
+  check_output_dir(output_dir)
+  config_checks.validate(config, num_devices=1, mode="predict")
+  variables, step = restore_variables(config, workdir)
+  make_output_dir(output_dir)
+  rates = config_checks.rates_of(config)
+  print(f"[predict] checkpoint step {step} of {workdir} on {jax.devices()[0].platform}; {len(paths)} image(s); "
+        + (f"propagation: {config.affinity.iterations} iterations, λ={config.affinity.lam}, μ={config.affinity.mu}"
+           if rates else "no affinity head (baseline): raw predictions only"), flush=True)
+  predict_one = make_predictor(config, variables)
+  palette = visualize.palette_for(config.dataset.name)
+  written, failed, timings = {}, {}, []
+  for i, (path, name) in enumerate(zip(paths, output_names(paths)), start=1):
+    try:
+      image = read_image(path)
+    except PredictError as e:  # found while decoding: reported, and the other images go on
+      failed[path] = str(e)
+      print(f"[predict] {i}/{len(paths)} {path}: SKIPPED ({e})", file=sys.stderr, flush=True)
+      continue
+    pred = predict_one(image)
+    written[path] = write_outputs(output_dir, name, image, pred.raw, pred.refined, palette)
+    timings.append(pred)
+    print(_progress(i, len(paths), path, image, pred), flush=True)
+  times = _timing_summary(timings)
+  print(f"[predict] {len(written)} image(s) -> {output_dir}; per image (mean / median): network "
+        f"{1e3 * times['network_s']:.1f} / {1e3 * times['network_median_s']:.1f} ms"
+        + (f", propagation {1e3 * times['propagation_s']:.1f} / {1e3 * times['propagation_median_s']:.1f} ms"
+           if rates else "")
+        + f"; compilation {times['compile_s']:.1f} s for {times['compilations']} padded size(s)", flush=True)
+  return {"written": written, "failed": failed, **times}
+
+
+def _lists_to_tuples(x):
+  if isinstance(x, dict):
+    return {k: _lists_to_tuples(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_lists_to_tuples(v) for v in x)
+  return x
+
+
+def load_json_config(workdir: str) -> ml_collections.ConfigDict:
+  """The ``config.json`` training wrote into ``workdir``. JSON turned the config's tuples into lists; they are
+  tuples again, as in the config files (so that ``--config.eval.scales='(0.5, 1.0)'`` overrides work)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise PredictError(f"--workdir={workdir}: no config.json there (not a training workdir?); pass --config=FILE "
+                       "with the config the run was trained with")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
+  except (OSError, ValueError) as e:
+    raise PredictError(f"cannot read the config {path}: {e}") from None
+
+
+def _flags(config: str | ml_collections.ConfigDict | None, argv: Sequence[str] = ()) -> flags.FlagValues:
+  """A fresh flag set (no global state, so ``main`` can run several times in one process). ``config``: a config
+  file flag (str), the workdir's config with overrides (ConfigDict), or a plain string (first pass); ``argv`` is
+  where the config flag looks for its ``--config.KEY=VALUE`` overrides."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "Training workdir: its latest checkpoint (and config.json) are used.",
+                      flag_values=fv)
+  flags.DEFINE_string("input", None, "An image, or a folder of images (.jpg .jpeg .png .bmp .webp).", flag_values=fv)
+  flags.DEFINE_string("output", None, "Folder for the outputs (created if missing).", flag_values=fv)
+  help_text = "Config file (default: <workdir>/config.json); --config.KEY=VALUE overrides either."
+  if isinstance(config, str):
+    config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv, sys_argv=list(argv))
+  elif config is not None:
+    config_flags.DEFINE_config_dict("config", config, help_text, flag_values=fv, sys_argv=list(argv))
+  else:
+    flags.DEFINE_string("config", None, help_text, flag_values=fv)
+  return fv
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, str, str]:
+  """``(config, workdir, input, output)`` from the command line (without the program name)."""
+  argv = ["predict", *argv]
+  first = _flags(None)
+  try:
+    first(argv, known_only=True)  # --config.KEY=... overrides are left for the second pass
+  except flags.Error as e:
+    raise PredictError(str(e)) from None
+  for name in ("workdir", "input", "output"):
+    if not first[name].value:
+      raise PredictError(f"--{name} is required (python -m dilaff_jax.predict --workdir=DIR --input=FILE_OR_DIR "
+                         "--output=DIR [--config=FILE])")
+  list_images(first.input)  # input errors before config errors: the cheaper mistake first
+  check_output_dir(first.output)
+  if first.config and not os.path.isfile(first.config.split(":")[0]):
+    raise PredictError(f"--config={first.config}: no such config file")
+  fv = _flags(first.config if first.config else load_json_config(first.workdir), argv)
+  try:
+    fv(argv)
+    config = fv.config
+  except flags.Error as e:
+    raise PredictError(str(e)) from None
+  except KeyError as e:  # a --config.KEY override naming no key of the config
+    raise PredictError(f"a --config override names no key of the config: {e.args[0]}") from None
+  except (OSError, SyntaxError, ImportError) as e:
+    raise PredictError(f"--config={first.config}: cannot load the config file: {e}") from None
+  return config, fv.workdir, fv.input, fv.output
+
+
+def _is_bad_input(e: Exception) -> bool:
+  if isinstance(e, PredictError):
+    return True
+  from dilaff_jax import config_checks, train  # only now: a bad path is reported before TensorFlow loads
+
+  return isinstance(e, (config_checks.ConfigError, train.TrainingError))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line entry; returns the exit status (2 for bad input, with the message on stderr)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if any(a in ("-h", "--help", "--helpfull") for a in argv):
+    print(__doc__ + "\nFlags:\n" + _flags(None).get_help())
+    return 0
+  logging.set_verbosity(logging.WARNING)
+  try:
+    config, workdir, input_path, output_dir = parse_args(argv)
+    summary = run(config, workdir, input_path, output_dir)
+  except Exception as e:  # noqa: BLE001  (only the user's mistakes are turned into exit code 2)
+    if not _is_bad_input(e):
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+  if summary["failed"]:
+    print(f"error: {len(summary['failed'])} image(s) could not be read (the others were written): "
+          + "; ".join(summary["failed"].values()), file=sys.stderr, flush=True)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
