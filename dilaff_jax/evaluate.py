@@ -196,6 +196,51 @@ def plot_affinity_accuracy(acc: dict, path: str, title: str) -> None:
   plt.close(fig)
 
 
+def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables, batch: dict, rates: affinity.Rates,
+                         path: str, max_examples: int = 4) -> None:
+  """A PNG to look at: for the first examples of ``batch``, the input, its label, the prediction, the prediction
+  after affinity propagation and the mean predicted affinity of the first rate (dark = boundary)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from dilaff_jax import visualize
+
+  flat = {k: np.asarray(v).reshape(-1, *np.asarray(v).shape[2:]) for k, v in batch.items() if k != "image_id"}
+  keep = np.flatnonzero(flat["mask"])[:max_examples]
+  if keep.size == 0:
+    return
+  images = jnp.asarray(flat["image"][keep])
+  size = images.shape[1:3]
+  fn = jax.jit(functools.partial(predict, apply_fn, size=size, output_stride=config.eval.output_stride,
+                                 scales=tuple(config.eval.scales), flip=config.eval.flip, rates=rates,
+                                 mu=config.affinity.mu))
+  probs, aff = fn(variables, images)
+  palette = visualize.palette_for(config.dataset.name)
+  columns = {"input": visualize.denormalize(flat["image"][keep], config.dataset.mean, config.dataset.std),
+             "label": visualize.colorize(flat["label"][keep], palette),
+             "prediction": visualize.colorize(np.asarray(probs).argmax(-1), palette)}
+  if rates:
+    inside = inside_mask(jnp.asarray(flat["height"][keep]), jnp.asarray(flat["width"][keep]), size, rates)
+    refined = propagation.propagate(probs, aff * inside, rates, config.affinity.lam, int(config.affinity.iterations))
+    columns[f"propagated ({config.affinity.iterations} it.)"] = visualize.colorize(np.asarray(refined).argmax(-1),
+                                                                                   palette)
+    columns[f"affinity, rate {affinity.rate_label(rates[0])}"] = visualize.affinity_picture(np.asarray(aff)[..., :8])
+  fig, axes = plt.subplots(len(keep), len(columns), figsize=(2.2 * len(columns), 2.2 * len(keep)), dpi=100,
+                           squeeze=False)
+  for row, i in enumerate(keep):
+    h, w = int(flat["height"][i]), int(flat["width"][i])
+    for col, (title, pics) in enumerate(columns.items()):
+      ax = axes[row, col]
+      ax.imshow(pics[row][:h, :w])
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if row == 0:
+        ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
 def _ratio(num: np.ndarray, den: np.ndarray) -> list:
   return [None if d == 0 else float(n / d) for n, d in zip(num, den)]
 
@@ -346,6 +391,9 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
     if rates:
       plot_affinity_accuracy(results["affinity_accuracy"], os.path.join(out_dir, "affinity_accuracy.png"),
                              f"Affinity accuracy per n_k, step {step}")
+    first = next(iter(pipes.make_eval()))
+    save_examples_figure(config, model.apply, {"params": state.params, "batch_stats": state.batch_stats}, first,
+                         rates, os.path.join(out_dir, "examples.png"))
     print(md, flush=True)
     if writer is not None:
       scalars = {"eval/miou": results["miou"]}

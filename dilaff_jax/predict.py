@@ -363,8 +363,9 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, str
   check_output_dir(first.output)
   if first.config and not os.path.isfile(first.config.split(":")[0]):
     raise PredictError(f"--config={first.config}: no such config file")
-  fv = _flags(first.config if first.config else load_json_config(first.workdir), argv)
+  config = first.config if first.config else load_json_config(first.workdir)
   try:
+    fv = _flags(config, argv)  # a config given as a ConfigDict takes its overrides here
     fv(argv)
     config = fv.config
   except flags.Error as e:

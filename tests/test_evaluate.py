@@ -164,7 +164,7 @@ def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(data_dir, tmp_path
     assert first[key] == second[key], key
   import os
   out = os.path.join(workdir, "eval", "step_2")
-  assert sorted(os.listdir(out)) == ["affinity_accuracy.png", "results.json", "results.md"]
+  assert sorted(os.listdir(out)) == ["affinity_accuracy.png", "examples.png", "results.json", "results.md"]
   with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
     evaluate.evaluate_checkpoint(config, workdir, step=7)
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
