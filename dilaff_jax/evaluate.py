@@ -425,8 +425,11 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, steps:
 
   config_checks.validate(config, num_devices=jax.device_count(), mode="evaluate")
   rates = config_checks.rates_of(config)
-  mngr = train.checkpoint_manager(workdir, config)
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not watch and not os.path.isdir(directory):  # checked first: the manager would create the folder
+    raise FileNotFoundError(f"no checkpoint in {directory}: train first (python -m dilaff_jax.main --mode=train) "
+                            "or point --workdir at a run")
+  mngr = train.checkpoint_manager(workdir, config)
   if not watch and mngr.latest_step() is None:
     raise FileNotFoundError(f"no checkpoint in {directory}: train first (python -m dilaff_jax.main --mode=train) "
                             "or point --workdir at a run")

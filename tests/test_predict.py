@@ -2,7 +2,6 @@
 aligned sizes, normalise, predict, propagate with the padding masked out, crop), the workdir's config.json, the
 baseline, and every bad input giving exit code 2 with a message naming it."""
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import synthetic
 from dilaff_jax import affinity, config_checks, evaluate, predict, propagation, train, visualize
 from test_train import REPO, data_dir, tiny_config  # noqa: F401  (fixture)
 
@@ -83,7 +81,7 @@ def scramble_heads(model, variables, config):
 
 
 @pytest.fixture(scope="module")
-def run(data_dir, tmp_path_factory):  # noqa: F811
+def trained(data_dir, tmp_path_factory):  # noqa: F811
   """A workdir trained for 2 steps (its config.json and checkpoint), then given scrambled heads (step 3)."""
   workdir = str(tmp_path_factory.mktemp("predict_run"))
   config = tiny_config(data_dir, **{"train.num_steps": 2})
@@ -155,6 +153,24 @@ def test_aligned_sizes_and_output_names():
   assert predict.output_names(["x/a.jpg", "x/b.png", "x/a.PNG"]) == ["a_jpg", "b", "a_png"]
 
 
+def test_read_image_gives_upright_rgb_for_every_mode(tmp_path):
+  rgb = scene(5, 7, seed=1)
+  cases = {"grey.png": (Image.fromarray(rgb[..., 0]), np.repeat(rgb[..., :1], 3, -1)),
+           "deep.png": (Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), np.repeat(rgb[..., :1], 3, -1)),
+           "half.png": (Image.fromarray(np.dstack([rgb, np.full((5, 7), 51, np.uint8)]), "RGBA"),
+                        np.round(0.2 * rgb + 0.8 * 255).astype(np.uint8))}
+  rotated = Image.fromarray(rgb)
+  exif = rotated.getexif()
+  exif[0x0112] = 6  # orientation: the camera was turned, show the picture rotated by 90° clockwise
+  rotated.save(tmp_path / "turned.png", exif=exif)
+  for name, (img, want) in cases.items():
+    img.save(tmp_path / name)
+    got = predict.read_image(str(tmp_path / name))
+    assert got.dtype == np.uint8 and got.shape == (5, 7, 3), name
+    np.testing.assert_allclose(got, want, atol=1, err_msg=name)
+  np.testing.assert_array_equal(predict.read_image(str(tmp_path / "turned.png")), np.rot90(rgb, -1))
+
+
 def test_refine_on_padded_arrays_equals_propagation_of_the_cropped_image():
   rates = affinity.expand_rates([1, (2, 3)])
   rng = np.random.default_rng(0)
@@ -173,9 +189,9 @@ def test_refine_on_padded_arrays_equals_propagation_of_the_cropped_image():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
-def test_predict_folder_matches_independent_prediction(run, images, tmp_path, capsys):
+def test_predict_folder_matches_independent_prediction(trained, images, tmp_path, capsys):
   out = str(tmp_path / "out")  # created by predict; no --config: <workdir>/config.json is used
-  assert predict.main([f"--workdir={run['workdir']}", f"--input={images}", f"--output={out}"]) == 0
+  assert predict.main([f"--workdir={trained['workdir']}", f"--input={images}", f"--output={out}"]) == 0
   stdout = capsys.readouterr().out
   assert "checkpoint step 3" in stdout and "propagation: 3 iterations" in stdout
   assert stdout.count("[predict] ") == 2 + len(IMAGES)  # header, one line per image, summary
@@ -184,14 +200,14 @@ def test_predict_folder_matches_independent_prediction(run, images, tmp_path, ca
   assert "compilation" in summary and "for 2 padded size(s)" in summary, summary  # 41x57 and 65x33
   want_files = sorted(f"{n}_{k}.png" for n in IMAGES for k in ("seg", "refined", "mask"))
   assert sorted(os.listdir(out)) == want_files
-  palette = visualize.palette_for(run["config"].dataset.name)
+  palette = visualize.palette_for(trained["config"].dataset.name)
   changed = varied = 0
   for name, (size, _, ext) in IMAGES.items():
     image = as_rgb(os.path.join(images, f"{name}.{ext}"))
     mask = read(os.path.join(out, f"{name}_mask.png"))
     assert Image.open(os.path.join(out, f"{name}_mask.png")).mode == "L"
     assert mask.shape == size
-    raw_probs, refined_probs = reference(run["config"], run["variables"], image)
+    raw_probs, refined_probs = reference(trained["config"], trained["variables"], image)
     assert_same_labels(mask, refined_probs, name)
     for kind, probs in (("seg", raw_probs), ("refined", refined_probs)):
       blend = read(os.path.join(out, f"{name}_{kind}.png"))
@@ -205,22 +221,22 @@ def test_predict_folder_matches_independent_prediction(run, images, tmp_path, ca
   assert varied >= 3 and changed > 100, (varied, changed)
 
 
-def test_config_file_with_overrides_and_zero_iterations(run, images, tmp_path, capsys):
+def test_config_file_with_overrides_and_zero_iterations(trained, images, tmp_path, capsys):
   out = str(tmp_path / "out")
   rgb = os.path.join(images, "a_rgb.png")
-  argv = [f"--workdir={run['workdir']}", f"--input={rgb}", f"--output={out}",
+  argv = [f"--workdir={trained['workdir']}", f"--input={rgb}", f"--output={out}",
           f"--config={os.path.join(REPO, 'configs', 'synthetic.py')}:tiny", "--config.affinity.iterations=0"]
   assert predict.main(argv) == 0
   assert "propagation: 0 iterations" in capsys.readouterr().out
   assert sorted(os.listdir(out)) == ["a_rgb_mask.png", "a_rgb_refined.png", "a_rgb_seg.png"]
   np.testing.assert_array_equal(read(os.path.join(out, "a_rgb_refined.png")), read(os.path.join(out, "a_rgb_seg.png")))
-  raw_probs, _ = reference(run["config"], run["variables"], as_rgb(rgb))
+  raw_probs, _ = reference(trained["config"], trained["variables"], as_rgb(rgb))
   assert_same_labels(read(os.path.join(out, "a_rgb_mask.png")), raw_probs, "iterations=0")
 
 
-def test_workdir_config_json_round_trips(run):
-  config = predict.load_json_config(run["workdir"])
-  assert config.to_dict() == run["config"].to_dict()  # every key, tuples included (JSON wrote them as lists)
+def test_workdir_config_json_round_trips(trained):
+  config = predict.load_json_config(trained["workdir"])
+  assert config.to_dict() == trained["config"].to_dict()  # every key, tuples included (JSON wrote them as lists)
   assert config_checks.rates_of(config) == ((4, 4), (6, 12), (12, 6), (8, 8))
   config_checks.validate(config, num_devices=1, mode="predict")
 
@@ -246,8 +262,8 @@ def test_baseline_writes_raw_outputs_only(data_dir, images, tmp_path):  # noqa: 
 # ---------------------------------------------------------------------------------------------- bad input
 
 
-def test_bad_inputs_exit_2_naming_the_culprit(run, images, tmp_path, capsys):
-  workdir = run["workdir"]
+def test_bad_inputs_exit_2_naming_the_culprit(trained, images, tmp_path, capsys):
+  workdir = trained["workdir"]
   empty = tmp_path / "empty"
   empty.mkdir()
   (empty / "readme.txt").write_text("no images here")
@@ -288,7 +304,7 @@ def test_bad_inputs_exit_2_naming_the_culprit(run, images, tmp_path, capsys):
   assert not os.path.exists(tmp_path / "o")  # no output folder for a run that failed before predicting
 
 
-def test_truncated_image_in_a_folder_is_reported_after_the_others(run, tmp_path, capsys):
+def test_truncated_image_in_a_folder_is_reported_after_the_others(trained, tmp_path, capsys):
   folder = tmp_path / "mixed"
   folder.mkdir()
   write_image(str(folder), "good", (37, 50), "RGB", "png")
@@ -296,7 +312,7 @@ def test_truncated_image_in_a_folder_is_reported_after_the_others(run, tmp_path,
   data = (folder / "cut.jpg").read_bytes()
   (folder / "cut.jpg").write_bytes(data[:len(data) // 2])  # a valid header, half the data
   out = tmp_path / "out"
-  assert predict.main([f"--workdir={run['workdir']}", f"--input={folder}", f"--output={out}"]) == 2
+  assert predict.main([f"--workdir={trained['workdir']}", f"--input={folder}", f"--output={out}"]) == 2
   err = capsys.readouterr().err
   assert "error: 1 image(s) could not be read (the others were written): " in err
   assert f"cannot read image {folder / 'cut.jpg'}: " in err
