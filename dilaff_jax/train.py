@@ -338,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mngr = checkpoint_manager(workdir, config)
   if mngr.latest_step() is not None:
     state, meta = restore_checkpoint(mngr, state, compat)
-    logging.info("Resumed from checkpoint at step %d", int(state.step))
+    print(f"[train] resumed from the checkpoint at step {int(state.step)} in {mngr.directory}", flush=True)
   start = int(state.step)
 
   schedule = learning_rate_schedule(config)

@@ -101,8 +101,15 @@ def test_step_on_4_devices_equals_step_on_1_device_with_whole_batch():
 
 def test_resume_after_sigterm_equals_straight_run(data_dir, tmp_path):
   config = tiny_config(data_dir)
+  config.train.image_summary_every = 2  # summaries must not change the run
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
   assert straight["train"]
+  config.train.image_summary_every = 0
+  import tensorflow as tf
+  events = [f for f in os.listdir(tmp_path / "straight") if f.startswith("events.out.tfevents")]
+  tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(tmp_path / "straight" / events[0]))
+          for v in e.summary.value}
+  assert {"input", "label", "prediction", "affinity_rate_4", "loss", "affinity_accuracy", "steps_per_sec"} <= tags
 
   def sigterm_at_2(step, state):
     del state
@@ -254,6 +261,15 @@ def test_two_processes_with_jax_distributed_train_and_checkpoint(data_dir, tmp_p
   step, variables = restored_variables(workdir, config)
   assert step == 4
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
+  # both processes restore the shared checkpoint and go on to step 6
+  proc = subprocess.run(["bash", os.path.join(REPO, "launch", "cpu_multiprocess.sh"),
+                         f"--config.dataset.data_dir={data_dir}", "--config.train.eval_at_end=False",
+                         "--config.train.num_steps=6"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  for i in range(2):
+    log = open(os.path.join(workdir, f"process_{i}.log")).read()
+    assert "[train] resumed from the checkpoint at step 4" in log and "[train] step 6/6" in log
+  assert restored_variables(workdir, config)[0] == 6
 
 
 @pytest.mark.slow
