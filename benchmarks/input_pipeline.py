@@ -97,8 +97,8 @@ def main() -> None:
     builder = prepare(workdir, args.num_images)
     print(f"Prepared a fake voc2012_aug of {builder.info.splits['train_aug'].num_examples} VOC-sized train images "
           f"in {time.perf_counter() - start:.1f}s on {os.cpu_count()} CPU cores.\n")
-    print(f"| batch | crop | input examples/s | input ms/batch | model examples/s (hook) |")
-    print(f"|------:|-----:|-----------------:|---------------:|------------------------:|")
+    print("| batch | crop | input examples/s | input ms/batch | model examples/s (hook) |")
+    print("|------:|-----:|-----------------:|---------------:|------------------------:|")
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
       rate = examples_per_second(builder, batch_size, args.steps, args.crop)
       model = model_steps_per_second(batch_size, args.crop)

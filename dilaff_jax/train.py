@@ -8,7 +8,6 @@ so a resumed run continues exactly where the interrupted one stopped.
 """
 
 import functools
-import json
 import os
 import signal
 import time

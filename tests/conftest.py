@@ -11,3 +11,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """A TFDS data_dir with synthetic_shapes/tiny prepared (once per test session)."""
+  from dilaff_jax import datasets
+  d = str(tmp_path_factory.mktemp("tfds"))
+  datasets.get_builder("synthetic_shapes/tiny", data_dir=d)
+  return d

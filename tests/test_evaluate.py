@@ -10,7 +10,7 @@ import pytest
 
 from configs import synthetic
 from dilaff_jax import affinity, config_checks, evaluate, input_pipeline, propagation
-from test_train import data_dir, tiny_config  # noqa: F401  (fixture)
+from test_train import tiny_config
 
 IGN = 255
 
@@ -89,7 +89,7 @@ def run_eval(config, data_dir, *, pad, per_device, devices=2, crf_fn=None):
   return evaluate.accumulate(p_eval, replicated, batches, crf_fn=crf_fn)
 
 
-def test_padding_and_batching_never_change_the_score(data_dir):  # noqa: F811
+def test_padding_and_batching_never_change_the_score(data_dir):
   config = synthetic.get_config("tiny")
   a = run_eval(config, data_dir, pad=(65, 65), per_device=1)
   b = run_eval(config, data_dir, pad=(80, 71), per_device=3)  # 6 per batch: 8 images -> 2 batches, 4 dummies
@@ -104,7 +104,7 @@ def test_padding_and_batching_never_change_the_score(data_dir):  # noqa: F811
   assert a["confusion"]["predicted/0"].sum() == n
 
 
-def test_dense_crf_scores_the_same_pixels(data_dir):  # noqa: F811
+def test_dense_crf_scores_the_same_pixels(data_dir):
   """With 0 mean-field iterations the CRF keeps every argmax: its confusion must equal the network's, which checks
   that the host-side CRF sees each real image cropped, aligned with its labels, and no padding or dummy."""
   config = synthetic.get_config("tiny")
@@ -120,7 +120,7 @@ def test_dense_crf_scores_the_same_pixels(data_dir):  # noqa: F811
   assert totals["crf_seconds"] > 0
 
 
-def test_oracle_sweep_is_non_decreasing(data_dir):  # noqa: F811
+def test_oracle_sweep_is_non_decreasing(data_dir):
   config = synthetic.get_config("tiny")
   config.eval.iterations = (0, 1, 3, 6)
   totals = run_eval(config, data_dir, pad=(65, 65), per_device=2)
@@ -152,7 +152,7 @@ def test_flip_prediction_is_the_mean_of_both_passes():
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(data_dir, tmp_path):  # noqa: F811
+def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(data_dir, tmp_path):
   from dilaff_jax import train
   config = tiny_config(data_dir, **{"train.num_steps": 2})
   workdir = str(tmp_path / "run")
@@ -171,7 +171,7 @@ def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(data_dir, tmp_path
     evaluate.evaluate_checkpoint(config, str(tmp_path / "empty"))
 
 
-def test_watch_evaluates_every_checkpoint_once(data_dir, tmp_path):  # noqa: F811
+def test_watch_evaluates_every_checkpoint_once(data_dir, tmp_path):
   from dilaff_jax import train
   config = tiny_config(data_dir)  # 4 steps, a checkpoint every 2
   workdir = str(tmp_path / "run")

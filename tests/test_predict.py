@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dilaff_jax import affinity, config_checks, evaluate, predict, propagation, train, visualize
-from test_train import REPO, data_dir, tiny_config  # noqa: F401  (fixture)
+from test_train import REPO, tiny_config
 
 # name -> (size, Pillow mode, file type); the first two and the last two share a padded size (41x57, 65x33)
 IMAGES = {"a_rgb": ((37, 50), "RGB", "png"), "c_rgba": ((38, 52), "RGBA", "png"),
@@ -81,7 +81,7 @@ def scramble_heads(model, variables, config):
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory):  # noqa: F811
+def trained(data_dir, tmp_path_factory):
   """A workdir trained for 2 steps (its config.json and checkpoint), then given scrambled heads (step 3)."""
   workdir = str(tmp_path_factory.mktemp("predict_run"))
   config = tiny_config(data_dir, **{"train.num_steps": 2})
@@ -241,7 +241,7 @@ def test_workdir_config_json_round_trips(trained):
   config_checks.validate(config, num_devices=1, mode="predict")
 
 
-def test_baseline_writes_raw_outputs_only(data_dir, images, tmp_path):  # noqa: F811
+def test_baseline_writes_raw_outputs_only(data_dir, images, tmp_path):
   config = tiny_config(data_dir, **{"affinity.enabled": False})
   workdir = str(tmp_path / "baseline")
   os.makedirs(workdir)

@@ -9,7 +9,6 @@ import textwrap
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,14 +17,6 @@ from dilaff_jax import affinity, config_checks, input_pipeline, train
 from dilaff_jax.stats import AffinityStats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  from dilaff_jax import datasets
-  d = str(tmp_path_factory.mktemp("tfds"))
-  datasets.get_builder("synthetic_shapes/tiny", data_dir=d)
-  return d
 
 
 def tiny_config(data_dir, **overrides):
