@@ -66,7 +66,8 @@ def flip_permutation(rates: affinity.Rates) -> np.ndarray:
 
 
 def predict(apply_fn, variables, images: jax.Array, *, size: tuple[int, int], output_stride: int,
-            scales: Sequence[float], flip: bool, rates: affinity.Rates, mu: float) -> tuple[jax.Array, jax.Array | None]:
+            scales: Sequence[float], flip: bool, rates: affinity.Rates,
+            mu: float) -> tuple[jax.Array, jax.Array | None]:
   """Class probabilities ``[B, H, W, C]`` and affinities ``[B, H, W, 8·|R|]`` (steep sigmoid, Eq. 7), averaged over
   ``scales`` and optional left-right flips (DeepLab's multi-scale inference), at ``size``."""
   h, w = images.shape[1:3]
@@ -142,6 +143,10 @@ def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, 
 # ----------------------------------------------------------------------------------------------- driver
 
 
+def _iterations(n: int) -> str:
+  return f"{n} iteration" + ("" if n == 1 else "s")
+
+
 def _markdown(results: dict, class_names: Sequence[str]) -> str:
   lines = [f"# Evaluation of step {results['step']} on {results['split']} ({results['num_images']} images)", ""]
   sweep = results.get("sweep")
@@ -153,7 +158,7 @@ def _markdown(results: dict, class_names: Sequence[str]) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{100 * v:.2f}%" for v in sweep[name]) + " |")
     lines.append("")
   lines += [f"mIoU (no propagation): **{100 * results['miou']:.2f}%**"
-            + (f"; with {results['final_iterations']} iterations of propagation: "
+            + (f"; with {_iterations(results['final_iterations'])} of propagation: "
                f"**{100 * results['miou_propagated']:.2f}%**" if "miou_propagated" in results else ""), ""]
   lines += ["| class | IoU |", "|---|---|"]
   for name, v in zip(class_names, results["per_class_iou"]):
@@ -170,7 +175,7 @@ def _markdown(results: dict, class_names: Sequence[str]) -> str:
               f"{results['crf_ms_per_image']:.0f} ms per image"]
   lines += ["", f"Throughput: {results['images_per_second']:.2f} images/s (network, propagation sweep and scoring)"]
   if "propagation_ms_per_image" in results:
-    lines.append(f"Affinity propagation, {results['final_iterations']} iterations: "
+    lines.append(f"Affinity propagation, {_iterations(results['final_iterations'])}: "
                  f"{results['propagation_ms_per_image']:.1f} ms per image (padded size, one image)")
   return "\n".join(lines) + "\n"
 
