@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
   # --- data (dilaff_jax/input_pipeline.py) ---
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "voc2012_aug"          # TFDS name (the project's builders register on import)
-  c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # TFDS data_dir (None: ~/tensorflow_datasets)
+  # TFDS data_dir (None: ~/tensorflow_datasets)
+  c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.dataset.manual_dir = ml_collections.FieldReference(None, field_type=str)  # where the downloaded archives are
   c.dataset.train_split = "train_aug"
   c.dataset.eval_split = "val"
