@@ -27,6 +27,7 @@ def gt_affinity(labels: jax.Array, rates: Sequence, ignore_label: int = 255) -> 
 
 
 _TINY = float(np.finfo(np.float32).tiny)
+_LANES = 8  # float32 lanes of an AVX2 vector: the class axis is padded to a multiple of this
 
 
 def _live_offsets(offsets, h: int, w: int) -> tuple[tuple[int, int, int], ...]:
@@ -34,86 +35,125 @@ def _live_offsets(offsets, h: int, w: int) -> tuple[tuple[int, int, int], ...]:
   return tuple((c, s, t) for c, (s, t) in enumerate(offsets) if abs(s) < h and abs(t) < w)
 
 
-def _masked_affinity(aff: jax.Array, live) -> jax.Array:
-  """Affinities as float32 ``[B, H, D, W]`` (one plane per live direction), zero where the neighbour is outside.
+def _masked_affinity(aff: jax.Array, live, planes: bool) -> jax.Array:
+  """Affinities in float32, one entry per live direction, zero where the neighbour is outside the image.
 
-  Folding "outside the image contributes nothing" into the weights lets :func:`_neighbour_sum` read shifted
-  neighbours as flat offsets that may wrap into the next row: whatever finite value it reads there is weighed 0
-  (with non-finite probabilities, 0 · inf = nan could then leak in from the far side of the image).
+  ``planes=False``: ``[B, H, W, D]`` (the input's own layout; one scalar per pixel and direction, broadcast
+  over the classes by :func:`_neighbour_sum`). ``planes=True``: ``[B, H, D, W]`` (one row per direction, for
+  :func:`_plane_neighbour_sum`, which vectorises along W).
+
+  Folding "outside the image contributes nothing" into the weights lets the neighbour sums read shifted
+  neighbours as flat offsets that may wrap into the next row: whatever finite value they read there is weighed
+  0 (with non-finite probabilities, 0 · inf = nan could then leak in from the far side of the image).
   """
   _, h, w, _ = aff.shape
-  rows = jnp.arange(h)[:, None, None] + np.array([s for _, s, _ in live], np.int32)[:, None]
-  cols = jnp.arange(w)[None, None, :] + np.array([t for _, _, t in live], np.int32)[:, None]
-  inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # [H, D, W], from iotas (no big constant)
-  channels = [c for c, _, _ in live]
-  if channels == list(range(aff.shape[-1])):
-    a = jnp.transpose(aff, (0, 1, 3, 2))
+  ds = np.array([s for _, s, _ in live], np.int32)
+  dt = np.array([t for _, _, t in live], np.int32)
+  if planes:
+    rows, cols = jnp.arange(h)[:, None, None] + ds[:, None], jnp.arange(w)[None, None, :] + dt[:, None]
   else:
-    a = jnp.stack([aff[..., c] for c in channels], axis=2)
+    rows, cols = jnp.arange(h)[:, None, None] + ds, jnp.arange(w)[None, :, None] + dt
+  inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # from iotas (no big constant)
+  channels = [c for c, _, _ in live]
+  a = aff if channels == list(range(aff.shape[-1])) else jnp.stack([aff[..., c] for c in channels], axis=-1)
+  if planes:
+    a = jnp.transpose(a, (0, 1, 3, 2))
   return jnp.where(inside, a.astype(jnp.float32), 0.0)
 
 
-def _class_stats(pp: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``max_c p`` and ``Σ_c p`` over the class axis (2) of ``[B, H', C, W]``, in float32, in one pass.
+def _class_stats(pp: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
+  """``max_c p`` and ``Σ_c p`` over the first ``c`` entries of the class axis (3) of ``[B, H', W, K]``, float32.
 
   One variadic reduce: XLA:CPU hands a plain large ``reduce`` to YNNPACK, whose fusions cannot read strided
   slices and would then materialise every shifted copy of ``p`` (the cause of the old ~50 ms per iteration).
   """
-  pf = pp.astype(jnp.float32)
+  pf = pp[..., :c].astype(jnp.float32)
   both = lambda x, y: (jnp.maximum(x[0], y[0]), x[1] + y[1])
-  mx, sm = jax.lax.reduce((pf, pf), (np.float32(-np.inf), np.float32(0)), both, (2,))
-  return mx[:, :, None, :], sm[:, :, None, :]
+  return jax.lax.reduce((pf, pf), (np.float32(-np.inf), np.float32(0)), both, (3,))
 
 
 def _neighbour_sum(x: jax.Array, am: jax.Array, live, pad: int, h: int) -> jax.Array:
-  """``Σ_s a_s · x_s`` over the live directions, for the ``h`` image rows of ``x`` ``[B, h + 2·pad, K, W]``.
+  """``Σ_s a_s · x_s`` over the live directions, for the ``h`` image rows of ``x`` ``[B, h + 2·pad, W, K]``.
 
   ``x`` holds ``pad`` zero rows above and below the image; a neighbour ``(i+s, j+t)`` is read as a static slice
-  of the flattened ``(row, K, W)`` axes at offset ``(s·K·W + t)``, which wraps across rows when ``j+t`` leaves the
-  image; ``am`` (:func:`_masked_affinity`) is zero exactly there, so the sum equals the zero-padded one.
+  of the flattened ``(row, W, K)`` axes at offset ``(s·W + t)·K``, which wraps across rows when ``j+t`` leaves the
+  image; ``am`` (:func:`_masked_affinity`, ``[B, h, W, D]``) is zero exactly there, so the sum equals the
+  zero-padded one. With the classes innermost, the fused loop loads each ``a_s`` once per pixel and broadcasts it
+  over the class vectors: one load per multiply-add (classes-outer layouts need two, and re-read all ``a``
+  rows once per class).
   """
-  b, hp, k, w = x.shape
-  flat = x.reshape(b, hp * k * w)
+  b, hp, w, k = x.shape
+  flat = x.reshape(b, hp * w * k)
   acc = None
   for d, (_, s, t) in enumerate(live):
-    o = ((pad + s) * k) * w + t
-    term = am[:, :, d:d + 1] * jax.lax.slice_in_dim(flat, o, o + h * k * w, axis=1).reshape(b, h, k, w)
+    o = ((pad + s) * w + t) * k
+    term = am[..., d:d + 1] * jax.lax.slice_in_dim(flat, o, o + h * w * k, axis=1).reshape(b, h, w, k)
+    acc = term if acc is None else acc + term
+  return acc
+
+
+def _plane_neighbour_sum(x: jax.Array, am: jax.Array, live, pad: int, h: int) -> jax.Array:
+  """``Σ_s a_s · x_s`` for one plane ``x`` ``[B, h + 2·pad, W]`` and ``am`` ``[B, h, D, W]``, vectorised along W.
+
+  Same flat-offset reads as :func:`_neighbour_sum` (offset ``s·W + t``); used for the per-pixel normaliser.
+  """
+  b, hp, w = x.shape
+  flat = x.reshape(b, hp * w)
+  acc = None
+  for d, (_, s, t) in enumerate(live):
+    o = (pad + s) * w + t
+    term = am[:, :, d] * jax.lax.slice_in_dim(flat, o, o + h * w, axis=1).reshape(b, h, w)
     acc = term if acc is None else acc + term
   return acc
 
 
 @functools.partial(jax.jit, static_argnames=("rates",))
 def _propagate(probs, aff, rates, lam, iterations):
-  """Eq. 6 on the layout ``[B, H + 2·pad, C, W]`` (rows padded with zeros), which XLA:CPU vectorises along W.
+  """Eq. 6 on the layout ``[B, H + 2·pad, W, K]``: rows padded with zeros, classes padded to ``K``, a multiple of
+  the vector width (the extra classes stay 0), so XLA:CPU vectorises along the classes.
 
   Per iteration: one reduce for ``max_c p`` and ``Σ_c p``; the normaliser ``Σ_c(λ·p·max p + Σ_s a_s·p_s) =
-  λ·max p·Σ_c p + Σ_s a_s·(Σ_c p)_s`` from those per-pixel sums (1/C of the work, no reduce over the result);
-  then one fused loop for the neighbour sum, the self term and the normalisation, written back row-padded.
+  λ·max p·Σ_c p + Σ_s a_s·(Σ_c p)_s`` from those per-pixel sums (1/C of the work, no reduce over the result),
+  with the affinity in a second, per-direction-row copy so that this sum vectorises along W; then one fused loop
+  for the neighbour sum, the self term and the normalisation, written back row-padded.
   The state keeps the input dtype between iterations (as ``p`` itself would); arithmetic is float32.
-  ``iterations`` is traced: one compilation serves every count, and a count of 1 is not unrolled (unrolled,
-  XLA fuses the once-per-call layout changes into the 32-term loop and recomputes them per class: ~80 ms).
+  ``iterations`` is traced: one compilation serves every count (``iterations // 2`` double steps, then one more
+  step if odd), and a count of 1 is not unrolled (unrolled, XLA fuses the once-per-call layout changes into the
+  32-term loop and recomputes them per element).
   """
-  _, h, w, _ = probs.shape
+  _, h, w, c = probs.shape
   live = _live_offsets(affinity.neighbor_offsets(rates), h, w)
   pad = max([abs(s) for _, s, _ in live], default=0) + 1  # +1 row: flat reads at t < 0 on the first row
-  am = _masked_affinity(aff, live) if live else None
+  am = _masked_affinity(aff, live, planes=False) if live else None
+  am_planes = _masked_affinity(aff, live, planes=True) if live else None
   rows = ((0, 0), (pad, pad), (0, 0), (0, 0))
 
   def body(_, pp):
-    mx, sm = _class_stats(pp)
+    mx, sm = _class_stats(pp, c)
     m = mx[:, pad:pad + h]
     q = pp[:, pad:pad + h].astype(jnp.float32)
     norm = lam * m * sm[:, pad:pad + h]
-    un = lam * q * m
+    un = lam * q * m[..., None]
     if live:
-      norm = norm + _neighbour_sum(sm, am, live, pad, h)
+      norm = norm + _plane_neighbour_sum(sm, am_planes, live, pad, h)
       un = un + _neighbour_sum(pp.astype(jnp.float32), am, live, pad, h)
-    out = un * (1.0 / jnp.maximum(norm, _TINY))
+    out = un * (1.0 / jnp.maximum(norm, _TINY))[..., None]
     return jnp.pad(out.astype(pp.dtype), rows)
 
-  pp = jnp.pad(jnp.transpose(probs, (0, 1, 3, 2)), rows)
-  pp = jax.lax.fori_loop(0, iterations, body, pp)
-  return jnp.transpose(pp[:, pad:pad + h], (0, 1, 3, 2))
+  def twice(i, pp):
+    # Two steps per trip, the first inside a conditional whose branches are both that step (so the predicate,
+    # which XLA cannot fold, does not matter): the conditional keeps XLA from fusing the first step into the
+    # 32 reads of the second, and its output is a buffer of its own, so the trip ping-pongs between two
+    # buffers. One step per trip costs a copy of the state (~15% of an iteration): the step reads the state
+    # buffer it would overwrite.
+    pp = jax.lax.cond(iterations > 0, lambda x: body(i, x), lambda x: body(i, x), pp)
+    return body(i, pp)
+
+  k = -(-c // _LANES) * _LANES
+  pp = jnp.pad(probs, ((0, 0), (pad, pad), (0, 0), (0, k - c)))
+  pp = jax.lax.fori_loop(0, iterations // 2, twice, pp)
+  pp = jax.lax.fori_loop(0, iterations % 2, body, pp)
+  return pp[:, pad:pad + h, :, :c]
 
 
 def propagate(probs: jax.Array, affinity_map: jax.Array, rates: Sequence, lam: float = 6.0,

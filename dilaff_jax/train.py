@@ -317,9 +317,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  if is_chief:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
 
   ndev = jax.local_device_count()
   per_device = config.train.batch_size // jax.device_count()
@@ -339,6 +336,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state, meta = restore_checkpoint(mngr, state, compat)
     print(f"[train] resumed from the checkpoint at step {int(state.step)} in {mngr.directory}", flush=True)
   start = int(state.step)
+  if is_chief:  # written once the checkpoint is known to fit this config (predict reads it)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
 
   schedule = learning_rate_schedule(config)
   p_step = jax.pmap(functools.partial(train_step, config=config, rates=rates, stats=stats, schedule=schedule),

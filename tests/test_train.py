@@ -190,6 +190,10 @@ def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):
   other = tiny_config(data_dir, **{"train.num_steps": 4, "affinity.rates": (4, 8)})
   with pytest.raises(train.TrainingError, match=r"incompatible config:\n  affinity.rates \(explicit\)"):
     train.train_and_evaluate(other, str(tmp_path / "run"))
+  # the refused config did not replace the run's config.json
+  import json
+  saved = json.load(open(tmp_path / "run" / "config.json"))
+  assert saved["affinity"]["rates"] == [4, [6, 12], 8]
 
 
 @pytest.mark.parametrize("key,value,match", [
