@@ -32,16 +32,6 @@ def best_time(fn, repeats: int) -> float:
   return min(times)
 
 
-def _best_seconds(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
-
-
 def copy_bandwidth(nbytes: int, repeats: int) -> tuple[float, str, dict[str, float]]:
   """Read+write bytes per second of copying a float32 buffer of ``nbytes`` into another, preallocated one.
 
@@ -62,8 +52,8 @@ def copy_bandwidth(nbytes: int, repeats: int) -> tuple[float, str, dict[str, flo
     t.join()
 
   found = {
-      "np.copyto, 1 thread": 2 * nbytes / _best_seconds(lambda: np.copyto(dst, src), repeats),
-      "np.copyto, 2 threads": 2 * nbytes / _best_seconds(two_threads, repeats),
+      "np.copyto, 1 thread": 2 * nbytes / best_time(lambda: np.copyto(dst, src), repeats),
+      "np.copyto, 2 threads": 2 * nbytes / best_time(two_threads, repeats),
   }
   used = max(found, key=found.get)
   scale = jax.jit(lambda v: v * 1.0001, donate_argnums=0)
@@ -73,7 +63,7 @@ def copy_bandwidth(nbytes: int, repeats: int) -> tuple[float, str, dict[str, flo
     box[0] = scale(box[0])
     box[0].block_until_ready()
 
-  found["XLA in-place donated v*1.0001 (not used)"] = 2 * nbytes / _best_seconds(in_place, repeats)
+  found["XLA in-place donated v*1.0001 (not used)"] = 2 * nbytes / best_time(in_place, repeats)
   return found[used], used, found
 
 
