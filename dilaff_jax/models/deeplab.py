@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dilaff_jax.models.resnet import OUTPUT_STRIDES, ResNet
+from dilaff_jax.models.resnet import OUTPUT_STRIDES, ResNet, batch_norm
 
 _he_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -198,14 +198,7 @@ class DeepLabV3Plus(nn.Module):
     self._check()
     if output_stride not in OUTPUT_STRIDES:
       raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
-    norm = partial(
-      nn.BatchNorm,
-      use_running_average=not train,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-      dtype=self.dtype,
-    )
+    norm = batch_norm(train, self.bn_momentum, self.bn_epsilon, self.axis_name, self.dtype)
     backbone = ResNet(
       depth=self.depth,
       stem=self.stem,

@@ -116,6 +116,13 @@ def _conv(features: int, kernel: int, *, stride: int = 1, rate: int = 1, dtype: 
   )
 
 
+def batch_norm(train: bool, momentum: float, epsilon: float, axis_name: str | None, dtype: Any):
+  """The BatchNorm every layer uses: batch statistics when training (across ``axis_name`` under pmap), running
+  averages otherwise; computed in ``dtype``, statistics and scales kept in float32."""
+  return partial(nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                 axis_name=axis_name, dtype=dtype)
+
+
 class BottleneckUnit(nn.Module):
   """1x1 reduce, 3x3 (carries stride and rate), 1x1 expand x4; projection shortcut when the shape changes."""
 
@@ -189,14 +196,7 @@ class ResNet(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"ResNet expects images [B, H, W, 3], got shape {x.shape}")
     schedule = unit_schedule(stage_sizes, output_stride, self.multi_grid)
-    norm = partial(
-      nn.BatchNorm,
-      use_running_average=not train,
-      momentum=self.bn_momentum,
-      epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-      dtype=self.dtype,
-    )
+    norm = batch_norm(train, self.bn_momentum, self.bn_epsilon, self.axis_name, self.dtype)
     x = x.astype(self.dtype)
     if self.stem == "standard":
       x = _conv(64, 7, stride=2, dtype=self.dtype, name="conv1")(x)
