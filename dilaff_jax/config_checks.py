@@ -6,10 +6,10 @@ import os
 
 import ml_collections
 
-from dilaff_jax import affinity
+from dilaff_jax import affinity, errors
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A configuration value is invalid; the message starts with the dotted key."""
 
 

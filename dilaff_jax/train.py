@@ -25,7 +25,7 @@ from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 from flax.training import train_state
 
-from dilaff_jax import affinity, config_checks, datasets, input_pipeline, pretrained, visualize
+from dilaff_jax import affinity, config_checks, datasets, errors, input_pipeline, pretrained, visualize
 from dilaff_jax import stats as stats_lib
 from dilaff_jax.models.deeplab import DeepLabV3Plus, upsample_logits
 
@@ -33,7 +33,7 @@ AXIS = "batch"
 Hook = Callable[[int, Any], None]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(errors.UserError, RuntimeError):
   """Training cannot go on (non-finite loss, incompatible checkpoint, ...); the message says what to do."""
 
 
