@@ -44,7 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"               # compute dtype ("bfloat16" on GPUs); params stay float32
   c.model.bn_momentum = 0.9997            # flax convention; DeepLab's batch_norm_decay
   c.model.bn_epsilon = 1e-5
-  c.model.pretrained = ""                 # torchvision/timm ResNet .safetensors or .pth; "" = random init
+  # ImageNet weights of the backbone: a torchvision/timm ResNet .safetensors or .pth (models/README.md says how to
+  # make one), or "none" for random init on purpose. ResNet-50 and deeper refuse to start without one of the two.
+  c.model.pretrained = ""
 
   # --- dilated affinity (§3, dilaff_jax/affinity.py) ---
   c.affinity = ml_collections.ConfigDict()
@@ -53,7 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.affinity.beta = 1.2                   # β, weight of L_aff (§4.3)
   c.affinity.scheme = "sqrt"              # none | signal | neighbor | sqrt (Table 1)
   c.affinity.gamma = 2.0                  # focal loss γ (Eq. 4)
-  c.affinity.max_weight = 100.0           # clip of every reweighting factor
+  c.affinity.partial_neighbors = "rescale"  # n_k of pixels with invalid neighbours (border, void): "rescale"
+                                          # k = round(8·q/v) over the v valid ones; "count": k = q (literal §3.2)
+  # opt-in cap of every reweighting factor; None: no cap (a category never seen gets the rate's largest weight)
+  c.affinity.max_weight = ml_collections.FieldReference(None, field_type=float)
   c.affinity.stats_path = ""              # JSON from `python -m dilaff_jax.stats`; "" = <workdir>/affinity_stats.json,
                                           # computed from the training labels on first start
   c.affinity.stats_max_images = 0         # 0 = the whole training split

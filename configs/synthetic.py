@@ -28,6 +28,7 @@ def get_config(variant: str = ""):
   c.dataset.eval_pad_size = (129, 129)
 
   c.model.depth = 18
+  c.model.pretrained = "none"              # random init: the demo trains from scratch
   c.model.multi_grid = (1, 2)              # one rate per unit of ResNet-18's last stage
   c.model.aspp_channels = 64
   c.model.low_level_channels = 24

@@ -1,6 +1,6 @@
 """Dilated affinity (paper §3.1–3.2): targets (Eq. 1–3), neighbour categories n_k, weighted focal loss (Eq. 4–5).
 
-Conventions follow ``shared/spec/affinity-contract.md``:
+Conventions (``docs/conventions.md`` states each with the reason where the paper is open):
 
 * A rate is a pair ``(r1, r2)``: ``r1`` moves along rows (height), ``r2`` along columns (width).
   The paper's shorthand (a scalar ``8`` for ``(8, 8)``, a pair ``(12, 24)`` for both ``(12, 24)`` and
@@ -30,7 +30,7 @@ Rates = tuple[tuple[int, int], ...]
 DIRECTIONS_PER_RATE = 8
 NUM_CATEGORIES = 9  # n_0 .. n_8
 SCHEMES = ("none", "signal", "neighbor", "sqrt")
-DEFAULT_MAX_WEIGHT = 100.0
+PARTIAL_NEIGHBORS = ("rescale", "count")  # how pixels with invalid neighbours get their n_k (see neighbor_categories)
 
 
 def _as_pair(rate: RateSpec, where: str) -> tuple[int, int]:
@@ -127,18 +127,35 @@ def affinity_targets(labels: jax.Array, rates: Sequence[RateSpec],
   return targets, valid
 
 
-def neighbor_categories(targets: jax.Array, valid: jax.Array, num_rates: int) -> jax.Array:
-  """The category ``k`` of ``n_k`` (§3.2): per pixel and rate, the number of valid positive neighbours (0..8).
+def neighbor_categories(targets: jax.Array, valid: jax.Array, num_rates: int,
+                        partial_neighbors: str = "rescale") -> jax.Array:
+  """The category ``k`` of ``n_k`` (§3.2) per pixel and rate: how many of its 8 neighbours share its label.
 
-  Invalid neighbours count neither way. Returns int32 ``[B, H, W, |R|]``. The value is only meaningful for
-  pixels whose own label is not ignored (for those every direction is invalid, so it is 0).
+  With ``v`` valid neighbours at a rate (inside the image, not void) of which ``q`` are positive:
+
+  * ``"rescale"`` (default): ``k = round(8·q / v)`` (half to even). A neighbour outside the image or on void is
+    unknown, not negative: the border band of a uniform region stays in n_8 instead of looking like a boundary.
+  * ``"count"``: ``k = q``: unknown neighbours count as negatives (the literal reading of §3.2).
+
+  Under both rules a pixel with ``v = 0`` at a rate (including every void pixel) has no category at that rate:
+  it is marked ``-1`` and counts in neither the statistics nor the loss of that rate (it has no valid signal).
+  Returns int32 ``[B, H, W, |R|]`` with values in ``-1..8``.
   """
-  pos = (targets > 0.5) & valid
-  b, h, w, c = pos.shape
+  if partial_neighbors not in PARTIAL_NEIGHBORS:
+    raise ValueError(f"neighbor_categories: partial_neighbors={partial_neighbors!r}; expected one of "
+                     f"{PARTIAL_NEIGHBORS}")
+  b, h, w, c = valid.shape
   if c != DIRECTIONS_PER_RATE * num_rates:
     raise ValueError(f"neighbor_categories: {c} channels but num_rates={num_rates} needs "
                      f"{DIRECTIONS_PER_RATE * num_rates}")
-  return pos.reshape(b, h, w, num_rates, DIRECTIONS_PER_RATE).sum(-1, dtype=jnp.int32)
+  shape5 = (b, h, w, num_rates, DIRECTIONS_PER_RATE)
+  q = ((targets > 0.5) & valid).reshape(shape5).sum(-1, dtype=jnp.int32)
+  v = valid.reshape(shape5).sum(-1, dtype=jnp.int32)
+  if partial_neighbors == "rescale":
+    k = jnp.round(DIRECTIONS_PER_RATE * q / jnp.maximum(v, 1)).astype(jnp.int32)
+  else:
+    k = q
+  return jnp.where(v > 0, k, -1)
 
 
 def focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0) -> jax.Array:
@@ -157,11 +174,16 @@ def focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0) -> jax
   return jnp.exp(gamma * jax.nn.log_sigmoid(-z)) * nll
 
 
-def neighbor_weights(freq: np.ndarray, scheme: str, max_weight: float = DEFAULT_MAX_WEIGHT) -> np.ndarray:
+def _cap(w: np.ndarray, max_weight: float | None) -> np.ndarray:
+  return (w if max_weight is None else np.minimum(w, max_weight)).astype(np.float32)
+
+
+def neighbor_weights(freq: np.ndarray, scheme: str, max_weight: float | None = None) -> np.ndarray:
   """Per-rate weights ``w_r(k)`` of the categories n_0..n_8 (Eq. 5, Table 1), shape ``[|R|, 9]``.
 
   ``neighbor``: ``freq(n_8, r) / freq(n_k, r)``; ``sqrt``: its square root (the paper's best); ``none``: 1.
-  Weights are clipped to ``max_weight`` (a category never seen in the statistics gets ``max_weight``).
+  A category never seen in the statistics (``freq = 0``, weight undefined) gets the largest weight of the categories
+  seen at that rate. ``max_weight`` (default: none) is an opt-in cap on every weight.
   """
   freq = np.asarray(freq, np.float64)
   if freq.ndim != 2 or freq.shape[1] != NUM_CATEGORIES:
@@ -175,28 +197,28 @@ def neighbor_weights(freq: np.ndarray, scheme: str, max_weight: float = DEFAULT_
     bad = [i for i in range(freq.shape[0]) if freq[i, 8] <= 0]
     raise ValueError(f"neighbor_weights: freq(n_8, r) is 0 for rate index {bad}: the weights "
                      "freq(n_8)/freq(n_k) are undefined (statistics from too small images for this rate?)")
-  with np.errstate(divide="ignore"):
-    w = freq[:, 8:9] / freq
+  seen = freq > 0
+  w = np.where(seen, freq[:, 8:9] / np.where(seen, freq, 1.0), 0.0)
+  w = np.where(seen, w, w.max(axis=1, keepdims=True))
   if scheme == "sqrt":
     w = np.sqrt(w)
-  return np.minimum(w, max_weight).astype(np.float32)
+  return _cap(w, max_weight)
 
 
-def signal_weights(pos_freq: np.ndarray, max_weight: float = DEFAULT_MAX_WEIGHT) -> np.ndarray:
+def signal_weights(pos_freq: np.ndarray, max_weight: float | None = None) -> np.ndarray:
   """``signal`` scheme (Table 1): inverse frequency of the signal's own value, positives weigh 1.
 
-  Returns ``[|R|, 2]`` with columns (negative, positive): ``(π_r / (1 - π_r), 1)``, clipped to ``max_weight``.
+  Returns ``[|R|, 2]`` with columns (negative, positive): ``(π_r / (1 - π_r), 1)``. A rate without negative signals
+  (``π_r = 1``) gets negative weight 1 (there is nothing to weigh). ``max_weight`` is an opt-in cap.
   """
   pi = np.asarray(pos_freq, np.float64)
-  with np.errstate(divide="ignore"):
-    neg = np.where(pi < 1.0, pi / np.maximum(1.0 - pi, 0.0), np.inf)
-  w = np.stack([neg, np.ones_like(pi)], axis=-1)
-  return np.minimum(w, max_weight).astype(np.float32)
+  neg = np.where(pi < 1.0, pi / np.where(pi < 1.0, 1.0 - pi, 1.0), 1.0)
+  return _cap(np.stack([neg, np.ones_like(pi)], axis=-1), max_weight)
 
 
 def affinity_loss_sum(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec], stats: "AffinityStats",
                       scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = 255,
-                      max_weight: float = DEFAULT_MAX_WEIGHT) -> tuple[jax.Array, jax.Array]:
+                      max_weight: float | None = None) -> tuple[jax.Array, jax.Array]:
   """Numerator and denominator of :func:`affinity_loss`: ``(Σ_pixels Σ_r w_r(k) Σ_c valid·FL, N)``.
 
   Data-parallel training sums both over devices before dividing, so the loss of a sharded batch equals the
@@ -227,14 +249,15 @@ def affinity_loss_sum(logits: jax.Array, labels: jax.Array, rates: Sequence[Rate
       total = per_pixel.sum()
     else:
       table = jnp.asarray(neighbor_weights(stats.freq, scheme, max_weight))  # [R, 9]
-      k = neighbor_categories(targets, valid, num_rates)
-      total = (table[jnp.arange(num_rates), k] * per_pixel).sum()
+      k = neighbor_categories(targets, valid, num_rates, stats.partial_neighbors)
+      # k = -1 (no valid neighbour) has per_pixel = 0: any weight gives 0, so index it safely
+      total = (table[jnp.arange(num_rates), jnp.maximum(k, 0)] * per_pixel).sum()
   return total, jnp.sum(labels != ignore_label)
 
 
 def affinity_loss(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec], stats: "AffinityStats",
                   scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = 255,
-                  max_weight: float = DEFAULT_MAX_WEIGHT) -> jax.Array:
+                  max_weight: float | None = None) -> jax.Array:
   """The affinity loss ``L_aff`` (Eq. 5 without β), a scalar.
 
   ``L_aff = (1/N) Σ_pixels Σ_r w_r(k) Σ_{c in rate r, valid} FL``, with ``N`` the number of non-ignored centre
@@ -250,7 +273,7 @@ def affinity_loss(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec
       or ``sqrt`` (its square root, the default).
     gamma: focal-loss focusing parameter γ for the schemes other than ``none``.
     ignore_label: void label.
-    max_weight: upper clip of every weight.
+    max_weight: opt-in cap on every weight (``None``: no cap; unseen categories get the rate's largest weight).
   """
   total, n = affinity_loss_sum(logits, labels, rates, stats, scheme, gamma, ignore_label, max_weight)
   return total / jnp.maximum(n, 1).astype(total.dtype)
@@ -271,22 +294,24 @@ def prior_bias(pos_freq: Sequence[float], eps: float = 1e-4) -> np.ndarray:
 
 
 def affinity_accuracy_counts(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec],
-                             ignore_label: int = 255) -> tuple[jax.Array, jax.Array]:
+                             ignore_label: int = 255,
+                             partial_neighbors: str = "rescale") -> tuple[jax.Array, jax.Array]:
   """Correct and total valid signals per rate and neighbour category (Fig. 4).
 
   A signal is correct when ``σ(logit) > 0.5`` equals its target. Returns two int32 arrays ``[|R|, 9]``:
-  correct signals and valid signals, grouped by the centre pixel's n_k category for that rate.
+  correct signals and valid signals, grouped by the centre pixel's n_k category for that rate
+  (:func:`neighbor_categories` with ``partial_neighbors``).
   """
   rates = explicit_rates(rates)
   num_rates = len(rates)
   targets, valid = affinity_targets(labels, rates, ignore_label)
-  k = neighbor_categories(targets, valid, num_rates)  # [B,H,W,R]
+  k = neighbor_categories(targets, valid, num_rates, partial_neighbors)  # [B,H,W,R], -1: no valid neighbour
   b, h, w, _ = targets.shape
   shape5 = (b, h, w, num_rates, DIRECTIONS_PER_RATE)
   correct = ((logits > 0) == (targets > 0.5)) & valid
   correct = correct.reshape(shape5).sum(-1, dtype=jnp.int32)
   total = valid.reshape(shape5).sum(-1, dtype=jnp.int32)
-  onehot = jax.nn.one_hot(k, NUM_CATEGORIES, dtype=jnp.int32)  # [B,H,W,R,9]
+  onehot = jax.nn.one_hot(k, NUM_CATEGORIES, dtype=jnp.int32)  # [B,H,W,R,9]; all zero for k = -1
   return (jnp.einsum("bhwr,bhwrk->rk", correct, onehot), jnp.einsum("bhwr,bhwrk->rk", total, onehot))
 
 

@@ -64,6 +64,35 @@ def rates_of(config: ml_collections.ConfigDict) -> affinity.Rates:
     raise ConfigError(f"config.affinity.rates = {raw!r}: {e}") from None
 
 
+PRETRAINED_NONE = "none"  # model.pretrained: random init on purpose
+MIN_DEPTH_NEEDING_WEIGHTS = 50
+
+
+def pretrained_path(config: ml_collections.ConfigDict) -> str | None:
+  """The weights file of ``model.pretrained``, or None for random init (``"none"``, or ``""`` on small models)."""
+  value = _get(config, "model.pretrained")
+  return None if value in ("", PRETRAINED_NONE) else value
+
+
+def _check_pretrained(config: ml_collections.ConfigDict) -> None:
+  """ResNet-50 and deeper need ImageNet weights (the paper's backbone is pretrained: training from random init
+  costs tens of mIoU points), or an explicit ``"none"``; a named file must be readable."""
+  value = _get(config, "model.pretrained")
+  depth = _get(config, "model.depth")
+  how = ("give a torchvision/timm ResNet .safetensors or .pth file (dilaff_jax/models/README.md says how to make "
+         f"one), or \"{PRETRAINED_NONE}\" to train from random init on purpose")
+  if not isinstance(value, str):
+    _fail("model.pretrained", value, f"expected a file path or \"{PRETRAINED_NONE}\"")
+  if value == "" and depth >= MIN_DEPTH_NEEDING_WEIGHTS:
+    _fail("model.pretrained", value, f"ResNet-{depth} needs ImageNet weights (the paper's backbone is "
+          f"ImageNet-pretrained; random init costs tens of mIoU points): {how}")
+  path = pretrained_path(config)
+  if path is not None and not os.path.isfile(path):
+    _fail("model.pretrained", value, f"no such file: {how}")
+  if path is not None and not os.access(path, os.R_OK):
+    _fail("model.pretrained", value, "the file is not readable (check its permissions)")
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str = "train") -> None:
   """Raises :class:`ConfigError` naming the first bad key. ``num_devices`` is the global device count."""
   _positive_int(config, "dataset.num_classes")
@@ -105,9 +134,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   _number(config, "model.bn_epsilon", 0, lo_open=True)
   for key in ("model.aspp_channels", "model.low_level_channels", "model.decoder_channels"):
     _positive_int(config, key)
-  pretrained = _get(config, "model.pretrained")
-  if pretrained and mode == "train" and not os.path.exists(pretrained):
-    _fail("model.pretrained", pretrained, "file does not exist (a torchvision/timm ResNet .safetensors or .pth)")
+  if mode == "train":
+    _check_pretrained(config)
 
   if _get(config, "affinity.enabled"):
     rates = rates_of(config)
@@ -117,7 +145,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
     _choice(config, "affinity.scheme", affinity.SCHEMES)
     _number(config, "affinity.beta", 0)
     _number(config, "affinity.gamma", 0)
-    _number(config, "affinity.max_weight", 1)
+    _choice(config, "affinity.partial_neighbors", affinity.PARTIAL_NEIGHBORS)
+    if _get(config, "affinity.max_weight") is not None:
+      _number(config, "affinity.max_weight", 1)
   _number(config, "affinity.lam", 0)
   _number(config, "affinity.mu", 1, lo_open=True)
   its = _get(config, "eval.iterations")
@@ -140,4 +170,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   scales = _get(config, "eval.scales")
   if not scales or any(not isinstance(s, (int, float)) or s <= 0 for s in scales):
     _fail("eval.scales", scales, "expected a non-empty list of positive scales")
+  if _get(config, "affinity.enabled") and 1.0 not in tuple(scales):
+    _fail("eval.scales", scales, "must include 1.0 when affinity is enabled: propagation uses the affinity of the "
+          "scale-1.0 passes only (a rate r at scale s spans r/s pixels, so scales are never mixed)")
   _choice(config, "distributed.initialize", ("auto", "yes", "no"))

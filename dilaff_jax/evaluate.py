@@ -21,8 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dilaff_jax import affinity, input_pipeline, propagation
-from dilaff_jax.models.deeplab import resize_bilinear, upsample_logits
+from dilaff_jax import affinity, inference, input_pipeline, propagation
 
 AXIS = "batch"
 
@@ -51,62 +50,6 @@ def mean_iou(conf: np.ndarray) -> float:
   return float(np.nanmean(iou_from_confusion(conf)))
 
 
-# ----------------------------------------------------------------------------------------------- predictions
-
-
-def flip_permutation(rates: affinity.Rates) -> np.ndarray:
-  """Channel permutation mapping the affinity of a left-right flipped image back: direction ``(s, t)`` of the
-  flipped image is direction ``(s, -t)`` of the original."""
-  offsets = affinity.neighbor_offsets(rates)
-  perm = []
-  for rate_index in range(len(rates)):
-    block = list(offsets[8 * rate_index:8 * rate_index + 8])
-    perm.extend(8 * rate_index + block.index((s, -t)) for s, t in block)
-  return np.asarray(perm)
-
-
-def predict(apply_fn, variables, images: jax.Array, *, size: tuple[int, int], output_stride: int,
-            scales: Sequence[float], flip: bool, rates: affinity.Rates,
-            mu: float) -> tuple[jax.Array, jax.Array | None]:
-  """Class probabilities ``[B, H, W, C]`` and affinities ``[B, H, W, 8·|R|]`` (steep sigmoid, Eq. 7), averaged over
-  ``scales`` and optional left-right flips (DeepLab's multi-scale inference), at ``size``."""
-  h, w = images.shape[1:3]
-  probs, affs, n = 0.0, 0.0, 0
-  perm = flip_permutation(rates) if rates else None
-  for scale in scales:
-    if scale == 1.0:
-      scaled = images
-    else:  # DeepLab-aligned sizes: scale * (size - 1) + 1
-      sh, sw = int(round(scale * (h - 1))) + 1, int(round(scale * (w - 1))) + 1
-      scaled = resize_bilinear(images, (sh, sw))
-    for flipped in ((False, True) if flip else (False,)):
-      x = scaled[:, :, ::-1] if flipped else scaled
-      out = apply_fn(variables, x, train=False, output_stride=output_stride)
-      logits = upsample_logits(out["logits"], (x.shape[1], x.shape[2]))
-      if flipped:
-        logits = logits[:, :, ::-1]
-      probs = probs + jax.nn.softmax(resize_bilinear(logits, size), axis=-1)
-      if rates:
-        a = propagation.steep_sigmoid(upsample_logits(out["affinity_logits"], (x.shape[1], x.shape[2])), mu)
-        if flipped:
-          a = a[:, :, ::-1][..., perm]
-        affs = affs + resize_bilinear(a, size)
-      n += 1
-  return probs / n, (affs / n if rates else None)
-
-
-def inside_mask(heights: jax.Array, widths: jax.Array, size: tuple[int, int], rates: affinity.Rates) -> jax.Array:
-  """``[B, H, W, 8·|R|]`` bool: the neighbour of each direction lies inside the example's real (unpadded) image.
-  Propagation must not pull predictions in from the padding: a neighbour outside the image contributes nothing."""
-  rows = jnp.arange(size[0])[None, :, None]
-  cols = jnp.arange(size[1])[None, None, :]
-  h = heights[:, None, None]
-  w = widths[:, None, None]
-  masks = [(rows + s >= 0) & (rows + s < h) & (cols + t >= 0) & (cols + t < w)
-           for s, t in affinity.neighbor_offsets(rates)]
-  return jnp.stack(masks, axis=-1)
-
-
 def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, rates: affinity.Rates,
               iterations: tuple[int, ...]) -> dict:
   """Confusion matrices of one batch for every propagation iteration count (predicted and oracle affinity), the
@@ -117,12 +60,12 @@ def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, 
   labels = batch["label"]
   size = labels.shape[1:3]
   valid = (labels != ign) & batch["mask"][:, None, None]
-  probs, aff = predict(apply_fn, variables, batch["image"], size=size, output_stride=config.eval.output_stride,
+  probs, aff = inference.predict(apply_fn, variables, batch["image"], size=size, output_stride=config.eval.output_stride,
                        scales=tuple(config.eval.scales), flip=config.eval.flip, rates=rates, mu=config.affinity.mu)
   out = {"confusion": {0: confusion_matrix(labels, jnp.argmax(probs, -1), c, valid)},
          "num_images": jnp.sum(batch["mask"], dtype=jnp.int32)}
   if rates:
-    inside = inside_mask(batch["height"], batch["width"], size, rates)
+    inside = inference.inside_mask(batch["height"], batch["width"], size, rates)
     sweeps = {"predicted": aff * inside}
     if config.eval.ground_truth_oracle:
       sweeps["oracle"] = propagation.gt_affinity(labels, rates, ign)
@@ -136,7 +79,8 @@ def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, 
     # Fig. 4: affinity accuracy per rate and n_k, from the logits' sign (σ > 0.5 <=> steep σ > 0.5)
     logit_sign = jnp.where(aff > 0.5, 1.0, -1.0)
     lab = jnp.where(batch["mask"][:, None, None], labels, ign)
-    out["aff_correct"], out["aff_total"] = affinity.affinity_accuracy_counts(logit_sign, lab, rates, ign)
+    out["aff_correct"], out["aff_total"] = affinity.affinity_accuracy_counts(logit_sign, lab, rates, ign,
+                                                                             config.affinity.partial_neighbors)
   return jax.lax.psum(out, AXIS), (probs if config.eval.get("crf", False) else None)
 
 
@@ -216,7 +160,7 @@ def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables,
     return
   images = jnp.asarray(flat["image"][keep])
   size = images.shape[1:3]
-  fn = jax.jit(functools.partial(predict, apply_fn, size=size, output_stride=config.eval.output_stride,
+  fn = jax.jit(functools.partial(inference.predict, apply_fn, size=size, output_stride=config.eval.output_stride,
                                  scales=tuple(config.eval.scales), flip=config.eval.flip, rates=rates,
                                  mu=config.affinity.mu))
   probs, aff = fn(variables, images)
@@ -225,7 +169,7 @@ def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables,
              "label": visualize.colorize(flat["label"][keep], palette),
              "prediction": visualize.colorize(np.asarray(probs).argmax(-1), palette)}
   if rates:
-    inside = inside_mask(jnp.asarray(flat["height"][keep]), jnp.asarray(flat["width"][keep]), size, rates)
+    inside = inference.inside_mask(jnp.asarray(flat["height"][keep]), jnp.asarray(flat["width"][keep]), size, rates)
     refined = propagation.propagate(probs, aff * inside, rates, config.affinity.lam, int(config.affinity.iterations))
     columns[f"propagated ({config.affinity.iterations} it.)"] = visualize.colorize(np.asarray(refined).argmax(-1),
                                                                                    palette)
@@ -476,5 +420,5 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, steps:
 def _no_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config without ImageNet weights: the restored checkpoint replaces every variable anyway."""
   c = ml_collections.ConfigDict(config.to_dict())
-  c.model.pretrained = ""
+  c.model.pretrained = "none"
   return c

@@ -36,7 +36,7 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from dilaff_jax import config_checks, propagation, visualize  # noqa: E402
+from dilaff_jax import config_checks, inference, propagation, visualize  # noqa: E402
 
 # dilaff_jax.train and .evaluate load TensorFlow (seconds): they are imported where needed, so that a mistyped
 # path is reported at once.
@@ -187,9 +187,7 @@ class Prediction:
 def _network(variables, x, *, apply_fn, config, rates):
   """Raw class-index mask, probabilities and steep-sigmoid affinities (Eq. 7) of a padded image ``[1, H', W', 3]``,
   as the evaluation computes them (``config.eval``: output stride, scales, flip)."""
-  from dilaff_jax import evaluate
-
-  probs, aff = evaluate.predict(apply_fn, variables, x, size=x.shape[1:3], output_stride=config.eval.output_stride,
+  probs, aff = inference.predict(apply_fn, variables, x, size=x.shape[1:3], output_stride=config.eval.output_stride,
                                 scales=tuple(config.eval.scales), flip=bool(config.eval.flip), rates=rates,
                                 mu=config.affinity.mu)
   return jnp.argmax(probs[0], -1).astype(jnp.uint8), probs, aff
@@ -197,9 +195,7 @@ def _network(variables, x, *, apply_fn, config, rates):
 
 def _refine(probs, aff, height, width, *, rates, lam, iterations):
   """Eq. 6 on the padded prediction; a neighbour in the padding weighs nothing (it is outside the image)."""
-  from dilaff_jax import evaluate
-
-  inside = evaluate.inside_mask(height[None], width[None], probs.shape[1:3], rates)
+  inside = inference.inside_mask(height[None], width[None], probs.shape[1:3], rates)
   p = propagation.propagate(probs, aff * inside, rates, lam=lam, iterations=iterations)
   return jnp.argmax(p[0], -1).astype(jnp.uint8)
 

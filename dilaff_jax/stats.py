@@ -1,7 +1,8 @@
 """Neighbour-category statistics of a label set (§3.2, Fig. 3): ``freq(n_k, r)`` and ``π_r``.
 
-``freq(n_k, r)`` is the share of non-ignored pixels whose number of valid positive neighbours at rate ``r`` is
-``k``; ``π_r`` the share of valid signals at rate ``r`` that are positive. Both come from integer counts
+``freq(n_k, r)`` is the share of the pixels with at least one valid neighbour at rate ``r`` whose neighbour
+category is ``k`` (counted with the rule ``partial_neighbors``, see :func:`affinity.neighbor_categories`); ``π_r``
+the share of valid signals at rate ``r`` that are positive. Both come from integer counts
 accumulated one label map at a time (memory independent of the dataset size), so partial results merge exactly.
 
 Command line (writes the JSON that training loads, and a Fig. 3-style PNG)::
@@ -25,7 +26,8 @@ import numpy as np
 
 from dilaff_jax import affinity
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records the n_k rule (partial_neighbors); version 1 files were counted with "count" and
+                    # put pixels without valid neighbours into n_0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +50,14 @@ class StatsCounts:
 
 @dataclasses.dataclass(frozen=True)
 class AffinityStats:
-  """``freq(n_k, r)`` (``freq [|R|, 9]``, rows sum to 1) and ``π_r`` (``pos_freq [|R|]``) for explicit rates."""
+  """``freq(n_k, r)`` (``freq [|R|, 9]``, rows sum to 1) and ``π_r`` (``pos_freq [|R|]``) for explicit rates,
+  with the n_k rule they were counted with (``partial_neighbors``)."""
   rates: affinity.Rates
   freq: np.ndarray
   pos_freq: np.ndarray
   counts: StatsCounts | None = None
   source: str = ""
+  partial_neighbors: str = "rescale"
 
   def __post_init__(self):
     rates = affinity.explicit_rates(self.rates)
@@ -66,18 +70,23 @@ class AffinityStats:
     if not (np.all(np.isfinite(freq)) and np.all(freq >= 0) and np.all(np.isfinite(pos))
             and np.all((pos >= 0) & (pos <= 1))):
       raise ValueError("AffinityStats: freq and pos_freq must be finite shares in [0, 1]")
+    if self.partial_neighbors not in affinity.PARTIAL_NEIGHBORS:
+      raise ValueError(f"AffinityStats: partial_neighbors={self.partial_neighbors!r}, expected one of "
+                       f"{affinity.PARTIAL_NEIGHBORS}")
     object.__setattr__(self, "rates", rates)
     object.__setattr__(self, "freq", freq)
     object.__setattr__(self, "pos_freq", pos)
 
   @classmethod
-  def from_counts(cls, rates: Sequence, counts: StatsCounts, source: str = "") -> "AffinityStats":
+  def from_counts(cls, rates: Sequence, counts: StatsCounts, source: str = "",
+                  partial_neighbors: str = "rescale") -> "AffinityStats":
     rates = affinity.explicit_rates(rates)
     pixels = counts.category.sum(axis=1, keepdims=True)
     if np.any(pixels == 0) or np.any(counts.valid == 0):
-      raise ValueError(f"AffinityStats: no labelled pixels / valid signals for some rate in {rates} "
-                       f"({counts.images} images seen): cannot compute shares")
-    return cls(rates, counts.category / pixels, counts.positive / counts.valid, counts, source)
+      bad = [affinity.rate_label(r) for r, p in zip(rates, pixels[:, 0]) if p == 0]
+      raise ValueError(f"AffinityStats: no labelled pixel has a valid neighbour at rate(s) {bad or list(rates)} "
+                       f"({counts.images} label maps seen): the label maps are too small for these rates")
+    return cls(rates, counts.category / pixels, counts.positive / counts.valid, counts, source, partial_neighbors)
 
   def select(self, rates: Sequence) -> "AffinityStats":
     """The statistics of a subset of the rates (in the given order)."""
@@ -90,10 +99,10 @@ class AffinityStats:
     if self.counts is not None:
       c = self.counts
       counts = StatsCounts(c.category[idx], c.positive[idx], c.valid[idx], c.images)
-    return AffinityStats(rates, self.freq[idx], self.pos_freq[idx], counts, self.source)
+    return AffinityStats(rates, self.freq[idx], self.pos_freq[idx], counts, self.source, self.partial_neighbors)
 
   def to_json(self) -> dict:
-    out = {"format_version": FORMAT_VERSION, "source": self.source,
+    out = {"format_version": FORMAT_VERSION, "source": self.source, "partial_neighbors": self.partial_neighbors,
            "rates": [list(r) for r in self.rates], "freq": self.freq.tolist(), "pos_freq": self.pos_freq.tolist()}
     if self.counts is not None:
       out["counts"] = {"category": self.counts.category.tolist(), "positive": self.counts.positive.tolist(),
@@ -103,14 +112,16 @@ class AffinityStats:
   @classmethod
   def from_json(cls, data: dict) -> "AffinityStats":
     if data.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"AffinityStats: unsupported format_version {data.get('format_version')!r}")
+      raise ValueError(f"AffinityStats: unsupported format_version {data.get('format_version')!r} (this version "
+                       f"reads {FORMAT_VERSION}); recompute the statistics with `python -m dilaff_jax.stats`, or "
+                       "delete the file to let training recompute it")
     counts = None
     if "counts" in data:
       c = data["counts"]
       counts = StatsCounts(np.asarray(c["category"], np.int64), np.asarray(c["positive"], np.int64),
                            np.asarray(c["valid"], np.int64), int(c["images"]))
     return cls(tuple(tuple(r) for r in data["rates"]), np.asarray(data["freq"]), np.asarray(data["pos_freq"]),
-               counts, data.get("source", ""))
+               counts, data.get("source", ""), data["partial_neighbors"])
 
   def save(self, path: str) -> None:
     """Writes JSON atomically (temporary file + rename)."""
@@ -133,12 +144,11 @@ class AffinityStats:
     return cls.from_json(data)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _map_counts(labels: jax.Array, rates: affinity.Rates, ignore_label: int):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _map_counts(labels: jax.Array, rates: affinity.Rates, ignore_label: int, partial_neighbors: str):
   targets, valid = affinity.affinity_targets(labels[None], rates, ignore_label)
-  k = affinity.neighbor_categories(targets, valid, len(rates))[0]  # [H, W, R]
-  centre = (labels != ignore_label)[..., None]
-  onehot = jax.nn.one_hot(k, affinity.NUM_CATEGORIES, dtype=jnp.int32) * centre[..., None]
+  k = affinity.neighbor_categories(targets, valid, len(rates), partial_neighbors)[0]  # [H, W, R]; -1: none
+  onehot = jax.nn.one_hot(k, affinity.NUM_CATEGORIES, dtype=jnp.int32)  # all zero where k = -1 (void included)
   nr = len(rates)
   category = onehot.sum((0, 1))
   positive = targets[0].reshape(*labels.shape, nr, 8).sum((0, 1, 3)).astype(jnp.int32)
@@ -156,7 +166,8 @@ def _pad_to_multiple(label: np.ndarray, multiple: int, ignore_label: int) -> np.
   return label
 
 
-def map_counts(label: np.ndarray, rates: Sequence, ignore_label: int = 255, pad_multiple: int = 32) -> StatsCounts:
+def map_counts(label: np.ndarray, rates: Sequence, ignore_label: int = 255, pad_multiple: int = 32,
+               partial_neighbors: str = "rescale") -> StatsCounts:
   """Counts of one ``[H, W]`` label map (jit'd; shapes padded to ``pad_multiple`` to bound recompiles)."""
   label = np.asarray(label)
   if label.ndim == 3 and label.shape[-1] == 1:
@@ -166,12 +177,13 @@ def map_counts(label: np.ndarray, rates: Sequence, ignore_label: int = 255, pad_
   if pad_multiple > 1:
     label = _pad_to_multiple(label, pad_multiple, ignore_label)
   cat, pos, val = jax.device_get(_map_counts(jnp.asarray(label, jnp.int32), affinity.explicit_rates(rates),
-                                             int(ignore_label)))
+                                             int(ignore_label), partial_neighbors))
   return StatsCounts(cat.astype(np.int64), pos.astype(np.int64), val.astype(np.int64), 1)
 
 
 def compute_stats(label_maps: Iterable[np.ndarray], rates: Sequence, ignore_label: int = 255, source: str = "",
-                  log_every: int = 0, total: int | None = None, pad_multiple: int = 32) -> AffinityStats:
+                  log_every: int = 0, total: int | None = None, pad_multiple: int = 32,
+                  partial_neighbors: str = "rescale") -> AffinityStats:
   """Streams over label maps (any sizes) and returns their :class:`AffinityStats`.
 
   Memory does not grow with the number of maps. With ``log_every > 0`` prints progress (and an ETA when
@@ -181,14 +193,31 @@ def compute_stats(label_maps: Iterable[np.ndarray], rates: Sequence, ignore_labe
   counts = StatsCounts.zeros(len(rates))
   start = time.time()
   for i, label in enumerate(label_maps, 1):
-    counts = counts + map_counts(label, rates, ignore_label, pad_multiple)
+    counts = counts + map_counts(label, rates, ignore_label, pad_multiple, partial_neighbors)
     if log_every and i % log_every == 0:
       rate = i / max(time.time() - start, 1e-9)
       eta = f", ETA {(total - i) / rate:.0f}s" if total else ""
       print(f"[stats] {i}{'/' + str(total) if total else ''} label maps, {rate:.1f}/s{eta}", flush=True)
   if counts.images == 0:
     raise ValueError("compute_stats: no label maps were given")
-  return AffinityStats.from_counts(rates, counts, source)
+  return AffinityStats.from_counts(rates, counts, source, partial_neighbors)
+
+
+def weight_table(stats: AffinityStats, scheme: str, max_weight: float | None = None) -> str:
+  """The reweighting factors of Eq. 5 per rate, as text for the start-up log: ``w_r(n_0..n_8)`` for the
+  ``neighbor``/``sqrt``/``none`` schemes, the (negative, positive) weights for ``signal``."""
+  lines = [f"affinity weights ({scheme}, n_k rule {stats.partial_neighbors!r}"
+           + (f", capped at {max_weight:g}" if max_weight is not None else ", no cap") + "):"]
+  if scheme == "signal":
+    w = affinity.signal_weights(stats.pos_freq, max_weight)
+    lines += [f"  rate {affinity.rate_label(r):>6}: negative {row[0]:.4g}, positive {row[1]:.4g}"
+              for r, row in zip(stats.rates, w)]
+  else:
+    w = affinity.neighbor_weights(stats.freq, scheme, max_weight)
+    lines.append(f"  {'rate':>11}  " + " ".join(f"{'n' + str(k):>8}" for k in range(affinity.NUM_CATEGORIES)))
+    lines += [f"  rate {affinity.rate_label(r):>6}: " + " ".join(f"{v:8.3g}" for v in row)
+              for r, row in zip(stats.rates, w)]
+  return "\n".join(lines)
 
 
 def plot_category_shares(stats: AffinityStats, path: str, title: str = "") -> None:
@@ -242,6 +271,8 @@ def main(argv=None) -> None:
   p.add_argument("--rates", default="8,12x24,16", help="paper shorthand, e.g. '8,12x24,16' (12x24 adds 24x12)")
   p.add_argument("--plot_rates", default="2,4,8,16,32,64", help="rates for the Fig. 3 PNG")
   p.add_argument("--ignore_label", type=int, default=255)
+  p.add_argument("--partial_neighbors", default="rescale", choices=affinity.PARTIAL_NEIGHBORS,
+                 help="n_k rule for pixels with invalid neighbours (must match affinity.partial_neighbors)")
   p.add_argument("--max_images", type=int, default=0, help="0 = the whole split")
   p.add_argument("--output", required=True, help="JSON file for the configured rates")
   p.add_argument("--plot", default="", help="PNG path for the Fig. 3-style plot (optional)")
@@ -252,7 +283,8 @@ def main(argv=None) -> None:
   all_rates = tuple(dict.fromkeys(rates + plot_rates))
   maps, total = tfds_label_maps(args.dataset, args.split, args.data_dir, args.max_images)
   source = f"{args.dataset}:{args.split}"
-  stats = compute_stats(maps, all_rates, args.ignore_label, source, log_every=100, total=total)
+  stats = compute_stats(maps, all_rates, args.ignore_label, source, log_every=100, total=total,
+                        partial_neighbors=args.partial_neighbors)
   stats.select(rates).save(args.output)
   print(f"[stats] wrote {args.output}")
   for r, f, pi in zip(rates, stats.select(rates).freq, stats.select(rates).pos_freq):

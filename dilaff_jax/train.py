@@ -106,10 +106,10 @@ def create_train_state(config: ml_collections.ConfigDict, model: DeepLabV3Plus, 
   dummy = jnp.zeros((1, size, size, 3), jnp.float32)
   init = jax.jit(functools.partial(model.init, train=False, output_stride=config.model.train_output_stride))
   variables = flax.core.unfreeze(init({"params": rng, "dropout": rng}, dummy))
-  if config.model.pretrained:
-    variables = pretrained.load_pretrained_backbone(variables, config.model.pretrained, config.model.depth,
-                                                    config.model.stem)
-    logging.info("Loaded ImageNet backbone weights from %s", config.model.pretrained)
+  weights = config_checks.pretrained_path(config)
+  if weights is not None:
+    variables = pretrained.load_pretrained_backbone(variables, weights, config.model.depth, config.model.stem)
+    logging.info("Loaded ImageNet backbone weights from %s", weights)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=create_optimizer(config),
                            batch_stats=variables["batch_stats"])
 
@@ -163,7 +163,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: ml_col
   out["loss"] = out["ce_loss"]
   collection = SegmentationMetrics
   if rates:
-    c, t = affinity.affinity_accuracy_counts(aux["aff_logits"], labels, rates, ign)
+    c, t = affinity.affinity_accuracy_counts(aux["aff_logits"], labels, rates, ign, stats.partial_neighbors)
     out["affinity_loss"] = psum(aux["aff"])
     out["affinity_accuracy"] = psum(c.sum()) / jnp.maximum(psum(t.sum()), 1)
     out["loss"] = out["ce_loss"] + config.affinity.beta * out["affinity_loss"]
@@ -180,24 +180,29 @@ def load_or_compute_stats(config: ml_collections.ConfigDict, workdir: str,
   """``freq(n_k, r)`` and ``π_r`` for ``rates``: from ``affinity.stats_path`` if set, else from
   ``<workdir>/affinity_stats.json``, computing and writing that file from the training labels when missing."""
   path = config.affinity.stats_path or os.path.join(workdir, "affinity_stats.json")
+  rule = config.affinity.partial_neighbors
   _barrier("before affinity statistics")  # every process sees the same file state below
-  if os.path.exists(path) or config.affinity.stats_path:
-    s = stats_lib.AffinityStats.load(path)
+  compute = not os.path.exists(path) and not config.affinity.stats_path  # the same on every process
+  if compute and jax.process_index() > 0:  # process 0 computes and writes the file; the others wait for it
+    _barrier("affinity statistics written")
+  if not compute or jax.process_index() > 0:
     try:
-      s = s.select(rates)
-    except ValueError as e:
+      s = stats_lib.AffinityStats.load(path).select(rates)
+    except (ValueError, KeyError) as e:
       raise config_checks.ConfigError(f"config.affinity.stats_path = {path!r}: {e}; recompute with "
                                       "`python -m dilaff_jax.stats`") from None
+    if s.partial_neighbors != rule:
+      raise config_checks.ConfigError(
+          f"config.affinity.partial_neighbors = {rule!r}, but the statistics in {path!r} were counted with "
+          f"{s.partial_neighbors!r}: recompute them with `python -m dilaff_jax.stats --partial_neighbors={rule}` "
+          "(or delete the workdir's file to let training recompute it)")
     logging.info("Affinity statistics from %s (%s)", path, s.source)
     return s
-  if jax.process_index() > 0:  # process 0 computes and writes the file; the others wait for it
-    _barrier("affinity statistics written")
-    return stats_lib.AffinityStats.load(path).select(rates)
   d = config.dataset
   maps, total = stats_lib.tfds_label_maps(d.name, d.train_split, d.get("data_dir"), config.affinity.stats_max_images)
   logging.info("Computing affinity statistics over %d training label maps (once; saved to %s)", total, path)
   s = stats_lib.compute_stats(maps, rates, d.ignore_label, f"{d.name}:{d.train_split}",
-                              log_every=max(total // 10, 1), total=total)
+                              log_every=max(total // 10, 1), total=total, partial_neighbors=rule)
   s.save(path)
   _barrier("affinity statistics written")
   return s
@@ -326,6 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          manual_dir=config.dataset.get("manual_dir"))
   _barrier("dataset prepared")
   stats = load_or_compute_stats(config, workdir, rates) if rates else None
+  if stats is not None and is_chief:
+    print("[train] " + stats_lib.weight_table(stats, config.affinity.scheme, config.affinity.max_weight), flush=True)
   bias = affinity.prior_bias(stats.pos_freq) if rates else None
   model = build_model(config, rates, bias)
   rng = jax.random.key(config.seed)

@@ -47,7 +47,8 @@ def brute_targets(labels, rates):
   return targets, valid
 
 
-def brute_categories(labels, rates):
+def brute_categories(labels, rates, rule="rescale"):
+  """n_k per pixel and rate: q positives among v valid neighbours; -1 when v = 0; k = round(8q/v) or q."""
   targets, valid = brute_targets(labels, rates)
   b, h, w, _ = targets.shape
   k = np.zeros((b, h, w, len(rates)), np.int32)
@@ -55,7 +56,12 @@ def brute_categories(labels, rates):
     for i in range(h):
       for j in range(w):
         for r in range(len(rates)):
-          k[n, i, j, r] = sum(1 for c in range(8 * r, 8 * r + 8) if valid[n, i, j, c] and targets[n, i, j, c] == 1)
+          q = sum(1 for c in range(8 * r, 8 * r + 8) if valid[n, i, j, c] and targets[n, i, j, c] == 1)
+          v = sum(1 for c in range(8 * r, 8 * r + 8) if valid[n, i, j, c])
+          if v == 0:
+            k[n, i, j, r] = -1
+          else:
+            k[n, i, j, r] = round(8 * q / v) if rule == "rescale" else q  # Python's round: half to even
   return k
 
 
@@ -65,9 +71,10 @@ def brute_focal(x, y, gamma):
   return -((1 - pt) ** gamma) * math.log(pt)
 
 
-def brute_affinity_loss(logits, labels, rates, freq, pos_freq, scheme, gamma, max_weight):
+def brute_affinity_loss(logits, labels, rates, freq, pos_freq, scheme, gamma, max_weight, rule="rescale"):
   targets, valid = brute_targets(labels, rates)
-  k = brute_categories(labels, rates)
+  k = brute_categories(labels, rates, rule)
+  cap = math.inf if max_weight is None else max_weight
   b, h, w, _ = targets.shape
   g = 0.0 if scheme == "none" else gamma
   total, n = 0.0, 0
@@ -79,10 +86,14 @@ def brute_affinity_loss(logits, labels, rates, freq, pos_freq, scheme, gamma, ma
         n += 1
         for r in range(len(rates)):
           kk = k[bi, i, j, r]
+          if kk < 0:  # no valid neighbour at this rate: no category, no loss
+            assert not valid[bi, i, j, 8 * r:8 * r + 8].any()
+            continue
           if scheme in ("neighbor", "sqrt"):
-            wr = freq[r][8] / freq[r][kk] if freq[r][kk] > 0 else math.inf
+            seen = [freq[r][8] / f for f in freq[r] if f > 0]
+            wr = freq[r][8] / freq[r][kk] if freq[r][kk] > 0 else max(seen)  # unseen: the rate's largest weight
             wr = math.sqrt(wr) if scheme == "sqrt" else wr
-            wr = min(wr, max_weight)
+            wr = min(wr, cap)
           for c in range(8 * r, 8 * r + 8):
             if not valid[bi, i, j, c]:
               continue
@@ -90,7 +101,7 @@ def brute_affinity_loss(logits, labels, rates, freq, pos_freq, scheme, gamma, ma
             if scheme == "none":
               wgt = 1.0
             elif scheme == "signal":
-              wgt = 1.0 if y == 1 else min(pos_freq[r] / (1 - pos_freq[r]), max_weight)
+              wgt = 1.0 if y == 1 else min(pos_freq[r] / (1 - pos_freq[r]), cap)
             else:
               wgt = wr
             total += wgt * brute_focal(float(logits[bi, i, j, c]), y, g)
@@ -148,13 +159,31 @@ def test_affinity_targets_hand_case():
   np.testing.assert_array_equal(np.asarray(valid)[0, 0, 0], [0, 0, 0, 0, 1, 0, 1, 1])
 
 
-def test_neighbor_categories_match_brute_force():
+@pytest.mark.parametrize("rule", ["rescale", "count"])
+def test_neighbor_categories_match_brute_force(rule):
   labels = random_labels(3, shape=(3, 8, 6))
   targets, valid = affinity.affinity_targets(labels, RATES)
-  k = affinity.neighbor_categories(targets, valid, len(RATES))
-  np.testing.assert_array_equal(np.asarray(k), brute_categories(labels, RATES))
+  k = affinity.neighbor_categories(targets, valid, len(RATES), rule)
+  np.testing.assert_array_equal(np.asarray(k), brute_categories(labels, RATES, rule))
   with pytest.raises(ValueError, match="num_rates"):
-    affinity.neighbor_categories(targets, valid, 3)
+    affinity.neighbor_categories(targets, valid, 3, rule)
+
+
+def test_neighbor_categories_border_of_uniform_region():
+  # A uniform 6x6 region, rate 2: every pixel has only positive valid neighbours. "rescale" keeps the border band
+  # in n_8 (it is no boundary); "count" puts edges in n_5 and corners in n_3. A void pixel has no category.
+  labels = np.zeros((1, 6, 6), np.int32)
+  labels[0, 5, 5] = IGN
+  targets, valid = affinity.affinity_targets(labels, [(2, 2)])
+  rescale = np.asarray(affinity.neighbor_categories(targets, valid, 1, "rescale"))[0, ..., 0]
+  count = np.asarray(affinity.neighbor_categories(targets, valid, 1, "count"))[0, ..., 0]
+  assert rescale[0, 0] == 8 and rescale[0, 3] == 8 and rescale[2, 2] == 8 and rescale[5, 5] == -1
+  assert count[0, 0] == 3 and count[0, 3] == 5 and count[2, 2] == 8 and count[5, 5] == -1
+  assert count[3, 3] == 7  # its (+2, +2) neighbour is void: unknown, not negative ... and not positive either
+  assert rescale[3, 3] == 8
+  # a pixel whose neighbours are all outside the image (rate larger than the map) has no category
+  targets, valid = affinity.affinity_targets(labels, [(7, 7)])
+  assert np.all(np.asarray(affinity.neighbor_categories(targets, valid, 1)) == -1)
 
 
 # ---------------------------------------------------------------------------------------------- focal loss
@@ -185,7 +214,7 @@ def test_focal_loss_extreme_logits_finite():
 # ---------------------------------------------------------------------------------------------- weights and loss
 
 
-FREQ = np.array([[0.02, 0.0, 0.05, 0.03, 0.1, 0.1, 0.1, 0.1, 0.5],  # n_1 never seen -> max_weight
+FREQ = np.array([[0.02, 0.0, 0.05, 0.03, 0.1, 0.1, 0.1, 0.1, 0.5],  # n_1 never seen -> the rate's largest weight
                  [0.04, 0.06, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.3],
                  [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2],
                  [0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])
@@ -193,13 +222,18 @@ POS = np.array([0.9, 0.8, 0.7, 0.75])
 
 
 def test_neighbor_weights_hand_computed():
-  w = affinity.neighbor_weights(FREQ, "neighbor", max_weight=100.0)
-  np.testing.assert_allclose(w[0], [25, 100, 10, 50 / 3, 5, 5, 5, 5, 1], rtol=1e-6)
+  w = affinity.neighbor_weights(FREQ, "neighbor")
+  np.testing.assert_allclose(w[0], [25, 25, 10, 50 / 3, 5, 5, 5, 5, 1], rtol=1e-6)  # unseen n_1: max seen, 25
   np.testing.assert_allclose(w[:, 8], 1.0)
-  s = affinity.neighbor_weights(FREQ, "sqrt", max_weight=100.0)
-  np.testing.assert_allclose(s[0], [5, 100, math.sqrt(10), math.sqrt(50 / 3), math.sqrt(5), math.sqrt(5),
+  s = affinity.neighbor_weights(FREQ, "sqrt")
+  np.testing.assert_allclose(s[0], [5, 5, math.sqrt(10), math.sqrt(50 / 3), math.sqrt(5), math.sqrt(5),
                                     math.sqrt(5), math.sqrt(5), 1], rtol=1e-6)
-  np.testing.assert_allclose(affinity.neighbor_weights(FREQ, "neighbor", max_weight=20.0)[0, 0], 20.0)
+  np.testing.assert_allclose(affinity.neighbor_weights(FREQ, "neighbor", max_weight=20.0)[0, :3], [20, 20, 10])
+  # no cap by default: Table 1's "absurdly large" neighbor weights stay as large as the statistics make them
+  rare = np.array([[1e-4, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.5]])
+  np.testing.assert_allclose(affinity.neighbor_weights(rare, "neighbor")[0, 0], 5000.0, rtol=1e-6)
+  np.testing.assert_allclose(affinity.signal_weights([0.999])[0], [999.0, 1.0], rtol=1e-4)
+  np.testing.assert_allclose(affinity.signal_weights([1.0])[0], [1.0, 1.0])  # no negatives: nothing to weigh
   np.testing.assert_array_equal(affinity.neighbor_weights(FREQ, "none"), np.ones((4, 9)))
   sig = affinity.signal_weights(POS)
   np.testing.assert_allclose(sig, [[9, 1], [4, 1], [7 / 3, 1], [3, 1]], rtol=1e-6)
@@ -207,12 +241,13 @@ def test_neighbor_weights_hand_computed():
     affinity.neighbor_weights(np.array([[0.5, 0.5, 0, 0, 0, 0, 0, 0, 0]]), "sqrt")
 
 
-def test_affinity_loss_each_scheme_hand_computed():
-  # One 3x3 map, rate 1. Centre label 0 with neighbours [0,0,1 / 0,1 / 0,0,255] -> 5 positives: n_5.
+@pytest.mark.parametrize("rule", ["rescale", "count"])
+def test_affinity_loss_each_scheme_hand_computed(rule):
+  # One 3x3 map, rate 1. Centre label 0 with neighbours [0,0,1 / 0,1 / 0,0,255] -> 5 positives of 7 valid.
   labels = np.array([[[0, 0, 1], [0, 0, 1], [0, 0, IGN]]], np.int32)
   rates = [(1, 1)]
   freq = np.array([[0.1, 0.1, 0.1, 0.1, 0.1, 0.04, 0.16, 0.1, 0.2]])
-  stats = AffinityStats(rates, freq, np.array([0.8]))
+  stats = AffinityStats(rates, freq, np.array([0.8]), partial_neighbors=rule)
   # all logits 0 -> p = 0.5 everywhere, FL = 0.25 * log 2 (γ=2) or log 2 (γ=0), per valid signal
   logits = jnp.zeros((1, 3, 3, 8))
   # per-pixel (k, #valid, #pos): computed by hand from the 3x3 map
@@ -226,6 +261,8 @@ def test_affinity_loss_each_scheme_hand_computed():
   #  (2,1): (1,0)=0 (1,1)=0 (1,2)=1 (2,0)=0; (2,2) ignored -> k=3, 4 valid, 3 pos
   #  (2,2) ignored centre.
   pix = [(3, 3, 3), (3, 5, 3), (1, 3, 1), (5, 5, 5), (5, 7, 5), (1, 4, 1), (3, 3, 3), (3, 4, 3)]
+  if rule == "rescale":  # k = round(8 · pos / valid): 8, 4.8 -> 5, 2.67 -> 3, 8, 5.71 -> 6, 2, 8, 6
+    pix = [(k, v, p) for (_, v, p), k in zip(pix, [8, 5, 3, 8, 6, 2, 8, 6])]
   n = 8
   fl2, fl0 = 0.25 * math.log(2), math.log(2)
   want = {
@@ -240,14 +277,15 @@ def test_affinity_loss_each_scheme_hand_computed():
 
 
 @pytest.mark.parametrize("scheme", ["none", "signal", "neighbor", "sqrt"])
-def test_affinity_loss_matches_brute_force(scheme):
+@pytest.mark.parametrize("rule,max_weight", [("rescale", None), ("count", None), ("rescale", 8.0)])
+def test_affinity_loss_matches_brute_force(scheme, rule, max_weight):
   labels = random_labels(7, shape=(2, 6, 7))
   rng = np.random.default_rng(8)
   logits = rng.normal(scale=3.0, size=(2, 6, 7, 8 * len(RATES))).astype(np.float32)
-  stats = AffinityStats(RATES, FREQ, POS)
+  stats = AffinityStats(RATES, FREQ, POS, partial_neighbors=rule)
   got = float(affinity.affinity_loss(jnp.asarray(logits), jnp.asarray(labels), RATES, stats, scheme=scheme,
-                                     gamma=2.0, max_weight=30.0))
-  want = brute_affinity_loss(logits, labels, RATES, FREQ, POS, scheme, 2.0, 30.0)
+                                     gamma=2.0, max_weight=max_weight))
+  want = brute_affinity_loss(logits, labels, RATES, FREQ, POS, scheme, 2.0, max_weight, rule)
   assert got == pytest.approx(want, rel=1e-5)
 
 
@@ -300,13 +338,15 @@ def test_prior_bias_sigmoid_equals_pi():
   assert np.all(np.isfinite(affinity.prior_bias([0.0, 1.0])))
 
 
-def test_affinity_accuracy_counts_brute_force():
+@pytest.mark.parametrize("rule", ["rescale", "count"])
+def test_affinity_accuracy_counts_brute_force(rule):
   labels = random_labels(21, shape=(2, 6, 5))
   rng = np.random.default_rng(22)
   logits = rng.normal(size=(2, 6, 5, 8 * len(RATES))).astype(np.float32)
-  correct, total = affinity.affinity_accuracy_counts(jnp.asarray(logits), jnp.asarray(labels), RATES)
+  correct, total = affinity.affinity_accuracy_counts(jnp.asarray(logits), jnp.asarray(labels), RATES,
+                                                     partial_neighbors=rule)
   targets, valid = brute_targets(labels, RATES)
-  k = brute_categories(labels, RATES)
+  k = brute_categories(labels, RATES, rule)
   want_c = np.zeros((len(RATES), 9), int)
   want_t = np.zeros((len(RATES), 9), int)
   for idx in np.ndindex(*labels.shape):

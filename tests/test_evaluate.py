@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from dilaff_jax import affinity, config_checks, evaluate, input_pipeline, propagation
+from dilaff_jax import affinity, config_checks, evaluate, inference, input_pipeline, propagation
 from test_train import tiny_config
 
 IGN = 255
@@ -52,7 +52,7 @@ def test_flip_permutation_maps_affinity_of_flipped_image_back():
   labels = rng.integers(0, 3, size=(2, 7, 9)).astype(np.int32)
   a = np.asarray(propagation.gt_affinity(labels, rates))
   a_flip = np.asarray(propagation.gt_affinity(labels[:, :, ::-1].copy(), rates))
-  back = a_flip[:, :, ::-1][..., evaluate.flip_permutation(rates)]
+  back = a_flip[:, :, ::-1][..., inference.flip_permutation(rates)]
   np.testing.assert_array_equal(back, a)
   assert not np.array_equal(a_flip[:, :, ::-1], a)  # the permutation is needed
 
@@ -137,15 +137,15 @@ def test_flip_prediction_is_the_mean_of_both_passes():
   images = jnp.asarray(rng.normal(size=(2, 9, 11, 3)), jnp.float32)
   kw = dict(size=(9, 11), output_stride=8, scales=(1.0,), rates=rates, mu=7.0)
   model = functools.partial(pixel_model, num_classes=4)
-  p1, a1 = evaluate.predict(model, variables, images, flip=False, **kw)
-  p2, a2 = evaluate.predict(model, variables, images, flip=True, **kw)
+  p1, a1 = inference.predict(model, variables, images, flip=False, **kw)
+  p2, a2 = inference.predict(model, variables, images, flip=True, **kw)
   # a pixel model is flip-equivariant for probabilities; the flipped pass' affinity is re-ordered by direction
   np.testing.assert_allclose(p2, p1, rtol=1e-6)
-  flipped = evaluate.predict(model, variables, images[:, :, ::-1], flip=False, **kw)[1]
-  want = 0.5 * (a1 + flipped[:, :, ::-1][..., evaluate.flip_permutation(rates)])
+  flipped = inference.predict(model, variables, images[:, :, ::-1], flip=False, **kw)[1]
+  want = 0.5 * (a1 + flipped[:, :, ::-1][..., inference.flip_permutation(rates)])
   np.testing.assert_allclose(a2, want, rtol=1e-6)
   # scales (1.0, 1.0) average two identical passes
-  p3, _ = evaluate.predict(model, variables, images, flip=False, **dict(kw, scales=(1.0, 1.0)))
+  p3, _ = inference.predict(model, variables, images, flip=False, **dict(kw, scales=(1.0, 1.0)))
   np.testing.assert_allclose(p3, p1, rtol=1e-6)
 
 
@@ -180,3 +180,29 @@ def test_watch_evaluates_every_checkpoint_once(data_dir, tmp_path):
   assert [r["step"] for r in results] == [2, 4]
   # a second watcher finds both already evaluated and stops at once (the last step is reached)
   assert evaluate.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1) == []
+
+
+def test_multiscale_affinity_comes_from_the_scale_one_passes_only():
+  """A rate's channel at input scale s spans r/s original pixels: a fake model whose affinity depends on the input
+  scale shows that the affinity is the scale-1.0 pass' (never a mix), while the probabilities average all scales."""
+  rates = affinity.expand_rates([2])
+  width = 12
+
+  def fake_model(variables, x, train, output_stride):
+    del variables, train, output_stride
+    s = x.shape[2] / width  # the input scale
+    b, h, w, _ = x.shape
+    logits = jnp.concatenate([jnp.full((b, h, w, 1), s), jnp.zeros((b, h, w, 1))], -1)
+    return {"logits": logits, "affinity_logits": jnp.full((b, h, w, 8), 4.0 * (s - 1.0) + 0.5)}
+
+  images = jnp.zeros((1, 9, width, 3), jnp.float32)
+  kw = dict(size=(9, width), output_stride=8, rates=rates, mu=7.0)
+  p1, a1 = inference.predict(fake_model, None, images, scales=(1.0,), flip=False, **kw)
+  pm, am = inference.predict(fake_model, None, images, scales=(0.5, 1.0, 1.5), flip=True, **kw)
+  np.testing.assert_allclose(am, a1, rtol=1e-6)  # scale-1 affinity (and its flip), not averaged over scales
+  np.testing.assert_allclose(a1, propagation.steep_sigmoid(jnp.full(a1.shape, 0.5), 7.0), rtol=1e-6)
+  widths = [int(round(s * (width - 1))) + 1 for s in (0.5, 1.0, 1.5)]  # DeepLab's aligned sizes
+  want = np.mean([jax.nn.softmax(jnp.array([w / width, 0.0]))[0] for w in widths])
+  np.testing.assert_allclose(pm[..., 0], want, rtol=1e-5)  # probabilities: the mean over every scale and flip
+  with pytest.raises(ValueError, match="lack 1.0"):
+    inference.predict(fake_model, None, images, scales=(0.5, 1.5), flip=False, **kw)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dilaff_jax import affinity, config_checks, evaluate, predict, propagation, train, visualize
+from dilaff_jax import affinity, config_checks, evaluate, inference, predict, propagation, train, visualize
 from test_train import REPO, tiny_config
 
 # name -> (size, Pillow mode, file type); the first two and the last two share a padded size (41x57, 65x33)
@@ -124,7 +124,7 @@ def reference(config, variables, image):
   x = jnp.asarray(((padded - mean) / std)[None])
   rates = config_checks.rates_of(config)
   model = train.build_model(config, rates, axis_name=None)
-  probs, aff = evaluate.predict(model.apply, variables, x, size=(hp, wp), output_stride=8, scales=(1.0,), flip=False,
+  probs, aff = inference.predict(model.apply, variables, x, size=(hp, wp), output_stride=8, scales=(1.0,), flip=False,
                                 rates=rates, mu=config.affinity.mu)
   inside = np.zeros(aff.shape, np.float32)
   for c, (s, t) in enumerate(affinity.neighbor_offsets(rates)):

@@ -12,31 +12,48 @@ from test_affinity import IGN, brute_categories, brute_targets, random_labels
 HAND_MAP = np.array([[0, 0, 1], [0, 0, 1], [0, 0, IGN]], np.uint8)
 
 
-def test_hand_counted_shares():
-  # per pixel (k, valid, positive) at rate 1, counted by hand (see test_affinity's hand case):
-  # k = 3,3,1,5,5,1,3,3 for the 8 labelled pixels; 34 valid signals of which 24 positive.
-  s = stats_lib.compute_stats([HAND_MAP], [1])
-  np.testing.assert_allclose(s.freq[0], [0, 2 / 8, 0, 4 / 8, 0, 2 / 8, 0, 0, 0])
+@pytest.mark.parametrize("rule", ["count", "rescale"])
+def test_hand_counted_shares(rule):
+  # per pixel (k, valid, positive) at rate 1, counted by hand (see test_affinity's hand case): 34 valid signals of
+  # which 24 positive; "count": k = 3,3,1,5,5,1,3,3 for the 8 labelled pixels; "rescale" (round(8q/v)):
+  # k = 8,5,3,8,6,2,8,6.
+  s = stats_lib.compute_stats([HAND_MAP], [1], partial_neighbors=rule)
+  want = {"count": [0, 2, 0, 4, 0, 2, 0, 0, 0], "rescale": [0, 0, 1, 1, 0, 1, 2, 0, 3]}[rule]
+  np.testing.assert_allclose(s.freq[0], np.array(want) / 8)
   np.testing.assert_allclose(s.pos_freq, [24 / 34])
-  assert s.counts.images == 1 and s.counts.category.sum() == 8
-  # a rate larger than the map: every labelled pixel is n_0 and there are no valid signals
-  with pytest.raises(ValueError, match="no labelled pixels / valid signals"):
-    stats_lib.compute_stats([HAND_MAP], [5])
+  assert s.counts.images == 1 and s.counts.category.sum() == 8 and s.partial_neighbors == rule
+  # a rate larger than the map: no pixel has a valid neighbour, so no pixel has a category
+  with pytest.raises(ValueError, match="too small for these rates"):
+    stats_lib.compute_stats([HAND_MAP], [5], partial_neighbors=rule)
 
 
-def test_streaming_matches_brute_force_over_maps_of_different_sizes():
+def test_border_band_of_uniform_images_is_not_boundary():
+  # Uniform 40x60 label maps: under "rescale" every pixel is n_8 at every rate; under "count" the border band
+  # (a quarter of the pixels at rate 4 here) lands in n_3 / n_5 and would get boundary-level weights.
+  maps = [np.full((40, 60), c, np.uint8) for c in range(3)]
+  rescale = stats_lib.compute_stats(maps, [4, 8])
+  np.testing.assert_array_equal(rescale.freq[:, 8], [1.0, 1.0])
+  count = stats_lib.compute_stats(maps, [4, 8], partial_neighbors="count")
+  border = 1 - (40 - 8) * (60 - 8) / (40 * 60)
+  np.testing.assert_allclose(count.freq[0, 8], 1 - border)
+  np.testing.assert_allclose(count.freq[0, 3] + count.freq[0, 5], border)
+
+
+@pytest.mark.parametrize("rule", ["rescale", "count"])
+def test_streaming_matches_brute_force_over_maps_of_different_sizes(rule):
   rates = ((1, 2), (2, 1), (3, 3))
   maps = [random_labels(s, shape=(1, 5 + s, 7 - s))[0] for s in range(4)]
-  s = stats_lib.compute_stats(iter(maps), rates)
+  s = stats_lib.compute_stats(iter(maps), rates, partial_neighbors=rule)
   cat = np.zeros((3, 9))
   pos = np.zeros(3)
   val = np.zeros(3)
   for m in maps:
-    k = brute_categories(m[None], rates)[0]
+    k = brute_categories(m[None], rates, rule)[0]
     t, v = brute_targets(m[None], rates)
     for r in range(3):
       for kk in k[..., r][m != IGN]:
-        cat[r, kk] += 1
+        if kk >= 0:  # a pixel without a valid neighbour at this rate has no category
+          cat[r, kk] += 1
       pos[r] += t[0][..., 8 * r:8 * r + 8].sum()
       val[r] += v[0][..., 8 * r:8 * r + 8].sum()
   np.testing.assert_array_equal(s.counts.category, cat)
@@ -45,21 +62,21 @@ def test_streaming_matches_brute_force_over_maps_of_different_sizes():
   np.testing.assert_allclose(s.freq, cat / cat.sum(1, keepdims=True))
   np.testing.assert_allclose(s.pos_freq, pos / val)
   # padding with the ignore label (used to bound recompiles) changes nothing
-  s1 = stats_lib.compute_stats(iter(maps), rates, pad_multiple=1)
+  s1 = stats_lib.compute_stats(iter(maps), rates, pad_multiple=1, partial_neighbors=rule)
   np.testing.assert_array_equal(s1.counts.category, s.counts.category)
   np.testing.assert_array_equal(s1.counts.valid, s.counts.valid)
   # counts merge exactly: the sum of per-map counts equals the streamed total
-  total = sum((stats_lib.map_counts(m, rates) for m in maps), stats_lib.StatsCounts.zeros(3))
+  total = sum((stats_lib.map_counts(m, rates, partial_neighbors=rule) for m in maps), stats_lib.StatsCounts.zeros(3))
   np.testing.assert_array_equal(total.category, s.counts.category)
   assert total.images == 4
 
 
 def test_json_round_trip_and_select(tmp_path):
-  s = stats_lib.compute_stats([HAND_MAP, HAND_MAP.T], [(1, 1), (1, 2)], source="hand")
+  s = stats_lib.compute_stats([HAND_MAP, HAND_MAP.T], [(1, 1), (1, 2)], source="hand", partial_neighbors="count")
   path = tmp_path / "sub" / "stats.json"
   s.save(str(path))
   back = AffinityStats.load(str(path))
-  assert back.rates == s.rates and back.source == "hand"
+  assert back.rates == s.rates and back.source == "hand" and back.partial_neighbors == "count"
   np.testing.assert_array_equal(back.freq, s.freq)
   np.testing.assert_array_equal(back.pos_freq, s.pos_freq)
   np.testing.assert_array_equal(back.counts.category, s.counts.category)
@@ -68,7 +85,13 @@ def test_json_round_trip_and_select(tmp_path):
   with pytest.raises(ValueError, match="not in the statistics"):
     back.select([(3, 3)])
   data = json.loads(path.read_text())
-  assert data["rates"] == [[1, 1], [1, 2]]
+  assert data["rates"] == [[1, 1], [1, 2]] and data["partial_neighbors"] == "count"
+  # a file of the first format (no rule recorded, void-neighbour pixels in n_0) is refused with what to do
+  data["format_version"] = 1
+  del data["partial_neighbors"]
+  path.write_text(json.dumps(data))
+  with pytest.raises(ValueError, match="recompute the statistics"):
+    AffinityStats.load(str(path))
 
 
 def test_load_errors_are_clear(tmp_path):

@@ -228,7 +228,32 @@ def test_named_variants_of_the_paper_tables():
   with pytest.raises(ValueError, match="unknown config variant"):
     voc.get_config("table9")
   for variant in list(voc.VARIANTS) + ["baseline", ""]:
-    config_checks.validate(voc.get_config(variant), num_devices=8)
+    c = voc.get_config(variant)
+    config_checks.validate(c, num_devices=8, mode="evaluate")  # evaluation restores every weight: no file needed
+    c.model.pretrained = "none"
+    config_checks.validate(c, num_devices=8)
+
+
+def test_paper_configs_refuse_to_train_without_imagenet_weights(tmp_path):
+  """ResNet-50+ without `model.pretrained` (a file, or "none" on purpose) is refused before any data work."""
+  c = voc.get_config()
+  with pytest.raises(config_checks.ConfigError, match="config.model.pretrained = '': ResNet-101 needs ImageNet"):
+    config_checks.validate(c, num_devices=8)
+  c.model.pretrained = str(tmp_path / "missing.safetensors")
+  with pytest.raises(config_checks.ConfigError, match="missing.safetensors'.*no such file"):
+    config_checks.validate(c, num_devices=8)
+  c.model.depth, c.model.multi_grid, c.model.pretrained = 18, (1, 2), ""  # small backbones may start from scratch
+  config_checks.validate(c, num_devices=8)
+  assert synthetic.get_config().model.pretrained == "none"
+  # the command line: one error line, exit 2, before the dataset (which does not exist here) is touched
+  workdir = tmp_path / "w"
+  proc = subprocess.run([sys.executable, "-m", "dilaff_jax.main", "--config=configs/voc.py", f"--workdir={workdir}",
+                         f"--config.dataset.manual_dir={tmp_path / 'nodata'}"], capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: config.model.pretrained = '': ResNet-101 needs")
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "nodata").exists() and not (workdir / "affinity_stats.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------- multi-host
@@ -281,6 +306,7 @@ def test_paper_config_compiles_and_runs_a_step(data_dir, tmp_path):
   c.train.num_steps = 1
   c.train.eval_at_end = False
   c.train.image_summary_every = 0
+  c.model.pretrained = "none"  # random init on purpose (no ImageNet weights on the test machine)
   result = train.train_and_evaluate(c, str(tmp_path / "paper"))
   assert np.isfinite(result["train"]["loss"]) and result["train"]["affinity_loss"] > 0
   step, variables = restored_variables(str(tmp_path / "paper"), c)
