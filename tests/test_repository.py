@@ -3,7 +3,8 @@
 A clone must be readable on its own, so code, docs, configs and comments may not name:
 
 * a sibling or parent folder of the development set-up: ``../shared`` and ``shared/spec``, ``shared/paper``,
-  ``shared/style`` (the project's conventions live in ``docs/conventions.md``);
+  ``shared/style``, or the spec file kept there, ``affinity-contract.md`` (the project's conventions live in
+  ``docs/conventions.md``);
 * absolute paths of a particular machine: ``/work/...``, ``/root/...``, ``/home/<user>/...``,
   ``/Users/<user>/...``;
 * in Markdown, a relative link that leaves the repository or names a file it does not hold.
@@ -35,6 +36,7 @@ FORBIDDEN = {  # the first that matches a line is reported
     "home folder of a user": re.compile(_START + r"/(?:home|Users)/[A-Za-z_][\w.-]*"),
     "parent shared folder": re.compile(r"\.\./+shared\b"),
     "shared spec/paper/style folder": re.compile(r"(?<![\w-])shared/(?:spec|paper|style)\b"),
+    "the development spec (not in the repository)": re.compile(r"affinity-contract\.md"),
 }
 _MD_LINK = re.compile(r"\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
@@ -141,6 +143,7 @@ def test_checker_flags_outside_references_and_allows_placeholders(tmp_path):
       "see ../shared/spec/affinity-contract.md": "parent shared folder",
       "conventions in shared/spec/affinity-contract.md": "shared spec/paper/style folder",
       "(see /work/shared/paper/x.md)": "absolute path /work",
+      "R expanded (affinity-contract.md)": "the development spec",
       "cache in /root/.cache/jax": "absolute path /root",
       "python /home/alice/dilaff/train.py": "home folder of a user",
       "open('/Users/bob/x.png')": "home folder of a user",
