@@ -28,7 +28,7 @@ import numpy as np
 
 from dilaff_jax.models.deeplab import DeepLabV3Plus
 
-PAPER_RATES = ((8, 8), (12, 24), (24, 12), (16, 16))  # R = {8, (12, 24), 16} expanded (affinity-contract.md)
+PAPER_RATES = ((8, 8), (12, 24), (24, 12), (16, 16))  # R = {8, (12, 24), 16} expanded (docs/conventions.md §1)
 
 
 def naive_multiply_adds(jaxpr) -> int:

@@ -83,7 +83,7 @@ def explicit_rates(rates: Sequence[RateSpec]) -> Rates:
 
 
 def neighbor_offsets(rates: Sequence[RateSpec]) -> tuple[tuple[int, int], ...]:
-  """The ``(s, t)`` offsets of ``S_r(i, j)`` (Eq. 3) for every rate: 8 per rate, contract order."""
+  """The ``(s, t)`` offsets of ``S_r(i, j)`` (Eq. 3) for every rate: 8 per rate, in the order of docs/conventions.md."""
   offsets = []
   for r1, r2 in explicit_rates(rates):
     for s in (-r1, 0, r1):
@@ -284,7 +284,7 @@ def prior_bias(pos_freq: Sequence[float], eps: float = 1e-4) -> np.ndarray:
 
   ``b_r = log(π_r / (1 - π_r))``, repeated over the 8 channels of each rate: a float32 vector of length
   ``8·|R|``. The paper prints ``-log(π_r / (1 - π_r))``, which would give ``σ(b_r) = 1 - π_r``: a sign slip
-  (see the affinity contract). ``π_r`` is clipped to ``[eps, 1 - eps]`` to keep the bias finite.
+  (docs/conventions.md). ``π_r`` is clipped to ``[eps, 1 - eps]`` to keep the bias finite.
   """
   pi = np.clip(np.asarray(pos_freq, np.float64), eps, 1.0 - eps)
   if pi.ndim != 1 or pi.size == 0:
