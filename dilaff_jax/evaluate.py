@@ -100,6 +100,10 @@ def _markdown(results: dict, class_names: Sequence[str]) -> str:
     for name, label in (("predicted", "Refine with predicted affinity"), ("oracle", "Refine with ground truth")):
       if name in sweep:
         lines.append(f"| {label} | " + " | ".join(f"{100 * v:.2f}%" for v in sweep[name]) + " |")
+    if "oracle" in sweep:
+      lines += ["", "The ground-truth row propagates with the affinity of the evaluation labels themselves (target ·"
+                " valid, Eq. 1), starting from the same prediction: at 0 iterations it equals the unrefined mIoU by"
+                " construction (the paper's printed oracle row does not; see docs/conventions.md)."]
     lines.append("")
   lines += [f"mIoU (no propagation): **{100 * results['miou']:.2f}%**"
             + (f"; with {_iterations(results['final_iterations'])} of propagation: "
