@@ -8,7 +8,7 @@ aggregates the mIoU over seeds into ``<workdir>/study.json``, ``study.md`` and `
   python -m dilaff_jax.study --workdir=DIR --aggregate_only --export=DIR2      # copy the small files only
 
 Rows. ``--variants=a,b`` makes one row per config variant, named after it (``default`` is the config without a
-variant). ``--rows`` adds rows separated by ``;``, each ``NAME=SOURCE[@KEY=VALUE]...[#SEEDS]``:
+variant). ``--rows`` adds rows separated by ``;`` or newlines, each ``NAME=SOURCE[@KEY=VALUE]...[#SEEDS]``:
   SOURCE      a config variant (``default``: none) to train; or ``evaluate:ROW`` to evaluate the final checkpoint of
               an earlier row's run of the same seed again, with this row's overrides (e.g. ``eval.crf=True``)
   @KEY=VALUE  config overrides of this row (``--config.KEY=VALUE`` of ``dilaff_jax.main``)
@@ -56,7 +56,8 @@ from dilaff_jax import errors
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file of every run, e.g. configs/synthetic.py (no variant).")
 flags.DEFINE_list("variants", [], "Config variants, one row each, named after them; 'default' = no variant.")
-flags.DEFINE_string("rows", "", "Rows 'NAME=SOURCE[@KEY=VALUE]...[#SEEDS]' separated by ';' (see the module doc).")
+flags.DEFINE_string("rows", "", "Rows 'NAME=SOURCE[@KEY=VALUE]...[#SEEDS]' separated by ';' or newlines (see the "
+                    "module doc).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every row (unless the row gives its own).")
 flags.DEFINE_string("workdir", None, "Study folder: one subfolder per row and seed, and the aggregates.")
 flags.DEFINE_string("baseline_row", None, "Row the paired differences are taken against (default: 'baseline' if a "
@@ -105,7 +106,7 @@ def _seeds(text: Sequence[str] | str, where: str) -> tuple[int, ...]:
 def parse_rows(variants: Sequence[str], rows: str, seeds: Sequence[int]) -> list[Row]:
   """Rows of ``--variants`` then ``--rows`` (grammar in the module doc), without their ``final_step``."""
   out = [Row(name=v, variant="" if v == DEFAULT_VARIANT else v, seeds=tuple(seeds)) for v in variants]
-  for text in rows.split(";"):
+  for text in re.split(r"[;\n]", rows):
     text = text.strip()
     if not text:
       continue
@@ -145,15 +146,18 @@ def load_config(config_path: str, variant: str, overrides: Sequence[str]):
   """The config exactly as ``dilaff_jax.main`` will parse it from the same flags."""
   from ml_collections import config_flags
 
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True)
   argv = ["study", f"--config={config_path}" + (f":{variant}" if variant else ""),
           *(f"--config.{o}" for o in overrides)]
+  values = flags.FlagValues()
   try:
+    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
     values(argv)
     return values.config
-  except (flags.Error, ValueError, KeyError, AttributeError, FileNotFoundError, ImportError) as e:
-    message = " ".join(str(e).split())
+  except (flags.Error, ValueError, KeyError, AttributeError, TypeError, FileNotFoundError, ImportError) as e:
+    if isinstance(e, KeyError):
+      e = ValueError(f"no config key {e} (see configs/default.py)")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    message = lines[-1] if lines else type(e).__name__  # a config file's exception: its last line, not the traceback
     raise StudyError(f"{' '.join(argv[1:])}: {message}") from None
 
 
@@ -162,12 +166,17 @@ def source_row(row: Row, rows: Sequence[Row]) -> Row:
   return next(r for r in rows if r.name == row.evaluates) if row.evaluates else row
 
 
+def run_overrides(row: Row, rows: Sequence[Row], overrides: Sequence[str]) -> list[str]:
+  """The config overrides of ``row``'s runs: the study's, then (for an evaluate row) its source's, then its own."""
+  return [*overrides, *(source_row(row, rows).overrides if row.evaluates else ()), *row.overrides]
+
+
 def resolve(rows: Sequence[Row], config_path: str, overrides: Sequence[str]) -> list[Row]:
   """Rows with ``final_step`` from their configs; checks every config loads before anything runs."""
   out = []
   for row in rows:
     src = source_row(row, out)
-    config = load_config(config_path, src.variant, [*overrides, *src.overrides, *row.overrides])
+    config = load_config(config_path, src.variant, run_overrides(row, out, overrides))
     out.append(dataclasses.replace(row, final_step=int(config.train.num_steps)))
   return out
 
@@ -188,7 +197,7 @@ def command(config_path: str, overrides: Sequence[str], rows: Sequence[Row], row
   """The ``dilaff_jax.main`` command line of run ``(row, seed)``."""
   src = source_row(row, rows)
   cmd = [sys.executable, "-m", "dilaff_jax.main", f"--config={config_path}" + (f":{src.variant}" if src.variant else ""),
-         f"--config.seed={seed}", *(f"--config.{o}" for o in [*overrides, *src.overrides, *row.overrides])]
+         f"--config.seed={seed}", *(f"--config.{o}" for o in run_overrides(row, rows, overrides))]
   if row.evaluates:
     return cmd + [f"--config.eval.output_dir={os.path.abspath(os.path.join(run_dir(workdir, row, seed), 'eval'))}",
                   "--mode=evaluate", f"--step={row.final_step}",
@@ -490,7 +499,8 @@ def plot(study: dict, path: str) -> None:
   ax.set_ylabel("mIoU (%)")
   ax.set_title("mIoU per row: mean ± std over seeds (dots: seeds)", fontsize=10)
   ax.grid(axis="y", alpha=0.3)
-  ax.legend(fontsize=8)
+  if keys:
+    ax.legend(fontsize=8)
   if swept:
     ax = axes[0, 1]
     for i, n in enumerate(swept):
@@ -571,6 +581,8 @@ def main(argv) -> None:
         raise StudyError(f"--config={FLAGS.config}: give the file without a variant; variants are rows "
                          "(--variants=... or --rows=...)")
       config_path = FLAGS.config
+      if any(o.split("=", 1)[0] == "seed" for o in overrides):
+        raise StudyError("--config.seed: the study sets each run's seed; give --seeds=... instead")
       rows = resolve(parse_rows(FLAGS.variants, FLAGS.rows, _seeds(FLAGS.seeds, "--seeds")), config_path, overrides)
       names = [r.name for r in rows]
       baseline = FLAGS.baseline_row or ("baseline" if "baseline" in names else names[0])
