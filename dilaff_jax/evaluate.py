@@ -277,10 +277,16 @@ def accumulate(p_eval, variables, batches, num_batches: int | None = None, batch
   return totals
 
 
+def results_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Folder of the ``step_<N>/`` result folders: ``eval.output_dir``, or ``<workdir>/eval`` when it is empty (so
+  that evaluating a run's checkpoints with other options, e.g. ``eval.crf``, need not overwrite its results)."""
+  return config.eval.get("output_dir") or os.path.join(workdir, "eval")
+
+
 def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates: affinity.Rates,
                    writer=None) -> dict:
   """Evaluates an (unreplicated) train state on ``dataset.eval_split``; writes JSON, Markdown and a Fig. 4 PNG to
-  ``<workdir>/eval/step_<N>/`` and returns the results."""
+  ``<results_dir>/step_<N>/`` (default ``<workdir>/eval/step_<N>/``) and returns the results."""
   from dilaff_jax import train  # local: train imports this module lazily
 
   step = int(jax.device_get(state.step))
@@ -334,7 +340,7 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
         pad, config.dataset.num_classes, rates, config.affinity.lam, int(config.affinity.iterations))
 
   if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, "eval", f"step_{step}")
+    out_dir = os.path.join(results_dir(config, workdir), f"step_{step}")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
@@ -373,7 +379,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, steps:
                          watch: bool = False, poll_seconds: float = 30.0, timeout_seconds: float = 0.0) -> list[dict]:
   """Evaluates checkpoints of ``workdir``: ``steps``, or the latest one; with ``watch``, every checkpoint a running
   training writes, as it appears, until the one at ``train.num_steps`` (or ``timeout_seconds`` without a new one).
-  Checkpoints already evaluated (``eval/step_N/results.json`` exists) are skipped while watching."""
+  Checkpoints already evaluated (``<results_dir>/step_N/results.json`` exists) are skipped while watching."""
   from dilaff_jax import config_checks, train
 
   config_checks.validate(config, num_devices=jax.device_count(), mode="evaluate")
@@ -404,7 +410,7 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, steps:
   while True:
     mngr.reload()
     todo = [s for s in mngr.all_steps() if s not in done
-            and not os.path.exists(os.path.join(workdir, "eval", f"step_{s}", "results.json"))]
+            and not os.path.exists(os.path.join(results_dir(config, workdir), f"step_{s}", "results.json"))]
     for s in sorted(todo):
       state, _ = train.restore_checkpoint(mngr, template, compat, s)
       results.append(evaluate_state(config, workdir, state, rates))

@@ -1,0 +1,621 @@
+r"""A study over seeds: trains and evaluates every (row, seed) in its own process, resumes where it stopped, and
+aggregates the mIoU over seeds into ``<workdir>/study.json``, ``study.md`` and ``study.png``.
+
+  python -m dilaff_jax.study --config=configs/synthetic.py --variants=baseline,default --seeds=0,1,2 --workdir=DIR
+  python -m dilaff_jax.study --config=configs/synthetic.py --seeds=0,1,2 --workdir=DIR --baseline_row=plain \
+      --rows='plain=baseline#0,1,2,3,4; plain+crf=evaluate:plain@eval.crf=True; affinity=default'
+  python -m dilaff_jax.study --workdir=DIR --aggregate_only                     # rows from DIR/study.json
+  python -m dilaff_jax.study --workdir=DIR --aggregate_only --export=DIR2      # copy the small files only
+
+Rows. ``--variants=a,b`` makes one row per config variant, named after it (``default`` is the config without a
+variant). ``--rows`` adds rows separated by ``;`` or newlines, each ``NAME=SOURCE[@KEY=VALUE]...[#SEEDS]``:
+  SOURCE      a config variant (``default``: none) to train; or ``evaluate:ROW`` to evaluate the final checkpoint of
+              an earlier row's run of the same seed again, with this row's overrides (e.g. ``eval.crf=True``)
+  @KEY=VALUE  config overrides of this row (``--config.KEY=VALUE`` of ``dilaff_jax.main``)
+  #SEEDS      this row's seeds instead of ``--seeds`` (e.g. more seeds for the pair that matters most)
+Other ``--config.KEY=VALUE`` arguments apply to every run (e.g. ``--config.dataset.data_dir=...``).
+
+Runs. Run ``(row, seed)`` is ``python -m dilaff_jax.main --config=CONFIG:VARIANT --config.seed=SEED ...`` in
+``DIR/<row>/seed_<seed>/`` (log: ``log.txt`` there), one at a time, seed by seed (so every row has its first seeds
+early). A run is finished when ``eval/step_<num_steps>/results.json`` exists in its folder; finished runs are
+skipped and unfinished ones resume from their checkpoints. An ``evaluate:`` row writes there too (through
+``eval.output_dir``) and keeps no checkpoints. A failed run is reported (with the tail of its log) and the study goes
+on; the exit status is then 1. SIGTERM stops the current run (which saves a checkpoint) and the study (exit 3).
+The aggregate is rewritten after every run, so a partial study always has an up-to-date ``study.md``.
+
+Aggregates (per row, over the seeds that finished): mIoU without post-processing, with propagation
+(``affinity.iterations``) and with the dense CRF when evaluated: mean ± sample standard deviation (ddof=1), min–max
+and n; the propagation sweeps (predicted and ground-truth affinity) as mean ± std per iteration count; and the
+paired difference to ``--baseline_row``'s mIoU seed by seed (mean ± std, and how many seeds improved).
+
+What to keep (commit): ``study.{json,md,png}`` and, per run, ``config.json``, ``run.json`` and
+``eval/step_<N>/results.{json,md}``; ``--export=DIR2`` copies exactly those with the same layout (so
+``--aggregate_only --workdir=DIR2`` works on the copy). Checkpoints, logs and summaries stay in ``DIR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from dilaff_jax import errors
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", None, "Config file of every run, e.g. configs/synthetic.py (no variant).")
+flags.DEFINE_list("variants", [], "Config variants, one row each, named after them; 'default' = no variant.")
+flags.DEFINE_string("rows", "", "Rows 'NAME=SOURCE[@KEY=VALUE]...[#SEEDS]' separated by ';' or newlines (see the "
+                    "module doc).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every row (unless the row gives its own).")
+flags.DEFINE_string("workdir", None, "Study folder: one subfolder per row and seed, and the aggregates.")
+flags.DEFINE_string("baseline_row", None, "Row the paired differences are taken against (default: 'baseline' if a "
+                    "row has that name, else the first row).")
+flags.DEFINE_bool("aggregate_only", False, "Only aggregate the finished runs (rows from the flags or study.json).")
+flags.DEFINE_string("export", None, "Copy the small outputs (aggregates, per-run results and configs) to this folder.")
+flags.mark_flags_as_required(["workdir"])
+
+DEFAULT_VARIANT = "default"
+EVALUATE_PREFIX = "evaluate:"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
+METRICS = (("miou", "mIoU"), ("miou_propagated", "mIoU with propagation"), ("miou_crf", "mIoU with dense CRF"))
+LOG_TAIL_LINES = 25
+
+
+class StudyError(errors.UserError):
+  """A mistake in the study's flags or folder."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One line of the study: a config variant trained with ``overrides`` (``evaluates`` empty), or the evaluation of
+  row ``evaluates``'s runs with ``overrides`` added to that row's. ``final_step``: ``train.num_steps`` of its runs."""
+  name: str
+  variant: str = ""
+  overrides: tuple[str, ...] = ()
+  seeds: tuple[int, ...] = ()
+  evaluates: str = ""
+  final_step: int = 0
+
+
+# ----------------------------------------------------------------------------------------------- the study's rows
+
+
+def _seeds(text: Sequence[str] | str, where: str) -> tuple[int, ...]:
+  items = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+  try:
+    seeds = tuple(int(s) for s in items)
+  except ValueError:
+    raise StudyError(f"{where}: seeds {','.join(items)!r} must be integers, e.g. 0,1,2") from None
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise StudyError(f"{where}: give distinct seeds, e.g. 0,1,2 (got {','.join(items)!r})")
+  return seeds
+
+
+def parse_rows(variants: Sequence[str], rows: str, seeds: Sequence[int]) -> list[Row]:
+  """Rows of ``--variants`` then ``--rows`` (grammar in the module doc), without their ``final_step``."""
+  out = [Row(name=v, variant="" if v == DEFAULT_VARIANT else v, seeds=tuple(seeds)) for v in variants]
+  for text in re.split(r"[;\n]", rows):
+    text = text.strip()
+    if not text:
+      continue
+    if "=" not in text:
+      raise StudyError(f"--rows: {text!r} is not NAME=SOURCE[@KEY=VALUE]...[#SEEDS]")
+    name, rest = (s.strip() for s in text.split("=", 1))
+    row_seeds = tuple(seeds)
+    if "#" in rest:
+      rest, seed_text = rest.rsplit("#", 1)
+      row_seeds = _seeds(seed_text, f"--rows row {name!r}")
+    source, *overrides = (s.strip() for s in rest.split("@"))
+    for o in overrides:
+      if "=" not in o:
+        raise StudyError(f"--rows row {name!r}: override {o!r} is not KEY=VALUE (e.g. eval.crf=True)")
+    if source.startswith(EVALUATE_PREFIX):
+      out.append(Row(name=name, overrides=tuple(overrides), seeds=row_seeds, evaluates=source[len(EVALUATE_PREFIX):]))
+    else:
+      out.append(Row(name=name, variant="" if source == DEFAULT_VARIANT else source, overrides=tuple(overrides),
+                     seeds=row_seeds))
+  names = set()
+  for row in out:
+    if not NAME_PATTERN.match(row.name):
+      raise StudyError(f"row name {row.name!r}: use letters, digits and _ . + - only (it names a folder)")
+    if row.name in names:
+      raise StudyError(f"row name {row.name!r} is given twice: rename one (--rows NAME=...)")
+    if row.evaluates and row.evaluates not in names:
+      raise StudyError(f"row {row.name!r} evaluates {row.evaluates!r}, which is not an earlier row")
+    if row.evaluates and next(r for r in out if r.name == row.evaluates).evaluates:
+      raise StudyError(f"row {row.name!r} evaluates {row.evaluates!r}, itself an evaluate: row; name a trained row")
+    names.add(row.name)
+  if not out:
+    raise StudyError("no rows: give --variants=a,b,... and/or --rows=...")
+  return out
+
+
+def load_config(config_path: str, variant: str, overrides: Sequence[str]):
+  """The config exactly as ``dilaff_jax.main`` will parse it from the same flags."""
+  from ml_collections import config_flags
+
+  argv = ["study", f"--config={config_path}" + (f":{variant}" if variant else ""),
+          *(f"--config.{o}" for o in overrides)]
+  values = flags.FlagValues()
+  try:
+    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
+    values(argv)
+    return values.config
+  except (flags.Error, ValueError, KeyError, AttributeError, TypeError, FileNotFoundError, ImportError) as e:
+    if isinstance(e, KeyError):
+      e = ValueError(f"no config key {e} (see configs/default.py)")
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    message = lines[-1] if lines else type(e).__name__  # a config file's exception: its last line, not the traceback
+    raise StudyError(f"{' '.join(argv[1:])}: {message}") from None
+
+
+def source_row(row: Row, rows: Sequence[Row]) -> Row:
+  """The trained row whose checkpoints ``row`` evaluates (``row`` itself when it trains)."""
+  return next(r for r in rows if r.name == row.evaluates) if row.evaluates else row
+
+
+def run_overrides(row: Row, rows: Sequence[Row], overrides: Sequence[str]) -> list[str]:
+  """The config overrides of ``row``'s runs: the study's, then (for an evaluate row) its source's, then its own."""
+  return [*overrides, *(source_row(row, rows).overrides if row.evaluates else ()), *row.overrides]
+
+
+def resolve(rows: Sequence[Row], config_path: str, overrides: Sequence[str]) -> list[Row]:
+  """Rows with ``final_step`` from their configs; checks every config loads before anything runs."""
+  out = []
+  for row in rows:
+    src = source_row(row, out)
+    config = load_config(config_path, src.variant, run_overrides(row, out, overrides))
+    out.append(dataclasses.replace(row, final_step=int(config.train.num_steps)))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+def run_dir(workdir: str, row: Row, seed: int) -> str:
+  return os.path.join(workdir, row.name, f"seed_{seed}")
+
+
+def results_path(workdir: str, row: Row, seed: int) -> str:
+  return os.path.join(run_dir(workdir, row, seed), "eval", f"step_{row.final_step}", "results.json")
+
+
+def command(config_path: str, overrides: Sequence[str], rows: Sequence[Row], row: Row, seed: int,
+            workdir: str) -> list[str]:
+  """The ``dilaff_jax.main`` command line of run ``(row, seed)``."""
+  src = source_row(row, rows)
+  cmd = [sys.executable, "-m", "dilaff_jax.main", f"--config={config_path}" + (f":{src.variant}" if src.variant else ""),
+         f"--config.seed={seed}", *(f"--config.{o}" for o in run_overrides(row, rows, overrides))]
+  if row.evaluates:
+    return cmd + [f"--config.eval.output_dir={os.path.abspath(os.path.join(run_dir(workdir, row, seed), 'eval'))}",
+                  "--mode=evaluate", f"--step={row.final_step}",
+                  f"--workdir={os.path.abspath(run_dir(workdir, src, seed))}"]
+  return cmd + [f"--workdir={os.path.abspath(run_dir(workdir, row, seed))}"]
+
+
+def plan(rows: Sequence[Row]) -> list[tuple[Row, int]]:
+  """Every (row, seed), seed by seed in increasing order, rows in their order within a seed."""
+  seeds = sorted({s for row in rows for s in row.seeds})
+  return [(row, s) for s in seeds for row in rows if s in row.seeds]
+
+
+def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      return "".join(f.readlines()[-lines:])
+  except OSError:
+    return "(no log)\n"
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def eta_seconds(durations: dict[str, list[float]], remaining: Sequence[str]) -> float | None:
+  """Expected seconds of the ``remaining`` runs' kinds (``train``/``evaluate``) from the mean duration of the runs of
+  that kind done so far (of the other kind when none of it ran yet); None before any run finished."""
+  every = [d for ds in durations.values() for d in ds]
+  if not every:
+    return None
+  mean_all = sum(every) / len(every)
+  means = {k: sum(ds) / len(ds) for k, ds in durations.items() if ds}
+  return sum(means.get(kind, mean_all) for kind in remaining)
+
+
+class _Stop:
+  """SIGTERM/SIGINT: forwards SIGTERM to the running ``dilaff_jax.main`` (which checkpoints and exits) and asks the
+  study to stop after it."""
+
+  def __init__(self):
+    self.requested = False
+    self.process = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    print(f"[study] signal {signum}: stopping after the current run saves its checkpoint", flush=True)
+    if self.process is not None and self.process.poll() is None:
+      self.process.send_signal(signal.SIGTERM)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _lock(workdir: str):
+  """An exclusive lock on the study folder (two studies in one folder would train the same run twice)."""
+  f = open(os.path.join(workdir, ".study.lock"), "w")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.close()
+    raise StudyError(f"{workdir} is in use by another study (lock {workdir}/.study.lock): wait for it or use "
+                     "another --workdir") from None
+  return f
+
+
+def run_study(config_path: str, overrides: Sequence[str], rows: Sequence[Row], workdir: str,
+              baseline: str) -> int:
+  """Runs every unfinished (row, seed) in turn, aggregating after each; returns the exit status (0: all finished,
+  1: some failed, 3: stopped by a signal)."""
+  os.makedirs(workdir, exist_ok=True)
+  lock = _lock(workdir)
+  todo = plan(rows)
+  durations: dict[str, list[float]] = {"train": [], "evaluate": []}
+  failed = []
+  with _Stop() as stop:
+    for i, (row, seed) in enumerate(todo):
+      kind = "evaluate" if row.evaluates else "train"
+      head = f"[study] run {i + 1}/{len(todo)}: {row.name} seed {seed}"
+      if os.path.exists(results_path(workdir, row, seed)):
+        print(f"{head}: finished, skipped", flush=True)
+        continue
+      if stop.requested:
+        break
+      src = source_row(row, rows)
+      if row.evaluates and not os.path.exists(results_path(workdir, src, seed)):
+        print(f"{head}: FAILED, run {src.name} seed {seed} (its checkpoints) did not finish", flush=True)
+        failed.append((row.name, seed))
+        continue
+      remaining = ["evaluate" if r.evaluates else "train" for r, s in todo[i:]
+                   if not os.path.exists(results_path(workdir, r, s))]
+      eta = eta_seconds(durations, remaining)
+      print(f"{head} ({kind}), {len(remaining)} left"
+            + (f", ETA {_duration(eta)}" if eta is not None else ", ETA after the first run"), flush=True)
+      folder = run_dir(workdir, row, seed)
+      os.makedirs(folder, exist_ok=True)
+      cmd = command(config_path, overrides, rows, row, seed, workdir)
+      with open(os.path.join(folder, "run.json"), "w") as f:
+        json.dump({"row": dataclasses.asdict(row), "seed": seed, "command": cmd[1:]}, f, indent=1)
+      log_path = os.path.join(folder, "log.txt")
+      start = time.time()
+      with open(log_path, "a") as log:
+        log.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        log.flush()
+        stop.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        rc = stop.process.wait()
+        stop.process = None
+      elapsed = time.time() - start
+      if rc == 0 and os.path.exists(results_path(workdir, row, seed)):
+        durations[kind].append(elapsed)
+        print(f"[study] {row.name} seed {seed}: done in {_duration(elapsed)}", flush=True)
+      elif stop.requested:
+        print(f"[study] {row.name} seed {seed}: stopped (exit {rc}); rerun the study to resume", flush=True)
+      else:
+        failed.append((row.name, seed))
+        print(f"[study] {row.name} seed {seed}: FAILED (exit {rc}) after {_duration(elapsed)}; end of {log_path}:\n"
+              + _tail(log_path), flush=True)
+      write_aggregates(workdir, config_path, overrides, rows, baseline)
+  lock.close()
+  if stop.requested:
+    return errors.EXIT_PREEMPTED
+  if failed:
+    print(f"[study] {len(failed)} run(s) failed: " + ", ".join(f"{n} seed {s}" for n, s in failed), flush=True)
+    return 1
+  return 0
+
+
+# ----------------------------------------------------------------------------------------------- aggregation
+
+
+def summarize(values: dict[int, float]) -> dict:
+  """``{n, mean, std, min, max, values}`` of per-seed values; ``std`` is the sample standard deviation (ddof=1),
+  None for fewer than two seeds."""
+  xs = list(values.values())
+  n = len(xs)
+  mean = sum(xs) / n if n else None
+  std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n >= 2 else None
+  return {"n": n, "mean": mean, "std": std, "min": min(xs) if n else None, "max": max(xs) if n else None,
+          "values": {str(k): v for k, v in sorted(values.items())}}
+
+
+def paired(values: dict[int, float], baseline: dict[int, float]) -> dict:
+  """The paired difference ``values[s] - baseline[s]`` over the seeds both have: :func:`summarize` of it plus
+  ``improved``, the number of seeds where it is > 0."""
+  diffs = {s: values[s] - baseline[s] for s in values if s in baseline}
+  out = summarize(diffs)
+  out["improved"] = sum(d > 0 for d in diffs.values())
+  return out
+
+
+def _sweep_summary(per_seed: dict[int, dict]) -> dict | None:
+  """Mean ± std per iteration count of the seeds' sweeps (those with the first seed's iteration counts)."""
+  sweeps = {s: r["sweep"] for s, r in per_seed.items() if r.get("sweep")}
+  if not sweeps:
+    return None
+  iterations = next(iter(sweeps.values()))["iterations"]
+  out = {"iterations": iterations}
+  for name in ("predicted", "oracle"):
+    rows = {s: sw[name] for s, sw in sweeps.items() if sw["iterations"] == iterations and name in sw}
+    if rows:
+      columns = [summarize({s: v[j] for s, v in rows.items()}) for j in range(len(iterations))]
+      out[name] = {"n": len(rows), "mean": [c["mean"] for c in columns], "std": [c["std"] for c in columns]}
+  return out
+
+
+def aggregate(rows: Sequence[Row], results: dict[str, dict[int, dict]], baseline: str) -> dict:
+  """Per row: the metrics over its finished seeds, the sweeps and the paired differences to ``baseline``'s mIoU."""
+  base = {s: r["miou"] for s, r in results.get(baseline, {}).items()}
+  out = {}
+  for row in rows:
+    per_seed = results.get(row.name, {})
+    entry = {"seeds": list(row.seeds), "finished": sorted(per_seed), "metrics": {}, "vs_baseline": {}}
+    for key, _ in METRICS:
+      values = {s: r[key] for s, r in per_seed.items() if r.get(key) is not None}
+      if values:
+        entry["metrics"][key] = summarize(values)
+        if base and not (row.name == baseline and key == "miou"):
+          entry["vs_baseline"][key] = paired(values, base)
+    finals = {r["final_iterations"] for r in per_seed.values() if "final_iterations" in r}
+    if finals:
+      entry["final_iterations"] = sorted(finals)[0]
+    sweep = _sweep_summary(per_seed)
+    if sweep:
+      entry["sweep"] = sweep
+    out[row.name] = entry
+  return out
+
+
+def load_results(workdir: str, rows: Sequence[Row]) -> dict[str, dict[int, dict]]:
+  """``{row: {seed: results.json}}`` of the finished runs."""
+  out = {}
+  for row in rows:
+    for seed in row.seeds:
+      path = results_path(workdir, row, seed)
+      if os.path.exists(path):
+        with open(path) as f:
+          out.setdefault(row.name, {})[seed] = json.load(f)
+  return out
+
+
+def _pct(v: float | None, signed: bool = False) -> str:
+  if v is None:
+    return "n/a"
+  return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
+
+
+def _mean_std(s: dict, signed: bool = False) -> str:
+  return _pct(s["mean"], signed) + ("" if s["std"] is None else f" ± {100 * s['std']:.2f}")
+
+
+def _describe(row: Row) -> str:
+  what = f"evaluates `{row.evaluates}`" if row.evaluates else f"`:{row.variant or DEFAULT_VARIANT}`"
+  return what + "".join(f" `{o}`" for o in row.overrides)
+
+
+def markdown(study: dict) -> str:
+  """``study.md``: one table per metric, the sweeps, the missing runs."""
+  rows = [Row(**{**r, "overrides": tuple(r["overrides"]), "seeds": tuple(r["seeds"])}) for r in study["rows"]]
+  agg, baseline = study["aggregate"], study["baseline_row"]
+  lines = [f"# Study: `{study['config']}`" + "".join(f" `--config.{o}`" for o in study["overrides"]), "",
+           "mIoU in %, over the finished seeds: mean ± sample standard deviation (ddof=1), min–max, n seeds. "
+           f"Δ: the paired difference to `{baseline}`'s mIoU (no post-processing), seed by seed, as mean ± std; "
+           "improved: the seeds where Δ > 0.", ""]
+  for key, title in METRICS:
+    have = [r for r in rows if key in agg[r.name]["metrics"]]
+    if not have:
+      continue
+    lines += [f"## {title}", "", f"| row | run | n | mean ± std | min–max | Δ vs {baseline} | improved | per seed |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in have:
+      m = agg[r.name]["metrics"][key]
+      d = agg[r.name]["vs_baseline"].get(key)
+      label = r.name + (f" ({agg[r.name]['final_iterations']} it.)" if key == "miou_propagated"
+                        and "final_iterations" in agg[r.name] else "")
+      lines.append(f"| {label} | {_describe(r)} | {m['n']} | {_mean_std(m)} | {_pct(m['min'])}–{_pct(m['max'])} | "
+                   + (f"{_mean_std(d, True)} (n={d['n']}) | {d['improved']}/{d['n']} | " if d and d["n"] else
+                      "– | – | ")
+                   + ", ".join(f"{s}: {_pct(v)}" for s, v in m["values"].items()) + " |")
+    lines.append("")
+  swept = [r for r in rows if "sweep" in agg[r.name]]
+  if swept:
+    its = agg[swept[0].name]["sweep"]["iterations"]
+    lines += ["## Propagation sweeps (Tables 3–4)", "", "mIoU after each number of propagation iterations with the "
+              "predicted affinity and with the ground-truth affinity (oracle), mean ± std over seeds.", "",
+              "| row | affinity | n | " + " | ".join(f"{it} it." for it in its) + " |",
+              "|---|---|---:|" + "---:|" * len(its)]
+    for r in swept:
+      sw = agg[r.name]["sweep"]
+      for name in ("predicted", "oracle"):
+        if name in sw:
+          cells = [_mean_std({"mean": m, "std": s}) for m, s in zip(sw[name]["mean"], sw[name]["std"])]
+          if sw["iterations"] != its:
+            cells = [f"{it} it.: {c}" for it, c in zip(sw["iterations"], cells)]
+          lines.append(f"| {r.name} | {name} | {sw[name]['n']} | " + " | ".join(cells) + " |")
+    lines.append("")
+  missing = [f"{r.name} seed {s}" for r in rows for s in r.seeds if s not in agg[r.name]["finished"]]
+  if missing:
+    lines += ["## Not finished", "", ", ".join(missing), ""]
+  return "\n".join(lines)
+
+
+def plot(study: dict, path: str) -> None:
+  """``study.png``: mIoU per row and metric with ±std error bars and the seeds as dots; the sweeps with ±std bands."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  agg = study["aggregate"]
+  names = [r["name"] for r in study["rows"]]
+  swept = [n for n in names if "sweep" in agg[n]]
+  fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(13 if swept else 7, 4.8), dpi=110, squeeze=False)
+  ax = axes[0, 0]
+  keys = [(k, t) for k, t in METRICS if any(k in agg[n]["metrics"] for n in names)]
+  width = 0.8 / max(len(keys), 1)
+  x = np.arange(len(names))
+  for j, (key, title) in enumerate(keys):
+    pos = x + (j - (len(keys) - 1) / 2) * width
+    means = [100 * agg[n]["metrics"][key]["mean"] if key in agg[n]["metrics"] else np.nan for n in names]
+    stds = [100 * (agg[n]["metrics"][key]["std"] or 0) if key in agg[n]["metrics"] else 0 for n in names]
+    ax.bar(pos, means, width, yerr=stds, capsize=3, label=title, alpha=0.8)
+    for p, n in zip(pos, names):
+      vals = list(agg[n]["metrics"].get(key, {}).get("values", {}).values())
+      ax.plot([p] * len(vals), [100 * v for v in vals], "k.", ms=4)
+  finite = [100 * v for n in names for m in agg[n]["metrics"].values() for v in m["values"].values()]
+  if finite:
+    ax.set_ylim(max(0, min(finite) - 5), min(100, max(finite) + 3))
+  ax.set_xticks(x, [f"{n}\n(n={agg[n]['metrics'].get('miou', {}).get('n', 0)})" for n in names], fontsize=8,
+                rotation=30 if len(names) > 4 else 0)
+  ax.set_ylabel("mIoU (%)")
+  ax.set_title("mIoU per row: mean ± std over seeds (dots: seeds)", fontsize=10)
+  ax.grid(axis="y", alpha=0.3)
+  if keys:
+    ax.legend(fontsize=8)
+  if swept:
+    ax = axes[0, 1]
+    for i, n in enumerate(swept):
+      sw = agg[n]["sweep"]
+      color = f"C{i % 10}"
+      for name, style in (("predicted", "-"), ("oracle", "--")):
+        if name in sw:
+          m = 100 * np.asarray(sw[name]["mean"], float)
+          s = 100 * np.asarray([v or 0.0 for v in sw[name]["std"]], float)
+          ax.plot(sw["iterations"], m, style, marker="o", color=color, label=f"{n} {name} (n={sw[name]['n']})")
+          ax.fill_between(sw["iterations"], m - s, m + s, color=color, alpha=0.15)
+    ax.set_xlabel("propagation iterations")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("Propagation sweeps: mean ± std (solid: predicted, dashed: oracle)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def write_aggregates(workdir: str, config_path: str, overrides: Sequence[str], rows: Sequence[Row],
+                     baseline: str) -> dict:
+  """Writes ``study.json``, ``study.md`` and ``study.png`` of the finished runs in ``workdir``; returns the study."""
+  study = {"config": config_path, "overrides": list(overrides), "baseline_row": baseline,
+           "rows": [dataclasses.asdict(r) for r in rows],
+           "aggregate": aggregate(rows, load_results(workdir, rows), baseline)}
+  with open(os.path.join(workdir, "study.json"), "w") as f:
+    json.dump(study, f, indent=1)
+  with open(os.path.join(workdir, "study.md"), "w") as f:
+    f.write(markdown(study))
+  plot(study, os.path.join(workdir, "study.png"))
+  return study
+
+
+def export(workdir: str, rows: Sequence[Row], destination: str) -> list[str]:
+  """Copies the small outputs (module doc) to ``destination`` with the same layout; returns the copied paths."""
+  names = ["study.json", "study.md", "study.png"]
+  for row in rows:
+    for seed in row.seeds:
+      rel = os.path.relpath(run_dir(workdir, row, seed), workdir)
+      step = os.path.join(rel, "eval", f"step_{row.final_step}")
+      names += [os.path.join(rel, "config.json"), os.path.join(rel, "run.json"), os.path.join(step, "results.json"),
+                os.path.join(step, "results.md")]
+  copied = []
+  for name in names:
+    if os.path.exists(os.path.join(workdir, name)):
+      os.makedirs(os.path.dirname(os.path.join(destination, name)) or destination, exist_ok=True)
+      shutil.copyfile(os.path.join(workdir, name), os.path.join(destination, name))
+      copied.append(name)
+  return copied
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def _rows_from_study_json(workdir: str) -> tuple[str, list[str], list[Row], str]:
+  path = os.path.join(workdir, "study.json")
+  if not os.path.exists(path):
+    raise StudyError(f"no {path}: give --config and --variants/--rows, or point --workdir at a study")
+  with open(path) as f:
+    study = json.load(f)
+  rows = [Row(**{**r, "overrides": tuple(r["overrides"]), "seeds": tuple(r["seeds"])}) for r in study["rows"]]
+  return study["config"], study["overrides"], rows, study["baseline_row"]
+
+
+def main(argv) -> None:
+  overrides = [a[len("--config."):] for a in argv[1:]]
+  workdir = FLAGS.workdir
+  try:
+    if FLAGS.aggregate_only and not (FLAGS.variants or FLAGS.rows):
+      config_path, overrides, rows, baseline = _rows_from_study_json(workdir)
+      baseline = FLAGS.baseline_row or baseline
+    else:
+      if not FLAGS.config:
+        raise StudyError("--config is required (e.g. --config=configs/synthetic.py)")
+      if ":" in FLAGS.config:
+        raise StudyError(f"--config={FLAGS.config}: give the file without a variant; variants are rows "
+                         "(--variants=... or --rows=...)")
+      config_path = FLAGS.config
+      if any(o.split("=", 1)[0] == "seed" for o in overrides):
+        raise StudyError("--config.seed: the study sets each run's seed; give --seeds=... instead")
+      rows = resolve(parse_rows(FLAGS.variants, FLAGS.rows, _seeds(FLAGS.seeds, "--seeds")), config_path, overrides)
+      names = [r.name for r in rows]
+      baseline = FLAGS.baseline_row or ("baseline" if "baseline" in names else names[0])
+    if baseline not in [r.name for r in rows]:
+      raise StudyError(f"--baseline_row={baseline}: not a row of the study ({', '.join(r.name for r in rows)})")
+    if FLAGS.aggregate_only:
+      if not os.path.isdir(workdir):
+        raise StudyError(f"--workdir={workdir} does not exist")
+      write_aggregates(workdir, config_path, overrides, rows, baseline)
+      status = 0
+    else:
+      print(f"[study] {len(rows)} rows, {len(plan(rows))} runs in {workdir}", flush=True)
+      status = run_study(config_path, overrides, rows, workdir, baseline)
+      write_aggregates(workdir, config_path, overrides, rows, baseline)
+    print(f"[study] aggregates: {os.path.join(workdir, 'study.md')} (.json, .png)", flush=True)
+    if FLAGS.export:
+      copied = export(workdir, rows, FLAGS.export)
+      print(f"[study] exported {len(copied)} files to {FLAGS.export}", flush=True)
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
+  sys.exit(status)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing of the study's flags; the ``--config.KEY=VALUE`` overrides of every run are passed on to ``main``
+  as its arguments."""
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  rest = FLAGS([argv[0], *(a for a in argv[1:] if not a.startswith("--config."))])
+  if len(rest) > 1:
+    raise app.UsageError(f"unexpected arguments: {rest[1:]}")
+  return [argv[0], *overrides]
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

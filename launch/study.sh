@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The reproduction study on the embedded default (configs/synthetic.py): every row below over seeds, one run at a
+# time, resumable. Run it in the background and rerun the same command to resume (finished runs are skipped):
+#   nohup bash launch/study.sh > study.out 2>&1 &
+#   WORKDIR=runs/study2 SEEDS=0,1,2,3,4 bash launch/study.sh --config.dataset.data_dir=/data/tfds
+# `kill <pid>` (SIGTERM) stops it after the current run saved a checkpoint. Extra arguments go to
+# `python -m dilaff_jax.study` (e.g. --config.KEY=VALUE for every run); results: $WORKDIR/study.md (.json, .png).
+# Each of the 24 runs of the default rows takes about 6 minutes on 2 idle CPU cores (about 2.5 hours in all).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+WORKDIR=${WORKDIR:-runs/study}
+SEEDS=${SEEDS:-0,1,2}
+# One row per line, NAME=VARIANT[@KEY=VALUE]...[#SEEDS] (variants: configs/synthetic.py; grammar: dilaff_jax/study.py).
+# The demo's headline pair (plain DeepLabv3+ and the default) and Table 1's sqrt row get 5 seeds.
+ROWS=${ROWS:-"
+baseline=baseline#0,1,2,3,4
+default=default#0,1,2,3,4
+table1_none=table1_none
+table1_signal=table1_signal
+table1_neighbor=table1_neighbor
+table1_sqrt=table1_sqrt#0,1,2,3,4
+"}
+# More rows, to append to ROWS as time allows:
+#   Table 2:  table2_r4_8=table2_r4_8  table2_r4_8_16=table2_r4_8_16  table2_r4_6x12_8_16x32_24=table2_r4_6x12_8_16x32_24
+#             (table2_r4_8_16_32 is table1_sqrt and table2_r4_6x12_8 is default: not run twice)
+#   Table 5:  baseline+crf=evaluate:baseline@eval.crf=True   (dense CRF on the plain runs; needs pydensecrf2)
+echo "[launch] python -m dilaff_jax.study --workdir=$WORKDIR --seeds=$SEEDS $*"
+exec .venv/bin/python -m dilaff_jax.study --config=configs/synthetic.py --seeds="$SEEDS" --workdir="$WORKDIR" \
+  --baseline_row=baseline --rows="$ROWS" "$@"

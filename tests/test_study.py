@@ -1,0 +1,170 @@
+"""The study runner: row grammar, aggregation maths on fabricated results (hand-computed means, ddof=1 standard
+deviations, paired differences, partial seeds), export, and one end-to-end study on the tiny config."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dilaff_jax import study
+from dilaff_jax.study import Row
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_rows_grammar():
+  rows = study.parse_rows(["baseline", "default"],
+                          "plain=baseline#0,1,2,3,4; plain+crf=evaluate:plain@eval.crf=True@eval.crf_iterations=5;"
+                          "small=tiny@train.num_steps=2", [0, 1, 2])
+  assert rows[0] == Row(name="baseline", variant="baseline", seeds=(0, 1, 2))
+  assert rows[1] == Row(name="default", variant="", seeds=(0, 1, 2))  # "default": the config without variant
+  assert rows[2] == Row(name="plain", variant="baseline", seeds=(0, 1, 2, 3, 4))
+  assert rows[3] == Row(name="plain+crf", overrides=("eval.crf=True", "eval.crf_iterations=5"), seeds=(0, 1, 2),
+                        evaluates="plain")
+  assert rows[4] == Row(name="small", variant="tiny", overrides=("train.num_steps=2",), seeds=(0, 1, 2))
+  for bad in ("x=evaluate:nothing", "a=tiny;a=tiny", "a b=tiny", "a=tiny@novalue", "a=tiny#1,1", "a=tiny#x", "abc"):
+    with pytest.raises(study.StudyError):
+      study.parse_rows([], bad, [0])
+
+
+def test_command_of_a_trained_and_an_evaluate_row(tmp_path):
+  rows = study.parse_rows([], "plain=baseline@train.num_steps=8;crf=evaluate:plain@eval.crf=True", [0])
+  rows = [Row(**{**r.__dict__, "final_step": 8}) for r in rows]
+  w = str(tmp_path)
+  train_cmd = study.command("configs/synthetic.py", ["dataset.data_dir=/d"], rows, rows[0], 3, w)
+  assert train_cmd[1:] == ["-m", "dilaff_jax.main", "--config=configs/synthetic.py:baseline", "--config.seed=3",
+                           "--config.dataset.data_dir=/d", "--config.train.num_steps=8",
+                           f"--workdir={tmp_path}/plain/seed_3"]
+  eval_cmd = study.command("configs/synthetic.py", ["dataset.data_dir=/d"], rows, rows[1], 3, w)
+  assert eval_cmd[1:] == ["-m", "dilaff_jax.main", "--config=configs/synthetic.py:baseline", "--config.seed=3",
+                          "--config.dataset.data_dir=/d", "--config.train.num_steps=8", "--config.eval.crf=True",
+                          f"--config.eval.output_dir={tmp_path}/crf/seed_3/eval", "--mode=evaluate", "--step=8",
+                          f"--workdir={tmp_path}/plain/seed_3"]
+
+
+def test_plan_is_seed_major_and_resolve_reads_num_steps():
+  rows = study.resolve(study.parse_rows(["tiny"], "b=tiny@train.num_steps=7#1,2", [0, 1]), "configs/synthetic.py",
+                       [])
+  assert [r.final_step for r in rows] == [4, 7]
+  assert [(r.name, s) for r, s in study.plan(rows)] == [("tiny", 0), ("tiny", 1), ("b", 1), ("b", 2)]
+  with pytest.raises(study.StudyError, match="train.bogus"):
+    study.resolve(study.parse_rows([], "a=tiny@train.bogus=1", [0]), "configs/synthetic.py", [])
+
+
+def test_eta_from_the_durations_of_each_kind():
+  assert study.eta_seconds({"train": [], "evaluate": []}, ["train"]) is None
+  assert study.eta_seconds({"train": [100.0, 200.0], "evaluate": [10.0]}, ["train", "train", "evaluate"]) == 310.0
+  # no evaluate run yet: the mean of all runs stands in for it
+  assert study.eta_seconds({"train": [100.0, 200.0], "evaluate": []}, ["evaluate", "train"]) == 300.0
+
+
+def _write(workdir, row, seed, step, results):
+  d = os.path.join(workdir, row, f"seed_{seed}", "eval", f"step_{step}")
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, "results.json"), "w") as f:
+    json.dump(results, f)
+  with open(os.path.join(d, "results.md"), "w") as f:
+    f.write("# md\n")
+  with open(os.path.join(workdir, row, f"seed_{seed}", "config.json"), "w") as f:
+    f.write("{}")
+  with open(os.path.join(workdir, row, f"seed_{seed}", "log.txt"), "w") as f:
+    f.write("log\n")
+
+
+def _fabricated(tmp_path):
+  w = str(tmp_path / "study")
+  rows = [Row("plain", "baseline", seeds=(0, 1, 2), final_step=10), Row("aff", "", seeds=(0, 1, 2), final_step=10),
+          Row("one", "x", seeds=(0, 1), final_step=10)]
+  for s, m in enumerate((0.70, 0.73, 0.76)):
+    _write(w, "plain", s, 10, {"miou": m})
+  sweeps = {0: [0.74, 0.75], 1: [0.72, 0.78]}
+  for s, (m, p) in enumerate(((0.74, 0.75), (0.72, 0.78))):  # seed 2 missing: a partial row
+    _write(w, "aff", s, 10, {"miou": m, "miou_propagated": p, "final_iterations": 1,
+                             "sweep": {"iterations": [0, 1], "predicted": sweeps[s], "oracle": [m, m + 0.1]}})
+  _write(w, "one", 1, 10, {"miou": 0.80})
+  _write(w, "aff", 0, 99, {"miou": 0.0})  # another step: not the final one, ignored
+  return w, rows
+
+
+def test_aggregate_matches_hand_computed_values(tmp_path):
+  w, rows = _fabricated(tmp_path)
+  s = study.write_aggregates(w, "configs/synthetic.py", ["dataset.data_dir=/d"], rows, "plain")
+  agg = s["aggregate"]
+  p = agg["plain"]["metrics"]["miou"]
+  assert p["n"] == 3 and p["mean"] == pytest.approx(0.73) and p["std"] == pytest.approx(0.03)  # sqrt(.0018/2)
+  assert (p["min"], p["max"]) == (0.70, 0.76)
+  assert "miou" not in agg["plain"]["vs_baseline"]
+  a = agg["aff"]["metrics"]
+  assert agg["aff"]["finished"] == [0, 1]
+  assert a["miou"]["n"] == 2 and a["miou"]["mean"] == pytest.approx(0.73)
+  assert a["miou"]["std"] == pytest.approx(math.sqrt(2) * 0.01)  # sqrt((.01² + .01²) / 1)
+  d = agg["aff"]["vs_baseline"]["miou"]  # paired over seeds 0, 1: +.04, -.01
+  assert d["n"] == 2 and d["mean"] == pytest.approx(0.015) and d["std"] == pytest.approx(math.sqrt(2) * 0.025)
+  assert d["improved"] == 1
+  dp = agg["aff"]["vs_baseline"]["miou_propagated"]  # .75 - .70, .78 - .73
+  assert dp["mean"] == pytest.approx(0.05) and dp["std"] == pytest.approx(0.0, abs=1e-12) and dp["improved"] == 2
+  assert agg["aff"]["final_iterations"] == 1
+  sw = agg["aff"]["sweep"]
+  assert sw["iterations"] == [0, 1] and sw["predicted"]["n"] == 2
+  assert sw["predicted"]["mean"] == pytest.approx([0.73, 0.765])
+  assert sw["predicted"]["std"] == pytest.approx([math.sqrt(2) * 0.01, math.sqrt(2) * 0.015])
+  assert sw["oracle"]["mean"] == pytest.approx([0.73, 0.83])
+  one = agg["one"]
+  assert one["metrics"]["miou"] == {"n": 1, "mean": 0.80, "std": None, "min": 0.80, "max": 0.80,
+                                    "values": {"1": 0.80}}
+  assert one["vs_baseline"]["miou"]["n"] == 1 and one["vs_baseline"]["miou"]["mean"] == pytest.approx(0.07)
+  assert one["vs_baseline"]["miou"]["std"] is None
+
+  md = open(os.path.join(w, "study.md")).read()
+  assert "| plain | `:baseline` | 3 | 73.00 ± 3.00 | 70.00–76.00 | – | – | 0: 70.00, 1: 73.00, 2: 76.00 |" in md
+  assert "| aff | `:default` | 2 | 73.00 ± 1.41 | 72.00–74.00 | +1.50 ± 3.54 (n=2) | 1/2 |" in md
+  assert "| aff (1 it.) | `:default` | 2 | 76.50 ± 2.12 |" in md
+  assert "| aff | predicted | 2 | 73.00 ± 1.41 | 76.50 ± 2.12 |" in md
+  assert "| one | `:x` | 1 | 80.00 | 80.00–80.00 | +7.00 (n=1) | 1/1 |" in md
+  assert "aff seed 2, one seed 0" in md
+  assert os.path.getsize(os.path.join(w, "study.png")) > 1000
+  assert json.load(open(os.path.join(w, "study.json")))["aggregate"] == json.loads(json.dumps(agg))
+
+
+def test_export_copies_the_small_files_and_aggregates_again(tmp_path):
+  w, rows = _fabricated(tmp_path)
+  study.write_aggregates(w, "configs/synthetic.py", [], rows, "plain")
+  dest = str(tmp_path / "export")
+  copied = study.export(w, rows, dest)
+  assert "study.md" in copied and os.path.join("aff", "seed_1", "eval", "step_10", "results.json") in copied
+  assert os.path.join("aff", "seed_1", "config.json") in copied
+  assert not any(name.endswith("log.txt") or "step_99" in name for name in copied)
+  again = study.write_aggregates(dest, "configs/synthetic.py", [], rows, "plain")
+  assert again["aggregate"] == json.load(open(os.path.join(w, "study.json")))["aggregate"]
+
+
+def test_study_end_to_end_on_tiny(tmp_path, data_dir):
+  """Two trained rows and one evaluate row of seed 0: all finish; a second invocation runs nothing."""
+  w = str(tmp_path / "study")
+  cmd = [sys.executable, "-m", "dilaff_jax.study", "--config=configs/synthetic.py", "--seeds=0", f"--workdir={w}",
+         "--rows=aff=tiny; plain=tiny@affinity.enabled=False; plain4=evaluate:plain@eval.max_images=4",
+         "--baseline_row=plain", f"--config.dataset.data_dir={data_dir}"]
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", PYTHONPATH=REPO)
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "run 1/3: aff seed 0 (train), 3 left" in proc.stdout and "run 3/3: plain4 seed 0 (evaluate)" in proc.stdout
+  results = {r: json.load(open(os.path.join(w, r, "seed_0", "eval", "step_4", "results.json")))
+             for r in ("aff", "plain", "plain4")}
+  assert results["plain"]["num_images"] == 8 and results["plain4"]["num_images"] == 4  # not overwritten
+  assert "sweep" in results["aff"] and "sweep" not in results["plain"]
+  assert not os.path.exists(os.path.join(w, "plain4", "seed_0", "checkpoints"))
+  for name in ("study.json", "study.md", "study.png", "aff/seed_0/log.txt", "aff/seed_0/config.json",
+               "plain4/seed_0/run.json"):
+    assert os.path.exists(os.path.join(w, name)), name
+  agg = json.load(open(os.path.join(w, "study.json")))["aggregate"]
+  assert agg["aff"]["metrics"]["miou"]["values"] == {"0": results["aff"]["miou"]}
+  assert agg["aff"]["vs_baseline"]["miou"]["mean"] == pytest.approx(results["aff"]["miou"] - results["plain"]["miou"])
+  stamp = os.path.getmtime(os.path.join(w, "aff", "seed_0", "eval", "step_4", "results.json"))
+
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.stdout.count("finished, skipped") == 3 and "(train)" not in proc.stdout, proc.stdout
+  assert os.path.getmtime(os.path.join(w, "aff", "seed_0", "eval", "step_4", "results.json")) == stamp
