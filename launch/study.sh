@@ -5,7 +5,8 @@
 #   WORKDIR=runs/study2 SEEDS=0,1,2,3,4 bash launch/study.sh --config.dataset.data_dir=/data/tfds
 # `kill <pid>` (SIGTERM) stops it after the current run saved a checkpoint. Extra arguments go to
 # `python -m dilaff_jax.study` (e.g. --config.KEY=VALUE for every run); results: $WORKDIR/study.md (.json, .png).
-# Each of the 24 runs of the default rows takes about 6 minutes on 2 idle CPU cores (about 2.5 hours in all).
+# Each of the 44 runs of the default rows takes about 6 minutes on 2 idle CPU cores (about 4.5 hours in all; the CRF
+# rows only evaluate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
@@ -16,15 +17,18 @@ SEEDS=${SEEDS:-0,1,2}
 ROWS=${ROWS:-"
 baseline=baseline#0,1,2,3,4
 default=default#0,1,2,3,4
+default_count=default@affinity.partial_neighbors=count
+table1_sqrt=table1_sqrt#0,1,2,3,4
 table1_none=table1_none
 table1_signal=table1_signal
 table1_neighbor=table1_neighbor
-table1_sqrt=table1_sqrt#0,1,2,3,4
+baseline+crf=evaluate:baseline@eval.crf=True#0,1,2,3,4
+table2_r4_8=table2_r4_8
+table2_r4_8_16=table2_r4_8_16
+table2_r4_6x12_8_16x32_24=table2_r4_6x12_8_16x32_24
 "}
-# More rows, to append to ROWS as time allows:
-#   Table 2:  table2_r4_8=table2_r4_8  table2_r4_8_16=table2_r4_8_16  table2_r4_6x12_8_16x32_24=table2_r4_6x12_8_16x32_24
-#             (table2_r4_8_16_32 is table1_sqrt and table2_r4_6x12_8 is default: not run twice)
-#   Table 5:  baseline+crf=evaluate:baseline@eval.crf=True   (dense CRF on the plain runs; needs pydensecrf2)
+# default_count: the default with the literal n_k rule (k = q) instead of "rescale", for the comparison of the two.
+# table2_r4_8_16_32 is table1_sqrt and table2_r4_6x12_8 is default: not run twice.
 echo "[launch] python -m dilaff_jax.study --workdir=$WORKDIR --seeds=$SEEDS $*"
 exec .venv/bin/python -m dilaff_jax.study --config=configs/synthetic.py --seeds="$SEEDS" --workdir="$WORKDIR" \
   --baseline_row=baseline --rows="$ROWS" "$@"
