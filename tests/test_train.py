@@ -79,9 +79,14 @@ def test_step_on_4_devices_equals_step_on_1_device_with_whole_batch():
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # flax's unreplicate mis-handles a 1-of-8 pmap
     outs.append((first(new_state), first(metrics).compute()))
   (s4, m4), (s1, m1) = outs
-  # the step did change the parameters, and both ways agree
+  # the step did change the parameters, and both ways agree: each leaf's update (new - old) to 2% of its norm.
+  # (Cross-replica BatchNorm's E[x²] - E[x]² in float32 on 1x1 maps at OS 32 moves some updates by up to ~0.6%
+  # between shardings; a sharding bug, e.g. a loss normalised per device with these uneven ignore shares, changes
+  # them by tens of percent.)
   assert not np.allclose(np.asarray(s1.params["classifier"]["kernel"]), state.params["classifier"]["kernel"])
-  tree_allclose(s4.params, s1.params, rtol=2e-4, atol=2e-6)
+  for u4, u1 in zip(jax.tree.leaves(jax.tree.map(np.subtract, s4.params, state.params)),
+                    jax.tree.leaves(jax.tree.map(np.subtract, s1.params, state.params))):
+    assert np.linalg.norm(u4 - u1) <= 2e-2 * np.linalg.norm(u1) + 1e-9
   tree_allclose(s4.batch_stats, s1.batch_stats, rtol=2e-4, atol=2e-6)
   for k in ("loss", "ce_loss", "affinity_loss", "pixel_accuracy", "affinity_accuracy"):
     assert float(m4[k]) == pytest.approx(float(m1[k]), rel=1e-5), k
