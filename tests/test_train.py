@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic, voc
-from dilaff_jax import affinity, config_checks, input_pipeline, train
+from dilaff_jax import affinity, checkpoints, config_checks, input_pipeline, train
 from dilaff_jax.stats import AffinityStats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,13 +42,10 @@ def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def restored_variables(workdir, config):
+def restored_variables(workdir, config, step=None):
+  """``(step, variables)`` of the newest intact (or ``step``'s) checkpoint of ``workdir``, verified."""
   rates = config_checks.rates_of(config)
-  mngr = train.checkpoint_manager(workdir, config)
-  model = train.build_model(config, rates)
-  state = train.create_train_state(config, model, jax.random.key(0))
-  state, _ = train.restore_checkpoint(mngr, state, train.compat_record(config, rates))
-  mngr.close()
+  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: train.state_template(config, rates), step)
   return int(state.step), {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -188,7 +185,8 @@ def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):
   config = tiny_config(data_dir, **{"train.num_steps": 2})
   train.train_and_evaluate(config, str(tmp_path / "run"))
   other = tiny_config(data_dir, **{"train.num_steps": 4, "affinity.rates": (4, 8)})
-  with pytest.raises(train.TrainingError, match=r"incompatible config:\n  affinity.rates \(explicit\)"):
+  with pytest.raises(checkpoints.IncompatibleCheckpointError,
+                     match=r"incompatible config:\n  affinity.rates \(explicit\)"):
     train.train_and_evaluate(other, str(tmp_path / "run"))
   # the refused config did not replace the run's config.json
   import json
