@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import logging as pylogging
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -153,6 +154,7 @@ def opened(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   """:func:`checkpoint_manager` (``write``: creating the folder, rotating by ``config``), closed on every exit. On
   a normal exit a writer's last save must have reached the disk (else :class:`CheckpointError`); on an error exit
   the manager is closed without masking that error."""
+  _ignore_callbacks_into_closed_loops()
   mngr = checkpoint_manager(workdir, config, create=write)
   short = _OneLineOrbaxErrors()
   if logging.get_verbosity() < logging.DEBUG:  # --verbosity=1 keeps Orbax's tracebacks for bug reports
@@ -173,6 +175,23 @@ def opened(workdir: str, config: ml_collections.ConfigDict | None = None, *,
       mngr.close()
   finally:
     logging.get_absl_logger().removeFilter(short)
+
+
+def _ignore_callbacks_into_closed_loops() -> None:
+  """When Orbax gives up on a damaged checkpoint, reads still in flight later call back into its closed asyncio
+  loop; each such callback prints a harmless "Event loop is closed" traceback, hundreds of them burying the one
+  error that matters. This drops exactly those (wrapping the interpreter's hook once; everything else passes)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
 
 
 class _OneLineOrbaxErrors(pylogging.Filter):

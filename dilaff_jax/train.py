@@ -403,7 +403,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: 
         stop = preemption.requested or (jax.process_count() > 1 and mngr.reached_preemption(step))
         if step % config.train.checkpoint_every == 0 or step == total or stop:
           _check_loss(first_nonfinite, mngr)  # names the step where it went wrong, before the state check
-          checkpoints.save_checkpoint(mngr, flax.jax_utils.unreplicate(state), meta(step))
+          try:  # batch statistics can blow up while the loss (computed with batch statistics) stays finite
+            checkpoints.save_checkpoint(mngr, flax.jax_utils.unreplicate(state), meta(step))
+          except checkpoints.NonFiniteStateError as e:
+            raise TrainingError(str(e)) from None
         if stop:
           checkpoints.finish(mngr)
           logging.warning("Stopped at step %d after a preemption request; rerun with the same --workdir to resume",

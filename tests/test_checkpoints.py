@@ -141,8 +141,7 @@ def test_diverging_run_leaves_only_finite_checkpoints(data_dir, tmp_path):
   config = tiny_config(data_dir, **{"train.learning_rate": 1e8, "train.checkpoint_every": 1,
                                     "train.keep_checkpoints": 2, "train.num_steps": 8})
   workdir = str(tmp_path / "diverge")
-  with pytest.raises((train.TrainingError, checkpoints.NonFiniteStateError),
-                     match=r"(non-finite loss|is not finite).* at step \d|at step \d.*not finite") as info:
+  with pytest.raises(train.TrainingError, match=r"at step \d+") as info:
     train.train_and_evaluate(config, workdir)
   assert "finite checkpoint is step" in str(info.value) or "last good checkpoint is step" in str(info.value)
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
@@ -232,3 +231,25 @@ def test_full_disk_ends_in_one_error_and_the_process_exits(data_dir, tmp_path):
   assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert len(proc.stderr.splitlines()) < 20, proc.stderr
   assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))
+
+
+def test_watch_never_creates_a_workdir(data_dir, tmp_path):
+  typo = tmp_path / "typo"
+  with pytest.raises(checkpoints.NoCheckpointError, match=f"--workdir={typo}: no such folder"):
+    evaluate.evaluate_checkpoints(tiny_config(data_dir), str(typo), watch=True, poll_seconds=0.1)
+  assert not typo.exists()
+
+
+def test_command_line_refuses_a_damaged_step_in_one_line(run, data_dir, tmp_path):
+  workdir = copy_of(run, tmp_path)
+  truncate(largest_data_file(workdir, 4))  # Orbax gives up mid-read: reads in flight must not spill tracebacks
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([sys.executable, "-m", "dilaff_jax.main", "--config=configs/synthetic.py:tiny",
+                         f"--workdir={workdir}", "--mode=evaluate", "--step=4", f"--config.dataset.data_dir={data_dir}",
+                         "--config.train.batch_size=8", "--config.eval.batch_size=8"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith(f"error: checkpoint {workdir}/checkpoints/4 is damaged: its arrays cannot be read (")
+  assert lines[0].endswith("; intact checkpoints: 2 (pass one of them to --step)")
