@@ -4,7 +4,7 @@
   and optimizer slot is finite; a non-finite state is refused, so the newest checkpoint is always a finite one and
   no rotation (``train.keep_checkpoints``) can drop it in favour of a poisoned one.
 * Every checkpoint records, in its JSON meta, the name, shape and dtype of each array (its signature) and a
-  BLAKE2b fingerprint of their bytes, hashed from the host copy that the save makes anyway.
+  SHA-256 fingerprint of their bytes, hashed from the host copy that the save makes anyway.
 * A restore checks, in this order: the config (a differing model or class count is an incompatible config), the
   signature (a different set of arrays does not fit this model), then reads the arrays and checks the fingerprint
   and finiteness. Anything failing after the signature matched (unreadable, truncated or missing files, flipped
@@ -33,7 +33,7 @@ from absl import logging
 
 from dilaff_jax import affinity, config_checks, errors
 
-FINGERPRINT = "blake2b-128"
+FINGERPRINT = "sha256"
 DAMAGED_DIR = "damaged"  # <workdir>/checkpoints/damaged/<step>: damaged steps that training moved aside
 HINT = "train first (python -m dilaff_jax.main --mode=train) or point --workdir at a run"
 
@@ -100,8 +100,9 @@ def signature(tree) -> list[list]:
 
 
 def fingerprint(tree) -> str:
-  """BLAKE2b (128 bits) over every array's path, dtype, shape and bytes, in flattening order."""
-  h = hashlib.blake2b(digest_size=16)
+  """SHA-256 over every array's path, dtype, shape and bytes, in flattening order (hardware-accelerated on current
+  CPUs: well under a second for a ResNet-101 state with its momentum)."""
+  h = hashlib.sha256()
   for path, a in _arrays(tree):
     h.update(f"{path}|{a.dtype.str}|{a.shape}\n".encode())
     h.update(np.ascontiguousarray(a).data)

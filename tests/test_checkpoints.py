@@ -210,11 +210,12 @@ FULL_DISK = textwrap.dedent("""
       raise OSError(errno.ENOSPC, "No space left on device")
 
     type_handlers.NumpyHandler._open_and_write = no_space  # every array write of a save fails, in the background
+    sys.argv = ["main", "--config=configs/synthetic.py:tiny", "--workdir={workdir}",
+                "--config.dataset.data_dir={data_dir}", "--config.train.batch_size=8",
+                "--config.train.eval_at_end=False"]
     from absl import app
-    from dilaff_jax import main
-    app.run(main.main, argv=["main", "--config=configs/synthetic.py:tiny", "--workdir={workdir}",
-                             "--config.dataset.data_dir={data_dir}", "--config.train.batch_size=8",
-                             "--config.train.eval_at_end=False"])
+    from dilaff_jax import main  # its --config flag reads sys.argv for the overrides
+    app.run(main.main)
 """)
 
 
