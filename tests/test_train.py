@@ -181,6 +181,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
 
 
+def test_diverging_run_leaves_only_finite_checkpoints(data_dir, tmp_path):
+  """The issue's case: lr 1e8 with a checkpoint every step. BatchNorm variances blow up before the loss does, so
+  the loss check alone would save poisoned states; the state check refuses them."""
+  config = tiny_config(data_dir, **{"train.learning_rate": 1e8, "train.checkpoint_every": 1,
+                                    "train.keep_checkpoints": 2, "train.num_steps": 8})
+  workdir = str(tmp_path / "diverge")
+  with pytest.raises(train.TrainingError, match=r"at step \d+") as info:
+    train.train_and_evaluate(config, workdir)
+  assert "finite checkpoint is step" in str(info.value) or "last good checkpoint is step" in str(info.value)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert steps, "the first steps were finite and saved"
+  for step in steps:  # every saved checkpoint restores verified (fingerprint and finiteness)
+    assert restored_variables(workdir, config, step)[0] == step
+  assert str(steps[-1]) in str(info.value)
+  assert not os.path.exists(os.path.join(workdir, "train.lock"))  # released on the error path
+
+
 def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):
   config = tiny_config(data_dir, **{"train.num_steps": 2})
   train.train_and_evaluate(config, str(tmp_path / "run"))
