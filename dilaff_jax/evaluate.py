@@ -377,58 +377,49 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
 
 def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, steps: Sequence[int] | None = None,
                          watch: bool = False, poll_seconds: float = 30.0, timeout_seconds: float = 0.0) -> list[dict]:
-  """Evaluates checkpoints of ``workdir``: ``steps``, or the latest one; with ``watch``, every checkpoint a running
-  training writes, as it appears, until the one at ``train.num_steps`` (or ``timeout_seconds`` without a new one).
-  Checkpoints already evaluated (``<results_dir>/step_N/results.json`` exists) are skipped while watching."""
-  from dilaff_jax import config_checks, train
+  """Evaluates checkpoints of ``workdir``: ``steps``, or the newest intact one; with ``watch``, every checkpoint a
+  running training writes, as it appears, until the one at ``train.num_steps`` (or ``timeout_seconds`` without a
+  new one). Checkpoints already evaluated (``<results_dir>/step_N/results.json`` exists) are skipped while watching, and so
+  are damaged ones (reported). Only reads: no lock, no folder created (a missing ``workdir`` is an error, also with
+  ``watch``; a workdir whose training has not saved yet is waited for)."""
+  from dilaff_jax import checkpoints, config_checks, train
 
   config_checks.validate(config, num_devices=jax.device_count(), mode="evaluate")
   rates = config_checks.rates_of(config)
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not watch and not os.path.isdir(directory):  # checked first: the manager would create the folder
-    raise FileNotFoundError(f"no checkpoint in {directory}: train first (python -m dilaff_jax.main --mode=train) "
-                            "or point --workdir at a run")
-  mngr = train.checkpoint_manager(workdir, config)
-  if not watch and mngr.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}: train first (python -m dilaff_jax.main --mode=train) "
-                            "or point --workdir at a run")
-  for s in steps or ():
-    if s not in mngr.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {s} in {directory}; available: {list(mngr.all_steps())}")
-  template = train.create_train_state(_no_pretrained(config), train.build_model(config, rates), jax.random.key(0))
-  compat = train.compat_record(config, rates)
-  results = []
+  if watch and not os.path.isdir(workdir):
+    raise checkpoints.NoCheckpointError(f"--workdir={workdir}: no such folder: start the training first (it creates "
+                                        "the workdir), or fix the path")
+  template = functools.cache(lambda: train.state_template(config, rates))
   if not watch:
-    for s in steps or [mngr.latest_step()]:
-      state, _ = train.restore_checkpoint(mngr, template, compat, s)
+    results = []
+    for s in steps or [None]:
+      state, _ = checkpoints.restore_from_workdir(workdir, config, template, s)
       results.append(evaluate_state(config, workdir, state, rates))
-    mngr.close()
     return results
+  results = []
   last_new = time.time()
   done = set()
+  directory = checkpoints.checkpoints_dir(workdir)
   print(f"[eval] watching {directory} for new checkpoints (until step {config.train.num_steps})", flush=True)
   while True:
-    mngr.reload()
-    todo = [s for s in mngr.all_steps() if s not in done
+    saved = checkpoints.saved_steps(workdir)
+    todo = [s for s in saved if s not in done
             and not os.path.exists(os.path.join(results_dir(config, workdir), f"step_{s}", "results.json"))]
     for s in sorted(todo):
-      state, _ = train.restore_checkpoint(mngr, template, compat, s)
-      results.append(evaluate_state(config, workdir, state, rates))
+      try:
+        state, _ = checkpoints.restore_from_workdir(workdir, config, template, s)
+      except checkpoints.DamagedCheckpointError as e:
+        print(f"[eval] skipping step {s}: {e}", flush=True)
+      except checkpoints.NoCheckpointError:  # rotated out (or moved aside) since it was listed
+        print(f"[eval] skipping step {s}: it was removed before it could be read", flush=True)
+      else:
+        results.append(evaluate_state(config, workdir, state, rates))
       done.add(s)
       last_new = time.time()
-    latest = mngr.latest_step()
-    if latest is not None and latest >= config.train.num_steps:
+    if saved and max(saved) >= config.train.num_steps:
       break
     if timeout_seconds and time.time() - last_new > timeout_seconds:
       print(f"[eval] no new checkpoint for {timeout_seconds:.0f}s: stopping", flush=True)
       break
     time.sleep(poll_seconds)
-  mngr.close()
   return results
-
-
-def _no_pretrained(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config without ImageNet weights: the restored checkpoint replaces every variable anyway."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.model.pretrained = "none"
-  return c

@@ -62,7 +62,7 @@ def main(argv) -> None:
   maybe_initialize_distributed(config)
 
   import jax
-  from dilaff_jax import config_checks, evaluate, train
+  from dilaff_jax import errors, evaluate, train
 
   logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(),
                jax.devices())
@@ -72,7 +72,7 @@ def main(argv) -> None:
     else:
       evaluate.evaluate_checkpoints(config, FLAGS.workdir, steps=[FLAGS.step] if FLAGS.step is not None else None,
                                     watch=FLAGS.watch, timeout_seconds=FLAGS.watch_timeout)
-  except (config_checks.ConfigError, train.TrainingError, FileNotFoundError) as e:
+  except (errors.UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 

@@ -154,23 +154,12 @@ def write_outputs(output_dir: str, name: str, image: np.ndarray, raw: np.ndarray
 
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: str):
-  """``(variables, step)`` of the latest checkpoint in ``<workdir>/checkpoints``, checked against ``config``."""
-  from dilaff_jax import evaluate, train
+  """``(variables, step)`` of the newest intact checkpoint in ``<workdir>/checkpoints``, checked against
+  ``config``."""
+  from dilaff_jax import checkpoints, train
 
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  hint = "train first (python -m dilaff_jax.main --mode=train) or point --workdir at a run"
-  if not os.path.isdir(ckpt_dir):  # checked before the manager, which would create the folder
-    raise PredictError(f"--workdir={workdir}: no checkpoint in {ckpt_dir} (no such folder): {hint}")
-  rates = config_checks.rates_of(config)
-  mngr = train.checkpoint_manager(workdir, config)
-  try:
-    if mngr.latest_step() is None:
-      raise PredictError(f"--workdir={workdir}: no checkpoint in {ckpt_dir}: {hint}")
-    model = train.build_model(config, rates, axis_name=None)
-    state = train.create_train_state(evaluate._no_pretrained(config), model, jax.random.key(0))
-    state, _ = train.restore_checkpoint(mngr, state, train.compat_record(config, rates))
-  finally:
-    mngr.close()
+  state, _ = checkpoints.restore_from_workdir(
+      workdir, config, lambda: train.state_template(config, config_checks.rates_of(config)))
   return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)
 
 
@@ -376,9 +365,9 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, str
 def _is_bad_input(e: Exception) -> bool:
   if isinstance(e, PredictError):
     return True
-  from dilaff_jax import config_checks, train  # only now: a bad path is reported before TensorFlow loads
+  from dilaff_jax import errors
 
-  return isinstance(e, (config_checks.ConfigError, train.TrainingError))
+  return isinstance(e, errors.UserError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,15 +3,17 @@
 Loss ``CE(ignore 255) + β · L_aff`` (Eq. 5) plus weight decay on kernels; SGD with momentum and DeepLab's poly
 schedule (optax). The step is ``jax.pmap``'d over axis ``batch`` with cross-replica BatchNorm; both loss terms are
 normalised by the number of labelled pixels of the *global* batch, so a sharded step equals the unsharded one.
-Checkpoints (Orbax, asynchronous) hold the train state; the data position and the RNG are functions of the step,
-so a resumed run continues exactly where the interrupted one stopped.
+Checkpoints (:mod:`dilaff_jax.checkpoints`: finite, fingerprinted) hold the train state; the data position and the
+RNG are functions of the step, so a resumed run continues exactly where the interrupted one stopped. One training
+per workdir (:mod:`dilaff_jax.workdir_lock`).
 """
 
+import contextlib
 import functools
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax
@@ -20,12 +22,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 from flax.training import train_state
 
-from dilaff_jax import affinity, config_checks, datasets, errors, input_pipeline, pretrained, visualize
+from dilaff_jax import affinity, checkpoints, config_checks, datasets, errors, input_pipeline, pretrained, visualize
+from dilaff_jax import workdir_lock
 from dilaff_jax import stats as stats_lib
 from dilaff_jax.models.deeplab import DeepLabV3Plus, upsample_logits
 
@@ -112,6 +114,14 @@ def create_train_state(config: ml_collections.ConfigDict, model: DeepLabV3Plus, 
     logging.info("Loaded ImageNet backbone weights from %s", weights)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=create_optimizer(config),
                            batch_stats=variables["batch_stats"])
+
+
+def state_template(config: ml_collections.ConfigDict, rates: affinity.Rates) -> TrainState:
+  """A train state of ``config``'s structure to restore a checkpoint into (without the ImageNet weights: the
+  checkpoint replaces every variable)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.pretrained = "none"
+  return create_train_state(c, build_model(c, rates, axis_name=None), jax.random.key(0))
 
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -214,58 +224,6 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-
-
-def compat_record(config: ml_collections.ConfigDict, rates: affinity.Rates) -> dict:
-  """What a checkpoint must agree with to be restored into this config."""
-  m = config.model
-  return {"model.depth": m.depth, "model.stem": m.stem, "model.multi_grid": list(m.multi_grid),
-          "model.aspp_channels": m.aspp_channels, "model.low_level_channels": m.low_level_channels,
-          "model.decoder_channels": m.decoder_channels, "model.separable": m.separable,
-          "dataset.num_classes": config.dataset.num_classes,
-          "affinity.rates (explicit)": [list(r) for r in rates]}
-
-
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options,
-                               item_names=("state", "meta"))
-
-
-def _host_state(state: TrainState) -> dict:
-  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-          "opt_state": state.opt_state}
-
-
-def save_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
-  """Saves an (unreplicated) state asynchronously; ``meta`` is JSON (compat record, data position)."""
-  host = jax.device_get(_host_state(state))
-  mngr.save(int(host["step"]), args=ocp.args.Composite(state=ocp.args.StandardSave(host),
-                                                       meta=ocp.args.JsonSave(meta)), force=True)
-
-
-def restore_checkpoint(mngr: ocp.CheckpointManager, state: TrainState, compat: dict,
-                       step: int | None = None) -> tuple[TrainState, dict]:
-  """Restores the latest (or ``step``) checkpoint into ``state``'s structure, checking compatibility first."""
-  step = mngr.latest_step() if step is None else step
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  diffs = [f"{k}: checkpoint has {meta['compat'].get(k)!r}, config has {v!r}" for k, v in compat.items()
-           if meta["compat"].get(k) != v]
-  if diffs:
-    raise TrainingError(f"checkpoint {mngr.directory}/{step} comes from an incompatible config:\n  "
-                        + "\n  ".join(diffs) + "\nUse another --workdir or the config the run was started with.")
-  target = jax.device_get(_host_state(state))
-  try:
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-  except (ValueError, KeyError) as e:
-    raise TrainingError(f"checkpoint {mngr.directory}/{step} does not fit this model: {e}") from None
-  new = state.replace(step=restored["step"], params=restored["params"], batch_stats=restored["batch_stats"],
-                      opt_state=restored["opt_state"])
-  return new, meta
-
-
 # ----------------------------------------------------------------------------------------------- summaries
 
 
@@ -310,16 +268,67 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+NO_STEP = np.iinfo(np.int32).max  # "no non-finite loss yet"
+
+
+@jax.jit
+def _track_nonfinite(first: tuple[jax.Array, jax.Array], loss: metrics.Average,
+                     step: int) -> tuple[jax.Array, jax.Array]:
+  """``(step, loss)`` of the first non-finite loss so far. Updated on the device after every step and read only
+  at log and checkpoint steps, so that the loop never waits for the device just to look at the loss."""
+  first_step, first_loss = first
+  value = loss.compute()
+  new = ~jnp.isfinite(value) & (first_step == NO_STEP)
+  return jnp.where(new, step, first_step), jnp.where(new, value, first_loss)
+
+
+def _check_loss(first: tuple[jax.Array, jax.Array], mngr) -> None:
+  step, loss = (x.item() for x in jax.device_get(first))
+  if step != NO_STEP:
+    checkpoints.finish(mngr)
+    good = mngr.latest_step()
+    raise TrainingError(
+        f"non-finite loss ({loss}) at step {step}: stopping without saving this state. The last good "
+        f"checkpoint is {'step ' + str(good) if good is not None else 'none'} in {mngr.directory}. Lower "
+        "train.learning_rate or affinity.beta, or check the input data.")
+
+
+@contextlib.contextmanager
+def _workdir_locked(workdir: str, is_chief: bool) -> Iterator[None]:
+  """Process 0 holds ``<workdir>/train.lock`` for the run; every process stops when it could not take it."""
+  with contextlib.ExitStack() as stack:
+    busy = None
+    if is_chief:
+      try:
+        stack.enter_context(workdir_lock.hold(workdir))
+      except workdir_lock.WorkdirBusyError as e:
+        busy = e
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      if int(multihost_utils.broadcast_one_to_all(np.int32(busy is not None))) and busy is None:
+        busy = workdir_lock.WorkdirBusyError(f"--workdir={workdir} is in use by another training (see process 0)")
+    if busy is not None:
+      raise busy
+    yield
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        hooks: Sequence[Hook] = ()) -> dict:
   """Trains to ``config.train.num_steps`` (resuming from ``workdir``), then evaluates if configured.
 
-  ``hooks`` are called as ``hook(step, state)`` after every step (tests use them to interrupt runs).
-  Returns the last training metrics and, when evaluated, the evaluation results.
+  One training per workdir (``<workdir>/train.lock``). ``hooks`` are called as ``hook(step, state)`` after every
+  step (tests use them to interrupt runs). Returns the last training metrics and, when evaluated, the evaluation
+  results.
   """
   config_checks.validate(config, num_devices=jax.device_count())
   rates = config_checks.rates_of(config)
   os.makedirs(workdir, exist_ok=True)
+  with _workdir_locked(workdir, jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir, rates, hooks)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: affinity.Rates,
+                        hooks: Sequence[Hook]) -> dict:
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
 
@@ -337,81 +346,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = build_model(config, rates, bias)
   rng = jax.random.key(config.seed)
   state = create_train_state(config, model, rng)
-  compat = compat_record(config, rates)
-  mngr = checkpoint_manager(workdir, config)
-  if mngr.latest_step() is not None:
-    state, meta = restore_checkpoint(mngr, state, compat)
-    print(f"[train] resumed from the checkpoint at step {int(state.step)} in {mngr.directory}", flush=True)
-  start = int(state.step)
-  if is_chief:  # written once the checkpoint is known to fit this config (predict reads it)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=1))
+  compat = checkpoints.compat_record(config, rates)
+  with checkpoints.opened(workdir, config, write=True) as mngr:
+    if mngr.latest_step() is not None:
+      state, _, damaged = checkpoints.restore_newest_intact(mngr, state, compat)
+      _barrier("checkpoints verified")
+      if is_chief:  # out of the way of this run's saves and of rotation; kept for inspection
+        checkpoints.move_aside(mngr, damaged)
+      _barrier("damaged checkpoints moved aside")
+      mngr.reload()
+      print(f"[train] resumed from the checkpoint at step {int(state.step)} in {mngr.directory}", flush=True)
+    start = int(state.step)
+    if is_chief:  # written once the checkpoint is known to fit this config (predict reads it)
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=1))
 
-  schedule = learning_rate_schedule(config)
-  p_step = jax.pmap(functools.partial(train_step, config=config, rates=rates, stats=stats, schedule=schedule),
-                    axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
-  p_predict = jax.pmap(functools.partial(model.apply, train=False, output_stride=config.model.train_output_stride),
-                       axis_name=AXIS)
-  pipes = input_pipeline.from_config(config.dataset, seed=config.seed, local_device_count=ndev,
-                                     per_device_batch=per_device, start_step=start)
-  batches = input_pipeline.prefetch_to_device(pipes.train)
-  palette = visualize.palette_for(config.dataset.name)
-  total = config.train.num_steps
-  if start >= total:
-    logging.info("Checkpoint is at step %d >= train.num_steps=%d: nothing to train", start, total)
-  state = flax.jax_utils.replicate(state)
-  progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer, every_steps=config.train.log_every,
-                                             every_secs=None)
-  meta = lambda step: {"compat": compat, "step": step, "data_position": step * config.train.batch_size,
-                       "seed": config.seed}
-  train_metrics = None
-  last = {}
-  t0 = time.time()
-  with _Preemption() as preemption:
-    for step in range(start + 1, total + 1):
-      batch = next(batches)
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, step_metrics = p_step(state, batch, rng)
-      step_metrics = step_metrics.unreplicate()
-      loss = float(step_metrics.loss.compute())
-      if not np.isfinite(loss):
-        mngr.wait_until_finished()
-        good = mngr.latest_step()
-        mngr.close()
-        raise TrainingError(
-            f"non-finite loss ({loss}) at step {step}: stopping without saving this state. The last good "
-            f"checkpoint is {'step ' + str(good) if good is not None else 'none'} in {mngr.directory}. Lower "
-            "train.learning_rate or affinity.beta, or check the input data.")
-      train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
-      progress(step)
-      if step % config.train.log_every == 0 or step == total:
-        last = {k: float(v) for k, v in train_metrics.compute().items()}
-        writer.write_scalars(step, last)
-        elapsed = time.time() - t0
-        eta = elapsed / (step - start) * (total - step)
-        print(f"[train] step {step}/{total} loss {last['loss']:.4f} pixel_acc {last['pixel_accuracy']:.3f}"
-              + (f" aff_acc {last['affinity_accuracy']:.3f}" if rates else "")
-              + f" lr {last['learning_rate']:.2e} | {(step - start) / elapsed:.2f} steps/s, ETA {eta:.0f}s",
-              flush=True)
-        train_metrics = None
-      if is_chief and config.train.image_summary_every and step % config.train.image_summary_every == 0:
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        writer.write_images(step, _image_summaries(p_predict, variables, batch, rates, config, palette))
-      for hook in hooks:
-        hook(step, state)
-      stop = preemption.requested or (jax.process_count() > 1 and mngr.reached_preemption(step))
-      if step % config.train.checkpoint_every == 0 or step == total or stop:
-        save_checkpoint(mngr, flax.jax_utils.unreplicate(state), meta(step))
-      if stop:
-        mngr.wait_until_finished()
-        logging.warning("Stopped at step %d after a preemption request; rerun with the same --workdir to resume",
-                        step)
-        print(f"[train] preempted: checkpoint saved at step {step}; rerun to resume", flush=True)
-        writer.flush()
-        mngr.close()
-        return {"train": last, "preempted_at": step}
-  mngr.wait_until_finished()
-  mngr.close()
+    schedule = learning_rate_schedule(config)
+    p_step = jax.pmap(functools.partial(train_step, config=config, rates=rates, stats=stats, schedule=schedule),
+                      axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+    p_predict = jax.pmap(functools.partial(model.apply, train=False,
+                                           output_stride=config.model.train_output_stride), axis_name=AXIS)
+    pipes = input_pipeline.from_config(config.dataset, seed=config.seed, local_device_count=ndev,
+                                       per_device_batch=per_device, start_step=start)
+    batches = input_pipeline.prefetch_to_device(pipes.train)
+    palette = visualize.palette_for(config.dataset.name)
+    total = config.train.num_steps
+    if start >= total:
+      logging.info("Checkpoint is at step %d >= train.num_steps=%d: nothing to train", start, total)
+    state = flax.jax_utils.replicate(state)
+    progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                               every_steps=config.train.log_every, every_secs=None)
+    meta = lambda step: {"compat": compat, "step": step, "data_position": step * config.train.batch_size,
+                         "seed": config.seed}
+    train_metrics = None
+    last = {}
+    first_nonfinite = (jnp.int32(NO_STEP), jnp.float32(0.0))
+    t0 = time.time()
+    with _Preemption() as preemption:
+      for step in range(start + 1, total + 1):
+        batch = next(batches)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, step_metrics = p_step(state, batch, rng)
+        step_metrics = step_metrics.unreplicate()
+        first_nonfinite = _track_nonfinite(first_nonfinite, step_metrics.loss, step)
+        train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+        progress(step)
+        if step % config.train.log_every == 0 or step == total:
+          _check_loss(first_nonfinite, mngr)
+          last = {k: float(v) for k, v in train_metrics.compute().items()}
+          writer.write_scalars(step, last)
+          elapsed = time.time() - t0
+          eta = elapsed / (step - start) * (total - step)
+          print(f"[train] step {step}/{total} loss {last['loss']:.4f} pixel_acc {last['pixel_accuracy']:.3f}"
+                + (f" aff_acc {last['affinity_accuracy']:.3f}" if rates else "")
+                + f" lr {last['learning_rate']:.2e} | {(step - start) / elapsed:.2f} steps/s, ETA {eta:.0f}s",
+                flush=True)
+          train_metrics = None
+        if is_chief and config.train.image_summary_every and step % config.train.image_summary_every == 0:
+          variables = {"params": state.params, "batch_stats": state.batch_stats}
+          writer.write_images(step, _image_summaries(p_predict, variables, batch, rates, config, palette))
+        for hook in hooks:
+          hook(step, state)
+        stop = preemption.requested or (jax.process_count() > 1 and mngr.reached_preemption(step))
+        if step % config.train.checkpoint_every == 0 or step == total or stop:
+          _check_loss(first_nonfinite, mngr)  # names the step where it went wrong, before the state check
+          try:  # batch statistics can blow up while the loss (computed with batch statistics) stays finite
+            checkpoints.save_checkpoint(mngr, flax.jax_utils.unreplicate(state), meta(step))
+          except checkpoints.NonFiniteStateError as e:
+            raise TrainingError(str(e)) from None
+        if stop:
+          checkpoints.finish(mngr)
+          logging.warning("Stopped at step %d after a preemption request; rerun with the same --workdir to resume",
+                          step)
+          print(f"[train] preempted: checkpoint saved at step {step}; rerun to resume", flush=True)
+          writer.flush()
+          return {"train": last, "preempted_at": step}
   writer.flush()
   result = {"train": last}
   if config.train.eval_at_end:

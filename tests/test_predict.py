@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dilaff_jax import affinity, config_checks, evaluate, inference, predict, propagation, train, visualize
+from dilaff_jax import affinity, checkpoints, config_checks, evaluate, inference, predict, propagation, train, visualize
 from test_train import REPO, tiny_config
 
 # name -> (size, Pillow mode, file type); the first two and the last two share a padded size (41x57, 65x33)
@@ -47,17 +47,15 @@ def write_image(folder, name, size, mode, ext, seed=0):
 def save_as_latest(workdir, config, step):
   """Saves the workdir's state (or a fresh one) with :func:`scramble_heads` applied as checkpoint ``step``."""
   rates = config_checks.rates_of(config)
-  compat = train.compat_record(config, rates)
-  mngr = train.checkpoint_manager(workdir, config)
+  compat = checkpoints.compat_record(config, rates)
   model = train.build_model(config, rates, axis_name=None)
   state = train.create_train_state(config, model, jax.random.key(0))
-  if mngr.latest_step() is not None:
-    state, _ = train.restore_checkpoint(mngr, state, compat)
-  params = scramble_heads(model, {"params": state.params, "batch_stats": state.batch_stats}, config)
-  state = state.replace(step=jnp.int32(step), params=params)
-  train.save_checkpoint(mngr, state, {"compat": compat, "step": step})
-  mngr.wait_until_finished()
-  mngr.close()
+  with checkpoints.opened(workdir, config, write=True) as mngr:
+    if mngr.latest_step() is not None:
+      state, _ = checkpoints.restore_checkpoint(mngr, state, compat, mngr.latest_step())
+    params = scramble_heads(model, {"params": state.params, "batch_stats": state.batch_stats}, config)
+    state = state.replace(step=jnp.int32(step), params=params)
+    checkpoints.save_checkpoint(mngr, state, {"compat": compat, "step": step})
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic, voc
-from dilaff_jax import affinity, config_checks, input_pipeline, train
+from dilaff_jax import affinity, checkpoints, config_checks, input_pipeline, train
 from dilaff_jax.stats import AffinityStats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,13 +42,10 @@ def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def restored_variables(workdir, config):
+def restored_variables(workdir, config, step=None):
+  """``(step, variables)`` of the newest intact (or ``step``'s) checkpoint of ``workdir``, verified."""
   rates = config_checks.rates_of(config)
-  mngr = train.checkpoint_manager(workdir, config)
-  model = train.build_model(config, rates)
-  state = train.create_train_state(config, model, jax.random.key(0))
-  state, _ = train.restore_checkpoint(mngr, state, train.compat_record(config, rates))
-  mngr.close()
+  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: train.state_template(config, rates), step)
   return int(state.step), {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -189,11 +186,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
 
 
+def test_diverging_run_leaves_only_finite_checkpoints(data_dir, tmp_path):
+  """The issue's case: lr 1e8 with a checkpoint every step. BatchNorm variances blow up before the loss does, so
+  the loss check alone would save poisoned states; the state check refuses them."""
+  config = tiny_config(data_dir, **{"train.learning_rate": 1e8, "train.checkpoint_every": 1,
+                                    "train.keep_checkpoints": 2, "train.num_steps": 8})
+  workdir = str(tmp_path / "diverge")
+  with pytest.raises(train.TrainingError, match=r"at step \d+") as info:
+    train.train_and_evaluate(config, workdir)
+  assert "finite checkpoint is step" in str(info.value) or "last good checkpoint is step" in str(info.value)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  assert steps, "the first steps were finite and saved"
+  for step in steps:  # every saved checkpoint restores verified (fingerprint and finiteness)
+    assert restored_variables(workdir, config, step)[0] == step
+  assert str(steps[-1]) in str(info.value)
+  assert not os.path.exists(os.path.join(workdir, "train.lock"))  # released on the error path
+
+
 def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):
   config = tiny_config(data_dir, **{"train.num_steps": 2})
   train.train_and_evaluate(config, str(tmp_path / "run"))
   other = tiny_config(data_dir, **{"train.num_steps": 4, "affinity.rates": (4, 8)})
-  with pytest.raises(train.TrainingError, match=r"incompatible config:\n  affinity.rates \(explicit\)"):
+  with pytest.raises(checkpoints.IncompatibleCheckpointError,
+                     match=r"incompatible config:\n  affinity.rates \(explicit\)"):
     train.train_and_evaluate(other, str(tmp_path / "run"))
   # the refused config did not replace the run's config.json
   import json
