@@ -69,4 +69,4 @@ def get_config(variant: str = ""):
     c.eval.iterations = (0, 1, 3)
     c.affinity.iterations = 3
     return c
-  return voc.apply_variant(c, variant, {})
+  return voc.apply_variant(c, variant, {}, also=("tiny",))

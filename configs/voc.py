@@ -12,7 +12,10 @@ Named variants (``--config=configs/voc.py:NAME``) reproduce one row each:
   Table 5:                       baseline (plain DeepLabv3+), paper (= table4)
 """
 
+import difflib
+
 from configs import default
+from dilaff_jax import errors
 
 R_8_16_32_64 = (8, 16, 32, 64)
 
@@ -33,15 +36,23 @@ VARIANTS["table4"] = VARIANTS["table2_r8_12x24_16"]
 VARIANTS["paper"] = VARIANTS["table4"]
 
 
-def apply_variant(config, variant: str, variants: dict):
-  """Sets rates/scheme/β of a named variant, or disables affinity for ``baseline``."""
+class UnknownVariant(errors.UserError, ValueError):
+  """A ``--config=FILE:VARIANT`` naming no variant of the file."""
+
+
+def apply_variant(config, variant: str, variants: dict, also: tuple[str, ...] = ()):
+  """Sets rates/scheme/β of a named variant, or disables affinity for ``baseline``. ``also``: the config file's
+  own variant names, listed with the others when ``variant`` is unknown."""
   if not variant:
     return config
   if variant == "baseline":
     config.affinity.enabled = False
     return config
   if variant not in variants:
-    raise ValueError(f"unknown config variant {variant!r}; known: baseline, {', '.join(sorted(variants))}")
+    known = sorted({"baseline", *variants, *also})
+    close = difflib.get_close_matches(variant, known, n=1)
+    raise UnknownVariant(f"unknown config variant {variant!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                         + f"; known: {', '.join(known)}")
   rates, scheme, beta = variants[variant]
   config.affinity.rates = rates
   config.affinity.scheme = scheme
