@@ -294,7 +294,7 @@ def test_bad_inputs_exit_2_naming_the_culprit(trained, images, tmp_path, capsys)
                     f"--workdir={no_ckpt}: no config.json"),
       "missing flag": ([f"--input={rgb}", f"--output={tmp_path}/o"], "--workdir is required"),
       "misspelt flag": ([f"--workdir={workdir}", f"--input={rgb}", f"--output={tmp_path}/o", "--config.afinity.lam=1"],
-                        "a --config override names no key of the config: 'afinity'\nDid you mean \"affinity\""),
+                        "config.afinity.lam: no such key; did you mean config.affinity.lam?"),
   }
   for what, (argv, message) in cases.items():
     assert predict.main(argv) == 2, what
