@@ -50,7 +50,7 @@ def apply_variant(config, variant: str, variants: dict, also: tuple[str, ...] = 
     return config
   if variant not in variants:
     known = sorted({"baseline", *variants, *also})
-    close = difflib.get_close_matches(variant, known, n=1)
+    close = difflib.get_close_matches(variant, known, n=1, cutoff=0.5)
     raise UnknownVariant(f"unknown config variant {variant!r}" + (f" (did you mean {close[0]}?)" if close else "")
                          + f"; known: {', '.join(known)}")
   rates, scheme, beta = variants[variant]

@@ -110,6 +110,7 @@ def flag_error(error: Exception, argv: Sequence[str], config=None, flag: str = "
   config file's traceback): the config is ``config`` if given, else loaded from the ``--config=FILE[:VARIANT]`` in
   ``argv``; the first override naming no key is reported with the nearest key. Anything else keeps absl's message.
   """
+  result = errors.UserError(one_line(error))
   try:
     if config is None:
       spec = config_spec(argv, flag)
@@ -118,7 +119,9 @@ def flag_error(error: Exception, argv: Sequence[str], config=None, flag: str = "
       for key in overrides(argv, flag):
         message = missing_key(config, key, flag)
         if message:
-          return errors.UserError(message)
+          result = errors.UserError(message)
+          break
   except errors.UserError as e:
-    return e
-  return errors.UserError(one_line(error))
+    result = e
+  result.__cause__ = error  # the traceback for bug reports shows where absl or the config file failed
+  return result

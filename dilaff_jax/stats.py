@@ -291,12 +291,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _parse_rates(text: str, flag: str) -> affinity.Rates:
   try:
-    rates = affinity.parse_rates(text)
+    return affinity.parse_rates(text)
   except ValueError as e:
     raise StatsError(f"{flag}={text}: {e}") from None
-  if not rates:
-    raise StatsError(f"{flag}={text}: no rate given (use e.g. '8,12x24,16')")
-  return rates
 
 
 def main(argv=None) -> int:
