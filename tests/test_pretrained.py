@@ -232,7 +232,8 @@ def test_non_finite_tensor_names_the_file_and_the_key(tmp_path, resnet26, bad):
 def test_wrong_keys_or_shapes_name_the_file(tmp_path, resnet26):
   state = {k: v for k, v in resnet26[0].items() if k != "layer2.0.conv1.weight"}
   path = _save(tmp_path, state)
-  variables = jax.eval_shape(partial(_small_deeplab(26).init, train=False), jax.random.key(0), jnp.zeros((1, 33, 33, 3)))
+  init = partial(_small_deeplab(26).init, train=False)
+  variables = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 33, 33, 3)))
   with pytest.raises(PretrainedWeightsError, match=re.escape(f"pretrained weights '{path}': state dict does not "
                                                              "match a ResNet-26") + ".*missing keys layer2.0.conv1"):
     load_pretrained_backbone(variables, path, depth=26)
