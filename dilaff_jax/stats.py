@@ -83,7 +83,7 @@ class AffinityStats:
     pixels = counts.category.sum(axis=1, keepdims=True)
     if np.any(pixels == 0) or np.any(counts.valid == 0):
       empty = [affinity.rate_label(r) for r, p, v in zip(rates, pixels[:, 0], counts.valid) if p == 0 or v == 0]
-      raise StatsError(f"AffinityStats: no labelled pixels / valid pixel pairs at rate(s) {', '.join(empty)} in "
+      raise StatsError(f"AffinityStats: no labelled pixels / valid signals at rate(s) {', '.join(empty)} in "
                        f"{counts.images} label map(s): cannot compute shares (label maps too small for the rate, "
                        "or all void?)")
     return cls(rates, counts.category / pixels, counts.positive / counts.valid, counts, source)
