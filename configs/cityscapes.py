@@ -4,8 +4,7 @@
   python -m dilaff_jax.main --config=configs/cityscapes.py:baseline --workdir=DIR   # Table 6, DeepLabv3+
 """
 
-from configs import default
-from configs import voc
+from configs import default, variants, voc
 
 
 def get_config(variant: str = ""):
@@ -22,4 +21,4 @@ def get_config(variant: str = ""):
   c.eval.batch_size = 4
   c.affinity.rates = (8, (12, 24), 16)
   c.affinity.beta = 1.2
-  return voc.apply_variant(c, variant, {"paper": voc.VARIANTS["paper"]})
+  return variants.apply(c, variant, {"baseline": variants.BASELINE, "paper": voc.VARIANTS["paper"]})

@@ -12,41 +12,27 @@ Named variants (``--config=configs/voc.py:NAME``) reproduce one row each:
   Table 5:                       baseline (plain DeepLabv3+), paper (= table4)
 """
 
-from configs import default
+from configs import default, variants
 
 R_8_16_32_64 = (8, 16, 32, 64)
+_row = variants.affinity_row
 
-# name -> (rates, scheme, beta), from Tables 1 and 2
+# name -> config keys; Tables 1 and 2 give each row's rates, scheme and β
 VARIANTS = {
-    "table1_baseline": (R_8_16_32_64, "none", 1.1),
-    "table1_signal": (R_8_16_32_64, "signal", 1.3),
-    "table1_neighbor": (R_8_16_32_64, "neighbor", 0.25),
-    "table1_sqrt": (R_8_16_32_64, "sqrt", 1.5),
-    "table2_r8_16": ((8, 16), "sqrt", 1.5),
-    "table2_r8_16_32": ((8, 16, 32), "sqrt", 1.2),
-    "table2_r8_16_32_64": (R_8_16_32_64, "sqrt", 1.6),
-    "table2_r8_12x24_16": ((8, (12, 24), 16), "sqrt", 1.2),
-    "table2_r8_12x24_16_32x64_48": ((8, (12, 24), 16, (32, 64), 48), "sqrt", 0.9),
+    "baseline": variants.BASELINE,
+    "table1_baseline": _row(R_8_16_32_64, "none", 1.1),
+    "table1_signal": _row(R_8_16_32_64, "signal", 1.3),
+    "table1_neighbor": _row(R_8_16_32_64, "neighbor", 0.25),
+    "table1_sqrt": _row(R_8_16_32_64, "sqrt", 1.5),
+    "table2_r8_16": _row((8, 16), "sqrt", 1.5),
+    "table2_r8_16_32": _row((8, 16, 32), "sqrt", 1.2),
+    "table2_r8_16_32_64": _row(R_8_16_32_64, "sqrt", 1.6),
+    "table2_r8_12x24_16": _row((8, (12, 24), 16), "sqrt", 1.2),
+    "table2_r8_12x24_16_32x64_48": _row((8, (12, 24), 16, (32, 64), 48), "sqrt", 0.9),
 }
 VARIANTS["table3"] = VARIANTS["table2_r8_16"]
 VARIANTS["table4"] = VARIANTS["table2_r8_12x24_16"]
 VARIANTS["paper"] = VARIANTS["table4"]
-
-
-def apply_variant(config, variant: str, variants: dict):
-  """Sets rates/scheme/β of a named variant, or disables affinity for ``baseline``."""
-  if not variant:
-    return config
-  if variant == "baseline":
-    config.affinity.enabled = False
-    return config
-  if variant not in variants:
-    raise ValueError(f"unknown config variant {variant!r}; known: baseline, {', '.join(sorted(variants))}")
-  rates, scheme, beta = variants[variant]
-  config.affinity.rates = rates
-  config.affinity.scheme = scheme
-  config.affinity.beta = beta
-  return config
 
 
 def get_config(variant: str = ""):
@@ -60,4 +46,4 @@ def get_config(variant: str = ""):
   c.train.batch_size = 16
   c.train.num_steps = 30_000
   c.train.learning_rate = 0.007
-  return apply_variant(c, variant, VARIANTS)
+  return variants.apply(c, variant, VARIANTS)

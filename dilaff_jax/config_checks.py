@@ -44,6 +44,32 @@ def _number(config, key, lo=None, hi=None, lo_open=False):
   return v
 
 
+def _int(config, key, lo=None, hi=None):
+  """An int (not a bool) in ``[lo, hi]`` (either bound optional)."""
+  v = _get(config, key)
+  if not isinstance(v, int) or isinstance(v, bool):
+    _fail(key, v, "expected an integer")
+  if lo is not None and v < lo:
+    _fail(key, v, f"expected an integer >= {lo}")
+  if hi is not None and v > hi:
+    _fail(key, v, f"expected an integer <= {hi}")
+  return v
+
+
+def _bool(config, key):
+  v = _get(config, key)
+  if not isinstance(v, bool):
+    _fail(key, v, "expected True or False")
+  return v
+
+
+def _text(config, key, optional=False):
+  v = _get(config, key)
+  if not (isinstance(v, str) and (v or optional) or optional and v is None):
+    _fail(key, v, "expected a path or name" + (" (or None)" if optional else ""))
+  return v
+
+
 def _choice(config, key, choices):
   v = _get(config, key)
   if v not in choices:
@@ -95,7 +121,9 @@ def _check_pretrained(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str = "train") -> None:
   """Raises :class:`ConfigError` naming the first bad key. ``num_devices`` is the global device count."""
+  _int(config, "seed", 0)
   _positive_int(config, "dataset.num_classes")
+  _dataset(config)
   ign = _get(config, "dataset.ignore_label")
   if not isinstance(ign, int) or not 0 <= ign <= 255:
     _fail("dataset.ignore_label", ign, "expected an int in [0, 255] (labels are stored as uint8)")
@@ -113,6 +141,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
       _fail(key, v, "expected 3 values (RGB, 0-255 scale)")
   if any(s <= 0 for s in _get(config, "dataset.std")):
     _fail("dataset.std", _get(config, "dataset.std"), "every value must be > 0")
+  pad = _get(config, "dataset.eval_pad_size")
+  if pad is not None and (not isinstance(pad, (tuple, list)) or len(pad) != 2
+                          or any(not isinstance(p, int) or isinstance(p, bool) or p <= 0 for p in pad)):
+    _fail("dataset.eval_pad_size", pad, "expected (height, width), two positive ints, or None for the largest "
+          "evaluation image")
 
   _choice(config, "model.depth", (18, 34, 50, 101, 152))
   _choice(config, "model.stem", ("standard", "deep"))
@@ -150,6 +183,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
       _number(config, "affinity.max_weight", 1)
   _number(config, "affinity.lam", 0)
   _number(config, "affinity.mu", 1, lo_open=True)
+  _int(config, "affinity.iterations", 0)
+  _int(config, "affinity.stats_max_images", 0)
   its = _get(config, "eval.iterations")
   if not all(isinstance(i, int) and i >= 0 for i in its):
     _fail("eval.iterations", its, "expected non-negative integers")
@@ -160,8 +195,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   eval_batch = _positive_int(config, "eval.batch_size")
   if eval_batch % num_devices:
     _fail("eval.batch_size", eval_batch, f"must be divisible by the number of devices ({num_devices})")
-  _positive_int(config, "train.num_steps")
-  _number(config, "train.learning_rate", 0, lo_open=True)
+  steps = _positive_int(config, "train.num_steps")
+  if _int(config, "train.warmup_steps", 0) >= steps:
+    _fail("train.warmup_steps", _get(config, "train.warmup_steps"), f"must be < train.num_steps ({steps})")
+  lr = _number(config, "train.learning_rate", 0, lo_open=True)
+  _number(config, "train.end_learning_rate", 0, lr)
+  _int(config, "train.image_summary_every", 0)
   _number(config, "train.lr_power", 0)
   _number(config, "train.momentum", 0, 1)
   _number(config, "train.weight_decay", 0)
@@ -173,4 +212,33 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   if _get(config, "affinity.enabled") and 1.0 not in tuple(scales):
     _fail("eval.scales", scales, "must include 1.0 when affinity is enabled: propagation uses the affinity of the "
           "scale-1.0 passes only (a rate r at scale s spans r/s pixels, so scales are never mixed)")
+  _int(config, "eval.max_images", 0)
+  for key in ("model.separable", "train.eval_at_end", "eval.flip", "eval.ground_truth_oracle", "eval.crf"):
+    _bool(config, key)
+  if _get(config, "eval.crf"):
+    _positive_int(config, "eval.crf_iterations")
+    for key in ("eval.crf_sxy_gaussian", "eval.crf_compat_gaussian", "eval.crf_sxy_bilateral", "eval.crf_srgb",
+                "eval.crf_compat_bilateral"):
+      _number(config, key, 0, lo_open=True)
   _choice(config, "distributed.initialize", ("auto", "yes", "no"))
+  _int(config, "distributed.num_processes", 0)
+  _int(config, "distributed.process_id", -1)
+
+
+def _dataset(config: ml_collections.ConfigDict) -> None:
+  """``dataset.name`` is one of this project's datasets and ``dataset.num_classes`` is its number of classes
+  (checked before anything is prepared or written: the class names are constants of the builders)."""
+  from dilaff_jax import datasets  # loads TensorFlow Datasets: only once a run is really starting
+
+  name = _text(config, "dataset.name")
+  for key in ("dataset.train_split", "dataset.eval_split"):
+    _text(config, key)
+  for key in ("dataset.data_dir", "dataset.manual_dir"):
+    _text(config, key, optional=True)
+  try:
+    names = datasets.dataset_class_names(name)
+  except errors.UserError:
+    _fail("dataset.name", name, f"not one of this project's datasets ({', '.join(datasets.known_names())})")
+  n = _get(config, "dataset.num_classes")
+  if n != len(names):
+    _fail("dataset.num_classes", n, f"{name} has {len(names)} classes ({', '.join(names)})")

@@ -12,3 +12,7 @@ EXIT_PREEMPTED = 3  # training stopped on SIGTERM/preemption after saving a chec
 
 class UserError(Exception):
   """A user's mistake; the message names the file, key or value and says what to do."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or folder the user named (or must provide) is not there; the message names it and where to get it."""

@@ -397,8 +397,8 @@ def from_config(dataset_cfg: Any, *, seed: int, local_device_count: int, per_dev
   builder = datasets.get_builder(cfg.name, data_dir=cfg.get("data_dir"), manual_dir=cfg.get("manual_dir"))
   names = datasets.class_names(builder)
   if len(names) != cfg.num_classes:
-    raise ValueError(f"Config says num_classes={cfg.num_classes} but {builder.info.full_name} has "
-                     f"{len(names)} classes: {names}.")
+    raise datasets.DataError(f"Config says num_classes={cfg.num_classes} but {builder.info.full_name} has "
+                             f"{len(names)} classes: {names}.")
   common = dict(num_classes=cfg.num_classes, mean=tuple(cfg.mean), std=tuple(cfg.std),
                 ignore_label=cfg.ignore_label, process_index=process_index, process_count=process_count)
   train = train_iterator(

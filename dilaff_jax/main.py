@@ -6,6 +6,12 @@ r"""The main job: train DeepLabv3+ with dilated affinity, or evaluate a workdir'
 
 A rerun with the same ``--workdir`` resumes from its latest checkpoint. Multi-host: set
 ``--config.distributed.coordinator_address/num_processes/process_id`` (see launch/), or run under SLURM.
+
+Exit codes: 0 done; 2 a mistake in what was given (a flag, a config key or value, a dataset archive or label, a
+weights file, a checkpoint), printed as one line ``error: <message>`` on stderr naming it and what to do; 3 the
+run was preempted (SIGTERM) after saving a checkpoint: rerun it, or let the scheduler requeue it, to resume.
+A mistyped ``--config.KEY`` names the nearest key. The traceback of an error is shown only with ``--verbosity=1``
+or the environment variable ``DILAFF_TRACEBACK=1`` (for bug reports); any other exception is a bug and keeps it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from dilaff_jax import cli, errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, statistics and results.")
@@ -53,6 +61,30 @@ def maybe_initialize_distributed(config) -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every mistake (a missing or failing config file, an unknown variant or
+  ``--config.KEY``, a bad value) ending as one ``error:`` line and exit code 2."""
+  spec = cli.config_spec(argv[1:])
+  if spec is not None and not os.path.isfile(spec.partition(":")[0]):  # ml_collections would defer this error
+    cli.exit_with_error(f"--config={spec}: no such config file")
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # noqa: BLE001  (everything here comes from the command line)
+    cli.exit_with_error(cli.flag_error(e, argv[1:]), show_traceback=cli.wants_traceback(_verbosity(argv)))
+
+
+def _verbosity(argv: list[str]) -> int:
+  """``--verbosity``/``-v`` from ``argv`` when the flags could not be parsed (0 if absent or unreadable)."""
+  for arg in reversed(argv):
+    for prefix in ("--verbosity=", "-v="):
+      if arg.startswith(prefix):
+        try:
+          return int(arg[len(prefix):])
+        except ValueError:
+          return 0
+  return 0
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -68,14 +100,15 @@ def main(argv) -> None:
                jax.devices())
   try:
     if FLAGS.mode == "train":
-      train.train_and_evaluate(config, FLAGS.workdir)
+      result = train.train_and_evaluate(config, FLAGS.workdir)
+      if result.get("preempted_at") is not None:
+        sys.exit(errors.EXIT_PREEMPTED)
     else:
       evaluate.evaluate_checkpoints(config, FLAGS.workdir, steps=[FLAGS.step] if FLAGS.step is not None else None,
                                     watch=FLAGS.watch, timeout_seconds=FLAGS.watch_timeout)
-  except (errors.UserError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+  except (errors.UserError, FileNotFoundError) as e:  # FileNotFoundError: a missing checkpoint or workdir
+    cli.exit_with_error(e, show_traceback=cli.wants_traceback(FLAGS.verbosity))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -11,9 +11,18 @@ propagation (paper §3.3, Eq. 6, with the predicted affinity through the steep s
   <name>_refined.png  the prediction after ``config.affinity.iterations`` steps of propagation (affinity runs only);
   <name>_mask.png     the final class-index mask (refined when there is affinity), a single-channel PNG.
 The config is ``--config`` (a config file, as for the main job) or else the ``config.json`` that training wrote into
-the workdir; either takes ``--config.KEY=VALUE`` overrides. Inference follows ``config.eval`` (output stride, scales,
-flip). Bad input (a missing path, a folder without images, an unreadable image, a workdir without checkpoint, an
-output path that is a file) ends with a message naming it and exit code 2.
+the workdir; either takes ``--config.KEY=VALUE`` overrides (a mistyped key is named with the nearest one). Inference
+follows ``config.eval`` (output stride, scales, flip).
+
+Memory: an image whose longer side exceeds ``--max_size`` (default 2048 pixels; 0 = no limit) is downscaled to that
+side for inference, and its masks are scaled back to the image's size with nearest-neighbour (the blends and the
+mask keep the exact input size). The network's memory grows with the pixels it sees, so this bounds it: a 6000x4000
+photo is inferred at 2048x1365. Raise the limit for finer masks if the device has the memory.
+
+Bad input (a missing path, a folder without images, a workdir without checkpoint, an output folder that is a file,
+cannot be created or is not writable) ends with one line ``error: <message>`` naming it and exit code 2, before the
+model is loaded. Unreadable images in a folder are skipped: the others are predicted, then the skipped ones are
+listed and the exit code is 2. A traceback is shown only with ``DILAFF_TRACEBACK=1`` (for bug reports).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -36,16 +46,17 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from dilaff_jax import config_checks, inference, propagation, visualize  # noqa: E402
+from dilaff_jax import cli, config_checks, errors, inference, propagation, visualize  # noqa: E402
 
 # dilaff_jax.train and .evaluate load TensorFlow (seconds): they are imported where needed, so that a mistyped
 # path is reported at once.
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OUTPUT_SUFFIXES = ("_seg.png", "_refined.png", "_mask.png")
+DEFAULT_MAX_SIZE = 2048
 
 
-class PredictError(ValueError):
+class PredictError(errors.UserError, ValueError):
   """Bad input to prediction; the message names the path or flag at fault."""
 
 
@@ -76,8 +87,22 @@ def output_names(paths: Sequence[str]) -> list[str]:
 
 
 def check_output_dir(path: str) -> None:
+  """Fails unless ``path`` is a writable folder or can be created (its nearest existing parent is a writable
+  folder); checked by writing a temporary file, before the model is loaded, without creating ``path``."""
   if os.path.exists(path) and not os.path.isdir(path):
     raise PredictError(f"--output={path} is a file, not a folder: give a folder for the outputs")
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise PredictError(f"--output={path}: cannot create the folder, {existing} is a file")
+  try:
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    where = "the folder" if existing == os.path.abspath(path) else f"its parent {existing}"
+    raise PredictError(f"--output={path}: {where} is not writable ({e.strerror}): give a folder you can write to"
+                       ) from None
 
 
 def make_output_dir(path: str) -> None:
@@ -95,6 +120,40 @@ def check_readable(path: str) -> None:
       pass
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise PredictError(f"cannot read image {path}: {e}") from None
+
+
+def unreadable(paths: Sequence[str]) -> dict[str, str]:
+  """``{path: message}`` of the files whose header Pillow cannot read (the others are predicted)."""
+  failed = {}
+  for path in paths:
+    try:
+      check_readable(path)
+    except PredictError as e:
+      failed[path] = str(e)
+  return failed
+
+
+def inference_size(height: int, width: int, max_size: int) -> tuple[int, int]:
+  """``(height, width)`` scaled so that the longer side is at most ``max_size`` (unchanged if it is already, or
+  if ``max_size`` is 0); the aspect ratio is kept, each side at least 1."""
+  if not max_size or max(height, width) <= max_size:
+    return height, width
+  scale = max_size / max(height, width)
+  return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """An RGB uint8 image resized to ``(height, width)`` (Pillow's antialiased bilinear)."""
+  if image.shape[:2] == tuple(size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """A class-index mask resized to ``(height, width)`` with nearest-neighbour (class indices are never mixed)."""
+  if mask.shape[:2] == tuple(size):
+    return mask
+  return np.asarray(Image.fromarray(mask).resize((size[1], size[0]), Image.Resampling.NEAREST))
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -254,13 +313,21 @@ def _timing_summary(timings: Sequence[Prediction]) -> dict:
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output_dir: str) -> dict:
-  """Predicts every image of ``input_path`` into ``output_dir``, one at a time. Returns ``{"written": {input:
-  [paths]}, "failed": {input: message}}`` and the times of :func:`_timing_summary`."""
+def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output_dir: str,
+        max_size: int = DEFAULT_MAX_SIZE) -> dict:
+  """Predicts every image of ``input_path`` into ``output_dir``, one at a time, at most ``max_size`` pixels on the
+  longer side (see the module doc). Returns ``{"written": {input: [paths]}, "failed": {input: message}}`` and the
+  times of :func:`_timing_summary`. Unreadable images are skipped and listed in ``failed``; if none is readable,
+  or the output folder cannot be written, it raises :class:`PredictError` before loading the model."""
   paths = list_images(input_path, output_dir)
-  for p in paths:
-    check_readable(p)
+  failed = unreadable(paths)
+  if len(failed) == len(paths):
+    raise PredictError("; ".join(failed.values()) if len(paths) == 1 else
+                       f"none of the {len(paths)} images of --input={input_path} can be read: "
+                       + "; ".join(failed.values()))
   check_output_dir(output_dir)
+  if not isinstance(max_size, int) or max_size < 0:
+    raise PredictError(f"--max_size={max_size}: expected 0 (no limit) or a positive number of pixels")
   config_checks.validate(config, num_devices=1, mode="predict")
   variables, step = restore_variables(config, workdir)
   make_output_dir(output_dir)
@@ -270,18 +337,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
            if rates else "no affinity head (baseline): raw predictions only"), flush=True)
   predict_one = make_predictor(config, variables)
   palette = visualize.palette_for(config.dataset.name)
-  written, failed, timings = {}, {}, []
+  written, timings = {}, []
   for i, (path, name) in enumerate(zip(paths, output_names(paths)), start=1):
     try:
+      if path in failed:
+        raise PredictError(failed[path])
       image = read_image(path)
     except PredictError as e:  # found while decoding: reported, and the other images go on
       failed[path] = str(e)
       print(f"[predict] {i}/{len(paths)} {path}: SKIPPED ({e})", file=sys.stderr, flush=True)
       continue
-    pred = predict_one(image)
+    size = image.shape[:2]
+    small = inference_size(*size, max_size)
+    pred = predict_one(resize_image(image, small))
+    if small != size:
+      pred = dataclasses.replace(pred, raw=resize_mask(pred.raw, size),
+                                 refined=None if pred.refined is None else resize_mask(pred.refined, size))
     written[path] = write_outputs(output_dir, name, image, pred.raw, pred.refined, palette)
     timings.append(pred)
-    print(_progress(i, len(paths), path, image, pred), flush=True)
+    print(_progress(i, len(paths), path, image, pred)
+          + (f" [inferred at {small[0]}x{small[1]}, --max_size={max_size}]" if small != size else ""), flush=True)
   times = _timing_summary(timings)
   print(f"[predict] {len(written)} image(s) -> {output_dir}; per image (mean / median): network "
         f"{1e3 * times['network_s']:.1f} / {1e3 * times['network_median_s']:.1f} ms"
@@ -322,6 +397,9 @@ def _flags(config: str | ml_collections.ConfigDict | None, argv: Sequence[str] =
                       flag_values=fv)
   flags.DEFINE_string("input", None, "An image, or a folder of images (.jpg .jpeg .png .bmp .webp).", flag_values=fv)
   flags.DEFINE_string("output", None, "Folder for the outputs (created if missing).", flag_values=fv)
+  flags.DEFINE_integer("max_size", DEFAULT_MAX_SIZE, "Longest image side the network sees: larger images are "
+                       "downscaled for inference and their masks scaled back (bounds memory); 0 = no limit.",
+                       flag_values=fv)
   help_text = "Config file (default: <workdir>/config.json); --config.KEY=VALUE overrides either."
   if isinstance(config, str):
     config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv, sys_argv=list(argv))
@@ -332,8 +410,8 @@ def _flags(config: str | ml_collections.ConfigDict | None, argv: Sequence[str] =
   return fv
 
 
-def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, str, str]:
-  """``(config, workdir, input, output)`` from the command line (without the program name)."""
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, str, str, int]:
+  """``(config, workdir, input, output, max_size)`` from the command line (without the program name)."""
   argv = ["predict", *argv]
   first = _flags(None)
   try:
@@ -353,21 +431,10 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, str
     fv = _flags(config, argv)  # a config given as a ConfigDict takes its overrides here
     fv(argv)
     config = fv.config
-  except flags.Error as e:
-    raise PredictError(str(e)) from None
-  except KeyError as e:  # a --config.KEY override naming no key of the config
-    raise PredictError(f"a --config override names no key of the config: {e.args[0]}") from None
-  except (OSError, SyntaxError, ImportError) as e:
-    raise PredictError(f"--config={first.config}: cannot load the config file: {e}") from None
-  return config, fv.workdir, fv.input, fv.output
-
-
-def _is_bad_input(e: Exception) -> bool:
-  if isinstance(e, PredictError):
-    return True
-  from dilaff_jax import errors
-
-  return isinstance(e, errors.UserError)
+  except Exception as e:  # noqa: BLE001  (a bad value, a --config.KEY naming no key, a failing config file)
+    error = cli.flag_error(e, argv[1:], config=None if isinstance(config, str) else config)
+    raise PredictError(str(error)) from None
+  return config, fv.workdir, fv.input, fv.output, fv.max_size
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,17 +445,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
   logging.set_verbosity(logging.WARNING)
   try:
-    config, workdir, input_path, output_dir = parse_args(argv)
-    summary = run(config, workdir, input_path, output_dir)
-  except Exception as e:  # noqa: BLE001  (only the user's mistakes are turned into exit code 2)
-    if not _is_bad_input(e):
+    config, workdir, input_path, output_dir, max_size = parse_args(argv)
+    summary = run(config, workdir, input_path, output_dir, max_size)
+  except errors.UserError as e:  # only the user's mistakes are turned into exit code 2; a bug keeps its traceback
+    if cli.wants_traceback():
       raise
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
+    print(f"error: {cli.one_line(e)}", file=sys.stderr, flush=True)
+    return errors.EXIT_USER_ERROR
   if summary["failed"]:
     print(f"error: {len(summary['failed'])} image(s) could not be read (the others were written): "
           + "; ".join(summary["failed"].values()), file=sys.stderr, flush=True)
-    return 2
+    return errors.EXIT_USER_ERROR
   return 0
 
 

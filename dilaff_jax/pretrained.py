@@ -10,7 +10,9 @@ Reads a torchvision- or timm-style ResNet state dict and converts it into the va
 
 The classifier (``fc.*``) and ``num_batches_tracked`` are ignored. Every other tensor must be present with exactly
 the expected shape: a missing key, an unexpected key or a shape mismatch raises `PretrainedWeightsError` naming
-them, and a file holding another depth or stem is reported as such. Nothing is silently skipped.
+them, and a file holding another depth or stem is reported as such. Nothing is silently skipped. A file that cannot
+be read (empty, truncated, not a weights file) or holds a NaN or infinite value is refused, naming the file and the
+tensor: such weights would otherwise show up later as a diverging training run.
 
 `.safetensors` files are read with the safetensors package (no torch needed); `.pth`/`.pt` files need torch and are
 read with ``torch.load(weights_only=True)``, never with a bare pickle load.
@@ -26,6 +28,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from dilaff_jax import errors
 from dilaff_jax.models.resnet import DEEP_STEM_WIDTHS, LAYOUTS, STEMS, layout, resnet_variable_shapes
 
 IGNORED = re.compile(r"^fc\.|(^|\.)num_batches_tracked$")
@@ -33,8 +36,9 @@ _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean":
 _UNIT_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
 
 
-class PretrainedWeightsError(ValueError):
-  """A pretrained state dict that does not fit the requested backbone (names the offending keys)."""
+class PretrainedWeightsError(errors.UserError, ValueError):
+  """A pretrained weights file that cannot be read, holds non-finite values or does not fit the requested backbone
+  (names the file and the offending keys)."""
 
 
 def load_resnet_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -45,12 +49,19 @@ def load_resnet_state_dict(path: str | Path) -> dict[str, np.ndarray]:
   """
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"pretrained weights file {str(path)!r} does not exist")
+    raise errors.MissingFileError(f"pretrained weights file {str(path)!r} does not exist")
   suffix = path.suffix.lower()
   if suffix == ".safetensors":
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    state = dict(load_file(str(path)))
+    try:
+      state = dict(load_file(str(path)))
+    except (SafetensorError, OSError) as e:
+      raise PretrainedWeightsError(
+        f"cannot read pretrained weights {str(path)!r} ({e}): the file is empty, truncated or not a .safetensors "
+        "file; download or convert it again"
+      ) from None
   elif suffix in (".pth", ".pt"):
     state = _load_torch(path)
   else:
@@ -68,7 +79,14 @@ def load_resnet_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     if not hasattr(value, "shape"):
       raise PretrainedWeightsError(f"entry {key!r} of {str(path)!r} is not a tensor ({type(value).__name__})")
     value = np.asarray(value)
-    out[key] = value.astype(np.float32) if value.dtype.kind == "f" else value
+    if value.dtype.kind == "f":
+      value = value.astype(np.float32)
+      if not np.all(np.isfinite(value)):
+        raise PretrainedWeightsError(
+          f"tensor {key!r} of {str(path)!r} holds {np.size(value) - np.count_nonzero(np.isfinite(value))} NaN or "
+          "infinite values: the weights are damaged; download or convert them again"
+        )
+    out[key] = value
   return out
 
 
@@ -80,7 +98,12 @@ def _load_torch(path: Path) -> dict[str, Any]:
       f"reading {str(path)!r} needs torch, which is not installed; install torch or convert the file to "
       ".safetensors (safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors'))"
     ) from err
-  state = torch.load(str(path), map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001  (torch raises several types for damaged or foreign files)
+    raise PretrainedWeightsError(
+      f"cannot read pretrained weights {str(path)!r} ({type(e).__name__}: {e}); download or convert it again"
+    ) from None
   if not isinstance(state, Mapping):
     raise PretrainedWeightsError(f"{str(path)!r} does not hold a state dict (got {type(state).__name__})")
 
@@ -210,7 +233,12 @@ def load_pretrained_backbone(
 
   Raises `PretrainedWeightsError` if any converted tensor's path or shape differs from the model's backbone.
   """
-  converted = torch_resnet_to_flax(load_resnet_state_dict(path), depth, stem)
+  try:
+    converted = torch_resnet_to_flax(load_resnet_state_dict(path), depth, stem)
+  except PretrainedWeightsError as e:
+    if str(path) in str(e):
+      raise
+    raise PretrainedWeightsError(f"pretrained weights {str(path)!r}: {e}") from None
   new = {collection: dict(tree) for collection, tree in variables.items()}
   for collection, tree in converted.items():
     if collection not in new or "backbone" not in new[collection]:

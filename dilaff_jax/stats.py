@@ -13,21 +13,28 @@ Command line (writes the JSON that training loads, and a Fig. 3-style PNG)::
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
 import os
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dilaff_jax import affinity
+from dilaff_jax import affinity, errors
 
 FORMAT_VERSION = 2  # 2: records the n_k rule (partial_neighbors); version 1 files were counted with "count" and
                     # put pixels without valid neighbours into n_0
+
+
+class StatsError(errors.UserError, ValueError):
+  """Statistics that cannot serve the requested rates or scheme (a file for other rates, images too small for a
+  rate, a bad ``--rates``); the message names the rate and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +90,10 @@ class AffinityStats:
     rates = affinity.explicit_rates(rates)
     pixels = counts.category.sum(axis=1, keepdims=True)
     if np.any(pixels == 0) or np.any(counts.valid == 0):
-      bad = [affinity.rate_label(r) for r, p in zip(rates, pixels[:, 0]) if p == 0]
-      raise ValueError(f"AffinityStats: no labelled pixel has a valid neighbour at rate(s) {bad or list(rates)} "
-                       f"({counts.images} label maps seen): the label maps are too small for these rates")
+      empty = [affinity.rate_label(r) for r, p, v in zip(rates, pixels[:, 0], counts.valid) if p == 0 or v == 0]
+      raise StatsError(f"AffinityStats: no labelled pixel has a valid neighbour at rate(s) {', '.join(empty)} in "
+                       f"{counts.images} label map(s): cannot compute shares (the label maps are too small for these "
+                       "rates, or all void?)")
     return cls(rates, counts.category / pixels, counts.positive / counts.valid, counts, source, partial_neighbors)
 
   def select(self, rates: Sequence) -> "AffinityStats":
@@ -137,11 +145,50 @@ class AffinityStats:
       with open(path) as f:
         data = json.load(f)
     except FileNotFoundError:
-      raise FileNotFoundError(f"affinity statistics file {path!r} does not exist; create it with "
-                              "`python -m dilaff_jax.stats` or let training compute it") from None
-    except json.JSONDecodeError as e:
-      raise ValueError(f"affinity statistics file {path!r} is not valid JSON: {e}") from None
+      raise errors.MissingFileError(f"affinity statistics file {path!r} does not exist; create it with "
+                                    "`python -m dilaff_jax.stats` or let training compute it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise StatsError(f"affinity statistics file {path!r} is not valid JSON: {e}") from None
     return cls.from_json(data)
+
+
+def check_weights_defined(stats: AffinityStats, scheme: str,
+                          largest: tuple[int, int] | None = None) -> None:
+  """Raises :class:`StatsError` (before any jit) when ``scheme``'s per-category weights of Eq. 5 are undefined:
+  ``neighbor``/``sqrt`` divide by ``freq(n_8, r)``, which is 0 when no labelled pixel has all 8 neighbours at rate
+  ``r`` in its own class, as in label maps not larger than ``2·r + 1`` pixels. ``largest``: the largest label map
+  ``(height, width)`` the statistics were computed from, when known, for the message."""
+  if scheme not in ("neighbor", "sqrt"):
+    return
+  for rate, f in zip(stats.rates, stats.freq):
+    if f[8] <= 0:
+      r1, r2 = rate
+      seen = f", the largest label map is {largest[0]}x{largest[1]}" if largest else ""
+      raise StatsError(
+          f"freq(n_8, r) is 0 at rate {affinity.rate_label(rate)} in the statistics of {stats.source or 'the labels'}"
+          f": the {scheme!r} weights (Eq. 5) are undefined. A pixel has 8 neighbours at this rate only in label maps "
+          f"larger than {2 * r1 + 1}x{2 * r2 + 1} pixels{seen}: use smaller rates, larger images, or "
+          "affinity.scheme='none'/'signal'")
+
+
+def compute_usable_stats(label_maps: Iterable[np.ndarray], rates: Sequence, ignore_label: int = 255,
+                         source: str = "", scheme: str = "none", **kwargs) -> AffinityStats:
+  """:func:`compute_stats` (``kwargs`` passed on), then :func:`check_weights_defined` for ``scheme``; a rate too
+  large for the label maps raises :class:`StatsError` naming the rate and the largest label map, before any jit
+  of the training step."""
+  largest = [0, 0]
+
+  def tracked() -> Iterator[np.ndarray]:
+    for label in label_maps:
+      largest[:] = max(largest[0], int(np.shape(label)[0])), max(largest[1], int(np.shape(label)[1]))
+      yield label
+
+  try:
+    stats = compute_stats(tracked(), rates, ignore_label, source, **kwargs)
+  except StatsError as e:
+    raise StatsError(f"{e}; the largest label map is {largest[0]}x{largest[1]}") from None
+  check_weights_defined(stats, scheme, tuple(largest))
+  return stats
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
@@ -246,13 +293,17 @@ def plot_category_shares(stats: AffinityStats, path: str, title: str = "") -> No
 def tfds_label_maps(name: str, split: str, data_dir: str | None = None, max_images: int = 0):
   """``(iterator of [H, W] uint8 label maps, count)`` from a prepared TFDS dataset with a ``label`` feature."""
   import tensorflow_datasets as tfds
-  import dilaff_jax.datasets  # noqa: F401  (registers the project's builders)
+  from dilaff_jax import datasets  # registers the project's builders
 
+  datasets.dataset_class_names(name)  # an unknown name lists this project's datasets
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
-    raise FileNotFoundError(f"dataset {name!r} is not prepared in data_dir={builder.data_dir!r}; prepare it "
-                            "first (see README, 'Data')")
-  total = builder.info.splits[split].num_examples
+    raise errors.MissingFileError(f"dataset {name!r} is not prepared in data_dir={builder.data_dir!r}; prepare it "
+                                  "first (python -m dilaff_jax.datasets.prepare, see README, 'Data')")
+  try:
+    total = builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as e:
+    raise errors.UserError(f"split {split!r} of {name}: {e} (splits: {', '.join(builder.info.splits)})") from None
   ds = builder.as_dataset(split=split, shuffle_files=False)
   if max_images:
     ds = ds.take(max_images)
@@ -261,10 +312,34 @@ def tfds_label_maps(name: str, split: str, data_dir: str | None = None, max_imag
   return ds.as_numpy_iterator(), total
 
 
-def main(argv=None) -> None:
-  import argparse
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # argparse would print its usage and exit; this ends as one ``error:`` line
+    raise errors.UserError(f"{message} (see python -m dilaff_jax.stats --help)")
 
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m dilaff_jax.stats")
+
+def _parse_rates(text: str, flag: str) -> affinity.Rates:
+  try:
+    return affinity.parse_rates(text)
+  except ValueError as e:
+    raise StatsError(f"{flag}={text}: {e}") from None
+
+
+def main(argv=None) -> int:
+  """Command line entry; returns the exit status (2 for a bad flag or dataset, with one ``error:`` line)."""
+  from dilaff_jax import cli
+
+  try:
+    _main(argv)
+  except errors.UserError as e:
+    if cli.wants_traceback():
+      raise
+    print(f"error: {cli.one_line(e)}", file=sys.stderr, flush=True)
+    return errors.EXIT_USER_ERROR
+  return 0
+
+
+def _main(argv) -> None:
+  p = _Parser(description=__doc__.split("\n\n")[0], prog="python -m dilaff_jax.stats")
   p.add_argument("--dataset", required=True, help="TFDS name, e.g. synthetic_shapes/default or voc2012_aug")
   p.add_argument("--split", default="train")
   p.add_argument("--data_dir", default=None)
@@ -278,13 +353,17 @@ def main(argv=None) -> None:
   p.add_argument("--plot", default="", help="PNG path for the Fig. 3-style plot (optional)")
   args = p.parse_args(argv)
 
-  rates = affinity.parse_rates(args.rates)
-  plot_rates = affinity.parse_rates(args.plot_rates) if args.plot else ()
+  rates = _parse_rates(args.rates, "--rates")
+  plot_rates = _parse_rates(args.plot_rates, "--plot_rates") if args.plot else ()
+  if args.max_images < 0:
+    raise errors.UserError(f"--max_images={args.max_images}: expected 0 (the whole split) or a positive count")
+  if not 0 <= args.ignore_label <= 255:
+    raise errors.UserError(f"--ignore_label={args.ignore_label}: expected a value in [0, 255]")
   all_rates = tuple(dict.fromkeys(rates + plot_rates))
   maps, total = tfds_label_maps(args.dataset, args.split, args.data_dir, args.max_images)
   source = f"{args.dataset}:{args.split}"
-  stats = compute_stats(maps, all_rates, args.ignore_label, source, log_every=100, total=total,
-                        partial_neighbors=args.partial_neighbors)
+  stats = compute_usable_stats(maps, all_rates, args.ignore_label, source, log_every=100, total=total,
+                               partial_neighbors=args.partial_neighbors)
   stats.select(rates).save(args.output)
   print(f"[stats] wrote {args.output}")
   for r, f, pi in zip(rates, stats.select(rates).freq, stats.select(rates).pos_freq):
@@ -296,4 +375,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -188,7 +188,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: ml_col
 def load_or_compute_stats(config: ml_collections.ConfigDict, workdir: str,
                           rates: affinity.Rates) -> stats_lib.AffinityStats:
   """``freq(n_k, r)`` and ``π_r`` for ``rates``: from ``affinity.stats_path`` if set, else from
-  ``<workdir>/affinity_stats.json``, computing and writing that file from the training labels when missing."""
+  ``<workdir>/affinity_stats.json``, computing and writing that file from the training labels when missing.
+  Statistics that leave ``affinity.scheme``'s weights undefined (a rate too large for the images) raise a
+  :class:`stats_lib.StatsError` here, before anything is compiled."""
   path = config.affinity.stats_path or os.path.join(workdir, "affinity_stats.json")
   rule = config.affinity.partial_neighbors
   _barrier("before affinity statistics")  # every process sees the same file state below
@@ -207,12 +209,14 @@ def load_or_compute_stats(config: ml_collections.ConfigDict, workdir: str,
           f"{s.partial_neighbors!r}: recompute them with `python -m dilaff_jax.stats --partial_neighbors={rule}` "
           "(or delete the workdir's file to let training recompute it)")
     logging.info("Affinity statistics from %s (%s)", path, s.source)
+    stats_lib.check_weights_defined(s, config.affinity.scheme)
     return s
   d = config.dataset
   maps, total = stats_lib.tfds_label_maps(d.name, d.train_split, d.get("data_dir"), config.affinity.stats_max_images)
   logging.info("Computing affinity statistics over %d training label maps (once; saved to %s)", total, path)
-  s = stats_lib.compute_stats(maps, rates, d.ignore_label, f"{d.name}:{d.train_split}",
-                              log_every=max(total // 10, 1), total=total, partial_neighbors=rule)
+  s = stats_lib.compute_usable_stats(maps, rates, d.ignore_label, f"{d.name}:{d.train_split}",
+                                     scheme=config.affinity.scheme, log_every=max(total // 10, 1), total=total,
+                                     partial_neighbors=rule)
   s.save(path)
   _barrier("affinity statistics written")
   return s

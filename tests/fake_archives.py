@@ -11,7 +11,9 @@
   <frame>_leftImg8bit.png`` and ``gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_{labelIds,instanceIds,color}
   .png`` + ``_polygons.json``, with the top-level ``README`` and ``license.txt``.
 
-Every writer returns the arrays it wrote so tests can compare the prepared dataset with them.
+Every writer returns the arrays it wrote so tests can compare the prepared dataset with them. Faults are injected
+with :func:`truncate` (a partial download) and the writers' ``label_pngs`` (a mask file's bytes replaced, e.g. an
+RGB PNG or a value no class has).
 """
 from __future__ import annotations
 
@@ -153,8 +155,16 @@ def make_fake_voc(rng: np.random.Generator, *, voc_train: list[str], voc_val: li
                  sbd_masks)
 
 
-def write_voc_tar(path: str | os.PathLike, fake: FakeVoc) -> None:
-  """``VOCtrainval_11-May-2012.tar`` with every image in ``fake`` and VOC masks for the VOC split lists."""
+def truncate(path: str | os.PathLike, fraction: float = 0.5) -> None:
+  """Cuts the file to ``fraction`` of its bytes, as an interrupted download leaves it (0: an empty file)."""
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(int(size * fraction))
+
+
+def write_voc_tar(path: str | os.PathLike, fake: FakeVoc, label_pngs: dict[str, bytes] | None = None) -> None:
+  """``VOCtrainval_11-May-2012.tar`` with every image in ``fake`` and VOC masks for the VOC split lists;
+  ``label_pngs`` replaces the ``SegmentationClass/<id>.png`` bytes of the given ids."""
   with tarfile.open(path, "w") as tar:
     _add_dirs(tar, ["VOCdevkit", VOC_ROOT] + [f"{VOC_ROOT}/{d}" for d in (
         "Annotations", "ImageSets", "ImageSets/Segmentation", "JPEGImages", "SegmentationClass",
@@ -163,7 +173,8 @@ def write_voc_tar(path: str | os.PathLike, fake: FakeVoc) -> None:
       _add_file(tar, f"{VOC_ROOT}/JPEGImages/{image_id}.jpg", data)
       _add_file(tar, f"{VOC_ROOT}/Annotations/{image_id}.xml", f"<annotation>{image_id}</annotation>".encode())
     for image_id, mask in fake.voc_masks.items():
-      _add_file(tar, f"{VOC_ROOT}/SegmentationClass/{image_id}.png", palette_png(mask))
+      png = (label_pngs or {}).get(image_id) or palette_png(mask)
+      _add_file(tar, f"{VOC_ROOT}/SegmentationClass/{image_id}.png", png)
       _add_file(tar, f"{VOC_ROOT}/SegmentationObject/{image_id}.png", palette_png(np.minimum(mask, 1)))
     lists = {"train": fake.voc_train, "val": fake.voc_val, "trainval": fake.voc_train + fake.voc_val}
     for name, ids in lists.items():
@@ -181,13 +192,14 @@ def write_sbd_tgz(path: str | os.PathLike, fake: FakeVoc) -> None:
     _add_file(tar, f"{SBD_ROOT}/val.txt", _lines(fake.sbd_val))
 
 
-def write_aug_zip(path: str | os.PathLike, fake: FakeVoc) -> None:
-  """``SegmentationClassAug.zip``: greyscale masks for every VOC and SBD id (VOC's own mask where there is one)."""
+def write_aug_zip(path: str | os.PathLike, fake: FakeVoc, label_pngs: dict[str, bytes] | None = None) -> None:
+  """``SegmentationClassAug.zip``: greyscale masks for every VOC and SBD id (VOC's own mask where there is one);
+  ``label_pngs`` replaces the bytes of the given ids' masks."""
   masks = {**fake.sbd_masks, **fake.voc_masks}
   with zipfile.ZipFile(path, "w") as archive:
     archive.writestr("SegmentationClassAug/", b"")
     for image_id, mask in sorted(masks.items()):
-      archive.writestr(f"SegmentationClassAug/{image_id}.png", grey_png(mask))
+      archive.writestr(f"SegmentationClassAug/{image_id}.png", (label_pngs or {}).get(image_id) or grey_png(mask))
       archive.writestr(f"__MACOSX/SegmentationClassAug/._{image_id}.png", b"\x00\x05\x16\x07junk")
 
 

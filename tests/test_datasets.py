@@ -1,5 +1,9 @@
-"""The TFDS builders, prepared offline: synthetic_shapes/tiny, and voc2012_aug / cityscapes19 from fake archives."""
+"""The TFDS builders, prepared offline: synthetic_shapes/tiny, and voc2012_aug / cityscapes19 from fake archives
+(also damaged ones: truncated archives, bad label values, RGB labels, image/label size mismatches)."""
+import dataclasses
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,13 +11,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import fake_archives
-from dilaff_jax import datasets
+from dilaff_jax import datasets, errors
 from dilaff_jax.datasets import cityscapes
 from dilaff_jax.datasets import common
 from dilaff_jax.datasets import records
 from dilaff_jax.datasets import shapes_render
 from dilaff_jax.datasets import synthetic_shapes
 from dilaff_jax.datasets import voc2012_aug
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _examples(builder, split, decode_image=True):
@@ -239,3 +245,95 @@ def test_cityscapes19_missing_archive_is_named(tmp_path):
   builder = tfds.builder("cityscapes19", data_dir=tmp_path / "tfds")
   with pytest.raises(FileNotFoundError, match=r"gtFine_trainvaltest\.zip.*cityscapes-dataset\.com"):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+
+
+# ------------------------------------------------------------------------------------------ damaged inputs
+
+
+def _prepare_voc_expecting_error(tmp_path, fake, extra="aug_zip", voc_labels=None, aug_labels=None, cut=None):
+  """Prepares voc2012_aug from the fake archives with one fault injected; returns the UserError's message."""
+  manual = tmp_path / "manual"
+  manual.mkdir(parents=True)
+  fake_archives.write_voc_tar(manual / voc2012_aug.VOC_ARCHIVE, fake, voc_labels)
+  if extra == "sbd":
+    fake_archives.write_sbd_tgz(manual / voc2012_aug.SBD_ARCHIVE, fake)
+  else:
+    fake_archives.write_aug_zip(manual / voc2012_aug.AUG_ARCHIVE, fake, aug_labels)
+  if cut:
+    fake_archives.truncate(manual / cut[0], cut[1])
+  with pytest.raises(errors.UserError) as error:
+    datasets.get_builder("voc2012_aug", data_dir=tmp_path / "tfds", manual_dir=manual)
+  return str(error.value), manual
+
+
+@pytest.mark.parametrize("archive,fraction,extra", [
+    (voc2012_aug.VOC_ARCHIVE, 0.5, "aug_zip"), (voc2012_aug.VOC_ARCHIVE, 0.0, "aug_zip"),
+    (voc2012_aug.SBD_ARCHIVE, 0.5, "sbd"), (voc2012_aug.SBD_ARCHIVE, 0.0, "sbd"),
+    (voc2012_aug.AUG_ARCHIVE, 0.5, "aug_zip"), (voc2012_aug.AUG_ARCHIVE, 0.0, "aug_zip"),
+])
+def test_truncated_or_empty_voc_archives_are_named_with_a_redownload_hint(tmp_path, fake_voc, archive, fraction,
+                                                                          extra):
+  message, manual = _prepare_voc_expecting_error(tmp_path, fake_voc, extra, cut=(archive, fraction))
+  assert f"{archive} ({manual / archive})" in message and "download it again" in message, message
+  assert "\n" not in message
+
+
+def test_truncated_cityscapes_zip_is_named(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  fake_archives.write_cityscapes_zips(manual, np.random.default_rng(1), {"train": {"aachen": 2}, "val": {"ulm": 1}})
+  fake_archives.truncate(manual / cityscapes.LABELS_ARCHIVE, 0.6)
+  with pytest.raises(common.DataError, match=r"The archive gtFine_trainvaltest\.zip \(.*\) is damaged or "
+                     r"incomplete.*download it again from https://www\.cityscapes-dataset\.com"):
+    datasets.get_builder("cityscapes19", data_dir=tmp_path / "tfds", manual_dir=manual)
+
+
+def test_bad_label_pngs_name_the_file_and_the_values(tmp_path, fake_voc):
+  voc_id, sbd_id = "2007_000039", "2008_000002"  # a VOC mask; an image with only an SBD mask
+  bad = fake_voc.voc_masks[voc_id].copy()
+  bad[0, :3] = 42
+  message, _ = _prepare_voc_expecting_error(tmp_path / "value", fake_voc,
+                                            voc_labels={voc_id: fake_archives.palette_png(bad)})
+  assert f"VOCtrainval_11-May-2012.tar:VOCdevkit/VOC2012/SegmentationClass/{voc_id}.png holds values [42]" in message
+  rgb = np.stack([fake_voc.sbd_masks[sbd_id]] * 3, axis=-1)
+  message, _ = _prepare_voc_expecting_error(tmp_path / "rgb", fake_voc,
+                                            aug_labels={sbd_id: fake_archives.rgb_png(rgb)})
+  assert f"SegmentationClassAug.zip:SegmentationClassAug/{sbd_id}.png has Pillow mode 'RGB'" in message, message
+
+
+def test_image_and_label_of_different_sizes_are_named(tmp_path, fake_voc):
+  image_id = "2008_000001"
+  h, w = fake_voc.voc_masks[image_id].shape
+  other = fake_archives.jpeg(np.zeros((h + 3, w, 3), np.uint8))
+  fake = dataclasses.replace(fake_voc, jpegs={**fake_voc.jpegs, image_id: other})
+  message, _ = _prepare_voc_expecting_error(tmp_path, fake)
+  assert (f"The image VOCtrainval_11-May-2012.tar:VOCdevkit/VOC2012/JPEGImages/{image_id}.jpg is {h + 3}x{w} but "
+          f"its label VOCtrainval_11-May-2012.tar:VOCdevkit/VOC2012/SegmentationClass/{image_id}.png is {h}x{w}"
+          in message), message
+
+
+def test_unknown_dataset_lists_this_projects_datasets(tmp_path):
+  with pytest.raises(errors.UserError) as error:
+    datasets.get_builder("voc2012", data_dir=tmp_path)
+  assert str(error.value) == ("dataset 'voc2012' is not one of this project's datasets (synthetic_shapes/default, "
+                              "synthetic_shapes/tiny, voc2012_aug, cityscapes19)")
+  with pytest.raises(errors.UserError, match="'synthetic_shapes/tyni' is not one"):
+    datasets.get_builder("synthetic_shapes/tyni", data_dir=tmp_path)
+  assert len(datasets.dataset_class_names("voc2012_aug:1.0.0")) == 21
+  assert len(datasets.dataset_class_names("cityscapes19")) == 19
+
+
+def test_prepare_command_line_names_a_truncated_archive_in_one_line(tmp_path, fake_voc):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  fake_archives.write_voc_tar(manual / voc2012_aug.VOC_ARCHIVE, fake_voc)
+  fake_archives.write_aug_zip(manual / voc2012_aug.AUG_ARCHIVE, fake_voc)
+  fake_archives.truncate(manual / voc2012_aug.VOC_ARCHIVE, 0.0)
+  proc = subprocess.run([sys.executable, "-m", "dilaff_jax.datasets.prepare", "--dataset=voc2012_aug",
+                         f"--manual_dir={manual}", f"--data_dir={tmp_path / 'tfds'}"], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: The archive VOCtrainval_11-May-2012.tar ({manual / voc2012_aug.VOC_ARCHIVE}) is "
+                         "damaged or incomplete"), proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr

@@ -292,7 +292,7 @@ def test_bad_inputs_exit_2_naming_the_culprit(trained, images, tmp_path, capsys)
                     f"--workdir={no_ckpt}: no config.json"),
       "missing flag": ([f"--input={rgb}", f"--output={tmp_path}/o"], "--workdir is required"),
       "misspelt flag": ([f"--workdir={workdir}", f"--input={rgb}", f"--output={tmp_path}/o", "--config.afinity.lam=1"],
-                        "a --config override names no key of the config: 'afinity'\nDid you mean \"affinity\""),
+                        "config.afinity.lam: no such key; did you mean config.affinity.lam?"),
   }
   for what, (argv, message) in cases.items():
     assert predict.main(argv) == 2, what
@@ -323,3 +323,76 @@ def test_command_line_exits_2_on_a_missing_input(tmp_path):
                          f"--output={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr
   assert f"error: --input={missing}: no such file or folder" in proc.stderr
+
+
+def test_unreadable_files_among_good_ones_are_skipped_and_listed(trained, tmp_path, capsys):
+  folder = tmp_path / "mixed"
+  folder.mkdir()
+  write_image(str(folder), "a_good", (37, 50), "RGB", "png")
+  (folder / "b_garbage.png").write_bytes(b"this is not a PNG")  # no readable header
+  (folder / "c_empty.jpg").write_bytes(b"")
+  write_image(str(folder), "d_good", (30, 41), "RGB", "jpg", seed=2)
+  out = tmp_path / "out"
+  assert predict.main([f"--workdir={trained['workdir']}", f"--input={folder}", f"--output={out}"]) == 2
+  captured = capsys.readouterr()
+  last = captured.err.strip().splitlines()[-1]
+  assert last.startswith("error: 2 image(s) could not be read (the others were written): "), last
+  for bad in ("b_garbage.png", "c_empty.jpg"):
+    assert f"cannot read image {folder / bad}" in last, last
+  assert sorted(os.listdir(out)) == sorted(f"{n}_{k}.png" for n in ("a_good", "d_good")
+                                           for k in ("mask", "refined", "seg"))
+  assert "4/4" in captured.out  # the good image after the bad ones was predicted
+
+
+def test_unwritable_output_folder_fails_before_loading_the_model(images, tmp_path):
+  """A read-only output folder (and a folder to be created under it) is refused at once. As root, whom permissions
+  do not stop, the command runs without the capability to override them (setpriv)."""
+  readonly = tmp_path / "readonly"
+  readonly.mkdir()
+  readonly.chmod(0o555)
+  drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+  rgb = os.path.join(images, "a_rgb.png")
+  try:
+    for output, message in ((readonly, f"--output={readonly}: the folder is not writable (Permission denied)"),
+                            (readonly / "sub" / "dir", f"--output={readonly}/sub/dir: its parent {readonly} is not "
+                             "writable (Permission denied)")):
+      proc = subprocess.run([*drop, sys.executable, "-m", "dilaff_jax.predict", f"--workdir={tmp_path / 'no_run'}",
+                             f"--input={rgb}", f"--output={output}",
+                             f"--config={os.path.join(REPO, 'configs', 'synthetic.py')}:tiny"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+      assert proc.returncode == 2, proc.stderr[-3000:]
+      # checked before the model: the missing checkpoint of --workdir is never reached
+      assert proc.stderr.strip().splitlines()[-1] == f"error: {message}: give a folder you can write to", proc.stderr
+      assert "Traceback" not in proc.stderr
+    assert os.listdir(readonly) == []
+  finally:
+    readonly.chmod(0o755)
+
+
+def test_inference_size_bounds_the_longer_side():
+  assert predict.inference_size(4000, 6000, 2048) == (1365, 2048)
+  assert predict.inference_size(6000, 4000, 2048) == (2048, 1365)
+  assert predict.inference_size(100, 50, 2048) == (100, 50)
+  assert predict.inference_size(4000, 6000, 0) == (4000, 6000)
+  assert predict.inference_size(3, 5000, 100) == (1, 100)
+  mask = np.arange(12, dtype=np.uint8).reshape(3, 4)
+  big = predict.resize_mask(mask, (6, 8))
+  np.testing.assert_array_equal(big, np.repeat(np.repeat(mask, 2, 0), 2, 1))  # nearest: every value kept
+
+
+def test_max_size_predicts_downscaled_and_writes_at_the_original_size(trained, images, tmp_path, capsys):
+  out = str(tmp_path / "out")
+  rgb = os.path.join(images, "a_rgb.png")  # 37 x 50: inferred at 24 x 32
+  assert predict.main([f"--workdir={trained['workdir']}", f"--input={rgb}", f"--output={out}", "--max_size=32",
+                       "--config.affinity.iterations=0"]) == 0  # the raw prediction: several classes
+  assert "[inferred at 24x32, --max_size=32]" in capsys.readouterr().out
+  mask = read(os.path.join(out, "a_rgb_mask.png"))
+  assert mask.shape == (37, 50) and read(os.path.join(out, "a_rgb_seg.png")).shape == (37, 50, 3)
+  small = predict.resize_image(as_rgb(rgb), (24, 32))
+  raw_probs, _ = reference(trained["config"], trained["variables"], small)
+  top2 = np.sort(raw_probs, -1)[..., -2:]
+  clear = predict.resize_mask((top2[..., 1] - top2[..., 0] > 1e-4).astype(np.uint8), (37, 50)) == 1
+  assert clear.mean() > 0.9
+  want = predict.resize_mask(raw_probs.argmax(-1).astype(np.uint8), (37, 50))
+  np.testing.assert_array_equal(mask[clear], want[clear])
+  assert len(np.unique(mask)) >= 2

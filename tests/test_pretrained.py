@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from dilaff_jax import errors
 from dilaff_jax.models.deeplab import DeepLabV3Plus
 from dilaff_jax.models.resnet import ResNet
 from dilaff_jax.pretrained import (
@@ -195,3 +196,45 @@ def test_load_pretrained_backbone_rejects_other_backbone(tmp_path, resnet26):
     r"\(1, 1, 128, 512\)",
   ):
     load_pretrained_backbone({**variables, "params": params}, path, depth=26)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage garbage garbage garbage", b"\x08\x00\x00\x00\x00\x00\x00\x00{"])
+def test_garbage_empty_or_truncated_safetensors_names_the_file(tmp_path, content):
+  path = tmp_path / "resnet101.safetensors"
+  path.write_bytes(content)
+  with pytest.raises(PretrainedWeightsError) as error:
+    load_resnet_state_dict(path)
+  assert isinstance(error.value, errors.UserError)
+  message = str(error.value)
+  assert f"cannot read pretrained weights '{path}'" in message and "download or convert it again" in message
+  assert "\n" not in message
+
+
+def test_truncated_real_safetensors_names_the_file(tmp_path, resnet26):
+  path = _save(tmp_path, resnet26[0])
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  with pytest.raises(PretrainedWeightsError, match=re.escape(f"cannot read pretrained weights '{path}'")):
+    load_resnet_state_dict(path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_tensor_names_the_file_and_the_key(tmp_path, resnet26, bad):
+  state = {k: np.array(v) for k, v in resnet26[0].items()}
+  state["layer3.1.bn2.running_var"][[0, 5]] = bad
+  path = _save(tmp_path, state)
+  with pytest.raises(PretrainedWeightsError) as error:
+    load_resnet_state_dict(path)
+  assert str(error.value) == (f"tensor 'layer3.1.bn2.running_var' of '{path}' holds 2 NaN or infinite values: the "
+                              "weights are damaged; download or convert them again")
+
+
+def test_wrong_keys_or_shapes_name_the_file(tmp_path, resnet26):
+  state = {k: v for k, v in resnet26[0].items() if k != "layer2.0.conv1.weight"}
+  path = _save(tmp_path, state)
+  init = partial(_small_deeplab(26).init, train=False)
+  variables = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 33, 33, 3)))
+  with pytest.raises(PretrainedWeightsError, match=re.escape(f"pretrained weights '{path}': state dict does not "
+                                                             "match a ResNet-26") + ".*missing keys layer2.0.conv1"):
+    load_pretrained_backbone(variables, path, depth=26)
+  assert issubclass(PretrainedWeightsError, errors.UserError)

@@ -13,12 +13,37 @@ import os
 
 import tensorflow_datasets as tfds
 
+from dilaff_jax import errors
+from dilaff_jax.datasets import cityscapes, shapes_render, voc2012_aug
 from dilaff_jax.datasets.cityscapes import Cityscapes19
-from dilaff_jax.datasets.common import IGNORE_LABEL, class_names
+from dilaff_jax.datasets.common import IGNORE_LABEL, DataError, class_names
 from dilaff_jax.datasets.synthetic_shapes import SyntheticShapes
 from dilaff_jax.datasets.voc2012_aug import Voc2012Aug
 
-__all__ = ["Cityscapes19", "IGNORE_LABEL", "SyntheticShapes", "Voc2012Aug", "class_names", "get_builder"]
+__all__ = ["Cityscapes19", "DataError", "IGNORE_LABEL", "SyntheticShapes", "Voc2012Aug", "class_names",
+           "dataset_class_names", "get_builder", "known_names"]
+
+# builder name -> (its class names, its config names)
+_DATASETS = {
+    builder.name: (names, tuple(c.name for c in builder.BUILDER_CONFIGS or ()))
+    for builder, names in ((SyntheticShapes, shapes_render.CLASS_NAMES), (Voc2012Aug, voc2012_aug.CLASS_NAMES),
+                           (Cityscapes19, cityscapes.CLASS_NAMES))
+}
+
+
+def known_names() -> list[str]:
+  """The dataset names this project provides (``dataset.name`` values), e.g. ``synthetic_shapes/tiny``."""
+  return [f"{name}/{c}" if len(configs) > 1 else name for name, (_, configs) in _DATASETS.items()
+          for c in (configs if len(configs) > 1 else ("",))]
+
+
+def dataset_class_names(name: str) -> tuple[str, ...]:
+  """The class names of the dataset ``name`` (``builder[/config][:version]``) without preparing it; a name that is
+  not one of :func:`known_names` raises :class:`errors.UserError` listing them."""
+  builder, _, config = name.partition(":")[0].partition("/")
+  if builder not in _DATASETS or (config and config not in _DATASETS[builder][1]):
+    raise errors.UserError(f"dataset {name!r} is not one of this project's datasets ({', '.join(known_names())})")
+  return tuple(_DATASETS[builder][0])
 
 
 def get_builder(name: str, *, data_dir: str | os.PathLike | None = None,
@@ -29,6 +54,7 @@ def get_builder(name: str, *, data_dir: str | os.PathLike | None = None,
   for their archives (TFDS's default: ``<data_dir>/downloads/manual``). In a multi-host job prepare once, before
   the hosts start reading.
   """
+  dataset_class_names(name)  # an unknown name is named here, not by TFDS's list of every dataset it has
   builder = tfds.builder(name, data_dir=os.fspath(data_dir) if data_dir is not None else None)
   if prepare:
     download_config = tfds.download.DownloadConfig(

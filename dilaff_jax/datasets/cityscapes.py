@@ -11,12 +11,14 @@ checksum applies to them.
 """
 from __future__ import annotations
 
+import functools
 import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.cityscapes import cityscapes_dataset_builder as tfds_cityscapes
 
+from dilaff_jax import errors
 from dilaff_jax.datasets import common
 
 CITYSCAPES_URL = "https://www.cityscapes-dataset.com/downloads/ (free registration required)"
@@ -90,21 +92,30 @@ class Cityscapes19(tfds_cityscapes.Builder):
 
   def _generate_examples(self, images_zip: str, labels_zip: str, split_dir: str):
     table = label_id_to_train_id()
-    with zipfile.ZipFile(images_zip) as images, zipfile.ZipFile(labels_zip) as labels:
+    images_damaged = functools.partial(common.damaged_archive, IMAGES_ARCHIVE, images_zip, CITYSCAPES_URL)
+    labels_damaged = functools.partial(common.damaged_archive, LABELS_ARCHIVE, labels_zip, CITYSCAPES_URL)
+    with images_damaged():
+      images = zipfile.ZipFile(images_zip)
+    with labels_damaged():
+      labels = zipfile.ZipFile(labels_zip)
+    with images, labels:
       label_names = set(labels.namelist())
       members = image_members(images.namelist(), split_dir)
       if not members:
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"{IMAGES_ARCHIVE} ({images_zip}) has no leftImg8bit/{split_dir}/<city>/*_leftImg8bit.png images.")
       for image_id, image_member in sorted(members.items()):
         city = image_member.split("/")[2]
         label_member = f"gtFine/{split_dir}/{city}/{image_id}_gtFine_labelIds.png"
         if label_member not in label_names:
-          raise FileNotFoundError(
+          raise errors.MissingFileError(
               f"{LABELS_ARCHIVE} ({labels_zip}) has no {label_member} for the image {image_member}.")
         label_name = f"{LABELS_ARCHIVE}:{label_member}"
-        label = table[common.read_index_png(labels.read(label_member), label_name)]
+        with labels_damaged():
+          label_png = labels.read(label_member)
+        label = table[common.read_index_png(label_png, label_name)]
         image_name = f"{IMAGES_ARCHIVE}:{image_member}"
-        image = images.read(image_member)
+        with images_damaged():
+          image = images.read(image_member)
         common.check_same_size(common.image_size(image, image_name), label, image_name, label_name)
         yield image_id, {"image": image, "label": common.encode_label_png(label), "image_id": image_id}

@@ -8,15 +8,41 @@ ignore label are stored in the dataset's metadata (``builder.info.metadata``).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from typing import Sequence
+import tarfile
+import zipfile
+import zlib
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from dilaff_jax import errors
+
 IGNORE_LABEL = 255
+
+
+class DataError(errors.UserError, ValueError):
+  """A dataset file holds something unusable (a damaged archive, a bad label value, an image and label of different
+  sizes); the message names the file and the values."""
+
+
+# What tarfile, gzip, zipfile and zlib raise on a truncated, empty or corrupted archive.
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError)
+
+
+@contextlib.contextmanager
+def damaged_archive(filename: str, path: str, source: str) -> Iterator[None]:
+  """Turns a read error of the archive ``path`` (truncated, empty, corrupted) into a :class:`DataError` naming it
+  and saying to download it again from ``source``."""
+  try:
+    yield
+  except ARCHIVE_ERRORS as error:
+    raise DataError(f"The archive {filename} ({path}) is damaged or incomplete ({type(error).__name__}: {error}); "
+                    f"download it again from {source} and replace it.") from error
 
 
 def segmentation_features(image_format: str) -> tfds.features.FeaturesDict:
@@ -69,9 +95,9 @@ def read_index_png(data: bytes, name: str) -> np.ndarray:
       mode = mask.mode
       indices = np.asarray(mask)
   except Exception as error:  # Pillow raises several types for corrupt files.
-    raise ValueError(f"Cannot read the label mask {name}: {error}") from error
+    raise DataError(f"Cannot read the label mask {name}: {error}") from error
   if mode not in ("P", "L"):
-    raise ValueError(
+    raise DataError(
         f"The label mask {name} has Pillow mode {mode!r}; expected a palette ('P') or greyscale ('L') PNG of "
         "class indices.")
   return indices.astype(np.uint8)
@@ -84,14 +110,14 @@ def image_size(data: bytes, name: str) -> tuple[int, int]:
       image.load()
       width, height = image.size
   except Exception as error:  # Pillow raises several types for corrupt files.
-    raise ValueError(f"Cannot read the image {name}: {error}") from error
+    raise DataError(f"Cannot read the image {name}: {error}") from error
   return height, width
 
 
 def check_same_size(image_hw: tuple[int, int], label: np.ndarray, image_name: str, label_name: str) -> None:
   """Raises if an image and its label map differ in size."""
   if tuple(label.shape[:2]) != tuple(image_hw):
-    raise ValueError(
+    raise DataError(
         f"The image {image_name} is {image_hw[0]}x{image_hw[1]} but its label {label_name} is "
         f"{label.shape[0]}x{label.shape[1]}.")
 
@@ -100,7 +126,7 @@ def require_archive(manual_dir: os.PathLike | str, filename: str, source: str) -
   """Path of ``manual_dir/filename``; a missing file raises naming the file, the directory and where to get it."""
   path = os.path.join(os.fspath(manual_dir), filename)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"Missing archive {filename!r}: expected it at {path} (the TFDS manual_dir is {manual_dir}). "
         f"Get it from {source} and place it there unchanged.")
   return path

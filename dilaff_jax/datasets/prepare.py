@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dilaff_jax import datasets
+from dilaff_jax import cli, datasets, errors
 
 
 def main(argv=None) -> int:
@@ -22,9 +22,11 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   try:
     builder = datasets.get_builder(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir)
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  except errors.UserError as e:
+    if cli.wants_traceback():
+      raise
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
+    return errors.EXIT_USER_ERROR
   for name, split in builder.info.splits.items():
     print(f"{builder.info.full_name} {name}: {split.num_examples} examples")
   print(f"prepared in {builder.data_dir}")

@@ -28,6 +28,7 @@ import numpy as np
 import scipy.io
 import tensorflow_datasets as tfds
 
+from dilaff_jax import errors
 from dilaff_jax.datasets import common
 
 CLASS_NAMES = (
@@ -67,7 +68,7 @@ def _member_name(name: str) -> str:
 def _check_label_values(label: np.ndarray, name: str) -> np.ndarray:
   bad = np.setdiff1d(np.unique(label), np.r_[np.arange(len(CLASS_NAMES)), common.IGNORE_LABEL])
   if bad.size:
-    raise ValueError(
+    raise common.DataError(
         f"The mask {name} holds values {bad.tolist()} outside the VOC classes 0-{len(CLASS_NAMES) - 1} and "
         f"{common.IGNORE_LABEL} (void).")
   return label
@@ -78,16 +79,19 @@ class VocTar:
 
   def __init__(self, path: str):
     self.path = path
-    self._tar = tarfile.open(path, mode="r:")
-    self._members = {_member_name(m.name): m for m in self._tar.getmembers() if m.isfile()}
+    with common.damaged_archive(VOC_ARCHIVE, path, VOC_URL):
+      self._tar = tarfile.open(path, mode="r:")
+      self._members = {_member_name(m.name): m for m in self._tar.getmembers() if m.isfile()}
     self.train = _split_list(self.read(f"{VOC_ROOT}/ImageSets/Segmentation/train.txt"))
     self.val = _split_list(self.read(f"{VOC_ROOT}/ImageSets/Segmentation/val.txt"))
 
   def read(self, name: str) -> bytes:
     member = self._members.get(name)
     if member is None:
-      raise FileNotFoundError(f"{VOC_ARCHIVE} ({self.path}) has no member {name!r}.")
-    return self._tar.extractfile(member).read()
+      raise errors.MissingFileError(f"{VOC_ARCHIVE} ({self.path}) has no member {name!r}: it is incomplete or "
+                                    f"another archive; download it again from {VOC_URL}.")
+    with common.damaged_archive(VOC_ARCHIVE, self.path, VOC_URL):
+      return self._tar.extractfile(member).read()
 
   def has_mask(self, image_id: str) -> bool:
     return f"{VOC_ROOT}/SegmentationClass/{image_id}.png" in self._members
@@ -120,10 +124,10 @@ def read_sbd_mat(data: bytes, name: str) -> np.ndarray:
     mat = scipy.io.loadmat(io.BytesIO(data))
     segmentation = mat["GTcls"][0, 0]["Segmentation"]
   except Exception as error:  # loadmat raises several types; a missing field is a KeyError/ValueError.
-    raise ValueError(f"Cannot read GTcls.Segmentation from {name}: {error}") from error
+    raise common.DataError(f"Cannot read GTcls.Segmentation from {name}: {error}") from error
   segmentation = np.asarray(segmentation)
   if segmentation.ndim != 2:
-    raise ValueError(f"GTcls.Segmentation in {name} has shape {segmentation.shape}; expected [H, W].")
+    raise common.DataError(f"GTcls.Segmentation in {name} has shape {segmentation.shape}; expected [H, W].")
   return _check_label_values(segmentation.astype(np.uint8), name)
 
 
@@ -132,7 +136,7 @@ def read_sbd(path: str) -> tuple[list[str], dict[str, bytes]]:
   lists: dict[str, list[str]] = {}
   masks: dict[str, bytes] = {}
   cls_dir = f"{SBD_ROOT}/cls/"
-  with tarfile.open(path, mode="r|gz") as tar:
+  with common.damaged_archive(SBD_ARCHIVE, path, SBD_URL), tarfile.open(path, mode="r|gz") as tar:
     for member in tar:
       name = _member_name(member.name)
       if not member.isfile():
@@ -145,11 +149,12 @@ def read_sbd(path: str) -> tuple[list[str], dict[str, bytes]]:
         masks[image_id] = common.encode_label_png(mask)
   for list_name in ("train.txt", "val.txt"):
     if list_name not in lists:
-      raise FileNotFoundError(f"{SBD_ARCHIVE} ({path}) has no member {SBD_ROOT}/{list_name}.")
+      raise errors.MissingFileError(f"{SBD_ARCHIVE} ({path}) has no member {SBD_ROOT}/{list_name}: it is "
+                                    f"incomplete or another archive; download it again from {SBD_URL}.")
   ids = lists["train.txt"] + lists["val.txt"]
   missing = sorted(set(ids) - set(masks))
   if missing:
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"{SBD_ARCHIVE} ({path}) lists {len(missing)} images without a {cls_dir}<id>.mat mask, e.g. "
         f"{missing[:3]}.")
   return ids, masks
@@ -158,13 +163,14 @@ def read_sbd(path: str) -> tuple[list[str], dict[str, bytes]]:
 def aug_zip_members(path: str) -> dict[str, str]:
   """``image id -> member name`` of every mask ``SegmentationClassAug/<id>.png`` in the zip."""
   members = {}
-  with zipfile.ZipFile(path) as archive:
+  with common.damaged_archive(AUG_ARCHIVE, path, AUG_URL), zipfile.ZipFile(path) as archive:
     for name in archive.namelist():
       parts = name.split("/")
       if len(parts) == 2 and parts[0] == AUG_ROOT and parts[1].endswith(".png"):
         members[parts[1][:-len(".png")]] = name
   if not members:
-    raise FileNotFoundError(f"{AUG_ARCHIVE} ({path}) holds no {AUG_ROOT}/<id>.png masks.")
+    raise errors.MissingFileError(f"{AUG_ARCHIVE} ({path}) holds no {AUG_ROOT}/<id>.png masks: it is incomplete "
+                                  f"or another archive; download it again from {AUG_URL}.")
   return members
 
 
@@ -197,7 +203,7 @@ class Voc2012Aug(tfds.core.GeneratorBasedBuilder):
     sbd_path = os.path.join(manual_dir, SBD_ARCHIVE)
     aug_path = os.path.join(manual_dir, AUG_ARCHIVE)
     if not (os.path.isfile(sbd_path) or os.path.isfile(aug_path)):
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
           f"Missing the SBD masks: expected {SBD_ARCHIVE!r} at {sbd_path} (from {SBD_URL}) or {AUG_ARCHIVE!r} at "
           f"{aug_path} (from {AUG_URL}); the TFDS manual_dir is {manual_dir}.")
     with VocTar(voc_path) as voc:
@@ -234,17 +240,23 @@ def _sbd_lookup(masks: Mapping[str, bytes]) -> Iterator[MaskLookup]:
   def lookup(image_id: str) -> tuple[np.ndarray, str]:
     name = f"{SBD_ARCHIVE}:{SBD_ROOT}/cls/{image_id}.mat"
     if image_id not in masks:
-      raise FileNotFoundError(f"No mask {name} for image {image_id}.")
+      raise errors.MissingFileError(f"No mask {name} for image {image_id}.")
     return common.read_index_png(masks[image_id], name), name
   yield lookup
 
 
 @contextlib.contextmanager
 def _aug_lookup(path: str, members: Mapping[str, str]) -> Iterator[MaskLookup]:
-  with zipfile.ZipFile(path) as archive:
-    def lookup(image_id: str) -> tuple[np.ndarray, str]:
-      if image_id not in members:
-        raise FileNotFoundError(f"No mask {AUG_ROOT}/{image_id}.png in {AUG_ARCHIVE} ({path}).")
-      name = f"{AUG_ARCHIVE}:{members[image_id]}"
-      return read_mask_png(archive.read(members[image_id]), name), name
+  with common.damaged_archive(AUG_ARCHIVE, path, AUG_URL):
+    archive = zipfile.ZipFile(path)
+
+  def lookup(image_id: str) -> tuple[np.ndarray, str]:
+    if image_id not in members:
+      raise errors.MissingFileError(f"No mask {AUG_ROOT}/{image_id}.png in {AUG_ARCHIVE} ({path}).")
+    name = f"{AUG_ARCHIVE}:{members[image_id]}"
+    with common.damaged_archive(AUG_ARCHIVE, path, AUG_URL):
+      data = archive.read(members[image_id])
+    return read_mask_png(data, name), name
+
+  with archive:
     yield lookup

@@ -1,0 +1,127 @@
+"""What the command-line tools share: a user's mistake ends as one line ``error: <message>`` on stderr with exit
+code :data:`errors.EXIT_USER_ERROR`, and a mistyped ``--config`` (file, variant or ``--config.KEY`` override) is
+named with the nearest existing key or the known variants.
+
+A traceback is printed above the error line only for bug reports: with ``--verbosity=1`` (or higher) or the
+environment variable ``DILAFF_TRACEBACK=1``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from dilaff_jax import errors
+
+
+def wants_traceback(verbosity: int | None = 0) -> bool:
+  """Whether a user error should also print its traceback (``DILAFF_TRACEBACK=1`` or verbosity >= 1)."""
+  return os.environ.get("DILAFF_TRACEBACK", "").strip() not in ("", "0") or (verbosity or 0) >= 1
+
+
+def one_line(error: BaseException | str) -> str:
+  """The error's message on one line (indented continuation lines joined with spaces)."""
+  text = str(error)
+  return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(error).__name__
+
+
+def exit_with_error(error: BaseException | str, *, show_traceback: bool = False) -> NoReturn:
+  """Prints ``error: <message>`` (after the traceback if asked) and exits with :data:`errors.EXIT_USER_ERROR`."""
+  if show_traceback and isinstance(error, BaseException):
+    traceback.print_exception(error)
+  print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+  sys.exit(errors.EXIT_USER_ERROR)
+
+
+# ----------------------------------------------------------------------------------------------- config flags
+
+
+def flat_keys(config: Mapping, prefix: str = "config") -> list[str]:
+  """Every dotted key of a (nested) config, inner nodes included: ``config.train``, ``config.train.num_steps``."""
+  keys = []
+  for key in config.keys():
+    path = f"{prefix}.{key}"
+    keys.append(path)
+    value = config[key]
+    if isinstance(value, Mapping) or hasattr(value, "keys") and hasattr(value, "__getitem__"):
+      keys.extend(flat_keys(value, path))
+  return keys
+
+
+def missing_key(config: Mapping, key: str, prefix: str = "config") -> str | None:
+  """None if the dotted ``key`` (``train.learning_rate``; an index suffix like ``scales[0]`` is allowed) names an
+  entry of ``config``; else a message naming it and the nearest existing key."""
+  node = config
+  for part in key.split("."):
+    name = re.sub(r"(\[\d+\])+$", "", part)
+    if not (hasattr(node, "keys") and name in node.keys()):
+      full = f"{prefix}.{key}"
+      known = [k[len(prefix) + 1:] for k in flat_keys(config, prefix)]
+      close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+      hint = f"did you mean {prefix}.{close[0]}?" if close else "see configs/default.py for every key"
+      return f"{full}: no such key; {hint}"
+    node = node[name]
+  return None
+
+
+def overrides(argv: Sequence[str], flag: str = "config") -> list[str]:
+  """The keys of the ``--config.KEY=VALUE`` (and boolean ``--[no]config.KEY``) overrides in ``argv``."""
+  pattern = re.compile(rf"^--?(?:no)?{re.escape(flag)}\.([^=]+)")
+  return [m.group(1) for m in map(pattern.match, argv) if m]
+
+
+def config_spec(argv: Sequence[str], flag: str = "config") -> str | None:
+  """The value of ``--config=FILE[:VARIANT]`` (or ``--config FILE``) in ``argv``, the last one given."""
+  spec = None
+  for i, arg in enumerate(argv):
+    match = re.match(rf"^--?{re.escape(flag)}(=(.*))?$", arg)
+    if match:
+      spec = match.group(2) if match.group(1) else (argv[i + 1] if i + 1 < len(argv) else None)
+  return spec
+
+
+def load_config_file(spec: str, flag: str = "config"):
+  """``get_config(VARIANT)`` of the config file ``FILE[:VARIANT]``; a missing file, an unknown variant or a config
+  file that fails raises :class:`errors.UserError` in one line."""
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise errors.MissingFileError(f"--{flag}={spec}: no such config file")
+  try:
+    module_spec = importlib.util.spec_from_file_location(f"_dilaff_{flag}_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+  except errors.UserError as e:
+    raise errors.UserError(f"--{flag}={spec}: {one_line(e)}") from e
+  except Exception as e:  # noqa: BLE001  (the user's config file: any failure is theirs to fix)
+    raise errors.UserError(f"--{flag}={spec}: the config file fails: {type(e).__name__}: {one_line(e)}") from e
+
+
+def flag_error(error: Exception, argv: Sequence[str], config=None, flag: str = "config") -> errors.UserError:
+  """A one-line :class:`errors.UserError` for a failure while absl parsed ``argv``.
+
+  ``--config`` problems are diagnosed afresh rather than read from absl's or ml_collections' text (which nests the
+  config file's traceback): the config is ``config`` if given, else loaded from the ``--config=FILE[:VARIANT]`` in
+  ``argv``; the first override naming no key is reported with the nearest key. Anything else keeps absl's message.
+  """
+  result = errors.UserError(one_line(error))
+  try:
+    if config is None:
+      spec = config_spec(argv, flag)
+      config = load_config_file(spec, flag) if spec else None
+    if config is not None:
+      for key in overrides(argv, flag):
+        message = missing_key(config, key, flag)
+        if message:
+          result = errors.UserError(message)
+          break
+  except errors.UserError as e:
+    result = e
+  result.__cause__ = error  # the traceback for bug reports shows where absl or the config file failed
+  return result

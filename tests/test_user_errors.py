@@ -1,0 +1,180 @@
+"""Every user mistake ends as one line ``error: ...`` on stderr with exit code 2 and no traceback (the command-line
+tools run in subprocesses, failing before any training), a preempted run exits 3, and the checks behind them."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import synthetic
+from dilaff_jax import cli, config_checks, errors, stats, train
+from test_train import REPO, tiny_config
+
+CONFIG = os.path.join(REPO, "configs", "synthetic.py")
+
+
+def run_cli(module, *args, env=None, **kwargs):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, **(env or {})), **kwargs)
+
+
+def assert_one_error_line(proc, *fragments):
+  """Exit code 2, stderr's last line starts with ``error:`` and holds every fragment, no traceback anywhere."""
+  assert proc.returncode == errors.EXIT_USER_ERROR, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: "), proc.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in last, (fragment, last)
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  return last
+
+
+def main_cli(data_dir, workdir, *args, env=None):
+  return run_cli("dilaff_jax.main", f"--config={CONFIG}:tiny", f"--workdir={workdir}",
+                 f"--config.dataset.data_dir={data_dir}", "--config.train.batch_size=8",  # 8 CPU devices (conftest)
+                 "--config.eval.batch_size=8", *args, env=env)
+
+
+# ---------------------------------------------------------------------------------------------- config mistakes
+
+
+def test_mistyped_config_key_names_the_nearest_key(data_dir, tmp_path):
+  proc = main_cli(data_dir, tmp_path / "w", "--config.train.learnig_rate=0.1")
+  last = assert_one_error_line(proc)
+  assert last == "error: config.train.learnig_rate: no such key; did you mean config.train.learning_rate?"
+  assert not (tmp_path / "w").exists()
+  # the traceback is there for bug reports when asked for
+  proc = main_cli(data_dir, tmp_path / "w", "--config.train.learnig_rate=0.1", env={"DILAFF_TRACEBACK": "1"})
+  assert proc.returncode == 2 and "Traceback" in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: config.train.learnig_rate: no such key")
+
+
+def test_nearest_key_and_override_parsing():
+  config = synthetic.get_config()
+  assert cli.missing_key(config, "train.learning_rate") is None
+  assert cli.missing_key(config, "eval.scales[0]") is None
+  assert cli.missing_key(config, "afinity.lam") == "config.afinity.lam: no such key; did you mean config.affinity.lam?"
+  assert cli.missing_key(config, "learning_rate") == ("config.learning_rate: no such key; did you mean "
+                                                      "config.train.learning_rate?")
+  assert cli.missing_key(config, "xyz") == "config.xyz: no such key; see configs/default.py for every key"
+  assert cli.missing_key(config, "train.num_steps.x").startswith("config.train.num_steps.x: no such key")
+  argv = ["--config=a.py:tiny", "--config.a.b=1", "-config.c=2", "--noconfig.d.e", "--configx=3", "--other=4"]
+  assert cli.overrides(argv) == ["a.b", "c", "d.e"]
+  assert cli.config_spec(argv) == "a.py:tiny" and cli.config_spec(["--config", "b.py"]) == "b.py"
+
+
+def test_mistyped_variant_and_missing_config_file(tmp_path):
+  proc = run_cli("dilaff_jax.main", f"--config={REPO}/configs/voc.py:tabel1_sqrt", f"--workdir={tmp_path / 'w'}")
+  assert_one_error_line(proc, "unknown config variant 'tabel1_sqrt' (did you mean table1_sqrt?); known: baseline, "
+                        "paper, table1_baseline, table1_neighbor, table1_signal, table1_sqrt, table2_r8_12x24_16")
+  proc = run_cli("dilaff_jax.main", f"--config={CONFIG}:tyni", f"--workdir={tmp_path / 'w'}")
+  assert_one_error_line(proc, "unknown config variant 'tyni' (did you mean tiny?); known: baseline, tiny")
+  proc = run_cli("dilaff_jax.main", f"--config={tmp_path}/nope.py", f"--workdir={tmp_path / 'w'}")
+  assert_one_error_line(proc, f"--config={tmp_path}/nope.py: no such config file")
+  proc = run_cli("dilaff_jax.main", f"--config={CONFIG}:tiny", f"--workdir={tmp_path / 'w'}",
+                 "--config.train.num_steps=many")
+  assert_one_error_line(proc, "--config.train.num_steps=many")
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_dataset_lists_this_projects_datasets(data_dir, tmp_path):
+  proc = main_cli(data_dir, tmp_path / "w", "--config.dataset.name=voc2012")
+  assert_one_error_line(proc, "config.dataset.name = 'voc2012': not one of this project's datasets "
+                        "(synthetic_shapes/default, synthetic_shapes/tiny, voc2012_aug, cityscapes19)")
+  assert len(proc.stderr.strip().splitlines()) < 5  # not TFDS's list of every dataset it knows
+
+
+def test_num_classes_not_matching_the_dataset_fails_before_anything_is_written(data_dir, tmp_path):
+  proc = main_cli(data_dir, tmp_path / "w", "--config.dataset.num_classes=21")
+  assert_one_error_line(proc, "config.dataset.num_classes = 21: synthetic_shapes/tiny has 6 classes (background, "
+                        "red_stripes")
+  assert not (tmp_path / "w").exists()  # no config.json, no statistics, no checkpoint
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("train.warmup_steps", -5, r"config.train.warmup_steps = -5: expected an integer >= 0"),
+    ("train.warmup_steps", 600, r"config.train.warmup_steps = 600: must be < train.num_steps \(600\)"),
+    ("eval.max_images", -1, r"config.eval.max_images = -1: expected an integer >= 0"),
+    ("seed", -1, r"config.seed = -1: expected an integer >= 0"),
+    ("dataset.eval_pad_size", (129,), r"config.dataset.eval_pad_size = \(129,\): expected \(height, width\)"),
+    ("affinity.iterations", -2, r"config.affinity.iterations = -2: expected an integer >= 0"),
+    ("train.end_learning_rate", 0.5, r"config.train.end_learning_rate = 0.5: expected a value <= 0.02"),
+    ("affinity.stats_max_images", -3, r"config.affinity.stats_max_images = -3: expected an integer >= 0"),
+    ("distributed.process_id", -2, r"config.distributed.process_id = -2: expected an integer >= -1"),
+    ("dataset.num_classes", 21, r"config.dataset.num_classes = 21: synthetic_shapes/default has 6 classes"),
+    ("dataset.name", "pascal_voc", r"config.dataset.name = 'pascal_voc': not one of this project's datasets"),
+])
+def test_more_config_keys_are_validated(key, value, match):
+  c = synthetic.get_config()
+  node = c
+  *path, last = key.split(".")
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(config_checks.ConfigError, match=match):
+    config_checks.validate(c, num_devices=2)
+
+
+def test_eval_max_images_minus_one_exits_2_in_evaluate_mode(data_dir, tmp_path):
+  proc = main_cli(data_dir, tmp_path / "w", "--mode=evaluate", "--config.eval.max_images=-1")
+  assert_one_error_line(proc, "config.eval.max_images = -1: expected an integer >= 0")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def test_garbage_pretrained_weights_exit_2_naming_the_file(data_dir, tmp_path):
+  weights = tmp_path / "resnet18.safetensors"
+  weights.write_bytes(b"garbage garbage garbage garbage")
+  proc = main_cli(data_dir, tmp_path / "w", "--config.affinity.enabled=False", f"--config.model.pretrained={weights}")
+  assert_one_error_line(proc, f"cannot read pretrained weights '{weights}'", "header too large")
+  # (NaN tensors, wrong keys and shapes: tests/test_pretrained.py, through the same error class)
+
+
+def test_statistics_from_images_too_small_for_a_rate_fail_before_jit(data_dir, tmp_path):
+  # synthetic_shapes/tiny has 48-64 px label maps: at rate 32 no pixel has all 8 neighbours (needs > 65x65)
+  config = tiny_config(data_dir, **{"affinity.rates": (4, 32), "affinity.stats_max_images": 3})
+  rates = config_checks.rates_of(config)
+  with pytest.raises(stats.StatsError, match=r"freq\(n_8, r\) is 0 at rate 32 in the statistics of "
+                     r"synthetic_shapes/tiny:train: the 'sqrt' weights \(Eq. 5\) are undefined\. A pixel has 8 "
+                     r"neighbours at this rate only in label maps larger than 65x65 pixels, the largest label map "
+                     r"is 6\dx6\d"):
+    train.load_or_compute_stats(config, str(tmp_path), rates)
+  assert not os.path.exists(tmp_path / "affinity_stats.json")  # a rerun fails the same way
+  config.affinity.scheme = "none"  # no per-category weights: the same statistics are usable
+  assert train.load_or_compute_stats(config, str(tmp_path), rates).freq[1, 8] == 0
+
+
+def test_stats_command_line_bad_rates_and_too_small_images(data_dir, tmp_path, capsys):
+  common = ["--dataset=synthetic_shapes/tiny", f"--data_dir={data_dir}", f"--output={tmp_path / 's.json'}"]
+  assert_one_error_line(run_cli("dilaff_jax.stats", *common, "--rates=8,12y24"), "--rates=8,12y24: cannot parse rate "
+                        "'12y24'")
+  proc = run_cli("dilaff_jax.stats", *common, "--rates=4,80", "--max_images=2")
+  assert_one_error_line(proc, "valid signals at rate(s) 80 in 2 label map(s)", "the largest label map is 6")
+  cases = {"--rates=8,8": "--rates=8,8: ", "--rates=,": "--rates=,: expand_rates: the set of rates R is empty",
+           "--max_images=-1": "--max_images=-1: expected 0", "--dataset=voc2012": "dataset 'voc2012' is not one of "
+           "this project's datasets", "--split=tran": "split 'tran' of synthetic_shapes/tiny"}
+  for arg, message in cases.items():  # the same entry point, in this process
+    assert stats.main([*common, "--rates=8", arg]) == 2, arg
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), (arg, err)
+  assert stats.main(["--rates=8"]) == 2
+  assert "error: the following arguments are required: --dataset, --output" in capsys.readouterr().err
+  assert not (tmp_path / "s.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- exit codes
+
+
+def test_preempted_training_exits_3(tmp_path):
+  script = f"""
+import sys
+from absl import app
+from dilaff_jax import main, train
+train.train_and_evaluate = lambda config, workdir: {{"train": {{}}, "preempted_at": 2}}
+sys.argv = ["main", "--config={CONFIG}:tiny", "--workdir={tmp_path / 'w'}"]
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == errors.EXIT_PREEMPTED == 3, proc.stderr[-3000:]
