@@ -5,6 +5,8 @@ with the propagation sweep in about 6 minutes on 2 CPU cores (after the one-time
 
   python -m dilaff_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
   python -m dilaff_jax.main --config=configs/synthetic.py:baseline --workdir=runs/synthetic_baseline
+  python -m dilaff_jax.main --config=configs/synthetic.py:aaf --workdir=runs/synthetic_aaf            # Table 5
+  python -m dilaff_jax.main --config=configs/synthetic.py:boundary --workdir=runs/synthetic_boundary  # Table 5
   python -m dilaff_jax.main --config=configs/synthetic.py:tiny --workdir=/tmp/t   # seconds; used by tests
 
 Rates are the paper's R = {8, (12, 24), 16} scaled to these ~4x smaller images: {4, (6, 12), 8}.

@@ -9,7 +9,8 @@ Named variants (``--config=configs/voc.py:NAME``) reproduce one row each:
                                  table2_r8_12x24_16_32x64_48
   Tables 3–4 (propagation):      table3 (= table2_r8_16), table4 (= table2_r8_12x24_16); the evaluation prints the
                                  sweep over iterations with predicted and ground-truth affinity
-  Table 5:                       baseline (plain DeepLabv3+), paper (= table4)
+  Table 5:                       baseline (plain DeepLabv3+), aaf (+ adaptive affinity fields), boundary
+                                 (+ U-Net's boundary weight map), paper (= table4); + CRF: `--config.eval.crf=True`
 """
 
 from configs import default
@@ -33,15 +34,22 @@ VARIANTS["table4"] = VARIANTS["table2_r8_12x24_16"]
 VARIANTS["paper"] = VARIANTS["table4"]
 
 
+STRUCTURE_VARIANTS = ("aaf", "boundary")  # Table 5: plain DeepLabv3+ trained with that structure loss
+
+
 def apply_variant(config, variant: str, variants: dict):
-  """Sets rates/scheme/β of a named variant, or disables affinity for ``baseline``."""
+  """Sets rates/scheme/β of a named variant; ``baseline`` disables affinity, ``aaf`` / ``boundary`` disable it and
+  add that structure loss (``config.structure``)."""
   if not variant:
     return config
-  if variant == "baseline":
+  if variant == "baseline" or variant in STRUCTURE_VARIANTS:
     config.affinity.enabled = False
+    if variant != "baseline":
+      config.structure.kind = variant
     return config
   if variant not in variants:
-    raise ValueError(f"unknown config variant {variant!r}; known: baseline, {', '.join(sorted(variants))}")
+    known = ", ".join(["baseline", *STRUCTURE_VARIANTS, *sorted(variants)])
+    raise ValueError(f"unknown config variant {variant!r}; known: {known}")
   rates, scheme, beta = variants[variant]
   config.affinity.rates = rates
   config.affinity.scheme = scheme
