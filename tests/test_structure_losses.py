@@ -165,6 +165,49 @@ def test_unet_weight_map_objects_are_components_and_background_choice():
   np.testing.assert_array_equal(one, [[1, 1, 1]])
 
 
+def brute_force_unet_weights(label, num_classes, w0, sigma, background, ignore=V):
+  """Objects by flood fill (8-connected), distances by looping over every object pixel, w_c by counting."""
+  h, w = label.shape
+  seen = np.zeros_like(label, bool)
+  objects = []
+  for i, j in np.ndindex(h, w):
+    if seen[i, j] or label[i, j] in (ignore, background):
+      continue
+    stack, pixels = [(i, j)], []
+    seen[i, j] = True
+    while stack:
+      y, x = stack.pop()
+      pixels.append((y, x))
+      for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+          yy, xx = y + dy, x + dx
+          if 0 <= yy < h and 0 <= xx < w and not seen[yy, xx] and label[yy, xx] == label[i, j]:
+            seen[yy, xx] = True
+            stack.append((yy, xx))
+    objects.append(pixels)
+  labelled = [(i, j) for i, j in np.ndindex(h, w) if label[i, j] != ignore]
+  n = {c: sum(label[p] == c for p in labelled) for c in range(num_classes)}
+  present = sum(v > 0 for v in n.values())
+  out = np.zeros((h, w))
+  for i, j in labelled:
+    out[i, j] = len(labelled) / (present * n[label[i, j]])
+    if len(objects) >= 2:
+      d = sorted(min(math.hypot(i - y, j - x) for y, x in obj) for obj in objects)
+      out[i, j] += w0 * math.exp(-(d[0] + d[1]) ** 2 / (2 * sigma ** 2))
+  return out
+
+
+def test_unet_weight_map_matches_brute_force_on_random_maps():
+  rng = np.random.default_rng(4)
+  for trial in range(3):
+    label = rng.integers(0, 3, size=(14, 17)).astype(np.int32)
+    label = np.repeat(np.repeat(label[::3, ::3], 3, 0), 3, 1)[:14, :17].copy()  # blocky regions
+    label[rng.random(label.shape) < 0.1] = V
+    sigma = (0.7, 1.5, 4.0)[trial]  # 6σ smaller and larger than the map: the distance cut-off is exercised
+    w = structure_losses.unet_weight_map(label, num_classes=3, w0=10.0, sigma=sigma, background=0)
+    np.testing.assert_allclose(w, brute_force_unet_weights(label, 3, 10.0, sigma, 0), rtol=1e-5, atol=1e-6)
+
+
 def test_boundary_loss_sum_is_the_weighted_cross_entropy():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
