@@ -3,10 +3,11 @@
 Loss ``CE(ignore 255) + β · L_aff`` (Eq. 5) plus weight decay on kernels; SGD with momentum and DeepLab's poly
 schedule (optax). Table 5's other structure losses (``config.structure``, :mod:`dilaff_jax.structure_losses`): AAF
 adds its term (its adversarial size weights are the extra parameter ``params["aaf_weights"]``, updated by the same
-optimizer through a gradient reversal); boundary reweighting replaces the CE by U-Net's weighted CE. The step is ``jax.pmap``'d over axis ``batch`` with cross-replica BatchNorm; both loss terms are
-normalised by the number of labelled pixels of the *global* batch, so a sharded step equals the unsharded one.
-Checkpoints (Orbax, asynchronous) hold the train state; the data position and the RNG are functions of the step,
-so a resumed run continues exactly where the interrupted one stopped.
+optimizer through a gradient reversal); boundary reweighting replaces the CE by U-Net's weighted CE, with the weight
+maps computed by the input pipeline. The step is ``jax.pmap``'d over axis ``batch`` with cross-replica BatchNorm;
+the loss terms are normalised by the number of labelled pixels (AAF: of pairs) of the *global* batch, so a sharded
+step equals the unsharded one. Checkpoints (Orbax, asynchronous) hold the train state; the data position and the RNG
+are functions of the step, so a resumed run continues exactly where the interrupted one stopped.
 """
 
 import functools
