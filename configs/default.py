@@ -66,6 +66,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.affinity.mu = 7.0                     # μ of the steep sigmoid (Eq. 7)
   c.affinity.iterations = 10              # propagation iterations reported as the final result
 
+  # --- structure losses of Table 5's comparisons (dilaff_jax/structure_losses.py) ---
+  c.structure = ml_collections.ConfigDict()
+  c.structure.kind = "none"               # none | aaf (adaptive affinity fields) | boundary (U-Net weight map)
+  c.structure.aaf_weight = 1.0            # weight of the AAF term (the AAF code's λ)
+  c.structure.aaf_margin = 3.0            # KL margin m of the separating term
+  c.structure.aaf_dilations = (1, 2, 3)   # field dilations on the output grid: 3x3, 5x5, 7x7 fields
+  c.structure.aaf_decay = True            # multiply the AAF term by 10^(-step/num_steps), as the AAF code does
+  c.structure.boundary_w0 = 10.0          # U-Net's w_0
+  c.structure.boundary_sigma = 5.0        # U-Net's σ at its 512-px scale; pixels: sigma * crop_size / 512
+  c.structure.boundary_background = 0     # class whose regions are not objects; -1: every class forms objects
+  c.structure.boundary_class_balance = True  # w_c: inverse class frequency in the crop (mean 1); False: w_c = 1
+
   # --- optimisation (DeepLab: SGD momentum, poly schedule) ---
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16                 # global batch, split over all devices of all hosts

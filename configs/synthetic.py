@@ -5,7 +5,9 @@ with the propagation sweep in about 6 minutes on 2 CPU cores (after the one-time
 
   python -m dilaff_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
   python -m dilaff_jax.main --config=configs/synthetic.py:baseline --workdir=runs/synthetic_baseline
-  python -m dilaff_jax.main --config=configs/synthetic.py:tiny --workdir=runs/tiny   # seconds; used by tests
+  python -m dilaff_jax.main --config=configs/synthetic.py:aaf --workdir=runs/synthetic_aaf            # Table 5
+  python -m dilaff_jax.main --config=configs/synthetic.py:boundary --workdir=runs/synthetic_boundary  # Table 5
+  python -m dilaff_jax.main --config=configs/synthetic.py:tiny --workdir=runs/tiny # seconds; used by tests
 
 Rates are the paper's R = {8, (12, 24), 16} scaled to these ~4x smaller images: {4, (6, 12), 8}.
 Every rate must exceed 2, the width of the void band along boundaries: a pair at distance <= 2 that straddles a
@@ -39,6 +41,7 @@ VARIANTS = {
     "table2_r4_8_16_32": {"affinity.rates": R_4_8_16_32},
     "table2_r4_6x12_8": {"affinity.rates": (4, (6, 12), 8)},
     "table2_r4_6x12_8_16x32_24": {"affinity.rates": (4, (6, 12), 8, (16, 32), 24)},
+    **variants.STRUCTURE,
 }
 
 

@@ -9,7 +9,8 @@ Named variants (``--config=configs/voc.py:NAME``) reproduce one row each:
                                  table2_r8_12x24_16_32x64_48
   Tables 3–4 (propagation):      table3 (= table2_r8_16), table4 (= table2_r8_12x24_16); the evaluation prints the
                                  sweep over iterations with predicted and ground-truth affinity
-  Table 5:                       baseline (plain DeepLabv3+), paper (= table4)
+  Table 5:                       baseline (plain DeepLabv3+), aaf (+ adaptive affinity fields), boundary
+                                 (+ U-Net's boundary weight map), paper (= table4); + CRF: `--config.eval.crf=True`
 """
 
 from configs import default, variants
@@ -33,6 +34,7 @@ VARIANTS = {
 VARIANTS["table3"] = VARIANTS["table2_r8_16"]
 VARIANTS["table4"] = VARIANTS["table2_r8_12x24_16"]
 VARIANTS["paper"] = VARIANTS["table4"]
+VARIANTS.update(variants.STRUCTURE)  # Table 5: plain DeepLabv3+ trained with AAF or U-Net's boundary weights
 
 
 def get_config(variant: str = ""):

@@ -73,7 +73,11 @@ def compat_record(config: ml_collections.ConfigDict, rates: affinity.Rates) -> d
           "model.aspp_channels": m.aspp_channels, "model.low_level_channels": m.low_level_channels,
           "model.decoder_channels": m.decoder_channels, "model.separable": m.separable,
           "dataset.num_classes": config.dataset.num_classes,
-          "affinity.rates (explicit)": [list(r) for r in rates]}
+          "affinity.rates (explicit)": [list(r) for r in rates],
+          # None without AAF, as a checkpoint whose record lacks the key reads
+          "structure.aaf_weights (shape)": (
+              [2, config.dataset.num_classes, len(config.structure.aaf_dilations)]
+              if config_checks.structure_kind(config) == "aaf" else None)}
 
 
 def host_state(state) -> dict:

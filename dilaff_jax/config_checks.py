@@ -119,6 +119,43 @@ def _check_pretrained(config: ml_collections.ConfigDict) -> None:
     _fail("model.pretrained", value, "the file is not readable (check its permissions)")
 
 
+STRUCTURE_KINDS = ("none", "aaf", "boundary")
+
+
+def _bool(config, key):
+  v = _get(config, key)
+  if not isinstance(v, bool):
+    _fail(key, v, "expected True or False")
+  return v
+
+
+def structure_kind(config: ml_collections.ConfigDict) -> str:
+  """``config.structure.kind``; ``"none"`` for a config without the section (the ``config.json`` of older runs)."""
+  return _get(config, "structure.kind") if "structure" in config else "none"
+
+
+def _check_structure(config) -> None:
+  """``structure.*``: the AAF / boundary-reweighting losses of Table 5 (only the chosen kind's keys are read)."""
+  if "structure" not in config:
+    return
+  kind = _choice(config, "structure.kind", STRUCTURE_KINDS)
+  if kind == "aaf":
+    _number(config, "structure.aaf_weight", 0)
+    _number(config, "structure.aaf_margin", 0, lo_open=True)
+    _bool(config, "structure.aaf_decay")
+    dil = _get(config, "structure.aaf_dilations")
+    if (not isinstance(dil, (list, tuple)) or not dil or len(set(dil)) != len(dil)
+        or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dil)):
+      _fail("structure.aaf_dilations", dil, "expected distinct positive ints, e.g. (1, 2, 3) for 3x3/5x5/7x7 fields")
+  elif kind == "boundary":
+    _number(config, "structure.boundary_w0", 0)
+    _number(config, "structure.boundary_sigma", 0, lo_open=True)
+    _bool(config, "structure.boundary_class_balance")
+    bg = _get(config, "structure.boundary_background")
+    if not isinstance(bg, int) or isinstance(bg, bool) or not -1 <= bg < _get(config, "dataset.num_classes"):
+      _fail("structure.boundary_background", bg, "expected a class index, or -1 when no class is background")
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str = "train") -> None:
   """Raises :class:`ConfigError` naming the first bad key. ``num_devices`` is the global device count."""
   _int(config, "seed", 0)
@@ -181,6 +218,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
     _choice(config, "affinity.partial_neighbors", affinity.PARTIAL_NEIGHBORS)
     if _get(config, "affinity.max_weight") is not None:
       _number(config, "affinity.max_weight", 1)
+  _check_structure(config)
   _number(config, "affinity.lam", 0)
   _number(config, "affinity.mu", 1, lo_open=True)
   _int(config, "affinity.iterations", 0)

@@ -223,12 +223,15 @@ def train_iterator(builder_or_name: BuilderOrName, *, split: str, crop_size: int
                    max_scale: float = 2.0, scale_step: float = 0.25,
                    mean: Sequence[float] = IMAGENET_MEAN_255, std: Sequence[float] = IMAGENET_STD_255,
                    ignore_label: int = datasets.IGNORE_LABEL, process_index: int | None = None,
-                   process_count: int | None = None, prefetch: int = 2) -> Iterator[Batch]:
+                   process_count: int | None = None, prefetch: int = 2,
+                   weight_map: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[Batch]:
   """Endless augmented training batches ``{"image": f32 [D,b,H,W,3], "label": i32 [D,b,H,W]}``.
 
   ``D = local_device_count``, ``b = per_device_batch``, ``(H, W) = crop_size``. Batch ``k`` of this iterator is
   step ``start_step + k`` of the run with this ``seed``. A label value that is neither ``< num_classes`` nor
-  ``ignore_label`` raises ``ValueError`` naming the example.
+  ``ignore_label`` raises ``ValueError`` naming the example. With ``weight_map`` (a pure numpy function of an
+  int32 ``[H, W]`` crop label, e.g. U-Net's boundary weights), batches also hold ``"weight": f32 [D,b,H,W]``
+  computed from each augmented label: a function of the label, so it keeps batches deterministic.
   """
   builder = _builder(builder_or_name, data_dir)
   process_index, process_count = _process(process_index, process_count)
@@ -249,7 +252,10 @@ def train_iterator(builder_or_name: BuilderOrName, *, split: str, crop_size: int
     example_seed = tf.stack([tf.constant(seed, tf.int64), g * process_count + process_index])
     image, label = augment(example["image"], label, example_seed, crop_size=crop, scales=scales, mean=mean,
                            std=std, ignore_label=ignore_label)
-    return {"image": image, "label": label}
+    if weight_map is None:
+      return {"image": image, "label": label}
+    weight = tf.numpy_function(weight_map, [label], tf.float32, stateful=False)
+    return {"image": image, "label": label, "weight": tf.ensure_shape(weight, list(crop))}
 
   positions = functools.partial(training_positions, seed, process_index, len(index), start_step * batch_size)
   dataset = (_serialized(index, positions)
@@ -386,12 +392,14 @@ class Pipelines(NamedTuple):
 
 def from_config(dataset_cfg: Any, *, seed: int, local_device_count: int, per_device_batch: int,
                 eval_per_device_batch: int | None = None, start_step: int = 0, process_index: int | None = None,
-                process_count: int | None = None) -> Pipelines:
+                process_count: int | None = None,
+                weight_map: Callable[[np.ndarray], np.ndarray] | None = None) -> Pipelines:
   """Builds (and prepares if needed) the dataset described by an ``ml_collections.ConfigDict``.
 
   Keys read: ``name``, ``data_dir``, ``manual_dir``, ``train_split``, ``eval_split``, ``num_classes``,
   ``ignore_label``, ``crop_size``, ``min_scale``, ``max_scale``, ``scale_step``, ``mean``, ``std``,
   ``eval_pad_size`` (None = largest eval example). No shuffle buffer is needed: each epoch is a full permutation.
+  ``weight_map`` adds per-pixel training weights (see :func:`train_iterator`).
   """
   cfg = dataset_cfg
   builder = datasets.get_builder(cfg.name, data_dir=cfg.get("data_dir"), manual_dir=cfg.get("manual_dir"))
@@ -404,7 +412,7 @@ def from_config(dataset_cfg: Any, *, seed: int, local_device_count: int, per_dev
   train = train_iterator(
       builder, split=cfg.train_split, crop_size=cfg.crop_size, local_device_count=local_device_count,
       per_device_batch=per_device_batch, seed=seed, start_step=start_step, min_scale=cfg.min_scale,
-      max_scale=cfg.max_scale, scale_step=cfg.scale_step, **common)
+      max_scale=cfg.max_scale, scale_step=cfg.scale_step, weight_map=weight_map, **common)
   eval_batch = eval_per_device_batch or per_device_batch
 
   def make_eval() -> Iterator[Batch]:

@@ -1,11 +1,14 @@
 """Joint training of DeepLabv3+ and the dilated-affinity head (paper §3.2, §4.1).
 
 Loss ``CE(ignore 255) + β · L_aff`` (Eq. 5) plus weight decay on kernels; SGD with momentum and DeepLab's poly
-schedule (optax). The step is ``jax.pmap``'d over axis ``batch`` with cross-replica BatchNorm; both loss terms are
-normalised by the number of labelled pixels of the *global* batch, so a sharded step equals the unsharded one.
-Checkpoints (:mod:`dilaff_jax.checkpoints`: finite, fingerprinted) hold the train state; the data position and the
-RNG are functions of the step, so a resumed run continues exactly where the interrupted one stopped. One training
-per workdir (:mod:`dilaff_jax.workdir_lock`).
+schedule (optax). Table 5's other structure losses (``config.structure``, :mod:`dilaff_jax.structure_losses`): AAF
+adds its term (its adversarial size weights are the extra parameter ``params["aaf_weights"]``, updated by the same
+optimizer through a gradient reversal); boundary reweighting replaces the CE by U-Net's weighted CE, with the weight
+maps computed by the input pipeline. The step is ``jax.pmap``'d over axis ``batch`` with cross-replica BatchNorm;
+the loss terms are normalised by the number of labelled pixels (AAF: of pairs) of the *global* batch, so a sharded
+step equals the unsharded one. Checkpoints (:mod:`dilaff_jax.checkpoints`: finite, fingerprinted) hold the train
+state; the data position and the RNG are functions of the step, so a resumed run continues exactly where the
+interrupted one stopped. One training per workdir (:mod:`dilaff_jax.workdir_lock`).
 """
 
 import contextlib
@@ -26,12 +29,13 @@ from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 from flax.training import train_state
 
-from dilaff_jax import affinity, checkpoints, config_checks, datasets, errors, input_pipeline, pretrained, visualize
-from dilaff_jax import workdir_lock
+from dilaff_jax import affinity, checkpoints, config_checks, datasets, errors, input_pipeline, pretrained
+from dilaff_jax import structure_losses, visualize, workdir_lock
 from dilaff_jax import stats as stats_lib
 from dilaff_jax.models.deeplab import DeepLabV3Plus, upsample_logits
 
 AXIS = "batch"
+AAF_PARAMS = "aaf_weights"  # params key of AAF's raw adversarial size weights [2, num_classes, num_sizes]
 Hook = Callable[[int, Any], None]
 
 
@@ -59,6 +63,13 @@ class AffinityMetrics(metrics.Collection):  # clu reads only a class's own annot
   learning_rate: metrics.LastValue.from_output("learning_rate")
   affinity_loss: metrics.Average.from_output("affinity_loss")
   affinity_accuracy: metrics.Average.from_output("affinity_accuracy")
+
+
+@functools.cache
+def _with_structure_loss(collection: type[metrics.Collection]) -> type[metrics.Collection]:
+  """``collection`` plus the ``structure_loss`` average (AAF term, or the boundary-weighted CE)."""
+  return metrics.Collection.create(**collection.__annotations__,
+                                   structure_loss=metrics.Average.from_output("structure_loss"))
 
 
 # ----------------------------------------------------------------------------------------------- model and state
@@ -112,7 +123,11 @@ def create_train_state(config: ml_collections.ConfigDict, model: DeepLabV3Plus, 
   if weights is not None:
     variables = pretrained.load_pretrained_backbone(variables, weights, config.model.depth, config.model.stem)
     logging.info("Loaded ImageNet backbone weights from %s", weights)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=create_optimizer(config),
+  params = variables["params"]
+  if config_checks.structure_kind(config) == "aaf":  # extra parameters beside the model's (flax ignores them)
+    params[AAF_PARAMS] = structure_losses.init_adaptive_weights(config.dataset.num_classes,
+                                                                len(config.structure.aaf_dilations))
+  return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
                            batch_stats=variables["batch_stats"])
 
 
@@ -142,7 +157,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: ml_col
   ign = config.dataset.ignore_label
   images, labels = batch["image"], batch["label"]
   size = labels.shape[1:3]
+  structure = config_checks.structure_kind(config)
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
+  if structure == "aaf":  # λ, decayed tenfold over training as in the AAF code
+    aaf_scale = config.structure.aaf_weight * (
+        10.0 ** (-state.step / config.train.num_steps) if config.structure.aaf_decay else 1.0)
 
   def loss_fn(params):
     out, new_vars = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
@@ -153,12 +172,23 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: ml_col
     denom = jnp.maximum(jax.lax.psum(n, AXIS), 1).astype(jnp.float32)
     aux = {"batch_stats": new_vars["batch_stats"], "logits": logits, "ce": ce_sum / denom}
     loss = ce_sum / denom
+    if structure == "boundary":  # U-Net's weighted CE replaces the plain one
+      weighted_sum, _ = structure_losses.boundary_loss_sum(logits, labels, batch["weight"], ign)
+      aux["structure"] = loss = weighted_sum / denom
     if rates:
       aff_logits = upsample_logits(out["affinity_logits"], size)
       aff_sum, _ = affinity.affinity_loss_sum(aff_logits, labels, rates, stats, config.affinity.scheme,
                                               config.affinity.gamma, ign, config.affinity.max_weight)
       aux.update(aff=aff_sum / denom, aff_logits=aff_logits)
       loss = loss + config.affinity.beta * aux["aff"]
+    if structure == "aaf":  # on the output grid; each term's mean over the elements of the global batch
+      s = config.structure
+      grid = out["logits"].shape[1:3]
+      sums, counts = structure_losses.aaf_loss_sum(
+          out["logits"], structure_losses.labels_on_grid(labels, grid), s.aaf_dilations,
+          structure_losses.adaptive_weights(params[AAF_PARAMS]), s.aaf_margin, ign)
+      aux["structure"] = structure_losses.aaf_loss(sums, jax.lax.psum(counts, AXIS))
+      loss = loss + aaf_scale * aux["structure"]
     return loss, aux
 
   grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -178,8 +208,30 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: ml_col
     out["affinity_accuracy"] = psum(c.sum()) / jnp.maximum(psum(t.sum()), 1)
     out["loss"] = out["ce_loss"] + config.affinity.beta * out["affinity_loss"]
     collection = AffinityMetrics
+  if structure != "none":
+    out["structure_loss"] = psum(aux["structure"])
+    if structure == "boundary":
+      out["loss"] = out["loss"] - out["ce_loss"] + out["structure_loss"]
+    else:
+      out["loss"] = out["loss"] + aaf_scale * out["structure_loss"]
+    collection = _with_structure_loss(collection)
   # every value is already summed over the devices: each device holds the global metrics
   return new_state, collection.single_from_model_output(**out)
+
+
+def boundary_weight_map(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray] | None:
+  """U-Net's weight map for the input pipeline when ``structure.kind`` is ``boundary``, else None.
+
+  σ is scaled from U-Net's 512-px images to the training crop: ``σ_px = boundary_sigma · crop_size / 512``.
+  """
+  if config_checks.structure_kind(config) != "boundary":
+    return None
+  s = config.structure
+  return functools.partial(
+      structure_losses.unet_weight_map, num_classes=config.dataset.num_classes,
+      ignore_label=config.dataset.ignore_label, w0=s.boundary_w0,
+      sigma=s.boundary_sigma * config.dataset.crop_size / structure_losses.UNET_SCALE,
+      background=s.boundary_background, class_balance=s.boundary_class_balance)
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -371,7 +423,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: 
     p_predict = jax.pmap(functools.partial(model.apply, train=False,
                                            output_stride=config.model.train_output_stride), axis_name=AXIS)
     pipes = input_pipeline.from_config(config.dataset, seed=config.seed, local_device_count=ndev,
-                                       per_device_batch=per_device, start_step=start)
+                                       per_device_batch=per_device, start_step=start,
+                                       weight_map=boundary_weight_map(config))
     batches = input_pipeline.prefetch_to_device(pipes.train)
     palette = visualize.palette_for(config.dataset.name)
     total = config.train.num_steps
