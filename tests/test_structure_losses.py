@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import synthetic, voc
-from dilaff_jax import config_checks, input_pipeline, structure_losses, train
+from configs import synthetic, variants, voc
+from dilaff_jax import checkpoints, config_checks, input_pipeline, structure_losses, train
 
 V = 255
 
@@ -306,7 +306,7 @@ def test_boundary_weights_in_the_input_pipeline_are_the_weight_map_of_each_crop(
 def _tiny(data_dir, variant, **overrides):
   from test_train import tiny_config
   c = tiny_config(data_dir, **overrides)
-  return voc.apply_variant(c, variant, {})
+  return variants.apply(c, variant, voc.VARIANTS)
 
 
 @pytest.mark.parametrize("kind", ["aaf", "boundary"])
@@ -323,16 +323,17 @@ def test_training_with_a_structure_loss_runs_and_checkpoints(data_dir, tmp_path,
     assert 10 ** -0.5 * metrics["structure_loss"] * 0.9999 <= extra <= metrics["structure_loss"] * 1.0001
   rates = config_checks.rates_of(config)
   state = train.create_train_state(config, train.build_model(config, rates), jax.random.key(0))
-  mngr = train.checkpoint_manager(str(tmp_path / "run"), config)
-  restored, _ = train.restore_checkpoint(mngr, state, train.compat_record(config, rates))
+  mngr = checkpoints.checkpoint_manager(str(tmp_path / "run"), config)
+  restored, _ = checkpoints.restore_checkpoint(mngr, state, checkpoints.compat_record(config, rates), 2)
   assert int(restored.step) == 2
   if kind == "aaf":
     # the adversarial weights trained (away from 0) and were checkpointed
     assert float(jnp.abs(restored.params[train.AAF_PARAMS]).max()) > 0
     # restoring the AAF run into a config without AAF is refused with the reason
     plain = _tiny(data_dir, "baseline")
-    with pytest.raises(train.TrainingError, match=r"structure.aaf_weights \(shape\): checkpoint has \[2, 6, 3\]"):
-      train.restore_checkpoint(mngr, state, train.compat_record(plain, rates))
+    with pytest.raises(checkpoints.IncompatibleCheckpointError,
+                       match=r"structure.aaf_weights \(shape\): checkpoint has \[2, 6, 3\]"):
+      checkpoints.restore_checkpoint(mngr, state, checkpoints.compat_record(plain, rates), 2)
   mngr.close()
   saved = json.load(open(tmp_path / "run" / "config.json"))
   assert saved["structure"]["kind"] == kind
