@@ -5,7 +5,7 @@
 #   WORKDIR=runs/study2 SEEDS=0,1,2,3,4 bash launch/study.sh --config.dataset.data_dir=/data/tfds
 # `kill <pid>` (SIGTERM) stops it after the current run saved a checkpoint. Extra arguments go to
 # `python -m dilaff_jax.study` (e.g. --config.KEY=VALUE for every run); results: $WORKDIR/study.md (.json, .png).
-# Each of the 44 runs of the default rows takes about 6 minutes on 2 idle CPU cores (about 4.5 hours in all; the CRF
+# Each of the 50 runs of the default rows takes about 6 minutes on 2 idle CPU cores (about 5 hours in all; the CRF
 # rows only evaluate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,8 @@ baseline+crf=evaluate:baseline@eval.crf=True#0,1,2,3,4
 table2_r4_8=table2_r4_8
 table2_r4_8_16=table2_r4_8_16
 table2_r4_6x12_8_16x32_24=table2_r4_6x12_8_16x32_24
+aaf=aaf
+boundary=boundary
 "}
 # default_count: the default with the literal n_k rule (k = q) instead of "rescale", for the comparison of the two.
 # table2_r4_8_16_32 is table1_sqrt and table2_r4_6x12_8 is default: not run twice.
