@@ -225,6 +225,17 @@ def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):
     ("model.multi_grid", (1, 2, 4), "config.model.multi_grid = \\(1, 2, 4\\): expected 2 positive ints"),
     ("dataset.max_scale", 0.25, "config.dataset.max_scale = 0.25: must be >= dataset.min_scale"),
     ("model.pretrained", "/nonexistent/r101.safetensors", "config.model.pretrained = '/nonexistent"),
+    ("train.warmup_steps", -5, r"config.train.warmup_steps = -5: expected an integer >= 0"),
+    ("train.warmup_steps", 600, r"config.train.warmup_steps = 600: must be < train.num_steps \(600\)"),
+    ("eval.max_images", -1, r"config.eval.max_images = -1: expected an integer >= 0"),
+    ("seed", -1, r"config.seed = -1: expected an integer >= 0"),
+    ("dataset.eval_pad_size", (129,), r"config.dataset.eval_pad_size = \(129,\): expected \(height, width\)"),
+    ("affinity.iterations", -2, r"config.affinity.iterations = -2: expected an integer >= 0"),
+    ("train.end_learning_rate", 0.5, r"config.train.end_learning_rate = 0.5: expected a value <= 0.02"),
+    ("affinity.stats_max_images", -3, r"config.affinity.stats_max_images = -3: expected an integer >= 0"),
+    ("distributed.process_id", -2, r"config.distributed.process_id = -2: expected an integer >= -1"),
+    ("dataset.num_classes", 21, r"config.dataset.num_classes = 21: synthetic_shapes/default has 6 classes"),
+    ("dataset.name", "pascal_voc", r"config.dataset.name = 'pascal_voc': not one of this project's datasets"),
 ])
 def test_config_errors_name_the_key(key, value, match):
   c = synthetic.get_config()
