@@ -419,7 +419,7 @@ def _markdown(runs: Sequence[dict], summary: dict) -> str:
   lines = ["# Propagation diagnosis", "",
            f"{len(runs)} run(s); sweep over iterations {', '.join(map(str, SWEEP))}; mIoU in %. Distance: Euclidean "
            "distance (px) of the pixel to the nearest pixel of another label (void included), bins "
-           + ", ".join(BIN_LABELS) + ".", "", "## Summary over runs (predicted affinity)", "",
+           + ", ".join(BIN_LABELS) + ".", "", "## Summary over runs (predicted affinity; the family rules_oracle: ground-truth affinity)", "",
            "| family | setting | " + " | ".join(f"{i} it." for i in SWEEP) + " | gain @1 | gain @10 | "
            "non-decreasing in every run |", "|---|---|" + "---|" * (len(SWEEP) + 3)]
   for family, settings in summary.items():
@@ -448,9 +448,9 @@ def _markdown(runs: Sequence[dict], summary: dict) -> str:
       lines.append(f"| {ch['from']}→{ch['to']} | {ch['wrong_to_right']} / {ch['right_to_wrong']} | {cells} | "
                    f"{by_class} |")
     lines += ["", "Valid pixels per distance bin: " + ", ".join(f"{b}: {n}" for b, n in
-                                                               zip(BIN_LABELS, r["pixels_by_distance"])),
-              "; network pixel accuracy per bin: " + ", ".join(f"{100 * v:.1f}%" for v in
-                                                              r["pixel_accuracy_by_distance"]), "",
+                                                               zip(BIN_LABELS, r["pixels_by_distance"]))
+              + "; the network's pixel accuracy per bin: " + ", ".join(f"{100 * v:.1f}%" for v in
+                                                                      r["pixel_accuracy_by_distance"]), "",
               "Affinity per rate and distance bin of the centre pixel: accuracy / negative-signal precision / "
               "negative-signal recall / mean steep-σ affinity on negative pairs (the weight of a leak)", "",
               "| rate | " + " | ".join(BIN_LABELS) + " |", "|---|" + "---|" * len(BIN_LABELS)]
@@ -476,6 +476,12 @@ def _markdown(runs: Sequence[dict], summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _nanmean(x: np.ndarray) -> np.ndarray:
+  """Mean over runs (axis 0) of the defined entries; nan where none is."""
+  n = (~np.isnan(x)).sum(0)
+  return np.where(n > 0, np.nansum(x, 0) / np.maximum(n, 1), np.nan)
+
+
 def _plot(runs: Sequence[dict], summary: dict, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -495,7 +501,7 @@ def _plot(runs: Sequence[dict], summary: dict, path: str) -> None:
   ax = axes[2]
   for rate in runs[0]["affinity"]:
     rec = np.array([[np.nan if v is None else v for v in r["affinity"][rate]["negative_recall"]] for r in runs])
-    ax.plot(x, 100 * np.nanmean(rec, 0), marker="o", label=f"rate {rate}")
+    ax.plot(x, 100 * _nanmean(rec), marker="o", label=f"rate {rate}")
   ax.set_xticks(x, BIN_LABELS)
   ax.set_xlabel("distance of the centre pixel to a boundary (px)")
   ax.set_ylabel("recall of 'different label' (%)")
@@ -506,7 +512,7 @@ def _plot(runs: Sequence[dict], summary: dict, path: str) -> None:
   for term, label in (("self_right", "λ·max p·p[y]"), ("neighbour", "Σ a_s"), ("wrong_vote", "Σ a_s(1−p_s[y])"),
                       ("cross", "Σ a_s, other label")):
     vals = np.array([[np.nan if v is None else v for v in r["mass"][term]["by_distance"]] for r in runs])
-    ax.plot(x, np.nanmean(vals, 0), marker="o", label=label)
+    ax.plot(x, _nanmean(vals), marker="o", label=label)
   ax.set_xticks(x, BIN_LABELS)
   ax.set_xlabel("distance to a boundary (px)")
   ax.set_title("mass of one step of Eq. 6 (predicted affinity)", fontsize=9)
