@@ -487,7 +487,7 @@ def _plot(runs: Sequence[dict], summary: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 4, figsize=(19, 4.2), dpi=90)
+  fig, axes = plt.subplots(1, 4, figsize=(19, 4.2), dpi=75)
   for ax, family in zip(axes[:2], ("lambda", "rules")):
     for name, s in summary[family].items():
       ax.errorbar(SWEEP, 100 * np.array(s["mean"]), yerr=100 * np.array(s["std"]), marker="o", capsize=2,
@@ -501,7 +501,7 @@ def _plot(runs: Sequence[dict], summary: dict, path: str) -> None:
   ax = axes[2]
   for rate in runs[0]["affinity"]:
     rec = np.array([[np.nan if v is None else v for v in r["affinity"][rate]["negative_recall"]] for r in runs])
-    ax.plot(x, 100 * _nanmean(rec), marker="o", label=f"rate {rate}")
+    ax.plot(x, 100 * _nanmean(rec), marker="o", label="all rates" if rate == "all" else f"rate {rate}")
   ax.set_xticks(x, BIN_LABELS)
   ax.set_xlabel("distance of the centre pixel to a boundary (px)")
   ax.set_ylabel("recall of 'different label' (%)")
@@ -555,8 +555,7 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   names = datasets.class_names(datasets.get_builder(config.dataset.name, data_dir=config.dataset.get("data_dir"),
                                                     manual_dir=config.dataset.get("manual_dir")))
   out = diagnose(config, data, names)
-  out.update({"workdir": os.path.basename(os.path.normpath(workdir)) if not workdir.endswith("/") else workdir,
-              "path": workdir, "step": step})
+  out.update({"workdir": os.path.basename(os.path.normpath(workdir)), "step": step})  # no machine paths in reports
   return out
 
 
