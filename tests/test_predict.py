@@ -72,9 +72,9 @@ def scramble_heads(model, variables, config):
   params = jax.tree.map(np.asarray, variables["params"])
   for head in [h for h in ("classifier", "affinity") if h in params]:
     k = params[head]["kernel"]
-    kernel = rng.normal(size=k.shape).astype(np.float32) * 2 / (spread * np.sqrt(k.shape[-2]))
+    kernel = (rng.normal(size=k.shape) * 2 / (spread * np.sqrt(k.shape[-2]))).astype(np.float32)
     params[head]["kernel"] = kernel
-    params[head]["bias"] = -centre @ kernel[0, 0]
+    params[head]["bias"] = (-centre @ kernel[0, 0]).astype(np.float32)  # restores check each array's dtype
   return params
 
 
