@@ -394,7 +394,8 @@ def from_config(dataset_cfg: Any, *, seed: int, local_device_count: int, per_dev
   ``eval_pad_size`` (None = largest eval example). No shuffle buffer is needed: each epoch is a full permutation.
   """
   cfg = dataset_cfg
-  builder = datasets.get_builder(cfg.name, data_dir=cfg.get("data_dir"), manual_dir=cfg.get("manual_dir"))
+  builder = datasets.get_builder(cfg.name, data_dir=cfg.get("data_dir"), manual_dir=cfg.get("manual_dir"),
+                                 num_classes=cfg.num_classes)
   names = datasets.class_names(builder)
   if len(names) != cfg.num_classes:
     raise ValueError(f"Config says num_classes={cfg.num_classes} but {builder.info.full_name} has "

@@ -62,17 +62,18 @@ def main(argv) -> None:
   maybe_initialize_distributed(config)
 
   import jax
-  from dilaff_jax import config_checks, evaluate, train
+  from dilaff_jax import datasets, errors, evaluate, train
 
   logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(),
                jax.devices())
   try:
+    datasets.resolve_num_classes(config.dataset)  # image_folder: 0 = as many as its classes.txt lists
     if FLAGS.mode == "train":
       train.train_and_evaluate(config, FLAGS.workdir)
     else:
       evaluate.evaluate_checkpoints(config, FLAGS.workdir, steps=[FLAGS.step] if FLAGS.step is not None else None,
                                     watch=FLAGS.watch, timeout_seconds=FLAGS.watch_timeout)
-  except (config_checks.ConfigError, train.TrainingError, FileNotFoundError) as e:
+  except (errors.UserError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
 
