@@ -15,6 +15,8 @@ R = {8, (12, 24), 16}, β = 1.2, sqrt weights, 10 propagation iterations. Scale 
 β = 0.25, 1 iteration), random init, crop 97, for images of about 100-130 px a side. ``:baseline``: plain DeepLabv3+.
 """
 
+import ml_collections
+
 from configs import default
 from configs import synthetic
 from configs import voc
@@ -32,7 +34,8 @@ def get_config(variant: str = ""):
   c.dataset.train_split = "train"
   c.dataset.eval_split = "val"
   c.dataset.num_classes = 0  # 0: as many as DIR/classes.txt lists
-  c.dataset.eval_pad_size = None  # the largest image of the split
+  del c.dataset["eval_pad_size"]  # None: the split's largest image; a typed None keeps it overridable
+  c.dataset.eval_pad_size = ml_collections.FieldReference(None, field_type=tuple)
   if variant in ("small", "small_baseline"):
     return voc.apply_variant(c, "baseline" if variant == "small_baseline" else "", {})
   return voc.apply_variant(c, variant, {})

@@ -9,8 +9,8 @@ through the steep sigmoid of Eq. 7). Normalisation, DeepLab's alignment padding,
 with the padding masked out and the crop back to ``H x W`` are inside, exactly as ``python -m dilaff_jax.predict``
 computes an image of that size. ``H, W`` are ``--size`` (default ``config.dataset.eval_pad_size``).
 
-Beside it, ``<output>.json``: classes, palette, size, iterations, λ, μ, rates, mean/std, the source checkpoint. A plain
-JAX program reloads it::
+Beside it, ``<output>.json``: classes, palette, size, iterations, λ, μ, rates, mean/std, the source checkpoint.
+A plain JAX program reloads it::
 
   import jax, numpy as np
   exported = jax.export.deserialize(open("model.jaxexport", "rb").read())
@@ -212,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"[export] step {info['source_checkpoint']['step']} of {args.workdir} -> {args.output} "
         f"({info['bytes'] / 2**20:.1f} MiB, platforms {','.join(info['platforms'])}): uint8 [B, {info['size'][0]}, "
         f"{info['size'][1]}, 3] -> mask, probabilities over {len(info['classes'])} classes "
-        f"({', '.join(info['classes'])}), {info['iterations']} propagation iteration(s); {args.output}.json", flush=True)
+        f"({', '.join(info['classes'])}), {info['iterations']} propagation iteration(s); {args.output}.json",
+        flush=True)
   return 0
 
 

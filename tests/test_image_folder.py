@@ -9,15 +9,16 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import image_folder as image_folder_config
-from dilaff_jax import datasets, errors, export, predict, train, visualize
+from dilaff_jax import config_checks, datasets, errors, export, predict, train, visualize
 from dilaff_jax.datasets import image_folder, shapes_render
-from test_predict import save_as_latest
 from test_train import REPO
 
 CLASSES = list(shapes_render.CLASS_NAMES)
@@ -210,15 +211,42 @@ def test_unlabeled_split_keeps_images_without_masks(tmp_path):
   assert builder.info.splits["train"].num_examples + builder.info.splits["val"].num_examples == 4
 
 
+def scramble_heads(workdir, config, image, step):
+  """Saves checkpoint ``step``: the workdir's state with random classifier and affinity heads centred on the decoder
+  features of ``image`` (a 2-step model predicts one class everywhere, which would make comparisons of masks
+  trivially true). Returns the variables."""
+  rates = config_checks.rates_of(config)
+  compat = train.compat_record(config, rates)
+  mngr = train.checkpoint_manager(workdir, config)
+  model = train.build_model(config, rates, axis_name=None)
+  state, _ = train.restore_checkpoint(mngr, train.create_train_state(config, model, jax.random.key(0)), compat)
+  x = jnp.asarray(predict.normalise_and_pad(image, config.dataset.mean, config.dataset.std, 8))
+  _, inter = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False,
+                         output_stride=8, capture_intermediates=lambda module, method: module.name == "decoder")
+  features = np.asarray(inter["intermediates"]["decoder"]["__call__"][0])
+  centre, spread = features.mean((0, 1, 2)), features.std((0, 1, 2)).mean()
+  rng = np.random.default_rng(7)
+  params = jax.tree.map(np.asarray, state.params)
+  for head in ("classifier", "affinity"):
+    k = params[head]["kernel"]
+    params[head]["kernel"] = rng.normal(size=k.shape).astype(np.float32) * 2 / (spread * np.sqrt(k.shape[-2]))
+    params[head]["bias"] = -centre @ params[head]["kernel"][0, 0]
+  state = state.replace(step=jnp.int32(step), params=params)
+  train.save_checkpoint(mngr, state, {"compat": compat, "step": step})
+  mngr.wait_until_finished()
+  mngr.close()
+  return {"params": params, "batch_stats": state.batch_stats}
+
+
 @pytest.fixture(scope="module")
 def trained(folder, tmp_path_factory):
   """``:small`` trained 2 steps on the folder and evaluated, then given scrambled heads (checkpoint 3) so that
   masks are not one class everywhere."""
-  path, _ = folder
+  path, scenes = folder
   workdir = str(tmp_path_factory.mktemp("own_run"))
   config = small_config(path, str(tmp_path_factory.mktemp("own_tfds")))
   result = train.train_and_evaluate(config, workdir)
-  variables = save_as_latest(workdir, config, step=3)
+  variables = scramble_heads(workdir, config, scenes["scene_005"][0], step=3)
   return {"workdir": workdir, "config": config, "result": result, "variables": variables}
 
 
@@ -226,7 +254,8 @@ def test_small_config_trains_evaluates_and_predicts(trained, folder, tmp_path):
   path, scenes = folder
   assert trained["config"].dataset.num_classes == len(CLASSES) and trained["config"].model.depth == 18
   results = trained["result"]["eval"]
-  assert results["num_images"] == sum(image_folder.in_val(n) for n in scenes)
+  assert results["num_images"] == len(image_folder.scan(path)["val"]) > 0
+  assert results["class_names"] == CLASSES
   assert set(results["sweep"]["iterations"]) == {0, 1} and len(results["per_class_iou"]) == len(CLASSES)
   out_dir = os.path.join(trained["workdir"], "eval", "step_2")
   markdown = open(os.path.join(out_dir, "results.md")).read()
