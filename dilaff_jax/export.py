@@ -200,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dilaff_jax import predict
     size = parse_size(args.size) if args.size else None
     check_output(args.output)
+    if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+      raise ExportError(f"--workdir={args.workdir}: no config.json there (not a training workdir?): point --workdir "
+                        "at a run of python -m dilaff_jax.main")
     try:
       config = predict.load_json_config(args.workdir)
     except predict.PredictError as e:

@@ -278,7 +278,7 @@ def test_main_takes_the_classes_from_the_folder(folder, tmp_path):
   os.remove(os.path.join(broken, "masks", "scene_007.png"))
   cmd = [sys.executable, "-m", "dilaff_jax.main", "--config=configs/image_folder.py:small",
          f"--workdir={tmp_path / 'w'}", f"--config.dataset.manual_dir={broken}",
-         f"--config.dataset.data_dir={tmp_path / 'tfds'}"]
+         f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.eval.batch_size=8"]  # 8 virtual devices
   run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": REPO})
   assert run.returncode == 2, run.stderr[-2000:]
@@ -299,12 +299,14 @@ RELOAD = textwrap.dedent("""
 """)
 
 
-def test_exported_artifact_gives_predicts_masks_without_the_project(trained, folder, tmp_path):
+def test_exported_artifact_gives_predicts_masks_without_the_project(trained, folder, tmp_path, capsys):
   path, scenes = folder
   size = (48, 53)  # not aligned to the output stride: padding inside the artifact
   names = [n for n, (rgb, _) in scenes.items() if rgb.shape[:2] != size][:2]
   images = np.stack([np.asarray(Image.fromarray(scenes[n][0]).resize(size[::-1])) for n in names])
   output = str(tmp_path / "model.jaxexport")
+  assert export.main([f"--workdir={trained['workdir']}", f"--output={output}", "--size=48,53", "--step=99"]) == 2
+  assert "--step=99: no such checkpoint" in capsys.readouterr().err
   assert export.main([f"--workdir={trained['workdir']}", f"--output={output}", "--size=48,53"]) == 0
   info = json.load(open(output + ".json"))
   assert info["classes"] == CLASSES and info["size"] == list(size) and info["iterations"] == 1
@@ -328,13 +330,17 @@ def test_exported_artifact_gives_predicts_masks_without_the_project(trained, fol
     np.testing.assert_array_equal(mask, expected)
 
 
-def test_export_errors_are_one_line(trained, tmp_path, capsys):
-  workdir = trained["workdir"]
-  cases = [([f"--workdir={tmp_path}", f"--output={tmp_path / 'm'}", "--size=8,8"], "no checkpoint"),
+def test_export_errors_are_one_line(folder, tmp_path, capsys):
+  path, _ = folder
+  workdir = tmp_path / "untrained"  # a config.json, no checkpoint
+  workdir.mkdir()
+  (workdir / "config.json").write_text(small_config(path, str(tmp_path / "tfds")).to_json_best_effort())
+  cases = [([f"--workdir={tmp_path}", f"--output={tmp_path / 'm'}", "--size=8,8"], "no config.json"),
+           ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}", "--size=8,8"], "no checkpoint"),
            ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}", "--size=8"], "--size=8"),
            ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}"], "--size=H,W"),
            ([f"--workdir={workdir}", f"--output={tmp_path / 'nope' / 'm'}", "--size=8,8"], "does not exist"),
-           ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}", "--size=8,8", "--step=99"], "--step=99")]
+           ([f"--workdir={workdir}", f"--output={tmp_path}", "--size=8,8"], "is a folder")]
   for argv, expected in cases:
     assert export.main(argv) == 2, argv
     err = capsys.readouterr().err.strip().splitlines()
