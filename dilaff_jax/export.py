@@ -23,7 +23,6 @@ ends with one ``error:`` line and exit code 2.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
