@@ -17,15 +17,13 @@ R = {8, (12, 24), 16}, β = 1.2, sqrt weights, 10 propagation iterations. Scale 
 
 import ml_collections
 
-from configs import default
-from configs import synthetic
-from configs import voc
+from configs import default, synthetic, variants
 
 
 def get_config(variant: str = ""):
   if variant in ("small", "small_baseline"):
     c = synthetic.get_config()  # the demo's model size, rates, β, iterations and schedule
-    c.model.pretrained = ""  # random init
+    c.model.pretrained = "none"  # random init on purpose
   else:
     c = default.get_config()
     c.affinity.rates = (8, (12, 24), 16)
@@ -37,5 +35,5 @@ def get_config(variant: str = ""):
   del c.dataset["eval_pad_size"]  # None: the split's largest image; a typed None keeps it overridable
   c.dataset.eval_pad_size = ml_collections.FieldReference(None, field_type=tuple)
   if variant in ("small", "small_baseline"):
-    return voc.apply_variant(c, "baseline" if variant == "small_baseline" else "", {})
-  return voc.apply_variant(c, variant, {})
+    return variants.apply(c, "baseline" if variant == "small_baseline" else "", {"baseline": variants.BASELINE})
+  return variants.apply(c, variant, {"baseline": variants.BASELINE}, also=("small", "small_baseline"))

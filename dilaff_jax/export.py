@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dilaff_jax import config_checks, errors, propagation, visualize  # noqa: E402
+from dilaff_jax import config_checks, errors, inference, propagation, visualize  # noqa: E402
 
 FORMAT = "dilaff_jax.export/1"
 
@@ -77,26 +77,12 @@ def check_output(path: str) -> None:
 
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
-  """``(variables, step)`` of the latest (or ``step``) checkpoint of ``workdir``, checked against ``config``; the
-  same code path as evaluation and prediction."""
-  from dilaff_jax import evaluate, train
+  """``(variables, step)`` of the newest intact (or ``step``) checkpoint of ``workdir``, checked against ``config``;
+  the same code path as evaluation and prediction (:func:`checkpoints.restore_from_workdir`)."""
+  from dilaff_jax import checkpoints, train
 
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  hint = "train first (python -m dilaff_jax.main --mode=train) or point --workdir at a run"
-  if not os.path.isdir(ckpt_dir):  # checked before the manager, which would create the folder
-    raise ExportError(f"--workdir={workdir}: no checkpoint in {ckpt_dir} (no such folder): {hint}")
   rates = config_checks.rates_of(config)
-  mngr = train.checkpoint_manager(workdir, config)
-  try:
-    if mngr.latest_step() is None:
-      raise ExportError(f"--workdir={workdir}: no checkpoint in {ckpt_dir}: {hint}")
-    if step is not None and step not in mngr.all_steps():
-      raise ExportError(f"--step={step}: no such checkpoint in {ckpt_dir}; available: {list(mngr.all_steps())}")
-    model = train.build_model(config, rates, axis_name=None)
-    state = train.create_train_state(evaluate._no_pretrained(config), model, jax.random.key(0))
-    state, _ = train.restore_checkpoint(mngr, state, train.compat_record(config, rates), step)
-  finally:
-    mngr.close()
+  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: train.state_template(config, rates), step)
   return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)
 
 
@@ -122,7 +108,7 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
 def serving_function(config: ml_collections.ConfigDict, variables, size: tuple[int, int]):
   """``f(images uint8 [B, H, W, 3]) -> (mask int32 [B, H, W], probabilities float32 [B, H, W, C])`` with the
   variables closed over: predict.py's computation for images of ``size``, batched."""
-  from dilaff_jax import evaluate, predict, train
+  from dilaff_jax import predict, train
 
   rates = config_checks.rates_of(config)
   model = train.build_model(config, rates, axis_name=None)
@@ -136,11 +122,11 @@ def serving_function(config: ml_collections.ConfigDict, variables, size: tuple[i
   def f(images):
     x = (images.astype(jnp.float32) - mean) / std
     x = jnp.pad(x, ((0, 0), (0, padded[0] - height), (0, padded[1] - width), (0, 0)))  # 0 = the mean pixel
-    probs, aff = evaluate.predict(model.apply, variables, x, size=padded, output_stride=os_,
+    probs, aff = inference.predict(model.apply, variables, x, size=padded, output_stride=os_,
                                   scales=tuple(config.eval.scales), flip=bool(config.eval.flip), rates=rates,
                                   mu=config.affinity.mu)
     if rates:
-      inside = evaluate.inside_mask(jnp.array([height]), jnp.array([width]), padded, rates)
+      inside = inference.inside_mask(jnp.array([height]), jnp.array([width]), padded, rates)
       probs = propagation.propagate(probs, aff * inside, rates, lam=float(config.affinity.lam),
                                     iterations=iterations)
     probs = probs[:, :height, :width].astype(jnp.float32)
