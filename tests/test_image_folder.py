@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import image_folder as image_folder_config
-from dilaff_jax import config_checks, datasets, errors, export, predict, train, visualize
+from dilaff_jax import checkpoints, config_checks, datasets, errors, export, predict, train, visualize
 from dilaff_jax.datasets import image_folder, shapes_render
 from test_train import REPO
 
@@ -216,10 +216,10 @@ def scramble_heads(workdir, config, image, step):
   features of ``image`` (a 2-step model predicts one class everywhere, which would make comparisons of masks
   trivially true). Returns the variables."""
   rates = config_checks.rates_of(config)
-  compat = train.compat_record(config, rates)
-  mngr = train.checkpoint_manager(workdir, config)
+  compat = checkpoints.compat_record(config, rates)
   model = train.build_model(config, rates, axis_name=None)
-  state, _ = train.restore_checkpoint(mngr, train.create_train_state(config, model, jax.random.key(0)), compat)
+  with checkpoints.opened(workdir, config) as mngr:
+    state, _ = checkpoints.restore_checkpoint(mngr, train.state_template(config, rates), compat, mngr.latest_step())
   x = jnp.asarray(predict.normalise_and_pad(image, config.dataset.mean, config.dataset.std, 8))
   _, inter = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False,
                          output_stride=8, capture_intermediates=lambda module, method: module.name == "decoder")
@@ -232,9 +232,8 @@ def scramble_heads(workdir, config, image, step):
     params[head]["kernel"] = rng.normal(size=k.shape).astype(np.float32) * 2 / (spread * np.sqrt(k.shape[-2]))
     params[head]["bias"] = -centre @ params[head]["kernel"][0, 0]
   state = state.replace(step=jnp.int32(step), params=params)
-  train.save_checkpoint(mngr, state, {"compat": compat, "step": step})
-  mngr.wait_until_finished()
-  mngr.close()
+  with checkpoints.opened(workdir, config, write=True) as mngr:
+    checkpoints.save_checkpoint(mngr, state, {"compat": compat, "step": step})
   return {"params": params, "batch_stats": state.batch_stats}
 
 
