@@ -229,8 +229,8 @@ def scramble_heads(workdir, config, image, step):
   params = jax.tree.map(np.asarray, state.params)
   for head in ("classifier", "affinity"):
     k = params[head]["kernel"]
-    params[head]["kernel"] = rng.normal(size=k.shape).astype(np.float32) * 2 / (spread * np.sqrt(k.shape[-2]))
-    params[head]["bias"] = -centre @ params[head]["kernel"][0, 0]
+    params[head]["kernel"] = (rng.normal(size=k.shape) * 2 / (spread * np.sqrt(k.shape[-2]))).astype(np.float32)
+    params[head]["bias"] = (-centre @ params[head]["kernel"][0, 0]).astype(np.float32)  # checkpoints keep dtypes
   state = state.replace(step=jnp.int32(step), params=params)
   with checkpoints.opened(workdir, config, write=True) as mngr:
     checkpoints.save_checkpoint(mngr, state, {"compat": compat, "step": step})
