@@ -305,7 +305,7 @@ def test_exported_artifact_gives_predicts_masks_without_the_project(trained, fol
   images = np.stack([np.asarray(Image.fromarray(scenes[n][0]).resize(size[::-1])) for n in names])
   output = str(tmp_path / "model.jaxexport")
   assert export.main([f"--workdir={trained['workdir']}", f"--output={output}", "--size=48,53", "--step=99"]) == 2
-  assert "--step=99: no such checkpoint" in capsys.readouterr().err
+  assert "no checkpoint for step 99" in capsys.readouterr().err
   assert export.main([f"--workdir={trained['workdir']}", f"--output={output}", "--size=48,53"]) == 0
   info = json.load(open(output + ".json"))
   assert info["classes"] == CLASSES and info["size"] == list(size) and info["iterations"] == 1
