@@ -278,5 +278,5 @@ def _dataset(config: ml_collections.ConfigDict) -> None:
   except errors.UserError:
     _fail("dataset.name", name, f"not one of this project's datasets ({', '.join(datasets.known_names())})")
   n = _get(config, "dataset.num_classes")
-  if n != len(names):
+  if names is not None and n != len(names):  # image_folder: checked against the folder's classes.txt at start
     _fail("dataset.num_classes", n, f"{name} has {len(names)} classes ({', '.join(names)})")

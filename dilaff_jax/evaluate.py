@@ -150,9 +150,10 @@ def plot_affinity_accuracy(acc: dict, path: str, title: str) -> None:
 
 
 def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables, batch: dict, rates: affinity.Rates,
-                         path: str, max_examples: int = 4) -> None:
+                         path: str, max_examples: int = 4, class_names: Sequence[str] = ()) -> None:
   """A PNG to look at: for the first examples of ``batch``, the input, its label, the prediction, the prediction
-  after affinity propagation and the mean predicted affinity of the first rate (dark = boundary)."""
+  after affinity propagation and the mean predicted affinity of the first rate (dark = boundary); with
+  ``class_names``, a legend of the classes shown."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -189,7 +190,14 @@ def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables,
       ax.set_yticks([])
       if row == 0:
         ax.set_title(title, fontsize=9)
-  fig.tight_layout()
+  if class_names:
+    from matplotlib.patches import Patch
+    shown = sorted(set(np.unique(flat["label"][keep]).tolist()) | set(np.unique(np.asarray(probs).argmax(-1)).tolist()))
+    handles = [Patch(color=palette[c] / 255.0, label=class_names[c]) for c in shown if c < len(class_names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 / len(keep), 1, 1))
+  else:
+    fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
 
@@ -327,6 +335,7 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
   else:
     base = confs["0"]
   results["miou"] = mean_iou(base)
+  results["class_names"] = list(pipes.class_names)
   iou = iou_from_confusion(base)
   results["per_class_iou"] = [None if np.isnan(v) else float(v) for v in iou]
   results["confusion"] = base.tolist()
@@ -352,7 +361,7 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
                              f"Affinity accuracy per n_k, step {step}")
     first = next(iter(pipes.make_eval()))
     save_examples_figure(config, model.apply, {"params": state.params, "batch_stats": state.batch_stats}, first,
-                         rates, os.path.join(out_dir, "examples.png"))
+                         rates, os.path.join(out_dir, "examples.png"), class_names=pipes.class_names)
     print(md, flush=True)
     if writer is not None:
       scalars = {"eval/miou": results["miou"]}

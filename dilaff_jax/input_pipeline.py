@@ -402,7 +402,8 @@ def from_config(dataset_cfg: Any, *, seed: int, local_device_count: int, per_dev
   ``weight_map`` adds per-pixel training weights (see :func:`train_iterator`).
   """
   cfg = dataset_cfg
-  builder = datasets.get_builder(cfg.name, data_dir=cfg.get("data_dir"), manual_dir=cfg.get("manual_dir"))
+  builder = datasets.get_builder(cfg.name, data_dir=cfg.get("data_dir"), manual_dir=cfg.get("manual_dir"),
+                                 num_classes=cfg.num_classes)
   names = datasets.class_names(builder)
   if len(names) != cfg.num_classes:
     raise datasets.DataError(f"Config says num_classes={cfg.num_classes} but {builder.info.full_name} has "

@@ -94,11 +94,12 @@ def main(argv) -> None:
   maybe_initialize_distributed(config)
 
   import jax
-  from dilaff_jax import errors, evaluate, train
+  from dilaff_jax import datasets, errors, evaluate, train
 
   logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(),
                jax.devices())
   try:
+    datasets.resolve_num_classes(config.dataset)  # image_folder: 0 = as many as its classes.txt lists
     if FLAGS.mode == "train":
       result = train.train_and_evaluate(config, FLAGS.workdir)
       if result.get("preempted_at") is not None:

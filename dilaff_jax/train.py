@@ -264,7 +264,9 @@ def load_or_compute_stats(config: ml_collections.ConfigDict, workdir: str,
     stats_lib.check_weights_defined(s, config.affinity.scheme)
     return s
   d = config.dataset
-  maps, total = stats_lib.tfds_label_maps(d.name, d.train_split, d.get("data_dir"), config.affinity.stats_max_images)
+  name, data_dir = datasets.location(d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"),
+                                     num_classes=d.num_classes)
+  maps, total = stats_lib.tfds_label_maps(name, d.train_split, data_dir, config.affinity.stats_max_images)
   logging.info("Computing affinity statistics over %d training label maps (once; saved to %s)", total, path)
   s = stats_lib.compute_usable_stats(maps, rates, d.ignore_label, f"{d.name}:{d.train_split}",
                                      scheme=config.affinity.scheme, log_every=max(total // 10, 1), total=total,
@@ -393,7 +395,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: 
   # The dataset is prepared (if needed, by process 0 only) before anything reads it.
   if is_chief:
     datasets.get_builder(config.dataset.name, data_dir=config.dataset.get("data_dir"),
-                         manual_dir=config.dataset.get("manual_dir"))
+                         manual_dir=config.dataset.get("manual_dir"), num_classes=config.dataset.num_classes)
   _barrier("dataset prepared")
   stats = load_or_compute_stats(config, workdir, rates) if rates else None
   if stats is not None and is_chief:

@@ -3,6 +3,8 @@
 - ``synthetic_shapes`` (configs ``default``, ``tiny``): the embedded default, generated locally.
 - ``voc2012_aug``: PASCAL VOC 2012 + SBD, splits ``train_aug`` / ``val``, from manual archives.
 - ``cityscapes19``: Cityscapes fine labels as 19 train ids, splits ``train`` / ``validation``, from manual archives.
+- ``image_folder``: a user's folder of images and masks (``manual_dir``), splits ``train`` / ``val``; each folder has
+  its own prepared copy (see :func:`location`).
 
 All share the features ``{"image": uint8 [H,W,3], "label": uint8 [H,W,1] (255 = void), "image_id": text}`` and
 store ``class_names`` / ``num_classes`` / ``ignore_label`` in ``builder.info.metadata``.
@@ -14,14 +16,15 @@ import os
 import tensorflow_datasets as tfds
 
 from dilaff_jax import errors
-from dilaff_jax.datasets import cityscapes, shapes_render, voc2012_aug
+from dilaff_jax.datasets import cityscapes, image_folder, shapes_render, voc2012_aug
 from dilaff_jax.datasets.cityscapes import Cityscapes19
 from dilaff_jax.datasets.common import IGNORE_LABEL, DataError, class_names
+from dilaff_jax.datasets.image_folder import ImageFolder
 from dilaff_jax.datasets.synthetic_shapes import SyntheticShapes
 from dilaff_jax.datasets.voc2012_aug import Voc2012Aug
 
-__all__ = ["Cityscapes19", "DataError", "IGNORE_LABEL", "SyntheticShapes", "Voc2012Aug", "class_names",
-           "dataset_class_names", "get_builder", "known_names"]
+__all__ = ["Cityscapes19", "DataError", "IGNORE_LABEL", "ImageFolder", "SyntheticShapes", "Voc2012Aug", "class_names",
+           "dataset_class_names", "get_builder", "is_image_folder", "known_names", "location", "resolve_num_classes"]
 
 # builder name -> (its class names, its config names)
 _DATASETS = {
@@ -34,28 +37,58 @@ _DATASETS = {
 def known_names() -> list[str]:
   """The dataset names this project provides (``dataset.name`` values), e.g. ``synthetic_shapes/tiny``."""
   return [f"{name}/{c}" if len(configs) > 1 else name for name, (_, configs) in _DATASETS.items()
-          for c in (configs if len(configs) > 1 else ("",))]
+          for c in (configs if len(configs) > 1 else ("",))] + [image_folder.NAME]
 
 
 def dataset_class_names(name: str) -> tuple[str, ...]:
   """The class names of the dataset ``name`` (``builder[/config][:version]``) without preparing it; a name that is
-  not one of :func:`known_names` raises :class:`errors.UserError` listing them."""
+  not one of :func:`known_names` raises :class:`errors.UserError` listing them. None for ``image_folder``, whose
+  classes come from the user's folder (:func:`resolve_num_classes`)."""
+  if is_image_folder(name):
+    return None
   builder, _, config = name.partition(":")[0].partition("/")
   if builder not in _DATASETS or (config and config not in _DATASETS[builder][1]):
     raise errors.UserError(f"dataset {name!r} is not one of this project's datasets ({', '.join(known_names())})")
   return tuple(_DATASETS[builder][0])
 
 
+def is_image_folder(name: str) -> bool:
+  return name.split("/")[0].split(":")[0] == image_folder.NAME
+
+
+def resolve_num_classes(dataset_cfg) -> None:
+  """Sets ``dataset_cfg.num_classes`` from the folder's ``classes.txt`` when it is 0 for ``image_folder`` (the
+  config's way of saying "as many as the folder names"); checks the two agree when both are given."""
+  if is_image_folder(dataset_cfg.name):
+    names = image_folder.read_class_names(image_folder.require_folder(dataset_cfg.get("manual_dir")),
+                                          dataset_cfg.num_classes)
+    dataset_cfg.num_classes = len(names)
+
+
+def location(name: str, *, data_dir: str | os.PathLike | None = None, manual_dir: str | os.PathLike | None = None,
+             num_classes: int = 0) -> tuple[str, str | None]:
+  """``(name, data_dir)`` where ``tfds.builder`` finds the prepared dataset: unchanged, except for
+  ``image_folder``, whose copy of the folder ``manual_dir`` lives in a data_dir of its own (keyed by the folder's
+  path and contents; ``num_classes`` names the classes when the folder has no ``classes.txt``)."""
+  if is_image_folder(name):
+    return name, image_folder.prepared_data_dir(manual_dir, data_dir, num_classes)
+  return name, os.fspath(data_dir) if data_dir is not None else None
+
+
 def get_builder(name: str, *, data_dir: str | os.PathLike | None = None,
-                manual_dir: str | os.PathLike | None = None, prepare: bool = True) -> tfds.core.DatasetBuilder:
+                manual_dir: str | os.PathLike | None = None, prepare: bool = True,
+                num_classes: int = 0) -> tfds.core.DatasetBuilder:
   """The TFDS builder ``name`` (e.g. ``"synthetic_shapes/tiny"``), prepared in ``data_dir`` if ``prepare``.
 
   Preparing is a no-op once the dataset exists. ``manual_dir`` is where ``voc2012_aug`` and ``cityscapes19`` look
-  for their archives (TFDS's default: ``<data_dir>/downloads/manual``). In a multi-host job prepare once, before
-  the hosts start reading.
+  for their archives (TFDS's default: ``<data_dir>/downloads/manual``) and the folder of ``image_folder``, which
+  takes ``num_classes`` when the folder has no ``classes.txt``. In a multi-host job prepare once, before the hosts
+  start reading.
   """
   dataset_class_names(name)  # an unknown name is named here, not by TFDS's list of every dataset it has
-  builder = tfds.builder(name, data_dir=os.fspath(data_dir) if data_dir is not None else None)
+  name, data_dir = location(name, data_dir=data_dir, manual_dir=manual_dir, num_classes=num_classes)
+  kwargs = {"num_classes": num_classes} if is_image_folder(name) else {}
+  builder = tfds.builder(name, data_dir=data_dir, **kwargs)
   if prepare:
     download_config = tfds.download.DownloadConfig(
         manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)

@@ -1,0 +1,39 @@
+"""Your own data: a folder DIR with images/ and masks/ (layout in dilaff_jax/datasets/image_folder.py).
+
+  python -m dilaff_jax.main --config=configs/image_folder.py:small --workdir=runs/mine \\
+      --config.dataset.manual_dir=DIR                                 # CPU-sized, random init: minutes on 2 cores
+  python -m dilaff_jax.main --config=configs/image_folder.py --workdir=runs/mine \\
+      --config.dataset.manual_dir=DIR --config.model.pretrained=resnet101.safetensors   # the paper's setting
+
+Classes: DIR/classes.txt (one name a line) or ``--config.dataset.num_classes=N`` (names ``class_0 ...``);
+``num_classes = 0`` means "as many as classes.txt lists". Splits: DIR/splits/{train,val}.txt, or 1 image in 10 to
+``val`` by a hash of its name. Evaluation pads every image to the largest of the split (``eval_pad_size = None``).
+
+Default: the paper's VOC setting (§4.1, §4.3 best): ResNet-101 with ImageNet weights, crop 513, batch 16, 30K steps,
+R = {8, (12, 24), 16}, β = 1.2, sqrt weights, 10 propagation iterations. Scale ``train.num_steps`` to your data.
+``:small``: the embedded demo's model and rates (configs/synthetic.py: ResNet-18, narrow heads, R = {4, (6, 12), 8},
+β = 0.25, 1 iteration), random init, crop 97, for images of about 100-130 px a side. ``:baseline``: plain DeepLabv3+.
+"""
+
+import ml_collections
+
+from configs import default, synthetic, variants
+
+
+def get_config(variant: str = ""):
+  if variant in ("small", "small_baseline"):
+    c = synthetic.get_config()  # the demo's model size, rates, β, iterations and schedule
+    c.model.pretrained = "none"  # random init on purpose
+  else:
+    c = default.get_config()
+    c.affinity.rates = (8, (12, 24), 16)
+    c.affinity.beta = 1.2
+  c.dataset.name = "image_folder"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "val"
+  c.dataset.num_classes = 0  # 0: as many as DIR/classes.txt lists
+  del c.dataset["eval_pad_size"]  # None: the split's largest image; a typed None keeps it overridable
+  c.dataset.eval_pad_size = ml_collections.FieldReference(None, field_type=tuple)
+  if variant in ("small", "small_baseline"):
+    return variants.apply(c, "baseline" if variant == "small_baseline" else "", {"baseline": variants.BASELINE})
+  return variants.apply(c, variant, {"baseline": variants.BASELINE}, also=("small", "small_baseline"))

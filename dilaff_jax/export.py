@@ -1,0 +1,209 @@
+r"""Exports a trained model as a serialized ``jax.export`` artifact (StableHLO) that runs without this project.
+
+  python -m dilaff_jax.export --workdir=runs/mine --output=model.jaxexport [--step=N] [--size=H,W]
+
+The artifact is the evaluation model of the workdir's checkpoint with its weights inside: input uint8 RGB
+``[B, H, W, 3]`` (``B`` symbolic: any batch size), outputs ``(mask int32 [B, H, W], probabilities float32
+[B, H, W, C])`` after ``config.affinity.iterations`` steps of affinity propagation (Eq. 6, the predicted affinity
+through the steep sigmoid of Eq. 7). Normalisation, DeepLab's alignment padding, the network's resizing, propagation
+with the padding masked out and the crop back to ``H x W`` are inside, exactly as ``python -m dilaff_jax.predict``
+computes an image of that size. ``H, W`` are ``--size`` (default ``config.dataset.eval_pad_size``).
+
+Beside it, ``<output>.json``: classes, palette, size, iterations, λ, μ, rates, mean/std, the source checkpoint.
+A plain JAX program reloads it::
+
+  import jax, numpy as np
+  exported = jax.export.deserialize(open("model.jaxexport", "rb").read())
+  mask, probs = exported.call(images_uint8)   # images [B, H, W, 3]
+
+Bad input (a workdir without checkpoint, a missing ``--step``, a bad ``--size``, an output that cannot be written)
+ends with one ``error:`` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dilaff_jax import config_checks, errors, inference, propagation, visualize  # noqa: E402
+
+FORMAT = "dilaff_jax.export/1"
+
+
+class ExportError(errors.UserError, ValueError):
+  """Bad input to the export; the message names the flag or file at fault."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+  """``"H,W"`` (or ``"HxW"``) as two positive ints."""
+  parts = text.replace("x", ",").split(",")
+  try:
+    size = tuple(int(p) for p in parts)
+  except ValueError:
+    size = ()
+  if len(size) != 2 or min(size) <= 0:
+    raise ExportError(f"--size={text}: expected H,W, two positive integers (e.g. --size=513,513)")
+  return size
+
+
+def default_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  pad = config.dataset.get("eval_pad_size")
+  if not pad:
+    raise ExportError("config.dataset.eval_pad_size is None (evaluation pads each split to its largest image): "
+                      "give --size=H,W, the size of the images the model will get")
+  return tuple(int(v) for v in (pad if len(tuple(pad)) == 2 else (pad, pad)))
+
+
+def check_output(path: str) -> None:
+  """Fails before the slow work when ``path`` (or its JSON) cannot be written."""
+  if os.path.isdir(path):
+    raise ExportError(f"--output={path} is a folder: give a file name, e.g. {os.path.join(path, 'model.jaxexport')}")
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise ExportError(f"--output={path}: the folder {parent} does not exist")
+  for p in (path, path + ".json"):
+    if (os.path.exists(p) and not os.access(p, os.W_OK)) or not os.access(parent, os.W_OK):
+      raise ExportError(f"--output={path}: cannot write {p} (no write permission)")
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """``(variables, step)`` of the newest intact (or ``step``) checkpoint of ``workdir``, checked against ``config``;
+  the same code path as evaluation and prediction (:func:`checkpoints.restore_from_workdir`)."""
+  from dilaff_jax import checkpoints, train
+
+  rates = config_checks.rates_of(config)
+  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: train.state_template(config, rates), step)
+  return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)
+
+
+def class_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The dataset's class names (``classes.txt`` of an image folder, or the prepared dataset's metadata), else
+  ``class_0 ...`` when the dataset is not at hand."""
+  from dilaff_jax import datasets
+
+  d = config.dataset
+  try:
+    if datasets.is_image_folder(d.name):
+      from dilaff_jax.datasets import image_folder
+      return image_folder.read_class_names(image_folder.require_folder(d.get("manual_dir")), d.num_classes)
+    builder = datasets.get_builder(d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"),
+                                   prepare=False, num_classes=d.num_classes)
+    if builder.is_prepared():
+      return datasets.class_names(builder)
+  except (errors.UserError, ValueError, OSError) as e:
+    print(f"[export] class names not found ({e}); writing class_0 ...", file=sys.stderr, flush=True)
+  return [f"class_{i}" for i in range(d.num_classes)]
+
+
+def serving_function(config: ml_collections.ConfigDict, variables, size: tuple[int, int]):
+  """``f(images uint8 [B, H, W, 3]) -> (mask int32 [B, H, W], probabilities float32 [B, H, W, C])`` with the
+  variables closed over: predict.py's computation for images of ``size``, batched."""
+  from dilaff_jax import predict, train
+
+  rates = config_checks.rates_of(config)
+  model = train.build_model(config, rates, axis_name=None)
+  height, width = size
+  os_ = int(config.eval.output_stride)
+  padded = (predict.aligned_size(height, os_), predict.aligned_size(width, os_))
+  mean = np.asarray(config.dataset.mean, np.float32)
+  std = np.asarray(config.dataset.std, np.float32)
+  iterations = int(config.affinity.iterations)
+
+  def f(images):
+    x = (images.astype(jnp.float32) - mean) / std
+    x = jnp.pad(x, ((0, 0), (0, padded[0] - height), (0, padded[1] - width), (0, 0)))  # 0 = the mean pixel
+    probs, aff = inference.predict(model.apply, variables, x, size=padded, output_stride=os_,
+                                  scales=tuple(config.eval.scales), flip=bool(config.eval.flip), rates=rates,
+                                  mu=config.affinity.mu)
+    if rates:
+      inside = inference.inside_mask(jnp.array([height]), jnp.array([width]), padded, rates)
+      probs = propagation.propagate(probs, aff * inside, rates, lam=float(config.affinity.lam),
+                                    iterations=iterations)
+    probs = probs[:, :height, :width].astype(jnp.float32)
+    return jnp.argmax(probs, -1).astype(jnp.int32), probs
+
+  return f
+
+
+def export(config: ml_collections.ConfigDict, workdir: str, output: str, size: tuple[int, int] | None = None,
+           step: int | None = None, platforms: Sequence[str] | None = None) -> dict:
+  """Writes ``output`` (the serialized ``jax.export.Exported``) and ``output + ".json"``; returns the JSON."""
+  size = size or default_size(config)
+  check_output(output)
+  config_checks.validate(config, num_devices=1, mode="predict")
+  variables, step = restore_variables(config, workdir, step)
+  variables = jax.device_put(variables)
+  fn = serving_function(config, variables, size)
+  (batch,) = jax.export.symbolic_shape("b")
+  spec = jax.ShapeDtypeStruct((batch, *size, 3), jnp.uint8)
+  exported = jax.export.export(jax.jit(fn), platforms=platforms)(spec)
+  blob = exported.serialize()
+  with open(output, "wb") as f:
+    f.write(blob)
+  names = class_names(config)
+  palette = visualize.palette_for(config.dataset.name)
+  rates = config_checks.rates_of(config)
+  info = {
+      "format": FORMAT, "artifact": os.path.basename(output), "bytes": len(blob), "jax_version": jax.__version__,
+      "platforms": list(exported.platforms),
+      "input": {"shape": ["B", *size, 3], "dtype": "uint8", "channels": "RGB"},
+      "outputs": [{"name": "mask", "shape": ["B", *size], "dtype": "int32"},
+                  {"name": "probabilities", "shape": ["B", *size, len(names)], "dtype": "float32"}],
+      "size": list(size), "classes": names, "palette": palette[:len(names)].tolist(),
+      "void_label": int(config.dataset.ignore_label), "void_color": palette[255].tolist(),
+      "iterations": int(config.affinity.iterations) if rates else 0, "lam": float(config.affinity.lam),
+      "mu": float(config.affinity.mu), "rates": [list(r) for r in rates],
+      "mean": list(config.dataset.mean), "std": list(config.dataset.std),
+      "output_stride": int(config.eval.output_stride), "scales": list(config.eval.scales),
+      "flip": bool(config.eval.flip),
+      "source_checkpoint": {"workdir": os.path.abspath(workdir), "step": step, "dataset": config.dataset.name}}
+  with open(output + ".json", "w") as f:
+    json.dump(info, f, indent=1)
+  return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line entry; returns the exit status (2 for bad input, with one ``error:`` line on stderr)."""
+  p = argparse.ArgumentParser(prog="python -m dilaff_jax.export", description=__doc__.split("\n\n")[0])
+  p.add_argument("--workdir", required=True, help="training workdir (its config.json and checkpoints)")
+  p.add_argument("--output", required=True, help="file for the serialized artifact; its JSON goes to FILE.json")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--size", default=None, help="H,W of the input images (default: config.dataset.eval_pad_size)")
+  p.add_argument("--platforms", default=None, help="comma-separated, e.g. cpu,cuda (default: this machine's)")
+  args = p.parse_args(argv)
+  try:
+    from dilaff_jax import predict
+    size = parse_size(args.size) if args.size else None
+    check_output(args.output)
+    if not os.path.isfile(os.path.join(args.workdir, "config.json")):
+      raise ExportError(f"--workdir={args.workdir}: no config.json there (not a training workdir?): point --workdir "
+                        "at a run of python -m dilaff_jax.main")
+    try:
+      config = predict.load_json_config(args.workdir)
+    except predict.PredictError as e:
+      raise ExportError(str(e)) from None
+    platforms = [s.strip() for s in args.platforms.split(",")] if args.platforms else None
+    info = export(config, args.workdir, args.output, size, args.step, platforms)
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return errors.EXIT_USER_ERROR
+  print(f"[export] step {info['source_checkpoint']['step']} of {args.workdir} -> {args.output} "
+        f"({info['bytes'] / 2**20:.1f} MiB, platforms {','.join(info['platforms'])}): uint8 [B, {info['size'][0]}, "
+        f"{info['size'][1]}, 3] -> mask, probabilities over {len(info['classes'])} classes "
+        f"({', '.join(info['classes'])}), {info['iterations']} propagation iteration(s); {args.output}.json",
+        flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,346 @@
+"""Users' own data: the ``image_folder`` dataset (layout, split, mask checks, one prepared copy per folder state),
+training ``configs/image_folder.py:small`` on it, evaluation with its class names, prediction, and the exported
+artifact reloaded by a plain JAX program that gives predict's masks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from configs import image_folder as image_folder_config
+from dilaff_jax import checkpoints, config_checks, datasets, errors, export, predict, train, visualize
+from dilaff_jax.datasets import image_folder, shapes_render
+from test_train import REPO
+
+CLASSES = list(shapes_render.CLASS_NAMES)
+
+
+def write_folder(folder, count=24, seed=0, classes=True):
+  """``count`` rendered scenes (40-56 px) as images/ and masks/: image 0 grey, 1 RGBA (half transparent), 2 a JPEG,
+  mask 3 a palette PNG; the rest RGB PNGs with greyscale masks. Returns ``{name: (rgb the model sees, label)}``."""
+  os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+  os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
+  if classes:
+    with open(os.path.join(folder, "classes.txt"), "w") as f:
+      f.write("\n".join(CLASSES) + "\n")
+  out = {}
+  for i in range(count):
+    rng = np.random.default_rng((seed, i))
+    h, w = (int(v) for v in rng.integers(40, 57, size=2))
+    rgb, label = shapes_render.render_scene(rng, height=h, width=w, max_objects=3)
+    name = f"scene_{i:03d}"
+    if i == 0:
+      Image.fromarray(rgb[..., 1]).save(os.path.join(folder, "images", name + ".png"))
+      rgb = np.repeat(rgb[..., 1:2], 3, axis=-1)
+    elif i == 1:
+      alpha = np.full((h, w), 255, np.uint8)
+      alpha[:, : w // 2] = 0
+      Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(os.path.join(folder, "images", name + ".png"))
+      rgb = rgb.copy()
+      rgb[:, : w // 2] = 255  # transparent: the white it is displayed on
+    elif i == 2:
+      Image.fromarray(rgb).save(os.path.join(folder, "images", name + ".jpg"), quality=95)
+      rgb = np.asarray(Image.open(os.path.join(folder, "images", name + ".jpg")).convert("RGB"))
+    else:
+      Image.fromarray(rgb).save(os.path.join(folder, "images", name + ".png"))
+    mask = Image.fromarray(label, "L")
+    if i == 3:  # VOC-style palette PNG: the indices are the classes, the colours are not
+      mask = Image.fromarray(label, "P")
+      mask.putpalette(visualize.palette_for("voc").reshape(-1).tolist())
+    mask.save(os.path.join(folder, "masks", name + ".png"))
+    out[name] = (rgb, label)
+  return out
+
+
+def small_config(folder, data_dir, **overrides):
+  """``configs/image_folder.py:small`` shrunk for tests (8 virtual devices, crop 33, 2 steps)."""
+  c = image_folder_config.get_config("small")
+  c.dataset.manual_dir = folder
+  c.dataset.data_dir = data_dir
+  c.dataset.crop_size = 33
+  c.model.aspp_channels, c.model.low_level_channels, c.model.decoder_channels = 16, 8, 16
+  c.train.batch_size = c.eval.batch_size = 8
+  c.train.num_steps = 2
+  c.train.log_every = c.train.checkpoint_every = 2
+  c.train.image_summary_every = 0
+  c.eval.iterations = (0, 1)
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  datasets.resolve_num_classes(c.dataset)
+  return c
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("own_data"))
+  return path, write_folder(path)
+
+
+def test_split_is_90_10_by_name_and_stable(folder):
+  path, scenes = folder
+  splits = image_folder.scan(path)
+  val = {e.name for e in splits["val"]}
+  train_names = {e.name for e in splits["train"]}
+  assert val | train_names == set(scenes) and not val & train_names
+  assert val == {n for n in scenes if image_folder.in_val(n)} and val  # 24 names: the hash puts 2 in val
+  extra = str(os.path.join(os.path.dirname(path), "more"))
+  shutil.copytree(path, extra)
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(os.path.join(extra, "masks", "zz.png"))
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(extra, "images", "zz.png"))
+  more = {e.name for e in image_folder.scan(extra)["val"]}
+  assert more - {"zz"} == val  # adding an image moves no other image between splits
+
+
+def test_prepared_examples_keep_indices_and_convert_images(folder, tmp_path):
+  path, scenes = folder
+  builder = datasets.get_builder("image_folder", data_dir=str(tmp_path), manual_dir=path)
+  assert datasets.class_names(builder) == CLASSES
+  seen = {}
+  for split in ("train", "val"):
+    for ex in tfds.as_numpy(builder.as_dataset(split=split)):
+      seen[ex["image_id"].decode()] = (ex["image"], ex["label"][..., 0])
+  assert set(seen) == set(scenes)
+  for name, (rgb, label) in scenes.items():
+    np.testing.assert_array_equal(seen[name][1], label, err_msg=name)  # scene_003: palette indices, not colours
+    np.testing.assert_array_equal(seen[name][0], rgb, err_msg=name)  # grey replicated, RGBA over white, JPEG as read
+  assert set(np.unique(scenes["scene_003"][1])) - {255} and (np.asarray(Image.open(
+      os.path.join(path, "masks", "scene_003.png")).convert("L")) != scenes["scene_003"][1]).any()
+
+
+def test_each_folder_state_has_its_own_prepared_copy(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  write_folder(a, count=3)
+  write_folder(b, count=3)
+  root = str(tmp_path / "tfds")
+  where = lambda p: datasets.location("image_folder", data_dir=root, manual_dir=p)[1]
+  first = where(a)
+  assert first == where(a) and first != where(b)  # same contents, other path: another copy
+  assert os.path.dirname(first) == os.path.join(root, "image_folder_prepared")
+  builder = datasets.get_builder("image_folder", data_dir=root, manual_dir=a)
+  assert builder.data_dir_root == first or str(builder.data_dir_root) == first
+  image = os.path.join(a, "images", "scene_001.png")
+  Image.fromarray(np.full((9, 9, 3), 7, np.uint8)).save(image)
+  os.remove(os.path.join(a, "masks", "scene_001.png"))
+  Image.fromarray(np.zeros((9, 9), np.uint8)).save(os.path.join(a, "masks", "scene_001.png"))
+  changed = where(a)
+  assert changed != first
+  rebuilt = datasets.get_builder("image_folder", data_dir=root, manual_dir=a)
+  sizes = {ex["image_id"].decode(): ex["image"].shape[:2] for s in ("train", "val")
+           for ex in tfds.as_numpy(rebuilt.as_dataset(split=s))}
+  assert sizes["scene_001"] == (9, 9)
+  os.remove(os.path.join(a, "classes.txt"))  # class_0.. from num_classes; the count is part of the key
+  assert where(a) != changed
+  four = datasets.location("image_folder", data_dir=root, manual_dir=a, num_classes=7)[1]
+  assert four != datasets.location("image_folder", data_dir=root, manual_dir=a, num_classes=6)[1]
+  named = datasets.get_builder("image_folder", data_dir=root, manual_dir=a, num_classes=7)
+  assert datasets.class_names(named) == [f"class_{i}" for i in range(7)]
+
+
+def _broken(tmp_path, name, edit):
+  folder = str(tmp_path / name)
+  write_folder(folder, count=4)
+  edit(folder)
+  return folder
+
+
+def _error(folder, num_classes=0, tmp=None):
+  with pytest.raises(errors.UserError) as info:
+    datasets.get_builder("image_folder", data_dir=os.path.join(folder, "..", "tfds"), manual_dir=folder,
+                         num_classes=num_classes)
+  message = str(info.value)
+  assert "\n" not in message, message
+  return message
+
+
+def test_mistakes_are_one_line_errors_naming_file_and_values(tmp_path):
+  def missing_mask(f):
+    os.remove(os.path.join(f, "masks", "scene_002.png"))
+
+  def bad_value(f):
+    label = np.asarray(Image.open(os.path.join(f, "masks", "scene_001.png"))).copy()
+    label[:2, :3] = 9
+    label[5, 5] = 200
+    Image.fromarray(label).save(os.path.join(f, "masks", "scene_001.png"))
+
+  def rgb_mask(f):
+    label = np.asarray(Image.open(os.path.join(f, "masks", "scene_000.png")))
+    Image.fromarray(np.dstack([label] * 3)).save(os.path.join(f, "masks", "scene_000.png"))
+
+  def wrong_size(f):
+    Image.fromarray(np.zeros((12, 10), np.uint8)).save(os.path.join(f, "masks", "scene_002.png"))
+
+  message = _error(_broken(tmp_path, "missing", missing_mask))
+  assert "scene_002" in message and "no mask" in message and "unlabeled.txt" in message
+  message = _error(_broken(tmp_path, "value", bad_value))
+  assert "scene_001.png" in message and "9 (6 px)" in message and "200 (1 px)" in message and "0-5" in message
+  message = _error(_broken(tmp_path, "rgb", rgb_mask))
+  assert "scene_000.png" in message and "'RGB'" in message
+  message = _error(_broken(tmp_path, "size", wrong_size))
+  assert "scene_002.png is 12x10" in message
+  no_classes = _broken(tmp_path, "noclasses", lambda f: os.remove(os.path.join(f, "classes.txt")))
+  assert "num_classes" in _error(no_classes)
+  assert "lists 6 classes but config.dataset.num_classes = 4" in _error(
+      _broken(tmp_path, "count", lambda f: None), num_classes=4)
+  with pytest.raises(errors.UserError, match="manual_dir is not set"):
+    datasets.location("image_folder", manual_dir=None)
+
+
+def test_unlabeled_split_keeps_images_without_masks(tmp_path):
+  folder = str(tmp_path / "unlabeled")
+  write_folder(folder, count=5)
+  os.remove(os.path.join(folder, "masks", "scene_004.png"))
+  os.makedirs(os.path.join(folder, "splits"))
+  with open(os.path.join(folder, "splits", "unlabeled.txt"), "w") as f:
+    f.write("scene_004\n")
+  builder = datasets.get_builder("image_folder", data_dir=str(tmp_path / "tfds"), manual_dir=folder)
+  (ex,) = tfds.as_numpy(builder.as_dataset(split="unlabeled"))
+  assert ex["image_id"] == b"scene_004" and (ex["label"] == 255).all()
+  assert builder.info.splits["train"].num_examples + builder.info.splits["val"].num_examples == 4
+
+
+def scramble_heads(workdir, config, image, step):
+  """Saves checkpoint ``step``: the workdir's state with random classifier and affinity heads centred on the decoder
+  features of ``image`` (a 2-step model predicts one class everywhere, which would make comparisons of masks
+  trivially true). Returns the variables."""
+  rates = config_checks.rates_of(config)
+  compat = checkpoints.compat_record(config, rates)
+  model = train.build_model(config, rates, axis_name=None)
+  with checkpoints.opened(workdir, config) as mngr:
+    state, _ = checkpoints.restore_checkpoint(mngr, train.state_template(config, rates), compat, mngr.latest_step())
+  x = jnp.asarray(predict.normalise_and_pad(image, config.dataset.mean, config.dataset.std, 8))
+  _, inter = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False,
+                         output_stride=8, capture_intermediates=lambda module, method: module.name == "decoder")
+  features = np.asarray(inter["intermediates"]["decoder"]["__call__"][0])
+  centre, spread = features.mean((0, 1, 2)), features.std((0, 1, 2)).mean()
+  rng = np.random.default_rng(7)
+  params = jax.tree.map(np.asarray, state.params)
+  for head in ("classifier", "affinity"):
+    k = params[head]["kernel"]
+    params[head]["kernel"] = (rng.normal(size=k.shape) * 2 / (spread * np.sqrt(k.shape[-2]))).astype(np.float32)
+    params[head]["bias"] = (-centre @ params[head]["kernel"][0, 0]).astype(np.float32)  # checkpoints keep dtypes
+  state = state.replace(step=jnp.int32(step), params=params)
+  with checkpoints.opened(workdir, config, write=True) as mngr:
+    checkpoints.save_checkpoint(mngr, state, {"compat": compat, "step": step})
+  return {"params": params, "batch_stats": state.batch_stats}
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+  """``:small`` trained 2 steps on the folder and evaluated, then given scrambled heads (checkpoint 3) so that
+  masks are not one class everywhere."""
+  path, scenes = folder
+  workdir = str(tmp_path_factory.mktemp("own_run"))
+  config = small_config(path, str(tmp_path_factory.mktemp("own_tfds")))
+  result = train.train_and_evaluate(config, workdir)
+  variables = scramble_heads(workdir, config, scenes["scene_005"][0], step=3)
+  return {"workdir": workdir, "config": config, "result": result, "variables": variables}
+
+
+def test_small_config_trains_evaluates_and_predicts(trained, folder, tmp_path):
+  path, scenes = folder
+  assert trained["config"].dataset.num_classes == len(CLASSES) and trained["config"].model.depth == 18
+  results = trained["result"]["eval"]
+  assert results["num_images"] == len(image_folder.scan(path)["val"]) > 0
+  assert results["class_names"] == CLASSES
+  assert set(results["sweep"]["iterations"]) == {0, 1} and len(results["per_class_iou"]) == len(CLASSES)
+  out_dir = os.path.join(trained["workdir"], "eval", "step_2")
+  markdown = open(os.path.join(out_dir, "results.md")).read()
+  assert all(name in markdown for name in CLASSES)
+  assert os.path.getsize(os.path.join(out_dir, "affinity_accuracy.png")) and os.path.getsize(
+      os.path.join(out_dir, "examples.png"))
+  assert os.path.isfile(os.path.join(trained["workdir"], "affinity_stats.json"))
+  out = str(tmp_path / "pred")
+  image = os.path.join(path, "images", "scene_005.png")
+  assert predict.main([f"--workdir={trained['workdir']}", f"--input={image}", f"--output={out}"]) == 0
+  mask = np.asarray(Image.open(os.path.join(out, "scene_005_mask.png")))
+  assert mask.shape == scenes["scene_005"][1].shape and mask.max() < len(CLASSES)
+
+
+def test_main_takes_the_classes_from_the_folder(folder, tmp_path):
+  """The README's command line: num_classes comes from classes.txt; a broken folder is one error line, exit 2."""
+  path, _ = folder
+  broken = str(tmp_path / "broken")
+  shutil.copytree(path, broken)
+  os.remove(os.path.join(broken, "masks", "scene_007.png"))
+  cmd = [sys.executable, "-m", "dilaff_jax.main", "--config=configs/image_folder.py:small",
+         f"--workdir={tmp_path / 'w'}", f"--config.dataset.manual_dir={broken}",
+         f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.eval.batch_size=8"]  # 8 virtual devices
+  run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": REPO})
+  assert run.returncode == 2, run.stderr[-2000:]
+  lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "scene_007" in lines[0] and "Traceback" not in run.stderr
+
+
+RELOAD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import jax
+    exported = jax.export.deserialize(open(sys.argv[1], "rb").read())
+    images = np.load(sys.argv[2])
+    mask, probs = exported.call(images)
+    np.save(sys.argv[3], np.asarray(mask))
+    np.save(sys.argv[4], np.asarray(probs))
+    print(json.dumps({"modules": sorted(m for m in sys.modules if m.startswith("dilaff"))}))
+""")
+
+
+def test_exported_artifact_gives_predicts_masks_without_the_project(trained, folder, tmp_path, capsys):
+  path, scenes = folder
+  size = (48, 53)  # not aligned to the output stride: padding inside the artifact
+  names = [n for n, (rgb, _) in scenes.items() if rgb.shape[:2] != size][:2]
+  images = np.stack([np.asarray(Image.fromarray(scenes[n][0]).resize(size[::-1])) for n in names])
+  output = str(tmp_path / "model.jaxexport")
+  assert export.main([f"--workdir={trained['workdir']}", f"--output={output}", "--size=48,53", "--step=99"]) == 2
+  assert "no checkpoint for step 99" in capsys.readouterr().err
+  assert export.main([f"--workdir={trained['workdir']}", f"--output={output}", "--size=48,53"]) == 0
+  info = json.load(open(output + ".json"))
+  assert info["classes"] == CLASSES and info["size"] == list(size) and info["iterations"] == 1
+  assert info["source_checkpoint"]["step"] == 3 and len(info["palette"]) == len(CLASSES)
+  np.save(tmp_path / "images.npy", images)
+  script = tmp_path / "reload.py"
+  script.write_text(RELOAD)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  run = subprocess.run([sys.executable, str(script), output, str(tmp_path / "images.npy"), str(tmp_path / "m.npy"),
+                        str(tmp_path / "p.npy")], cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+                       env=env)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert json.loads(run.stdout.strip().splitlines()[-1])["modules"] == []
+  masks, probs = np.load(tmp_path / "m.npy"), np.load(tmp_path / "p.npy")
+  assert masks.dtype == np.int32 and masks.shape == (2, *size) and probs.shape == (2, *size, len(CLASSES))
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
+  predict_one = predict.make_predictor(trained["config"], trained["variables"])
+  for image, mask in zip(images, masks):
+    expected = predict_one(image).refined
+    assert len(np.unique(expected)) > 1  # scrambled heads: not one class everywhere
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_export_errors_are_one_line(folder, tmp_path, capsys):
+  path, _ = folder
+  workdir = tmp_path / "untrained"  # a config.json, no checkpoint
+  workdir.mkdir()
+  (workdir / "config.json").write_text(small_config(path, str(tmp_path / "tfds")).to_json_best_effort())
+  cases = [([f"--workdir={tmp_path}", f"--output={tmp_path / 'm'}", "--size=8,8"], "no config.json"),
+           ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}", "--size=8,8"], "no checkpoint"),
+           ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}", "--size=8"], "--size=8"),
+           ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}"], "--size=H,W"),
+           ([f"--workdir={workdir}", f"--output={tmp_path / 'nope' / 'm'}", "--size=8,8"], "does not exist"),
+           ([f"--workdir={workdir}", f"--output={tmp_path}", "--size=8,8"], "is a folder")]
+  for argv, expected in cases:
+    assert export.main(argv) == 2, argv
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], (argv, err)
