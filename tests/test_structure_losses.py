@@ -261,10 +261,10 @@ def test_sharded_sums_equal_the_whole_batch():
 def test_variants_and_config_errors():
   for cfg in (voc.get_config("aaf"), synthetic.get_config("aaf")):
     assert cfg.structure.kind == "aaf" and not cfg.affinity.enabled
-    config_checks.validate(cfg, num_devices=2)
+    config_checks.validate(cfg, num_devices=2, mode="evaluate")  # (training would also need model.pretrained)
   for cfg in (voc.get_config("boundary"), synthetic.get_config("boundary")):
     assert cfg.structure.kind == "boundary" and not cfg.affinity.enabled
-    config_checks.validate(cfg, num_devices=2)
+    config_checks.validate(cfg, num_devices=2, mode="evaluate")
   assert synthetic.get_config().structure.kind == "none"
   for key, value, match in [("kind", "crf", r"config.structure.kind = 'crf': expected one of"),
                             ("aaf_dilations", (1, 1), r"config.structure.aaf_dilations = \(1, 1\)"),
