@@ -316,7 +316,7 @@ def test_unknown_dataset_lists_this_projects_datasets(tmp_path):
   with pytest.raises(errors.UserError) as error:
     datasets.get_builder("voc2012", data_dir=tmp_path)
   assert str(error.value) == ("dataset 'voc2012' is not one of this project's datasets (synthetic_shapes/default, "
-                              "synthetic_shapes/tiny, voc2012_aug, cityscapes19)")
+                              "synthetic_shapes/tiny, voc2012_aug, cityscapes19, image_folder)")
   with pytest.raises(errors.UserError, match="'synthetic_shapes/tyni' is not one"):
     datasets.get_builder("synthetic_shapes/tyni", data_dir=tmp_path)
   assert len(datasets.dataset_class_names("voc2012_aug:1.0.0")) == 21

@@ -81,7 +81,7 @@ def test_mistyped_variant_and_missing_config_file(tmp_path):
 def test_unknown_dataset_lists_this_projects_datasets(data_dir, tmp_path):
   proc = main_cli(data_dir, tmp_path / "w", "--config.dataset.name=voc2012")
   assert_one_error_line(proc, "config.dataset.name = 'voc2012': not one of this project's datasets "
-                        "(synthetic_shapes/default, synthetic_shapes/tiny, voc2012_aug, cityscapes19)")
+                        "(synthetic_shapes/default, synthetic_shapes/tiny, voc2012_aug, cityscapes19, image_folder)")
   assert len(proc.stderr.strip().splitlines()) < 5  # not TFDS's list of every dataset it knows
 
 
