@@ -1,18 +1,12 @@
-"""Test setup, before JAX creates its backend: 8 virtual CPU devices for the multi-device tests, and a persistent
-compilation cache shared by the tests and the subprocesses they start (the same programs compile once per run)."""
-import atexit
+"""Test setup, before JAX creates its backend: 8 virtual CPU devices for the multi-device tests.
+
+No persistent compilation cache: with jaxlib 0.10.2 on CPU, writing an executable to it crashed the whole test
+process (a segfault or abort inside `put_executable_and_time`) in CI runs, even with a fresh cache per session."""
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["JAX_NUM_CPU_DEVICES"] = "8"
-# One cache per test session (removed at exit): shared with the subprocesses the tests start, never with other
-# sessions, so that an entry left half-written by a killed run can never be read (XLA aborts on it).
-_CACHE = tempfile.mkdtemp(prefix="dilaff_jax_test_cache_")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # a user's cache must not leak into the tests either
 
 import jax  # noqa: E402
 
