@@ -3,7 +3,7 @@
 The model is the paper's ResNet-101 DeepLabv3+ (21 classes, output stride 16 to train) with the affinity head for
 R = {8, (12, 24), 16} (4 explicit rates, 32 channels), next to plain DeepLabv3+ (no head, rates = ()): the head's
 overhead, the paper's "minor extra cost", is printed as a percentage of time, FLOPs and memory. For each crop and
-batch it times the real ``dilaff_jax.train.train_step`` (forward + backward + cross-replica BatchNorm + SGD update)
+batch it times the real ``dilaff_jax.step_lib.train_step`` (forward + backward + cross-replica BatchNorm + SGD update)
 under ``jax.pmap(axis_name="batch")`` on 1 CPU device, and prints one Markdown table (progress goes to stderr):
 
 - images/s: batch / the best step time of ``--repeats`` timed steps (the median is printed too), after one untimed
@@ -52,7 +52,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import voc  # noqa: E402
-from dilaff_jax import affinity, input_pipeline, train  # noqa: E402
+from dilaff_jax import affinity, input_pipeline  # noqa: E402
+from dilaff_jax import state as state_lib  # noqa: E402
+from dilaff_jax import step as step_lib  # noqa: E402
 from dilaff_jax.stats import AffinityStats  # noqa: E402
 
 PAPER_RATES = affinity.expand_rates([8, (12, 24), 16])
@@ -122,15 +124,15 @@ class CompiledStep:
 
 
 def compile_step(crop: int, batch: int, rates: affinity.Rates, *, depth: int = 101, seed: int = 0) -> CompiledStep:
-  """Builds the model, state and a fake batch, and compiles ``train.train_step`` (pmap over 1 device)."""
+  """Builds the model, state and a fake batch, and compiles ``step_lib.train_step`` (pmap over 1 device)."""
   config = paper_config(crop, batch, depth)
   stats = made_up_stats(rates) if rates else None
-  model = train.build_model(config, rates, affinity.prior_bias(stats.pos_freq) if rates else None)
+  model = state_lib.build_model(config, rates, affinity.prior_bias(stats.pos_freq) if rates else None)
   device = jax.local_devices()[0]
-  state = flax.jax_utils.replicate(train.create_train_state(config, model, jax.random.key(seed)), [device])
-  step = functools.partial(train.train_step, config=config, rates=rates, stats=stats,
-                           schedule=train.learning_rate_schedule(config))
-  p_step = jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=[device])
+  state = flax.jax_utils.replicate(state_lib.create_train_state(config, model, jax.random.key(seed)), [device])
+  step = functools.partial(step_lib.train_step, config=config, rates=rates, stats=stats,
+                           schedule=state_lib.learning_rate_schedule(config))
+  p_step = jax.pmap(step, axis_name=state_lib.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=[device])
   data = fake_batch(np.random.default_rng(seed), crop, batch, config.dataset.num_classes,
                     config.dataset.ignore_label)
   data = next(input_pipeline.prefetch_to_device(iter([data]), devices=[device]))  # as training feeds it

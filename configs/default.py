@@ -35,7 +35,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.stem = "standard"               # "standard" (7x7) or "deep" (3x3 x3, DeepLab's beta)
   c.model.multi_grid = (1, 2, 4)
   c.model.train_output_stride = 16        # §4.1: 16 to train
-  c.model.eval_output_stride = 8          # §4.1: 8 to evaluate
   c.model.aspp_channels = 256
   c.model.low_level_channels = 48
   c.model.decoder_channels = 256

@@ -122,13 +122,6 @@ def _check_pretrained(config: ml_collections.ConfigDict) -> None:
 STRUCTURE_KINDS = ("none", "aaf", "boundary")
 
 
-def _bool(config, key):
-  v = _get(config, key)
-  if not isinstance(v, bool):
-    _fail(key, v, "expected True or False")
-  return v
-
-
 def structure_kind(config: ml_collections.ConfigDict) -> str:
   """``config.structure.kind``; ``"none"`` for a config without the section (the ``config.json`` of older runs)."""
   return _get(config, "structure.kind") if "structure" in config else "none"
@@ -191,7 +184,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   if grid is not None and (len(tuple(grid)) != units or any(not isinstance(g, int) or g < 1 for g in grid)):
     _fail("model.multi_grid", grid, f"expected {units} positive ints (one per unit of the last stage of "
           f"ResNet-{_get(config, 'model.depth')}), or None")
-  for key in ("model.train_output_stride", "model.eval_output_stride", "eval.output_stride"):
+  for key in ("model.train_output_stride", "eval.output_stride"):
     _choice(config, key, (8, 16, 32))
   os_train = _get(config, "model.train_output_stride")
   if (crop - 1) % os_train:

@@ -21,9 +21,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dilaff_jax import affinity, inference, input_pipeline, propagation
-
-AXIS = "batch"
+from dilaff_jax import affinity, checkpoints, config_checks, crf, inference, input_pipeline, propagation, visualize
+from dilaff_jax.state import AXIS, build_model, state_template
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -157,7 +156,6 @@ def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables,
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from dilaff_jax import visualize
 
   flat = {k: np.asarray(v).reshape(-1, *np.asarray(v).shape[2:]) for k, v in batch.items() if k != "image_id"}
   keep = np.flatnonzero(flat["mask"])[:max_examples]
@@ -209,7 +207,6 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> list:
 def crf_confusion(batch: dict, probs: np.ndarray, config: ml_collections.ConfigDict) -> tuple[np.ndarray, float]:
   """Dense-CRF post-processing (Table 5's comparison) of one host batch's probabilities ``[N, H, W, C]``: the
   confusion matrix of the refined predictions over the real pixels, and the CRF seconds spent."""
-  from dilaff_jax import crf, visualize
 
   c = config.dataset.num_classes
   e = config.eval
@@ -295,10 +292,8 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
                    writer=None) -> dict:
   """Evaluates an (unreplicated) train state on ``dataset.eval_split``; writes JSON, Markdown and a Fig. 4 PNG to
   ``<results_dir>/step_<N>/`` (default ``<workdir>/eval/step_<N>/``) and returns the results."""
-  from dilaff_jax import train  # local: train imports this module lazily
-
   step = int(jax.device_get(state.step))
-  model = train.build_model(config, rates)
+  model = build_model(config, rates)
   ndev = jax.local_device_count()
   per_device = config.eval.batch_size // jax.device_count()
   pipes = input_pipeline.from_config(config.dataset, seed=config.seed, local_device_count=ndev,
@@ -391,14 +386,12 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, steps:
   new one). Checkpoints already evaluated (``<results_dir>/step_N/results.json`` exists) are skipped while watching, and so
   are damaged ones (reported). Only reads: no lock, no folder created (a missing ``workdir`` is an error, also with
   ``watch``; a workdir whose training has not saved yet is waited for)."""
-  from dilaff_jax import checkpoints, config_checks, train
-
   config_checks.validate(config, num_devices=jax.device_count(), mode="evaluate")
   rates = config_checks.rates_of(config)
   if watch and not os.path.isdir(workdir):
     raise checkpoints.NoCheckpointError(f"--workdir={workdir}: no such folder: start the training first (it creates "
                                         "the workdir), or fix the path")
-  template = functools.cache(lambda: train.state_template(config, rates))
+  template = functools.cache(lambda: state_template(config, rates))
   if not watch:
     results = []
     for s in steps or [None]:

@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dilaff_jax import config_checks, errors, inference, propagation, visualize  # noqa: E402
+from dilaff_jax import config_checks, errors, inference, predict, propagation, state, visualize  # noqa: E402
 
 FORMAT = "dilaff_jax.export/1"
 
@@ -76,16 +76,6 @@ def check_output(path: str) -> None:
       raise ExportError(f"--output={path}: cannot write {p} (no write permission)")
 
 
-def restore_variables(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
-  """``(variables, step)`` of the newest intact (or ``step``) checkpoint of ``workdir``, checked against ``config``;
-  the same code path as evaluation and prediction (:func:`checkpoints.restore_from_workdir`)."""
-  from dilaff_jax import checkpoints, train
-
-  rates = config_checks.rates_of(config)
-  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: train.state_template(config, rates), step)
-  return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)
-
-
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
   """The dataset's class names (``classes.txt`` of an image folder, or the prepared dataset's metadata), else
   ``class_0 ...`` when the dataset is not at hand."""
@@ -108,10 +98,8 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
 def serving_function(config: ml_collections.ConfigDict, variables, size: tuple[int, int]):
   """``f(images uint8 [B, H, W, 3]) -> (mask int32 [B, H, W], probabilities float32 [B, H, W, C])`` with the
   variables closed over: predict.py's computation for images of ``size``, batched."""
-  from dilaff_jax import predict, train
-
   rates = config_checks.rates_of(config)
-  model = train.build_model(config, rates, axis_name=None)
+  model = state.build_model(config, rates, axis_name=None)
   height, width = size
   os_ = int(config.eval.output_stride)
   padded = (predict.aligned_size(height, os_), predict.aligned_size(width, os_))
@@ -141,7 +129,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, size: t
   size = size or default_size(config)
   check_output(output)
   config_checks.validate(config, num_devices=1, mode="predict")
-  variables, step = restore_variables(config, workdir, step)
+  variables, step = state.restore_variables(config, workdir, step)
   variables = jax.device_put(variables)
   fn = serving_function(config, variables, size)
   (batch,) = jax.export.symbolic_shape("b")
@@ -182,7 +170,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--platforms", default=None, help="comma-separated, e.g. cpu,cuda (default: this machine's)")
   args = p.parse_args(argv)
   try:
-    from dilaff_jax import predict
     size = parse_size(args.size) if args.size else None
     check_output(args.output)
     if not os.path.isfile(os.path.join(args.workdir, "config.json")):

@@ -93,8 +93,9 @@ def main(argv) -> None:
   config = FLAGS.config
   maybe_initialize_distributed(config)
 
+  # imported only now: jax.distributed.initialize (above) must come before anything touches the backend
   import jax
-  from dilaff_jax import datasets, errors, evaluate, train
+  from dilaff_jax import datasets, evaluate, train
 
   logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(),
                jax.devices())

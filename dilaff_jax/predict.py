@@ -46,10 +46,7 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from dilaff_jax import cli, config_checks, errors, inference, propagation, visualize  # noqa: E402
-
-# dilaff_jax.train and .evaluate load TensorFlow (seconds): they are imported where needed, so that a mistyped
-# path is reported at once.
+from dilaff_jax import cli, config_checks, errors, inference, propagation, state, visualize  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OUTPUT_SUFFIXES = ("_seg.png", "_refined.png", "_mask.png")
@@ -212,16 +209,6 @@ def write_outputs(output_dir: str, name: str, image: np.ndarray, raw: np.ndarray
 # ----------------------------------------------------------------------------------------------- model
 
 
-def restore_variables(config: ml_collections.ConfigDict, workdir: str):
-  """``(variables, step)`` of the newest intact checkpoint in ``<workdir>/checkpoints``, checked against
-  ``config``."""
-  from dilaff_jax import checkpoints, train
-
-  state, _ = checkpoints.restore_from_workdir(
-      workdir, config, lambda: train.state_template(config, config_checks.rates_of(config)))
-  return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)
-
-
 @dataclasses.dataclass
 class Prediction:
   """Class-index masks ``[H, W]`` (uint8) of one image, and the seconds spent (compilation apart)."""
@@ -251,10 +238,8 @@ def _refine(probs, aff, height, width, *, rates, lam, iterations):
 def make_predictor(config: ml_collections.ConfigDict, variables):
   """``predict_one(image uint8 [H, W, 3]) -> Prediction``. The network and the propagation are compiled once per
   padded shape (ahead of time, so that their compilation is timed apart) and cached in the returned closure."""
-  from dilaff_jax import train
-
   rates = config_checks.rates_of(config)
-  model = train.build_model(config, rates, axis_name=None)
+  model = state.build_model(config, rates, axis_name=None)
   variables = jax.device_put(variables)
   network = jax.jit(functools.partial(_network, apply_fn=model.apply, config=config, rates=rates))
   refine = jax.jit(functools.partial(_refine, rates=rates, lam=float(config.affinity.lam),
@@ -329,7 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
   if not isinstance(max_size, int) or max_size < 0:
     raise PredictError(f"--max_size={max_size}: expected 0 (no limit) or a positive number of pixels")
   config_checks.validate(config, num_devices=1, mode="predict")
-  variables, step = restore_variables(config, workdir)
+  variables, step = state.restore_variables(config, workdir)
   make_output_dir(output_dir)
   rates = config_checks.rates_of(config)
   print(f"[predict] checkpoint step {step} of {workdir} on {jax.devices()[0].platform}; {len(paths)} image(s); "

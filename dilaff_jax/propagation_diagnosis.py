@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dilaff_jax import affinity, config_checks, errors, inference, propagation  # noqa: E402
+from dilaff_jax import affinity, config_checks, datasets, errors, evaluate, inference, input_pipeline  # noqa: E402
+from dilaff_jax import predict, propagation, state  # noqa: E402
 
 BIN_EDGES = (2, 4, 8, 16)  # right-closed distance bins (px): [0, 2], (2, 4], (4, 8], (8, 16], (16, inf)
 BIN_LABELS = ("0-2", "3-4", "5-8", "9-16", ">16")
@@ -227,9 +228,7 @@ def collect(config: ml_collections.ConfigDict, variables, rates) -> dict:
   """The eval split's real images through the network as evaluation runs it: probabilities ``[N, H, W, C]``,
   affinity logits ``x`` of Eq. 7 (recovered from the steep sigmoid; exact for single-scale, unflipped inference)
   and the mask of neighbours inside each real image ``[N, H, W, D]``, labels (void outside the image), sizes."""
-  from dilaff_jax import input_pipeline, train
-
-  model = train.build_model(config, rates, axis_name=None)
+  model = state.build_model(config, rates, axis_name=None)
   pipes = input_pipeline.from_config(config.dataset, seed=config.seed, local_device_count=1,
                                      per_device_batch=config.eval.batch_size)
   fn = None
@@ -300,7 +299,6 @@ def run_sweep(data: dict, aff: np.ndarray, rates, num_classes: int, *, rule: str
 
 
 def _miou(conf: np.ndarray) -> float:
-  from dilaff_jax import evaluate
   return evaluate.mean_iou(conf)
 
 
@@ -331,7 +329,6 @@ def diagnose(config: ml_collections.ConfigDict, data: dict, class_names: Sequenc
 
   print("[diagnosis] the paper's sweep", flush=True)
   main = run_sweep(data, aff, rates, c, lam=lam, keep_preds=True)
-  from dilaff_jax import evaluate
   out["sweep"] = {"iterations": list(SWEEP), "predicted": _mious(main),
                   "oracle": _mious(run_sweep(data, oracle, rates, c, lam=lam)),
                   "per_class_iou": [[None if np.isnan(v) else float(v) for v in evaluate.iou_from_confusion(cf)]
@@ -540,17 +537,12 @@ def write_report(runs: Sequence[dict], output: str) -> dict:
 
 def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Restores the latest checkpoint of ``workdir`` and runs :func:`diagnose` on the eval split."""
-  from dilaff_jax import datasets, predict
-
   config_checks.validate(config, num_devices=1, mode="evaluate")
   rates = config_checks.rates_of(config)
   if not rates:
     raise DiagnosisError(f"--workdir={workdir}: the run has no affinity head (affinity.enabled is false): "
                          "nothing to propagate")
-  try:
-    variables, step = predict.restore_variables(config, workdir)
-  except predict.PredictError as e:
-    raise DiagnosisError(str(e)) from None
+  variables, step = state.restore_variables(config, workdir)
   data = collect(config, variables, rates)
   names = datasets.class_names(datasets.get_builder(config.dataset.name, data_dir=config.dataset.get("data_dir"),
                                                     manual_dir=config.dataset.get("manual_dir")))
@@ -560,8 +552,6 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _config_for(workdir: str, config_file: str | None, argv: Sequence[str]) -> ml_collections.ConfigDict:
-  from dilaff_jax import predict
-
   try:
     config = config_file if config_file else predict.load_json_config(workdir)
   except predict.PredictError as e:

@@ -1,14 +1,11 @@
-"""Joint training of DeepLabv3+ and the dilated-affinity head (paper §3.2, §4.1).
+"""The training loop of the joint model (paper §3.2, §4.1): data, affinity statistics, the pmapped step
+(:mod:`dilaff_jax.step`: ``CE + β · L_aff`` and Table 5's structure losses), checkpoints, summaries, preemption and
+the final evaluation.
 
-Loss ``CE(ignore 255) + β · L_aff`` (Eq. 5) plus weight decay on kernels; SGD with momentum and DeepLab's poly
-schedule (optax). Table 5's other structure losses (``config.structure``, :mod:`dilaff_jax.structure_losses`): AAF
-adds its term (its adversarial size weights are the extra parameter ``params["aaf_weights"]``, updated by the same
-optimizer through a gradient reversal); boundary reweighting replaces the CE by U-Net's weighted CE, with the weight
-maps computed by the input pipeline. The step is ``jax.pmap``'d over axis ``batch`` with cross-replica BatchNorm;
-the loss terms are normalised by the number of labelled pixels (AAF: of pairs) of the *global* batch, so a sharded
-step equals the unsharded one. Checkpoints (:mod:`dilaff_jax.checkpoints`: finite, fingerprinted) hold the train
-state; the data position and the RNG are functions of the step, so a resumed run continues exactly where the
-interrupted one stopped. One training per workdir (:mod:`dilaff_jax.workdir_lock`).
+The step is ``jax.pmap``'d over axis ``batch`` with cross-replica BatchNorm. Checkpoints
+(:mod:`dilaff_jax.checkpoints`: finite, fingerprinted) hold the train state; the data position and the RNG are
+functions of the step, so a resumed run continues exactly where the interrupted one stopped. One training per
+workdir (:mod:`dilaff_jax.workdir_lock`). U-Net's boundary weight maps are computed by the input pipeline.
 """
 
 import contextlib
@@ -24,199 +21,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
-from flax.training import train_state
 
-from dilaff_jax import affinity, checkpoints, config_checks, datasets, errors, input_pipeline, pretrained
+from dilaff_jax import affinity, checkpoints, config_checks, datasets, errors, evaluate, input_pipeline
 from dilaff_jax import structure_losses, visualize, workdir_lock
+from dilaff_jax.state import AXIS, build_model, create_train_state, learning_rate_schedule
+from dilaff_jax.step import train_step
 from dilaff_jax import stats as stats_lib
-from dilaff_jax.models.deeplab import DeepLabV3Plus, upsample_logits
+from dilaff_jax.models.deeplab import upsample_logits
 
-AXIS = "batch"
-AAF_PARAMS = "aaf_weights"  # params key of AAF's raw adversarial size weights [2, num_classes, num_sizes]
 Hook = Callable[[int, Any], None]
 
 
 class TrainingError(errors.UserError, RuntimeError):
   """Training cannot go on (non-finite loss, incompatible checkpoint, ...); the message says what to do."""
-
-
-class TrainState(train_state.TrainState):
-  batch_stats: Any
-
-
-@flax.struct.dataclass
-class SegmentationMetrics(metrics.Collection):
-  loss: metrics.Average.from_output("loss")
-  ce_loss: metrics.Average.from_output("ce_loss")
-  pixel_accuracy: metrics.Average.from_output("pixel_accuracy")
-  learning_rate: metrics.LastValue.from_output("learning_rate")
-
-
-@flax.struct.dataclass
-class AffinityMetrics(metrics.Collection):  # clu reads only a class's own annotations: no inheritance
-  loss: metrics.Average.from_output("loss")
-  ce_loss: metrics.Average.from_output("ce_loss")
-  pixel_accuracy: metrics.Average.from_output("pixel_accuracy")
-  learning_rate: metrics.LastValue.from_output("learning_rate")
-  affinity_loss: metrics.Average.from_output("affinity_loss")
-  affinity_accuracy: metrics.Average.from_output("affinity_accuracy")
-
-
-@functools.cache
-def _with_structure_loss(collection: type[metrics.Collection]) -> type[metrics.Collection]:
-  """``collection`` plus the ``structure_loss`` average (AAF term, or the boundary-weighted CE)."""
-  return metrics.Collection.create(**collection.__annotations__,
-                                   structure_loss=metrics.Average.from_output("structure_loss"))
-
-
-# ----------------------------------------------------------------------------------------------- model and state
-
-
-def compute_dtype(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
-def build_model(config: ml_collections.ConfigDict, rates: affinity.Rates,
-                affinity_bias: Sequence[float] | None = None, axis_name: str | None = AXIS) -> DeepLabV3Plus:
-  """The DeepLabv3+ of ``config.model``; with ``rates`` it has the affinity head (bias from ``prior_bias``)."""
-  m = config.model
-  return DeepLabV3Plus(
-      num_classes=config.dataset.num_classes, rates=tuple(rates),
-      affinity_bias=None if affinity_bias is None else tuple(float(b) for b in affinity_bias),
-      depth=m.depth, stem=m.stem, multi_grid=tuple(m.multi_grid), aspp_channels=m.aspp_channels,
-      low_level_channels=m.low_level_channels, decoder_channels=m.decoder_channels, separable=m.separable,
-      dropout_rate=m.dropout_rate, dtype=compute_dtype(m.dtype), bn_momentum=m.bn_momentum,
-      bn_epsilon=m.bn_epsilon, axis_name=axis_name)
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  """DeepLab's poly schedule ``lr · (1 - step/steps)^power`` (optax), after an optional linear warm-up."""
-  t = config.train
-  poly = optax.polynomial_schedule(init_value=t.learning_rate, end_value=t.end_learning_rate, power=t.lr_power,
-                                   transition_steps=max(t.num_steps - t.warmup_steps, 1))
-  if not t.warmup_steps:
-    return poly
-  warm = optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
-  return optax.join_schedules([warm, poly], [t.warmup_steps])
-
-
-def _kernel_mask(params):
-  return flax.traverse_util.path_aware_map(lambda path, _: path[-1] == "kernel", params)
-
-
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Weight decay on kernels (DeepLab's L2 regulariser) then SGD with momentum on the poly schedule."""
-  return optax.chain(optax.add_decayed_weights(config.train.weight_decay, mask=_kernel_mask),
-                     optax.sgd(learning_rate_schedule(config), momentum=config.train.momentum))
-
-
-def create_train_state(config: ml_collections.ConfigDict, model: DeepLabV3Plus, rng: jax.Array) -> TrainState:
-  """Initialises the variables (and loads ImageNet weights into the backbone when configured)."""
-  size = config.dataset.crop_size
-  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-  init = jax.jit(functools.partial(model.init, train=False, output_stride=config.model.train_output_stride))
-  variables = flax.core.unfreeze(init({"params": rng, "dropout": rng}, dummy))
-  weights = config_checks.pretrained_path(config)
-  if weights is not None:
-    variables = pretrained.load_pretrained_backbone(variables, weights, config.model.depth, config.model.stem)
-    logging.info("Loaded ImageNet backbone weights from %s", weights)
-  params = variables["params"]
-  if config_checks.structure_kind(config) == "aaf":  # extra parameters beside the model's (flax ignores them)
-    params[AAF_PARAMS] = structure_losses.init_adaptive_weights(config.dataset.num_classes,
-                                                                len(config.structure.aaf_dilations))
-  return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
-                           batch_stats=variables["batch_stats"])
-
-
-def state_template(config: ml_collections.ConfigDict, rates: affinity.Rates) -> TrainState:
-  """A train state of ``config``'s structure to restore a checkpoint into (without the ImageNet weights: the
-  checkpoint replaces every variable)."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.model.pretrained = "none"
-  return create_train_state(c, build_model(c, rates, axis_name=None), jax.random.key(0))
-
-
-# ----------------------------------------------------------------------------------------------- losses
-
-
-def segmentation_loss_sum(logits: jax.Array, labels: jax.Array, ignore_label: int) -> tuple[jax.Array, jax.Array]:
-  """Softmax cross-entropy summed over labelled pixels, and their number."""
-  valid = labels != ignore_label
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
-
-
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: ml_collections.ConfigDict,
-               rates: affinity.Rates, stats: stats_lib.AffinityStats | None,
-               schedule: optax.Schedule) -> tuple[TrainState, metrics.Collection]:
-  """One SGD step on this device's shard; call under ``pmap(axis_name="batch")``."""
-  ign = config.dataset.ignore_label
-  images, labels = batch["image"], batch["label"]
-  size = labels.shape[1:3]
-  structure = config_checks.structure_kind(config)
-  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
-  if structure == "aaf":  # λ, decayed tenfold over training as in the AAF code
-    aaf_scale = config.structure.aaf_weight * (
-        10.0 ** (-state.step / config.train.num_steps) if config.structure.aaf_decay else 1.0)
-
-  def loss_fn(params):
-    out, new_vars = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                                   output_stride=config.model.train_output_stride, mutable=["batch_stats"],
-                                   rngs={"dropout": rng})
-    logits = upsample_logits(out["logits"], size)
-    ce_sum, n = segmentation_loss_sum(logits, labels, ign)
-    denom = jnp.maximum(jax.lax.psum(n, AXIS), 1).astype(jnp.float32)
-    aux = {"batch_stats": new_vars["batch_stats"], "logits": logits, "ce": ce_sum / denom}
-    loss = ce_sum / denom
-    if structure == "boundary":  # U-Net's weighted CE replaces the plain one
-      weighted_sum, _ = structure_losses.boundary_loss_sum(logits, labels, batch["weight"], ign)
-      aux["structure"] = loss = weighted_sum / denom
-    if rates:
-      aff_logits = upsample_logits(out["affinity_logits"], size)
-      aff_sum, _ = affinity.affinity_loss_sum(aff_logits, labels, rates, stats, config.affinity.scheme,
-                                              config.affinity.gamma, ign, config.affinity.max_weight)
-      aux.update(aff=aff_sum / denom, aff_logits=aff_logits)
-      loss = loss + config.affinity.beta * aux["aff"]
-    if structure == "aaf":  # on the output grid; each term's mean over the elements of the global batch
-      s = config.structure
-      grid = out["logits"].shape[1:3]
-      sums, counts = structure_losses.aaf_loss_sum(
-          out["logits"], structure_losses.labels_on_grid(labels, grid), s.aaf_dilations,
-          structure_losses.adaptive_weights(params[AAF_PARAMS]), s.aaf_margin, ign)
-      aux["structure"] = structure_losses.aaf_loss(sums, jax.lax.psum(counts, AXIS))
-      loss = loss + aaf_scale * aux["structure"]
-    return loss, aux
-
-  grads, aux = jax.grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.psum(grads, AXIS)
-  new_state = state.apply_gradients(grads=grads, batch_stats=aux["batch_stats"])
-
-  valid = labels != ign
-  correct = jnp.sum((jnp.argmax(aux["logits"], -1) == labels) & valid)
-  psum = functools.partial(jax.lax.psum, axis_name=AXIS)
-  out = dict(ce_loss=psum(aux["ce"]), learning_rate=schedule(state.step),
-             pixel_accuracy=psum(correct) / jnp.maximum(psum(jnp.sum(valid)), 1))
-  out["loss"] = out["ce_loss"]
-  collection = SegmentationMetrics
-  if rates:
-    c, t = affinity.affinity_accuracy_counts(aux["aff_logits"], labels, rates, ign, stats.partial_neighbors)
-    out["affinity_loss"] = psum(aux["aff"])
-    out["affinity_accuracy"] = psum(c.sum()) / jnp.maximum(psum(t.sum()), 1)
-    out["loss"] = out["ce_loss"] + config.affinity.beta * out["affinity_loss"]
-    collection = AffinityMetrics
-  if structure != "none":
-    out["structure_loss"] = psum(aux["structure"])
-    if structure == "boundary":
-      out["loss"] = out["loss"] - out["ce_loss"] + out["structure_loss"]
-    else:
-      out["loss"] = out["loss"] + aaf_scale * out["structure_loss"]
-    collection = _with_structure_loss(collection)
-  # every value is already summed over the devices: each device holds the global metrics
-  return new_state, collection.single_from_model_output(**out)
 
 
 def boundary_weight_map(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -483,6 +302,5 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: 
   writer.flush()
   result = {"train": last}
   if config.train.eval_at_end:
-    from dilaff_jax import evaluate  # local: evaluation imports this module
     result["eval"] = evaluate.evaluate_state(config, workdir, flax.jax_utils.unreplicate(state), rates, writer)
   return result

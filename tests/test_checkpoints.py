@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dilaff_jax import checkpoints, config_checks, evaluate, train, workdir_lock
+from dilaff_jax import state as state_lib
 from test_train import REPO, restored_variables, tiny_config, tree_allclose
 
 
@@ -50,7 +51,7 @@ def flip_bytes(path, count=256, seed=0):
 
 def restore(workdir, config, step=None, report=print):
   rates = config_checks.rates_of(config)
-  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: train.state_template(config, rates), step,
+  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: state_lib.state_template(config, rates), step,
                                               report=report)
   return int(state.step)
 
@@ -115,7 +116,7 @@ def test_nonfinite_state_is_never_saved_and_a_nonfinite_checkpoint_is_damaged(ru
   workdir, config = copy_of(run, tmp_path), run["config"]
   rates = config_checks.rates_of(config)
   compat = checkpoints.compat_record(config, rates)
-  state = train.state_template(config, rates)
+  state = state_lib.state_template(config, rates)
   leaves, tree = jax.tree.flatten(state.batch_stats)
   leaves[0] = np.full_like(np.asarray(leaves[0]), np.inf)
   bad = state.replace(step=6, batch_stats=jax.tree.unflatten(tree, leaves))

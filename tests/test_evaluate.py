@@ -10,6 +10,7 @@ import pytest
 
 from configs import synthetic
 from dilaff_jax import affinity, config_checks, evaluate, inference, input_pipeline, propagation
+from dilaff_jax import state as state_lib
 from test_train import tiny_config
 
 IGN = 255
@@ -83,7 +84,7 @@ def run_eval(config, data_dir, *, pad, per_device, devices=2, crf_fn=None):
                                          num_classes=config.dataset.num_classes, pad_size=pad)
   iterations = tuple(config.eval.iterations)
   p_eval = jax.pmap(functools.partial(evaluate.eval_step, apply_fn=pixel_model, config=config, rates=rates,
-                                      iterations=iterations), axis_name=evaluate.AXIS,
+                                      iterations=iterations), axis_name=state_lib.AXIS,
                     devices=jax.devices()[:devices])
   replicated = jax.tree.map(lambda x: jnp.stack([x] * devices), variables)
   return evaluate.accumulate(p_eval, replicated, batches, crf_fn=crf_fn)

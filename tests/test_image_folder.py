@@ -18,6 +18,7 @@ from PIL import Image
 
 from configs import image_folder as image_folder_config
 from dilaff_jax import checkpoints, config_checks, datasets, errors, export, predict, train, visualize
+from dilaff_jax import state as state_lib
 from dilaff_jax.datasets import image_folder, shapes_render
 from test_train import REPO
 
@@ -217,9 +218,9 @@ def scramble_heads(workdir, config, image, step):
   trivially true). Returns the variables."""
   rates = config_checks.rates_of(config)
   compat = checkpoints.compat_record(config, rates)
-  model = train.build_model(config, rates, axis_name=None)
+  model = state_lib.build_model(config, rates, axis_name=None)
   with checkpoints.opened(workdir, config) as mngr:
-    state, _ = checkpoints.restore_checkpoint(mngr, train.state_template(config, rates), compat, mngr.latest_step())
+    state, _ = checkpoints.restore_checkpoint(mngr, state_lib.state_template(config, rates), compat, mngr.latest_step())
   x = jnp.asarray(predict.normalise_and_pad(image, config.dataset.mean, config.dataset.std, 8))
   _, inter = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False,
                          output_stride=8, capture_intermediates=lambda module, method: module.name == "decoder")

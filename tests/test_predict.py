@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dilaff_jax import affinity, checkpoints, config_checks, evaluate, inference, predict, propagation, train, visualize
+from dilaff_jax import affinity, checkpoints, config_checks, inference, predict, propagation, train, visualize
+from dilaff_jax import state as state_lib
 from test_train import REPO, tiny_config
 
 # name -> (size, Pillow mode, file type); the first two and the last two share a padded size (41x57, 65x33)
@@ -48,8 +49,8 @@ def save_as_latest(workdir, config, step):
   """Saves the workdir's state (or a fresh one) with :func:`scramble_heads` applied as checkpoint ``step``."""
   rates = config_checks.rates_of(config)
   compat = checkpoints.compat_record(config, rates)
-  model = train.build_model(config, rates, axis_name=None)
-  state = train.create_train_state(config, model, jax.random.key(0))
+  model = state_lib.build_model(config, rates, axis_name=None)
+  state = state_lib.create_train_state(config, model, jax.random.key(0))
   with checkpoints.opened(workdir, config, write=True) as mngr:
     if mngr.latest_step() is not None:
       state, _ = checkpoints.restore_checkpoint(mngr, state, compat, mngr.latest_step())
@@ -121,7 +122,7 @@ def reference(config, variables, image):
   padded[:h, :w] = image
   x = jnp.asarray(((padded - mean) / std)[None])
   rates = config_checks.rates_of(config)
-  model = train.build_model(config, rates, axis_name=None)
+  model = state_lib.build_model(config, rates, axis_name=None)
   probs, aff = inference.predict(model.apply, variables, x, size=(hp, wp), output_stride=8, scales=(1.0,), flip=False,
                                 rates=rates, mu=config.affinity.mu)
   inside = np.zeros(aff.shape, np.float32)

@@ -12,6 +12,7 @@ import pytest
 
 from configs import synthetic, variants, voc
 from dilaff_jax import checkpoints, config_checks, input_pipeline, structure_losses, train
+from dilaff_jax import state as state_lib
 
 V = 255
 
@@ -322,13 +323,13 @@ def test_training_with_a_structure_loss_runs_and_checkpoints(data_dir, tmp_path,
     extra = metrics["loss"] - metrics["ce_loss"]
     assert 10 ** -0.5 * metrics["structure_loss"] * 0.9999 <= extra <= metrics["structure_loss"] * 1.0001
   rates = config_checks.rates_of(config)
-  state = train.create_train_state(config, train.build_model(config, rates), jax.random.key(0))
+  state = state_lib.create_train_state(config, state_lib.build_model(config, rates), jax.random.key(0))
   mngr = checkpoints.checkpoint_manager(str(tmp_path / "run"), config)
   restored, _ = checkpoints.restore_checkpoint(mngr, state, checkpoints.compat_record(config, rates), 2)
   assert int(restored.step) == 2
   if kind == "aaf":
     # the adversarial weights trained (away from 0) and were checkpointed
-    assert float(jnp.abs(restored.params[train.AAF_PARAMS]).max()) > 0
+    assert float(jnp.abs(restored.params[state_lib.AAF_PARAMS]).max()) > 0
     # restoring the AAF run into a config without AAF is refused with the reason
     plain = _tiny(data_dir, "baseline")
     with pytest.raises(checkpoints.IncompatibleCheckpointError,

@@ -9,11 +9,14 @@ import textwrap
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import synthetic, voc
 from dilaff_jax import affinity, checkpoints, config_checks, input_pipeline, train
+from dilaff_jax import state as state_lib
+from dilaff_jax import step as step_lib
 from dilaff_jax.stats import AffinityStats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +48,7 @@ def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
 def restored_variables(workdir, config, step=None):
   """``(step, variables)`` of the newest intact (or ``step``'s) checkpoint of ``workdir``, verified."""
   rates = config_checks.rates_of(config)
-  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: train.state_template(config, rates), step)
+  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: state_lib.state_template(config, rates), step)
   return int(state.step), {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -58,19 +61,19 @@ def test_step_on_4_devices_equals_step_on_1_device_with_whole_batch():
   rates = config_checks.rates_of(config)
   stats = AffinityStats(rates, np.tile([0.05, 0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.4], (len(rates), 1)),
                         np.full(len(rates), 0.8))
-  model = train.build_model(config, rates, affinity.prior_bias(stats.pos_freq))
-  state = train.create_train_state(config, model, jax.random.key(1))
+  model = state_lib.build_model(config, rates, affinity.prior_bias(stats.pos_freq))
+  state = state_lib.create_train_state(config, model, jax.random.key(1))
   rng = np.random.default_rng(0)
   images = rng.normal(size=(4, 33, 33, 3)).astype(np.float32)
   labels = rng.integers(0, 6, size=(4, 33, 33)).astype(np.int32)
   labels[:, 10:14] = 255
   labels[3][rng.random((33, 33)) < 0.7] = 255  # uneven ignore shares across the devices
-  step = functools.partial(train.train_step, config=config, rates=rates, stats=stats,
-                           schedule=train.learning_rate_schedule(config))
+  step = functools.partial(step_lib.train_step, config=config, rates=rates, stats=stats,
+                           schedule=state_lib.learning_rate_schedule(config))
   outs = []
   for ndev in (4, 1):
     devices = jax.devices()[:ndev]
-    p_step = jax.pmap(step, axis_name=train.AXIS, in_axes=(0, 0, None), devices=devices)
+    p_step = jax.pmap(step, axis_name=state_lib.AXIS, in_axes=(0, 0, None), devices=devices)
     batch = {"image": images.reshape(ndev, 4 // ndev, 33, 33, 3), "label": labels.reshape(ndev, 4 // ndev, 33, 33)}
     new_state, metrics = p_step(flax.jax_utils.replicate(state, devices), batch, jax.random.key(2))
     first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # flax's unreplicate mis-handles a 1-of-8 pmap
@@ -345,3 +348,21 @@ def test_paper_config_compiles_and_runs_a_step(data_dir, tmp_path):
   assert variables["params"]["affinity"]["kernel"].shape == (1, 1, 256, 32)
   n = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
   assert n == 59_352_533 - 15 * 257  # the paper's model with 6 instead of 21 classes
+
+
+def test_segmentation_loss_sum_against_a_loop():
+  """Cross-entropy summed over the labelled pixels (void 255 skipped), and their count, against a per-pixel loop."""
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 3, 4, 5)).astype(np.float32) * 3
+  labels = rng.integers(0, 5, size=(2, 3, 4)).astype(np.int32)
+  labels[0, 1, 2] = labels[1, 0, 0] = 255
+  total, n = step_lib.segmentation_loss_sum(jnp.asarray(logits), jnp.asarray(labels), 255)
+  want, count = 0.0, 0
+  for idx in np.ndindex(labels.shape):
+    if labels[idx] == 255:
+      continue
+    z = logits[idx].astype(np.float64)
+    want += np.log(np.exp(z - z.max()).sum()) + z.max() - z[labels[idx]]
+    count += 1
+  assert int(n) == count == 22
+  np.testing.assert_allclose(float(total), want, rtol=1e-5)

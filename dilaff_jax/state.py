@@ -1,0 +1,102 @@
+"""The train state and what builds it: the DeepLabv3+ of ``config.model``, the optimizer and its schedule, the
+initial variables (with the ImageNet backbone), and the restore of a workdir's checkpoint into that structure.
+
+Training, evaluation, prediction and export all build their model and restore their checkpoints here, so that a
+model hyper-parameter is read in one place (:func:`build_model`).
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from flax.training import train_state
+
+from dilaff_jax import affinity, checkpoints, config_checks, pretrained, structure_losses
+from dilaff_jax.models.deeplab import DeepLabV3Plus
+
+AXIS = "batch"  # the pmap axis of training and evaluation (cross-replica BatchNorm, metric sums)
+AAF_PARAMS = "aaf_weights"  # params key of AAF's raw adversarial size weights [2, num_classes, num_sizes]
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def compute_dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def build_model(config: ml_collections.ConfigDict, rates: affinity.Rates,
+                affinity_bias: Sequence[float] | None = None, axis_name: str | None = AXIS) -> DeepLabV3Plus:
+  """The DeepLabv3+ of ``config.model``; with ``rates`` it has the affinity head (bias from ``prior_bias``)."""
+  m = config.model
+  return DeepLabV3Plus(
+      num_classes=config.dataset.num_classes, rates=tuple(rates),
+      affinity_bias=None if affinity_bias is None else tuple(float(b) for b in affinity_bias),
+      depth=m.depth, stem=m.stem, multi_grid=tuple(m.multi_grid), aspp_channels=m.aspp_channels,
+      low_level_channels=m.low_level_channels, decoder_channels=m.decoder_channels, separable=m.separable,
+      dropout_rate=m.dropout_rate, dtype=compute_dtype(m.dtype), bn_momentum=m.bn_momentum,
+      bn_epsilon=m.bn_epsilon, axis_name=axis_name)
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """DeepLab's poly schedule ``lr · (1 - step/steps)^power`` (optax), after an optional linear warm-up."""
+  t = config.train
+  poly = optax.polynomial_schedule(init_value=t.learning_rate, end_value=t.end_learning_rate, power=t.lr_power,
+                                   transition_steps=max(t.num_steps - t.warmup_steps, 1))
+  if not t.warmup_steps:
+    return poly
+  warm = optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
+  return optax.join_schedules([warm, poly], [t.warmup_steps])
+
+
+def _kernel_mask(params):
+  return flax.traverse_util.path_aware_map(lambda path, _: path[-1] == "kernel", params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Weight decay on kernels (DeepLab's L2 regulariser) then SGD with momentum on the poly schedule."""
+  return optax.chain(optax.add_decayed_weights(config.train.weight_decay, mask=_kernel_mask),
+                     optax.sgd(learning_rate_schedule(config), momentum=config.train.momentum))
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: DeepLabV3Plus, rng: jax.Array) -> TrainState:
+  """Initialises the variables (and loads ImageNet weights into the backbone when configured)."""
+  size = config.dataset.crop_size
+  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+  init = jax.jit(functools.partial(model.init, train=False, output_stride=config.model.train_output_stride))
+  variables = flax.core.unfreeze(init({"params": rng, "dropout": rng}, dummy))
+  weights = config_checks.pretrained_path(config)
+  if weights is not None:
+    variables = pretrained.load_pretrained_backbone(variables, weights, config.model.depth, config.model.stem)
+    logging.info("Loaded ImageNet backbone weights from %s", weights)
+  params = variables["params"]
+  if config_checks.structure_kind(config) == "aaf":  # extra parameters beside the model's (flax ignores them)
+    params[AAF_PARAMS] = structure_losses.init_adaptive_weights(config.dataset.num_classes,
+                                                                len(config.structure.aaf_dilations))
+  return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
+                           batch_stats=variables["batch_stats"])
+
+
+def state_template(config: ml_collections.ConfigDict, rates: affinity.Rates) -> TrainState:
+  """A train state of ``config``'s structure to restore a checkpoint into (without the ImageNet weights: the
+  checkpoint replaces every variable)."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.model.pretrained = "none"
+  return create_train_state(c, build_model(c, rates, axis_name=None), jax.random.key(0))
+
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+                      report: Callable[[str], None] = print) -> tuple[dict, int]:
+  """``({"params", "batch_stats"}, step)`` of the newest intact (or exactly ``step``) checkpoint of ``workdir``,
+  checked against ``config`` (:func:`dilaff_jax.checkpoints.restore_from_workdir`): what evaluation, prediction and
+  export restore."""
+  rates = config_checks.rates_of(config)
+  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: state_template(config, rates), step, report)
+  return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)

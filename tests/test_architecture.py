@@ -1,0 +1,175 @@
+"""The package's import graph: no cycles, and no module imports one of a higher layer (local imports included).
+
+A new module goes into ``LAYERS``: the test fails for a module that is not listed, so the layering is decided when
+the module is added, not discovered later.
+"""
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = "dilaff_jax"
+
+# Lower layers never import higher ones; a module may import its own layer (the graph must still be acyclic).
+LAYERS = (
+    # 0: the paper's maths, the network, pictures, errors: no project imports beyond this layer
+    ("errors", "affinity", "propagation", "crf", "visualize", "models", "models.resnet", "models.deeplab",
+     "datasets.records", "datasets.shapes_render"),
+    # 1: what builds on the maths alone: losses, inference, weights, command-line and workdir helpers, builders
+    ("structure_losses", "inference", "pretrained", "cli", "workdir_lock", "datasets.common", "datasets.cityscapes",
+     "datasets.voc2012_aug", "datasets.image_folder", "datasets.synthetic_shapes", "datasets"),
+    # 2: configuration checks, input pipeline, label statistics, dataset preparation
+    ("config_checks", "input_pipeline", "stats", "datasets.prepare"),
+    # 3: checkpoints; 4: the train state (model, optimizer, restore)
+    ("checkpoints",),
+    ("state",),
+    # 5: the jobs
+    ("evaluate", "step"),
+    ("train", "predict"),
+    ("export", "propagation_diagnosis", "study", "main"),
+)
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT / PACKAGE).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_nodes(tree: ast.AST):
+  """Every node except the bodies of ``if TYPE_CHECKING:`` (annotations only, never executed)."""
+  stack = [tree]
+  while stack:
+    node = stack.pop()
+    yield node
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, ast.If) and getattr(child.test, "id", getattr(child.test, "attr", None)) == "TYPE_CHECKING":
+        stack.extend(child.orelse)
+        continue
+      stack.append(child)
+
+
+def project_imports(path: pathlib.Path, modules: set[str]) -> set[str]:
+  """The package modules ``path`` imports anywhere in its code (top level or inside functions)."""
+  out = set()
+  for node in _runtime_nodes(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE and not node.level:
+      base = node.module[len(PACKAGE) + 1:]
+      for alias in node.names:
+        name = f"{base}.{alias.name}" if base else alias.name
+        out.add(name if name in modules else base)
+    elif isinstance(node, ast.Import):
+      out.update(a.name[len(PACKAGE) + 1:] for a in node.names if a.name.startswith(PACKAGE + "."))
+  return out - {""}
+
+
+def import_graph() -> dict[str, set[str]]:
+  paths = {module_name(p): p for p in (ROOT / PACKAGE).rglob("*.py")}
+  paths.pop("", None)  # the package's own __init__
+  return {m: project_imports(p, set(paths)) - {m} for m, p in paths.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+  path: list[str] = []
+
+  def visit(m: str) -> list[str] | None:
+    state[m] = 1
+    path.append(m)
+    for n in sorted(graph.get(m, ())):
+      if state.get(n) == 1:
+        return path[path.index(n):] + [n]
+      if n not in state and (cycle := visit(n)):
+        return cycle
+    path.pop()
+    state[m] = 2
+    return None
+
+  for m in sorted(graph):
+    if m not in state and (cycle := visit(m)):
+      return cycle
+  return None
+
+
+def test_every_module_has_a_layer():
+  missing = sorted(set(import_graph()) - set(LAYER))
+  assert not missing, f"add these modules to LAYERS in {__file__}: {missing}"
+
+
+def test_the_import_graph_has_no_cycle():
+  assert find_cycle(import_graph()) is None, " -> ".join(find_cycle(import_graph()))
+
+
+def test_nothing_imports_upward():
+  upward = [f"{m} (layer {LAYER[m]}) imports {n} (layer {LAYER[n]})"
+            for m, deps in sorted(import_graph().items()) for n in sorted(deps)
+            if m in LAYER and n in LAYER and LAYER[n] > LAYER[m]]
+  assert not upward, "\n".join(upward)
+
+
+def test_the_checks_see_local_imports_and_cycles(tmp_path):
+  """The checker itself, on a hand-made package: an import inside a function counts, one under TYPE_CHECKING
+  does not, and a two-module loop is reported."""
+  pkg = tmp_path / PACKAGE
+  pkg.mkdir()
+  (pkg / "a.py").write_text("def f():\n  from dilaff_jax import b\n  return b\n")
+  (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n  from dilaff_jax import c\n"
+                            "import dilaff_jax.a\n")
+  (pkg / "c.py").write_text("x = 1\n")
+  modules = {"a", "b", "c"}
+  graph = {m: project_imports(pkg / f"{m}.py", modules) for m in modules}
+  assert graph == {"a": {"b"}, "b": {"a"}, "c": set()}
+  assert find_cycle(graph) in (["a", "b", "a"], ["b", "a", "b"])
+  assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+@pytest.mark.parametrize("module", ["predict", "export"])
+def test_prediction_tools_do_not_import_tensorflow_at_start(module):
+  """``predict`` and ``export`` report a mistyped flag or path at once: importing them must not load TensorFlow
+  (seconds) through the train state or the checkpoints."""
+  import subprocess
+  import sys
+  code = f"import sys, dilaff_jax.{module}; print('tensorflow' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def _config_leaves(config, prefix: str = ""):
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      yield from _config_leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}"
+
+
+def test_every_config_key_is_read_by_the_package():
+  """A key the code never reads is a knob that silently does nothing (``model.eval_output_stride`` was one while
+  evaluation read ``eval.output_stride``). Read = its name appears as an attribute or a string in a module other
+  than the validator (which checked that dead key too)."""
+  import re
+
+  from configs import default
+  source = "\n".join(p.read_text() for p in (ROOT / PACKAGE).rglob("*.py") if p.name != "config_checks.py")
+  unread = [key for key in _config_leaves(default.get_config())
+            if not re.search(r"(\.{0}\b|[\"']{0}[\"'])".format(re.escape(key.rsplit(".", 1)[-1])), source)]
+  assert not unread, f"config keys no module reads: {unread}"
+
+
+def test_the_training_step_imports_without_tensorflow():
+  """The step (and the train state it updates) runs on a JAX-only GPU machine: importing them works with TensorFlow
+  and TensorFlow Datasets blocked."""
+  import subprocess
+  import sys
+  code = """
+import sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
+      raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from dilaff_jax import state, step
+print('ok', 'tensorflow' in sys.modules)
+"""
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0 and out.stdout.split() == ["ok", "False"], out.stderr[-3000:]
