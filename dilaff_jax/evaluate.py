@@ -296,8 +296,7 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
   model = build_model(config, rates)
   ndev = jax.local_device_count()
   per_device = config.eval.batch_size // jax.device_count()
-  pipes = input_pipeline.from_config(config.dataset, seed=config.seed, local_device_count=ndev,
-                                     per_device_batch=per_device, eval_per_device_batch=per_device)
+  pipes = input_pipeline.eval_from_config(config.dataset, local_device_count=ndev, per_device_batch=per_device)
   iterations = tuple(sorted(set(config.eval.iterations) | {int(config.affinity.iterations)}))
   p_eval = jax.pmap(functools.partial(eval_step, apply_fn=model.apply, config=config, rates=rates,
                                       iterations=iterations), axis_name=AXIS)

@@ -381,6 +381,13 @@ def prefetch_to_device(batches: Iterator[Batch], size: int = 2, devices: Sequenc
 # ----------------------------------------------------------------------------------------------- config
 
 
+class EvalPipeline(NamedTuple):
+  """What ``eval_from_config`` builds: a factory of eval passes and the dataset's facts."""
+  make_eval: Callable[[], Iterator[Batch]]
+  class_names: list[str]
+  num_eval_examples: int
+
+
 class Pipelines(NamedTuple):
   """What ``from_config`` builds: the training iterator, a factory of eval passes and the dataset's facts."""
   train: Iterator[Batch]
@@ -390,35 +397,60 @@ class Pipelines(NamedTuple):
   num_eval_examples: int
 
 
-def from_config(dataset_cfg: Any, *, seed: int, local_device_count: int, per_device_batch: int,
-                eval_per_device_batch: int | None = None, start_step: int = 0, process_index: int | None = None,
-                process_count: int | None = None,
-                weight_map: Callable[[np.ndarray], np.ndarray] | None = None) -> Pipelines:
-  """Builds (and prepares if needed) the dataset described by an ``ml_collections.ConfigDict``.
-
-  Keys read: ``name``, ``data_dir``, ``manual_dir``, ``train_split``, ``eval_split``, ``num_classes``,
-  ``ignore_label``, ``crop_size``, ``min_scale``, ``max_scale``, ``scale_step``, ``mean``, ``std``,
-  ``eval_pad_size`` (None = largest eval example). No shuffle buffer is needed: each epoch is a full permutation.
-  ``weight_map`` adds per-pixel training weights (see :func:`train_iterator`).
-  """
-  cfg = dataset_cfg
+def _checked_builder(cfg: Any):
+  """The prepared builder of ``cfg`` and its class names (their number must be ``cfg.num_classes``)."""
   builder = datasets.get_builder(cfg.name, data_dir=cfg.get("data_dir"), manual_dir=cfg.get("manual_dir"),
                                  num_classes=cfg.num_classes)
   names = datasets.class_names(builder)
   if len(names) != cfg.num_classes:
     raise datasets.DataError(f"Config says num_classes={cfg.num_classes} but {builder.info.full_name} has "
                              f"{len(names)} classes: {names}.")
-  common = dict(num_classes=cfg.num_classes, mean=tuple(cfg.mean), std=tuple(cfg.std),
-                ignore_label=cfg.ignore_label, process_index=process_index, process_count=process_count)
-  train = train_iterator(
-      builder, split=cfg.train_split, crop_size=cfg.crop_size, local_device_count=local_device_count,
-      per_device_batch=per_device_batch, seed=seed, start_step=start_step, min_scale=cfg.min_scale,
-      max_scale=cfg.max_scale, scale_step=cfg.scale_step, weight_map=weight_map, **common)
-  eval_batch = eval_per_device_batch or per_device_batch
+  return builder, names
+
+
+def _common(cfg: Any, process_index: int | None, process_count: int | None) -> dict:
+  return dict(num_classes=cfg.num_classes, mean=tuple(cfg.mean), std=tuple(cfg.std), ignore_label=cfg.ignore_label,
+              process_index=process_index, process_count=process_count)
+
+
+def _eval_pipeline(builder, names: list[str], cfg: Any, local_device_count: int, per_device_batch: int,
+                   process_index: int | None, process_count: int | None) -> EvalPipeline:
+  common = _common(cfg, process_index, process_count)
 
   def make_eval() -> Iterator[Batch]:
     return eval_iterator(builder, split=cfg.eval_split, local_device_count=local_device_count,
-                         per_device_batch=eval_batch, pad_size=cfg.get("eval_pad_size"), **common)
+                         per_device_batch=per_device_batch, pad_size=cfg.get("eval_pad_size"), **common)
 
-  return Pipelines(train, make_eval, names, builder.info.splits[cfg.train_split].num_examples,
-                   builder.info.splits[cfg.eval_split].num_examples)
+  return EvalPipeline(make_eval, names, builder.info.splits[cfg.eval_split].num_examples)
+
+
+def eval_from_config(dataset_cfg: Any, *, local_device_count: int, per_device_batch: int,
+                     process_index: int | None = None, process_count: int | None = None) -> EvalPipeline:
+  """The evaluation side of :func:`from_config` alone (the train split is never indexed). Keys read: ``name``,
+  ``data_dir``, ``manual_dir``, ``eval_split``, ``num_classes``, ``ignore_label``, ``mean``, ``std``,
+  ``eval_pad_size`` (None = largest eval example)."""
+  return _eval_pipeline(*_checked_builder(dataset_cfg), dataset_cfg, local_device_count, per_device_batch,
+                        process_index, process_count)
+
+
+def from_config(dataset_cfg: Any, *, seed: int, local_device_count: int, per_device_batch: int,
+                eval_per_device_batch: int | None = None, start_step: int = 0, process_index: int | None = None,
+                process_count: int | None = None,
+                weight_map: Callable[[np.ndarray], np.ndarray] | None = None) -> Pipelines:
+  """Builds (and prepares if needed) the dataset described by an ``ml_collections.ConfigDict``.
+
+  Keys read: those of :func:`eval_from_config` and ``train_split``, ``crop_size``, ``min_scale``, ``max_scale``,
+  ``scale_step``. No shuffle buffer is needed: each epoch is a full permutation. ``weight_map`` adds per-pixel
+  training weights (see :func:`train_iterator`).
+  """
+  cfg = dataset_cfg
+  builder, names = _checked_builder(cfg)
+  train = train_iterator(
+      builder, split=cfg.train_split, crop_size=cfg.crop_size, local_device_count=local_device_count,
+      per_device_batch=per_device_batch, seed=seed, start_step=start_step, min_scale=cfg.min_scale,
+      max_scale=cfg.max_scale, scale_step=cfg.scale_step, weight_map=weight_map,
+      **_common(cfg, process_index, process_count))
+  ev = _eval_pipeline(builder, names, cfg, local_device_count, eval_per_device_batch or per_device_batch,
+                      process_index, process_count)
+  return Pipelines(train, ev.make_eval, names, builder.info.splits[cfg.train_split].num_examples,
+                   ev.num_eval_examples)

@@ -229,8 +229,8 @@ def collect(config: ml_collections.ConfigDict, variables, rates) -> dict:
   affinity logits ``x`` of Eq. 7 (recovered from the steep sigmoid; exact for single-scale, unflipped inference)
   and the mask of neighbours inside each real image ``[N, H, W, D]``, labels (void outside the image), sizes."""
   model = state.build_model(config, rates, axis_name=None)
-  pipes = input_pipeline.from_config(config.dataset, seed=config.seed, local_device_count=1,
-                                     per_device_batch=config.eval.batch_size)
+  pipes = input_pipeline.eval_from_config(config.dataset, local_device_count=1,
+                                          per_device_batch=config.eval.batch_size)
   fn = None
   parts = {k: [] for k in ("probs", "logits", "inside", "label", "height", "width")}
   seen = 0

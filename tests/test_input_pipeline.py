@@ -219,6 +219,26 @@ def test_from_config(tiny):
     ip.from_config(cfg, seed=0, local_device_count=1, per_device_batch=1, **SINGLE_HOST)
 
 
+def test_eval_from_config_never_touches_the_train_split(tiny):
+  """Evaluation builds only the eval side: the same batches as ``from_config``'s, even with a train split that
+  does not exist (which ``from_config`` refuses)."""
+  cfg = ml_collections.ConfigDict(dict(
+      name="synthetic_shapes/tiny", data_dir=tiny.data_dir_root, manual_dir=None, train_split="train",
+      eval_split="validation", num_classes=6, ignore_label=255, crop_size=(24, 32), min_scale=0.5, max_scale=2.0,
+      scale_step=0.25, mean=ip.IMAGENET_MEAN_255, std=ip.IMAGENET_STD_255, eval_pad_size=None))
+  both = ip.from_config(cfg, seed=0, local_device_count=2, per_device_batch=1, eval_per_device_batch=2,
+                        **SINGLE_HOST)
+  cfg.train_split = "no_such_split"
+  with pytest.raises(Exception, match="no_such_split"):
+    ip.from_config(cfg, seed=0, local_device_count=2, per_device_batch=1, **SINGLE_HOST)
+  alone = ip.eval_from_config(cfg, local_device_count=2, per_device_batch=2, **SINGLE_HOST)
+  assert (alone.class_names, alone.num_eval_examples) == (both.class_names, both.num_eval_examples)
+  for x, y in zip(both.make_eval(), alone.make_eval(), strict=True):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
 def test_prefetch_to_device_shards_the_device_axis():
   devices = jax.local_devices()
   batches = [{"x": np.arange(len(devices) * 6, dtype=np.float32).reshape(len(devices), 2, 3) + k,
