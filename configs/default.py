@@ -6,6 +6,8 @@ e.g. ``--config.affinity.beta=1.5``. ``dilaff_jax.config_checks.validate`` check
 
 import ml_collections
 
+from dilaff_jax import conventions
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -20,14 +22,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = "train_aug"
   c.dataset.eval_split = "val"
   c.dataset.num_classes = 21
-  c.dataset.ignore_label = 255
+  c.dataset.ignore_label = conventions.IGNORE_LABEL
   c.dataset.crop_size = 513               # training crop (square)
   c.dataset.min_scale = 0.5               # random scale in [min_scale, max_scale] with step scale_step
   c.dataset.max_scale = 2.0
   c.dataset.scale_step = 0.25
   c.dataset.eval_pad_size = (513, 513)    # evaluation pads every image (image: mean, label: 255) to this size
-  c.dataset.mean = (123.675, 116.28, 103.53)  # torchvision ImageNet statistics (0-255), matching the weights
-  c.dataset.std = (58.395, 57.12, 57.375)
+  c.dataset.mean = conventions.IMAGENET_MEAN_255  # torchvision ImageNet statistics (0-255), matching the weights
+  c.dataset.std = conventions.IMAGENET_STD_255
 
   # --- model (dilaff_jax/models/) ---
   c.model = ml_collections.ConfigDict()

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dilaff_jax.conventions import IGNORE_LABEL
+
 if TYPE_CHECKING:  # pragma: no cover
   from dilaff_jax.stats import AffinityStats
 
@@ -94,7 +96,7 @@ def neighbor_offsets(rates: Sequence[RateSpec]) -> tuple[tuple[int, int], ...]:
 
 
 def affinity_targets(labels: jax.Array, rates: Sequence[RateSpec],
-                     ignore_label: int = 255) -> tuple[jax.Array, jax.Array]:
+                     ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
   """Dilated-affinity ground truth (Eq. 1) for every pixel and direction.
 
   Args:
@@ -217,7 +219,7 @@ def signal_weights(pos_freq: np.ndarray, max_weight: float | None = None) -> np.
 
 
 def affinity_loss_sum(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec], stats: "AffinityStats",
-                      scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = 255,
+                      scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = IGNORE_LABEL,
                       max_weight: float | None = None) -> tuple[jax.Array, jax.Array]:
   """Numerator and denominator of :func:`affinity_loss`: ``(Σ_pixels Σ_r w_r(k) Σ_c valid·FL, N)``.
 
@@ -256,7 +258,7 @@ def affinity_loss_sum(logits: jax.Array, labels: jax.Array, rates: Sequence[Rate
 
 
 def affinity_loss(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec], stats: "AffinityStats",
-                  scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = 255,
+                  scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = IGNORE_LABEL,
                   max_weight: float | None = None) -> jax.Array:
   """The affinity loss ``L_aff`` (Eq. 5 without β), a scalar.
 
@@ -294,7 +296,7 @@ def prior_bias(pos_freq: Sequence[float], eps: float = 1e-4) -> np.ndarray:
 
 
 def affinity_accuracy_counts(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec],
-                             ignore_label: int = 255,
+                             ignore_label: int = IGNORE_LABEL,
                              partial_neighbors: str = "rescale") -> tuple[jax.Array, jax.Array]:
   """Correct and total valid signals per rate and neighbour category (Fig. 4).
 

@@ -29,10 +29,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from dilaff_jax import datasets
+from dilaff_jax.conventions import IMAGENET_MEAN_255, IMAGENET_STD_255
 from dilaff_jax.datasets import records
 
-IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
-IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 Batch = dict[str, np.ndarray]
 BuilderOrName = tfds.core.DatasetBuilder | str

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dilaff_jax import affinity
+from dilaff_jax.conventions import IGNORE_LABEL
 
 
 def steep_sigmoid(logits: jax.Array, mu: float = 7.0) -> jax.Array:
@@ -20,7 +21,7 @@ def steep_sigmoid(logits: jax.Array, mu: float = 7.0) -> jax.Array:
   return jax.nn.sigmoid(jnp.asarray(logits) * math.log(mu))
 
 
-def gt_affinity(labels: jax.Array, rates: Sequence, ignore_label: int = 255) -> jax.Array:
+def gt_affinity(labels: jax.Array, rates: Sequence, ignore_label: int = IGNORE_LABEL) -> jax.Array:
   """The ground-truth oracle of Tables 3–4: ``a = target · valid`` as float32 ``[B, H, W, 8·|R|]``."""
   targets, valid = affinity.affinity_targets(labels, rates, ignore_label)
   return targets * valid

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dilaff_jax import affinity, errors
+from dilaff_jax.conventions import IGNORE_LABEL
 
 FORMAT_VERSION = 2  # 2: records the n_k rule (partial_neighbors); version 1 files were counted with "count" and
                     # put pixels without valid neighbours into n_0
@@ -171,7 +172,7 @@ def check_weights_defined(stats: AffinityStats, scheme: str,
           "affinity.scheme='none'/'signal'")
 
 
-def compute_usable_stats(label_maps: Iterable[np.ndarray], rates: Sequence, ignore_label: int = 255,
+def compute_usable_stats(label_maps: Iterable[np.ndarray], rates: Sequence, ignore_label: int = IGNORE_LABEL,
                          source: str = "", scheme: str = "none", **kwargs) -> AffinityStats:
   """:func:`compute_stats` (``kwargs`` passed on), then :func:`check_weights_defined` for ``scheme``; a rate too
   large for the label maps raises :class:`StatsError` naming the rate and the largest label map, before any jit
@@ -213,7 +214,7 @@ def _pad_to_multiple(label: np.ndarray, multiple: int, ignore_label: int) -> np.
   return label
 
 
-def map_counts(label: np.ndarray, rates: Sequence, ignore_label: int = 255, pad_multiple: int = 32,
+def map_counts(label: np.ndarray, rates: Sequence, ignore_label: int = IGNORE_LABEL, pad_multiple: int = 32,
                partial_neighbors: str = "rescale") -> StatsCounts:
   """Counts of one ``[H, W]`` label map (jit'd; shapes padded to ``pad_multiple`` to bound recompiles)."""
   label = np.asarray(label)
@@ -228,7 +229,7 @@ def map_counts(label: np.ndarray, rates: Sequence, ignore_label: int = 255, pad_
   return StatsCounts(cat.astype(np.int64), pos.astype(np.int64), val.astype(np.int64), 1)
 
 
-def compute_stats(label_maps: Iterable[np.ndarray], rates: Sequence, ignore_label: int = 255, source: str = "",
+def compute_stats(label_maps: Iterable[np.ndarray], rates: Sequence, ignore_label: int = IGNORE_LABEL, source: str = "",
                   log_every: int = 0, total: int | None = None, pad_multiple: int = 32,
                   partial_neighbors: str = "rescale") -> AffinityStats:
   """Streams over label maps (any sizes) and returns their :class:`AffinityStats`.
@@ -345,7 +346,7 @@ def _main(argv) -> None:
   p.add_argument("--data_dir", default=None)
   p.add_argument("--rates", default="8,12x24,16", help="paper shorthand, e.g. '8,12x24,16' (12x24 adds 24x12)")
   p.add_argument("--plot_rates", default="2,4,8,16,32,64", help="rates for the Fig. 3 PNG")
-  p.add_argument("--ignore_label", type=int, default=255)
+  p.add_argument("--ignore_label", type=int, default=IGNORE_LABEL)
   p.add_argument("--partial_neighbors", default="rescale", choices=affinity.PARTIAL_NEIGHBORS,
                  help="n_k rule for pixels with invalid neighbours (must match affinity.partial_neighbors)")
   p.add_argument("--max_images", type=int, default=0, help="0 = the whole split")

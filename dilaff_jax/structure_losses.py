@@ -72,6 +72,7 @@ import numpy as np
 from scipy import ndimage
 
 from dilaff_jax import affinity
+from dilaff_jax.conventions import IGNORE_LABEL
 
 GROUP, SEPARATE = 0, 1  # first axis of the AAF sums, counts and weights
 PROB_EPSILON = 1e-4  # the authors' clip of p and 1 - p before the KL divergence
@@ -132,7 +133,7 @@ def _corners(x: jax.Array, offsets, pad: int, fill=0) -> jax.Array:
 
 
 def aaf_loss_sum(logits: jax.Array, labels: jax.Array, dilations: Sequence[int], weights: jax.Array | None = None,
-                 margin: float = 3.0, ignore_label: int = 255) -> tuple[jax.Array, jax.Array]:
+                 margin: float = 3.0, ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
   """Sums and element counts of the AAF terms: ``([2, S] float32, [2, S] int32)``, row 0 grouping, 1 separating.
 
   Args:
@@ -194,7 +195,7 @@ def aaf_loss(sums: jax.Array, counts: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------- boundary
 
 
-def unet_weight_map(label: np.ndarray, *, num_classes: int, ignore_label: int = 255, w0: float = 10.0,
+def unet_weight_map(label: np.ndarray, *, num_classes: int, ignore_label: int = IGNORE_LABEL, w0: float = 10.0,
                     sigma: float = 5.0, background: int = 0, class_balance: bool = True) -> np.ndarray:
   """U-Net's weight map ``w_c + w_0 · exp(-(d_1 + d_2)² / (2σ²))`` of one ``[H, W]`` label map, float32.
 
@@ -236,7 +237,7 @@ def unet_weight_map(label: np.ndarray, *, num_classes: int, ignore_label: int = 
 
 
 def boundary_loss_sum(logits: jax.Array, labels: jax.Array, weight_map: jax.Array,
-                      ignore_label: int = 255) -> tuple[jax.Array, jax.Array]:
+                      ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
   """``(Σ_x w(x) · CE(x), N)`` over the labelled pixels: U-Net's weighted cross-entropy and its normaliser."""
   labelled = labels != ignore_label
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

@@ -14,7 +14,7 @@ PACKAGE = "dilaff_jax"
 # Lower layers never import higher ones; a module may import its own layer (the graph must still be acyclic).
 LAYERS = (
     # 0: the paper's maths, the network, pictures, errors: no project imports beyond this layer
-    ("errors", "affinity", "propagation", "crf", "visualize", "models", "models.resnet", "models.deeplab",
+    ("conventions", "errors", "affinity", "propagation", "crf", "visualize", "models", "models.resnet", "models.deeplab",
      "datasets.records", "datasets.shapes_render"),
     # 1: what builds on the maths alone: losses, inference, weights, command-line and workdir helpers, builders
     ("structure_losses", "inference", "pretrained", "cli", "workdir_lock", "datasets.common", "datasets.cityscapes",

@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from dilaff_jax import errors
+from dilaff_jax import conventions, errors
 
-IGNORE_LABEL = 255
+IGNORE_LABEL = conventions.IGNORE_LABEL
 
 
 class DataError(errors.UserError, ValueError):

@@ -16,7 +16,9 @@ import dataclasses
 
 import numpy as np
 
-IGNORE_LABEL = 255
+from dilaff_jax import conventions
+
+IGNORE_LABEL = conventions.IGNORE_LABEL
 
 CLASS_NAMES = ("background", "red_stripes", "orange_stripes", "green_checks", "teal_dots", "violet_blobs")
 
