@@ -1,4 +1,4 @@
-"""Training-step cost of the paper's model on this CPU, with and without the dilated-affinity head (issue 5).
+"""Training-step cost of the paper's model on this CPU, with and without the dilated-affinity head.
 
 The model is the paper's ResNet-101 DeepLabv3+ (21 classes, output stride 16 to train) with the affinity head for
 R = {8, (12, 24), 16} (4 explicit rates, 32 channels), next to plain DeepLabv3+ (no head, rates = ()): the head's

@@ -66,7 +66,7 @@ def _class_stats(pp: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
   """``max_c p`` and ``Σ_c p`` over the first ``c`` entries of the class axis (3) of ``[B, H', W, K]``, float32.
 
   One variadic reduce: XLA:CPU hands a plain large ``reduce`` to YNNPACK, whose fusions cannot read strided
-  slices and would then materialise every shifted copy of ``p`` (the cause of the old ~50 ms per iteration).
+  slices and would then materialise every shifted copy of ``p`` (about 50 ms per iteration instead of a few).
   """
   pf = pp[..., :c].astype(jnp.float32)
   both = lambda x, y: (jnp.maximum(x[0], y[0]), x[1] + y[1])
