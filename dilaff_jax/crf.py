@@ -15,7 +15,11 @@ This is CPU code on NumPy arrays (one image at a time); it never touches JAX.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+
+from dilaff_jax import visualize
 
 PACKAGE = "pydensecrf2"
 REQUIREMENT = "pydensecrf2==1.1"
@@ -134,3 +138,28 @@ def dense_crf(image_uint8: np.ndarray, probs: np.ndarray, *, iterations: int = 1
   model.addPairwiseBilateral(sxy=float(sxy_bilateral), srgb=float(srgb), rgbim=image, compat=float(compat_bilateral))
   marginals = np.asarray(model.inference(int(iterations)), dtype=np.float32)  # [C, H·W]
   return np.ascontiguousarray(marginals.T.reshape(h, w, c))
+
+
+def confusion_after_crf(batch: dict, probs: np.ndarray, config) -> tuple[np.ndarray, float]:
+  """Dense-CRF post-processing (Table 5's comparison) of one host batch's probabilities ``[N, H, W, C]``: the
+  confusion matrix of the refined predictions over the real pixels, and the CRF seconds spent. ``config.eval``'s
+  ``crf_*`` keys are :func:`dense_crf`'s parameters."""
+  c = config.dataset.num_classes
+  e = config.eval
+  images = visualize.denormalize(batch["image"].reshape(-1, *batch["image"].shape[2:]), config.dataset.mean,
+                                 config.dataset.std)
+  labels = batch["label"].reshape(-1, *batch["label"].shape[2:])
+  mask, heights, widths = (batch[k].reshape(-1) for k in ("mask", "height", "width"))
+  conf = np.zeros((c, c), np.int64)
+  seconds = 0.0
+  for i in np.flatnonzero(mask):
+    h, w = int(heights[i]), int(widths[i])
+    start = time.perf_counter()
+    refined = dense_crf(images[i, :h, :w], probs[i, :h, :w], iterations=e.crf_iterations,
+                            sxy_gaussian=e.crf_sxy_gaussian, compat_gaussian=e.crf_compat_gaussian,
+                            sxy_bilateral=e.crf_sxy_bilateral, srgb=e.crf_srgb, compat_bilateral=e.crf_compat_bilateral)
+    seconds += time.perf_counter() - start
+    y = labels[i, :h, :w].reshape(-1)
+    keep = y != config.dataset.ignore_label
+    conf += np.bincount(y[keep] * c + refined.argmax(-1).reshape(-1)[keep], minlength=c * c).reshape(c, c)
+  return conf, seconds

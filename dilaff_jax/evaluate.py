@@ -121,31 +121,7 @@ def _markdown(results: dict, class_names: Sequence[str]) -> str:
     lines += ["", f"Dense CRF on the same predictions (Table 5): **{100 * results['miou_crf']:.2f}%**, "
               f"{results['crf_ms_per_image']:.0f} ms per image"]
   lines += ["", f"Throughput: {results['images_per_second']:.2f} images/s (network, propagation sweep and scoring)"]
-  if "propagation_ms_per_image" in results:
-    lines.append(f"Affinity propagation, {_iterations(results['final_iterations'])}: "
-                 f"{results['propagation_ms_per_image']:.1f} ms per image (padded size, one image)")
   return "\n".join(lines) + "\n"
-
-
-def plot_affinity_accuracy(acc: dict, path: str, title: str) -> None:
-  """Fig. 4-style PNG: accuracy of the affinity prediction against n_k, one line per rate and their mean."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
-  ks = np.arange(9)
-  for rate, row in acc["per_rate"].items():
-    ax.plot(ks, [np.nan if v is None else 100 * v for v in row], marker="o", label=f"rate {rate}")
-  ax.plot(ks, [np.nan if v is None else 100 * v for v in acc["mean"]], "k--", lw=2, label="mean")
-  ax.set_xticks(ks, [f"$n_{k}$" for k in ks])
-  ax.set_ylabel("affinity accuracy (%)")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
 
 
 def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables, batch: dict, rates: affinity.Rates,
@@ -153,10 +129,6 @@ def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables,
   """A PNG to look at: for the first examples of ``batch``, the input, its label, the prediction, the prediction
   after affinity propagation and the mean predicted affinity of the first rate (dark = boundary); with
   ``class_names``, a legend of the classes shown."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   flat = {k: np.asarray(v).reshape(-1, *np.asarray(v).shape[2:]) for k, v in batch.items() if k != "image_id"}
   keep = np.flatnonzero(flat["mask"])[:max_examples]
   if keep.size == 0:
@@ -167,81 +139,24 @@ def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables,
                                  scales=tuple(config.eval.scales), flip=config.eval.flip, rates=rates,
                                  mu=config.affinity.mu))
   probs, aff = fn(variables, images)
+  prediction = np.asarray(probs).argmax(-1)
   palette = visualize.palette_for(config.dataset.name)
   columns = {"input": visualize.denormalize(flat["image"][keep], config.dataset.mean, config.dataset.std),
              "label": visualize.colorize(flat["label"][keep], palette),
-             "prediction": visualize.colorize(np.asarray(probs).argmax(-1), palette)}
+             "prediction": visualize.colorize(prediction, palette)}
   if rates:
     inside = inference.inside_mask(jnp.asarray(flat["height"][keep]), jnp.asarray(flat["width"][keep]), size, rates)
     refined = propagation.propagate(probs, aff * inside, rates, config.affinity.lam, int(config.affinity.iterations))
     columns[f"propagated ({config.affinity.iterations} it.)"] = visualize.colorize(np.asarray(refined).argmax(-1),
                                                                                    palette)
     columns[f"affinity, rate {affinity.rate_label(rates[0])}"] = visualize.affinity_picture(np.asarray(aff)[..., :8])
-  fig, axes = plt.subplots(len(keep), len(columns), figsize=(2.2 * len(columns), 2.2 * len(keep)), dpi=100,
-                           squeeze=False)
-  for row, i in enumerate(keep):
-    h, w = int(flat["height"][i]), int(flat["width"][i])
-    for col, (title, pics) in enumerate(columns.items()):
-      ax = axes[row, col]
-      ax.imshow(pics[row][:h, :w])
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if row == 0:
-        ax.set_title(title, fontsize=9)
-  if class_names:
-    from matplotlib.patches import Patch
-    shown = sorted(set(np.unique(flat["label"][keep]).tolist()) | set(np.unique(np.asarray(probs).argmax(-1)).tolist()))
-    handles = [Patch(color=palette[c] / 255.0, label=class_names[c]) for c in shown if c < len(class_names)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.35 / len(keep), 1, 1))
-  else:
-    fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  shown = sorted(set(np.unique(flat["label"][keep]).tolist()) | set(np.unique(prediction).tolist()))
+  legend = {class_names[c]: palette[c] for c in shown if c < len(class_names)}
+  visualize.save_grid(columns, flat["height"][keep], flat["width"][keep], path, legend)
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> list:
   return [None if d == 0 else float(n / d) for n, d in zip(num, den)]
-
-
-def crf_confusion(batch: dict, probs: np.ndarray, config: ml_collections.ConfigDict) -> tuple[np.ndarray, float]:
-  """Dense-CRF post-processing (Table 5's comparison) of one host batch's probabilities ``[N, H, W, C]``: the
-  confusion matrix of the refined predictions over the real pixels, and the CRF seconds spent."""
-
-  c = config.dataset.num_classes
-  e = config.eval
-  images = visualize.denormalize(batch["image"].reshape(-1, *batch["image"].shape[2:]), config.dataset.mean,
-                                 config.dataset.std)
-  labels = batch["label"].reshape(-1, *batch["label"].shape[2:])
-  mask, heights, widths = (batch[k].reshape(-1) for k in ("mask", "height", "width"))
-  conf = np.zeros((c, c), np.int64)
-  seconds = 0.0
-  for i in np.flatnonzero(mask):
-    h, w = int(heights[i]), int(widths[i])
-    start = time.perf_counter()
-    refined = crf.dense_crf(images[i, :h, :w], probs[i, :h, :w], iterations=e.crf_iterations,
-                            sxy_gaussian=e.crf_sxy_gaussian, compat_gaussian=e.crf_compat_gaussian,
-                            sxy_bilateral=e.crf_sxy_bilateral, srgb=e.crf_srgb, compat_bilateral=e.crf_compat_bilateral)
-    seconds += time.perf_counter() - start
-    y = labels[i, :h, :w].reshape(-1)
-    keep = y != config.dataset.ignore_label
-    conf += np.bincount(y[keep] * c + refined.argmax(-1).reshape(-1)[keep], minlength=c * c).reshape(c, c)
-  return conf, seconds
-
-
-def propagation_seconds_per_image(size: tuple[int, int], num_classes: int, rates: affinity.Rates, lam: float,
-                                  iterations: int, repeats: int = 3) -> float:
-  """Wall time of :func:`propagation.propagate` on one image of ``size`` (after compiling), best of ``repeats``."""
-  rng = np.random.default_rng(0)
-  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(1, *size, num_classes)), jnp.float32), axis=-1)
-  aff = jnp.asarray(rng.uniform(size=(1, *size, 8 * len(rates))), jnp.float32)
-  jax.block_until_ready(propagation.propagate(probs, aff, rates, lam, iterations))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(propagation.propagate(probs, aff, rates, lam, iterations))
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def accumulate(p_eval, variables, batches, num_batches: int | None = None, batch_size: int = 0,
@@ -305,7 +220,7 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
   if config.eval.max_images:
     num_batches = min(num_batches, -(-config.eval.max_images // config.eval.batch_size))
   start = time.time()
-  crf_fn = functools.partial(crf_confusion, config=config) if config.eval.crf else None
+  crf_fn = functools.partial(crf.confusion_after_crf, config=config) if config.eval.crf else None
   totals = accumulate(p_eval, variables, pipes.make_eval(), num_batches, config.eval.batch_size, crf_fn)
   num_images = totals["num_images"]
   elapsed = time.time() - start
@@ -336,11 +251,6 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
   if "crf" in confs:
     results["miou_crf"] = mean_iou(confs["crf"])
     results["crf_ms_per_image"] = 1e3 * totals["crf_seconds"] / max(num_images, 1)
-  if rates:
-    pad = tuple(int(v) for v in np.asarray(config.dataset.eval_pad_size)) if config.dataset.get("eval_pad_size") \
-        else (129, 129)
-    results["propagation_ms_per_image"] = 1e3 * propagation_seconds_per_image(
-        pad, config.dataset.num_classes, rates, config.affinity.lam, int(config.affinity.iterations))
 
   if jax.process_index() == 0:
     out_dir = os.path.join(results_dir(config, workdir), f"step_{step}")
@@ -351,7 +261,7 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
     with open(os.path.join(out_dir, "results.md"), "w") as f:
       f.write(md)
     if rates:
-      plot_affinity_accuracy(results["affinity_accuracy"], os.path.join(out_dir, "affinity_accuracy.png"),
+      visualize.plot_affinity_accuracy(results["affinity_accuracy"], os.path.join(out_dir, "affinity_accuracy.png"),
                              f"Affinity accuracy per n_k, step {step}")
     first = next(iter(pipes.make_eval()))
     save_examples_figure(config, model.apply, {"params": state.params, "batch_stats": state.batch_stats}, first,

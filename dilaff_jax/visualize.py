@@ -1,4 +1,5 @@
-"""Pictures for people: label palettes, colourised masks, blends, affinity maps (numpy only)."""
+"""Pictures for people: label palettes, colourised masks, blends, affinity maps (numpy), and the figures that
+evaluation writes (matplotlib, imported only when a figure is drawn)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,55 @@ def affinity_picture(affinity: np.ndarray) -> np.ndarray:
   mean = np.asarray(affinity, np.float32).mean(-1)
   grey = np.clip(255 * mean + 0.5, 0, 255).astype(np.uint8)
   return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_affinity_accuracy(acc: dict, path: str, title: str) -> None:
+  """Fig. 4-style PNG: accuracy of the affinity prediction against n_k, one line per rate and their mean."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+  ks = np.arange(9)
+  for rate, row in acc["per_rate"].items():
+    ax.plot(ks, [np.nan if v is None else 100 * v for v in row], marker="o", label=f"rate {rate}")
+  ax.plot(ks, [np.nan if v is None else 100 * v for v in acc["mean"]], "k--", lw=2, label="mean")
+  ax.set_xticks(ks, [f"$n_{k}$" for k in ks])
+  ax.set_ylabel("affinity accuracy (%)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def save_grid(columns: dict[str, np.ndarray], heights, widths, path: str, legend: dict | None = None) -> None:
+  """A PNG grid: one row per example, one column per entry of ``columns`` (title -> uint8 pictures
+  ``[N, H, W, 3]``), each cropped to the example's ``heights[i] x widths[i]``; ``legend``: class name -> RGB."""
+  plt = _pyplot()
+  from matplotlib.patches import Patch
+
+  n = len(heights)
+  fig, axes = plt.subplots(n, len(columns), figsize=(2.2 * len(columns), 2.2 * n), dpi=100, squeeze=False)
+  for row in range(n):
+    h, w = int(heights[row]), int(widths[row])
+    for col, (title, pics) in enumerate(columns.items()):
+      ax = axes[row, col]
+      ax.imshow(pics[row][:h, :w])
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if row == 0:
+        ax.set_title(title, fontsize=9)
+  if legend:
+    handles = [Patch(color=np.asarray(rgb) / 255.0, label=name) for name, rgb in legend.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 / n, 1, 1))
+  else:
+    fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

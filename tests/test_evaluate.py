@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from dilaff_jax import affinity, config_checks, evaluate, inference, input_pipeline, propagation
+from dilaff_jax import affinity, config_checks, crf, evaluate, inference, input_pipeline, propagation
 from dilaff_jax import state as state_lib
 from test_train import tiny_config
 
@@ -111,7 +111,7 @@ def test_dense_crf_scores_the_same_pixels(data_dir):
   config = synthetic.get_config("tiny")
   config.eval.crf = True
   config.eval.crf_iterations = 0
-  crf_fn = functools.partial(evaluate.crf_confusion, config=config)
+  crf_fn = functools.partial(crf.confusion_after_crf, config=config)
   totals = run_eval(config, data_dir, pad=(70, 66), per_device=3, crf_fn=crf_fn)
   np.testing.assert_array_equal(totals["confusion"]["crf"], totals["confusion"]["predicted/0"])
   config.eval.crf_iterations = 5
