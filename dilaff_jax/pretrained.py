@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from dilaff_jax import errors
 from dilaff_jax.models.resnet import DEEP_STEM_WIDTHS, LAYOUTS, STEMS, layout, resnet_variable_shapes
@@ -123,26 +124,6 @@ def _torch_key(path: tuple[str, ...]) -> str:
   return ".".join(modules + [_LEAF_TO_TORCH[path[-1]]])
 
 
-def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flat(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out
-
-
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return out
-
-
 def _describe_layout(state_dict: Mapping[str, Any]) -> str:
   """What a state dict holds, e.g. 'a ResNet-50 (bottleneck units (3, 4, 6, 3)), standard stem'."""
   units = Counter()
@@ -189,7 +170,7 @@ def torch_resnet_to_flax(state_dict: Mapping[str, Any], depth: int, stem: str = 
   """
   _check_layout(state_dict, depth, stem)
   expected = {
-    collection: _flat(tree) for collection, tree in resnet_variable_shapes(depth, stem).items()
+    collection: traverse_util.flatten_dict(tree) for collection, tree in resnet_variable_shapes(depth, stem).items()
   }  # {"params": {path: ShapeDtypeStruct}, "batch_stats": {...}}
   wanted = {_torch_key(path): (collection, path) for collection, flat in expected.items() for path in flat}
   given = {k for k in state_dict if not IGNORED.search(k)}
@@ -211,7 +192,7 @@ def torch_resnet_to_flax(state_dict: Mapping[str, Any], depth: int, stem: str = 
     out[collection][path] = value
   if bad:
     raise PretrainedWeightsError(f"shape mismatch for ResNet-{depth} ({stem} stem): " + "; ".join(bad))
-  return {collection: _nest(flat) for collection, flat in out.items()}
+  return {collection: traverse_util.unflatten_dict(flat) for collection, flat in out.items()}
 
 
 def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -243,8 +224,8 @@ def load_pretrained_backbone(
   for collection, tree in converted.items():
     if collection not in new or "backbone" not in new[collection]:
       raise PretrainedWeightsError(f"variables have no {collection}['backbone'] subtree to load weights into")
-    current = _flat(new[collection]["backbone"])
-    loaded = _flat(tree)
+    current = traverse_util.flatten_dict(new[collection]["backbone"])
+    loaded = traverse_util.flatten_dict(tree)
     if set(current) != set(loaded):
       only_model = sorted("/".join(p) for p in set(current) - set(loaded))
       only_file = sorted("/".join(p) for p in set(loaded) - set(current))
@@ -259,5 +240,5 @@ def load_pretrained_backbone(
     ]
     if bad:
       raise PretrainedWeightsError(f"shape mismatch in {collection}['backbone']: " + "; ".join(bad))
-    new[collection]["backbone"] = _nest({p: jnp.asarray(loaded[p], current[p].dtype) for p in current})
+    new[collection]["backbone"] = traverse_util.unflatten_dict({p: jnp.asarray(loaded[p], current[p].dtype) for p in current})
   return new
