@@ -48,7 +48,8 @@ def _with_structure_loss(collection: type[metrics.Collection]) -> type[metrics.C
 def segmentation_loss_sum(logits: jax.Array, labels: jax.Array, ignore_label: int) -> tuple[jax.Array, jax.Array]:
   """Softmax cross-entropy summed over labelled pixels, and their number."""
   valid = labels != ignore_label
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, labels, 0))
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
   return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
