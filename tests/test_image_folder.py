@@ -17,9 +17,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import image_folder as image_folder_config
-from dilaff_jax import checkpoints, config_checks, datasets, errors, export, predict, train, visualize
+from dilaff_jax import checkpoints, config_checks, datasets, errors, export, predict, stats, train, visualize
 from dilaff_jax import state as state_lib
-from dilaff_jax.datasets import image_folder, shapes_render
+from dilaff_jax.datasets import image_folder, prepare, shapes_render
 from test_train import REPO
 
 CLASSES = list(shapes_render.CLASS_NAMES)
@@ -119,6 +119,27 @@ def test_prepared_examples_keep_indices_and_convert_images(folder, tmp_path):
     np.testing.assert_array_equal(seen[name][0], rgb, err_msg=name)  # grey replicated, RGBA over white, JPEG as read
   assert set(np.unique(scenes["scene_003"][1])) - {255} and (np.asarray(Image.open(
       os.path.join(path, "masks", "scene_003.png")).convert("L")) != scenes["scene_003"][1]).any()
+
+
+def test_prepare_prints_splits_classes_and_a_stats_command_that_runs(folder, tmp_path, capsys, monkeypatch):
+  path, scenes = folder
+  data_dir = str(tmp_path / "tfds")
+  assert prepare.main(["--dataset=image_folder", f"--manual_dir={path}", f"--data_dir={data_dir}"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  n_val = sum(image_folder.in_val(n) for n in scenes)
+  assert f"image_folder/1.0.0 train: {len(scenes) - n_val} examples" in lines
+  assert f"image_folder/1.0.0 val: {n_val} examples" in lines
+  assert f"classes: {', '.join(CLASSES)}" in lines
+  (hint,) = [line for line in lines if "python -m dilaff_jax.stats" in line]
+  argv = hint.split("python -m dilaff_jax.stats ", 1)[1].split()
+  monkeypatch.chdir(tmp_path)  # the printed command writes stats.json where it is run
+  assert stats.main(argv) == 0  # copied as printed, it runs on the prepared copy
+  with open(tmp_path / "stats.json") as f:
+    written = stats.AffinityStats.from_json(json.load(f))
+  train_labels = [label for name, (_, label) in sorted(scenes.items()) if not image_folder.in_val(name)]
+  expected = stats.compute_stats(train_labels, written.rates)  # the folder's own train masks
+  assert written.counts.images == len(train_labels) and len(written.rates) == 4  # 8, 12x24, 24x12, 16
+  np.testing.assert_array_equal(written.counts.category, expected.counts.category)
 
 
 def test_each_folder_state_has_its_own_prepared_copy(tmp_path):

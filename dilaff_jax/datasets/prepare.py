@@ -35,7 +35,9 @@ def main(argv=None) -> int:
   print(f"prepared in {builder.data_dir}")
   if datasets.is_image_folder(args.dataset):
     print(f"classes: {', '.join(datasets.class_names(builder))}")
-    print(f"(python -m dilaff_jax.stats --dataset={args.dataset} --data_dir={builder.data_dir_root} ...)")
+    # A complete command: the prepared copy is found only through its own data_dir (see image_folder.py).
+    print(f"neighbour statistics (Fig. 3; optional, training computes its own): python -m dilaff_jax.stats "
+          f"--dataset={args.dataset} --data_dir={builder.data_dir_root} --output=stats.json")
   return 0
 
 
