@@ -318,7 +318,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
   make_output_dir(output_dir)
   rates = config_checks.rates_of(config)
   print(f"[predict] checkpoint step {step} of {workdir} on {jax.devices()[0].platform}; {len(paths)} image(s); "
-        + (f"propagation: {config.affinity.iterations} iterations, λ={config.affinity.lam}, μ={config.affinity.mu}"
+        + (f"propagation: {config.affinity.iterations} iteration{'' if config.affinity.iterations == 1 else 's'}, λ={config.affinity.lam}, μ={config.affinity.mu}"
            if rates else "no affinity head (baseline): raw predictions only"), flush=True)
   predict_one = make_predictor(config, variables)
   palette = visualize.palette_for(config.dataset.name)
