@@ -537,7 +537,9 @@ def write_aggregates(workdir: str, config_path: str, overrides: Sequence[str], r
 
 
 def export(workdir: str, rows: Sequence[Row], destination: str) -> list[str]:
-  """Copies the small outputs (module doc) to ``destination`` with the same layout; returns the copied paths."""
+  """Copies the small outputs (module doc) to ``destination`` with the same layout; returns the copied paths. Paths
+  under ``workdir`` in the JSON files (a run's ``--workdir``, an evaluation's output folder) become relative to it,
+  so that an export names no folder of the machine it ran on."""
   names = ["study.json", "study.md", "study.png"]
   for row in rows:
     for seed in row.seeds:
@@ -546,10 +548,17 @@ def export(workdir: str, rows: Sequence[Row], destination: str) -> list[str]:
       names += [os.path.join(rel, "config.json"), os.path.join(rel, "run.json"), os.path.join(step, "results.json"),
                 os.path.join(step, "results.md")]
   copied = []
+  prefix = os.path.abspath(workdir) + os.sep
   for name in names:
     if os.path.exists(os.path.join(workdir, name)):
       os.makedirs(os.path.dirname(os.path.join(destination, name)) or destination, exist_ok=True)
-      shutil.copyfile(os.path.join(workdir, name), os.path.join(destination, name))
+      if name.endswith(".json"):  # the runs' commands and configs name the study folder: keep paths inside it
+        with open(os.path.join(workdir, name)) as f:
+          text = f.read()
+        with open(os.path.join(destination, name), "w") as f:
+          f.write(text.replace(prefix, ""))
+      else:
+        shutil.copyfile(os.path.join(workdir, name), os.path.join(destination, name))
       copied.append(name)
   return copied
 

@@ -141,6 +141,21 @@ def test_export_copies_the_small_files_and_aggregates_again(tmp_path):
   assert again["aggregate"] == json.load(open(os.path.join(w, "study.json")))["aggregate"]
 
 
+def test_export_names_no_folder_of_the_machine(tmp_path):
+  """run.json holds the absolute --workdir the runner passed: the export keeps it relative to the study folder."""
+  w, rows = _fabricated(tmp_path)
+  run = os.path.join(w, "aff", "seed_0")
+  with open(os.path.join(run, "run.json"), "w") as f:
+    json.dump({"seed": 0, "command": ["-m", "dilaff_jax.main", f"--workdir={os.path.abspath(run)}",
+                                      f"--config.eval.output_dir={os.path.abspath(run)}/eval"]}, f)
+  dest = str(tmp_path / "export")
+  study.export(w, rows, dest)
+  exported = json.load(open(os.path.join(dest, "aff", "seed_0", "run.json")))
+  assert exported["command"][2:] == ["--workdir=aff/seed_0", "--config.eval.output_dir=aff/seed_0/eval"]
+  assert not any(str(tmp_path) in open(os.path.join(d, n)).read()
+                 for d, _, names in os.walk(dest) for n in names if n.endswith((".json", ".md")))
+
+
 def test_study_end_to_end_on_tiny(tmp_path, data_dir):
   """Two trained rows and one evaluate row of seed 0: all finish; a second invocation runs nothing."""
   w = str(tmp_path / "study")
