@@ -202,14 +202,17 @@ def _assertion_text(message: str) -> str:
 def _numpy_batches(dataset: tf.data.Dataset) -> Iterator[Batch]:
   """Numpy batches; a failed input check in the graph becomes a ``ValueError`` with its message."""
   iterator = dataset.as_numpy_iterator()
-  while True:
-    try:
-      batch = next(iterator)
-    except StopIteration:
-      return
-    except tf.errors.InvalidArgumentError as error:
-      raise ValueError(f"Bad input example: {_assertion_text(error.message)}") from None
-    yield batch
+  try:
+    while True:
+      try:
+        batch = next(iterator)
+      except StopIteration:
+        return
+      except tf.errors.InvalidArgumentError as error:
+        raise ValueError(f"Bad input example: {_assertion_text(error.message)}") from None
+      yield batch
+  finally:  # closing the generator stops tf.data's threads here, not whenever the garbage collector gets to them
+    del iterator
 
 
 def _to_devices(batch: dict[str, tf.Tensor], devices: int, per_device: int) -> dict[str, tf.Tensor]:

@@ -224,7 +224,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: 
   rng = jax.random.key(config.seed)
   state = create_train_state(config, model, rng)
   compat = checkpoints.compat_record(config, rates)
-  with checkpoints.opened(workdir, config, write=True) as mngr:
+  with checkpoints.opened(workdir, config, write=True) as mngr, contextlib.ExitStack() as stack:
     if mngr.latest_step() is not None:
       state, _, damaged = checkpoints.restore_newest_intact(mngr, state, compat)
       _barrier("checkpoints verified")
@@ -247,6 +247,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: 
                                        per_device_batch=per_device, start_step=start,
                                        weight_map=boundary_weight_map(config))
     batches = input_pipeline.prefetch_to_device(pipes.train)
+    stack.callback(pipes.train.close)  # on every exit path: tf.data's threads must not outlive the run
+    stack.callback(batches.close)
     palette = visualize.palette_for(config.dataset.name)
     total = config.train.num_steps
     if start >= total:

@@ -2,6 +2,7 @@
 
 No persistent compilation cache: with jaxlib 0.10.2 on CPU, writing an executable to it crashed the whole test
 process (a segfault or abort inside `put_executable_and_time`) in CI runs, even with a fresh cache per session."""
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -23,3 +24,12 @@ def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("tfds"))
   datasets.get_builder("synthetic_shapes/tiny", data_dir=d)
   return d
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_between_tests():
+  """Leftovers of a test (an abandoned tf.data pipeline held by a traceback cycle) are destroyed here, between
+  tests, and not by the garbage collector in some thread while the next test's XLA compilation runs: the suite
+  crashed inside XLA's compiler in the test right after the NaN-loss test, which abandons a running pipeline."""
+  yield
+  gc.collect()
