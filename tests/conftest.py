@@ -1,7 +1,7 @@
 """Test setup, before JAX creates its backend: 8 virtual CPU devices for the multi-device tests.
 
-No persistent compilation cache: with jaxlib 0.10.2 on CPU, writing an executable to it crashed the whole test
-process (a segfault or abort inside `put_executable_and_time`) in CI runs, even with a fresh cache per session."""
+No persistent compilation cache: full runs of the suite crashed inside XLA while reading or writing it (and once
+while compiling without it; see the fixture below), and fewer moving parts make such a crash easier to pin down."""
 import gc
 import os
 
