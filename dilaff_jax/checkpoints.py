@@ -162,7 +162,10 @@ def opened(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   _ignore_callbacks_into_closed_loops()
   mngr = checkpoint_manager(workdir, config, create=write)
   short = _OneLineOrbaxErrors()
-  if logging.get_verbosity() < logging.DEBUG:  # --verbosity=1 keeps Orbax's tracebacks for bug reports
+  # --verbosity=1 keeps Orbax's tracebacks for bug reports. The filter stays while the process runs: reads still
+  # in flight when Orbax gave up on a damaged checkpoint can log after this manager is closed.
+  if logging.get_verbosity() < logging.DEBUG and not any(isinstance(f, _OneLineOrbaxErrors)
+                                                         for f in logging.get_absl_logger().filters):
     logging.get_absl_logger().addFilter(short)
   try:
     try:
@@ -179,7 +182,8 @@ def opened(workdir: str, config: ml_collections.ConfigDict | None = None, *,
     finally:
       mngr.close()
   finally:
-    logging.get_absl_logger().removeFilter(short)
+    if logging.get_verbosity() >= logging.DEBUG:
+      logging.get_absl_logger().removeFilter(short)
 
 
 def _ignore_callbacks_into_closed_loops() -> None:
