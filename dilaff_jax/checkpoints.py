@@ -160,30 +160,22 @@ def opened(workdir: str, config: ml_collections.ConfigDict | None = None, *,
   a normal exit a writer's last save must have reached the disk (else :class:`CheckpointError`); on an error exit
   the manager is closed without masking that error."""
   _ignore_callbacks_into_closed_loops()
+  if logging.get_verbosity() < logging.DEBUG:  # --verbosity=1 keeps Orbax's tracebacks for bug reports
+    _shorten_orbax_errors()
   mngr = checkpoint_manager(workdir, config, create=write)
-  short = _OneLineOrbaxErrors()
-  # --verbosity=1 keeps Orbax's tracebacks for bug reports. The filter stays while the process runs: reads still
-  # in flight when Orbax gave up on a damaged checkpoint can log after this manager is closed.
-  if logging.get_verbosity() < logging.DEBUG and not any(isinstance(f, _OneLineOrbaxErrors)
-                                                         for f in logging.get_absl_logger().filters):
-    logging.get_absl_logger().addFilter(short)
   try:
+    yield mngr
+  except BaseException:
     try:
-      yield mngr
-    except BaseException:
-      try:
-        mngr.close()
-      except Exception as e:  # noqa: BLE001  (the error in flight is the one to report)
-        logging.warning("closing the checkpoint manager of %s after an error: %s", mngr.directory, e)
-      raise
-    try:
-      if write:
-        finish(mngr)
-    finally:
       mngr.close()
+    except Exception as e:  # noqa: BLE001  (the error in flight is the one to report)
+      logging.warning("closing the checkpoint manager of %s after an error: %s", mngr.directory, e)
+    raise
+  try:
+    if write:
+      finish(mngr)
   finally:
-    if logging.get_verbosity() >= logging.DEBUG:
-      logging.get_absl_logger().removeFilter(short)
+    mngr.close()
 
 
 def _ignore_callbacks_into_closed_loops() -> None:
@@ -212,6 +204,14 @@ class _OneLineOrbaxErrors(pylogging.Filter):
       record.msg = f"{record.getMessage()} ({_first_line(record.exc_info[1])})" if record.exc_info[1] else record.msg
       record.args, record.exc_info, record.exc_text = None, None, None
     return True
+
+
+def _shorten_orbax_errors() -> None:
+  """Installs :class:`_OneLineOrbaxErrors` on absl's logger once, for the rest of the process: reads still in
+  flight when Orbax gave up on a damaged checkpoint can log after their manager was closed."""
+  logger = logging.get_absl_logger()
+  if not any(isinstance(f, _OneLineOrbaxErrors) for f in logger.filters):
+    logger.addFilter(_OneLineOrbaxErrors())
 
 
 def _saved_on_disk(mngr: ocp.CheckpointManager, step: int) -> bool:

@@ -298,12 +298,8 @@ def run_sweep(data: dict, aff: np.ndarray, rates, num_classes: int, *, rule: str
   return {"iterations": its, "confusions": confs, "preds": preds}
 
 
-def _miou(conf: np.ndarray) -> float:
-  return evaluate.mean_iou(conf)
-
-
 def _mious(sweep: dict) -> list[float]:
-  return [_miou(c) for c in sweep["confusions"]]
+  return [evaluate.mean_iou(c) for c in sweep["confusions"]]
 
 
 # ----------------------------------------------------------------------------------------------- one run
