@@ -3,7 +3,7 @@
 The model is the paper's ResNet-101 DeepLabv3+ (21 classes, output stride 16 to train) with the affinity head for
 R = {8, (12, 24), 16} (4 explicit rates, 32 channels), next to plain DeepLabv3+ (no head, rates = ()): the head's
 overhead, the paper's "minor extra cost", is printed as a percentage of time, FLOPs and memory. For each crop and
-batch it times the real ``dilaff_jax.step_lib.train_step`` (forward + backward + cross-replica BatchNorm + SGD update)
+batch it times the real ``dilaff_jax.step.train_step`` (forward + backward + cross-replica BatchNorm + SGD update)
 under ``jax.pmap(axis_name="batch")`` on 1 CPU device, and prints one Markdown table (progress goes to stderr):
 
 - images/s: batch / the best step time of ``--repeats`` timed steps (the median is printed too), after one untimed
