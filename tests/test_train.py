@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,19 +191,28 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 
 
 def test_diverging_run_leaves_only_finite_checkpoints(data_dir, tmp_path):
-  """The issue's case: lr 1e8 with a checkpoint every step. BatchNorm variances blow up before the loss does, so
-  the loss check alone would save poisoned states; the state check refuses them."""
-  config = tiny_config(data_dir, **{"train.learning_rate": 1e8, "train.checkpoint_every": 1,
-                                    "train.keep_checkpoints": 2, "train.num_steps": 8})
+  """The issue's case: lr 1e8 with a checkpoint every step, as a user runs it. BatchNorm variances blow up before
+  the loss does, so the loss check alone would save poisoned states; the state check refuses them, and the run ends
+  in one ``error:`` line naming the step. In its own process: in full runs of the suite, XLA crashed while
+  compiling this run's step inside the long-lived test process (never when the test ran alone)."""
   workdir = str(tmp_path / "diverge")
-  with pytest.raises(train.TrainingError, match=r"at step \d+") as info:
-    train.train_and_evaluate(config, workdir)
-  assert "finite checkpoint is step" in str(info.value) or "last good checkpoint is step" in str(info.value)
+  overrides = {"train.learning_rate": 1e8, "train.checkpoint_every": 1, "train.keep_checkpoints": 2,
+               "train.num_steps": 8, "train.batch_size": 8, "eval.batch_size": 8, "train.eval_at_end": False,
+               "train.image_summary_every": 0, "dataset.data_dir": data_dir}
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([sys.executable, "-m", "dilaff_jax.main", "--config=configs/synthetic.py:tiny",
+                         f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(r"at step \d+", lines[0]), lines[-5:]
+  assert "finite checkpoint is step" in lines[0] or "last good checkpoint is step" in lines[0]
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
   assert steps, "the first steps were finite and saved"
+  config = tiny_config(data_dir, **{"train.learning_rate": 1e8, "train.keep_checkpoints": 2, "train.num_steps": 8})
   for step in steps:  # every saved checkpoint restores verified (fingerprint and finiteness)
     assert restored_variables(workdir, config, step)[0] == step
-  assert str(steps[-1]) in str(info.value)
+  assert str(steps[-1]) in lines[0]
   assert not os.path.exists(os.path.join(workdir, "train.lock"))  # released on the error path
 
 
