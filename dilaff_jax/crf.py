@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from dilaff_jax import visualize
+from dilaff_jax import eval_metrics, visualize
 
 PACKAGE = "pydensecrf2"
 REQUIREMENT = "pydensecrf2==1.1"
@@ -159,7 +159,6 @@ def confusion_after_crf(batch: dict, probs: np.ndarray, config) -> tuple[np.ndar
                             sxy_gaussian=e.crf_sxy_gaussian, compat_gaussian=e.crf_compat_gaussian,
                             sxy_bilateral=e.crf_sxy_bilateral, srgb=e.crf_srgb, compat_bilateral=e.crf_compat_bilateral)
     seconds += time.perf_counter() - start
-    y = labels[i, :h, :w].reshape(-1)
-    keep = y != config.dataset.ignore_label
-    conf += np.bincount(y[keep] * c + refined.argmax(-1).reshape(-1)[keep], minlength=c * c).reshape(c, c)
+    y = labels[i, :h, :w]
+    conf += eval_metrics.confusion_matrix_np(y, refined.argmax(-1), c, y != config.dataset.ignore_label)
   return conf, seconds

@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import flax
 import flax.jax_utils
@@ -21,39 +22,31 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dilaff_jax import affinity, checkpoints, config_checks, crf, inference, input_pipeline, propagation, visualize
+from dilaff_jax import affinity, checkpoints, config_checks, crf, eval_metrics, eval_report, inference, input_pipeline
+from dilaff_jax import propagation, visualize
 from dilaff_jax.state import AXIS, build_model, state_template
 
 
-# ----------------------------------------------------------------------------------------------- metrics
+def confusion_names(rates: affinity.Rates, iterations: Sequence[int], oracle: bool) -> tuple[str, ...]:
+  """The confusion matrices an evaluation sums: ``plain`` without affinity; else the predicted-affinity sweep at
+  every number of ``iterations`` and, with ``oracle``, the ground-truth sweep (``eval_metrics.sweep_name``)."""
+  if not rates:
+    return ("plain",)
+  sources = ("predicted", "oracle") if oracle else ("predicted",)
+  return tuple(eval_metrics.sweep_name(s, it) for s in sources for it in sorted(iterations))
 
 
-def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int, valid: jax.Array) -> jax.Array:
-  """``[C, C]`` int32 counts (row: ground truth, column: prediction) over the ``valid`` pixels."""
-  idx = jnp.where(valid, labels * num_classes + preds, 0).reshape(-1)
-  return jnp.bincount(idx, weights=valid.reshape(-1).astype(jnp.int32), length=num_classes * num_classes
-                      ).reshape(num_classes, num_classes).astype(jnp.int32)
-
-
-def iou_from_confusion(conf: np.ndarray) -> np.ndarray:
-  """Per-class IoU ``TP / (TP + FP + FN)``; NaN for a class absent from both labels and predictions."""
-  conf = np.asarray(conf, np.float64)
-  tp = np.diag(conf)
-  union = conf.sum(0) + conf.sum(1) - tp
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(union > 0, tp / union, np.nan)
-
-
-def mean_iou(conf: np.ndarray) -> float:
-  """Mean IoU over the classes that occur (in labels or predictions)."""
-  return float(np.nanmean(iou_from_confusion(conf)))
+def metrics_class(config: ml_collections.ConfigDict, rates: affinity.Rates, iterations: Sequence[int]):
+  """The ``clu.metrics.Collection`` :func:`eval_step` returns for this config."""
+  return eval_metrics.eval_collection(confusion_names(rates, iterations, bool(config.eval.ground_truth_oracle)),
+                                      bool(rates))
 
 
 def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, rates: affinity.Rates,
-              iterations: tuple[int, ...]) -> dict:
-  """Confusion matrices of one batch for every propagation iteration count (predicted and oracle affinity), the
-  number of real images and the affinity accuracy counts, summed over ``AXIS``; and this device's probabilities
-  when ``eval.crf`` (for the host-side dense CRF), else None."""
+              iterations: tuple[int, ...]):
+  """The batch's evaluation metrics (:func:`metrics_class`), gathered over ``AXIS``: a confusion matrix for every
+  propagation iteration count (predicted and oracle affinity), the number of real images and Fig. 4's affinity
+  accuracy counts; and this device's probabilities when ``eval.crf`` (for the host-side dense CRF), else None."""
   c = config.dataset.num_classes
   ign = config.dataset.ignore_label
   labels = batch["label"]
@@ -61,67 +54,30 @@ def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, 
   valid = (labels != ign) & batch["mask"][:, None, None]
   probs, aff = inference.predict(apply_fn, variables, batch["image"], size=size, output_stride=config.eval.output_stride,
                        scales=tuple(config.eval.scales), flip=config.eval.flip, rates=rates, mu=config.affinity.mu)
-  out = {"confusion": {0: confusion_matrix(labels, jnp.argmax(probs, -1), c, valid)},
-         "num_images": jnp.sum(batch["mask"], dtype=jnp.int32)}
-  if rates:
+  out = {"num_images": jnp.sum(batch["mask"], dtype=jnp.int32)}
+  if not rates:
+    out["plain"] = eval_metrics.confusion_matrix(labels, jnp.argmax(probs, -1), c, valid)
+  else:
     inside = inference.inside_mask(batch["height"], batch["width"], size, rates)
     sweeps = {"predicted": aff * inside}
     if config.eval.ground_truth_oracle:
       sweeps["oracle"] = propagation.gt_affinity(labels, rates, ign)
-    out["confusion"] = {}
     for name, a in sweeps.items():
       p, done = probs, 0
       for it in sorted(iterations):
         p = propagation.propagate(p, a, rates, lam=config.affinity.lam, iterations=it - done)
         done = it
-        out["confusion"][f"{name}/{it}"] = confusion_matrix(labels, jnp.argmax(p, -1), c, valid)
+        out[eval_metrics.sweep_name(name, it)] = eval_metrics.confusion_matrix(labels, jnp.argmax(p, -1), c, valid)
     # Fig. 4: affinity accuracy per rate and n_k, from the logits' sign (σ > 0.5 <=> steep σ > 0.5)
     logit_sign = jnp.where(aff > 0.5, 1.0, -1.0)
     lab = jnp.where(batch["mask"][:, None, None], labels, ign)
-    out["aff_correct"], out["aff_total"] = affinity.affinity_accuracy_counts(logit_sign, lab, rates, ign,
-                                                                             config.affinity.partial_neighbors)
-  return jax.lax.psum(out, AXIS), (probs if config.eval.get("crf", False) else None)
+    out["affinity_accuracy"] = jnp.stack(affinity.affinity_accuracy_counts(logit_sign, lab, rates, ign,
+                                                                           config.affinity.partial_neighbors))
+  collection = metrics_class(config, rates, iterations).gather_from_model_output(axis_name=AXIS, **out)
+  return collection, (probs if config.eval.get("crf", False) else None)
 
 
 # ----------------------------------------------------------------------------------------------- driver
-
-
-def _iterations(n: int) -> str:
-  return f"{n} iteration" + ("" if n == 1 else "s")
-
-
-def _markdown(results: dict, class_names: Sequence[str]) -> str:
-  lines = [f"# Evaluation of step {results['step']} on {results['split']} ({results['num_images']} images)", ""]
-  sweep = results.get("sweep")
-  if sweep:
-    its = list(sweep["iterations"])
-    lines += ["| Iteration times | " + " | ".join(map(str, its)) + " |", "|---|" + "---|" * len(its)]
-    for name, label in (("predicted", "Refine with predicted affinity"), ("oracle", "Refine with ground truth")):
-      if name in sweep:
-        lines.append(f"| {label} | " + " | ".join(f"{100 * v:.2f}%" for v in sweep[name]) + " |")
-    if "oracle" in sweep:
-      lines += ["", "The ground-truth row propagates with the affinity of the evaluation labels themselves (target ·"
-                " valid, Eq. 1), starting from the same prediction: at 0 iterations it equals the unrefined mIoU by"
-                " construction (the paper's printed oracle row does not; see docs/conventions.md)."]
-    lines.append("")
-  lines += [f"mIoU (no propagation): **{100 * results['miou']:.2f}%**"
-            + (f"; with {_iterations(results['final_iterations'])} of propagation: "
-               f"**{100 * results['miou_propagated']:.2f}%**" if "miou_propagated" in results else ""), ""]
-  lines += ["| class | IoU |", "|---|---|"]
-  for name, v in zip(class_names, results["per_class_iou"]):
-    lines.append(f"| {name} | {'n/a' if v is None else f'{100 * v:.2f}%'} |")
-  acc = results.get("affinity_accuracy")
-  if acc:
-    lines += ["", "Affinity accuracy per neighbour category (Fig. 4)", "",
-              "| rate | " + " | ".join(f"n{k}" for k in range(9)) + " |", "|---|" + "---|" * 9]
-    for rate, row in acc["per_rate"].items():
-      lines.append(f"| {rate} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in row) + " |")
-    lines.append("| mean | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in acc["mean"]) + " |")
-  if "miou_crf" in results:
-    lines += ["", f"Dense CRF on the same predictions (Table 5): **{100 * results['miou_crf']:.2f}%**, "
-              f"{results['crf_ms_per_image']:.0f} ms per image"]
-  lines += ["", f"Throughput: {results['images_per_second']:.2f} images/s (network, propagation sweep and scoring)"]
-  return "\n".join(lines) + "\n"
 
 
 def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables, batch: dict, rates: affinity.Rates,
@@ -155,15 +111,18 @@ def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables,
   visualize.save_grid(columns, flat["height"][keep], flat["width"][keep], path, legend)
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> list:
-  return [None if d == 0 else float(n / d) for n, d in zip(num, den)]
+class Totals(NamedTuple):
+  """An evaluation's sums: ``metrics`` (the :func:`metrics_class` collection, on the host), and with the dense CRF
+  its ``crf`` confusion matrix and the CRF's seconds."""
+  metrics: Any
+  crf: eval_metrics.ConfusionMatrix | None = None
+  crf_seconds: float = 0.0
 
 
 def accumulate(p_eval, variables, batches, num_batches: int | None = None, batch_size: int = 0,
-               crf_fn=None) -> dict:
-  """Sums ``p_eval``'s per-batch outputs over the batches (all devices and processes): confusion matrices keyed
-  ``"<affinity>/<iterations>"`` (or ``"0"`` without affinity), ``num_images`` and the affinity accuracy counts, as
-  numpy. Prints progress and an ETA when ``num_batches`` is known."""
+               crf_fn=None) -> Totals:
+  """Merges ``p_eval``'s per-batch metrics over the batches (all devices and processes) and, with ``crf_fn``, the
+  dense CRF's confusion matrix. Prints progress and an ETA when ``num_batches`` is known."""
   totals = None
   start = time.time()
   crf_conf, crf_seconds = None, 0.0
@@ -177,24 +136,21 @@ def accumulate(p_eval, variables, batches, num_batches: int | None = None, batch
       conf, sec = crf_fn(batch, probs.reshape(-1, *probs.shape[2:]))
       crf_conf = conf if crf_conf is None else crf_conf + conf
       crf_seconds += sec
-    out = jax.device_get(jax.tree.map(lambda x: x[0], out))
-    totals = out if totals is None else jax.tree.map(np.add, totals, out)
+    out = jax.device_get(out.unreplicate())
+    totals = out if totals is None else totals.merge(out)
     if num_batches and ((i + 1) % max(num_batches // 10, 1) == 0 or i + 1 == num_batches):
       rate = (i + 1) / (time.time() - start)
       print(f"[eval] batch {i + 1}/{num_batches}, {rate * batch_size:.2f} images/s, "
             f"ETA {(num_batches - i - 1) / rate:.0f}s", flush=True)
   if totals is None:
     raise ValueError("evaluation got no batches: is the eval split empty?")
-  totals["confusion"] = {str(k): np.asarray(v) for k, v in totals["confusion"].items()}
-  totals["num_images"] = int(totals["num_images"])
-  if crf_fn is not None:
-    if jax.process_count() > 1:  # each process refined its own shard on the host
-      from jax.experimental import multihost_utils
-      crf_conf = np.asarray(multihost_utils.process_allgather(crf_conf)).sum(0)
-      crf_seconds = float(np.asarray(multihost_utils.process_allgather(np.float64(crf_seconds))).sum())
-    totals["confusion"]["crf"] = crf_conf
-    totals["crf_seconds"] = crf_seconds
-  return totals
+  if crf_fn is None:
+    return Totals(totals)
+  if jax.process_count() > 1:  # each process refined its own shard on the host
+    from jax.experimental import multihost_utils
+    crf_conf = np.asarray(multihost_utils.process_allgather(crf_conf)).sum(0)
+    crf_seconds = float(np.asarray(multihost_utils.process_allgather(np.float64(crf_seconds))).sum())
+  return Totals(totals, eval_metrics.ConfusionMatrix(crf_conf), crf_seconds)
 
 
 def results_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -222,42 +178,41 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
   start = time.time()
   crf_fn = functools.partial(crf.confusion_after_crf, config=config) if config.eval.crf else None
   totals = accumulate(p_eval, variables, pipes.make_eval(), num_batches, config.eval.batch_size, crf_fn)
-  num_images = totals["num_images"]
+  m = totals.metrics
+  num_images = m.num_images.compute()
   elapsed = time.time() - start
-  confs = totals["confusion"]
   results = {"step": step, "split": config.dataset.eval_split, "num_images": num_images,
              "output_stride": config.eval.output_stride, "scales": list(config.eval.scales), "flip": config.eval.flip,
              "images_per_second": num_images / max(elapsed, 1e-9)}
+  sweep = eval_metrics.sweep_name
   if rates:
     final = int(config.affinity.iterations)
-    base = confs["predicted/0"]
+    base = getattr(m, sweep("predicted", 0))
     results["sweep"] = {"iterations": list(config.eval.iterations),
-                        "predicted": [mean_iou(confs[f"predicted/{it}"]) for it in config.eval.iterations]}
+                        "predicted": [getattr(m, sweep("predicted", it)).compute() for it in config.eval.iterations]}
     if config.eval.ground_truth_oracle:
-      results["sweep"]["oracle"] = [mean_iou(confs[f"oracle/{it}"]) for it in config.eval.iterations]
-    results["miou_propagated"] = mean_iou(confs[f"predicted/{final}"])
+      results["sweep"]["oracle"] = [getattr(m, sweep("oracle", it)).compute() for it in config.eval.iterations]
+    results["miou_propagated"] = getattr(m, sweep("predicted", final)).compute()
     results["final_iterations"] = final
-    correct, total = np.asarray(totals["aff_correct"]), np.asarray(totals["aff_total"])
-    results["affinity_accuracy"] = {
-        "per_rate": {affinity.rate_label(r): _ratio(correct[i], total[i]) for i, r in enumerate(rates)},
-        "mean": _ratio(correct.sum(0), total.sum(0))}
+    acc = m.affinity_accuracy.compute()
+    results["affinity_accuracy"] = {"per_rate": {affinity.rate_label(r): row for r, row in zip(rates, acc["per_rate"])},
+                                    "mean": acc["mean"]}
   else:
-    base = confs["0"]
-  results["miou"] = mean_iou(base)
+    base = m.plain
+  results["miou"] = base.compute()
   results["class_names"] = list(pipes.class_names)
-  iou = iou_from_confusion(base)
-  results["per_class_iou"] = [None if np.isnan(v) else float(v) for v in iou]
-  results["confusion"] = base.tolist()
-  if "crf" in confs:
-    results["miou_crf"] = mean_iou(confs["crf"])
-    results["crf_ms_per_image"] = 1e3 * totals["crf_seconds"] / max(num_images, 1)
+  results["per_class_iou"] = [None if np.isnan(v) else float(v) for v in base.per_class_iou()]
+  results["confusion"] = np.asarray(base.matrix).tolist()
+  if totals.crf is not None:
+    results["miou_crf"] = totals.crf.compute()
+    results["crf_ms_per_image"] = 1e3 * totals.crf_seconds / max(num_images, 1)
 
   if jax.process_index() == 0:
     out_dir = os.path.join(results_dir(config, workdir), f"step_{step}")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
       json.dump(results, f, indent=1)
-    md = _markdown(results, pipes.class_names)
+    md = eval_report.markdown(results, pipes.class_names)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
       f.write(md)
     if rates:

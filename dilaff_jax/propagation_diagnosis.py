@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dilaff_jax import affinity, config_checks, datasets, errors, evaluate, inference, input_pipeline  # noqa: E402
+from dilaff_jax import affinity, config_checks, datasets, errors, eval_metrics, inference, input_pipeline  # noqa: E402
 from dilaff_jax import predict, propagation, state  # noqa: E402
 
 BIN_EDGES = (2, 4, 8, 16)  # right-closed distance bins (px): [0, 2], (2, 4], (4, 8], (8, 16], (16, inf)
@@ -219,11 +219,6 @@ def propagate_rule(p, p0, aff, rates, rule: str = "paper", lam: float = 6.0, tau
 # ----------------------------------------------------------------------------------------------- data
 
 
-def confusion(labels: np.ndarray, preds: np.ndarray, valid: np.ndarray, num_classes: int) -> np.ndarray:
-  return np.bincount(labels[valid] * num_classes + preds[valid], minlength=num_classes ** 2).reshape(
-      num_classes, num_classes)
-
-
 def collect(config: ml_collections.ConfigDict, variables, rates) -> dict:
   """The eval split's real images through the network as evaluation runs it: probabilities ``[N, H, W, C]``,
   affinity logits ``x`` of Eq. 7 (recovered from the steep sigmoid; exact for single-scale, unflipped inference)
@@ -292,14 +287,14 @@ def run_sweep(data: dict, aff: np.ndarray, rates, num_classes: int, *, rule: str
       p = propagate_rule(p, p0, a, rates, rule, lam, tau, it - done)
       done = it
       pred = np.asarray(jnp.argmax(p, -1))
-      confs[k] += confusion(labels[sl], pred, valid[sl], num_classes)
+      confs[k] += eval_metrics.confusion_matrix_np(labels[sl], pred, num_classes, valid[sl])
       if keep_preds:
         preds[k, sl] = pred
   return {"iterations": its, "confusions": confs, "preds": preds}
 
 
 def _mious(sweep: dict) -> list[float]:
-  return [evaluate.mean_iou(c) for c in sweep["confusions"]]
+  return [eval_metrics.mean_iou(c) for c in sweep["confusions"]]
 
 
 # ----------------------------------------------------------------------------------------------- one run
@@ -327,7 +322,7 @@ def diagnose(config: ml_collections.ConfigDict, data: dict, class_names: Sequenc
   main = run_sweep(data, aff, rates, c, lam=lam, keep_preds=True)
   out["sweep"] = {"iterations": list(SWEEP), "predicted": _mious(main),
                   "oracle": _mious(run_sweep(data, oracle, rates, c, lam=lam)),
-                  "per_class_iou": [[None if np.isnan(v) else float(v) for v in evaluate.iou_from_confusion(cf)]
+                  "per_class_iou": [[None if np.isnan(v) else float(v) for v in eval_metrics.iou_from_confusion(cf)]
                                     for cf in main["confusions"]]}
   out["changes"] = []
   for k in range(1, len(SWEEP)):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from dilaff_jax import affinity, config_checks, crf, evaluate, inference, input_pipeline, propagation
+from dilaff_jax import affinity, config_checks, crf, eval_metrics, evaluate, inference, input_pipeline, propagation
 from dilaff_jax import state as state_lib
 from test_train import tiny_config
 
@@ -38,13 +38,41 @@ def test_miou_equals_brute_force_count_with_ignore():
   labels[labels == 4] = 3  # class 4 absent from the labels...
   preds = rng.integers(0, 5, size=labels.shape)
   preds[preds == 2] = 1  # ...and class 2 absent from the predictions (still counted: it is in the labels)
-  conf = evaluate.confusion_matrix(jnp.asarray(labels), jnp.asarray(preds), 5, jnp.asarray(labels != IGN))
+  conf = eval_metrics.confusion_matrix(jnp.asarray(labels), jnp.asarray(preds), 5, jnp.asarray(labels != IGN))
+  np.testing.assert_array_equal(conf, eval_metrics.confusion_matrix_np(labels, preds, 5, labels != IGN))
   want, per_class = brute_miou(labels, preds, 5)
-  assert evaluate.mean_iou(np.asarray(conf)) == pytest.approx(want, rel=1e-12)
+  assert eval_metrics.mean_iou(np.asarray(conf)) == pytest.approx(want, rel=1e-12)
   assert np.asarray(conf).sum() == np.sum(labels != IGN)
-  iou = evaluate.iou_from_confusion(np.asarray(conf))
+  iou = eval_metrics.iou_from_confusion(np.asarray(conf))
   assert iou[2] == 0.0 and np.isfinite(iou[4])  # predicted but never labelled: IoU 0, counted
-  assert np.isnan(evaluate.iou_from_confusion(np.diag([3, 0, 2]))[1])  # neither labelled nor predicted
+  assert np.isnan(eval_metrics.iou_from_confusion(np.diag([3, 0, 2]))[1])  # neither labelled nor predicted
+
+
+def test_confusion_metric_merges_batches_to_the_whole_set_count():
+  """The clu metric of two halves, merged, is the confusion matrix of the whole set; gathered over a pmap axis
+  and reduced, it is the sum over devices."""
+  rng = np.random.default_rng(5)
+  labels = rng.integers(0, 4, size=(4, 6, 7))
+  preds = rng.integers(0, 4, size=labels.shape)
+  valid = rng.random(labels.shape) > 0.1
+  whole = eval_metrics.confusion_matrix_np(labels, preds, 4, valid)
+  halves = [eval_metrics.ConfusionMatrix.from_model_output(
+      eval_metrics.confusion_matrix(jnp.asarray(labels[s]), jnp.asarray(preds[s]), 4, jnp.asarray(valid[s])))
+      for s in (slice(0, 1), slice(1, 4))]
+  merged = halves[0].merge(halves[1])
+  np.testing.assert_array_equal(merged.matrix, whole)
+  assert merged.compute() == pytest.approx(brute_miou(np.where(valid, labels, IGN), preds, 4)[0], rel=1e-12)
+  cls = eval_metrics.eval_collection(("plain",), False)
+
+  def per_device(lab, pred, ok):
+    return cls.gather_from_model_output(axis_name="d", plain=eval_metrics.confusion_matrix(lab, pred, 4, ok),
+                                        num_images=jnp.sum(ok[:, 0, 0], dtype=jnp.int32))
+
+  gathered = jax.pmap(per_device, axis_name="d", devices=jax.devices()[:2])(
+      *(jnp.asarray(x.reshape(2, 2, *x.shape[1:])) for x in (labels, preds, valid)))
+  one = jax.device_get(gathered.unreplicate())
+  np.testing.assert_array_equal(one.plain.matrix, whole)
+  assert one.num_images.compute() == int(np.sum(valid[:, 0, 0]))
 
 
 def test_flip_permutation_maps_affinity_of_flipped_image_back():
@@ -94,15 +122,15 @@ def test_padding_and_batching_never_change_the_score(data_dir):
   config = synthetic.get_config("tiny")
   a = run_eval(config, data_dir, pad=(65, 65), per_device=1)
   b = run_eval(config, data_dir, pad=(80, 71), per_device=3)  # 6 per batch: 8 images -> 2 batches, 4 dummies
-  assert a["num_images"] == b["num_images"] == 8
-  for key in a["confusion"]:
-    np.testing.assert_array_equal(a["confusion"][key], b["confusion"][key], err_msg=key)
-  np.testing.assert_array_equal(a["aff_total"], b["aff_total"])
+  assert a.metrics.num_images.compute() == b.metrics.num_images.compute() == 8
+  for key in a.metrics.compute():  # every confusion matrix and the Fig. 4 counts
+    np.testing.assert_array_equal(jax.tree.leaves(getattr(a.metrics, key)), jax.tree.leaves(getattr(b.metrics, key)),
+                                  err_msg=key)
   # every labelled pixel of the split is counted exactly once
   from dilaff_jax import datasets
   builder = datasets.get_builder("synthetic_shapes/tiny", data_dir=data_dir)
   n = sum(int(np.sum(ex["label"] != IGN)) for ex in builder.as_dataset(split="validation").as_numpy_iterator())
-  assert a["confusion"]["predicted/0"].sum() == n
+  assert a.metrics.predicted_0.matrix.sum() == n
 
 
 def test_dense_crf_scores_the_same_pixels(data_dir):
@@ -113,22 +141,22 @@ def test_dense_crf_scores_the_same_pixels(data_dir):
   config.eval.crf_iterations = 0
   crf_fn = functools.partial(crf.confusion_after_crf, config=config)
   totals = run_eval(config, data_dir, pad=(70, 66), per_device=3, crf_fn=crf_fn)
-  np.testing.assert_array_equal(totals["confusion"]["crf"], totals["confusion"]["predicted/0"])
+  np.testing.assert_array_equal(totals.crf.matrix, totals.metrics.predicted_0.matrix)
   config.eval.crf_iterations = 5
   totals = run_eval(config, data_dir, pad=(70, 66), per_device=3, crf_fn=crf_fn)
-  assert totals["confusion"]["crf"].sum() == totals["confusion"]["predicted/0"].sum()
-  assert not np.array_equal(totals["confusion"]["crf"], totals["confusion"]["predicted/0"])
-  assert totals["crf_seconds"] > 0
+  assert totals.crf.matrix.sum() == totals.metrics.predicted_0.matrix.sum()
+  assert not np.array_equal(totals.crf.matrix, totals.metrics.predicted_0.matrix)
+  assert totals.crf_seconds > 0
 
 
 def test_oracle_sweep_is_non_decreasing(data_dir):
   config = synthetic.get_config("tiny")
   config.eval.iterations = (0, 1, 3, 6)
   totals = run_eval(config, data_dir, pad=(65, 65), per_device=2)
-  oracle = [evaluate.mean_iou(totals["confusion"][f"oracle/{it}"]) for it in (0, 1, 3, 6)]
+  oracle = [getattr(totals.metrics, f"oracle_{it}").compute() for it in (0, 1, 3, 6)]
   assert all(b >= a - 1e-9 for a, b in zip(oracle, oracle[1:])), oracle
   assert oracle[-1] > oracle[0] + 0.005, oracle  # a poor pixel model: small but real gains
-  assert evaluate.mean_iou(totals["confusion"]["predicted/0"]) == pytest.approx(oracle[0])
+  assert totals.metrics.predicted_0.compute() == pytest.approx(oracle[0])
 
 
 def test_flip_prediction_is_the_mean_of_both_passes():
