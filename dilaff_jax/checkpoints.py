@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from dilaff_jax import affinity, config_checks, errors
+from dilaff_jax.models.deeplab import SHAPE_FIELDS
 
 FINGERPRINT = "sha256"
 DAMAGED_DIR = "damaged"  # <workdir>/checkpoints/damaged/<step>: damaged steps that training moved aside
@@ -66,13 +67,15 @@ class NonFiniteStateError(CheckpointError):
 # ----------------------------------------------------------------------------------------------- records
 
 
+def _json_value(value):
+  """Tuples as lists, as a record reads back from JSON."""
+  return list(value) if isinstance(value, (tuple, list)) else value
+
+
 def compat_record(config: ml_collections.ConfigDict, rates: affinity.Rates) -> dict:
   """What a checkpoint must agree with to be restored into this config."""
-  m = config.model
-  return {"model.depth": m.depth, "model.stem": m.stem, "model.multi_grid": list(m.multi_grid),
-          "model.aspp_channels": m.aspp_channels, "model.low_level_channels": m.low_level_channels,
-          "model.decoder_channels": m.decoder_channels, "model.separable": m.separable,
-          "dataset.num_classes": config.dataset.num_classes,
+  record = {f"model.{k}": _json_value(config.model[k]) for k in SHAPE_FIELDS}
+  return {**record, "dataset.num_classes": config.dataset.num_classes,
           "affinity.rates (explicit)": [list(r) for r in rates],
           # None without AAF, as a checkpoint whose record lacks the key reads
           "structure.aaf_weights (shape)": (

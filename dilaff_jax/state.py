@@ -5,6 +5,7 @@ Training, evaluation, prediction and export all build their model and restore th
 model hyper-parameter is read in one place (:func:`build_model`).
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,17 +34,28 @@ def compute_dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
+#: ``config.model`` keys that are not :class:`DeepLabV3Plus` fields (read by training and the weights loader).
+NOT_MODEL_FIELDS = ("train_output_stride", "pretrained")
+
+
 def build_model(config: ml_collections.ConfigDict, rates: affinity.Rates,
                 affinity_bias: Sequence[float] | None = None, axis_name: str | None = AXIS) -> DeepLabV3Plus:
-  """The DeepLabv3+ of ``config.model``; with ``rates`` it has the affinity head (bias from ``prior_bias``)."""
-  m = config.model
+  """The DeepLabv3+ of ``config.model``; with ``rates`` it has the affinity head (bias from ``prior_bias``).
+
+  Every ``config.model`` key named like a :class:`DeepLabV3Plus` field is passed to it: a new model hyper-parameter
+  is a field of the module and a key of ``configs/default.py`` (plus its check in ``config_checks``)."""
+  fields = {f.name for f in dataclasses.fields(DeepLabV3Plus)}
+  unknown = sorted(set(config.model) - fields - set(NOT_MODEL_FIELDS))
+  if unknown:
+    raise ValueError(f"config.model keys that are not DeepLabV3Plus fields: {unknown}")
+  kwargs = {k: v for k, v in config.model.items() if k in fields}
+  kwargs["dtype"] = compute_dtype(kwargs["dtype"])
+  if kwargs.get("multi_grid") is not None:
+    kwargs["multi_grid"] = tuple(kwargs["multi_grid"])
   return DeepLabV3Plus(
       num_classes=config.dataset.num_classes, rates=tuple(rates),
       affinity_bias=None if affinity_bias is None else tuple(float(b) for b in affinity_bias),
-      depth=m.depth, stem=m.stem, multi_grid=tuple(m.multi_grid), aspp_channels=m.aspp_channels,
-      low_level_channels=m.low_level_channels, decoder_channels=m.decoder_channels, separable=m.separable,
-      dropout_rate=m.dropout_rate, dtype=compute_dtype(m.dtype), bn_momentum=m.bn_momentum,
-      bn_epsilon=m.bn_epsilon, axis_name=axis_name)
+      axis_name=axis_name, **kwargs)
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:

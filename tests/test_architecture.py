@@ -14,8 +14,8 @@ PACKAGE = "dilaff_jax"
 # Lower layers never import higher ones; a module may import its own layer (the graph must still be acyclic).
 LAYERS = (
     # 0: the paper's maths, the network, pictures, errors: no project imports beyond this layer
-    ("conventions", "errors", "affinity", "propagation", "crf", "visualize", "models", "models.resnet", "models.deeplab",
-     "datasets.records", "datasets.shapes_render"),
+    ("conventions", "errors", "affinity", "propagation", "eval_metrics", "eval_report", "crf", "visualize", "models",
+     "models.resnet", "models.deeplab", "datasets.records", "datasets.shapes_render"),
     # 1: what builds on the maths alone: losses, inference, weights, command-line and workdir helpers, builders
     ("structure_losses", "inference", "pretrained", "cli", "workdir_lock", "datasets.common", "datasets.cityscapes",
      "datasets.voc2012_aug", "datasets.image_folder", "datasets.synthetic_shapes", "datasets"),
@@ -173,3 +173,25 @@ print('ok', 'tensorflow' in sys.modules)
 """
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0 and out.stdout.split() == ["ok", "False"], out.stderr[-3000:]
+
+
+def test_a_model_hyper_parameter_lives_in_one_place():
+  """``build_model`` passes every ``config.model`` key named like a ``DeepLabV3Plus`` field, refuses a key that is
+  neither a field nor a known non-model key, and the checkpoint record covers the shape-deciding fields."""
+  from configs import default
+  from dilaff_jax import checkpoints
+  from dilaff_jax import state as state_lib
+  from dilaff_jax.models.deeplab import SHAPE_FIELDS
+
+  config = default.get_config()
+  config.model.depth, config.model.aspp_channels, config.model.bn_epsilon = 50, 128, 1e-3
+  model = state_lib.build_model(config, ())
+  assert (model.depth, model.aspp_channels, model.bn_epsilon) == (50, 128, 1e-3)
+  for key in set(config.model) - set(state_lib.NOT_MODEL_FIELDS) - {"dtype"}:
+    value = config.model[key]
+    assert getattr(model, key) == (tuple(value) if isinstance(value, (list, tuple)) else value), key
+  record = checkpoints.compat_record(config, ())
+  assert {f"model.{k}" for k in SHAPE_FIELDS} <= set(record) and record["model.depth"] == 50
+  config.model.width_multiplier = 2
+  with pytest.raises(ValueError, match="width_multiplier"):
+    state_lib.build_model(config, ())

@@ -143,6 +143,11 @@ class Decoder(nn.Module):
     return x
 
 
+#: The :class:`DeepLabV3Plus` fields that decide the shapes of its parameters: the ``config.model`` keys a checkpoint
+#: records and must agree with to be restored (``checkpoints.compat_record``).
+SHAPE_FIELDS = ("depth", "stem", "multi_grid", "aspp_channels", "low_level_channels", "decoder_channels", "separable")
+
+
 class DeepLabV3Plus(nn.Module):
   """DeepLabv3+ (ResNet backbone) with the optional dilated-affinity head of the paper.
 
