@@ -14,8 +14,10 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
+
+from absl import flags
 
 from dilaff_jax import errors
 
@@ -37,6 +39,32 @@ def exit_with_error(error: BaseException | str, *, show_traceback: bool = False)
     traceback.print_exception(error)
   print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
   sys.exit(errors.EXIT_USER_ERROR)
+
+
+# ----------------------------------------------------------------------------------------------- flags
+
+
+def parse_flags(define: Callable[[flags.FlagValues], None], argv: Sequence[str], prog: str, doc: str,
+                required: Sequence[str] = ()) -> flags.FlagValues | None:
+  """absl flags for a tool without a ``--config``: a fresh flag set (no global state) made by ``define``, parsed
+  from ``argv`` (without the program name). ``--help`` prints ``doc`` and the flags and returns None. A missing
+  ``required`` flag, an unknown flag, a bad value or a stray argument raises :class:`errors.UserError` in one line."""
+  fv = flags.FlagValues()
+  define(fv)
+  if any(a in ("-h", "--help", "--helpfull") for a in argv):
+    print(doc.rstrip() + "\n\nFlags:\n" + fv.get_help(), flush=True)
+    return None
+  see = f"(see python -m {prog} --help)"
+  try:
+    rest = fv([prog, *argv])
+  except flags.Error as e:
+    raise errors.UserError(f"{one_line(e)} {see}") from None
+  if len(rest) > 1:
+    raise errors.UserError(f"unexpected argument {rest[1]!r}: every option is a --flag=VALUE {see}")
+  missing = [f"--{name}" for name in required if fv[name].value in (None, "")]
+  if missing:
+    raise errors.UserError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required {see}")
+  return fv
 
 
 # ----------------------------------------------------------------------------------------------- config flags

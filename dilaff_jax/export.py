@@ -22,7 +22,6 @@ ends with one ``error:`` line and exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -34,8 +33,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
-from dilaff_jax import config_checks, errors, inference, predict, propagation, state, visualize  # noqa: E402
+from dilaff_jax import cli, config_checks, errors, inference, predict, propagation, state, visualize  # noqa: E402
 
 FORMAT = "dilaff_jax.export/1"
 
@@ -160,16 +160,22 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, size: t
   return info
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("workdir", None, "training workdir (its config.json and checkpoints)", flag_values=fv)
+  flags.DEFINE_string("output", None, "file for the serialized artifact; its JSON goes to FILE.json", flag_values=fv)
+  flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+  flags.DEFINE_string("size", None, "H,W of the input images (default: config.dataset.eval_pad_size)",
+                      flag_values=fv)
+  flags.DEFINE_string("platforms", None, "comma-separated, e.g. cpu,cuda (default: this machine's)", flag_values=fv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line entry; returns the exit status (2 for bad input, with one ``error:`` line on stderr)."""
-  p = argparse.ArgumentParser(prog="python -m dilaff_jax.export", description=__doc__.split("\n\n")[0])
-  p.add_argument("--workdir", required=True, help="training workdir (its config.json and checkpoints)")
-  p.add_argument("--output", required=True, help="file for the serialized artifact; its JSON goes to FILE.json")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  p.add_argument("--size", default=None, help="H,W of the input images (default: config.dataset.eval_pad_size)")
-  p.add_argument("--platforms", default=None, help="comma-separated, e.g. cpu,cuda (default: this machine's)")
-  args = p.parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
   try:
+    args = cli.parse_flags(_define_flags, argv, "dilaff_jax.export", __doc__, required=("workdir", "output"))
+    if args is None:  # --help
+      return 0
     size = parse_size(args.size) if args.size else None
     check_output(args.output)
     if not os.path.isfile(os.path.join(args.workdir, "config.json")):
@@ -182,7 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     platforms = [s.strip() for s in args.platforms.split(",")] if args.platforms else None
     info = export(config, args.workdir, args.output, size, args.step, platforms)
   except errors.UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
+    if cli.wants_traceback():
+      raise
+    print(f"error: {cli.one_line(e)}", file=sys.stderr, flush=True)
     return errors.EXIT_USER_ERROR
   print(f"[export] step {info['source_checkpoint']['step']} of {args.workdir} -> {args.output} "
         f"({info['bytes'] / 2**20:.1f} MiB, platforms {','.join(info['platforms'])}): uint8 [B, {info['size'][0]}, "

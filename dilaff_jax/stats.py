@@ -13,7 +13,6 @@ Command line (writes the JSON that training loads, and a Fig. 3-style PNG)::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -25,8 +24,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from dilaff_jax import affinity, errors
+from dilaff_jax import affinity, cli, errors
 from dilaff_jax.conventions import IGNORE_LABEL
 
 FORMAT_VERSION = 2  # 2: records the n_k rule (partial_neighbors); version 1 files were counted with "count" and
@@ -313,11 +313,6 @@ def tfds_label_maps(name: str, split: str, data_dir: str | None = None, max_imag
   return ds.as_numpy_iterator(), total
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # argparse would print its usage and exit; this ends as one ``error:`` line
-    raise errors.UserError(f"{message} (see python -m dilaff_jax.stats --help)")
-
-
 def _parse_rates(text: str, flag: str) -> affinity.Rates:
   try:
     return affinity.parse_rates(text)
@@ -327,8 +322,6 @@ def _parse_rates(text: str, flag: str) -> affinity.Rates:
 
 def main(argv=None) -> int:
   """Command line entry; returns the exit status (2 for a bad flag or dataset, with one ``error:`` line)."""
-  from dilaff_jax import cli
-
   try:
     _main(argv)
   except errors.UserError as e:
@@ -339,21 +332,26 @@ def main(argv=None) -> int:
   return 0
 
 
-def _main(argv) -> None:
-  p = _Parser(description=__doc__.split("\n\n")[0], prog="python -m dilaff_jax.stats")
-  p.add_argument("--dataset", required=True, help="TFDS name, e.g. synthetic_shapes/default or voc2012_aug")
-  p.add_argument("--split", default="train")
-  p.add_argument("--data_dir", default=None)
-  p.add_argument("--rates", default="8,12x24,16", help="paper shorthand, e.g. '8,12x24,16' (12x24 adds 24x12)")
-  p.add_argument("--plot_rates", default="2,4,8,16,32,64", help="rates for the Fig. 3 PNG")
-  p.add_argument("--ignore_label", type=int, default=IGNORE_LABEL)
-  p.add_argument("--partial_neighbors", default="rescale", choices=affinity.PARTIAL_NEIGHBORS,
-                 help="n_k rule for pixels with invalid neighbours (must match affinity.partial_neighbors)")
-  p.add_argument("--max_images", type=int, default=0, help="0 = the whole split")
-  p.add_argument("--output", required=True, help="JSON file for the configured rates")
-  p.add_argument("--plot", default="", help="PNG path for the Fig. 3-style plot (optional)")
-  args = p.parse_args(argv)
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("dataset", None, "TFDS name, e.g. synthetic_shapes/default or voc2012_aug", flag_values=fv)
+  flags.DEFINE_string("split", "train", "split to count", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir", flag_values=fv)
+  flags.DEFINE_string("rates", "8,12x24,16", "paper shorthand, e.g. '8,12x24,16' (12x24 adds 24x12)", flag_values=fv)
+  flags.DEFINE_string("plot_rates", "2,4,8,16,32,64", "rates for the Fig. 3 PNG", flag_values=fv)
+  flags.DEFINE_integer("ignore_label", IGNORE_LABEL, "label of void pixels", flag_values=fv)
+  flags.DEFINE_enum("partial_neighbors", "rescale", affinity.PARTIAL_NEIGHBORS,
+                    "n_k rule for pixels with invalid neighbours (must match affinity.partial_neighbors)",
+                    flag_values=fv)
+  flags.DEFINE_integer("max_images", 0, "0 = the whole split", flag_values=fv)
+  flags.DEFINE_string("output", None, "JSON file for the configured rates", flag_values=fv)
+  flags.DEFINE_string("plot", "", "PNG path for the Fig. 3-style plot (optional)", flag_values=fv)
 
+
+def _main(argv) -> None:
+  args = cli.parse_flags(_define_flags, sys.argv[1:] if argv is None else list(argv), "dilaff_jax.stats", __doc__,
+                         required=("dataset", "output"))
+  if args is None:  # --help
+    return
   rates = _parse_rates(args.rates, "--rates")
   plot_rates = _parse_rates(args.plot_rates, "--plot_rates") if args.plot else ()
   if args.max_images < 0:

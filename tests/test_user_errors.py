@@ -136,7 +136,14 @@ def test_stats_command_line_bad_rates_and_too_small_images(data_dir, tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {message}"), (arg, err)
   assert stats.main(["--rates=8"]) == 2
-  assert "error: the following arguments are required: --dataset, --output" in capsys.readouterr().err
+  assert capsys.readouterr().err.strip().splitlines() == [
+      "error: --dataset and --output are required (see python -m dilaff_jax.stats --help)"]
+  for argv, message in ((["--dataset=x", "--output=y", "--max_images=two"], "--max_images"),
+                        (["--dataset=x", "--output=y", "--partial_neighbours=count"], "partial_neighbours"),
+                        (["--dataset=x", "--output=y", "stray"], "unexpected argument 'stray'")):
+    assert stats.main(argv) == 2, argv  # absl's parse errors: one line too, before any data is read
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
   assert not (tmp_path / "s.json").exists()
 
 

@@ -8,21 +8,29 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from absl import flags
 
 from dilaff_jax import cli, datasets, errors
 
 
+def _define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string("dataset", None, "synthetic_shapes/default, synthetic_shapes/tiny, voc2012_aug, cityscapes19, "
+                      "image_folder", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datasets)", flag_values=fv)
+  flags.DEFINE_string("manual_dir", None, "folder with the downloaded archives (image_folder: the folder)",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_classes", 0, "image_folder without classes.txt: number of classes", flag_values=fv)
+
+
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m dilaff_jax.datasets.prepare", description=__doc__.split("\n\n")[0])
-  p.add_argument("--dataset", required=True, help="synthetic_shapes/default, synthetic_shapes/tiny, voc2012_aug, "
-                 "cityscapes19, image_folder")
-  p.add_argument("--data_dir", default=None, help="TFDS data_dir (default ~/tensorflow_datasets)")
-  p.add_argument("--manual_dir", default=None, help="folder with the downloaded archives (image_folder: the folder)")
-  p.add_argument("--num_classes", type=int, default=0, help="image_folder without classes.txt: number of classes")
-  args = p.parse_args(argv)
+  """Command line entry; returns the exit status (2 for a bad flag or archive, with one ``error:`` line)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
   try:
+    args = cli.parse_flags(_define_flags, argv, "dilaff_jax.datasets.prepare", __doc__, required=("dataset",))
+    if args is None:  # --help
+      return 0
     builder = datasets.get_builder(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
                                    num_classes=args.num_classes)
   except (errors.UserError, FileNotFoundError) as e:
