@@ -211,6 +211,20 @@ def test_focal_loss_extreme_logits_finite():
   assert float(affinity.focal_loss(jnp.array([100.0]), jnp.array([1.0]), 2.0)[0]) < 1e-30
 
 
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_focal_loss_agrees_with_optax(gamma):
+  """optax's log-space focal loss gives the same values and gradients (to rounding), extreme logits included."""
+  import optax
+  x = jnp.asarray(np.concatenate([np.linspace(-12, 12, 49), [-1e4, -100.0, 100.0, 1e4]]), jnp.float32)
+  for y in (0.0, 1.0):
+    t = jnp.full(x.shape, y)
+    ours = lambda v: affinity.focal_loss(v, t, gamma)  # noqa: E731
+    theirs = lambda v: optax.sigmoid_focal_loss(v, t, gamma=gamma)  # noqa: E731
+    np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(jax.grad(lambda v: ours(v).sum())(x), jax.grad(lambda v: theirs(v).sum())(x),
+                               rtol=1e-6, atol=1e-30)
+
+
 # ---------------------------------------------------------------------------------------------- weights and loss
 
 

@@ -376,3 +376,7 @@ def test_segmentation_loss_sum_against_a_loop():
     count += 1
   assert int(n) == count == 22
   np.testing.assert_allclose(float(total), want, rtol=1e-5)
+  import optax  # the library's masked integer-label cross-entropy agrees (to rounding; see the docstring)
+  valid = labels != 255
+  ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(np.where(valid, labels, 0)))
+  np.testing.assert_allclose(float(total), float(jnp.sum(jnp.where(valid, ce, 0.0))), rtol=1e-6)

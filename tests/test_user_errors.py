@@ -127,7 +127,7 @@ def test_stats_command_line_bad_rates_and_too_small_images(data_dir, tmp_path, c
   assert_one_error_line(run_cli("dilaff_jax.stats", *common, "--rates=8,12y24"), "--rates=8,12y24: cannot parse rate "
                         "'12y24'")
   proc = run_cli("dilaff_jax.stats", *common, "--rates=4,80", "--max_images=2")
-  assert_one_error_line(proc, "valid signals at rate(s) 80 in 2 label map(s)", "the largest label map is 6")
+  assert_one_error_line(proc, "has a valid neighbour at rate(s) 80 in 2 label map(s)", "the largest label map is 6")
   cases = {"--rates=8,8": "--rates=8,8: ", "--rates=,": "--rates=,: expand_rates: the set of rates R is empty",
            "--max_images=-1": "--max_images=-1: expected 0", "--dataset=voc2012": "dataset 'voc2012' is not one of "
            "this project's datasets", "--split=tran": "split 'tran' of synthetic_shapes/tiny"}
