@@ -30,6 +30,7 @@ def photo(size: int) -> tuple[np.ndarray, str]:
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
     from PIL import Image  # pylint: disable=import-outside-toplevel
+
     path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
     with Image.open(path) as im:
       return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)), "grace_hopper.jpg (matplotlib)"
@@ -108,8 +109,10 @@ def main() -> None:
     t_crf = time_crf(image, probs, n, args.repeats)
     rows.append(("dense CRF (pydensecrf2), θγ=3 w2=3 θα=80 θβ=13 w1=10", "CPU, 1 thread (C++)", t_crf))
 
-  print(f"# post-processing time per image: {s}x{s}, {c} classes, {n} iterations, best of {args.repeats}; "
-        f"image: {source}; host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+  print(
+      f"# post-processing time per image: {s}x{s}, {c} classes, {n} iterations, best of {args.repeats}; "
+      f"image: {source}; host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+  )
   print("| method | runs on | ms / image | × propagation |")
   print("|---|---|---|---|")
   for name, where, seconds in rows:

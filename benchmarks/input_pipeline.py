@@ -8,6 +8,7 @@ normalise, batch) on this machine. Prints a Markdown table of examples per secon
 
 The last column is the model's training-step rate at the same batch size: fill in ``model_steps_per_second``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ def model_steps_per_second(batch_size: int, crop_size: int) -> float | None:
   size, ~1-2 min each on CPU).
   """
   from benchmarks import train_step  # local: only this column needs the model (and its compile time)
+
   return train_step.model_steps_per_second(batch_size, crop_size)
 
 
@@ -61,8 +63,16 @@ def voc_sized_fake(rng: np.random.Generator, num_images: int) -> fake_archives.F
     voc_masks[image_id] = shapes_render.boundary_band(label, 2)
     sbd_masks[image_id] = label
   half = num_images // 2
-  return fake_archives.FakeVoc(voc_train=ids[:half], voc_val=ids[-8:], sbd_train=ids[half:], sbd_val=[],
-                               jpegs=jpegs, images=images, voc_masks=voc_masks, sbd_masks=sbd_masks)
+  return fake_archives.FakeVoc(
+      voc_train=ids[:half],
+      voc_val=ids[-8:],
+      sbd_train=ids[half:],
+      sbd_val=[],
+      jpegs=jpegs,
+      images=images,
+      voc_masks=voc_masks,
+      sbd_masks=sbd_masks,
+  )
 
 
 def prepare(workdir: str, num_images: int):
@@ -76,8 +86,16 @@ def prepare(workdir: str, num_images: int):
 
 def examples_per_second(builder, batch_size: int, steps: int, crop: int) -> float:
   batches = input_pipeline.train_iterator(
-      builder, split="train_aug", crop_size=crop, local_device_count=1, per_device_batch=batch_size, seed=0,
-      num_classes=21, process_index=0, process_count=1)
+      builder,
+      split="train_aug",
+      crop_size=crop,
+      local_device_count=1,
+      per_device_batch=batch_size,
+      seed=0,
+      num_classes=21,
+      process_index=0,
+      process_count=1,
+  )
   next(batches)  # warm-up: graph tracing, thread pools
   start = time.perf_counter()
   for _ in range(steps):
@@ -95,16 +113,17 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
     builder = prepare(workdir, args.num_images)
-    print(f"Prepared a fake voc2012_aug of {builder.info.splits['train_aug'].num_examples} VOC-sized train images "
-          f"in {time.perf_counter() - start:.1f}s on {os.cpu_count()} CPU cores.\n")
+    print(
+        f"Prepared a fake voc2012_aug of {builder.info.splits['train_aug'].num_examples} VOC-sized train images "
+        f"in {time.perf_counter() - start:.1f}s on {os.cpu_count()} CPU cores.\n"
+    )
     print("| batch | crop | input examples/s | input ms/batch | model examples/s (hook) |")
     print("|------:|-----:|-----------------:|---------------:|------------------------:|")
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
       rate = examples_per_second(builder, batch_size, args.steps, args.crop)
       model = model_steps_per_second(batch_size, args.crop)
       model_cell = "n/a" if model is None else f"{model * batch_size:.2f}"
-      print(f"| {batch_size} | {args.crop} | {rate:.1f} | {1000 * batch_size / rate:.0f} | {model_cell} |",
-            flush=True)
+      print(f"| {batch_size} | {args.crop} | {rate:.1f} | {1000 * batch_size / rate:.0f} | {model_cell} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -54,10 +54,10 @@ def measure(model: DeepLabV3Plus, size: int, output_stride: int) -> dict:
   cost = jax.jit(forward).lower(variables, images).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {
-    "xla_flops": float(cost["flops"]),
-    "naive_madds": naive_multiply_adds(jax.make_jaxpr(forward)(variables, images).jaxpr),
-    "params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(variables["params"]))),
-    "compile_s": time.perf_counter() - start,
+      "xla_flops": float(cost["flops"]),
+      "naive_madds": naive_multiply_adds(jax.make_jaxpr(forward)(variables, images).jaxpr),
+      "params": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(variables["params"]))),
+      "compile_s": time.perf_counter() - start,
   }
 
 
@@ -68,8 +68,8 @@ def main() -> None:
   parser.add_argument("--stems", nargs="+", default=["standard", "deep"], choices=["standard", "deep"])
   args = parser.parse_args()
   print(
-    f"ResNet-101 DeepLabv3+, {args.classes} classes, {args.size}x{args.size}, batch 1, eval mode; "
-    f"jax {jax.__version__} on {jax.devices()[0].platform}\n"
+      f"ResNet-101 DeepLabv3+, {args.classes} classes, {args.size}x{args.size}, batch 1, eval mode; "
+      f"jax {jax.__version__} on {jax.devices()[0].platform}\n"
   )
   print("| stem | model | OS | XLA GFLOPs | XLA multiply-adds (B) | naive multiply-adds (B) | parameters |")
   print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -79,9 +79,9 @@ def main() -> None:
         model = DeepLabV3Plus(num_classes=args.classes, rates=rates, stem=stem)
         r = measure(model, args.size, output_stride)
         print(
-          f"| {stem} | {label} | {output_stride} | {r['xla_flops'] / 1e9:.2f} | "
-          f"{r['xla_flops'] / 2e9:.2f} | {r['naive_madds'] / 1e9:.2f} | {r['params']:,} |",
-          flush=True,
+            f"| {stem} | {label} | {output_stride} | {r['xla_flops'] / 1e9:.2f} | "
+            f"{r['xla_flops'] / 2e9:.2f} | {r['naive_madds'] / 1e9:.2f} | {r['params']:,} |",
+            flush=True,
         )
 
 

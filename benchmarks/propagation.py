@@ -101,8 +101,10 @@ def main() -> None:
   t_bwd = best_time(lambda: grad_fn(logits, labels), args.repeats)
   t_oracle = best_time(lambda: propagation.gt_affinity(labels, rates), args.repeats)
 
-  print(f"# propagation benchmark: {b}x{s}x{s}, {c} classes, R={list(rates)} ({d} directions), "
-        f"{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}")
+  print(
+      f"# propagation benchmark: {b}x{s}x{s}, {c} classes, R={list(rates)} ({d} directions), "
+      f"{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}"
+  )
   print("| quantity | value |")
   print("|---|---|")
   print(f"| propagation, {n} iterations (total) | {1e3 * t_n:.1f} ms |")

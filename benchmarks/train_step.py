@@ -30,6 +30,7 @@ be 16k + 1 (output stride 16).
 Statistics for the loss weights are made up (binomial neighbour counts around π_r ≈ 0.9): they change the loss value,
 not its cost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,7 @@ from dilaff_jax import step as step_lib  # noqa: E402
 from dilaff_jax.stats import AffinityStats  # noqa: E402
 
 PAPER_RATES = affinity.expand_rates([8, (12, 24), 16])
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def log(message: str) -> None:
@@ -82,8 +83,10 @@ def paper_config(crop: int, batch: int, depth: int):
   config.model.depth = depth
   config.model.pretrained = ""
   if (crop - 1) % config.model.train_output_stride:
-    raise ValueError(f"--crops: crop {crop} does not fit output stride {config.model.train_output_stride} "
-                     f"(needs 16k + 1, e.g. 129, 257, 513)")
+    raise ValueError(
+        f"--crops: crop {crop} does not fit output stride {config.model.train_output_stride} "
+        f"(needs 16k + 1, e.g. 129, 257, 513)"
+    )
   return config
 
 
@@ -98,6 +101,7 @@ def fake_batch(rng: np.random.Generator, crop: int, batch: int, num_classes: int
 @dataclasses.dataclass
 class CompiledStep:
   """One model / crop / batch, compiled and ready to step: the state is donated and replaced by every call."""
+
   crop: int
   batch: int
   rates: affinity.Rates
@@ -118,8 +122,10 @@ class CompiledStep:
     elapsed = time.perf_counter() - start
     loss = float(metrics.unreplicate().loss.compute())
     if not np.isfinite(loss):
-      raise RuntimeError(f"the benchmarked step (crop {self.crop}, batch {self.batch}, rates {self.rates}) gave "
-                         f"a non-finite loss ({loss})")
+      raise RuntimeError(
+          f"the benchmarked step (crop {self.crop}, batch {self.batch}, rates {self.rates}) gave "
+          f"a non-finite loss ({loss})"
+      )
     return elapsed
 
 
@@ -130,11 +136,11 @@ def compile_step(crop: int, batch: int, rates: affinity.Rates, *, depth: int = 1
   model = state_lib.build_model(config, rates, affinity.prior_bias(stats.pos_freq) if rates else None)
   device = jax.local_devices()[0]
   state = flax.jax_utils.replicate(state_lib.create_train_state(config, model, jax.random.key(seed)), [device])
-  step = functools.partial(step_lib.train_step, config=config, rates=rates, stats=stats,
-                           schedule=state_lib.learning_rate_schedule(config))
+  step = functools.partial(
+      step_lib.train_step, config=config, rates=rates, stats=stats, schedule=state_lib.learning_rate_schedule(config)
+  )
   p_step = jax.pmap(step, axis_name=state_lib.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=[device])
-  data = fake_batch(np.random.default_rng(seed), crop, batch, config.dataset.num_classes,
-                    config.dataset.ignore_label)
+  data = fake_batch(np.random.default_rng(seed), crop, batch, config.dataset.num_classes, config.dataset.ignore_label)
   data = next(input_pipeline.prefetch_to_device(iter([data]), devices=[device]))  # as training feeds it
   rng = jax.random.key(seed + 1)
 
@@ -145,8 +151,9 @@ def compile_step(crop: int, batch: int, rates: affinity.Rates, *, depth: int = 1
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   mem = compiled.memory_analysis()
   memory = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
-  return CompiledStep(crop, batch, tuple(rates), compiled, state, data, rng, float(cost["flops"]), int(memory),
-                      compile_s)
+  return CompiledStep(
+      crop, batch, tuple(rates), compiled, state, data, rng, float(cost["flops"]), int(memory), compile_s
+  )
 
 
 def time_interleaved(steps: Sequence[CompiledStep], repeats: int) -> None:
@@ -182,7 +189,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     start = time.perf_counter()
     dot(a, b).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best / 1e9
+  return 2 * n**3 / best / 1e9
 
 
 def _cpu_name() -> str:
@@ -205,8 +212,13 @@ def main() -> None:
   parser.add_argument("--crops", default="257,513", help="comma-separated square crops (16k + 1)")
   parser.add_argument("--batches", default="1,2", help="comma-separated batch sizes (one device)")
   parser.add_argument("--repeats", type=int, default=5, help="timed steps per case (best and median reported)")
-  parser.add_argument("--depth", type=int, default=101, choices=[50, 101, 152],
-                      help="ResNet depth (bottleneck only: multi-grid (1, 2, 4) needs 3 units in the last stage)")
+  parser.add_argument(
+      "--depth",
+      type=int,
+      default=101,
+      choices=[50, 101, 152],
+      help="ResNet depth (bottleneck only: multi-grid (1, 2, 4) needs 3 units in the last stage)",
+  )
   args = parser.parse_args()
   crops = [int(c) for c in args.crops.split(",")]
   batches = [int(b) for b in args.batches.split(",")]
@@ -223,8 +235,10 @@ def main() -> None:
     for batch in batches:
       pair = []
       for name, rates in (("DeepLabv3+ (no head)", ()), ("+ affinity head", PAPER_RATES)):
-        log(f"[{len(pairs) * 2 + len(pair) + 1}/{2 * len(crops) * len(batches)}] ResNet-{args.depth} {name}, "
-            f"crop {crop}, batch {batch}: compiling ({time.perf_counter() - t0:.0f}s so far)")
+        log(
+            f"[{len(pairs) * 2 + len(pair) + 1}/{2 * len(crops) * len(batches)}] ResNet-{args.depth} {name}, "
+            f"crop {crop}, batch {batch}: compiling ({time.perf_counter() - t0:.0f}s so far)"
+        )
         s = compile_step(crop, batch, rates, depth=args.depth)
         log(f"    compiled in {s.compile_s:.1f}s: {s.flops / 1e9:.1f} GFLOPs, {s.memory_bytes / GIB:.2f} GiB")
         pair.append((name, s))
@@ -236,28 +250,40 @@ def main() -> None:
   matmul_after = matmul_gflops(repeats=args.repeats + 2)
   matmul = max(matmul_before, matmul_after)
 
-  print(f"Training step of ResNet-{args.depth} DeepLabv3+ (21 classes, output stride 16, float32, SGD momentum), "
-        f"affinity head R = {{8, (12,24), 16}} = {len(PAPER_RATES)} explicit rates; `jax.pmap` on 1 "
-        f"{jax.devices()[0].platform.upper()} device; jax {jax.__version__}; {_cpu_name()}, {os.cpu_count()} "
-        f"cores.\nStep time: best (and median) of {args.repeats} steps after a warm-up, the two models timed in "
-        f"turn; images/s, GFLOP/s and the time overhead use the best. FLOPs: XLA `cost_analysis()` of the timed "
-        f"step. Memory: XLA `memory_analysis()` of the step, arguments + outputs - donated + temporaries.\n"
-        f"Matmul reference (float32 2048 x 2048 `jnp.dot`, best of {args.repeats + 2}): {matmul_before:.1f} "
-        f"GFLOP/s before the cases, {matmul_after:.1f} GFLOP/s after; % of matmul uses the higher.\n")
-  print("| crop | batch | model | compile s | step s (median) | images/s | GFLOPs/step | GFLOP/s | % of matmul "
-        "| memory GiB | head overhead: time | FLOPs | memory |")
+  print(
+      f"Training step of ResNet-{args.depth} DeepLabv3+ (21 classes, output stride 16, float32, SGD momentum), "
+      f"affinity head R = {{8, (12,24), 16}} = {len(PAPER_RATES)} explicit rates; `jax.pmap` on 1 "
+      f"{jax.devices()[0].platform.upper()} device; jax {jax.__version__}; {_cpu_name()}, {os.cpu_count()} "
+      f"cores.\nStep time: best (and median) of {args.repeats} steps after a warm-up, the two models timed in "
+      f"turn; images/s, GFLOP/s and the time overhead use the best. FLOPs: XLA `cost_analysis()` of the timed "
+      f"step. Memory: XLA `memory_analysis()` of the step, arguments + outputs - donated + temporaries.\n"
+      f"Matmul reference (float32 2048 x 2048 `jnp.dot`, best of {args.repeats + 2}): {matmul_before:.1f} "
+      f"GFLOP/s before the cases, {matmul_after:.1f} GFLOP/s after; % of matmul uses the higher.\n"
+  )
+  print(
+      "| crop | batch | model | compile s | step s (median) | images/s | GFLOPs/step | GFLOP/s | % of matmul "
+      "| memory GiB | head overhead: time | FLOPs | memory |"
+  )
   print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for pair in pairs:
     base = pair[0][1]
     for name, s in pair:
       best = min(s.times)
       achieved = s.flops / best / 1e9
-      overhead = "— | — | —" if s is base else (
-          f"{_percent(best, min(base.times))} | {_percent(s.flops, base.flops)} | "
-          f"{_percent(s.memory_bytes, base.memory_bytes)}")
-      print(f"| {s.crop} | {s.batch} | {name} | {s.compile_s:.0f} | {best:.2f} ({np.median(s.times):.2f}) | "
-            f"{s.batch / best:.3f} | {s.flops / 1e9:.1f} | {achieved:.1f} | {100 * achieved / matmul:.0f}% | "
-            f"{s.memory_bytes / GIB:.2f} | {overhead} |", flush=True)
+      overhead = (
+          "— | — | —"
+          if s is base
+          else (
+              f"{_percent(best, min(base.times))} | {_percent(s.flops, base.flops)} | "
+              f"{_percent(s.memory_bytes, base.memory_bytes)}"
+          )
+      )
+      print(
+          f"| {s.crop} | {s.batch} | {name} | {s.compile_s:.0f} | {best:.2f} ({np.median(s.times):.2f}) | "
+          f"{s.batch / best:.3f} | {s.flops / 1e9:.1f} | {achieved:.1f} | {100 * achieved / matmul:.0f}% | "
+          f"{s.memory_bytes / GIB:.2f} | {overhead} |",
+          flush=True,
+      )
 
 
 if __name__ == "__main__":

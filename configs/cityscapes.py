@@ -1,7 +1,7 @@
 """Cityscapes fine (2,975 train / 500 val, 19 classes), §4.4: the best VOC setting transferred.
 
-  python -m dilaff_jax.main --config=configs/cityscapes.py --workdir=DIR            # Table 6, dilated affinity
-  python -m dilaff_jax.main --config=configs/cityscapes.py:baseline --workdir=DIR   # Table 6, DeepLabv3+
+python -m dilaff_jax.main --config=configs/cityscapes.py --workdir=DIR            # Table 6, dilated affinity
+python -m dilaff_jax.main --config=configs/cityscapes.py:baseline --workdir=DIR   # Table 6, DeepLabv3+
 """
 
 from configs import default, variants, voc

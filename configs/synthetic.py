@@ -57,13 +57,13 @@ def get_config(variant: str = ""):
   c.dataset.eval_pad_size = (129, 129)
 
   c.model.depth = 18
-  c.model.pretrained = "none"              # random init: the demo trains from scratch
-  c.model.multi_grid = (1, 2)              # one rate per unit of ResNet-18's last stage
+  c.model.pretrained = "none"  # random init: the demo trains from scratch
+  c.model.multi_grid = (1, 2)  # one rate per unit of ResNet-18's last stage
   c.model.aspp_channels = 64
   c.model.low_level_channels = 24
   c.model.decoder_channels = 64
   c.model.dropout_rate = 0.0
-  c.model.bn_momentum = 0.9               # short runs: running statistics must follow quickly
+  c.model.bn_momentum = 0.9  # short runs: running statistics must follow quickly
 
   c.affinity.rates = (4, (6, 12), 8)
   # Chosen on this demo as the paper chose its β and iteration count (by validation). 600 steps from scratch:

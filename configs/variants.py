@@ -26,8 +26,11 @@ def apply(config, variant: str, variants: dict, also: tuple[str, ...] = ()):
   if variant not in variants:
     known = sorted({*variants, *also})
     close = difflib.get_close_matches(variant, known, n=1, cutoff=0.5)
-    raise UnknownVariant(f"unknown config variant {variant!r}" + (f" (did you mean {close[0]}?)" if close else "")
-                         + f"; known: {', '.join(known)}")
+    raise UnknownVariant(
+        f"unknown config variant {variant!r}"
+        + (f" (did you mean {close[0]}?)" if close else "")
+        + f"; known: {', '.join(known)}"
+    )
   for key, value in variants[variant].items():
     *path, leaf = key.split(".")
     node = config

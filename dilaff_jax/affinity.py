@@ -39,8 +39,12 @@ def _as_pair(rate: RateSpec, where: str) -> tuple[int, int]:
   """One rate as an explicit ``(r1, r2)`` pair of positive ints, or a ValueError naming it."""
   if isinstance(rate, (int, np.integer)) and not isinstance(rate, bool):
     pair = (int(rate), int(rate))
-  elif isinstance(rate, Sequence) and not isinstance(rate, str) and len(rate) == 2 and all(
-      isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in rate):
+  elif (
+      isinstance(rate, Sequence)
+      and not isinstance(rate, str)
+      and len(rate) == 2
+      and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in rate)
+  ):
     pair = (int(rate[0]), int(rate[1]))
   else:
     raise ValueError(f"{where}: rate {rate!r} is neither a positive int nor a pair of positive ints")
@@ -95,8 +99,9 @@ def neighbor_offsets(rates: Sequence[RateSpec]) -> tuple[tuple[int, int], ...]:
   return tuple(offsets)
 
 
-def affinity_targets(labels: jax.Array, rates: Sequence[RateSpec],
-                     ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
+def affinity_targets(
+    labels: jax.Array, rates: Sequence[RateSpec], ignore_label: int = IGNORE_LABEL
+) -> tuple[jax.Array, jax.Array]:
   """Dilated-affinity ground truth (Eq. 1) for every pixel and direction.
 
   Args:
@@ -129,8 +134,9 @@ def affinity_targets(labels: jax.Array, rates: Sequence[RateSpec],
   return targets, valid
 
 
-def neighbor_categories(targets: jax.Array, valid: jax.Array, num_rates: int,
-                        partial_neighbors: str = "rescale") -> jax.Array:
+def neighbor_categories(
+    targets: jax.Array, valid: jax.Array, num_rates: int, partial_neighbors: str = "rescale"
+) -> jax.Array:
   """The category ``k`` of ``n_k`` (§3.2) per pixel and rate: how many of its 8 neighbours share its label.
 
   With ``v`` valid neighbours at a rate (inside the image, not void) of which ``q`` are positive:
@@ -144,12 +150,14 @@ def neighbor_categories(targets: jax.Array, valid: jax.Array, num_rates: int,
   Returns int32 ``[B, H, W, |R|]`` with values in ``-1..8``.
   """
   if partial_neighbors not in PARTIAL_NEIGHBORS:
-    raise ValueError(f"neighbor_categories: partial_neighbors={partial_neighbors!r}; expected one of "
-                     f"{PARTIAL_NEIGHBORS}")
+    raise ValueError(
+        f"neighbor_categories: partial_neighbors={partial_neighbors!r}; expected one of " f"{PARTIAL_NEIGHBORS}"
+    )
   b, h, w, c = valid.shape
   if c != DIRECTIONS_PER_RATE * num_rates:
-    raise ValueError(f"neighbor_categories: {c} channels but num_rates={num_rates} needs "
-                     f"{DIRECTIONS_PER_RATE * num_rates}")
+    raise ValueError(
+        f"neighbor_categories: {c} channels but num_rates={num_rates} needs " f"{DIRECTIONS_PER_RATE * num_rates}"
+    )
   shape5 = (b, h, w, num_rates, DIRECTIONS_PER_RATE)
   q = ((targets > 0.5) & valid).reshape(shape5).sum(-1, dtype=jnp.int32)
   v = valid.reshape(shape5).sum(-1, dtype=jnp.int32)
@@ -197,12 +205,15 @@ def neighbor_weights(freq: np.ndarray, scheme: str, max_weight: float | None = N
   if scheme == "none":
     return np.ones_like(freq, np.float32)
   if scheme not in ("neighbor", "sqrt"):
-    raise ValueError(f"neighbor_weights: scheme {scheme!r} has no per-category weights "
-                     f"(expected 'none', 'neighbor' or 'sqrt')")
+    raise ValueError(
+        f"neighbor_weights: scheme {scheme!r} has no per-category weights " f"(expected 'none', 'neighbor' or 'sqrt')"
+    )
   if np.any(freq[:, 8] <= 0):
     bad = [i for i in range(freq.shape[0]) if freq[i, 8] <= 0]
-    raise ValueError(f"neighbor_weights: freq(n_8, r) is 0 for rate index {bad}: the weights "
-                     "freq(n_8)/freq(n_k) are undefined (statistics from too small images for this rate?)")
+    raise ValueError(
+        f"neighbor_weights: freq(n_8, r) is 0 for rate index {bad}: the weights "
+        "freq(n_8)/freq(n_k) are undefined (statistics from too small images for this rate?)"
+    )
   seen = freq > 0
   w = np.where(seen, freq[:, 8:9] / np.where(seen, freq, 1.0), 0.0)
   w = np.where(seen, w, w.max(axis=1, keepdims=True))
@@ -222,9 +233,16 @@ def signal_weights(pos_freq: np.ndarray, max_weight: float | None = None) -> np.
   return _cap(np.stack([neg, np.ones_like(pi)], axis=-1), max_weight)
 
 
-def affinity_loss_sum(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec], stats: "AffinityStats",
-                      scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = IGNORE_LABEL,
-                      max_weight: float | None = None) -> tuple[jax.Array, jax.Array]:
+def affinity_loss_sum(
+    logits: jax.Array,
+    labels: jax.Array,
+    rates: Sequence[RateSpec],
+    stats: "AffinityStats",
+    scheme: str = "sqrt",
+    gamma: float = 2.0,
+    ignore_label: int = IGNORE_LABEL,
+    max_weight: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Numerator and denominator of :func:`affinity_loss`: ``(Σ_pixels Σ_r w_r(k) Σ_c valid·FL, N)``.
 
   Data-parallel training sums both over devices before dividing, so the loss of a sharded batch equals the
@@ -232,14 +250,18 @@ def affinity_loss_sum(logits: jax.Array, labels: jax.Array, rates: Sequence[Rate
   """
   rates = explicit_rates(rates)
   if tuple(map(tuple, stats.rates)) != rates:
-    raise ValueError(f"affinity_loss: rates {list(rates)} differ from the statistics' rates {list(stats.rates)}"
-                     " (recompute the statistics for these rates)")
+    raise ValueError(
+        f"affinity_loss: rates {list(rates)} differ from the statistics' rates {list(stats.rates)}"
+        " (recompute the statistics for these rates)"
+    )
   if scheme not in SCHEMES:
     raise ValueError(f"affinity_loss: unknown weighting scheme {scheme!r}; expected one of {SCHEMES}")
   num_rates = len(rates)
   if logits.shape[-1] != DIRECTIONS_PER_RATE * num_rates or logits.shape[:-1] != labels.shape:
-    raise ValueError(f"affinity_loss: logits {logits.shape} do not match labels {labels.shape} and "
-                     f"{num_rates} rates (expected [..., {DIRECTIONS_PER_RATE * num_rates}])")
+    raise ValueError(
+        f"affinity_loss: logits {logits.shape} do not match labels {labels.shape} and "
+        f"{num_rates} rates (expected [..., {DIRECTIONS_PER_RATE * num_rates}])"
+    )
   targets, valid = affinity_targets(labels, rates, ignore_label)
   b, h, w, _ = targets.shape
   shape5 = (b, h, w, num_rates, DIRECTIONS_PER_RATE)
@@ -261,9 +283,16 @@ def affinity_loss_sum(logits: jax.Array, labels: jax.Array, rates: Sequence[Rate
   return total, jnp.sum(labels != ignore_label)
 
 
-def affinity_loss(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec], stats: "AffinityStats",
-                  scheme: str = "sqrt", gamma: float = 2.0, ignore_label: int = IGNORE_LABEL,
-                  max_weight: float | None = None) -> jax.Array:
+def affinity_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    rates: Sequence[RateSpec],
+    stats: "AffinityStats",
+    scheme: str = "sqrt",
+    gamma: float = 2.0,
+    ignore_label: int = IGNORE_LABEL,
+    max_weight: float | None = None,
+) -> jax.Array:
   """The affinity loss ``L_aff`` (Eq. 5 without β), a scalar.
 
   ``L_aff = (1/N) Σ_pixels Σ_r w_r(k) Σ_{c in rate r, valid} FL``, with ``N`` the number of non-ignored centre
@@ -299,9 +328,13 @@ def prior_bias(pos_freq: Sequence[float], eps: float = 1e-4) -> np.ndarray:
   return np.repeat(b, DIRECTIONS_PER_RATE).astype(np.float32)
 
 
-def affinity_accuracy_counts(logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec],
-                             ignore_label: int = IGNORE_LABEL,
-                             partial_neighbors: str = "rescale") -> tuple[jax.Array, jax.Array]:
+def affinity_accuracy_counts(
+    logits: jax.Array,
+    labels: jax.Array,
+    rates: Sequence[RateSpec],
+    ignore_label: int = IGNORE_LABEL,
+    partial_neighbors: str = "rescale",
+) -> tuple[jax.Array, jax.Array]:
   """Correct and total valid signals per rate and neighbour category (Fig. 4).
 
   A signal is correct when ``σ(logit) > 0.5`` equals its target. Returns two int32 arrays ``[|R|, 9]``:
@@ -339,4 +372,3 @@ def parse_rates(text: str) -> Rates:
     except ValueError:
       raise ValueError(f"cannot parse rate {part!r} in {text!r} (use e.g. '8,12x24,16')") from None
   return expand_rates(specs)
-

@@ -75,18 +75,22 @@ def _json_value(value):
 def compat_record(config: ml_collections.ConfigDict, rates: affinity.Rates) -> dict:
   """What a checkpoint must agree with to be restored into this config."""
   record = {f"model.{k}": _json_value(config.model[k]) for k in SHAPE_FIELDS}
-  return {**record, "dataset.num_classes": config.dataset.num_classes,
-          "affinity.rates (explicit)": [list(r) for r in rates],
-          # None without AAF, as a checkpoint whose record lacks the key reads
-          "structure.aaf_weights (shape)": (
-              [2, config.dataset.num_classes, len(config.structure.aaf_dilations)]
-              if config_checks.structure_kind(config) == "aaf" else None)}
+  return {
+      **record,
+      "dataset.num_classes": config.dataset.num_classes,
+      "affinity.rates (explicit)": [list(r) for r in rates],
+      # None without AAF, as a checkpoint whose record lacks the key reads
+      "structure.aaf_weights (shape)": (
+          [2, config.dataset.num_classes, len(config.structure.aaf_dilations)]
+          if config_checks.structure_kind(config) == "aaf"
+          else None
+      ),
+  }
 
 
 def host_state(state) -> dict:
   """The saved part of a train state (anything with ``step``, ``params``, ``batch_stats``, ``opt_state``)."""
-  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-          "opt_state": state.opt_state}
+  return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
 
 
 def _arrays(tree) -> list[tuple[str, np.ndarray]]:
@@ -124,8 +128,11 @@ def _finite_flags(leaves: list) -> jax.Array:
 def nonfinite_variables(tree) -> list[str]:
   """Paths of the floating-point arrays of ``tree`` holding a NaN or an infinity. The check runs where the arrays
   are (host arrays on the host, device arrays on their device) and fetches one flag per array."""
-  items = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  items = [
+      (jax.tree_util.keystr(p), x)
+      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+      if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
   if not items:
     return []
   if all(isinstance(x, np.ndarray) for _, x in items):
@@ -146,8 +153,9 @@ def checkpoints_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = None, *,
-                       create: bool = False) -> ocp.CheckpointManager:
+def checkpoint_manager(
+    workdir: str, config: ml_collections.ConfigDict | None = None, *, create: bool = False
+) -> ocp.CheckpointManager:
   """Orbax manager of ``<workdir>/checkpoints`` (asynchronous saves). ``config`` gives ``train.keep_checkpoints``
   (for a writer); readers pass none and ``create=False``, so that looking never creates a folder. Prefer
   :func:`opened`, which also closes it."""
@@ -157,8 +165,9 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = 
 
 
 @contextlib.contextmanager
-def opened(workdir: str, config: ml_collections.ConfigDict | None = None, *,
-           write: bool = False) -> Iterator[ocp.CheckpointManager]:
+def opened(
+    workdir: str, config: ml_collections.ConfigDict | None = None, *, write: bool = False
+) -> Iterator[ocp.CheckpointManager]:
   """:func:`checkpoint_manager` (``write``: creating the folder, rotating by ``config``), closed on every exit. On
   a normal exit a writer's last save must have reached the disk (else :class:`CheckpointError`); on an error exit
   the manager is closed without masking that error."""
@@ -243,7 +252,8 @@ def _save_failed(mngr: ocp.CheckpointManager, step: int | None, cause) -> Checkp
   return CheckpointError(
       f"saving the checkpoint of step {step} in {mngr.directory} failed: {cause}. Free disk space (or fix the "
       f"folder's permissions) and rerun with the same --workdir to resume from "
-      f"{'step ' + str(good) if good is not None else 'the start'}")
+      f"{'step ' + str(good) if good is not None else 'the start'}"
+  )
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -261,14 +271,16 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state, meta: dict) -> None:
     raise NonFiniteStateError(
         f"the state at step {step} is not finite (NaN or inf in {_names(bad)}): it was not saved. The newest "
         f"finite checkpoint is {'step ' + str(good) if good is not None else 'none'} in {mngr.directory}. Lower "
-        "train.learning_rate or affinity.beta, or check the input data and the pretrained weights")
+        "train.learning_rate or affinity.beta, or check the input data and the pretrained weights"
+    )
   if mngr.latest_step() is not None:  # the previous write must have landed before this one counts on it
     finish(mngr)
   host = jax.device_get(host_state(state))
   meta = dict(meta, signature=signature(host), fingerprint={FINGERPRINT: fingerprint(host)})
   try:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)),
-              force=True)
+    mngr.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True
+    )
   except OSError as e:
     raise _save_failed(mngr, step, e) from None
 
@@ -294,12 +306,17 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, state, compat: dict, step: i
       raise ValueError("its meta record is not a JSON object with a compat record")
   except Exception as e:  # noqa: BLE001  (whatever the reader says, the files are not a checkpoint)
     raise _damaged(mngr, step, f"its meta record cannot be read ({_first_line(e)})") from None
-  diffs = [f"{k}: checkpoint has {meta['compat'].get(k)!r}, config has {v!r}" for k, v in compat.items()
-           if meta["compat"].get(k) != v]
+  diffs = [
+      f"{k}: checkpoint has {meta['compat'].get(k)!r}, config has {v!r}"
+      for k, v in compat.items()
+      if meta["compat"].get(k) != v
+  ]
   if diffs:
     raise IncompatibleCheckpointError(
-        f"checkpoint {mngr.directory}/{step} comes from an incompatible config:\n  " + "\n  ".join(diffs)
-        + "\nUse another --workdir or the config the run was started with.")
+        f"checkpoint {mngr.directory}/{step} comes from an incompatible config:\n  "
+        + "\n  ".join(diffs)
+        + "\nUse another --workdir or the config the run was started with."
+    )
   target = jax.device_get(host_state(state))
   expected = signature(target)
   if "signature" in meta and meta["signature"] != expected:
@@ -308,7 +325,8 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, state, compat: dict, step: i
     diff = sorted(p for p in saved.keys() | want.keys() if saved.get(p) != want.get(p))
     raise IncompatibleCheckpointError(
         f"checkpoint {mngr.directory}/{step} does not fit this model: {len(diff)} variable(s) differ in name, "
-        f"shape or dtype ({_names(diff)}). Use the config and code version the run was trained with")
+        f"shape or dtype ({_names(diff)}). Use the config and code version the run was trained with"
+    )
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   except Exception as e:  # noqa: BLE001
@@ -319,18 +337,24 @@ def restore_checkpoint(mngr: ocp.CheckpointManager, state, compat: dict, step: i
   if recorded is None:
     logging.warning("checkpoint %s/%d has no fingerprint: its contents cannot be verified", mngr.directory, step)
   elif fingerprint(restored) != recorded:
-    raise _damaged(mngr, step, "its arrays do not match the fingerprint recorded when it was saved "
-                               "(bytes changed on disk)")
+    raise _damaged(
+        mngr, step, "its arrays do not match the fingerprint recorded when it was saved " "(bytes changed on disk)"
+    )
   bad = nonfinite_variables(restored)
   if bad:
     raise _damaged(mngr, step, f"it holds NaN or inf ({_names(bad)})")
-  new = state.replace(step=restored["step"], params=restored["params"], batch_stats=restored["batch_stats"],
-                      opt_state=restored["opt_state"])
+  new = state.replace(
+      step=restored["step"],
+      params=restored["params"],
+      batch_stats=restored["batch_stats"],
+      opt_state=restored["opt_state"],
+  )
   return new, meta
 
 
-def restore_newest_intact(mngr: ocp.CheckpointManager, state, compat: dict,
-                          report: Callable[[str], None] = print) -> tuple[Any, dict, list[int]]:
+def restore_newest_intact(
+    mngr: ocp.CheckpointManager, state, compat: dict, report: Callable[[str], None] = print
+) -> tuple[Any, dict, list[int]]:
   """Restores the newest intact checkpoint, reporting each damaged newer one; returns ``(state, meta, damaged
   steps)``. Raises :class:`DamagedCheckpointError` when none is intact (an incompatible one is no fallback case:
   its error is raised at once)."""
@@ -343,12 +367,17 @@ def restore_newest_intact(mngr: ocp.CheckpointManager, state, compat: dict,
       report(f"[checkpoint] {e}; trying the previous one")
       continue
     if damaged:
-      report(f"[checkpoint] using step {step}, the newest intact checkpoint in {mngr.directory} "
-             f"(damaged: {', '.join(map(str, damaged))})")
+      report(
+          f"[checkpoint] using step {step}, the newest intact checkpoint in {mngr.directory} "
+          f"(damaged: {', '.join(map(str, damaged))})"
+      )
     return restored, meta, damaged
-  raise DamagedCheckpointError(f"no intact checkpoint in {mngr.directory}: steps {', '.join(map(str, damaged))} "
-                               "are all damaged (see above); restore them from a backup or use another --workdir",
-                               damaged[0] if damaged else -1, "all damaged")
+  raise DamagedCheckpointError(
+      f"no intact checkpoint in {mngr.directory}: steps {', '.join(map(str, damaged))} "
+      "are all damaged (see above); restore them from a backup or use another --workdir",
+      damaged[0] if damaged else -1,
+      "all damaged",
+  )
 
 
 def intact_steps(mngr: ocp.CheckpointManager, state, compat: dict) -> list[int]:
@@ -387,8 +416,13 @@ def saved_steps(workdir: str) -> list[int]:
     return list(mngr.all_steps())
 
 
-def restore_from_workdir(workdir: str, config: ml_collections.ConfigDict, make_template: Callable[[], Any],
-                         step: int | None = None, report: Callable[[str], None] = print) -> tuple[Any, dict]:
+def restore_from_workdir(
+    workdir: str,
+    config: ml_collections.ConfigDict,
+    make_template: Callable[[], Any],
+    step: int | None = None,
+    report: Callable[[str], None] = print,
+) -> tuple[Any, dict]:
   """Restores ``<workdir>/checkpoints`` for evaluation or prediction into ``make_template()`` (a train state of
   ``config``'s model, made only once a checkpoint is found): the newest intact checkpoint (damaged newer ones are
   reported and skipped), or exactly ``step`` (a damaged one is refused, listing the intact steps). Never creates a
@@ -406,12 +440,16 @@ def restore_from_workdir(workdir: str, config: ml_collections.ConfigDict, make_t
       state, meta, _ = restore_newest_intact(mngr, template, compat, report)
       return state, meta
     if step not in steps:
-      raise NoCheckpointError(f"--workdir={workdir}: no checkpoint for step {step} in {directory}; available: "
-                              f"{steps}")
+      raise NoCheckpointError(
+          f"--workdir={workdir}: no checkpoint for step {step} in {directory}; available: " f"{steps}"
+      )
     try:
       return restore_checkpoint(mngr, template, compat, step)
     except DamagedCheckpointError as e:
       good = intact_steps(mngr, template, compat)
       raise DamagedCheckpointError(
           f"{e}; intact checkpoints: {', '.join(map(str, good)) if good else 'none'}"
-          + (" (pass one of them to --step)" if good else ""), step, e.reason) from None
+          + (" (pass one of them to --step)" if good else ""),
+          step,
+          e.reason,
+      ) from None

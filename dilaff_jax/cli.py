@@ -44,8 +44,9 @@ def exit_with_error(error: BaseException | str, *, show_traceback: bool = False)
 # ----------------------------------------------------------------------------------------------- flags
 
 
-def parse_flags(define: Callable[[flags.FlagValues], None], argv: Sequence[str], prog: str, doc: str,
-                required: Sequence[str] = ()) -> flags.FlagValues | None:
+def parse_flags(
+    define: Callable[[flags.FlagValues], None], argv: Sequence[str], prog: str, doc: str, required: Sequence[str] = ()
+) -> flags.FlagValues | None:
   """absl flags for a tool without a ``--config``: a fresh flag set (no global state) made by ``define``, parsed
   from ``argv`` (without the program name). ``--help`` prints ``doc`` and the flags and returns None. A missing
   ``required`` flag, an unknown flag, a bad value or a stray argument raises :class:`errors.UserError` in one line."""
@@ -90,7 +91,7 @@ def missing_key(config: Mapping, key: str, prefix: str = "config") -> str | None
     name = re.sub(r"(\[\d+\])+$", "", part)
     if not (hasattr(node, "keys") and name in node.keys()):
       full = f"{prefix}.{key}"
-      known = [k[len(prefix) + 1:] for k in flat_keys(config, prefix)]
+      known = [k[len(prefix) + 1 :] for k in flat_keys(config, prefix)]
       close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
       hint = f"did you mean {prefix}.{close[0]}?" if close else "see configs/default.py for every key"
       return f"{full}: no such key; {hint}"

@@ -105,13 +105,19 @@ def _check_pretrained(config: ml_collections.ConfigDict) -> None:
   costs tens of mIoU points), or an explicit ``"none"``; a named file must be readable."""
   value = _get(config, "model.pretrained")
   depth = _get(config, "model.depth")
-  how = ("give a torchvision/timm ResNet .safetensors or .pth file (dilaff_jax/models/README.md says how to make "
-         f"one), or \"{PRETRAINED_NONE}\" to train from random init on purpose")
+  how = (
+      "give a torchvision/timm ResNet .safetensors or .pth file (dilaff_jax/models/README.md says how to make "
+      f'one), or "{PRETRAINED_NONE}" to train from random init on purpose'
+  )
   if not isinstance(value, str):
-    _fail("model.pretrained", value, f"expected a file path or \"{PRETRAINED_NONE}\"")
+    _fail("model.pretrained", value, f'expected a file path or "{PRETRAINED_NONE}"')
   if value == "" and depth >= MIN_DEPTH_NEEDING_WEIGHTS:
-    _fail("model.pretrained", value, f"ResNet-{depth} needs ImageNet weights (the paper's backbone is "
-          f"ImageNet-pretrained; random init costs tens of mIoU points): {how}")
+    _fail(
+        "model.pretrained",
+        value,
+        f"ResNet-{depth} needs ImageNet weights (the paper's backbone is "
+        f"ImageNet-pretrained; random init costs tens of mIoU points): {how}",
+    )
   path = pretrained_path(config)
   if path is not None and not os.path.isfile(path):
     _fail("model.pretrained", value, f"no such file: {how}")
@@ -137,8 +143,12 @@ def _check_structure(config) -> None:
     _number(config, "structure.aaf_margin", 0, lo_open=True)
     _bool(config, "structure.aaf_decay")
     dil = _get(config, "structure.aaf_dilations")
-    if (not isinstance(dil, (list, tuple)) or not dil or len(set(dil)) != len(dil)
-        or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dil)):
+    if (
+        not isinstance(dil, (list, tuple))
+        or not dil
+        or len(set(dil)) != len(dil)
+        or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in dil)
+    ):
       _fail("structure.aaf_dilations", dil, "expected distinct positive ints, e.g. (1, 2, 3) for 3x3/5x5/7x7 fields")
   elif kind == "boundary":
     _number(config, "structure.boundary_w0", 0)
@@ -172,25 +182,39 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   if any(s <= 0 for s in _get(config, "dataset.std")):
     _fail("dataset.std", _get(config, "dataset.std"), "every value must be > 0")
   pad = _get(config, "dataset.eval_pad_size")
-  if pad is not None and (not isinstance(pad, (tuple, list)) or len(pad) != 2
-                          or any(not isinstance(p, int) or isinstance(p, bool) or p <= 0 for p in pad)):
-    _fail("dataset.eval_pad_size", pad, "expected (height, width), two positive ints, or None for the largest "
-          "evaluation image")
+  if pad is not None and (
+      not isinstance(pad, (tuple, list))
+      or len(pad) != 2
+      or any(not isinstance(p, int) or isinstance(p, bool) or p <= 0 for p in pad)
+  ):
+    _fail(
+        "dataset.eval_pad_size",
+        pad,
+        "expected (height, width), two positive ints, or None for the largest " "evaluation image",
+    )
 
   _choice(config, "model.depth", (18, 34, 50, 101, 152))
   _choice(config, "model.stem", ("standard", "deep"))
   units = {18: 2, 34: 3, 50: 3, 101: 3, 152: 3}[_get(config, "model.depth")]
   grid = _get(config, "model.multi_grid")
   if grid is not None and (len(tuple(grid)) != units or any(not isinstance(g, int) or g < 1 for g in grid)):
-    _fail("model.multi_grid", grid, f"expected {units} positive ints (one per unit of the last stage of "
-          f"ResNet-{_get(config, 'model.depth')}), or None")
+    _fail(
+        "model.multi_grid",
+        grid,
+        f"expected {units} positive ints (one per unit of the last stage of "
+        f"ResNet-{_get(config, 'model.depth')}), or None",
+    )
   for key in ("model.train_output_stride", "eval.output_stride"):
     _choice(config, key, (8, 16, 32))
   os_train = _get(config, "model.train_output_stride")
   if (crop - 1) % os_train:
-    _fail("dataset.crop_size", crop, f"must be k*{os_train}+1 for output stride {os_train} "
-          f"(DeepLab's aligned sizes, e.g. {os_train * ((crop - 1) // os_train) + 1} or "
-          f"{os_train * ((crop - 1) // os_train + 1) + 1})")
+    _fail(
+        "dataset.crop_size",
+        crop,
+        f"must be k*{os_train}+1 for output stride {os_train} "
+        f"(DeepLab's aligned sizes, e.g. {os_train * ((crop - 1) // os_train) + 1} or "
+        f"{os_train * ((crop - 1) // os_train + 1) + 1})",
+    )
   _choice(config, "model.dtype", ("float32", "bfloat16", "float16"))
   _number(config, "model.dropout_rate", 0, 1)
   _number(config, "model.bn_momentum", 0, 1)
@@ -203,8 +227,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   if _get(config, "affinity.enabled"):
     rates = rates_of(config)
     if not rates:
-      _fail("affinity.rates", _get(config, "affinity.rates"), "empty: give at least one rate or set "
-            "affinity.enabled=False for the baseline")
+      _fail(
+          "affinity.rates",
+          _get(config, "affinity.rates"),
+          "empty: give at least one rate or set " "affinity.enabled=False for the baseline",
+      )
     _choice(config, "affinity.scheme", affinity.SCHEMES)
     _number(config, "affinity.beta", 0)
     _number(config, "affinity.gamma", 0)
@@ -241,15 +268,24 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   if not scales or any(not isinstance(s, (int, float)) or s <= 0 for s in scales):
     _fail("eval.scales", scales, "expected a non-empty list of positive scales")
   if _get(config, "affinity.enabled") and 1.0 not in tuple(scales):
-    _fail("eval.scales", scales, "must include 1.0 when affinity is enabled: propagation uses the affinity of the "
-          "scale-1.0 passes only (a rate r at scale s spans r/s pixels, so scales are never mixed)")
+    _fail(
+        "eval.scales",
+        scales,
+        "must include 1.0 when affinity is enabled: propagation uses the affinity of the "
+        "scale-1.0 passes only (a rate r at scale s spans r/s pixels, so scales are never mixed)",
+    )
   _int(config, "eval.max_images", 0)
   for key in ("model.separable", "train.eval_at_end", "eval.flip", "eval.ground_truth_oracle", "eval.crf"):
     _bool(config, key)
   if _get(config, "eval.crf"):
     _positive_int(config, "eval.crf_iterations")
-    for key in ("eval.crf_sxy_gaussian", "eval.crf_compat_gaussian", "eval.crf_sxy_bilateral", "eval.crf_srgb",
-                "eval.crf_compat_bilateral"):
+    for key in (
+        "eval.crf_sxy_gaussian",
+        "eval.crf_compat_gaussian",
+        "eval.crf_sxy_bilateral",
+        "eval.crf_srgb",
+        "eval.crf_compat_bilateral",
+    ):
       _number(config, key, 0, lo_open=True)
   _choice(config, "distributed.initialize", ("auto", "yes", "no"))
   _int(config, "distributed.num_processes", 0)

@@ -23,8 +23,10 @@ from dilaff_jax import eval_metrics, visualize
 
 PACKAGE = "pydensecrf2"
 REQUIREMENT = "pydensecrf2==1.1"
-MISSING_MESSAGE = (f"Dense CRF needs the optional package {PACKAGE}: pip install {REQUIREMENT} "
-                   "(it compiles a C++ extension at install time: needs g++ and the Python headers, e.g. python3-dev)")
+MISSING_MESSAGE = (
+    f"Dense CRF needs the optional package {PACKAGE}: pip install {REQUIREMENT} "
+    "(it compiles a C++ extension at install time: needs g++ and the Python headers, e.g. python3-dev)"
+)
 
 # Probabilities are clipped to this before ``-log``, as pydensecrf.utils.unary_from_softmax does (clip=1e-5): a
 # unary of at most -log(1e-5) ≈ 11.5 lets the pairwise terms (≤ w1 + w2 per pixel after normalisation) overturn a
@@ -60,13 +62,16 @@ def _check_inputs(image, probs) -> tuple[np.ndarray, np.ndarray]:
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f"dense_crf: image must be RGB [H, W, 3], got shape {image.shape}")
   if image.dtype != np.uint8:
-    raise TypeError(f"dense_crf: image must be uint8 in [0, 255] (the colour scale srgb is in), got dtype "
-                    f"{image.dtype}")
+    raise TypeError(
+        f"dense_crf: image must be uint8 in [0, 255] (the colour scale srgb is in), got dtype " f"{image.dtype}"
+    )
   if probs.ndim != 3:
     raise ValueError(f"dense_crf: probs must be class probabilities [H, W, C], got shape {probs.shape}")
   if probs.shape[:2] != image.shape[:2]:
-    raise ValueError(f"dense_crf: probs are {probs.shape[0]}x{probs.shape[1]} but the image is "
-                     f"{image.shape[0]}x{image.shape[1]}; they must have the same height and width")
+    raise ValueError(
+        f"dense_crf: probs are {probs.shape[0]}x{probs.shape[1]} but the image is "
+        f"{image.shape[0]}x{image.shape[1]}; they must have the same height and width"
+    )
   if min(probs.shape) < 1:
     raise ValueError(f"dense_crf: probs must be non-empty, got shape {probs.shape}")
   if not np.issubdtype(probs.dtype, np.floating):
@@ -75,13 +80,17 @@ def _check_inputs(image, probs) -> tuple[np.ndarray, np.ndarray]:
   if not np.all(np.isfinite(probs)):
     raise ValueError("dense_crf: probs contain NaN or infinite values")
   if probs.min() < 0.0 or probs.max() > 1.0 + SUM_TOLERANCE:
-    raise ValueError(f"dense_crf: probs must lie in [0, 1], got values in [{probs.min()}, {probs.max()}] "
-                     "(pass the softmax of the logits, not the logits)")
+    raise ValueError(
+        f"dense_crf: probs must lie in [0, 1], got values in [{probs.min()}, {probs.max()}] "
+        "(pass the softmax of the logits, not the logits)"
+    )
   sums = probs.sum(axis=-1, dtype=np.float64)
   worst = np.unravel_index(np.argmax(np.abs(sums - 1.0)), sums.shape)
   if abs(sums[worst] - 1.0) > SUM_TOLERANCE:
-    raise ValueError(f"dense_crf: probs must sum to 1 over the class axis (last), but pixel {tuple(map(int, worst))} "
-                     f"sums to {sums[worst]:.6f}")
+    raise ValueError(
+        f"dense_crf: probs must sum to 1 over the class axis (last), but pixel {tuple(map(int, worst))} "
+        f"sums to {sums[worst]:.6f}"
+    )
   return np.require(image, requirements=("C", "W")), probs  # pydensecrf needs a writeable C-ordered buffer
 
 
@@ -96,9 +105,17 @@ def _check_params(iterations, sxy_gaussian, compat_gaussian, sxy_bilateral, srgb
       raise ValueError(f"dense_crf: {name} (a Potts weight) must be >= 0, got {value!r}")
 
 
-def dense_crf(image_uint8: np.ndarray, probs: np.ndarray, *, iterations: int = 10, sxy_gaussian: float = 3,
-              compat_gaussian: float = 3, sxy_bilateral: float = 80, srgb: float = 13,
-              compat_bilateral: float = 10) -> np.ndarray:
+def dense_crf(
+    image_uint8: np.ndarray,
+    probs: np.ndarray,
+    *,
+    iterations: int = 10,
+    sxy_gaussian: float = 3,
+    compat_gaussian: float = 3,
+    sxy_bilateral: float = 80,
+    srgb: float = 13,
+    compat_bilateral: float = 10,
+) -> np.ndarray:
   """Refine one image's class probabilities with a fully-connected CRF (mean-field inference).
 
   Args:
@@ -146,8 +163,9 @@ def confusion_after_crf(batch: dict, probs: np.ndarray, config) -> tuple[np.ndar
   ``crf_*`` keys are :func:`dense_crf`'s parameters."""
   c = config.dataset.num_classes
   e = config.eval
-  images = visualize.denormalize(batch["image"].reshape(-1, *batch["image"].shape[2:]), config.dataset.mean,
-                                 config.dataset.std)
+  images = visualize.denormalize(
+      batch["image"].reshape(-1, *batch["image"].shape[2:]), config.dataset.mean, config.dataset.std
+  )
   labels = batch["label"].reshape(-1, *batch["label"].shape[2:])
   mask, heights, widths = (batch[k].reshape(-1) for k in ("mask", "height", "width"))
   conf = np.zeros((c, c), np.int64)
@@ -155,9 +173,16 @@ def confusion_after_crf(batch: dict, probs: np.ndarray, config) -> tuple[np.ndar
   for i in np.flatnonzero(mask):
     h, w = int(heights[i]), int(widths[i])
     start = time.perf_counter()
-    refined = dense_crf(images[i, :h, :w], probs[i, :h, :w], iterations=e.crf_iterations,
-                            sxy_gaussian=e.crf_sxy_gaussian, compat_gaussian=e.crf_compat_gaussian,
-                            sxy_bilateral=e.crf_sxy_bilateral, srgb=e.crf_srgb, compat_bilateral=e.crf_compat_bilateral)
+    refined = dense_crf(
+        images[i, :h, :w],
+        probs[i, :h, :w],
+        iterations=e.crf_iterations,
+        sxy_gaussian=e.crf_sxy_gaussian,
+        compat_gaussian=e.crf_compat_gaussian,
+        sxy_bilateral=e.crf_sxy_bilateral,
+        srgb=e.crf_srgb,
+        compat_bilateral=e.crf_compat_bilateral,
+    )
     seconds += time.perf_counter() - start
     y = labels[i, :h, :w]
     conf += eval_metrics.confusion_matrix_np(y, refined.argmax(-1), c, y != config.dataset.ignore_label)

@@ -19,8 +19,11 @@ from clu import metrics
 def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int, valid: jax.Array) -> jax.Array:
   """``[C, C]`` int32 counts (row: ground truth, column: prediction) over the ``valid`` pixels."""
   idx = jnp.where(valid, labels * num_classes + preds, 0).reshape(-1)
-  return jnp.bincount(idx, weights=valid.reshape(-1).astype(jnp.int32), length=num_classes * num_classes
-                      ).reshape(num_classes, num_classes).astype(jnp.int32)
+  return (
+      jnp.bincount(idx, weights=valid.reshape(-1).astype(jnp.int32), length=num_classes * num_classes)
+      .reshape(num_classes, num_classes)
+      .astype(jnp.int32)
+  )
 
 
 def confusion_matrix_np(labels: np.ndarray, preds: np.ndarray, num_classes: int, valid: np.ndarray) -> np.ndarray:
@@ -51,6 +54,7 @@ def _ratios(num: np.ndarray, den: np.ndarray) -> list:
 class ConfusionMatrix(metrics.Metric):
   """Summed ``[C, C]`` pixel counts (row: ground truth, column: prediction) of one batch's
   :func:`confusion_matrix`; ``compute`` gives the mIoU."""
+
   matrix: jax.Array
 
   @classmethod
@@ -73,6 +77,7 @@ class ConfusionMatrix(metrics.Metric):
 @flax.struct.dataclass
 class Count(metrics.Metric):
   """A summed integer count (the number of real images evaluated)."""
+
   total: jax.Array
 
   @classmethod
@@ -94,6 +99,7 @@ class AffinityAccuracy(metrics.Metric):
   """Fig. 4's counts ``[2, |R|, 9]``: correct and valid affinity signals per rate and centre-pixel category n_k
   (``affinity.affinity_accuracy_counts``, stacked); ``compute`` gives the accuracy per rate and the mean over
   rates, None where a category has no signal."""
+
   counts: jax.Array
 
   @classmethod
@@ -108,8 +114,7 @@ class AffinityAccuracy(metrics.Metric):
 
   def compute(self) -> dict:
     correct, total = np.asarray(self.counts)
-    return {"per_rate": [_ratios(c, t) for c, t in zip(correct, total)],
-            "mean": _ratios(correct.sum(0), total.sum(0))}
+    return {"per_rate": [_ratios(c, t) for c, t in zip(correct, total)], "mean": _ratios(correct.sum(0), total.sum(0))}
 
 
 def sweep_name(affinity_source: str, iterations: int) -> str:

@@ -38,12 +38,14 @@ def confusion_names(rates: affinity.Rates, iterations: Sequence[int], oracle: bo
 
 def metrics_class(config: ml_collections.ConfigDict, rates: affinity.Rates, iterations: Sequence[int]):
   """The ``clu.metrics.Collection`` :func:`eval_step` returns for this config."""
-  return eval_metrics.eval_collection(confusion_names(rates, iterations, bool(config.eval.ground_truth_oracle)),
-                                      bool(rates))
+  return eval_metrics.eval_collection(
+      confusion_names(rates, iterations, bool(config.eval.ground_truth_oracle)), bool(rates)
+  )
 
 
-def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, rates: affinity.Rates,
-              iterations: tuple[int, ...]):
+def eval_step(
+    variables, batch, *, apply_fn, config: ml_collections.ConfigDict, rates: affinity.Rates, iterations: tuple[int, ...]
+):
   """The batch's evaluation metrics (:func:`metrics_class`), gathered over ``AXIS``: a confusion matrix for every
   propagation iteration count (predicted and oracle affinity), the number of real images and Fig. 4's affinity
   accuracy counts; and this device's probabilities when ``eval.crf`` (for the host-side dense CRF), else None."""
@@ -52,8 +54,17 @@ def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, 
   labels = batch["label"]
   size = labels.shape[1:3]
   valid = (labels != ign) & batch["mask"][:, None, None]
-  probs, aff = inference.predict(apply_fn, variables, batch["image"], size=size, output_stride=config.eval.output_stride,
-                       scales=tuple(config.eval.scales), flip=config.eval.flip, rates=rates, mu=config.affinity.mu)
+  probs, aff = inference.predict(
+      apply_fn,
+      variables,
+      batch["image"],
+      size=size,
+      output_stride=config.eval.output_stride,
+      scales=tuple(config.eval.scales),
+      flip=config.eval.flip,
+      rates=rates,
+      mu=config.affinity.mu,
+  )
   out = {"num_images": jnp.sum(batch["mask"], dtype=jnp.int32)}
   if not rates:
     out["plain"] = eval_metrics.confusion_matrix(labels, jnp.argmax(probs, -1), c, valid)
@@ -71,8 +82,9 @@ def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, 
     # Fig. 4: affinity accuracy per rate and n_k, from the logits' sign (σ > 0.5 <=> steep σ > 0.5)
     logit_sign = jnp.where(aff > 0.5, 1.0, -1.0)
     lab = jnp.where(batch["mask"][:, None, None], labels, ign)
-    out["affinity_accuracy"] = jnp.stack(affinity.affinity_accuracy_counts(logit_sign, lab, rates, ign,
-                                                                           config.affinity.partial_neighbors))
+    out["affinity_accuracy"] = jnp.stack(
+        affinity.affinity_accuracy_counts(logit_sign, lab, rates, ign, config.affinity.partial_neighbors)
+    )
   collection = metrics_class(config, rates, iterations).gather_from_model_output(axis_name=AXIS, **out)
   return collection, (probs if config.eval.get("crf", False) else None)
 
@@ -80,8 +92,16 @@ def eval_step(variables, batch, *, apply_fn, config: ml_collections.ConfigDict, 
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables, batch: dict, rates: affinity.Rates,
-                         path: str, max_examples: int = 4, class_names: Sequence[str] = ()) -> None:
+def save_examples_figure(
+    config: ml_collections.ConfigDict,
+    apply_fn,
+    variables,
+    batch: dict,
+    rates: affinity.Rates,
+    path: str,
+    max_examples: int = 4,
+    class_names: Sequence[str] = (),
+) -> None:
   """A PNG to look at: for the first examples of ``batch``, the input, its label, the prediction, the prediction
   after affinity propagation and the mean predicted affinity of the first rate (dark = boundary); with
   ``class_names``, a legend of the classes shown."""
@@ -91,20 +111,32 @@ def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables,
     return
   images = jnp.asarray(flat["image"][keep])
   size = images.shape[1:3]
-  fn = jax.jit(functools.partial(inference.predict, apply_fn, size=size, output_stride=config.eval.output_stride,
-                                 scales=tuple(config.eval.scales), flip=config.eval.flip, rates=rates,
-                                 mu=config.affinity.mu))
+  fn = jax.jit(
+      functools.partial(
+          inference.predict,
+          apply_fn,
+          size=size,
+          output_stride=config.eval.output_stride,
+          scales=tuple(config.eval.scales),
+          flip=config.eval.flip,
+          rates=rates,
+          mu=config.affinity.mu,
+      )
+  )
   probs, aff = fn(variables, images)
   prediction = np.asarray(probs).argmax(-1)
   palette = visualize.palette_for(config.dataset.name)
-  columns = {"input": visualize.denormalize(flat["image"][keep], config.dataset.mean, config.dataset.std),
-             "label": visualize.colorize(flat["label"][keep], palette),
-             "prediction": visualize.colorize(prediction, palette)}
+  columns = {
+      "input": visualize.denormalize(flat["image"][keep], config.dataset.mean, config.dataset.std),
+      "label": visualize.colorize(flat["label"][keep], palette),
+      "prediction": visualize.colorize(prediction, palette),
+  }
   if rates:
     inside = inference.inside_mask(jnp.asarray(flat["height"][keep]), jnp.asarray(flat["width"][keep]), size, rates)
     refined = propagation.propagate(probs, aff * inside, rates, config.affinity.lam, int(config.affinity.iterations))
-    columns[f"propagated ({config.affinity.iterations} it.)"] = visualize.colorize(np.asarray(refined).argmax(-1),
-                                                                                   palette)
+    columns[f"propagated ({config.affinity.iterations} it.)"] = visualize.colorize(
+        np.asarray(refined).argmax(-1), palette
+    )
     columns[f"affinity, rate {affinity.rate_label(rates[0])}"] = visualize.affinity_picture(np.asarray(aff)[..., :8])
   shown = sorted(set(np.unique(flat["label"][keep]).tolist()) | set(np.unique(prediction).tolist()))
   legend = {class_names[c]: palette[c] for c in shown if c < len(class_names)}
@@ -114,13 +146,13 @@ def save_examples_figure(config: ml_collections.ConfigDict, apply_fn, variables,
 class Totals(NamedTuple):
   """An evaluation's sums: ``metrics`` (the :func:`metrics_class` collection, on the host), and with the dense CRF
   its ``crf`` confusion matrix and the CRF's seconds."""
+
   metrics: Any
   crf: eval_metrics.ConfusionMatrix | None = None
   crf_seconds: float = 0.0
 
 
-def accumulate(p_eval, variables, batches, num_batches: int | None = None, batch_size: int = 0,
-               crf_fn=None) -> Totals:
+def accumulate(p_eval, variables, batches, num_batches: int | None = None, batch_size: int = 0, crf_fn=None) -> Totals:
   """Merges ``p_eval``'s per-batch metrics over the batches (all devices and processes) and, with ``crf_fn``, the
   dense CRF's confusion matrix. Prints progress and an ETA when ``num_batches`` is known."""
   totals = None
@@ -140,14 +172,18 @@ def accumulate(p_eval, variables, batches, num_batches: int | None = None, batch
     totals = out if totals is None else totals.merge(out)
     if num_batches and ((i + 1) % max(num_batches // 10, 1) == 0 or i + 1 == num_batches):
       rate = (i + 1) / (time.time() - start)
-      print(f"[eval] batch {i + 1}/{num_batches}, {rate * batch_size:.2f} images/s, "
-            f"ETA {(num_batches - i - 1) / rate:.0f}s", flush=True)
+      print(
+          f"[eval] batch {i + 1}/{num_batches}, {rate * batch_size:.2f} images/s, "
+          f"ETA {(num_batches - i - 1) / rate:.0f}s",
+          flush=True,
+      )
   if totals is None:
     raise ValueError("evaluation got no batches: is the eval split empty?")
   if crf_fn is None:
     return Totals(totals)
   if jax.process_count() > 1:  # each process refined its own shard on the host
     from jax.experimental import multihost_utils
+
     crf_conf = np.asarray(multihost_utils.process_allgather(crf_conf)).sum(0)
     crf_seconds = float(np.asarray(multihost_utils.process_allgather(np.float64(crf_seconds))).sum())
   return Totals(totals, eval_metrics.ConfusionMatrix(crf_conf), crf_seconds)
@@ -159,8 +195,7 @@ def results_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.eval.get("output_dir") or os.path.join(workdir, "eval")
 
 
-def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates: affinity.Rates,
-                   writer=None) -> dict:
+def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates: affinity.Rates, writer=None) -> dict:
   """Evaluates an (unreplicated) train state on ``dataset.eval_split``; writes JSON, Markdown and a Fig. 4 PNG to
   ``<results_dir>/step_<N>/`` (default ``<workdir>/eval/step_<N>/``) and returns the results."""
   step = int(jax.device_get(state.step))
@@ -169,8 +204,10 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
   per_device = config.eval.batch_size // jax.device_count()
   pipes = input_pipeline.eval_from_config(config.dataset, local_device_count=ndev, per_device_batch=per_device)
   iterations = tuple(sorted(set(config.eval.iterations) | {int(config.affinity.iterations)}))
-  p_eval = jax.pmap(functools.partial(eval_step, apply_fn=model.apply, config=config, rates=rates,
-                                      iterations=iterations), axis_name=AXIS)
+  p_eval = jax.pmap(
+      functools.partial(eval_step, apply_fn=model.apply, config=config, rates=rates, iterations=iterations),
+      axis_name=AXIS,
+  )
   variables = flax.jax_utils.replicate({"params": state.params, "batch_stats": state.batch_stats})
   num_batches = -(-pipes.num_eval_examples // config.eval.batch_size)
   if config.eval.max_images:
@@ -181,22 +218,32 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
   m = totals.metrics
   num_images = m.num_images.compute()
   elapsed = time.time() - start
-  results = {"step": step, "split": config.dataset.eval_split, "num_images": num_images,
-             "output_stride": config.eval.output_stride, "scales": list(config.eval.scales), "flip": config.eval.flip,
-             "images_per_second": num_images / max(elapsed, 1e-9)}
+  results = {
+      "step": step,
+      "split": config.dataset.eval_split,
+      "num_images": num_images,
+      "output_stride": config.eval.output_stride,
+      "scales": list(config.eval.scales),
+      "flip": config.eval.flip,
+      "images_per_second": num_images / max(elapsed, 1e-9),
+  }
   sweep = eval_metrics.sweep_name
   if rates:
     final = int(config.affinity.iterations)
     base = getattr(m, sweep("predicted", 0))
-    results["sweep"] = {"iterations": list(config.eval.iterations),
-                        "predicted": [getattr(m, sweep("predicted", it)).compute() for it in config.eval.iterations]}
+    results["sweep"] = {
+        "iterations": list(config.eval.iterations),
+        "predicted": [getattr(m, sweep("predicted", it)).compute() for it in config.eval.iterations],
+    }
     if config.eval.ground_truth_oracle:
       results["sweep"]["oracle"] = [getattr(m, sweep("oracle", it)).compute() for it in config.eval.iterations]
     results["miou_propagated"] = getattr(m, sweep("predicted", final)).compute()
     results["final_iterations"] = final
     acc = m.affinity_accuracy.compute()
-    results["affinity_accuracy"] = {"per_rate": {affinity.rate_label(r): row for r, row in zip(rates, acc["per_rate"])},
-                                    "mean": acc["mean"]}
+    results["affinity_accuracy"] = {
+        "per_rate": {affinity.rate_label(r): row for r, row in zip(rates, acc["per_rate"])},
+        "mean": acc["mean"],
+    }
   else:
     base = m.plain
   results["miou"] = base.compute()
@@ -216,11 +263,21 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
     with open(os.path.join(out_dir, "results.md"), "w") as f:
       f.write(md)
     if rates:
-      visualize.plot_affinity_accuracy(results["affinity_accuracy"], os.path.join(out_dir, "affinity_accuracy.png"),
-                             f"Affinity accuracy per n_k, step {step}")
+      visualize.plot_affinity_accuracy(
+          results["affinity_accuracy"],
+          os.path.join(out_dir, "affinity_accuracy.png"),
+          f"Affinity accuracy per n_k, step {step}",
+      )
     first = next(iter(pipes.make_eval()))
-    save_examples_figure(config, model.apply, {"params": state.params, "batch_stats": state.batch_stats}, first,
-                         rates, os.path.join(out_dir, "examples.png"), class_names=pipes.class_names)
+    save_examples_figure(
+        config,
+        model.apply,
+        {"params": state.params, "batch_stats": state.batch_stats},
+        first,
+        rates,
+        os.path.join(out_dir, "examples.png"),
+        class_names=pipes.class_names,
+    )
     print(md, flush=True)
     if writer is not None:
       scalars = {"eval/miou": results["miou"]}
@@ -243,8 +300,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
   return evaluate_checkpoints(config, workdir, steps=[step] if step is not None else None)[-1]
 
 
-def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, steps: Sequence[int] | None = None,
-                         watch: bool = False, poll_seconds: float = 30.0, timeout_seconds: float = 0.0) -> list[dict]:
+def evaluate_checkpoints(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    steps: Sequence[int] | None = None,
+    watch: bool = False,
+    poll_seconds: float = 30.0,
+    timeout_seconds: float = 0.0,
+) -> list[dict]:
   """Evaluates checkpoints of ``workdir``: ``steps``, or the newest intact one; with ``watch``, every checkpoint a
   running training writes, as it appears, until the one at ``train.num_steps`` (or ``timeout_seconds`` without a
   new one). Checkpoints already evaluated (``<results_dir>/step_N/results.json`` exists) are skipped while watching, and so
@@ -253,8 +316,9 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, steps:
   config_checks.validate(config, num_devices=jax.device_count(), mode="evaluate")
   rates = config_checks.rates_of(config)
   if watch and not os.path.isdir(workdir):
-    raise checkpoints.NoCheckpointError(f"--workdir={workdir}: no such folder: start the training first (it creates "
-                                        "the workdir), or fix the path")
+    raise checkpoints.NoCheckpointError(
+        f"--workdir={workdir}: no such folder: start the training first (it creates " "the workdir), or fix the path"
+    )
   template = functools.cache(lambda: state_template(config, rates))
   if not watch:
     results = []
@@ -269,8 +333,11 @@ def evaluate_checkpoints(config: ml_collections.ConfigDict, workdir: str, steps:
   print(f"[eval] watching {directory} for new checkpoints (until step {config.train.num_steps})", flush=True)
   while True:
     saved = checkpoints.saved_steps(workdir)
-    todo = [s for s in saved if s not in done
-            and not os.path.exists(os.path.join(results_dir(config, workdir), f"step_{s}", "results.json"))]
+    todo = [
+        s
+        for s in saved
+        if s not in done and not os.path.exists(os.path.join(results_dir(config, workdir), f"step_{s}", "results.json"))
+    ]
     for s in sorted(todo):
       try:
         state, _ = checkpoints.restore_from_workdir(workdir, config, template, s)

@@ -59,8 +59,10 @@ def parse_size(text: str) -> tuple[int, int]:
 def default_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
   pad = config.dataset.get("eval_pad_size")
   if not pad:
-    raise ExportError("config.dataset.eval_pad_size is None (evaluation pads each split to its largest image): "
-                      "give --size=H,W, the size of the images the model will get")
+    raise ExportError(
+        "config.dataset.eval_pad_size is None (evaluation pads each split to its largest image): "
+        "give --size=H,W, the size of the images the model will get"
+    )
   return tuple(int(v) for v in (pad if len(tuple(pad)) == 2 else (pad, pad)))
 
 
@@ -85,9 +87,11 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
   try:
     if datasets.is_image_folder(d.name):
       from dilaff_jax.datasets import image_folder
+
       return image_folder.read_class_names(image_folder.require_folder(d.get("manual_dir")), d.num_classes)
-    builder = datasets.get_builder(d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"),
-                                   prepare=False, num_classes=d.num_classes)
+    builder = datasets.get_builder(
+        d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"), prepare=False, num_classes=d.num_classes
+    )
     if builder.is_prepared():
       return datasets.class_names(builder)
   except (errors.UserError, ValueError, OSError) as e:
@@ -110,21 +114,34 @@ def serving_function(config: ml_collections.ConfigDict, variables, size: tuple[i
   def f(images):
     x = (images.astype(jnp.float32) - mean) / std
     x = jnp.pad(x, ((0, 0), (0, padded[0] - height), (0, padded[1] - width), (0, 0)))  # 0 = the mean pixel
-    probs, aff = inference.predict(model.apply, variables, x, size=padded, output_stride=os_,
-                                  scales=tuple(config.eval.scales), flip=bool(config.eval.flip), rates=rates,
-                                  mu=config.affinity.mu)
+    probs, aff = inference.predict(
+        model.apply,
+        variables,
+        x,
+        size=padded,
+        output_stride=os_,
+        scales=tuple(config.eval.scales),
+        flip=bool(config.eval.flip),
+        rates=rates,
+        mu=config.affinity.mu,
+    )
     if rates:
       inside = inference.inside_mask(jnp.array([height]), jnp.array([width]), padded, rates)
-      probs = propagation.propagate(probs, aff * inside, rates, lam=float(config.affinity.lam),
-                                    iterations=iterations)
+      probs = propagation.propagate(probs, aff * inside, rates, lam=float(config.affinity.lam), iterations=iterations)
     probs = probs[:, :height, :width].astype(jnp.float32)
     return jnp.argmax(probs, -1).astype(jnp.int32), probs
 
   return f
 
 
-def export(config: ml_collections.ConfigDict, workdir: str, output: str, size: tuple[int, int] | None = None,
-           step: int | None = None, platforms: Sequence[str] | None = None) -> dict:
+def export(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    output: str,
+    size: tuple[int, int] | None = None,
+    step: int | None = None,
+    platforms: Sequence[str] | None = None,
+) -> dict:
   """Writes ``output`` (the serialized ``jax.export.Exported``) and ``output + ".json"``; returns the JSON."""
   size = size or default_size(config)
   check_output(output)
@@ -142,19 +159,32 @@ def export(config: ml_collections.ConfigDict, workdir: str, output: str, size: t
   palette = visualize.palette_for(config.dataset.name)
   rates = config_checks.rates_of(config)
   info = {
-      "format": FORMAT, "artifact": os.path.basename(output), "bytes": len(blob), "jax_version": jax.__version__,
+      "format": FORMAT,
+      "artifact": os.path.basename(output),
+      "bytes": len(blob),
+      "jax_version": jax.__version__,
       "platforms": list(exported.platforms),
       "input": {"shape": ["B", *size, 3], "dtype": "uint8", "channels": "RGB"},
-      "outputs": [{"name": "mask", "shape": ["B", *size], "dtype": "int32"},
-                  {"name": "probabilities", "shape": ["B", *size, len(names)], "dtype": "float32"}],
-      "size": list(size), "classes": names, "palette": palette[:len(names)].tolist(),
-      "void_label": int(config.dataset.ignore_label), "void_color": palette[255].tolist(),
-      "iterations": int(config.affinity.iterations) if rates else 0, "lam": float(config.affinity.lam),
-      "mu": float(config.affinity.mu), "rates": [list(r) for r in rates],
-      "mean": list(config.dataset.mean), "std": list(config.dataset.std),
-      "output_stride": int(config.eval.output_stride), "scales": list(config.eval.scales),
+      "outputs": [
+          {"name": "mask", "shape": ["B", *size], "dtype": "int32"},
+          {"name": "probabilities", "shape": ["B", *size, len(names)], "dtype": "float32"},
+      ],
+      "size": list(size),
+      "classes": names,
+      "palette": palette[: len(names)].tolist(),
+      "void_label": int(config.dataset.ignore_label),
+      "void_color": palette[255].tolist(),
+      "iterations": int(config.affinity.iterations) if rates else 0,
+      "lam": float(config.affinity.lam),
+      "mu": float(config.affinity.mu),
+      "rates": [list(r) for r in rates],
+      "mean": list(config.dataset.mean),
+      "std": list(config.dataset.std),
+      "output_stride": int(config.eval.output_stride),
+      "scales": list(config.eval.scales),
       "flip": bool(config.eval.flip),
-      "source_checkpoint": {"workdir": os.path.abspath(workdir), "step": step, "dataset": config.dataset.name}}
+      "source_checkpoint": {"workdir": os.path.abspath(workdir), "step": step, "dataset": config.dataset.name},
+  }
   with open(output + ".json", "w") as f:
     json.dump(info, f, indent=1)
   return info
@@ -164,8 +194,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("workdir", None, "training workdir (its config.json and checkpoints)", flag_values=fv)
   flags.DEFINE_string("output", None, "file for the serialized artifact; its JSON goes to FILE.json", flag_values=fv)
   flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
-  flags.DEFINE_string("size", None, "H,W of the input images (default: config.dataset.eval_pad_size)",
-                      flag_values=fv)
+  flags.DEFINE_string("size", None, "H,W of the input images (default: config.dataset.eval_pad_size)", flag_values=fv)
   flags.DEFINE_string("platforms", None, "comma-separated, e.g. cpu,cuda (default: this machine's)", flag_values=fv)
 
 
@@ -179,8 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = parse_size(args.size) if args.size else None
     check_output(args.output)
     if not os.path.isfile(os.path.join(args.workdir, "config.json")):
-      raise ExportError(f"--workdir={args.workdir}: no config.json there (not a training workdir?): point --workdir "
-                        "at a run of python -m dilaff_jax.main")
+      raise ExportError(
+          f"--workdir={args.workdir}: no config.json there (not a training workdir?): point --workdir "
+          "at a run of python -m dilaff_jax.main"
+      )
     try:
       config = predict.load_json_config(args.workdir)
     except predict.PredictError as e:
@@ -192,11 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise
     print(f"error: {cli.one_line(e)}", file=sys.stderr, flush=True)
     return errors.EXIT_USER_ERROR
-  print(f"[export] step {info['source_checkpoint']['step']} of {args.workdir} -> {args.output} "
-        f"({info['bytes'] / 2**20:.1f} MiB, platforms {','.join(info['platforms'])}): uint8 [B, {info['size'][0]}, "
-        f"{info['size'][1]}, 3] -> mask, probabilities over {len(info['classes'])} classes "
-        f"({', '.join(info['classes'])}), {info['iterations']} propagation iteration(s); {args.output}.json",
-        flush=True)
+  print(
+      f"[export] step {info['source_checkpoint']['step']} of {args.workdir} -> {args.output} "
+      f"({info['bytes'] / 2**20:.1f} MiB, platforms {','.join(info['platforms'])}): uint8 [B, {info['size'][0]}, "
+      f"{info['size'][1]}, 3] -> mask, probabilities over {len(info['classes'])} classes "
+      f"({', '.join(info['classes'])}), {info['iterations']} propagation iteration(s); {args.output}.json",
+      flush=True,
+  )
   return 0
 
 

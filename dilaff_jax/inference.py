@@ -19,14 +19,23 @@ def flip_permutation(rates: affinity.Rates) -> np.ndarray:
   offsets = affinity.neighbor_offsets(rates)
   perm = []
   for rate_index in range(len(rates)):
-    block = list(offsets[8 * rate_index:8 * rate_index + 8])
+    block = list(offsets[8 * rate_index : 8 * rate_index + 8])
     perm.extend(8 * rate_index + block.index((s, -t)) for s, t in block)
   return np.asarray(perm)
 
 
-def predict(apply_fn, variables, images: jax.Array, *, size: tuple[int, int], output_stride: int,
-            scales: Sequence[float], flip: bool, rates: affinity.Rates,
-            mu: float) -> tuple[jax.Array, jax.Array | None]:
+def predict(
+    apply_fn,
+    variables,
+    images: jax.Array,
+    *,
+    size: tuple[int, int],
+    output_stride: int,
+    scales: Sequence[float],
+    flip: bool,
+    rates: affinity.Rates,
+    mu: float,
+) -> tuple[jax.Array, jax.Array | None]:
   """Class probabilities ``[B, H, W, C]`` and affinities ``[B, H, W, 8·|R|]`` (steep sigmoid, Eq. 7) at ``size``.
 
   DeepLab's multi-scale inference: the probabilities are the mean softmax over every scale in ``scales`` and, with
@@ -69,6 +78,7 @@ def inside_mask(heights: jax.Array, widths: jax.Array, size: tuple[int, int], ra
   cols = jnp.arange(size[1])[None, None, :]
   h = heights[:, None, None]
   w = widths[:, None, None]
-  masks = [(rows + s >= 0) & (rows + s < h) & (cols + t >= 0) & (cols + t < w)
-           for s, t in affinity.neighbor_offsets(rates)]
+  masks = [
+      (rows + s >= 0) & (rows + s < h) & (cols + t >= 0) & (cols + t < w) for s, t in affinity.neighbor_offsets(rates)
+  ]
   return jnp.stack(masks, axis=-1)

@@ -15,6 +15,7 @@ and every host yields the same number of batches.
 Batches are numpy dicts shaped ``[local_devices, per_device_batch, ...]``. Multi-host: each process reads its own
 ``tfds.even_splits`` shard of the split.
 """
+
 from __future__ import annotations
 
 import collections
@@ -32,7 +33,6 @@ from dilaff_jax import datasets
 from dilaff_jax.conventions import IMAGENET_MEAN_255, IMAGENET_STD_255
 from dilaff_jax.datasets import records
 
-
 Batch = dict[str, np.ndarray]
 BuilderOrName = tfds.core.DatasetBuilder | str
 
@@ -47,8 +47,9 @@ def scale_set(min_scale: float, max_scale: float, scale_step: float) -> tuple[fl
     raise ValueError(f"scale_step must be positive, got {scale_step}.")
   steps = (max_scale - min_scale) / scale_step
   if abs(steps - round(steps)) > 1e-6:
-    raise ValueError(f"max_scale - min_scale ({max_scale} - {min_scale}) is not a multiple of scale_step "
-                     f"({scale_step}).")
+    raise ValueError(
+        f"max_scale - min_scale ({max_scale} - {min_scale}) is not a multiple of scale_step " f"({scale_step})."
+    )
   return tuple(float(min_scale + k * scale_step) for k in range(int(round(steps)) + 1))
 
 
@@ -69,8 +70,13 @@ def check_labels(label: tf.Tensor, image_id: tf.Tensor, num_classes: int, ignore
   bad_value = tf.reduce_max(tf.where(bad, label, -1))
   assertion = tf.debugging.Assert(
       tf.logical_not(tf.reduce_any(bad)),
-      ["Label value", bad_value, f"is neither a class (< num_classes={num_classes}) nor the ignore label "
-       f"{ignore_label} in example", image_id])
+      [
+          "Label value",
+          bad_value,
+          f"is neither a class (< num_classes={num_classes}) nor the ignore label " f"{ignore_label} in example",
+          image_id,
+      ],
+  )
   with tf.control_dependencies([assertion]):
     return tf.identity(label)
 
@@ -79,9 +85,17 @@ def _normalise(centred: tf.Tensor, std: Sequence[float]) -> tf.Tensor:
   return centred / tf.constant(std, tf.float32)
 
 
-def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *, crop_size: tuple[int, int],
-            scales: Sequence[float], mean: Sequence[float], std: Sequence[float],
-            ignore_label: int) -> tuple[tf.Tensor, tf.Tensor]:
+def augment(
+    image: tf.Tensor,
+    label: tf.Tensor,
+    seed: tf.Tensor,
+    *,
+    crop_size: tuple[int, int],
+    scales: Sequence[float],
+    mean: Sequence[float],
+    std: Sequence[float],
+    ignore_label: int,
+) -> tuple[tf.Tensor, tf.Tensor]:
   """DeepLab training augmentation of one example, as a pure function of ``seed`` (int [2]).
 
   Args:
@@ -92,8 +106,9 @@ def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *, crop_size: t
   """
   scale_seed, row_seed, col_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
   crop_h, crop_w = crop_size
-  scale = tf.gather(tf.constant(scales, tf.float32),
-                    tf.random.stateless_uniform([], scale_seed, 0, len(scales), dtype=tf.int32))
+  scale = tf.gather(
+      tf.constant(scales, tf.float32), tf.random.stateless_uniform([], scale_seed, 0, len(scales), dtype=tf.int32)
+  )
   size = tf.cast(tf.shape(label)[:2], tf.float32)
   new_size = tf.maximum(tf.cast(tf.round(size * scale), tf.int32), 1)
   image = tf.image.resize(tf.cast(image, tf.float32), new_size, method="bilinear")
@@ -108,8 +123,8 @@ def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *, crop_size: t
   padded = tf.shape(label)
   top = tf.random.stateless_uniform([], row_seed, 0, padded[0] - crop_h + 1, dtype=tf.int32)
   left = tf.random.stateless_uniform([], col_seed, 0, padded[1] - crop_w + 1, dtype=tf.int32)
-  image = image[top:top + crop_h, left:left + crop_w]
-  label = label[top:top + crop_h, left:left + crop_w]
+  image = image[top : top + crop_h, left : left + crop_w]
+  label = label[top : top + crop_h, left : left + crop_w]
 
   flip = tf.random.stateless_uniform([], flip_seed) < 0.5
   image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
@@ -118,13 +133,22 @@ def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *, crop_size: t
   return image, tf.ensure_shape(label, [crop_h, crop_w])
 
 
-def pad_for_eval(image: tf.Tensor, label: tf.Tensor, image_id: tf.Tensor, *, pad_size: tuple[int, int],
-                 mean: Sequence[float], std: Sequence[float], ignore_label: int) -> tuple[tf.Tensor, tf.Tensor]:
+def pad_for_eval(
+    image: tf.Tensor,
+    label: tf.Tensor,
+    image_id: tf.Tensor,
+    *,
+    pad_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    ignore_label: int,
+) -> tuple[tf.Tensor, tf.Tensor]:
   """Normalised image and int32 label padded at the bottom/right to ``pad_size`` (mean pixel -> 0, ignore)."""
   height, width = tf.shape(label)[0], tf.shape(label)[1]
   assertion = tf.debugging.Assert(
       tf.logical_and(height <= pad_size[0], width <= pad_size[1]),
-      ["Example", image_id, "is", height, "x", width, f"pixels, larger than the eval pad size {pad_size}."])
+      ["Example", image_id, "is", height, "x", width, f"pixels, larger than the eval pad size {pad_size}."],
+  )
   with tf.control_dependencies([assertion]):
     pad_h, pad_w = pad_size[0] - height, pad_size[1] - width
   centred = tf.cast(image, tf.float32) - tf.constant(mean, tf.float32)
@@ -145,6 +169,7 @@ def _builder(builder_or_name: BuilderOrName, data_dir: str | os.PathLike | None)
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax  # Only for the defaults; the tf.data graph itself needs no JAX.
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -157,8 +182,7 @@ def host_split(split: str, process_index: int, process_count: int) -> str:
   return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
 
 
-def training_positions(seed: int, process_index: int, num_examples: int,
-                       start: int = 0) -> Iterator[tuple[int, int]]:
+def training_positions(seed: int, process_index: int, num_examples: int, start: int = 0) -> Iterator[tuple[int, int]]:
   """``(host example index g, position in the host's shard)`` for ``g = start, start + 1, ...``, forever.
 
   Epoch ``e = g // num_examples`` visits the shard in the order ``permutation(seed, process_index, e)``: each
@@ -174,8 +198,7 @@ def training_positions(seed: int, process_index: int, num_examples: int,
     yield g, int(order[position])
 
 
-def _serialized(index: records.RecordIndex,
-                make_positions: Callable[[], Iterator[tuple[int, int]]]) -> tf.data.Dataset:
+def _serialized(index: records.RecordIndex, make_positions: Callable[[], Iterator[tuple[int, int]]]) -> tf.data.Dataset:
   """Dataset of ``(host example index, serialized example)`` read from ``index`` in the order ``make_positions()``
   gives (a fresh order for every pass over the dataset)."""
 
@@ -188,7 +211,8 @@ def _serialized(index: records.RecordIndex,
       reader.close()
 
   return tf.data.Dataset.from_generator(
-      generate, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)))
+      generate, output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string))
+  )
 
 
 def _assertion_text(message: str) -> str:
@@ -219,14 +243,28 @@ def _to_devices(batch: dict[str, tf.Tensor], devices: int, per_device: int) -> d
   return {k: tf.reshape(v, [devices, per_device, *v.shape[1:]]) for k, v in batch.items()}
 
 
-def train_iterator(builder_or_name: BuilderOrName, *, split: str, crop_size: int | Sequence[int],
-                   local_device_count: int, per_device_batch: int, seed: int, num_classes: int,
-                   data_dir: str | os.PathLike | None = None, start_step: int = 0, min_scale: float = 0.5,
-                   max_scale: float = 2.0, scale_step: float = 0.25,
-                   mean: Sequence[float] = IMAGENET_MEAN_255, std: Sequence[float] = IMAGENET_STD_255,
-                   ignore_label: int = datasets.IGNORE_LABEL, process_index: int | None = None,
-                   process_count: int | None = None, prefetch: int = 2,
-                   weight_map: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[Batch]:
+def train_iterator(
+    builder_or_name: BuilderOrName,
+    *,
+    split: str,
+    crop_size: int | Sequence[int],
+    local_device_count: int,
+    per_device_batch: int,
+    seed: int,
+    num_classes: int,
+    data_dir: str | os.PathLike | None = None,
+    start_step: int = 0,
+    min_scale: float = 0.5,
+    max_scale: float = 2.0,
+    scale_step: float = 0.25,
+    mean: Sequence[float] = IMAGENET_MEAN_255,
+    std: Sequence[float] = IMAGENET_STD_255,
+    ignore_label: int = datasets.IGNORE_LABEL,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    prefetch: int = 2,
+    weight_map: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Iterator[Batch]:
   """Endless augmented training batches ``{"image": f32 [D,b,H,W,3], "label": i32 [D,b,H,W]}``.
 
   ``D = local_device_count``, ``b = per_device_batch``, ``(H, W) = crop_size``. Batch ``k`` of this iterator is
@@ -244,27 +282,39 @@ def train_iterator(builder_or_name: BuilderOrName, *, split: str, crop_size: int
     raise ValueError(f"Split {split!r} of {builder.info.full_name} has no examples for process {process_index}.")
   batch_size = local_device_count * per_device_batch
   if start_step < 0 or batch_size <= 0:
-    raise ValueError(f"Need start_step >= 0 and a positive batch, got start_step={start_step}, "
-                     f"local_device_count={local_device_count}, per_device_batch={per_device_batch}.")
+    raise ValueError(
+        f"Need start_step >= 0 and a positive batch, got start_step={start_step}, "
+        f"local_device_count={local_device_count}, per_device_batch={per_device_batch}."
+    )
   features = builder.info.features
 
   def prepare(g, serialized):
     example = features.deserialize_example(serialized)
     label = check_labels(example["label"][..., 0], example["image_id"], num_classes, ignore_label)
     example_seed = tf.stack([tf.constant(seed, tf.int64), g * process_count + process_index])
-    image, label = augment(example["image"], label, example_seed, crop_size=crop, scales=scales, mean=mean,
-                           std=std, ignore_label=ignore_label)
+    image, label = augment(
+        example["image"],
+        label,
+        example_seed,
+        crop_size=crop,
+        scales=scales,
+        mean=mean,
+        std=std,
+        ignore_label=ignore_label,
+    )
     if weight_map is None:
       return {"image": image, "label": label}
     weight = tf.numpy_function(weight_map, [label], tf.float32, stateful=False)
     return {"image": image, "label": label, "weight": tf.ensure_shape(weight, list(crop))}
 
   positions = functools.partial(training_positions, seed, process_index, len(index), start_step * batch_size)
-  dataset = (_serialized(index, positions)
-             .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-             .batch(batch_size, drop_remainder=True)
-             .map(lambda b: _to_devices(b, local_device_count, per_device_batch))
-             .prefetch(prefetch))
+  dataset = (
+      _serialized(index, positions)
+      .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      .batch(batch_size, drop_remainder=True)
+      .map(lambda b: _to_devices(b, local_device_count, per_device_batch))
+      .prefetch(prefetch)
+  )
   return _numpy_batches(dataset)
 
 
@@ -286,12 +336,22 @@ def max_label_size(builder: tfds.core.DatasetBuilder, split: str) -> tuple[int, 
   return height, width
 
 
-def eval_iterator(builder_or_name: BuilderOrName, *, split: str, local_device_count: int, per_device_batch: int,
-                  num_classes: int, data_dir: str | os.PathLike | None = None,
-                  pad_size: int | Sequence[int] | None = None, mean: Sequence[float] = IMAGENET_MEAN_255,
-                  std: Sequence[float] = IMAGENET_STD_255, ignore_label: int = datasets.IGNORE_LABEL,
-                  process_index: int | None = None, process_count: int | None = None,
-                  prefetch: int = 2) -> Iterator[Batch]:
+def eval_iterator(
+    builder_or_name: BuilderOrName,
+    *,
+    split: str,
+    local_device_count: int,
+    per_device_batch: int,
+    num_classes: int,
+    data_dir: str | os.PathLike | None = None,
+    pad_size: int | Sequence[int] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN_255,
+    std: Sequence[float] = IMAGENET_STD_255,
+    ignore_label: int = datasets.IGNORE_LABEL,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    prefetch: int = 2,
+) -> Iterator[Batch]:
   """One pass over ``split``: every example once, padded, in batches shaped ``[D, b, ...]``.
 
   Yields ``{"image": f32 [D,b,H,W,3], "label": i32 [D,b,H,W], "mask": bool [D,b] (True = real example),
@@ -306,8 +366,7 @@ def eval_iterator(builder_or_name: BuilderOrName, *, split: str, local_device_co
   batch_size = local_device_count * per_device_batch
   if batch_size <= 0:
     raise ValueError(f"Need a positive batch, got {local_device_count} x {per_device_batch}.")
-  shard_sizes = [builder.info.splits[host_split(split, p, process_count)].num_examples
-                 for p in range(process_count)]
+  shard_sizes = [builder.info.splits[host_split(split, p, process_count)].num_examples for p in range(process_count)]
   num_batches = -(-max(shard_sizes) // batch_size)
   index = records.index_split(builder, host_split(split, process_index, process_count))
   features = builder.info.features
@@ -316,22 +375,32 @@ def eval_iterator(builder_or_name: BuilderOrName, *, split: str, local_device_co
     del g
     example = features.deserialize_example(serialized)
     label = check_labels(example["label"][..., 0], example["image_id"], num_classes, ignore_label)
-    image, label = pad_for_eval(example["image"], label, example["image_id"], pad_size=pad, mean=mean, std=std,
-                                ignore_label=ignore_label)
+    image, label = pad_for_eval(
+        example["image"], label, example["image_id"], pad_size=pad, mean=mean, std=std, ignore_label=ignore_label
+    )
     shape = tf.shape(example["label"])
-    return {"image": image, "label": label, "height": shape[0], "width": shape[1],
-            "image_id": example["image_id"]}
+    return {"image": image, "label": label, "height": shape[0], "width": shape[1], "image_id": example["image_id"]}
 
-  dataset = (_serialized(index, lambda: ((p, p) for p in range(len(index))))
-             .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-             .batch(batch_size)
-             .prefetch(prefetch))
-  return _eval_batches(_numpy_batches(dataset), num_batches, batch_size, pad, ignore_label,
-                       local_device_count, per_device_batch)
+  dataset = (
+      _serialized(index, lambda: ((p, p) for p in range(len(index))))
+      .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      .batch(batch_size)
+      .prefetch(prefetch)
+  )
+  return _eval_batches(
+      _numpy_batches(dataset), num_batches, batch_size, pad, ignore_label, local_device_count, per_device_batch
+  )
 
 
-def _eval_batches(batches: Iterator[Batch], num_batches: int, batch_size: int, pad: tuple[int, int],
-                  ignore_label: int, devices: int, per_device: int) -> Iterator[Batch]:
+def _eval_batches(
+    batches: Iterator[Batch],
+    num_batches: int,
+    batch_size: int,
+    pad: tuple[int, int],
+    ignore_label: int,
+    devices: int,
+    per_device: int,
+) -> Iterator[Batch]:
   """Fills partial / missing batches with masked dummy examples and reshapes to ``[D, b, ...]``."""
   for _ in range(num_batches):
     batch = next(batches, None)
@@ -356,17 +425,20 @@ def _eval_batches(batches: Iterator[Batch], num_batches: int, batch_size: int, p
 # ----------------------------------------------------------------------------------------------- devices
 
 
-def prefetch_to_device(batches: Iterator[Batch], size: int = 2, devices: Sequence[Any] | None = None
-                       ) -> Iterator[dict[str, Any]]:
+def prefetch_to_device(
+    batches: Iterator[Batch], size: int = 2, devices: Sequence[Any] | None = None
+) -> Iterator[dict[str, Any]]:
   """Puts numeric arrays of ``[D, ...]`` batches on the local devices ahead of use (``size`` batches deep).
 
   Leading axis ``D`` is split across ``devices`` (default ``jax.local_devices()``, pmap's order); string arrays
   such as ``image_id`` stay numpy arrays on the host.
   """
   import jax  # Outside the tf.data graph.
+
   devices = list(jax.local_devices() if devices is None else devices)
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("devices",)),
-                                        jax.sharding.PartitionSpec("devices"))
+  sharding = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.asarray(devices), ("devices",)), jax.sharding.PartitionSpec("devices")
+  )
 
   def put(batch: Batch) -> dict[str, Any]:
     return {k: v if v.dtype == object else jax.device_put(v, sharding) for k, v in batch.items()}
@@ -385,6 +457,7 @@ def prefetch_to_device(batches: Iterator[Batch], size: int = 2, devices: Sequenc
 
 class EvalPipeline(NamedTuple):
   """What ``eval_from_config`` builds: a factory of eval passes and the dataset's facts."""
+
   make_eval: Callable[[], Iterator[Batch]]
   class_names: list[str]
   num_eval_examples: int
@@ -392,6 +465,7 @@ class EvalPipeline(NamedTuple):
 
 class Pipelines(NamedTuple):
   """What ``from_config`` builds: the training iterator, a factory of eval passes and the dataset's facts."""
+
   train: Iterator[Batch]
   make_eval: Callable[[], Iterator[Batch]]
   class_names: list[str]
@@ -401,44 +475,80 @@ class Pipelines(NamedTuple):
 
 def _checked_builder(cfg: Any):
   """The prepared builder of ``cfg`` and its class names (their number must be ``cfg.num_classes``)."""
-  builder = datasets.get_builder(cfg.name, data_dir=cfg.get("data_dir"), manual_dir=cfg.get("manual_dir"),
-                                 num_classes=cfg.num_classes)
+  builder = datasets.get_builder(
+      cfg.name, data_dir=cfg.get("data_dir"), manual_dir=cfg.get("manual_dir"), num_classes=cfg.num_classes
+  )
   names = datasets.class_names(builder)
   if len(names) != cfg.num_classes:
-    raise datasets.DataError(f"Config says num_classes={cfg.num_classes} but {builder.info.full_name} has "
-                             f"{len(names)} classes: {names}.")
+    raise datasets.DataError(
+        f"Config says num_classes={cfg.num_classes} but {builder.info.full_name} has " f"{len(names)} classes: {names}."
+    )
   return builder, names
 
 
 def _common(cfg: Any, process_index: int | None, process_count: int | None) -> dict:
-  return dict(num_classes=cfg.num_classes, mean=tuple(cfg.mean), std=tuple(cfg.std), ignore_label=cfg.ignore_label,
-              process_index=process_index, process_count=process_count)
+  return dict(
+      num_classes=cfg.num_classes,
+      mean=tuple(cfg.mean),
+      std=tuple(cfg.std),
+      ignore_label=cfg.ignore_label,
+      process_index=process_index,
+      process_count=process_count,
+  )
 
 
-def _eval_pipeline(builder, names: list[str], cfg: Any, local_device_count: int, per_device_batch: int,
-                   process_index: int | None, process_count: int | None) -> EvalPipeline:
+def _eval_pipeline(
+    builder,
+    names: list[str],
+    cfg: Any,
+    local_device_count: int,
+    per_device_batch: int,
+    process_index: int | None,
+    process_count: int | None,
+) -> EvalPipeline:
   common = _common(cfg, process_index, process_count)
 
   def make_eval() -> Iterator[Batch]:
-    return eval_iterator(builder, split=cfg.eval_split, local_device_count=local_device_count,
-                         per_device_batch=per_device_batch, pad_size=cfg.get("eval_pad_size"), **common)
+    return eval_iterator(
+        builder,
+        split=cfg.eval_split,
+        local_device_count=local_device_count,
+        per_device_batch=per_device_batch,
+        pad_size=cfg.get("eval_pad_size"),
+        **common,
+    )
 
   return EvalPipeline(make_eval, names, builder.info.splits[cfg.eval_split].num_examples)
 
 
-def eval_from_config(dataset_cfg: Any, *, local_device_count: int, per_device_batch: int,
-                     process_index: int | None = None, process_count: int | None = None) -> EvalPipeline:
+def eval_from_config(
+    dataset_cfg: Any,
+    *,
+    local_device_count: int,
+    per_device_batch: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalPipeline:
   """The evaluation side of :func:`from_config` alone (the train split is never indexed). Keys read: ``name``,
   ``data_dir``, ``manual_dir``, ``eval_split``, ``num_classes``, ``ignore_label``, ``mean``, ``std``,
   ``eval_pad_size`` (None = largest eval example)."""
-  return _eval_pipeline(*_checked_builder(dataset_cfg), dataset_cfg, local_device_count, per_device_batch,
-                        process_index, process_count)
+  return _eval_pipeline(
+      *_checked_builder(dataset_cfg), dataset_cfg, local_device_count, per_device_batch, process_index, process_count
+  )
 
 
-def from_config(dataset_cfg: Any, *, seed: int, local_device_count: int, per_device_batch: int,
-                eval_per_device_batch: int | None = None, start_step: int = 0, process_index: int | None = None,
-                process_count: int | None = None,
-                weight_map: Callable[[np.ndarray], np.ndarray] | None = None) -> Pipelines:
+def from_config(
+    dataset_cfg: Any,
+    *,
+    seed: int,
+    local_device_count: int,
+    per_device_batch: int,
+    eval_per_device_batch: int | None = None,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    weight_map: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Pipelines:
   """Builds (and prepares if needed) the dataset described by an ``ml_collections.ConfigDict``.
 
   Keys read: those of :func:`eval_from_config` and ``train_split``, ``crop_size``, ``min_scale``, ``max_scale``,
@@ -448,11 +558,20 @@ def from_config(dataset_cfg: Any, *, seed: int, local_device_count: int, per_dev
   cfg = dataset_cfg
   builder, names = _checked_builder(cfg)
   train = train_iterator(
-      builder, split=cfg.train_split, crop_size=cfg.crop_size, local_device_count=local_device_count,
-      per_device_batch=per_device_batch, seed=seed, start_step=start_step, min_scale=cfg.min_scale,
-      max_scale=cfg.max_scale, scale_step=cfg.scale_step, weight_map=weight_map,
-      **_common(cfg, process_index, process_count))
-  ev = _eval_pipeline(builder, names, cfg, local_device_count, eval_per_device_batch or per_device_batch,
-                      process_index, process_count)
-  return Pipelines(train, ev.make_eval, names, builder.info.splits[cfg.train_split].num_examples,
-                   ev.num_eval_examples)
+      builder,
+      split=cfg.train_split,
+      crop_size=cfg.crop_size,
+      local_device_count=local_device_count,
+      per_device_batch=per_device_batch,
+      seed=seed,
+      start_step=start_step,
+      min_scale=cfg.min_scale,
+      max_scale=cfg.max_scale,
+      scale_step=cfg.scale_step,
+      weight_map=weight_map,
+      **_common(cfg, process_index, process_count),
+  )
+  ev = _eval_pipeline(
+      builder, names, cfg, local_device_count, eval_per_device_batch or per_device_batch, process_index, process_count
+  )
+  return Pipelines(train, ev.make_eval, names, builder.info.splits[cfg.train_split].num_examples, ev.num_eval_examples)

@@ -28,15 +28,24 @@ from dilaff_jax import cli, errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, statistics and results.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
-                  "train: train (resuming from the workdir), then evaluate if config.train.eval_at_end; "
-                  "evaluate: evaluate the latest checkpoint of the workdir.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "evaluate"],
+    "train: train (resuming from the workdir), then evaluate if config.train.eval_at_end; "
+    "evaluate: evaluate the latest checkpoint of the workdir.",
+)
 flags.DEFINE_integer("step", None, "With --mode=evaluate: the checkpoint step (default: the latest).")
-flags.DEFINE_bool("watch", False, "With --mode=evaluate: evaluate every new checkpoint as a training run writes it, "
-                  "until the one at config.train.num_steps.")
+flags.DEFINE_bool(
+    "watch",
+    False,
+    "With --mode=evaluate: evaluate every new checkpoint as a training run writes it, "
+    "until the one at config.train.num_steps.",
+)
 flags.DEFINE_float("watch_timeout", 3600.0, "With --watch: stop after this many seconds without a new checkpoint.")
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/voc.py or configs/voc.py:table1_sqrt.",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/voc.py or configs/voc.py:table1_sqrt.", lock_config=True
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -49,16 +58,24 @@ def maybe_initialize_distributed(config) -> None:
   if d.initialize == "no":
     return
   if d.coordinator_address:
-    jax.distributed.initialize(coordinator_address=d.coordinator_address,
-                               num_processes=d.num_processes or None,
-                               process_id=d.process_id if d.process_id >= 0 else None)
-  elif d.initialize == "yes" or os.environ.get("JAX_COORDINATOR_ADDRESS") or int(
-      os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize(
+        coordinator_address=d.coordinator_address,
+        num_processes=d.num_processes or None,
+        process_id=d.process_id if d.process_id >= 0 else None,
+    )
+  elif (
+      d.initialize == "yes" or os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  ):
     jax.distributed.initialize()
   else:
     return
-  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+      "jax.distributed: process %d of %d, %d local / %d global devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -79,7 +96,7 @@ def _verbosity(argv: list[str]) -> int:
     for prefix in ("--verbosity=", "-v="):
       if arg.startswith(prefix):
         try:
-          return int(arg[len(prefix):])
+          return int(arg[len(prefix) :])
         except ValueError:
           return 0
   return 0
@@ -97,8 +114,9 @@ def main(argv) -> None:
   import jax
   from dilaff_jax import datasets, evaluate, train
 
-  logging.info("JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(),
-               jax.devices())
+  logging.info(
+      "JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(), jax.devices()
+  )
   try:
     datasets.resolve_num_classes(config.dataset)  # image_folder: 0 = as many as its classes.txt lists
     if FLAGS.mode == "train":
@@ -106,8 +124,13 @@ def main(argv) -> None:
       if result.get("preempted_at") is not None:
         sys.exit(errors.EXIT_PREEMPTED)
     else:
-      evaluate.evaluate_checkpoints(config, FLAGS.workdir, steps=[FLAGS.step] if FLAGS.step is not None else None,
-                                    watch=FLAGS.watch, timeout_seconds=FLAGS.watch_timeout)
+      evaluate.evaluate_checkpoints(
+          config,
+          FLAGS.workdir,
+          steps=[FLAGS.step] if FLAGS.step is not None else None,
+          watch=FLAGS.watch,
+          timeout_seconds=FLAGS.watch_timeout,
+      )
   except (errors.UserError, FileNotFoundError) as e:  # FileNotFoundError: a missing checkpoint or workdir
     cli.exit_with_error(e, show_traceback=cli.wants_traceback(FLAGS.verbosity))
 

@@ -68,8 +68,13 @@ def list_images(path: str, output_dir: str | None = None) -> list[str]:
   if not os.path.isdir(path):
     return [path]
   same = output_dir is not None and os.path.isdir(output_dir) and os.path.samefile(path, output_dir)
-  names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)
-                 and os.path.isfile(os.path.join(path, n)) and not (same and n.endswith(OUTPUT_SUFFIXES)))
+  names = sorted(
+      n
+      for n in os.listdir(path)
+      if n.lower().endswith(IMAGE_EXTENSIONS)
+      and os.path.isfile(os.path.join(path, n))
+      and not (same and n.endswith(OUTPUT_SUFFIXES))
+  )
   if not names:
     raise PredictError(f"--input={path}: the folder has no images ({'/'.join(IMAGE_EXTENSIONS)})")
   return [os.path.join(path, n) for n in names]
@@ -98,8 +103,9 @@ def check_output_dir(path: str) -> None:
       pass
   except OSError as e:
     where = "the folder" if existing == os.path.abspath(path) else f"its parent {existing}"
-    raise PredictError(f"--output={path}: {where} is not writable ({e.strerror}): give a folder you can write to"
-                       ) from None
+    raise PredictError(
+        f"--output={path}: {where} is not writable ({e.strerror}): give a folder you can write to"
+    ) from None
 
 
 def make_output_dir(path: str) -> None:
@@ -191,8 +197,9 @@ def normalise_and_pad(image: np.ndarray, mean, std, output_stride: int) -> np.nd
   return np.pad(x, pad)[None]
 
 
-def write_outputs(output_dir: str, name: str, image: np.ndarray, raw: np.ndarray, refined: np.ndarray | None,
-                  palette: np.ndarray) -> list[str]:
+def write_outputs(
+    output_dir: str, name: str, image: np.ndarray, raw: np.ndarray, refined: np.ndarray | None, palette: np.ndarray
+) -> list[str]:
   """Writes the blends and the class-index mask of one image; returns the paths."""
   outs = {"seg": visualize.blend(image, visualize.colorize(raw, palette))}
   if refined is not None:
@@ -212,6 +219,7 @@ def write_outputs(output_dir: str, name: str, image: np.ndarray, raw: np.ndarray
 @dataclasses.dataclass
 class Prediction:
   """Class-index masks ``[H, W]`` (uint8) of one image, and the seconds spent (compilation apart)."""
+
   raw: np.ndarray
   refined: np.ndarray | None
   network_s: float
@@ -222,9 +230,17 @@ class Prediction:
 def _network(variables, x, *, apply_fn, config, rates):
   """Raw class-index mask, probabilities and steep-sigmoid affinities (Eq. 7) of a padded image ``[1, H', W', 3]``,
   as the evaluation computes them (``config.eval``: output stride, scales, flip)."""
-  probs, aff = inference.predict(apply_fn, variables, x, size=x.shape[1:3], output_stride=config.eval.output_stride,
-                                scales=tuple(config.eval.scales), flip=bool(config.eval.flip), rates=rates,
-                                mu=config.affinity.mu)
+  probs, aff = inference.predict(
+      apply_fn,
+      variables,
+      x,
+      size=x.shape[1:3],
+      output_stride=config.eval.output_stride,
+      scales=tuple(config.eval.scales),
+      flip=bool(config.eval.flip),
+      rates=rates,
+      mu=config.affinity.mu,
+  )
   return jnp.argmax(probs[0], -1).astype(jnp.uint8), probs, aff
 
 
@@ -242,8 +258,15 @@ def make_predictor(config: ml_collections.ConfigDict, variables):
   model = state.build_model(config, rates, axis_name=None)
   variables = jax.device_put(variables)
   network = jax.jit(functools.partial(_network, apply_fn=model.apply, config=config, rates=rates))
-  refine = jax.jit(functools.partial(_refine, rates=rates, lam=float(config.affinity.lam),
-                                     iterations=int(config.affinity.iterations))) if rates else None
+  refine = (
+      jax.jit(
+          functools.partial(
+              _refine, rates=rates, lam=float(config.affinity.lam), iterations=int(config.affinity.iterations)
+          )
+      )
+      if rates
+      else None
+  )
   compiled = {}  # padded shape -> (network, refine) executables
   os_ = int(config.eval.output_stride)
 
@@ -282,15 +305,16 @@ def make_predictor(config: ml_collections.ConfigDict, variables):
 def _progress(i: int, total: int, path: str, image: np.ndarray, pred: Prediction) -> str:
   line = f"[predict] {i}/{total} {path} ({image.shape[0]}x{image.shape[1]}): network {1e3 * pred.network_s:.0f} ms"
   if pred.refined is not None:
-    line += (f", propagation {1e3 * pred.propagation_s:.0f} ms, "
-             f"{np.mean(pred.refined != pred.raw):.1%} of the pixels changed")
+    line += (
+        f", propagation {1e3 * pred.propagation_s:.0f} ms, "
+        f"{np.mean(pred.refined != pred.raw):.1%} of the pixels changed"
+    )
   return line + (f" (+{pred.compile_s:.1f} s compilation)" if pred.compile_s else "")
 
 
 def _timing_summary(timings: Sequence[Prediction]) -> dict:
   """Mean and median seconds per image of the network and of propagation, compilation apart."""
-  out = {"compile_s": float(sum(t.compile_s for t in timings)),
-         "compilations": sum(1 for t in timings if t.compile_s)}
+  out = {"compile_s": float(sum(t.compile_s for t in timings)), "compilations": sum(1 for t in timings if t.compile_s)}
   for key in ("network_s", "propagation_s"):
     values = [getattr(t, key) for t in timings] or [0.0]
     out[key] = float(np.mean(values))
@@ -298,8 +322,9 @@ def _timing_summary(timings: Sequence[Prediction]) -> dict:
   return out
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output_dir: str,
-        max_size: int = DEFAULT_MAX_SIZE) -> dict:
+def run(
+    config: ml_collections.ConfigDict, workdir: str, input_path: str, output_dir: str, max_size: int = DEFAULT_MAX_SIZE
+) -> dict:
   """Predicts every image of ``input_path`` into ``output_dir``, one at a time, at most ``max_size`` pixels on the
   longer side (see the module doc). Returns ``{"written": {input: [paths]}, "failed": {input: message}}`` and the
   times of :func:`_timing_summary`. Unreadable images are skipped and listed in ``failed``; if none is readable,
@@ -307,9 +332,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
   paths = list_images(input_path, output_dir)
   failed = unreadable(paths)
   if len(failed) == len(paths):
-    raise PredictError("; ".join(failed.values()) if len(paths) == 1 else
-                       f"none of the {len(paths)} images of --input={input_path} can be read: "
-                       + "; ".join(failed.values()))
+    raise PredictError(
+        "; ".join(failed.values())
+        if len(paths) == 1
+        else f"none of the {len(paths)} images of --input={input_path} can be read: " + "; ".join(failed.values())
+    )
   check_output_dir(output_dir)
   if not isinstance(max_size, int) or max_size < 0:
     raise PredictError(f"--max_size={max_size}: expected 0 (no limit) or a positive number of pixels")
@@ -317,9 +344,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
   variables, step = state.restore_variables(config, workdir)
   make_output_dir(output_dir)
   rates = config_checks.rates_of(config)
-  print(f"[predict] checkpoint step {step} of {workdir} on {jax.devices()[0].platform}; {len(paths)} image(s); "
-        + (f"propagation: {config.affinity.iterations} iteration{'' if config.affinity.iterations == 1 else 's'}, λ={config.affinity.lam}, μ={config.affinity.mu}"
-           if rates else "no affinity head (baseline): raw predictions only"), flush=True)
+  print(
+      f"[predict] checkpoint step {step} of {workdir} on {jax.devices()[0].platform}; {len(paths)} image(s); "
+      + (
+          f"propagation: {config.affinity.iterations} iteration{'' if config.affinity.iterations == 1 else 's'}, λ={config.affinity.lam}, μ={config.affinity.mu}"
+          if rates
+          else "no affinity head (baseline): raw predictions only"
+      ),
+      flush=True,
+  )
   predict_one = make_predictor(config, variables)
   palette = visualize.palette_for(config.dataset.name)
   written, timings = {}, []
@@ -336,18 +369,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, input_path: str, output
     small = inference_size(*size, max_size)
     pred = predict_one(resize_image(image, small))
     if small != size:
-      pred = dataclasses.replace(pred, raw=resize_mask(pred.raw, size),
-                                 refined=None if pred.refined is None else resize_mask(pred.refined, size))
+      pred = dataclasses.replace(
+          pred,
+          raw=resize_mask(pred.raw, size),
+          refined=None if pred.refined is None else resize_mask(pred.refined, size),
+      )
     written[path] = write_outputs(output_dir, name, image, pred.raw, pred.refined, palette)
     timings.append(pred)
-    print(_progress(i, len(paths), path, image, pred)
-          + (f" [inferred at {small[0]}x{small[1]}, --max_size={max_size}]" if small != size else ""), flush=True)
+    print(
+        _progress(i, len(paths), path, image, pred)
+        + (f" [inferred at {small[0]}x{small[1]}, --max_size={max_size}]" if small != size else ""),
+        flush=True,
+    )
   times = _timing_summary(timings)
-  print(f"[predict] {len(written)} image(s) -> {output_dir}; per image (mean / median): network "
-        f"{1e3 * times['network_s']:.1f} / {1e3 * times['network_median_s']:.1f} ms"
-        + (f", propagation {1e3 * times['propagation_s']:.1f} / {1e3 * times['propagation_median_s']:.1f} ms"
-           if rates else "")
-        + f"; compilation {times['compile_s']:.1f} s for {times['compilations']} padded size(s)", flush=True)
+  print(
+      f"[predict] {len(written)} image(s) -> {output_dir}; per image (mean / median): network "
+      f"{1e3 * times['network_s']:.1f} / {1e3 * times['network_median_s']:.1f} ms"
+      + (
+          f", propagation {1e3 * times['propagation_s']:.1f} / {1e3 * times['propagation_median_s']:.1f} ms"
+          if rates
+          else ""
+      )
+      + f"; compilation {times['compile_s']:.1f} s for {times['compilations']} padded size(s)",
+      flush=True,
+  )
   return {"written": written, "failed": failed, **times}
 
 
@@ -364,8 +409,10 @@ def load_json_config(workdir: str) -> ml_collections.ConfigDict:
   tuples again, as in the config files (so that ``--config.eval.scales='(0.5, 1.0)'`` overrides work)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise PredictError(f"--workdir={workdir}: no config.json there (not a training workdir?); pass --config=FILE "
-                       "with the config the run was trained with")
+    raise PredictError(
+        f"--workdir={workdir}: no config.json there (not a training workdir?); pass --config=FILE "
+        "with the config the run was trained with"
+    )
   try:
     with open(path) as f:
       return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
@@ -378,13 +425,18 @@ def _flags(config: str | ml_collections.ConfigDict | None, argv: Sequence[str] =
   file flag (str), the workdir's config with overrides (ConfigDict), or a plain string (first pass); ``argv`` is
   where the config flag looks for its ``--config.KEY=VALUE`` overrides."""
   fv = flags.FlagValues()
-  flags.DEFINE_string("workdir", None, "Training workdir: its latest checkpoint (and config.json) are used.",
-                      flag_values=fv)
+  flags.DEFINE_string(
+      "workdir", None, "Training workdir: its latest checkpoint (and config.json) are used.", flag_values=fv
+  )
   flags.DEFINE_string("input", None, "An image, or a folder of images (.jpg .jpeg .png .bmp .webp).", flag_values=fv)
   flags.DEFINE_string("output", None, "Folder for the outputs (created if missing).", flag_values=fv)
-  flags.DEFINE_integer("max_size", DEFAULT_MAX_SIZE, "Longest image side the network sees: larger images are "
-                       "downscaled for inference and their masks scaled back (bounds memory); 0 = no limit.",
-                       flag_values=fv)
+  flags.DEFINE_integer(
+      "max_size",
+      DEFAULT_MAX_SIZE,
+      "Longest image side the network sees: larger images are "
+      "downscaled for inference and their masks scaled back (bounds memory); 0 = no limit.",
+      flag_values=fv,
+  )
   help_text = "Config file (default: <workdir>/config.json); --config.KEY=VALUE overrides either."
   if isinstance(config, str):
     config_flags.DEFINE_config_file("config", None, help_text, flag_values=fv, sys_argv=list(argv))
@@ -405,8 +457,10 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, str, str
     raise PredictError(str(e)) from None
   for name in ("workdir", "input", "output"):
     if not first[name].value:
-      raise PredictError(f"--{name} is required (python -m dilaff_jax.predict --workdir=DIR --input=FILE_OR_DIR "
-                         "--output=DIR [--config=FILE])")
+      raise PredictError(
+          f"--{name} is required (python -m dilaff_jax.predict --workdir=DIR --input=FILE_OR_DIR "
+          "--output=DIR [--config=FILE])"
+      )
   list_images(first.input)  # input errors before config errors: the cheaper mistake first
   check_output_dir(first.output)
   if first.config and not os.path.isfile(first.config.split(":")[0]):
@@ -438,8 +492,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: {cli.one_line(e)}", file=sys.stderr, flush=True)
     return errors.EXIT_USER_ERROR
   if summary["failed"]:
-    print(f"error: {len(summary['failed'])} image(s) could not be read (the others were written): "
-          + "; ".join(summary["failed"].values()), file=sys.stderr, flush=True)
+    print(
+        f"error: {len(summary['failed'])} image(s) could not be read (the others were written): "
+        + "; ".join(summary["failed"].values()),
+        file=sys.stderr,
+        flush=True,
+    )
     return errors.EXIT_USER_ERROR
   return 0
 

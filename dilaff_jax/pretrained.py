@@ -60,14 +60,14 @@ def load_resnet_state_dict(path: str | Path) -> dict[str, np.ndarray]:
       state = dict(load_file(str(path)))
     except (SafetensorError, OSError) as e:
       raise PretrainedWeightsError(
-        f"cannot read pretrained weights {str(path)!r} ({e}): the file is empty, truncated or not a .safetensors "
-        "file; download or convert it again"
+          f"cannot read pretrained weights {str(path)!r} ({e}): the file is empty, truncated or not a .safetensors "
+          "file; download or convert it again"
       ) from None
   elif suffix in (".pth", ".pt"):
     state = _load_torch(path)
   else:
     raise PretrainedWeightsError(
-      f"cannot read pretrained weights {str(path)!r}: expected a .safetensors, .pth or .pt file"
+        f"cannot read pretrained weights {str(path)!r}: expected a .safetensors, .pth or .pt file"
     )
   for wrapper in ("state_dict", "model"):
     if isinstance(state.get(wrapper), Mapping):
@@ -84,8 +84,8 @@ def load_resnet_state_dict(path: str | Path) -> dict[str, np.ndarray]:
       value = value.astype(np.float32)
       if not np.all(np.isfinite(value)):
         raise PretrainedWeightsError(
-          f"tensor {key!r} of {str(path)!r} holds {np.size(value) - np.count_nonzero(np.isfinite(value))} NaN or "
-          "infinite values: the weights are damaged; download or convert them again"
+            f"tensor {key!r} of {str(path)!r} holds {np.size(value) - np.count_nonzero(np.isfinite(value))} NaN or "
+            "infinite values: the weights are damaged; download or convert them again"
         )
     out[key] = value
   return out
@@ -96,14 +96,14 @@ def _load_torch(path: Path) -> dict[str, Any]:
     import torch
   except ImportError as err:
     raise PretrainedWeightsError(
-      f"reading {str(path)!r} needs torch, which is not installed; install torch or convert the file to "
-      ".safetensors (safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors'))"
+        f"reading {str(path)!r} needs torch, which is not installed; install torch or convert the file to "
+        ".safetensors (safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors'))"
     ) from err
   try:
     state = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001  (torch raises several types for damaged or foreign files)
     raise PretrainedWeightsError(
-      f"cannot read pretrained weights {str(path)!r} ({type(e).__name__}: {e}); download or convert it again"
+        f"cannot read pretrained weights {str(path)!r} ({type(e).__name__}: {e}); download or convert it again"
     ) from None
   if not isinstance(state, Mapping):
     raise PretrainedWeightsError(f"{str(path)!r} does not hold a state dict (got {type(state).__name__})")
@@ -149,16 +149,16 @@ def _check_layout(state_dict: Mapping[str, Any], depth: int, stem: str) -> None:
     raise PretrainedWeightsError(f"the state dict holds {found}, but the model is {wanted} (depth/stem mismatch)")
   if any(".downsample.2." in k for k in state_dict):
     raise PretrainedWeightsError(
-      "the state dict uses average-pool downsampling shortcuts (keys '*.downsample.2.*', timm's 'd' variants), "
-      "which this ResNet does not have"
+        "the state dict uses average-pool downsampling shortcuts (keys '*.downsample.2.*', timm's 'd' variants), "
+        "which this ResNet does not have"
     )
   if stem == "deep":
     keys = ("conv1.0.weight", "conv1.3.weight", "conv1.6.weight")
     widths = tuple(np.shape(state_dict[k])[0] for k in keys if k in state_dict)
     if widths != DEEP_STEM_WIDTHS:
       raise PretrainedWeightsError(
-        f"deep stem widths {'-'.join(map(str, widths))} in the state dict (conv1.0/conv1.3/conv1.6), but the "
-        f"model's deep stem is {'-'.join(map(str, DEEP_STEM_WIDTHS))}"
+          f"deep stem widths {'-'.join(map(str, widths))} in the state dict (conv1.0/conv1.3/conv1.6), but the "
+          f"model's deep stem is {'-'.join(map(str, DEEP_STEM_WIDTHS))}"
       )
 
 
@@ -170,15 +170,15 @@ def torch_resnet_to_flax(state_dict: Mapping[str, Any], depth: int, stem: str = 
   """
   _check_layout(state_dict, depth, stem)
   expected = {
-    collection: traverse_util.flatten_dict(tree) for collection, tree in resnet_variable_shapes(depth, stem).items()
+      collection: traverse_util.flatten_dict(tree) for collection, tree in resnet_variable_shapes(depth, stem).items()
   }  # {"params": {path: ShapeDtypeStruct}, "batch_stats": {...}}
   wanted = {_torch_key(path): (collection, path) for collection, flat in expected.items() for path in flat}
   given = {k for k in state_dict if not IGNORED.search(k)}
   missing, unexpected = sorted(set(wanted) - given), sorted(given - set(wanted))
   if missing or unexpected:
     raise PretrainedWeightsError(
-      f"state dict does not match a ResNet-{depth} with {stem} stem: "
-      f"missing keys {_clip(missing)}; unexpected keys {_clip(unexpected)}"
+        f"state dict does not match a ResNet-{depth} with {stem} stem: "
+        f"missing keys {_clip(missing)}; unexpected keys {_clip(unexpected)}"
     )
   out: dict[str, dict] = {"params": {}, "batch_stats": {}}
   bad = []
@@ -207,7 +207,7 @@ def _clip(keys: list[str], limit: int = 12) -> str:
 
 
 def load_pretrained_backbone(
-  variables: Mapping[str, Any], path: str | Path, depth: int, stem: str = "standard"
+    variables: Mapping[str, Any], path: str | Path, depth: int, stem: str = "standard"
 ) -> dict[str, Any]:
   """Returns a copy of a DeepLabV3Plus's `variables` whose "backbone" subtree (params and batch_stats) holds the
   ImageNet weights read from `path`; the ASPP, decoder and heads are left as they were (randomly initialised).
@@ -230,15 +230,17 @@ def load_pretrained_backbone(
       only_model = sorted("/".join(p) for p in set(current) - set(loaded))
       only_file = sorted("/".join(p) for p in set(loaded) - set(current))
       raise PretrainedWeightsError(
-        f"{collection}['backbone'] does not match a ResNet-{depth} with {stem} stem: variables only in the "
-        f"model {_clip(only_model)}; only in the file {_clip(only_file)}"
+          f"{collection}['backbone'] does not match a ResNet-{depth} with {stem} stem: variables only in the "
+          f"model {_clip(only_model)}; only in the file {_clip(only_file)}"
       )
     bad = [
-      f"{'/'.join(p)}: model {tuple(np.shape(current[p]))}, file {loaded[p].shape}"
-      for p in sorted(current)
-      if tuple(np.shape(current[p])) != loaded[p].shape
+        f"{'/'.join(p)}: model {tuple(np.shape(current[p]))}, file {loaded[p].shape}"
+        for p in sorted(current)
+        if tuple(np.shape(current[p])) != loaded[p].shape
     ]
     if bad:
       raise PretrainedWeightsError(f"shape mismatch in {collection}['backbone']: " + "; ".join(bad))
-    new[collection]["backbone"] = traverse_util.unflatten_dict({p: jnp.asarray(loaded[p], current[p].dtype) for p in current})
+    new[collection]["backbone"] = traverse_util.unflatten_dict(
+        {p: jnp.asarray(loaded[p], current[p].dtype) for p in current}
+    )
   return new

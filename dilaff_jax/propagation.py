@@ -88,7 +88,7 @@ def _neighbour_sum(x: jax.Array, am: jax.Array, live, pad: int, h: int) -> jax.A
   acc = None
   for d, (_, s, t) in enumerate(live):
     o = ((pad + s) * w + t) * k
-    term = am[..., d:d + 1] * jax.lax.slice_in_dim(flat, o, o + h * w * k, axis=1).reshape(b, h, w, k)
+    term = am[..., d : d + 1] * jax.lax.slice_in_dim(flat, o, o + h * w * k, axis=1).reshape(b, h, w, k)
     acc = term if acc is None else acc + term
   return acc
 
@@ -131,9 +131,9 @@ def _propagate(probs, aff, rates, lam, iterations):
 
   def body(_, pp):
     mx, sm = _class_stats(pp, c)
-    m = mx[:, pad:pad + h]
-    q = pp[:, pad:pad + h].astype(jnp.float32)
-    norm = lam * m * sm[:, pad:pad + h]
+    m = mx[:, pad : pad + h]
+    q = pp[:, pad : pad + h].astype(jnp.float32)
+    norm = lam * m * sm[:, pad : pad + h]
     un = lam * q * m[..., None]
     if live:
       norm = norm + _plane_neighbour_sum(sm, am_planes, live, pad, h)
@@ -154,11 +154,12 @@ def _propagate(probs, aff, rates, lam, iterations):
   pp = jnp.pad(probs, ((0, 0), (pad, pad), (0, 0), (0, k - c)))
   pp = jax.lax.fori_loop(0, iterations // 2, twice, pp)
   pp = jax.lax.fori_loop(0, iterations % 2, body, pp)
-  return pp[:, pad:pad + h, :, :c]
+  return pp[:, pad : pad + h, :, :c]
 
 
-def propagate(probs: jax.Array, affinity_map: jax.Array, rates: Sequence, lam: float = 6.0,
-              iterations: int = 10) -> jax.Array:
+def propagate(
+    probs: jax.Array, affinity_map: jax.Array, rates: Sequence, lam: float = 6.0, iterations: int = 10
+) -> jax.Array:
   """Eq. 6 applied ``iterations`` times: ``p ← N(λ · p · max_c(p) + Σ_{s ∈ S_{i,j}} a_s · p_s)``.
 
   Args:

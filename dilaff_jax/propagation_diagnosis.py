@@ -89,8 +89,9 @@ def distance_bins(dist: np.ndarray) -> np.ndarray:
   return np.where(np.isnan(dist), -1, bins)
 
 
-def change_counts(before: np.ndarray, after: np.ndarray, labels: np.ndarray, valid: np.ndarray, bins: np.ndarray,
-                  num_classes: int) -> dict:
+def change_counts(
+    before: np.ndarray, after: np.ndarray, labels: np.ndarray, valid: np.ndarray, bins: np.ndarray, num_classes: int
+) -> dict:
   """Pixels (``valid`` only) whose prediction goes wrong→right and right→wrong from ``before`` to ``after``, in
   total, per ground-truth class and per distance bin."""
   right0, right1 = before == labels, after == labels
@@ -125,13 +126,20 @@ def affinity_counts(aff: np.ndarray, labels: np.ndarray, bins: np.ndarray, rates
 def affinity_table(counts: np.ndarray, mass: np.ndarray) -> dict:
   """Accuracy, precision and recall of the negative signals, and the mean affinity on negative/positive pairs,
   from :func:`affinity_counts` (``None`` where undefined), one list per distance bin."""
+
   def ratio(n, d):
     return [None if dd == 0 else float(nn / dd) for nn, dd in zip(n, d)]
+
   tn, fp, fn, tp = counts[:, 0, 0], counts[:, 0, 1], counts[:, 1, 0], counts[:, 1, 1]
-  return {"accuracy": ratio(tn + tp, counts.sum((1, 2))), "negative_precision": ratio(tn, tn + fn),
-          "negative_recall": ratio(tn, tn + fp), "mean_affinity_negative": ratio(mass[:, 0], tn + fp),
-          "mean_affinity_positive": ratio(mass[:, 1], fn + tp), "negative_pairs": (tn + fp).tolist(),
-          "pairs": counts.sum((1, 2)).tolist()}
+  return {
+      "accuracy": ratio(tn + tp, counts.sum((1, 2))),
+      "negative_precision": ratio(tn, tn + fn),
+      "negative_recall": ratio(tn, tn + fp),
+      "mean_affinity_negative": ratio(mass[:, 0], tn + fp),
+      "mean_affinity_positive": ratio(mass[:, 1], fn + tp),
+      "negative_pairs": (tn + fp).tolist(),
+      "pairs": counts.sum((1, 2)).tolist(),
+  }
 
 
 def neighbour_mass(probs: np.ndarray, aff: np.ndarray, labels: np.ndarray, rates, ignore_label: int) -> dict:
@@ -148,11 +156,11 @@ def neighbour_mass(probs: np.ndarray, aff: np.ndarray, labels: np.ndarray, rates
   inside = np.pad(np.ones((h, w)), pad)
   total, cross, wrong = np.zeros((b, h, w)), np.zeros((b, h, w)), np.zeros((b, h, w))
   for d, (s, t) in enumerate(offsets):
-    nl = lab[:, pad + s:pad + s + h, pad + t:pad + t + w]
-    a = aff[..., d].astype(np.float64) * inside[pad + s:pad + s + h, pad + t:pad + t + w]
+    nl = lab[:, pad + s : pad + s + h, pad + t : pad + t + w]
+    a = aff[..., d].astype(np.float64) * inside[pad + s : pad + s + h, pad + t : pad + t + w]
     total += a
     cross += a * ((nl != labels) & (nl != ignore_label))
-    ps_y = np.take_along_axis(pp[:, pad + s:pad + s + h, pad + t:pad + t + w], y[..., None], -1)[..., 0]
+    ps_y = np.take_along_axis(pp[:, pad + s : pad + s + h, pad + t : pad + t + w], y[..., None], -1)[..., 0]
     wrong += a * (1.0 - ps_y)
   return {"max_p": probs.max(-1), "neighbour": total, "cross": cross, "wrong_vote": wrong, "p_true": p_true}
 
@@ -161,9 +169,14 @@ def mass_table(m: dict, lam: float, valid: np.ndarray, bins: np.ndarray) -> dict
   """Means per distance bin (and over all valid pixels) of the terms of :func:`neighbour_mass`: the self mass
   ``λ·max p``, its part on the right class ``λ·max p·p[y]``, the neighbour mass, its cross-label part, the wrong
   vote, and the fraction of pixels whose wrong vote outweighs their right self term."""
-  terms = {"self": lam * m["max_p"], "self_right": lam * m["max_p"] * m["p_true"], "neighbour": m["neighbour"],
-           "cross": m["cross"], "wrong_vote": m["wrong_vote"],
-           "wrong_vote_exceeds_self_right": (m["wrong_vote"] > lam * m["max_p"] * m["p_true"]).astype(float)}
+  terms = {
+      "self": lam * m["max_p"],
+      "self_right": lam * m["max_p"] * m["p_true"],
+      "neighbour": m["neighbour"],
+      "cross": m["cross"],
+      "wrong_vote": m["wrong_vote"],
+      "wrong_vote_exceeds_self_right": (m["wrong_vote"] > lam * m["max_p"] * m["p_true"]).astype(float),
+  }
   out = {}
   for name, x in terms.items():
     per_bin = []
@@ -188,7 +201,7 @@ def _rule_steps(p, p0, aff, offsets, rule, lam, tau, iterations):
     qp = jnp.pad(q, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     nb = 0.0
     for d, (s, t) in enumerate(offsets):
-      nb = nb + aff[..., d:d + 1] * qp[:, pad + s:pad + s + h, pad + t:pad + t + w]
+      nb = nb + aff[..., d : d + 1] * qp[:, pad + s : pad + s + h, pad + t : pad + t + w]
     if rule == "mean":
       nb = nb / len(offsets)
     elif rule == "affnorm":
@@ -203,8 +216,9 @@ def _rule_steps(p, p0, aff, offsets, rule, lam, tau, iterations):
   return jax.lax.fori_loop(0, iterations, step, p)
 
 
-def propagate_rule(p, p0, aff, rates, rule: str = "paper", lam: float = 6.0, tau: float = 0.9,
-                   iterations: int = 1) -> jax.Array:
+def propagate_rule(
+    p, p0, aff, rates, rule: str = "paper", lam: float = 6.0, tau: float = 0.9, iterations: int = 1
+) -> jax.Array:
   """``iterations`` steps of ``rule`` (:data:`RULES`) from state ``p``; ``paper`` is :func:`propagation.propagate`."""
   if rule not in RULES:
     raise ValueError(f"unknown propagation rule {rule!r}; known: {', '.join(RULES)}")
@@ -212,8 +226,16 @@ def propagate_rule(p, p0, aff, rates, rule: str = "paper", lam: float = 6.0, tau
     return jnp.asarray(p)
   if rule == "paper":
     return propagation.propagate(p, aff, rates, lam=lam, iterations=iterations)
-  return _rule_steps(jnp.asarray(p), jnp.asarray(p0), jnp.asarray(aff), affinity.neighbor_offsets(rates), rule,
-                     jnp.float32(lam), jnp.float32(tau), jnp.int32(iterations))
+  return _rule_steps(
+      jnp.asarray(p),
+      jnp.asarray(p0),
+      jnp.asarray(aff),
+      affinity.neighbor_offsets(rates),
+      rule,
+      jnp.float32(lam),
+      jnp.float32(tau),
+      jnp.int32(iterations),
+  )
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -224,8 +246,7 @@ def collect(config: ml_collections.ConfigDict, variables, rates) -> dict:
   affinity logits ``x`` of Eq. 7 (recovered from the steep sigmoid; exact for single-scale, unflipped inference)
   and the mask of neighbours inside each real image ``[N, H, W, D]``, labels (void outside the image), sizes."""
   model = state.build_model(config, rates, axis_name=None)
-  pipes = input_pipeline.eval_from_config(config.dataset, local_device_count=1,
-                                          per_device_batch=config.eval.batch_size)
+  pipes = input_pipeline.eval_from_config(config.dataset, local_device_count=1, per_device_batch=config.eval.batch_size)
   fn = None
   parts = {k: [] for k in ("probs", "logits", "inside", "label", "height", "width")}
   seen = 0
@@ -233,15 +254,24 @@ def collect(config: ml_collections.ConfigDict, variables, rates) -> dict:
   for batch in pipes.make_eval():
     keep = np.flatnonzero(np.asarray(batch["mask"][0]))
     if limit is not None:
-      keep = keep[:max(limit - seen, 0)]
+      keep = keep[: max(limit - seen, 0)]
     if keep.size == 0:
       break
     images = jnp.asarray(batch["image"][0][keep])
     size = images.shape[1:3]
     if fn is None:
-      fn = jax.jit(functools.partial(inference.predict, model.apply, size=size,
-                                     output_stride=config.eval.output_stride, scales=tuple(config.eval.scales),
-                                     flip=bool(config.eval.flip), rates=rates, mu=float(config.affinity.mu)))
+      fn = jax.jit(
+          functools.partial(
+              inference.predict,
+              model.apply,
+              size=size,
+              output_stride=config.eval.output_stride,
+              scales=tuple(config.eval.scales),
+              flip=bool(config.eval.flip),
+              rates=rates,
+              mu=float(config.affinity.mu),
+          )
+      )
     probs, aff = fn(variables, images)
     heights, widths = np.asarray(batch["height"][0][keep]), np.asarray(batch["width"][0][keep])
     a = np.clip(np.asarray(aff, np.float64), 1e-30, 1 - 1e-7)
@@ -265,14 +295,24 @@ def affinity_for(data: dict, mu: float, rate_subset: Sequence[int] | None = None
   if rate_subset is not None:
     keep = np.zeros(a.shape[-1], bool)
     for r in rate_subset:
-      keep[r * 8:(r + 1) * 8] = True
+      keep[r * 8 : (r + 1) * 8] = True
     a = a * keep
   return a.astype(np.float32)
 
 
-def run_sweep(data: dict, aff: np.ndarray, rates, num_classes: int, *, rule: str = "paper", lam: float = 6.0,
-              tau: float = 0.9, iterations: Sequence[int] = SWEEP, keep_preds: bool = False,
-              batch: int = 10) -> dict:
+def run_sweep(
+    data: dict,
+    aff: np.ndarray,
+    rates,
+    num_classes: int,
+    *,
+    rule: str = "paper",
+    lam: float = 6.0,
+    tau: float = 0.9,
+    iterations: Sequence[int] = SWEEP,
+    keep_preds: bool = False,
+    batch: int = 10,
+) -> dict:
   """Confusion matrices (and with ``keep_preds`` the predictions) at each iteration count of ``iterations``."""
   labels, valid = data["label"], data["valid"]
   its = sorted(iterations)
@@ -313,17 +353,27 @@ def diagnose(config: ml_collections.ConfigDict, data: dict, class_names: Sequenc
   valid = data["valid"]
   aff = affinity_for(data, mu)
   oracle = np.asarray(propagation.gt_affinity(jnp.asarray(labels), rates, ign))
-  out = {"rates": [affinity.rate_label(r) for r in rates], "lam": lam, "mu": mu,
-         "partial_neighbors": config.affinity.get("partial_neighbors", ""), "num_images": int(labels.shape[0]),
-         "class_names": list(class_names), "distance_bins": list(BIN_LABELS),
-         "pixels_by_distance": np.bincount(bins[valid], minlength=len(BIN_LABELS)).tolist()}
+  out = {
+      "rates": [affinity.rate_label(r) for r in rates],
+      "lam": lam,
+      "mu": mu,
+      "partial_neighbors": config.affinity.get("partial_neighbors", ""),
+      "num_images": int(labels.shape[0]),
+      "class_names": list(class_names),
+      "distance_bins": list(BIN_LABELS),
+      "pixels_by_distance": np.bincount(bins[valid], minlength=len(BIN_LABELS)).tolist(),
+  }
 
   print("[diagnosis] the paper's sweep", flush=True)
   main = run_sweep(data, aff, rates, c, lam=lam, keep_preds=True)
-  out["sweep"] = {"iterations": list(SWEEP), "predicted": _mious(main),
-                  "oracle": _mious(run_sweep(data, oracle, rates, c, lam=lam)),
-                  "per_class_iou": [[None if np.isnan(v) else float(v) for v in eval_metrics.iou_from_confusion(cf)]
-                                    for cf in main["confusions"]]}
+  out["sweep"] = {
+      "iterations": list(SWEEP),
+      "predicted": _mious(main),
+      "oracle": _mious(run_sweep(data, oracle, rates, c, lam=lam)),
+      "per_class_iou": [
+          [None if np.isnan(v) else float(v) for v in eval_metrics.iou_from_confusion(cf)] for cf in main["confusions"]
+      ],
+  }
   out["changes"] = []
   for k in range(1, len(SWEEP)):
     ch = change_counts(main["preds"][k - 1], main["preds"][k], labels, valid, bins, c)
@@ -332,14 +382,16 @@ def diagnose(config: ml_collections.ConfigDict, data: dict, class_names: Sequenc
   out["changes_total"] = {"from": SWEEP[0], "to": SWEEP[-1], **ch}
   # accuracy of the network's own prediction per distance bin (where the errors are before propagation)
   right = (main["preds"][0] == labels) & valid
-  out["pixel_accuracy_by_distance"] = [float(right[bins == k].sum() / max((valid & (bins == k)).sum(), 1))
-                                       for k in range(len(BIN_LABELS))]
+  out["pixel_accuracy_by_distance"] = [
+      float(right[bins == k].sum() / max((valid & (bins == k)).sum(), 1)) for k in range(len(BIN_LABELS))
+  ]
   del main
 
   print("[diagnosis] affinity accuracy and mass balance", flush=True)
   acc = affinity_counts(aff, labels, bins, rates, ign)
-  out["affinity"] = {affinity.rate_label(r): affinity_table(acc["counts"][i], acc["mass"][i])
-                     for i, r in enumerate(rates)}
+  out["affinity"] = {
+      affinity.rate_label(r): affinity_table(acc["counts"][i], acc["mass"][i]) for i, r in enumerate(rates)
+  }
   out["affinity"]["all"] = affinity_table(acc["counts"].sum(0), acc["mass"].sum(0))
   out["mass"] = mass_table(neighbour_mass(data["probs"], aff, labels, rates, ign), lam, valid, bins)
   out["mass"]["directions"] = len(affinity.neighbor_offsets(rates))
@@ -347,23 +399,34 @@ def diagnose(config: ml_collections.ConfigDict, data: dict, class_names: Sequenc
 
   variants = {}
   print("[diagnosis] λ sweep", flush=True)
-  variants["lambda"] = {f"λ={v:g}": _mious(run_sweep(data, aff, rates, c, lam=v))
-                        for v in sorted({1.0, 3.0, lam, 12.0, 24.0, 48.0, 96.0, 192.0})}
+  variants["lambda"] = {
+      f"λ={v:g}": _mious(run_sweep(data, aff, rates, c, lam=v))
+      for v in sorted({1.0, 3.0, lam, 12.0, 24.0, 48.0, 96.0, 192.0})
+  }
   print("[diagnosis] μ sweep", flush=True)
-  variants["mu"] = {f"μ={v:g}": _mious(run_sweep(data, affinity_for(data, v), rates, c, lam=lam))
-                    for v in sorted({2.0, math.e, mu, 20.0, 100.0})}
+  variants["mu"] = {
+      f"μ={v:g}": _mious(run_sweep(data, affinity_for(data, v), rates, c, lam=lam))
+      for v in sorted({2.0, math.e, mu, 20.0, 100.0})
+  }
   print("[diagnosis] rate subsets", flush=True)
   names = [affinity.rate_label(r) for r in rates]
   subsets = {f"only {n}": [i] for i, n in enumerate(names)}
   if len(rates) > 2:
     subsets.update({f"without {n}": [j for j in range(len(rates)) if j != i] for i, n in enumerate(names)})
-  variants["rates"] = {name: _mious(run_sweep(data, affinity_for(data, mu, sub), rates, c, lam=lam))
-                       for name, sub in subsets.items()}
+  variants["rates"] = {
+      name: _mious(run_sweep(data, affinity_for(data, mu, sub), rates, c, lam=lam)) for name, sub in subsets.items()
+  }
   print("[diagnosis] update rules", flush=True)
   n_rates = len(rates)
-  rules = {"paper": ("paper", lam), f"paper, λ·|R| = {lam * n_rates:g}": ("paper", lam * n_rates),
-           "anchored": ("anchored", lam), f"anchored, λ·|R| = {lam * n_rates:g}": ("anchored", lam * n_rates),
-           "mean (÷D)": ("mean", lam), "affnorm (÷Σa)": ("affnorm", lam), "gated τ=0.9": ("gated", lam)}
+  rules = {
+      "paper": ("paper", lam),
+      f"paper, λ·|R| = {lam * n_rates:g}": ("paper", lam * n_rates),
+      "anchored": ("anchored", lam),
+      f"anchored, λ·|R| = {lam * n_rates:g}": ("anchored", lam * n_rates),
+      "mean (÷D)": ("mean", lam),
+      "affnorm (÷Σa)": ("affnorm", lam),
+      "gated τ=0.9": ("gated", lam),
+  }
   variants["rules"] = {}
   variants["rules_oracle"] = {}
   for name, (rule, lv) in rules.items():
@@ -388,10 +451,13 @@ def summarize(runs: Sequence[dict]) -> dict:
     out[family] = {}
     for name in runs[0]["variants"][family]:
       sweeps = np.array([r["variants"][family][name] for r in runs])
-      out[family][name] = {"mean": sweeps.mean(0).tolist(), "std": sweeps.std(0, ddof=1).tolist() if len(runs) > 1
-                           else [0.0] * sweeps.shape[1], "non_decreasing_all": bool(all(map(non_decreasing, sweeps))),
-                           "gain_1": float((sweeps[:, 1] - sweeps[:, 0]).mean()),
-                           "gain_10": float((sweeps[:, -1] - sweeps[:, 0]).mean())}
+      out[family][name] = {
+          "mean": sweeps.mean(0).tolist(),
+          "std": sweeps.std(0, ddof=1).tolist() if len(runs) > 1 else [0.0] * sweeps.shape[1],
+          "non_decreasing_all": bool(all(map(non_decreasing, sweeps))),
+          "gain_1": float((sweeps[:, 1] - sweeps[:, 0]).mean()),
+          "gain_10": float((sweeps[:, -1] - sweeps[:, 0]).mean()),
+      }
   return out
 
 
@@ -404,60 +470,106 @@ def _f(v, digits=2) -> str:
 
 
 def _markdown(runs: Sequence[dict], summary: dict) -> str:
-  lines = ["# Propagation diagnosis", "",
-           f"{len(runs)} run(s); sweep over iterations {', '.join(map(str, SWEEP))}; mIoU in %. Distance: Euclidean "
-           "distance (px) of the pixel to the nearest pixel of another label (void included), bins "
-           + ", ".join(BIN_LABELS) + ".", "", "## Summary over runs (predicted affinity; the family rules_oracle: ground-truth affinity)", "",
-           "| family | setting | " + " | ".join(f"{i} it." for i in SWEEP) + " | gain @1 | gain @10 | "
-           "non-decreasing in every run |", "|---|---|" + "---|" * (len(SWEEP) + 3)]
+  lines = [
+      "# Propagation diagnosis",
+      "",
+      f"{len(runs)} run(s); sweep over iterations {', '.join(map(str, SWEEP))}; mIoU in %. Distance: Euclidean "
+      "distance (px) of the pixel to the nearest pixel of another label (void included), bins "
+      + ", ".join(BIN_LABELS)
+      + ".",
+      "",
+      "## Summary over runs (predicted affinity; the family rules_oracle: ground-truth affinity)",
+      "",
+      "| family | setting | " + " | ".join(f"{i} it." for i in SWEEP) + " | gain @1 | gain @10 | "
+      "non-decreasing in every run |",
+      "|---|---|" + "---|" * (len(SWEEP) + 3),
+  ]
   for family, settings in summary.items():
     for name, s in settings.items():
       cells = " | ".join(f"{100 * m:.2f} ± {100 * sd:.2f}" for m, sd in zip(s["mean"], s["std"]))
-      lines.append(f"| {family} | {name} | {cells} | {100 * s['gain_1']:+.2f} | {100 * s['gain_10']:+.2f} | "
-                   f"{'yes' if s['non_decreasing_all'] else 'no'} |")
+      lines.append(
+          f"| {family} | {name} | {cells} | {100 * s['gain_1']:+.2f} | {100 * s['gain_10']:+.2f} | "
+          f"{'yes' if s['non_decreasing_all'] else 'no'} |"
+      )
   lines.append("")
   for r in runs:
     names = r["class_names"]
-    lines += [f"## Run {r['workdir']} (step {r['step']}, {r['num_images']} images, R = {{{', '.join(r['rates'])}}}, "
-              f"λ = {r['lam']:g}, μ = {r['mu']:g}, n_k rule {r['partial_neighbors']})", "",
-              "| | " + " | ".join(f"{i} it." for i in SWEEP) + " |", "|---|" + "---|" * len(SWEEP),
-              "| predicted | " + " | ".join(map(_pct, r["sweep"]["predicted"])) + " |",
-              "| oracle | " + " | ".join(map(_pct, r["sweep"]["oracle"])) + " |"]
+    lines += [
+        f"## Run {r['workdir']} (step {r['step']}, {r['num_images']} images, R = {{{', '.join(r['rates'])}}}, "
+        f"λ = {r['lam']:g}, μ = {r['mu']:g}, n_k rule {r['partial_neighbors']})",
+        "",
+        "| | " + " | ".join(f"{i} it." for i in SWEEP) + " |",
+        "|---|" + "---|" * len(SWEEP),
+        "| predicted | " + " | ".join(map(_pct, r["sweep"]["predicted"])) + " |",
+        "| oracle | " + " | ".join(map(_pct, r["sweep"]["oracle"])) + " |",
+    ]
     for k, name in enumerate(names):
       lines.append(f"| IoU {name} | " + " | ".join(_pct(row[k]) for row in r["sweep"]["per_class_iou"]) + " |")
-    lines += ["", "Pixels changing class (predicted affinity): wrong→right / right→wrong, per distance bin", "",
-              "| step | total | " + " | ".join(BIN_LABELS) + " | by class (w→r / r→w) |",
-              "|---|---|" + "---|" * len(BIN_LABELS) + "---|"]
+    lines += [
+        "",
+        "Pixels changing class (predicted affinity): wrong→right / right→wrong, per distance bin",
+        "",
+        "| step | total | " + " | ".join(BIN_LABELS) + " | by class (w→r / r→w) |",
+        "|---|---|" + "---|" * len(BIN_LABELS) + "---|",
+    ]
     for ch in [*r["changes"], r["changes_total"]]:
-      cells = " | ".join(f"{a} / {b}" for a, b in zip(ch["wrong_to_right_by_distance"],
-                                                      ch["right_to_wrong_by_distance"]))
-      by_class = ", ".join(f"{n} {a}/{b}" for n, a, b in zip(names, ch["wrong_to_right_by_class"],
-                                                              ch["right_to_wrong_by_class"]))
-      lines.append(f"| {ch['from']}→{ch['to']} | {ch['wrong_to_right']} / {ch['right_to_wrong']} | {cells} | "
-                   f"{by_class} |")
-    lines += ["", "Valid pixels per distance bin: " + ", ".join(f"{b}: {n}" for b, n in
-                                                               zip(BIN_LABELS, r["pixels_by_distance"]))
-              + "; the network's pixel accuracy per bin: " + ", ".join(f"{100 * v:.1f}%" for v in
-                                                                      r["pixel_accuracy_by_distance"]), "",
-              "Affinity per rate and distance bin of the centre pixel: accuracy / negative-signal precision / "
-              "negative-signal recall / mean steep-σ affinity on negative pairs (the weight of a leak)", "",
-              "| rate | " + " | ".join(BIN_LABELS) + " |", "|---|" + "---|" * len(BIN_LABELS)]
+      cells = " | ".join(
+          f"{a} / {b}" for a, b in zip(ch["wrong_to_right_by_distance"], ch["right_to_wrong_by_distance"])
+      )
+      by_class = ", ".join(
+          f"{n} {a}/{b}" for n, a, b in zip(names, ch["wrong_to_right_by_class"], ch["right_to_wrong_by_class"])
+      )
+      lines.append(
+          f"| {ch['from']}→{ch['to']} | {ch['wrong_to_right']} / {ch['right_to_wrong']} | {cells} | " f"{by_class} |"
+      )
+    lines += [
+        "",
+        "Valid pixels per distance bin: "
+        + ", ".join(f"{b}: {n}" for b, n in zip(BIN_LABELS, r["pixels_by_distance"]))
+        + "; the network's pixel accuracy per bin: "
+        + ", ".join(f"{100 * v:.1f}%" for v in r["pixel_accuracy_by_distance"]),
+        "",
+        "Affinity per rate and distance bin of the centre pixel: accuracy / negative-signal precision / "
+        "negative-signal recall / mean steep-σ affinity on negative pairs (the weight of a leak)",
+        "",
+        "| rate | " + " | ".join(BIN_LABELS) + " |",
+        "|---|" + "---|" * len(BIN_LABELS),
+    ]
     for rate, t in r["affinity"].items():
-      cells = [f"{_pct(a)} / {_pct(p)} / {_pct(rc)} / {_f(m)}" for a, p, rc, m in
-               zip(t["accuracy"], t["negative_precision"], t["negative_recall"], t["mean_affinity_negative"])]
+      cells = [
+          f"{_pct(a)} / {_pct(p)} / {_pct(rc)} / {_f(m)}"
+          for a, p, rc, m in zip(
+              t["accuracy"], t["negative_precision"], t["negative_recall"], t["mean_affinity_negative"]
+          )
+      ]
       lines.append(f"| {rate} | " + " | ".join(cells) + " |")
     m = r["mass"]
-    lines += ["", f"Mass balance of one step of Eq. 6 ({m['directions']} directions, λ = {r['lam']:g}); means per "
-              "distance bin, predicted affinity (oracle in brackets)", "",
-              "| term | all | " + " | ".join(BIN_LABELS) + " |", "|---|---|" + "---|" * len(BIN_LABELS)]
-    for term, label in (("self", "λ·max p"), ("self_right", "λ·max p·p[y]"), ("neighbour", "Σ a_s"),
-                        ("cross", "Σ a_s, other label"), ("wrong_vote", "Σ a_s·(1 − p_s[y])"),
-                        ("wrong_vote_exceeds_self_right", "fraction wrong vote > λ·max p·p[y]")):
+    lines += [
+        "",
+        f"Mass balance of one step of Eq. 6 ({m['directions']} directions, λ = {r['lam']:g}); means per "
+        "distance bin, predicted affinity (oracle in brackets)",
+        "",
+        "| term | all | " + " | ".join(BIN_LABELS) + " |",
+        "|---|---|" + "---|" * len(BIN_LABELS),
+    ]
+    for term, label in (
+        ("self", "λ·max p"),
+        ("self_right", "λ·max p·p[y]"),
+        ("neighbour", "Σ a_s"),
+        ("cross", "Σ a_s, other label"),
+        ("wrong_vote", "Σ a_s·(1 − p_s[y])"),
+        ("wrong_vote_exceeds_self_right", "fraction wrong vote > λ·max p·p[y]"),
+    ):
       pr, orc = m[term], m["oracle"][term]
       cells = " | ".join(f"{_f(a)} ({_f(b)})" for a, b in zip(pr["by_distance"], orc["by_distance"]))
       lines.append(f"| {label} | {_f(pr['all'])} ({_f(orc['all'])}) | {cells} |")
-    lines += ["", "Oracle sweeps of the update rules", "", "| rule | " + " | ".join(f"{i} it." for i in SWEEP) + " |",
-              "|---|" + "---|" * len(SWEEP)]
+    lines += [
+        "",
+        "Oracle sweeps of the update rules",
+        "",
+        "| rule | " + " | ".join(f"{i} it." for i in SWEEP) + " |",
+        "|---|" + "---|" * len(SWEEP),
+    ]
     for name, v in r["variants"]["rules_oracle"].items():
       lines.append(f"| {name} | " + " | ".join(map(_pct, v)) + " |")
     lines.append("")
@@ -472,14 +584,14 @@ def _nanmean(x: np.ndarray) -> np.ndarray:
 
 def _plot(runs: Sequence[dict], summary: dict, path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 4, figsize=(19, 4.2), dpi=75)
   for ax, family in zip(axes[:2], ("lambda", "rules")):
     for name, s in summary[family].items():
-      ax.errorbar(SWEEP, 100 * np.array(s["mean"]), yerr=100 * np.array(s["std"]), marker="o", capsize=2,
-                  label=name)
+      ax.errorbar(SWEEP, 100 * np.array(s["mean"]), yerr=100 * np.array(s["std"]), marker="o", capsize=2, label=name)
     ax.set_title(f"predicted sweep: {family} (mean ± std over {len(runs)} run(s))", fontsize=9)
     ax.set_xlabel("iterations")
     ax.set_ylabel("mIoU (%)")
@@ -497,8 +609,12 @@ def _plot(runs: Sequence[dict], summary: dict, path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   ax = axes[3]
-  for term, label in (("self_right", "λ·max p·p[y]"), ("neighbour", "Σ a_s"), ("wrong_vote", "Σ a_s(1−p_s[y])"),
-                      ("cross", "Σ a_s, other label")):
+  for term, label in (
+      ("self_right", "λ·max p·p[y]"),
+      ("neighbour", "Σ a_s"),
+      ("wrong_vote", "Σ a_s(1−p_s[y])"),
+      ("cross", "Σ a_s, other label"),
+  ):
     vals = np.array([[np.nan if v is None else v for v in r["mass"][term]["by_distance"]] for r in runs])
     ax.plot(x, _nanmean(vals), marker="o", label=label)
   ax.set_xticks(x, BIN_LABELS)
@@ -531,12 +647,16 @@ def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.validate(config, num_devices=1, mode="evaluate")
   rates = config_checks.rates_of(config)
   if not rates:
-    raise DiagnosisError(f"--workdir={workdir}: the run has no affinity head (affinity.enabled is false): "
-                         "nothing to propagate")
+    raise DiagnosisError(
+        f"--workdir={workdir}: the run has no affinity head (affinity.enabled is false): " "nothing to propagate"
+    )
   variables, step = state.restore_variables(config, workdir)
   data = collect(config, variables, rates)
-  names = datasets.class_names(datasets.get_builder(config.dataset.name, data_dir=config.dataset.get("data_dir"),
-                                                    manual_dir=config.dataset.get("manual_dir")))
+  names = datasets.class_names(
+      datasets.get_builder(
+          config.dataset.name, data_dir=config.dataset.get("data_dir"), manual_dir=config.dataset.get("manual_dir")
+      )
+  )
   out = diagnose(config, data, names)
   out.update({"workdir": os.path.basename(os.path.normpath(workdir)), "step": step})  # no machine paths in reports
   return out
@@ -570,12 +690,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = ["propagation_diagnosis", *(sys.argv[1:] if argv is None else argv)]
   logging.set_verbosity(logging.WARNING)
   first = flags.FlagValues()
-  flags.DEFINE_string("workdir", None, "Training workdir(s), comma-separated (e.g. the seeds of one setting).",
-                      flag_values=first)
-  flags.DEFINE_string("output", None, "Folder for report.{md,json,png} (default <first workdir>/propagation_"
-                      "diagnosis).", flag_values=first)
-  flags.DEFINE_string("config", None, "Config file (default: each workdir's config.json); --config.KEY=VALUE "
-                      "overrides either.", flag_values=first)
+  flags.DEFINE_string(
+      "workdir", None, "Training workdir(s), comma-separated (e.g. the seeds of one setting).", flag_values=first
+  )
+  flags.DEFINE_string(
+      "output",
+      None,
+      "Folder for report.{md,json,png} (default <first workdir>/propagation_" "diagnosis).",
+      flag_values=first,
+  )
+  flags.DEFINE_string(
+      "config",
+      None,
+      "Config file (default: each workdir's config.json); --config.KEY=VALUE " "overrides either.",
+      flag_values=first,
+  )
   try:
     if any(a in ("-h", "--help", "--helpfull") for a in argv):
       print(__doc__ + "\nFlags:\n" + first.get_help())

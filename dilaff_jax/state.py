@@ -38,8 +38,12 @@ def compute_dtype(name: str):
 NOT_MODEL_FIELDS = ("train_output_stride", "pretrained")
 
 
-def build_model(config: ml_collections.ConfigDict, rates: affinity.Rates,
-                affinity_bias: Sequence[float] | None = None, axis_name: str | None = AXIS) -> DeepLabV3Plus:
+def build_model(
+    config: ml_collections.ConfigDict,
+    rates: affinity.Rates,
+    affinity_bias: Sequence[float] | None = None,
+    axis_name: str | None = AXIS,
+) -> DeepLabV3Plus:
   """The DeepLabv3+ of ``config.model``; with ``rates`` it has the affinity head (bias from ``prior_bias``).
 
   Every ``config.model`` key named like a :class:`DeepLabV3Plus` field is passed to it: a new model hyper-parameter
@@ -53,16 +57,23 @@ def build_model(config: ml_collections.ConfigDict, rates: affinity.Rates,
   if kwargs.get("multi_grid") is not None:
     kwargs["multi_grid"] = tuple(kwargs["multi_grid"])
   return DeepLabV3Plus(
-      num_classes=config.dataset.num_classes, rates=tuple(rates),
+      num_classes=config.dataset.num_classes,
+      rates=tuple(rates),
       affinity_bias=None if affinity_bias is None else tuple(float(b) for b in affinity_bias),
-      axis_name=axis_name, **kwargs)
+      axis_name=axis_name,
+      **kwargs,
+  )
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   """DeepLab's poly schedule ``lr · (1 - step/steps)^power`` (optax), after an optional linear warm-up."""
   t = config.train
-  poly = optax.polynomial_schedule(init_value=t.learning_rate, end_value=t.end_learning_rate, power=t.lr_power,
-                                   transition_steps=max(t.num_steps - t.warmup_steps, 1))
+  poly = optax.polynomial_schedule(
+      init_value=t.learning_rate,
+      end_value=t.end_learning_rate,
+      power=t.lr_power,
+      transition_steps=max(t.num_steps - t.warmup_steps, 1),
+  )
   if not t.warmup_steps:
     return poly
   warm = optax.linear_schedule(0.0, t.learning_rate, t.warmup_steps)
@@ -75,8 +86,10 @@ def _kernel_mask(params):
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Weight decay on kernels (DeepLab's L2 regulariser) then SGD with momentum on the poly schedule."""
-  return optax.chain(optax.add_decayed_weights(config.train.weight_decay, mask=_kernel_mask),
-                     optax.sgd(learning_rate_schedule(config), momentum=config.train.momentum))
+  return optax.chain(
+      optax.add_decayed_weights(config.train.weight_decay, mask=_kernel_mask),
+      optax.sgd(learning_rate_schedule(config), momentum=config.train.momentum),
+  )
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: DeepLabV3Plus, rng: jax.Array) -> TrainState:
@@ -91,10 +104,12 @@ def create_train_state(config: ml_collections.ConfigDict, model: DeepLabV3Plus, 
     logging.info("Loaded ImageNet backbone weights from %s", weights)
   params = variables["params"]
   if config_checks.structure_kind(config) == "aaf":  # extra parameters beside the model's (flax ignores them)
-    params[AAF_PARAMS] = structure_losses.init_adaptive_weights(config.dataset.num_classes,
-                                                                len(config.structure.aaf_dilations))
-  return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config),
-                           batch_stats=variables["batch_stats"])
+    params[AAF_PARAMS] = structure_losses.init_adaptive_weights(
+        config.dataset.num_classes, len(config.structure.aaf_dilations)
+    )
+  return TrainState.create(
+      apply_fn=model.apply, params=params, tx=create_optimizer(config), batch_stats=variables["batch_stats"]
+  )
 
 
 def state_template(config: ml_collections.ConfigDict, rates: affinity.Rates) -> TrainState:
@@ -108,8 +123,9 @@ def state_template(config: ml_collections.ConfigDict, rates: affinity.Rates) -> 
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
-def restore_variables(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-                      report: Callable[[str], None] = print) -> tuple[dict, int]:
+def restore_variables(
+    config: ml_collections.ConfigDict, workdir: str, step: int | None = None, report: Callable[[str], None] = print
+) -> tuple[dict, int]:
   """``({"params", "batch_stats"}, step)`` of the newest intact (or exactly ``step``) checkpoint of ``workdir``,
   checked against ``config`` (:func:`dilaff_jax.checkpoints.restore_from_workdir`): what evaluation, prediction and
   export restore."""

@@ -30,7 +30,7 @@ from dilaff_jax import affinity, cli, errors
 from dilaff_jax.conventions import IGNORE_LABEL
 
 FORMAT_VERSION = 2  # 2: records the n_k rule (partial_neighbors); version 1 files were counted with "count" and
-                    # put pixels without valid neighbours into n_0
+# put pixels without valid neighbours into n_0
 
 
 class StatsError(errors.UserError, ValueError):
@@ -41,25 +41,35 @@ class StatsError(errors.UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class StatsCounts:
   """Raw integer counts behind :class:`AffinityStats` (exactly mergeable)."""
+
   category: np.ndarray  # int64 [|R|, 9]: centre pixels per n_k
   positive: np.ndarray  # int64 [|R|]: valid positive signals
   valid: np.ndarray  # int64 [|R|]: valid signals
   images: int = 0
 
   def __add__(self, other: "StatsCounts") -> "StatsCounts":
-    return StatsCounts(self.category + other.category, self.positive + other.positive,
-                       self.valid + other.valid, self.images + other.images)
+    return StatsCounts(
+        self.category + other.category,
+        self.positive + other.positive,
+        self.valid + other.valid,
+        self.images + other.images,
+    )
 
   @classmethod
   def zeros(cls, num_rates: int) -> "StatsCounts":
-    return cls(np.zeros((num_rates, affinity.NUM_CATEGORIES), np.int64), np.zeros(num_rates, np.int64),
-               np.zeros(num_rates, np.int64), 0)
+    return cls(
+        np.zeros((num_rates, affinity.NUM_CATEGORIES), np.int64),
+        np.zeros(num_rates, np.int64),
+        np.zeros(num_rates, np.int64),
+        0,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class AffinityStats:
   """``freq(n_k, r)`` (``freq [|R|, 9]``, rows sum to 1) and ``π_r`` (``pos_freq [|R|]``) for explicit rates,
   with the n_k rule they were counted with (``partial_neighbors``)."""
+
   rates: affinity.Rates
   freq: np.ndarray
   pos_freq: np.ndarray
@@ -75,26 +85,32 @@ class AffinityStats:
       raise ValueError(f"AffinityStats: freq has shape {freq.shape}, expected ({len(rates)}, 9) for rates {rates}")
     if pos.shape != (len(rates),):
       raise ValueError(f"AffinityStats: pos_freq has shape {pos.shape}, expected ({len(rates)},)")
-    if not (np.all(np.isfinite(freq)) and np.all(freq >= 0) and np.all(np.isfinite(pos))
-            and np.all((pos >= 0) & (pos <= 1))):
+    if not (
+        np.all(np.isfinite(freq)) and np.all(freq >= 0) and np.all(np.isfinite(pos)) and np.all((pos >= 0) & (pos <= 1))
+    ):
       raise ValueError("AffinityStats: freq and pos_freq must be finite shares in [0, 1]")
     if self.partial_neighbors not in affinity.PARTIAL_NEIGHBORS:
-      raise ValueError(f"AffinityStats: partial_neighbors={self.partial_neighbors!r}, expected one of "
-                       f"{affinity.PARTIAL_NEIGHBORS}")
+      raise ValueError(
+          f"AffinityStats: partial_neighbors={self.partial_neighbors!r}, expected one of "
+          f"{affinity.PARTIAL_NEIGHBORS}"
+      )
     object.__setattr__(self, "rates", rates)
     object.__setattr__(self, "freq", freq)
     object.__setattr__(self, "pos_freq", pos)
 
   @classmethod
-  def from_counts(cls, rates: Sequence, counts: StatsCounts, source: str = "",
-                  partial_neighbors: str = "rescale") -> "AffinityStats":
+  def from_counts(
+      cls, rates: Sequence, counts: StatsCounts, source: str = "", partial_neighbors: str = "rescale"
+  ) -> "AffinityStats":
     rates = affinity.explicit_rates(rates)
     pixels = counts.category.sum(axis=1, keepdims=True)
     if np.any(pixels == 0) or np.any(counts.valid == 0):
       empty = [affinity.rate_label(r) for r, p, v in zip(rates, pixels[:, 0], counts.valid) if p == 0 or v == 0]
-      raise StatsError(f"AffinityStats: no labelled pixel has a valid neighbour at rate(s) {', '.join(empty)} in "
-                       f"{counts.images} label map(s): cannot compute shares (the label maps are too small for these "
-                       "rates, or all void?)")
+      raise StatsError(
+          f"AffinityStats: no labelled pixel has a valid neighbour at rate(s) {', '.join(empty)} in "
+          f"{counts.images} label map(s): cannot compute shares (the label maps are too small for these "
+          "rates, or all void?)"
+      )
     return cls(rates, counts.category / pixels, counts.positive / counts.valid, counts, source, partial_neighbors)
 
   def select(self, rates: Sequence) -> "AffinityStats":
@@ -111,26 +127,48 @@ class AffinityStats:
     return AffinityStats(rates, self.freq[idx], self.pos_freq[idx], counts, self.source, self.partial_neighbors)
 
   def to_json(self) -> dict:
-    out = {"format_version": FORMAT_VERSION, "source": self.source, "partial_neighbors": self.partial_neighbors,
-           "rates": [list(r) for r in self.rates], "freq": self.freq.tolist(), "pos_freq": self.pos_freq.tolist()}
+    out = {
+        "format_version": FORMAT_VERSION,
+        "source": self.source,
+        "partial_neighbors": self.partial_neighbors,
+        "rates": [list(r) for r in self.rates],
+        "freq": self.freq.tolist(),
+        "pos_freq": self.pos_freq.tolist(),
+    }
     if self.counts is not None:
-      out["counts"] = {"category": self.counts.category.tolist(), "positive": self.counts.positive.tolist(),
-                       "valid": self.counts.valid.tolist(), "images": self.counts.images}
+      out["counts"] = {
+          "category": self.counts.category.tolist(),
+          "positive": self.counts.positive.tolist(),
+          "valid": self.counts.valid.tolist(),
+          "images": self.counts.images,
+      }
     return out
 
   @classmethod
   def from_json(cls, data: dict) -> "AffinityStats":
     if data.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"AffinityStats: unsupported format_version {data.get('format_version')!r} (this version "
-                       f"reads {FORMAT_VERSION}); recompute the statistics with `python -m dilaff_jax.stats`, or "
-                       "delete the file to let training recompute it")
+      raise ValueError(
+          f"AffinityStats: unsupported format_version {data.get('format_version')!r} (this version "
+          f"reads {FORMAT_VERSION}); recompute the statistics with `python -m dilaff_jax.stats`, or "
+          "delete the file to let training recompute it"
+      )
     counts = None
     if "counts" in data:
       c = data["counts"]
-      counts = StatsCounts(np.asarray(c["category"], np.int64), np.asarray(c["positive"], np.int64),
-                           np.asarray(c["valid"], np.int64), int(c["images"]))
-    return cls(tuple(tuple(r) for r in data["rates"]), np.asarray(data["freq"]), np.asarray(data["pos_freq"]),
-               counts, data.get("source", ""), data["partial_neighbors"])
+      counts = StatsCounts(
+          np.asarray(c["category"], np.int64),
+          np.asarray(c["positive"], np.int64),
+          np.asarray(c["valid"], np.int64),
+          int(c["images"]),
+      )
+    return cls(
+        tuple(tuple(r) for r in data["rates"]),
+        np.asarray(data["freq"]),
+        np.asarray(data["pos_freq"]),
+        counts,
+        data.get("source", ""),
+        data["partial_neighbors"],
+    )
 
   def save(self, path: str) -> None:
     """Writes JSON atomically (temporary file + rename)."""
@@ -146,15 +184,16 @@ class AffinityStats:
       with open(path) as f:
         data = json.load(f)
     except FileNotFoundError:
-      raise errors.MissingFileError(f"affinity statistics file {path!r} does not exist; create it with "
-                                    "`python -m dilaff_jax.stats` or let training compute it") from None
+      raise errors.MissingFileError(
+          f"affinity statistics file {path!r} does not exist; create it with "
+          "`python -m dilaff_jax.stats` or let training compute it"
+      ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise StatsError(f"affinity statistics file {path!r} is not valid JSON: {e}") from None
     return cls.from_json(data)
 
 
-def check_weights_defined(stats: AffinityStats, scheme: str,
-                          largest: tuple[int, int] | None = None) -> None:
+def check_weights_defined(stats: AffinityStats, scheme: str, largest: tuple[int, int] | None = None) -> None:
   """Raises :class:`StatsError` (before any jit) when ``scheme``'s per-category weights of Eq. 5 are undefined:
   ``neighbor``/``sqrt`` divide by ``freq(n_8, r)``, which is 0 when no labelled pixel has all 8 neighbours at rate
   ``r`` in its own class, as in label maps not larger than ``2·r + 1`` pixels. ``largest``: the largest label map
@@ -169,11 +208,18 @@ def check_weights_defined(stats: AffinityStats, scheme: str,
           f"freq(n_8, r) is 0 at rate {affinity.rate_label(rate)} in the statistics of {stats.source or 'the labels'}"
           f": the {scheme!r} weights (Eq. 5) are undefined. A pixel has 8 neighbours at this rate only in label maps "
           f"larger than {2 * r1 + 1}x{2 * r2 + 1} pixels{seen}: use smaller rates, larger images, or "
-          "affinity.scheme='none'/'signal'")
+          "affinity.scheme='none'/'signal'"
+      )
 
 
-def compute_usable_stats(label_maps: Iterable[np.ndarray], rates: Sequence, ignore_label: int = IGNORE_LABEL,
-                         source: str = "", scheme: str = "none", **kwargs) -> AffinityStats:
+def compute_usable_stats(
+    label_maps: Iterable[np.ndarray],
+    rates: Sequence,
+    ignore_label: int = IGNORE_LABEL,
+    source: str = "",
+    scheme: str = "none",
+    **kwargs,
+) -> AffinityStats:
   """:func:`compute_stats` (``kwargs`` passed on), then :func:`check_weights_defined` for ``scheme``; a rate too
   large for the label maps raises :class:`StatsError` naming the rate and the largest label map, before any jit
   of the training step."""
@@ -214,8 +260,13 @@ def _pad_to_multiple(label: np.ndarray, multiple: int, ignore_label: int) -> np.
   return label
 
 
-def map_counts(label: np.ndarray, rates: Sequence, ignore_label: int = IGNORE_LABEL, pad_multiple: int = 32,
-               partial_neighbors: str = "rescale") -> StatsCounts:
+def map_counts(
+    label: np.ndarray,
+    rates: Sequence,
+    ignore_label: int = IGNORE_LABEL,
+    pad_multiple: int = 32,
+    partial_neighbors: str = "rescale",
+) -> StatsCounts:
   """Counts of one ``[H, W]`` label map (jit'd; shapes padded to ``pad_multiple`` to bound recompiles)."""
   label = np.asarray(label)
   if label.ndim == 3 and label.shape[-1] == 1:
@@ -224,14 +275,22 @@ def map_counts(label: np.ndarray, rates: Sequence, ignore_label: int = IGNORE_LA
     raise ValueError(f"map_counts: a label map must be [H, W] (or [H, W, 1]), got shape {label.shape}")
   if pad_multiple > 1:
     label = _pad_to_multiple(label, pad_multiple, ignore_label)
-  cat, pos, val = jax.device_get(_map_counts(jnp.asarray(label, jnp.int32), affinity.explicit_rates(rates),
-                                             int(ignore_label), partial_neighbors))
+  cat, pos, val = jax.device_get(
+      _map_counts(jnp.asarray(label, jnp.int32), affinity.explicit_rates(rates), int(ignore_label), partial_neighbors)
+  )
   return StatsCounts(cat.astype(np.int64), pos.astype(np.int64), val.astype(np.int64), 1)
 
 
-def compute_stats(label_maps: Iterable[np.ndarray], rates: Sequence, ignore_label: int = IGNORE_LABEL, source: str = "",
-                  log_every: int = 0, total: int | None = None, pad_multiple: int = 32,
-                  partial_neighbors: str = "rescale") -> AffinityStats:
+def compute_stats(
+    label_maps: Iterable[np.ndarray],
+    rates: Sequence,
+    ignore_label: int = IGNORE_LABEL,
+    source: str = "",
+    log_every: int = 0,
+    total: int | None = None,
+    pad_multiple: int = 32,
+    partial_neighbors: str = "rescale",
+) -> AffinityStats:
   """Streams over label maps (any sizes) and returns their :class:`AffinityStats`.
 
   Memory does not grow with the number of maps. With ``log_every > 0`` prints progress (and an ETA when
@@ -254,23 +313,30 @@ def compute_stats(label_maps: Iterable[np.ndarray], rates: Sequence, ignore_labe
 def weight_table(stats: AffinityStats, scheme: str, max_weight: float | None = None) -> str:
   """The reweighting factors of Eq. 5 per rate, as text for the start-up log: ``w_r(n_0..n_8)`` for the
   ``neighbor``/``sqrt``/``none`` schemes, the (negative, positive) weights for ``signal``."""
-  lines = [f"affinity weights ({scheme}, n_k rule {stats.partial_neighbors!r}"
-           + (f", capped at {max_weight:g}" if max_weight is not None else ", no cap") + "):"]
+  lines = [
+      f"affinity weights ({scheme}, n_k rule {stats.partial_neighbors!r}"
+      + (f", capped at {max_weight:g}" if max_weight is not None else ", no cap")
+      + "):"
+  ]
   if scheme == "signal":
     w = affinity.signal_weights(stats.pos_freq, max_weight)
-    lines += [f"  rate {affinity.rate_label(r):>6}: negative {row[0]:.4g}, positive {row[1]:.4g}"
-              for r, row in zip(stats.rates, w)]
+    lines += [
+        f"  rate {affinity.rate_label(r):>6}: negative {row[0]:.4g}, positive {row[1]:.4g}"
+        for r, row in zip(stats.rates, w)
+    ]
   else:
     w = affinity.neighbor_weights(stats.freq, scheme, max_weight)
     lines.append(f"  {'rate':>11}  " + " ".join(f"{'n' + str(k):>8}" for k in range(affinity.NUM_CATEGORIES)))
-    lines += [f"  rate {affinity.rate_label(r):>6}: " + " ".join(f"{v:8.3g}" for v in row)
-              for r, row in zip(stats.rates, w)]
+    lines += [
+        f"  rate {affinity.rate_label(r):>6}: " + " ".join(f"{v:8.3g}" for v in row) for r, row in zip(stats.rates, w)
+    ]
   return "\n".join(lines)
 
 
 def plot_category_shares(stats: AffinityStats, path: str, title: str = "") -> None:
   """Fig. 3-style PNG: share (%) of n_0..n_8 among labelled pixels against the rate."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -299,8 +365,10 @@ def tfds_label_maps(name: str, split: str, data_dir: str | None = None, max_imag
   datasets.dataset_class_names(name)  # an unknown name lists this project's datasets
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
-    raise errors.MissingFileError(f"dataset {name!r} is not prepared in data_dir={builder.data_dir!r}; prepare it "
-                                  "first (python -m dilaff_jax.datasets.prepare, see README, 'Data')")
+    raise errors.MissingFileError(
+        f"dataset {name!r} is not prepared in data_dir={builder.data_dir!r}; prepare it "
+        "first (python -m dilaff_jax.datasets.prepare, see README, 'Data')"
+    )
   try:
     total = builder.info.splits[split].num_examples
   except (KeyError, ValueError) as e:
@@ -339,17 +407,26 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("rates", "8,12x24,16", "paper shorthand, e.g. '8,12x24,16' (12x24 adds 24x12)", flag_values=fv)
   flags.DEFINE_string("plot_rates", "2,4,8,16,32,64", "rates for the Fig. 3 PNG", flag_values=fv)
   flags.DEFINE_integer("ignore_label", IGNORE_LABEL, "label of void pixels", flag_values=fv)
-  flags.DEFINE_enum("partial_neighbors", "rescale", affinity.PARTIAL_NEIGHBORS,
-                    "n_k rule for pixels with invalid neighbours (must match affinity.partial_neighbors)",
-                    flag_values=fv)
+  flags.DEFINE_enum(
+      "partial_neighbors",
+      "rescale",
+      affinity.PARTIAL_NEIGHBORS,
+      "n_k rule for pixels with invalid neighbours (must match affinity.partial_neighbors)",
+      flag_values=fv,
+  )
   flags.DEFINE_integer("max_images", 0, "0 = the whole split", flag_values=fv)
   flags.DEFINE_string("output", None, "JSON file for the configured rates", flag_values=fv)
   flags.DEFINE_string("plot", "", "PNG path for the Fig. 3-style plot (optional)", flag_values=fv)
 
 
 def _main(argv) -> None:
-  args = cli.parse_flags(_define_flags, sys.argv[1:] if argv is None else list(argv), "dilaff_jax.stats", __doc__,
-                         required=("dataset", "output"))
+  args = cli.parse_flags(
+      _define_flags,
+      sys.argv[1:] if argv is None else list(argv),
+      "dilaff_jax.stats",
+      __doc__,
+      required=("dataset", "output"),
+  )
   if args is None:  # --help
     return
   rates = _parse_rates(args.rates, "--rates")
@@ -361,8 +438,9 @@ def _main(argv) -> None:
   all_rates = tuple(dict.fromkeys(rates + plot_rates))
   maps, total = tfds_label_maps(args.dataset, args.split, args.data_dir, args.max_images)
   source = f"{args.dataset}:{args.split}"
-  stats = compute_usable_stats(maps, all_rates, args.ignore_label, source, log_every=100, total=total,
-                               partial_neighbors=args.partial_neighbors)
+  stats = compute_usable_stats(
+      maps, all_rates, args.ignore_label, source, log_every=100, total=total, partial_neighbors=args.partial_neighbors
+  )
   stats.select(rates).save(args.output)
   print(f"[stats] wrote {args.output}")
   for r, f, pi in zip(rates, stats.select(rates).freq, stats.select(rates).pos_freq):

@@ -41,8 +41,9 @@ class AffinityMetrics(metrics.Collection):  # clu reads only a class's own annot
 @functools.cache
 def _with_structure_loss(collection: type[metrics.Collection]) -> type[metrics.Collection]:
   """``collection`` plus the ``structure_loss`` average (AAF term, or the boundary-weighted CE)."""
-  return metrics.Collection.create(**collection.__annotations__,
-                                   structure_loss=metrics.Average.from_output("structure_loss"))
+  return metrics.Collection.create(
+      **collection.__annotations__, structure_loss=metrics.Average.from_output("structure_loss")
+  )
 
 
 def segmentation_loss_sum(logits: jax.Array, labels: jax.Array, ignore_label: int) -> tuple[jax.Array, jax.Array]:
@@ -57,9 +58,16 @@ def segmentation_loss_sum(logits: jax.Array, labels: jax.Array, ignore_label: in
   return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: ml_collections.ConfigDict,
-               rates: affinity.Rates, stats: AffinityStats | None,
-               schedule: optax.Schedule) -> tuple[TrainState, metrics.Collection]:
+def train_step(
+    state: TrainState,
+    batch: dict,
+    rng: jax.Array,
+    *,
+    config: ml_collections.ConfigDict,
+    rates: affinity.Rates,
+    stats: AffinityStats | None,
+    schedule: optax.Schedule,
+) -> tuple[TrainState, metrics.Collection]:
   """One SGD step on this device's shard; call under ``pmap(axis_name="batch")``."""
   ign = config.dataset.ignore_label
   images, labels = batch["image"], batch["label"]
@@ -68,12 +76,18 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: ml_col
   rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
   if structure == "aaf":  # λ, decayed tenfold over training as in the AAF code
     aaf_scale = config.structure.aaf_weight * (
-        10.0 ** (-state.step / config.train.num_steps) if config.structure.aaf_decay else 1.0)
+        10.0 ** (-state.step / config.train.num_steps) if config.structure.aaf_decay else 1.0
+    )
 
   def loss_fn(params):
-    out, new_vars = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, images, train=True,
-                                   output_stride=config.model.train_output_stride, mutable=["batch_stats"],
-                                   rngs={"dropout": rng})
+    out, new_vars = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        output_stride=config.model.train_output_stride,
+        mutable=["batch_stats"],
+        rngs={"dropout": rng},
+    )
     logits = upsample_logits(out["logits"], size)
     ce_sum, n = segmentation_loss_sum(logits, labels, ign)
     denom = jnp.maximum(jax.lax.psum(n, AXIS), 1).astype(jnp.float32)
@@ -84,16 +98,29 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: ml_col
       aux["structure"] = loss = weighted_sum / denom
     if rates:
       aff_logits = upsample_logits(out["affinity_logits"], size)
-      aff_sum, _ = affinity.affinity_loss_sum(aff_logits, labels, rates, stats, config.affinity.scheme,
-                                              config.affinity.gamma, ign, config.affinity.max_weight)
+      aff_sum, _ = affinity.affinity_loss_sum(
+          aff_logits,
+          labels,
+          rates,
+          stats,
+          config.affinity.scheme,
+          config.affinity.gamma,
+          ign,
+          config.affinity.max_weight,
+      )
       aux.update(aff=aff_sum / denom, aff_logits=aff_logits)
       loss = loss + config.affinity.beta * aux["aff"]
     if structure == "aaf":  # on the output grid; each term's mean over the elements of the global batch
       s = config.structure
       grid = out["logits"].shape[1:3]
       sums, counts = structure_losses.aaf_loss_sum(
-          out["logits"], structure_losses.labels_on_grid(labels, grid), s.aaf_dilations,
-          structure_losses.adaptive_weights(params[AAF_PARAMS]), s.aaf_margin, ign)
+          out["logits"],
+          structure_losses.labels_on_grid(labels, grid),
+          s.aaf_dilations,
+          structure_losses.adaptive_weights(params[AAF_PARAMS]),
+          s.aaf_margin,
+          ign,
+      )
       aux["structure"] = structure_losses.aaf_loss(sums, jax.lax.psum(counts, AXIS))
       loss = loss + aaf_scale * aux["structure"]
     return loss, aux
@@ -105,8 +132,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: ml_col
   valid = labels != ign
   correct = jnp.sum((jnp.argmax(aux["logits"], -1) == labels) & valid)
   psum = functools.partial(jax.lax.psum, axis_name=AXIS)
-  out = dict(ce_loss=psum(aux["ce"]), learning_rate=schedule(state.step),
-             pixel_accuracy=psum(correct) / jnp.maximum(psum(jnp.sum(valid)), 1))
+  out = dict(
+      ce_loss=psum(aux["ce"]),
+      learning_rate=schedule(state.step),
+      pixel_accuracy=psum(correct) / jnp.maximum(psum(jnp.sum(valid)), 1),
+  )
   out["loss"] = out["ce_loss"]
   collection = SegmentationMetrics
   if rates:

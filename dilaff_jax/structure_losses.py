@@ -129,11 +129,17 @@ def _corners(x: jax.Array, offsets, pad: int, fill=0) -> jax.Array:
   _, h, w = x.shape[:3]
   widths = [(0, 0), (pad, pad), (pad, pad)] + [(0, 0)] * (x.ndim - 3)
   xp = jnp.pad(x, widths, constant_values=fill)
-  return jnp.stack([xp[:, pad + s:pad + s + h, pad + t:pad + t + w] for s, t in offsets], axis=3)
+  return jnp.stack([xp[:, pad + s : pad + s + h, pad + t : pad + t + w] for s, t in offsets], axis=3)
 
 
-def aaf_loss_sum(logits: jax.Array, labels: jax.Array, dilations: Sequence[int], weights: jax.Array | None = None,
-                 margin: float = 3.0, ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
+def aaf_loss_sum(
+    logits: jax.Array,
+    labels: jax.Array,
+    dilations: Sequence[int],
+    weights: jax.Array | None = None,
+    margin: float = 3.0,
+    ignore_label: int = IGNORE_LABEL,
+) -> tuple[jax.Array, jax.Array]:
   """Sums and element counts of the AAF terms: ``([2, S] float32, [2, S] int32)``, row 0 grouping, 1 separating.
 
   Args:
@@ -146,8 +152,10 @@ def aaf_loss_sum(logits: jax.Array, labels: jax.Array, dilations: Sequence[int],
   """
   logits = jnp.asarray(logits)
   if logits.ndim != 4 or logits.shape[:3] != labels.shape:
-    raise ValueError(f"aaf_loss_sum: logits {logits.shape} do not match labels {labels.shape} ([B, h, w, C] and "
-                     "[B, h, w] on the same grid)")
+    raise ValueError(
+        f"aaf_loss_sum: logits {logits.shape} do not match labels {labels.shape} ([B, h, w, C] and "
+        "[B, h, w] on the same grid)"
+    )
   num_classes = logits.shape[-1]
   dilations = tuple(int(d) for d in dilations)
   if weights is None:
@@ -179,12 +187,12 @@ def aaf_loss_sum(logits: jax.Array, labels: jax.Array, dilations: Sequence[int],
   w_group = weights[GROUP][centre_class][:, :, :, size_of, None]  # [B, h, w, 8S, 1]
   w_sep = weights[SEPARATE][centre_class][:, :, :, size_of, None]
   per_size = lambda x, dtype: jnp.sum(x, axis=(0, 1, 2, 4), dtype=dtype).reshape(num_sizes, -1).sum(-1)
-  sums = [per_size(jnp.where(group, w_group * kl, 0.0), jnp.float32),
-          per_size(jnp.where(sep, w_sep * jnp.maximum(margin - kl, 0.0), 0.0), jnp.float32)]
+  sums = [
+      per_size(jnp.where(group, w_group * kl, 0.0), jnp.float32),
+      per_size(jnp.where(sep, w_sep * jnp.maximum(margin - kl, 0.0), 0.0), jnp.float32),
+  ]
   counts = [per_size(group, jnp.int32), per_size(sep, jnp.int32)]
   return jnp.stack(sums), jnp.stack(counts)
-
-
 
 
 def aaf_loss(sums: jax.Array, counts: jax.Array) -> jax.Array:
@@ -195,8 +203,16 @@ def aaf_loss(sums: jax.Array, counts: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------------------------- boundary
 
 
-def unet_weight_map(label: np.ndarray, *, num_classes: int, ignore_label: int = IGNORE_LABEL, w0: float = 10.0,
-                    sigma: float = 5.0, background: int = 0, class_balance: bool = True) -> np.ndarray:
+def unet_weight_map(
+    label: np.ndarray,
+    *,
+    num_classes: int,
+    ignore_label: int = IGNORE_LABEL,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    background: int = 0,
+    class_balance: bool = True,
+) -> np.ndarray:
   """U-Net's weight map ``w_c + w_0 · exp(-(d_1 + d_2)² / (2σ²))`` of one ``[H, W]`` label map, float32.
 
   ``sigma`` is in pixels of ``label`` (scale it to the crop first). Objects, ``w_c`` and void as in the module
@@ -232,12 +248,13 @@ def unet_weight_map(label: np.ndarray, *, num_classes: int, ignore_label: int = 
       d1[win] = np.minimum(d1w, d)
       num_objects += 1
   if num_objects >= 2:
-    weight += np.where(labelled, w0 * np.exp(-(d1 + d2) ** 2 / (2.0 * sigma ** 2)), 0.0)
+    weight += np.where(labelled, w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma**2)), 0.0)
   return weight.astype(np.float32)
 
 
-def boundary_loss_sum(logits: jax.Array, labels: jax.Array, weight_map: jax.Array,
-                      ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
+def boundary_loss_sum(
+    logits: jax.Array, labels: jax.Array, weight_map: jax.Array, ignore_label: int = IGNORE_LABEL
+) -> tuple[jax.Array, jax.Array]:
   """``(Σ_x w(x) · CE(x), N)`` over the labelled pixels: U-Net's weighted cross-entropy and its normaliser."""
   labelled = labels != ignore_label
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

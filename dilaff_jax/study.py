@@ -56,12 +56,16 @@ from dilaff_jax import errors
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file of every run, e.g. configs/synthetic.py (no variant).")
 flags.DEFINE_list("variants", [], "Config variants, one row each, named after them; 'default' = no variant.")
-flags.DEFINE_string("rows", "", "Rows 'NAME=SOURCE[@KEY=VALUE]...[#SEEDS]' separated by ';' or newlines (see the "
-                    "module doc).")
+flags.DEFINE_string(
+    "rows", "", "Rows 'NAME=SOURCE[@KEY=VALUE]...[#SEEDS]' separated by ';' or newlines (see the " "module doc)."
+)
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every row (unless the row gives its own).")
 flags.DEFINE_string("workdir", None, "Study folder: one subfolder per row and seed, and the aggregates.")
-flags.DEFINE_string("baseline_row", None, "Row the paired differences are taken against (default: 'baseline' if a "
-                    "row has that name, else the first row).")
+flags.DEFINE_string(
+    "baseline_row",
+    None,
+    "Row the paired differences are taken against (default: 'baseline' if a " "row has that name, else the first row).",
+)
 flags.DEFINE_bool("aggregate_only", False, "Only aggregate the finished runs (rows from the flags or study.json).")
 flags.DEFINE_string("export", None, "Copy the small outputs (aggregates, per-run results and configs) to this folder.")
 flags.mark_flags_as_required(["workdir"])
@@ -81,6 +85,7 @@ class StudyError(errors.UserError):
 class Row:
   """One line of the study: a config variant trained with ``overrides`` (``evaluates`` empty), or the evaluation of
   row ``evaluates``'s runs with ``overrides`` added to that row's. ``final_step``: ``train.num_steps`` of its runs."""
+
   name: str
   variant: str = ""
   overrides: tuple[str, ...] = ()
@@ -122,10 +127,16 @@ def parse_rows(variants: Sequence[str], rows: str, seeds: Sequence[int]) -> list
       if "=" not in o:
         raise StudyError(f"--rows row {name!r}: override {o!r} is not KEY=VALUE (e.g. eval.crf=True)")
     if source.startswith(EVALUATE_PREFIX):
-      out.append(Row(name=name, overrides=tuple(overrides), seeds=row_seeds, evaluates=source[len(EVALUATE_PREFIX):]))
+      out.append(Row(name=name, overrides=tuple(overrides), seeds=row_seeds, evaluates=source[len(EVALUATE_PREFIX) :]))
     else:
-      out.append(Row(name=name, variant="" if source == DEFAULT_VARIANT else source, overrides=tuple(overrides),
-                     seeds=row_seeds))
+      out.append(
+          Row(
+              name=name,
+              variant="" if source == DEFAULT_VARIANT else source,
+              overrides=tuple(overrides),
+              seeds=row_seeds,
+          )
+      )
   names = set()
   for row in out:
     if not NAME_PATTERN.match(row.name):
@@ -146,8 +157,11 @@ def load_config(config_path: str, variant: str, overrides: Sequence[str]):
   """The config exactly as ``dilaff_jax.main`` will parse it from the same flags."""
   from ml_collections import config_flags
 
-  argv = ["study", f"--config={config_path}" + (f":{variant}" if variant else ""),
-          *(f"--config.{o}" for o in overrides)]
+  argv = [
+      "study",
+      f"--config={config_path}" + (f":{variant}" if variant else ""),
+      *(f"--config.{o}" for o in overrides),
+  ]
   values = flags.FlagValues()
   try:
     config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
@@ -192,16 +206,26 @@ def results_path(workdir: str, row: Row, seed: int) -> str:
   return os.path.join(run_dir(workdir, row, seed), "eval", f"step_{row.final_step}", "results.json")
 
 
-def command(config_path: str, overrides: Sequence[str], rows: Sequence[Row], row: Row, seed: int,
-            workdir: str) -> list[str]:
+def command(
+    config_path: str, overrides: Sequence[str], rows: Sequence[Row], row: Row, seed: int, workdir: str
+) -> list[str]:
   """The ``dilaff_jax.main`` command line of run ``(row, seed)``."""
   src = source_row(row, rows)
-  cmd = [sys.executable, "-m", "dilaff_jax.main", f"--config={config_path}" + (f":{src.variant}" if src.variant else ""),
-         f"--config.seed={seed}", *(f"--config.{o}" for o in run_overrides(row, rows, overrides))]
+  cmd = [
+      sys.executable,
+      "-m",
+      "dilaff_jax.main",
+      f"--config={config_path}" + (f":{src.variant}" if src.variant else ""),
+      f"--config.seed={seed}",
+      *(f"--config.{o}" for o in run_overrides(row, rows, overrides)),
+  ]
   if row.evaluates:
-    return cmd + [f"--config.eval.output_dir={os.path.abspath(os.path.join(run_dir(workdir, row, seed), 'eval'))}",
-                  "--mode=evaluate", f"--step={row.final_step}",
-                  f"--workdir={os.path.abspath(run_dir(workdir, src, seed))}"]
+    return cmd + [
+        f"--config.eval.output_dir={os.path.abspath(os.path.join(run_dir(workdir, row, seed), 'eval'))}",
+        "--mode=evaluate",
+        f"--step={row.final_step}",
+        f"--workdir={os.path.abspath(run_dir(workdir, src, seed))}",
+    ]
   return cmd + [f"--workdir={os.path.abspath(run_dir(workdir, row, seed))}"]
 
 
@@ -268,13 +292,13 @@ def _lock(workdir: str):
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError:
     f.close()
-    raise StudyError(f"{workdir} is in use by another study (lock {workdir}/.study.lock): wait for it or use "
-                     "another --workdir") from None
+    raise StudyError(
+        f"{workdir} is in use by another study (lock {workdir}/.study.lock): wait for it or use " "another --workdir"
+    ) from None
   return f
 
 
-def run_study(config_path: str, overrides: Sequence[str], rows: Sequence[Row], workdir: str,
-              baseline: str) -> int:
+def run_study(config_path: str, overrides: Sequence[str], rows: Sequence[Row], workdir: str, baseline: str) -> int:
   """Runs every unfinished (row, seed) in turn, aggregating after each; returns the exit status (0: all finished,
   1: some failed, 3: stopped by a signal)."""
   os.makedirs(workdir, exist_ok=True)
@@ -296,11 +320,15 @@ def run_study(config_path: str, overrides: Sequence[str], rows: Sequence[Row], w
         print(f"{head}: FAILED, run {src.name} seed {seed} (its checkpoints) did not finish", flush=True)
         failed.append((row.name, seed))
         continue
-      remaining = ["evaluate" if r.evaluates else "train" for r, s in todo[i:]
-                   if not os.path.exists(results_path(workdir, r, s))]
+      remaining = [
+          "evaluate" if r.evaluates else "train" for r, s in todo[i:] if not os.path.exists(results_path(workdir, r, s))
+      ]
       eta = eta_seconds(durations, remaining)
-      print(f"{head} ({kind}), {len(remaining)} left"
-            + (f", ETA {_duration(eta)}" if eta is not None else ", ETA after the first run"), flush=True)
+      print(
+          f"{head} ({kind}), {len(remaining)} left"
+          + (f", ETA {_duration(eta)}" if eta is not None else ", ETA after the first run"),
+          flush=True,
+      )
       folder = run_dir(workdir, row, seed)
       os.makedirs(folder, exist_ok=True)
       cmd = command(config_path, overrides, rows, row, seed, workdir)
@@ -322,8 +350,11 @@ def run_study(config_path: str, overrides: Sequence[str], rows: Sequence[Row], w
         print(f"[study] {row.name} seed {seed}: stopped (exit {rc}); rerun the study to resume", flush=True)
       else:
         failed.append((row.name, seed))
-        print(f"[study] {row.name} seed {seed}: FAILED (exit {rc}) after {_duration(elapsed)}; end of {log_path}:\n"
-              + _tail(log_path), flush=True)
+        print(
+            f"[study] {row.name} seed {seed}: FAILED (exit {rc}) after {_duration(elapsed)}; end of {log_path}:\n"
+            + _tail(log_path),
+            flush=True,
+        )
       write_aggregates(workdir, config_path, overrides, rows, baseline)
   lock.close()
   if stop.requested:
@@ -344,8 +375,14 @@ def summarize(values: dict[int, float]) -> dict:
   n = len(xs)
   mean = sum(xs) / n if n else None
   std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n >= 2 else None
-  return {"n": n, "mean": mean, "std": std, "min": min(xs) if n else None, "max": max(xs) if n else None,
-          "values": {str(k): v for k, v in sorted(values.items())}}
+  return {
+      "n": n,
+      "mean": mean,
+      "std": std,
+      "min": min(xs) if n else None,
+      "max": max(xs) if n else None,
+      "values": {str(k): v for k, v in sorted(values.items())},
+  }
 
 
 def paired(values: dict[int, float], baseline: dict[int, float]) -> dict:
@@ -426,33 +463,51 @@ def markdown(study: dict) -> str:
   """``study.md``: one table per metric, the sweeps, the missing runs."""
   rows = [Row(**{**r, "overrides": tuple(r["overrides"]), "seeds": tuple(r["seeds"])}) for r in study["rows"]]
   agg, baseline = study["aggregate"], study["baseline_row"]
-  lines = [f"# Study: `{study['config']}`" + "".join(f" `--config.{o}`" for o in study["overrides"]), "",
-           "mIoU in %, over the finished seeds: mean ± sample standard deviation (ddof=1), min–max, n seeds. "
-           f"Δ: the paired difference to `{baseline}`'s mIoU (no post-processing), seed by seed, as mean ± std; "
-           "improved: the seeds where Δ > 0.", ""]
+  lines = [
+      f"# Study: `{study['config']}`" + "".join(f" `--config.{o}`" for o in study["overrides"]),
+      "",
+      "mIoU in %, over the finished seeds: mean ± sample standard deviation (ddof=1), min–max, n seeds. "
+      f"Δ: the paired difference to `{baseline}`'s mIoU (no post-processing), seed by seed, as mean ± std; "
+      "improved: the seeds where Δ > 0.",
+      "",
+  ]
   for key, title in METRICS:
     have = [r for r in rows if key in agg[r.name]["metrics"]]
     if not have:
       continue
-    lines += [f"## {title}", "", f"| row | run | n | mean ± std | min–max | Δ vs {baseline} | improved | per seed |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += [
+        f"## {title}",
+        "",
+        f"| row | run | n | mean ± std | min–max | Δ vs {baseline} | improved | per seed |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in have:
       m = agg[r.name]["metrics"][key]
       d = agg[r.name]["vs_baseline"].get(key)
-      label = r.name + (f" ({agg[r.name]['final_iterations']} it.)" if key == "miou_propagated"
-                        and "final_iterations" in agg[r.name] else "")
-      lines.append(f"| {label} | {_describe(r)} | {m['n']} | {_mean_std(m)} | {_pct(m['min'])}–{_pct(m['max'])} | "
-                   + (f"{_mean_std(d, True)} (n={d['n']}) | {d['improved']}/{d['n']} | " if d and d["n"] else
-                      "– | – | ")
-                   + ", ".join(f"{s}: {_pct(v)}" for s, v in m["values"].items()) + " |")
+      label = r.name + (
+          f" ({agg[r.name]['final_iterations']} it.)"
+          if key == "miou_propagated" and "final_iterations" in agg[r.name]
+          else ""
+      )
+      lines.append(
+          f"| {label} | {_describe(r)} | {m['n']} | {_mean_std(m)} | {_pct(m['min'])}–{_pct(m['max'])} | "
+          + (f"{_mean_std(d, True)} (n={d['n']}) | {d['improved']}/{d['n']} | " if d and d["n"] else "– | – | ")
+          + ", ".join(f"{s}: {_pct(v)}" for s, v in m["values"].items())
+          + " |"
+      )
     lines.append("")
   swept = [r for r in rows if "sweep" in agg[r.name]]
   if swept:
     its = agg[swept[0].name]["sweep"]["iterations"]
-    lines += ["## Propagation sweeps (Tables 3–4)", "", "mIoU after each number of propagation iterations with the "
-              "predicted affinity and with the ground-truth affinity (oracle), mean ± std over seeds.", "",
-              "| row | affinity | n | " + " | ".join(f"{it} it." for it in its) + " |",
-              "|---|---|---:|" + "---:|" * len(its)]
+    lines += [
+        "## Propagation sweeps (Tables 3–4)",
+        "",
+        "mIoU after each number of propagation iterations with the "
+        "predicted affinity and with the ground-truth affinity (oracle), mean ± std over seeds.",
+        "",
+        "| row | affinity | n | " + " | ".join(f"{it} it." for it in its) + " |",
+        "|---|---|---:|" + "---:|" * len(its),
+    ]
     for r in swept:
       sw = agg[r.name]["sweep"]
       for name in ("predicted", "oracle"):
@@ -471,6 +526,7 @@ def markdown(study: dict) -> str:
 def plot(study: dict, path: str) -> None:
   """``study.png``: mIoU per row and metric with ±std error bars and the seeds as dots; the sweeps with ±std bands."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
@@ -494,8 +550,12 @@ def plot(study: dict, path: str) -> None:
   finite = [100 * v for n in names for m in agg[n]["metrics"].values() for v in m["values"].values()]
   if finite:
     ax.set_ylim(max(0, min(finite) - 5), min(100, max(finite) + 3))
-  ax.set_xticks(x, [f"{n}\n(n={agg[n]['metrics'].get('miou', {}).get('n', 0)})" for n in names], fontsize=8,
-                rotation=30 if len(names) > 4 else 0)
+  ax.set_xticks(
+      x,
+      [f"{n}\n(n={agg[n]['metrics'].get('miou', {}).get('n', 0)})" for n in names],
+      fontsize=8,
+      rotation=30 if len(names) > 4 else 0,
+  )
   ax.set_ylabel("mIoU (%)")
   ax.set_title("mIoU per row: mean ± std over seeds (dots: seeds)", fontsize=10)
   ax.grid(axis="y", alpha=0.3)
@@ -522,12 +582,17 @@ def plot(study: dict, path: str) -> None:
   plt.close(fig)
 
 
-def write_aggregates(workdir: str, config_path: str, overrides: Sequence[str], rows: Sequence[Row],
-                     baseline: str) -> dict:
+def write_aggregates(
+    workdir: str, config_path: str, overrides: Sequence[str], rows: Sequence[Row], baseline: str
+) -> dict:
   """Writes ``study.json``, ``study.md`` and ``study.png`` of the finished runs in ``workdir``; returns the study."""
-  study = {"config": config_path, "overrides": list(overrides), "baseline_row": baseline,
-           "rows": [dataclasses.asdict(r) for r in rows],
-           "aggregate": aggregate(rows, load_results(workdir, rows), baseline)}
+  study = {
+      "config": config_path,
+      "overrides": list(overrides),
+      "baseline_row": baseline,
+      "rows": [dataclasses.asdict(r) for r in rows],
+      "aggregate": aggregate(rows, load_results(workdir, rows), baseline),
+  }
   with open(os.path.join(workdir, "study.json"), "w") as f:
     json.dump(study, f, indent=1)
   with open(os.path.join(workdir, "study.md"), "w") as f:
@@ -545,8 +610,12 @@ def export(workdir: str, rows: Sequence[Row], destination: str) -> list[str]:
     for seed in row.seeds:
       rel = os.path.relpath(run_dir(workdir, row, seed), workdir)
       step = os.path.join(rel, "eval", f"step_{row.final_step}")
-      names += [os.path.join(rel, "config.json"), os.path.join(rel, "run.json"), os.path.join(step, "results.json"),
-                os.path.join(step, "results.md")]
+      names += [
+          os.path.join(rel, "config.json"),
+          os.path.join(rel, "run.json"),
+          os.path.join(step, "results.json"),
+          os.path.join(step, "results.md"),
+      ]
   copied = []
   prefix = os.path.abspath(workdir) + os.sep
   for name in names:
@@ -577,7 +646,7 @@ def _rows_from_study_json(workdir: str) -> tuple[str, list[str], list[Row], str]
 
 
 def main(argv) -> None:
-  overrides = [a[len("--config."):] for a in argv[1:]]
+  overrides = [a[len("--config.") :] for a in argv[1:]]
   workdir = FLAGS.workdir
   try:
     if FLAGS.aggregate_only and not (FLAGS.variants or FLAGS.rows):
@@ -587,8 +656,10 @@ def main(argv) -> None:
       if not FLAGS.config:
         raise StudyError("--config is required (e.g. --config=configs/synthetic.py)")
       if ":" in FLAGS.config:
-        raise StudyError(f"--config={FLAGS.config}: give the file without a variant; variants are rows "
-                         "(--variants=... or --rows=...)")
+        raise StudyError(
+            f"--config={FLAGS.config}: give the file without a variant; variants are rows "
+            "(--variants=... or --rows=...)"
+        )
       config_path = FLAGS.config
       if any(o.split("=", 1)[0] == "seed" for o in overrides):
         raise StudyError("--config.seed: the study sets each run's seed; give --seeds=... instead")

@@ -47,17 +47,22 @@ def boundary_weight_map(config: ml_collections.ConfigDict) -> Callable[[np.ndarr
     return None
   s = config.structure
   return functools.partial(
-      structure_losses.unet_weight_map, num_classes=config.dataset.num_classes,
-      ignore_label=config.dataset.ignore_label, w0=s.boundary_w0,
+      structure_losses.unet_weight_map,
+      num_classes=config.dataset.num_classes,
+      ignore_label=config.dataset.ignore_label,
+      w0=s.boundary_w0,
       sigma=s.boundary_sigma * config.dataset.crop_size / structure_losses.UNET_SCALE,
-      background=s.boundary_background, class_balance=s.boundary_class_balance)
+      background=s.boundary_background,
+      class_balance=s.boundary_class_balance,
+  )
 
 
 # ----------------------------------------------------------------------------------------------- statistics
 
 
-def load_or_compute_stats(config: ml_collections.ConfigDict, workdir: str,
-                          rates: affinity.Rates) -> stats_lib.AffinityStats:
+def load_or_compute_stats(
+    config: ml_collections.ConfigDict, workdir: str, rates: affinity.Rates
+) -> stats_lib.AffinityStats:
   """``freq(n_k, r)`` and ``π_r`` for ``rates``: from ``affinity.stats_path`` if set, else from
   ``<workdir>/affinity_stats.json``, computing and writing that file from the training labels when missing.
   Statistics that leave ``affinity.scheme``'s weights undefined (a rate too large for the images) raise a
@@ -72,24 +77,34 @@ def load_or_compute_stats(config: ml_collections.ConfigDict, workdir: str,
     try:
       s = stats_lib.AffinityStats.load(path).select(rates)
     except (ValueError, KeyError) as e:
-      raise config_checks.ConfigError(f"config.affinity.stats_path = {path!r}: {e}; recompute with "
-                                      "`python -m dilaff_jax.stats`") from None
+      raise config_checks.ConfigError(
+          f"config.affinity.stats_path = {path!r}: {e}; recompute with " "`python -m dilaff_jax.stats`"
+      ) from None
     if s.partial_neighbors != rule:
       raise config_checks.ConfigError(
           f"config.affinity.partial_neighbors = {rule!r}, but the statistics in {path!r} were counted with "
           f"{s.partial_neighbors!r}: recompute them with `python -m dilaff_jax.stats --partial_neighbors={rule}` "
-          "(or delete the workdir's file to let training recompute it)")
+          "(or delete the workdir's file to let training recompute it)"
+      )
     logging.info("Affinity statistics from %s (%s)", path, s.source)
     stats_lib.check_weights_defined(s, config.affinity.scheme)
     return s
   d = config.dataset
-  name, data_dir = datasets.location(d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"),
-                                     num_classes=d.num_classes)
+  name, data_dir = datasets.location(
+      d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"), num_classes=d.num_classes
+  )
   maps, total = stats_lib.tfds_label_maps(name, d.train_split, data_dir, config.affinity.stats_max_images)
   logging.info("Computing affinity statistics over %d training label maps (once; saved to %s)", total, path)
-  s = stats_lib.compute_usable_stats(maps, rates, d.ignore_label, f"{d.name}:{d.train_split}",
-                                     scheme=config.affinity.scheme, log_every=max(total // 10, 1), total=total,
-                                     partial_neighbors=rule)
+  s = stats_lib.compute_usable_stats(
+      maps,
+      rates,
+      d.ignore_label,
+      f"{d.name}:{d.train_split}",
+      scheme=config.affinity.scheme,
+      log_every=max(total // 10, 1),
+      total=total,
+      partial_neighbors=rule,
+  )
   s.save(path)
   _barrier("affinity statistics written")
   return s
@@ -98,6 +113,7 @@ def load_or_compute_stats(config: ml_collections.ConfigDict, workdir: str,
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -110,8 +126,11 @@ def _image_summaries(p_predict, variables, batch, rates, config, palette) -> dic
   size = labels.shape[1:3]
   logits = np.asarray(upsample_logits(out["logits"][0][:2], size))
   images = visualize.denormalize(np.asarray(batch["image"][0][:2]), config.dataset.mean, config.dataset.std)
-  pics = {"input": images, "label": visualize.colorize(labels, palette),
-          "prediction": visualize.colorize(logits.argmax(-1), palette)}
+  pics = {
+      "input": images,
+      "label": visualize.colorize(labels, palette),
+      "prediction": visualize.colorize(logits.argmax(-1), palette),
+  }
   if rates:
     aff = np.asarray(jax.nn.sigmoid(upsample_logits(out["affinity_logits"][0][:2, ..., :8], size)))
     pics[f"affinity_rate_{affinity.rate_label(rates[0])}"] = visualize.affinity_picture(aff)
@@ -149,8 +168,9 @@ NO_STEP = np.iinfo(np.int32).max  # "no non-finite loss yet"
 
 
 @jax.jit
-def _track_nonfinite(first: tuple[jax.Array, jax.Array], loss: metrics.Average,
-                     step: int) -> tuple[jax.Array, jax.Array]:
+def _track_nonfinite(
+    first: tuple[jax.Array, jax.Array], loss: metrics.Average, step: int
+) -> tuple[jax.Array, jax.Array]:
   """``(step, loss)`` of the first non-finite loss so far. Updated on the device after every step and read only
   at log and checkpoint steps, so that the loop never waits for the device just to look at the loss."""
   first_step, first_loss = first
@@ -167,7 +187,8 @@ def _check_loss(first: tuple[jax.Array, jax.Array], mngr) -> None:
     raise TrainingError(
         f"non-finite loss ({loss}) at step {step}: stopping without saving this state. The last good "
         f"checkpoint is {'step ' + str(good) if good is not None else 'none'} in {mngr.directory}. Lower "
-        "train.learning_rate or affinity.beta, or check the input data.")
+        "train.learning_rate or affinity.beta, or check the input data."
+    )
 
 
 @contextlib.contextmanager
@@ -182,6 +203,7 @@ def _workdir_locked(workdir: str, is_chief: bool) -> Iterator[None]:
         busy = e
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       if int(multihost_utils.broadcast_one_to_all(np.int32(busy is not None))) and busy is None:
         busy = workdir_lock.WorkdirBusyError(f"--workdir={workdir} is in use by another training (see process 0)")
     if busy is not None:
@@ -189,8 +211,7 @@ def _workdir_locked(workdir: str, is_chief: bool) -> Iterator[None]:
     yield
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       hooks: Sequence[Hook] = ()) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, hooks: Sequence[Hook] = ()) -> dict:
   """Trains to ``config.train.num_steps`` (resuming from ``workdir``), then evaluates if configured.
 
   One training per workdir (``<workdir>/train.lock``). ``hooks`` are called as ``hook(step, state)`` after every
@@ -204,8 +225,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _train_and_evaluate(config, workdir, rates, hooks)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: affinity.Rates,
-                        hooks: Sequence[Hook]) -> dict:
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, rates: affinity.Rates, hooks: Sequence[Hook]
+) -> dict:
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
 
@@ -213,8 +235,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: 
   per_device = config.train.batch_size // jax.device_count()
   # The dataset is prepared (if needed, by process 0 only) before anything reads it.
   if is_chief:
-    datasets.get_builder(config.dataset.name, data_dir=config.dataset.get("data_dir"),
-                         manual_dir=config.dataset.get("manual_dir"), num_classes=config.dataset.num_classes)
+    datasets.get_builder(
+        config.dataset.name,
+        data_dir=config.dataset.get("data_dir"),
+        manual_dir=config.dataset.get("manual_dir"),
+        num_classes=config.dataset.num_classes,
+    )
   _barrier("dataset prepared")
   stats = load_or_compute_stats(config, workdir, rates) if rates else None
   if stats is not None and is_chief:
@@ -239,13 +265,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: 
         f.write(config.to_json_best_effort(indent=1))
 
     schedule = learning_rate_schedule(config)
-    p_step = jax.pmap(functools.partial(train_step, config=config, rates=rates, stats=stats, schedule=schedule),
-                      axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
-    p_predict = jax.pmap(functools.partial(model.apply, train=False,
-                                           output_stride=config.model.train_output_stride), axis_name=AXIS)
-    pipes = input_pipeline.from_config(config.dataset, seed=config.seed, local_device_count=ndev,
-                                       per_device_batch=per_device, start_step=start,
-                                       weight_map=boundary_weight_map(config))
+    p_step = jax.pmap(
+        functools.partial(train_step, config=config, rates=rates, stats=stats, schedule=schedule),
+        axis_name=AXIS,
+        in_axes=(0, 0, None),
+        donate_argnums=(0,),
+    )
+    p_predict = jax.pmap(
+        functools.partial(model.apply, train=False, output_stride=config.model.train_output_stride), axis_name=AXIS
+    )
+    pipes = input_pipeline.from_config(
+        config.dataset,
+        seed=config.seed,
+        local_device_count=ndev,
+        per_device_batch=per_device,
+        start_step=start,
+        weight_map=boundary_weight_map(config),
+    )
     batches = input_pipeline.prefetch_to_device(pipes.train)
     stack.callback(pipes.train.close)  # on every exit path: tf.data's threads must not outlive the run
     stack.callback(batches.close)
@@ -254,10 +290,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: 
     if start >= total:
       logging.info("Checkpoint is at step %d >= train.num_steps=%d: nothing to train", start, total)
     state = flax.jax_utils.replicate(state)
-    progress = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                               every_steps=config.train.log_every, every_secs=None)
-    meta = lambda step: {"compat": compat, "step": step, "data_position": step * config.train.batch_size,
-                         "seed": config.seed}
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=total, writer=writer, every_steps=config.train.log_every, every_secs=None
+    )
+    meta = lambda step: {
+        "compat": compat,
+        "step": step,
+        "data_position": step * config.train.batch_size,
+        "seed": config.seed,
+    }
     train_metrics = None
     last = {}
     first_nonfinite = (jnp.int32(NO_STEP), jnp.float32(0.0))
@@ -277,10 +318,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: 
           writer.write_scalars(step, last)
           elapsed = time.time() - t0
           eta = elapsed / (step - start) * (total - step)
-          print(f"[train] step {step}/{total} loss {last['loss']:.4f} pixel_acc {last['pixel_accuracy']:.3f}"
-                + (f" aff_acc {last['affinity_accuracy']:.3f}" if rates else "")
-                + f" lr {last['learning_rate']:.2e} | {(step - start) / elapsed:.2f} steps/s, ETA {eta:.0f}s",
-                flush=True)
+          print(
+              f"[train] step {step}/{total} loss {last['loss']:.4f} pixel_acc {last['pixel_accuracy']:.3f}"
+              + (f" aff_acc {last['affinity_accuracy']:.3f}" if rates else "")
+              + f" lr {last['learning_rate']:.2e} | {(step - start) / elapsed:.2f} steps/s, ETA {eta:.0f}s",
+              flush=True,
+          )
           train_metrics = None
         if is_chief and config.train.image_summary_every and step % config.train.image_summary_every == 0:
           variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -296,8 +339,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, rates: 
             raise TrainingError(str(e)) from None
         if stop:
           checkpoints.finish(mngr)
-          logging.warning("Stopped at step %d after a preemption request; rerun with the same --workdir to resume",
-                          step)
+          logging.warning(
+              "Stopped at step %d after a preemption request; rerun with the same --workdir to resume", step
+          )
           print(f"[train] preempted: checkpoint saved at step {step}; rerun to resume", flush=True)
           writer.flush()
           return {"train": last, "preempted_at": step}

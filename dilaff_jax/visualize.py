@@ -6,10 +6,30 @@ from __future__ import annotations
 import numpy as np
 
 # Cityscapes' 19 train-id colours (cityscapesScripts' labels.py).
-CITYSCAPES_COLORS = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
-    (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)], np.uint8)
+CITYSCAPES_COLORS = np.array(
+    [
+        (128, 64, 128),
+        (244, 35, 232),
+        (70, 70, 70),
+        (102, 102, 156),
+        (190, 153, 153),
+        (153, 153, 153),
+        (250, 170, 30),
+        (220, 220, 0),
+        (107, 142, 35),
+        (152, 251, 152),
+        (70, 130, 180),
+        (220, 20, 60),
+        (255, 0, 0),
+        (0, 0, 142),
+        (0, 0, 70),
+        (0, 60, 100),
+        (0, 80, 100),
+        (0, 0, 230),
+        (119, 11, 32),
+    ],
+    np.uint8,
+)
 VOID_COLOR = (224, 224, 192)  # VOC's colour for the void label 255
 
 
@@ -32,7 +52,7 @@ def palette_for(dataset_name: str) -> np.ndarray:
   """A 256-entry palette: Cityscapes colours for Cityscapes, VOC's for everything else; 255 is void."""
   palette = voc_palette(256)
   if "cityscapes" in dataset_name:
-    palette[:len(CITYSCAPES_COLORS)] = CITYSCAPES_COLORS
+    palette[: len(CITYSCAPES_COLORS)] = CITYSCAPES_COLORS
   palette[255] = VOID_COLOR
   return palette
 
@@ -64,8 +84,10 @@ def affinity_picture(affinity: np.ndarray) -> np.ndarray:
 
 def _pyplot():
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   return plt
 
 

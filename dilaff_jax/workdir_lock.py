@@ -65,8 +65,9 @@ def hold(workdir: str, report: Callable[[str], None] = print) -> Iterator[str]:
   the holder and what to do) when a live training holds it."""
   path = os.path.join(workdir, LOCK_NAME)
   host = socket.gethostname()
-  mine = json.dumps({"host": host, "pid": os.getpid(),
-                     "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
+  mine = json.dumps(
+      {"host": host, "pid": os.getpid(), "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+  )
   for _ in range(3):  # a stale lock is moved away and creation retried; a live one ends the loop
     try:
       fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -77,7 +78,8 @@ def hold(workdir: str, report: Callable[[str], None] = print) -> Iterator[str]:
       if not _stale(info, host):
         raise WorkdirBusyError(
             f"--workdir={workdir} is in use by another training ({_describe(path, info)}): wait for it to end, "
-            f"or use another --workdir; if that process is gone, delete {path}") from None
+            f"or use another --workdir; if that process is gone, delete {path}"
+        ) from None
       # Take over atomically: rename the stale file away, and put it back if it was replaced in the meantime.
       aside = f"{path}.stale.{os.getpid()}"
       try:
@@ -90,15 +92,19 @@ def hold(workdir: str, report: Callable[[str], None] = print) -> Iterator[str]:
         os.remove(aside)
         continue
       os.remove(aside)
-      report(f"[lock] took over the stale lock {path} (pid {info.get('pid')} on {host}, since {info.get('since')}, "
-             "is gone)")
+      report(
+          f"[lock] took over the stale lock {path} (pid {info.get('pid')} on {host}, since {info.get('since')}, "
+          "is gone)"
+      )
       continue
     with os.fdopen(fd, "w") as f:
       f.write(mine)
     break
   else:
-    raise WorkdirBusyError(f"--workdir={workdir}: could not take {path} (other trainings keep starting there); "
-                           "start one training per workdir")
+    raise WorkdirBusyError(
+        f"--workdir={workdir}: could not take {path} (other trainings keep starting there); "
+        "start one training per workdir"
+    )
   try:
     yield path
   finally:

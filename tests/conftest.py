@@ -2,6 +2,7 @@
 
 No persistent compilation cache: full runs of the suite crashed inside XLA while reading or writing it (and once
 while compiling without it; see the fixture below), and fewer moving parts make such a crash easier to pin down."""
+
 import gc
 import os
 
@@ -21,6 +22,7 @@ import pytest  # noqa: E402
 def data_dir(tmp_path_factory):
   """A TFDS data_dir with synthetic_shapes/tiny prepared (once per test session)."""
   from dilaff_jax import datasets
+
   d = str(tmp_path_factory.mktemp("tfds"))
   datasets.get_builder("synthetic_shapes/tiny", data_dir=d)
   return d

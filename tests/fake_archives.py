@@ -15,6 +15,7 @@ Every writer returns the arrays it wrote so tests can compare the prepared datas
 with :func:`truncate` (a partial download) and the writers' ``label_pngs`` (a mask file's bytes replaced, e.g. an
 RGB PNG or a value no class has).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,13 +75,14 @@ def jpeg(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def random_mask(rng: np.random.Generator, height: int, width: int, classes: list[int],
-                void: int | None = 255) -> np.ndarray:
+def random_mask(
+    rng: np.random.Generator, height: int, width: int, classes: list[int], void: int | None = 255
+) -> np.ndarray:
   """Blocks of the given classes plus (optionally) a void band between them."""
   mask = np.full((height, width), classes[0], dtype=np.uint8)
   for cls in classes[1:]:
     top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
-    mask[top:top + height // 2, left:left + width // 2] = cls
+    mask[top : top + height // 2, left : left + width // 2] = cls
   if void is not None:
     edge = np.zeros_like(mask, dtype=bool)
     edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
@@ -96,8 +98,11 @@ def sbd_mat(segmentation: np.ndarray) -> bytes:
   for k in range(20):
     boundaries[k, 0] = scipy.sparse.csc_matrix((segmentation == k + 1).astype(np.float64))
   present = np.unique(segmentation[(segmentation > 0) & (segmentation < 255)]).astype(np.uint8)
-  gtcls = {"Boundaries": boundaries, "Segmentation": segmentation.astype(np.uint8),
-           "CategoriesPresent": present.reshape(-1, 1)}
+  gtcls = {
+      "Boundaries": boundaries,
+      "Segmentation": segmentation.astype(np.uint8),
+      "CategoriesPresent": present.reshape(-1, 1),
+  }
   buffer = io.BytesIO()
   scipy.io.savemat(buffer, {"GTcls": gtcls}, do_compression=True)
   return buffer.getvalue()
@@ -125,6 +130,7 @@ def _lines(ids: list[str]) -> bytes:
 @dataclasses.dataclass
 class FakeVoc:
   """What the fake VOC + SBD archives hold: split lists, images and masks by image id."""
+
   voc_train: list[str]
   voc_val: list[str]
   sbd_train: list[str]
@@ -135,8 +141,16 @@ class FakeVoc:
   sbd_masks: dict[str, np.ndarray]  # GTcls.Segmentation of cls/<id>.mat (and the aug PNGs)
 
 
-def make_fake_voc(rng: np.random.Generator, *, voc_train: list[str], voc_val: list[str], sbd_train: list[str],
-                  sbd_val: list[str], unlisted: list[str] = (), sizes: tuple[int, int] = (20, 40)) -> FakeVoc:
+def make_fake_voc(
+    rng: np.random.Generator,
+    *,
+    voc_train: list[str],
+    voc_val: list[str],
+    sbd_train: list[str],
+    sbd_val: list[str],
+    unlisted: list[str] = (),
+    sizes: tuple[int, int] = (20, 40),
+) -> FakeVoc:
   """Random images and masks for the given split lists (ids in ``unlisted`` get an image only)."""
   voc_ids = sorted(set(voc_train) | set(voc_val))
   sbd_ids = sorted(set(sbd_train) | set(sbd_val))
@@ -151,8 +165,7 @@ def make_fake_voc(rng: np.random.Generator, *, voc_train: list[str], voc_val: li
       voc_masks[image_id] = random_mask(rng, height, width, classes, void=255)
     if image_id in sbd_ids:
       sbd_masks[image_id] = random_mask(rng, height, width, classes[::-1], void=None)
-  return FakeVoc(list(voc_train), list(voc_val), list(sbd_train), list(sbd_val), jpegs, images, voc_masks,
-                 sbd_masks)
+  return FakeVoc(list(voc_train), list(voc_val), list(sbd_train), list(sbd_val), jpegs, images, voc_masks, sbd_masks)
 
 
 def truncate(path: str | os.PathLike, fraction: float = 0.5) -> None:
@@ -166,9 +179,21 @@ def write_voc_tar(path: str | os.PathLike, fake: FakeVoc, label_pngs: dict[str, 
   """``VOCtrainval_11-May-2012.tar`` with every image in ``fake`` and VOC masks for the VOC split lists;
   ``label_pngs`` replaces the ``SegmentationClass/<id>.png`` bytes of the given ids."""
   with tarfile.open(path, "w") as tar:
-    _add_dirs(tar, ["VOCdevkit", VOC_ROOT] + [f"{VOC_ROOT}/{d}" for d in (
-        "Annotations", "ImageSets", "ImageSets/Segmentation", "JPEGImages", "SegmentationClass",
-        "SegmentationObject")])
+    _add_dirs(
+        tar,
+        ["VOCdevkit", VOC_ROOT]
+        + [
+            f"{VOC_ROOT}/{d}"
+            for d in (
+                "Annotations",
+                "ImageSets",
+                "ImageSets/Segmentation",
+                "JPEGImages",
+                "SegmentationClass",
+                "SegmentationObject",
+            )
+        ],
+    )
     for image_id, data in fake.jpegs.items():
       _add_file(tar, f"{VOC_ROOT}/JPEGImages/{image_id}.jpg", data)
       _add_file(tar, f"{VOC_ROOT}/Annotations/{image_id}.xml", f"<annotation>{image_id}</annotation>".encode())
@@ -209,12 +234,17 @@ CITYSCAPES_SPLITS = ("train", "val", "test")
 @dataclasses.dataclass
 class FakeCityscapes:
   """Images and label-id maps of the fake Cityscapes archives: ``{split: {image_id: array}}``."""
+
   images: dict[str, dict[str, np.ndarray]]
   label_ids: dict[str, dict[str, np.ndarray]]
 
 
-def write_cityscapes_zips(manual_dir: str | os.PathLike, rng: np.random.Generator,
-                          counts: dict[str, dict[str, int]], size: tuple[int, int] = (16, 32)) -> FakeCityscapes:
+def write_cityscapes_zips(
+    manual_dir: str | os.PathLike,
+    rng: np.random.Generator,
+    counts: dict[str, dict[str, int]],
+    size: tuple[int, int] = (16, 32),
+) -> FakeCityscapes:
   """``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainvaltest.zip`` with ``counts[split][city]`` frames."""
   images: dict[str, dict[str, np.ndarray]] = {s: {} for s in counts}
   label_ids: dict[str, dict[str, np.ndarray]] = {s: {} for s in counts}

@@ -87,7 +87,7 @@ def brute_affinity_loss(logits, labels, rates, freq, pos_freq, scheme, gamma, ma
         for r in range(len(rates)):
           kk = k[bi, i, j, r]
           if kk < 0:  # no valid neighbour at this rate: no category, no loss
-            assert not valid[bi, i, j, 8 * r:8 * r + 8].any()
+            assert not valid[bi, i, j, 8 * r : 8 * r + 8].any()
             continue
           if scheme in ("neighbor", "sqrt"):
             seen = [freq[r][8] / f for f in freq[r] if f > 0]
@@ -215,23 +215,29 @@ def test_focal_loss_extreme_logits_finite():
 def test_focal_loss_agrees_with_optax(gamma):
   """optax's log-space focal loss gives the same values and gradients (to rounding), extreme logits included."""
   import optax
+
   x = jnp.asarray(np.concatenate([np.linspace(-12, 12, 49), [-1e4, -100.0, 100.0, 1e4]]), jnp.float32)
   for y in (0.0, 1.0):
     t = jnp.full(x.shape, y)
     ours = lambda v: affinity.focal_loss(v, t, gamma)  # noqa: E731
     theirs = lambda v: optax.sigmoid_focal_loss(v, t, gamma=gamma)  # noqa: E731
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-6, atol=1e-30)
-    np.testing.assert_allclose(jax.grad(lambda v: ours(v).sum())(x), jax.grad(lambda v: theirs(v).sum())(x),
-                               rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(
+        jax.grad(lambda v: ours(v).sum())(x), jax.grad(lambda v: theirs(v).sum())(x), rtol=1e-6, atol=1e-30
+    )
 
 
 # ---------------------------------------------------------------------------------------------- weights and loss
 
 
-FREQ = np.array([[0.02, 0.0, 0.05, 0.03, 0.1, 0.1, 0.1, 0.1, 0.5],  # n_1 never seen -> the rate's largest weight
-                 [0.04, 0.06, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.3],
-                 [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2],
-                 [0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]])
+FREQ = np.array(
+    [
+        [0.02, 0.0, 0.05, 0.03, 0.1, 0.1, 0.1, 0.1, 0.5],  # n_1 never seen -> the rate's largest weight
+        [0.04, 0.06, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.3],
+        [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2],
+        [0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],
+    ]
+)
 POS = np.array([0.9, 0.8, 0.7, 0.75])
 
 
@@ -240,8 +246,11 @@ def test_neighbor_weights_hand_computed():
   np.testing.assert_allclose(w[0], [25, 25, 10, 50 / 3, 5, 5, 5, 5, 1], rtol=1e-6)  # unseen n_1: max seen, 25
   np.testing.assert_allclose(w[:, 8], 1.0)
   s = affinity.neighbor_weights(FREQ, "sqrt")
-  np.testing.assert_allclose(s[0], [5, 5, math.sqrt(10), math.sqrt(50 / 3), math.sqrt(5), math.sqrt(5),
-                                    math.sqrt(5), math.sqrt(5), 1], rtol=1e-6)
+  np.testing.assert_allclose(
+      s[0],
+      [5, 5, math.sqrt(10), math.sqrt(50 / 3), math.sqrt(5), math.sqrt(5), math.sqrt(5), math.sqrt(5), 1],
+      rtol=1e-6,
+  )
   np.testing.assert_allclose(affinity.neighbor_weights(FREQ, "neighbor", max_weight=20.0)[0, :3], [20, 20, 10])
   # no cap by default: Table 1's "absurdly large" neighbor weights stay as large as the statistics make them
   rare = np.array([[1e-4, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.5]])
@@ -297,8 +306,11 @@ def test_affinity_loss_matches_brute_force(scheme, rule, max_weight):
   rng = np.random.default_rng(8)
   logits = rng.normal(scale=3.0, size=(2, 6, 7, 8 * len(RATES))).astype(np.float32)
   stats = AffinityStats(RATES, FREQ, POS, partial_neighbors=rule)
-  got = float(affinity.affinity_loss(jnp.asarray(logits), jnp.asarray(labels), RATES, stats, scheme=scheme,
-                                     gamma=2.0, max_weight=max_weight))
+  got = float(
+      affinity.affinity_loss(
+          jnp.asarray(logits), jnp.asarray(labels), RATES, stats, scheme=scheme, gamma=2.0, max_weight=max_weight
+      )
+  )
   want = brute_affinity_loss(logits, labels, RATES, FREQ, POS, scheme, 2.0, max_weight, rule)
   assert got == pytest.approx(want, rel=1e-5)
 
@@ -357,8 +369,9 @@ def test_affinity_accuracy_counts_brute_force(rule):
   labels = random_labels(21, shape=(2, 6, 5))
   rng = np.random.default_rng(22)
   logits = rng.normal(size=(2, 6, 5, 8 * len(RATES))).astype(np.float32)
-  correct, total = affinity.affinity_accuracy_counts(jnp.asarray(logits), jnp.asarray(labels), RATES,
-                                                     partial_neighbors=rule)
+  correct, total = affinity.affinity_accuracy_counts(
+      jnp.asarray(logits), jnp.asarray(labels), RATES, partial_neighbors=rule
+  )
   targets, valid = brute_targets(labels, RATES)
   k = brute_categories(labels, RATES, rule)
   want_c = np.zeros((len(RATES), 9), int)

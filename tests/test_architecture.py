@@ -3,6 +3,7 @@
 A new module goes into ``LAYERS``: the test fails for a module that is not listed, so the layering is decided when
 the module is added, not discovered later.
 """
+
 import ast
 import pathlib
 
@@ -14,11 +15,35 @@ PACKAGE = "dilaff_jax"
 # Lower layers never import higher ones; a module may import its own layer (the graph must still be acyclic).
 LAYERS = (
     # 0: the paper's maths, the network, pictures, errors: no project imports beyond this layer
-    ("conventions", "errors", "affinity", "propagation", "eval_metrics", "eval_report", "crf", "visualize", "models",
-     "models.resnet", "models.deeplab", "datasets.records", "datasets.shapes_render"),
+    (
+        "conventions",
+        "errors",
+        "affinity",
+        "propagation",
+        "eval_metrics",
+        "eval_report",
+        "crf",
+        "visualize",
+        "models",
+        "models.resnet",
+        "models.deeplab",
+        "datasets.records",
+        "datasets.shapes_render",
+    ),
     # 1: what builds on the maths alone: losses, inference, weights, command-line and workdir helpers, builders
-    ("structure_losses", "inference", "pretrained", "cli", "workdir_lock", "datasets.common", "datasets.cityscapes",
-     "datasets.voc2012_aug", "datasets.image_folder", "datasets.synthetic_shapes", "datasets"),
+    (
+        "structure_losses",
+        "inference",
+        "pretrained",
+        "cli",
+        "workdir_lock",
+        "datasets.common",
+        "datasets.cityscapes",
+        "datasets.voc2012_aug",
+        "datasets.image_folder",
+        "datasets.synthetic_shapes",
+        "datasets",
+    ),
     # 2: configuration checks, input pipeline, label statistics, dataset preparation
     ("config_checks", "input_pipeline", "stats", "datasets.prepare"),
     # 3: checkpoints; 4: the train state (model, optimizer, restore)
@@ -55,12 +80,12 @@ def project_imports(path: pathlib.Path, modules: set[str]) -> set[str]:
   out = set()
   for node in _runtime_nodes(ast.parse(path.read_text())):
     if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE and not node.level:
-      base = node.module[len(PACKAGE) + 1:]
+      base = node.module[len(PACKAGE) + 1 :]
       for alias in node.names:
         name = f"{base}.{alias.name}" if base else alias.name
         out.add(name if name in modules else base)
     elif isinstance(node, ast.Import):
-      out.update(a.name[len(PACKAGE) + 1:] for a in node.names if a.name.startswith(PACKAGE + "."))
+      out.update(a.name[len(PACKAGE) + 1 :] for a in node.names if a.name.startswith(PACKAGE + "."))
   return out - {""}
 
 
@@ -79,7 +104,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     path.append(m)
     for n in sorted(graph.get(m, ())):
       if state.get(n) == 1:
-        return path[path.index(n):] + [n]
+        return path[path.index(n) :] + [n]
       if n not in state and (cycle := visit(n)):
         return cycle
     path.pop()
@@ -102,9 +127,12 @@ def test_the_import_graph_has_no_cycle():
 
 
 def test_nothing_imports_upward():
-  upward = [f"{m} (layer {LAYER[m]}) imports {n} (layer {LAYER[n]})"
-            for m, deps in sorted(import_graph().items()) for n in sorted(deps)
-            if m in LAYER and n in LAYER and LAYER[n] > LAYER[m]]
+  upward = [
+      f"{m} (layer {LAYER[m]}) imports {n} (layer {LAYER[n]})"
+      for m, deps in sorted(import_graph().items())
+      for n in sorted(deps)
+      if m in LAYER and n in LAYER and LAYER[n] > LAYER[m]
+  ]
   assert not upward, "\n".join(upward)
 
 
@@ -114,8 +142,9 @@ def test_the_checks_see_local_imports_and_cycles(tmp_path):
   pkg = tmp_path / PACKAGE
   pkg.mkdir()
   (pkg / "a.py").write_text("def f():\n  from dilaff_jax import b\n  return b\n")
-  (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n  from dilaff_jax import c\n"
-                            "import dilaff_jax.a\n")
+  (pkg / "b.py").write_text(
+      "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n  from dilaff_jax import c\n" "import dilaff_jax.a\n"
+  )
   (pkg / "c.py").write_text("x = 1\n")
   modules = {"a", "b", "c"}
   graph = {m: project_imports(pkg / f"{m}.py", modules) for m in modules}
@@ -130,6 +159,7 @@ def test_prediction_tools_do_not_import_tensorflow_at_start(module):
   (seconds) through the train state or the checkpoints."""
   import subprocess
   import sys
+
   code = f"import sys, dilaff_jax.{module}; print('tensorflow' in sys.modules)"
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False", out.stderr[-2000:]
@@ -150,9 +180,13 @@ def test_every_config_key_is_read_by_the_package():
   import re
 
   from configs import default
+
   source = "\n".join(p.read_text() for p in (ROOT / PACKAGE).rglob("*.py") if p.name != "config_checks.py")
-  unread = [key for key in _config_leaves(default.get_config())
-            if not re.search(r"(\.{0}\b|[\"']{0}[\"'])".format(re.escape(key.rsplit(".", 1)[-1])), source)]
+  unread = [
+      key
+      for key in _config_leaves(default.get_config())
+      if not re.search(r"(\.{0}\b|[\"']{0}[\"'])".format(re.escape(key.rsplit(".", 1)[-1])), source)
+  ]
   assert not unread, f"config keys no module reads: {unread}"
 
 
@@ -161,6 +195,7 @@ def test_the_training_step_imports_without_tensorflow():
   and TensorFlow Datasets blocked."""
   import subprocess
   import sys
+
   code = """
 import sys
 class Block:

@@ -36,8 +36,12 @@ def copy_of(run, tmp_path):
 
 def largest_data_file(workdir, step):
   """The biggest array data file of a checkpoint (OCDBT data under ``state/``)."""
-  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(workdir, "checkpoints", str(step), "state"))
-           if os.path.basename(d) == "d" for f in fs]
+  files = [
+      os.path.join(d, f)
+      for d, _, fs in os.walk(os.path.join(workdir, "checkpoints", str(step), "state"))
+      if os.path.basename(d) == "d"
+      for f in fs
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -51,8 +55,9 @@ def flip_bytes(path, count=256, seed=0):
 
 def restore(workdir, config, step=None, report=print):
   rates = config_checks.rates_of(config)
-  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: state_lib.state_template(config, rates), step,
-                                              report=report)
+  state, _ = checkpoints.restore_from_workdir(
+      workdir, config, lambda: state_lib.state_template(config, rates), step, report=report
+  )
   return int(state.step)
 
 
@@ -78,8 +83,10 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_is_used(run, tmp_path,
   assert f"checkpoint {workdir}/checkpoints/4 is damaged: " in messages[0], messages
   assert "does not fit" not in " ".join(messages)
   assert "using step 2, the newest intact checkpoint" in messages[-1]
-  with pytest.raises(checkpoints.DamagedCheckpointError,
-                     match=r"checkpoints/4 is damaged: .*; intact checkpoints: 2 \(pass one of them to --step\)"):
+  with pytest.raises(
+      checkpoints.DamagedCheckpointError,
+      match=r"checkpoints/4 is damaged: .*; intact checkpoints: 2 \(pass one of them to --step\)",
+  ):
     restore(workdir, config, step=4)
   assert restore(workdir, config, step=2) == 2
 
@@ -107,8 +114,9 @@ def test_all_damaged_is_refused(run, tmp_path):
   workdir, config = copy_of(run, tmp_path), run["config"]
   for step in (2, 4):
     os.remove(largest_data_file(workdir, step))
-  with pytest.raises(checkpoints.DamagedCheckpointError, match=r"no intact checkpoint in .*: steps 4, 2 are all "
-                     "damaged"):
+  with pytest.raises(
+      checkpoints.DamagedCheckpointError, match=r"no intact checkpoint in .*: steps 4, 2 are all " "damaged"
+  ):
     restore(workdir, config)
 
 
@@ -121,9 +129,11 @@ def test_nonfinite_state_is_never_saved_and_a_nonfinite_checkpoint_is_damaged(ru
   leaves[0] = np.full_like(np.asarray(leaves[0]), np.inf)
   bad = state.replace(step=6, batch_stats=jax.tree.unflatten(tree, leaves))
   with checkpoints.opened(workdir, config, write=True) as mngr:
-    with pytest.raises(checkpoints.NonFiniteStateError,
-                       match=r"the state at step 6 is not finite \(NaN or inf in \['batch_stats'\]"
-                             + r".*newest finite checkpoint is step 4"):
+    with pytest.raises(
+        checkpoints.NonFiniteStateError,
+        match=r"the state at step 6 is not finite \(NaN or inf in \['batch_stats'\]"
+        + r".*newest finite checkpoint is step 4",
+    ):
       checkpoints.save_checkpoint(mngr, bad, {"compat": compat, "step": 6})
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   # written past the check (as a broken disk or older code could): restoring names it damaged
@@ -146,9 +156,11 @@ def test_second_training_is_refused_naming_the_holder(data_dir, tmp_path):
   try:
     lock = {"host": os.uname().nodename, "pid": holder.pid, "since": "2024-01-01T00:00:00+00:00"}
     (workdir / workdir_lock.LOCK_NAME).write_text(json.dumps(lock))
-    with pytest.raises(workdir_lock.WorkdirBusyError,
-                       match=rf"--workdir={workdir} is in use by another training \(held by pid {holder.pid} on "
-                             rf"{lock['host']} since 2024-01-01T00:00:00\+00:00\): wait for it to end"):
+    with pytest.raises(
+        workdir_lock.WorkdirBusyError,
+        match=rf"--workdir={workdir} is in use by another training \(held by pid {holder.pid} on "
+        rf"{lock['host']} since 2024-01-01T00:00:00\+00:00\): wait for it to end",
+    ):
       train.train_and_evaluate(tiny_config(data_dir), str(workdir))
     assert sorted(os.listdir(workdir)) == [workdir_lock.LOCK_NAME]  # nothing written
     # another host's lock cannot be checked: refused too
@@ -170,8 +182,9 @@ def test_stale_lock_is_taken_over_and_released(tmp_path):
   with workdir_lock.hold(str(tmp_path), report=messages.append):
     held = json.loads(path.read_text())
     assert held["pid"] == os.getpid() and held["host"] == os.uname().nodename and held["since"]
-    assert messages == [f"[lock] took over the stale lock {path} (pid {pid} on {os.uname().nodename}, since "
-                        "yesterday, is gone)"]
+    assert messages == [
+        f"[lock] took over the stale lock {path} (pid {pid} on {os.uname().nodename}, since " "yesterday, is gone)"
+    ]
     with pytest.raises(workdir_lock.WorkdirBusyError, match=f"held by pid {os.getpid()}"):
       with workdir_lock.hold(str(tmp_path)):
         pass
@@ -206,13 +219,21 @@ FULL_DISK = textwrap.dedent("""
 def test_full_disk_ends_in_one_error_and_the_process_exits(data_dir, tmp_path):
   workdir = str(tmp_path / "full")
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-c", FULL_DISK.format(workdir=workdir, data_dir=data_dir)], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=600)  # a hang at exit fails here
+  proc = subprocess.run(
+      [sys.executable, "-c", FULL_DISK.format(workdir=workdir, data_dir=data_dir)],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )  # a hang at exit fails here
   assert proc.returncode == 2, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert last == (f"error: saving the checkpoint of step 2 in {workdir}/checkpoints failed: [Errno {errno.ENOSPC}] "
-                  "No space left on device. Free disk space (or fix the folder's permissions) and rerun with the "
-                  "same --workdir to resume from the start"), proc.stderr[-3000:]
+  assert last == (
+      f"error: saving the checkpoint of step 2 in {workdir}/checkpoints failed: [Errno {errno.ENOSPC}] "
+      "No space left on device. Free disk space (or fix the folder's permissions) and rerun with the "
+      "same --workdir to resume from the start"
+  ), proc.stderr[-3000:]
   assert "Event loop is closed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert len(proc.stderr.splitlines()) < 20, proc.stderr
   assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))
@@ -229,10 +250,25 @@ def test_command_line_refuses_a_damaged_step_in_one_line(run, data_dir, tmp_path
   workdir = copy_of(run, tmp_path)
   truncate(largest_data_file(workdir, 4))  # Orbax gives up mid-read: reads in flight must not spill tracebacks
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-m", "dilaff_jax.main", "--config=configs/synthetic.py:tiny",
-                         f"--workdir={workdir}", "--mode=evaluate", "--step=4", f"--config.dataset.data_dir={data_dir}",
-                         "--config.train.batch_size=8", "--config.eval.batch_size=8"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "dilaff_jax.main",
+          "--config=configs/synthetic.py:tiny",
+          f"--workdir={workdir}",
+          "--mode=evaluate",
+          "--step=4",
+          f"--config.dataset.data_dir={data_dir}",
+          "--config.train.batch_size=8",
+          "--config.eval.batch_size=8",
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr[-3000:]

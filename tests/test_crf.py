@@ -18,10 +18,10 @@ RED, BLUE = (200, 30, 30), (30, 30, 200)
 def _two_region_image() -> tuple[np.ndarray, np.ndarray]:
   """A red left half (class 0) and a blue right half (class 1), with the labels."""
   image = np.empty((H, W, 3), np.uint8)
-  image[:, :W // 2] = RED
-  image[:, W // 2:] = BLUE
+  image[:, : W // 2] = RED
+  image[:, W // 2 :] = BLUE
   labels = np.zeros((H, W), np.int64)
-  labels[:, W // 2:] = 1
+  labels[:, W // 2 :] = 1
   return image, labels
 
 
@@ -124,34 +124,43 @@ def _valid():
   return image, _probs_leaning(labels, labels, p_top=0.9)
 
 
-@pytest.mark.parametrize("mutate, error, match", [
-    (lambda im, p: (im.astype(np.float32) / 255, p), TypeError, "image must be uint8"),
-    (lambda im, p: (im[..., 0], p), ValueError, r"image must be RGB \[H, W, 3\]"),
-    (lambda im, p: (im[..., :2], p), ValueError, r"image must be RGB \[H, W, 3\]"),
-    (lambda im, p: (im, p[None]), ValueError, r"probs must be class probabilities \[H, W, C\]"),
-    (lambda im, p: (im, p[:, :-1]), ValueError, "probs are 24x35 but the image is 24x36"),
-    (lambda im, p: (im, p[:, :, :0]), ValueError, "probs must be non-empty"),
-    (lambda im, p: (im, (p > 0.5).astype(np.int32)), TypeError, "probs must be floating-point"),
-    (lambda im, p: (im, np.where(np.arange(W)[None, :, None] == 3, np.nan, p)), ValueError, "NaN or infinite"),
-    (lambda im, p: (im, np.log(p)), ValueError, r"probs must lie in \[0, 1\].*not the logits"),
-    (lambda im, p: (im, p * np.where(np.arange(H)[:, None, None] == 5, 0.9, 1.0).astype(np.float32)), ValueError,
-     r"sum to 1 over the class axis \(last\), but pixel \(5, 0\) sums to 0\.9"),
-])
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda im, p: (im.astype(np.float32) / 255, p), TypeError, "image must be uint8"),
+        (lambda im, p: (im[..., 0], p), ValueError, r"image must be RGB \[H, W, 3\]"),
+        (lambda im, p: (im[..., :2], p), ValueError, r"image must be RGB \[H, W, 3\]"),
+        (lambda im, p: (im, p[None]), ValueError, r"probs must be class probabilities \[H, W, C\]"),
+        (lambda im, p: (im, p[:, :-1]), ValueError, "probs are 24x35 but the image is 24x36"),
+        (lambda im, p: (im, p[:, :, :0]), ValueError, "probs must be non-empty"),
+        (lambda im, p: (im, (p > 0.5).astype(np.int32)), TypeError, "probs must be floating-point"),
+        (lambda im, p: (im, np.where(np.arange(W)[None, :, None] == 3, np.nan, p)), ValueError, "NaN or infinite"),
+        (lambda im, p: (im, np.log(p)), ValueError, r"probs must lie in \[0, 1\].*not the logits"),
+        (
+            lambda im, p: (im, p * np.where(np.arange(H)[:, None, None] == 5, 0.9, 1.0).astype(np.float32)),
+            ValueError,
+            r"sum to 1 over the class axis \(last\), but pixel \(5, 0\) sums to 0\.9",
+        ),
+    ],
+)
 def test_bad_inputs_are_named(mutate, error, match):
   image, probs = mutate(*_valid())
   with pytest.raises(error, match=match):
     crf.dense_crf(image, probs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"iterations": -1}, "iterations must be an integer >= 0"),
-    ({"iterations": 2.5}, "iterations must be an integer >= 0"),
-    ({"sxy_gaussian": 0}, r"sxy_gaussian \(a kernel standard deviation\) must be > 0"),
-    ({"sxy_bilateral": -3}, r"sxy_bilateral .* must be > 0"),
-    ({"srgb": 0.0}, r"srgb .* must be > 0"),
-    ({"compat_bilateral": -1}, r"compat_bilateral \(a Potts weight\) must be >= 0"),
-    ({"compat_gaussian": float("nan")}, r"compat_gaussian .* must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"iterations": -1}, "iterations must be an integer >= 0"),
+        ({"iterations": 2.5}, "iterations must be an integer >= 0"),
+        ({"sxy_gaussian": 0}, r"sxy_gaussian \(a kernel standard deviation\) must be > 0"),
+        ({"sxy_bilateral": -3}, r"sxy_bilateral .* must be > 0"),
+        ({"srgb": 0.0}, r"srgb .* must be > 0"),
+        ({"compat_bilateral": -1}, r"compat_bilateral \(a Potts weight\) must be >= 0"),
+        ({"compat_gaussian": float("nan")}, r"compat_gaussian .* must be >= 0"),
+    ],
+)
 def test_bad_parameters_are_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
     crf.dense_crf(*_valid(), **kwargs)

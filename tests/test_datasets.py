@@ -1,5 +1,6 @@
 """The TFDS builders, prepared offline: synthetic_shapes/tiny, and voc2012_aug / cityscapes19 from fake archives
 (also damaged ones: truncated archives, bad label values, RGB labels, image/label size mismatches)."""
+
 import dataclasses
 import os
 import subprocess
@@ -43,15 +44,14 @@ def test_boundary_band_matches_brute_force():
     expected = label.copy()
     for i in range(9):
       for j in range(11):
-        window = label[max(i - width, 0):i + width + 1, max(j - width, 0):j + width + 1]
+        window = label[max(i - width, 0) : i + width + 1, max(j - width, 0) : j + width + 1]
         if (window != label[i, j]).any():
           expected[i, j] = 255
     np.testing.assert_array_equal(shapes_render.boundary_band(label, width), expected)
 
 
 def test_render_scene_is_deterministic_and_labels_are_classes_or_void():
-  scenes = [shapes_render.render_scene(np.random.default_rng(k), height=40, width=50, max_objects=4)
-            for k in range(30)]
+  scenes = [shapes_render.render_scene(np.random.default_rng(k), height=40, width=50, max_objects=4) for k in range(30)]
   again = shapes_render.render_scene(np.random.default_rng(3), height=40, width=50, max_objects=4)
   np.testing.assert_array_equal(scenes[3][0], again[0])
   np.testing.assert_array_equal(scenes[3][1], again[1])
@@ -63,7 +63,7 @@ def test_render_scene_is_deterministic_and_labels_are_classes_or_void():
     padded = np.pad(label, 1, mode="edge")
     for dy in range(3):
       for dx in range(3):
-        neighbour = padded[dy:dy + 40, dx:dx + 50]
+        neighbour = padded[dy : dy + 40, dx : dx + 50]
         clash = (label != 255) & (neighbour != 255) & (neighbour != label)
         assert not clash.any()
 
@@ -117,9 +117,15 @@ def test_synthetic_prepare_is_byte_identical(tiny, tmp_path):
 def test_record_offsets_read_the_same_examples_as_tfrecord_dataset(tiny):
   index = records.index_split(tiny, "train[5:17]")
   reader = records.RecordReader(index)
-  expected = list(tfds.as_numpy(tiny.as_dataset(  # raw bytes in file order
-      split="train", shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding(),
-                                                      "label": tfds.decode.SkipDecoding()})))[5:17]
+  expected = list(
+      tfds.as_numpy(
+          tiny.as_dataset(  # raw bytes in file order
+              split="train",
+              shuffle_files=False,
+              decoders={"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()},
+          )
+      )
+  )[5:17]
   skip = {"image": tfds.decode.SkipDecoding(), "label": tfds.decode.SkipDecoding()}
   got = [tiny.info.features.deserialize_example_np(reader.read(p), decoders=skip) for p in range(len(index))]
   reader.close()
@@ -144,8 +150,14 @@ def test_train_aug_ids_union_minus_val():
 
 @pytest.fixture(scope="module")
 def fake_voc():
-  return fake_archives.make_fake_voc(np.random.default_rng(0), voc_train=VOC_TRAIN, voc_val=VOC_VAL,
-                                     sbd_train=SBD_TRAIN, sbd_val=SBD_VAL, unlisted=["2010_000005"])
+  return fake_archives.make_fake_voc(
+      np.random.default_rng(0),
+      voc_train=VOC_TRAIN,
+      voc_val=VOC_VAL,
+      sbd_train=SBD_TRAIN,
+      sbd_val=SBD_VAL,
+      unlisted=["2010_000005"],
+  )
 
 
 def _prepare_voc(tmp_path, fake, extra):
@@ -203,8 +215,7 @@ def test_voc_masks_read_as_palette_indices_and_bad_values_are_named():
   with pytest.raises(ValueError, match=r"bad\.png.*\[30\]"):
     voc2012_aug.read_mask_png(fake_archives.palette_png(np.array([[0, 30]], np.uint8)), "bad.png")
   segmentation = np.array([[0, 3], [20, 7]], dtype=np.uint8)
-  np.testing.assert_array_equal(voc2012_aug.read_sbd_mat(fake_archives.sbd_mat(segmentation), "x.mat"),
-                                segmentation)
+  np.testing.assert_array_equal(voc2012_aug.read_sbd_mat(fake_archives.sbd_mat(segmentation), "x.mat"), segmentation)
   with pytest.raises(ValueError, match="broken.jpg"):
     common.image_size(b"\xff\xd8\xff not really a jpeg", "broken.jpg")
 
@@ -266,13 +277,18 @@ def _prepare_voc_expecting_error(tmp_path, fake, extra="aug_zip", voc_labels=Non
   return str(error.value), manual
 
 
-@pytest.mark.parametrize("archive,fraction,extra", [
-    (voc2012_aug.VOC_ARCHIVE, 0.5, "aug_zip"), (voc2012_aug.VOC_ARCHIVE, 0.0, "aug_zip"),
-    (voc2012_aug.SBD_ARCHIVE, 0.5, "sbd"), (voc2012_aug.SBD_ARCHIVE, 0.0, "sbd"),
-    (voc2012_aug.AUG_ARCHIVE, 0.5, "aug_zip"), (voc2012_aug.AUG_ARCHIVE, 0.0, "aug_zip"),
-])
-def test_truncated_or_empty_voc_archives_are_named_with_a_redownload_hint(tmp_path, fake_voc, archive, fraction,
-                                                                          extra):
+@pytest.mark.parametrize(
+    "archive,fraction,extra",
+    [
+        (voc2012_aug.VOC_ARCHIVE, 0.5, "aug_zip"),
+        (voc2012_aug.VOC_ARCHIVE, 0.0, "aug_zip"),
+        (voc2012_aug.SBD_ARCHIVE, 0.5, "sbd"),
+        (voc2012_aug.SBD_ARCHIVE, 0.0, "sbd"),
+        (voc2012_aug.AUG_ARCHIVE, 0.5, "aug_zip"),
+        (voc2012_aug.AUG_ARCHIVE, 0.0, "aug_zip"),
+    ],
+)
+def test_truncated_or_empty_voc_archives_are_named_with_a_redownload_hint(tmp_path, fake_voc, archive, fraction, extra):
   message, manual = _prepare_voc_expecting_error(tmp_path, fake_voc, extra, cut=(archive, fraction))
   assert f"{archive} ({manual / archive})" in message and "download it again" in message, message
   assert "\n" not in message
@@ -283,8 +299,11 @@ def test_truncated_cityscapes_zip_is_named(tmp_path):
   manual.mkdir()
   fake_archives.write_cityscapes_zips(manual, np.random.default_rng(1), {"train": {"aachen": 2}, "val": {"ulm": 1}})
   fake_archives.truncate(manual / cityscapes.LABELS_ARCHIVE, 0.6)
-  with pytest.raises(common.DataError, match=r"The archive gtFine_trainvaltest\.zip \(.*\) is damaged or "
-                     r"incomplete.*download it again from https://www\.cityscapes-dataset\.com"):
+  with pytest.raises(
+      common.DataError,
+      match=r"The archive gtFine_trainvaltest\.zip \(.*\) is damaged or "
+      r"incomplete.*download it again from https://www\.cityscapes-dataset\.com",
+  ):
     datasets.get_builder("cityscapes19", data_dir=tmp_path / "tfds", manual_dir=manual)
 
 
@@ -292,12 +311,12 @@ def test_bad_label_pngs_name_the_file_and_the_values(tmp_path, fake_voc):
   voc_id, sbd_id = "2007_000039", "2008_000002"  # a VOC mask; an image with only an SBD mask
   bad = fake_voc.voc_masks[voc_id].copy()
   bad[0, :3] = 42
-  message, _ = _prepare_voc_expecting_error(tmp_path / "value", fake_voc,
-                                            voc_labels={voc_id: fake_archives.palette_png(bad)})
+  message, _ = _prepare_voc_expecting_error(
+      tmp_path / "value", fake_voc, voc_labels={voc_id: fake_archives.palette_png(bad)}
+  )
   assert f"VOCtrainval_11-May-2012.tar:VOCdevkit/VOC2012/SegmentationClass/{voc_id}.png holds values [42]" in message
   rgb = np.stack([fake_voc.sbd_masks[sbd_id]] * 3, axis=-1)
-  message, _ = _prepare_voc_expecting_error(tmp_path / "rgb", fake_voc,
-                                            aug_labels={sbd_id: fake_archives.rgb_png(rgb)})
+  message, _ = _prepare_voc_expecting_error(tmp_path / "rgb", fake_voc, aug_labels={sbd_id: fake_archives.rgb_png(rgb)})
   assert f"SegmentationClassAug.zip:SegmentationClassAug/{sbd_id}.png has Pillow mode 'RGB'" in message, message
 
 
@@ -307,16 +326,19 @@ def test_image_and_label_of_different_sizes_are_named(tmp_path, fake_voc):
   other = fake_archives.jpeg(np.zeros((h + 3, w, 3), np.uint8))
   fake = dataclasses.replace(fake_voc, jpegs={**fake_voc.jpegs, image_id: other})
   message, _ = _prepare_voc_expecting_error(tmp_path, fake)
-  assert (f"The image VOCtrainval_11-May-2012.tar:VOCdevkit/VOC2012/JPEGImages/{image_id}.jpg is {h + 3}x{w} but "
-          f"its label VOCtrainval_11-May-2012.tar:VOCdevkit/VOC2012/SegmentationClass/{image_id}.png is {h}x{w}"
-          in message), message
+  assert (
+      f"The image VOCtrainval_11-May-2012.tar:VOCdevkit/VOC2012/JPEGImages/{image_id}.jpg is {h + 3}x{w} but "
+      f"its label VOCtrainval_11-May-2012.tar:VOCdevkit/VOC2012/SegmentationClass/{image_id}.png is {h}x{w}" in message
+  ), message
 
 
 def test_unknown_dataset_lists_this_projects_datasets(tmp_path):
   with pytest.raises(errors.UserError) as error:
     datasets.get_builder("voc2012", data_dir=tmp_path)
-  assert str(error.value) == ("dataset 'voc2012' is not one of this project's datasets (synthetic_shapes/default, "
-                              "synthetic_shapes/tiny, voc2012_aug, cityscapes19, image_folder)")
+  assert str(error.value) == (
+      "dataset 'voc2012' is not one of this project's datasets (synthetic_shapes/default, "
+      "synthetic_shapes/tiny, voc2012_aug, cityscapes19, image_folder)"
+  )
   with pytest.raises(errors.UserError, match="'synthetic_shapes/tyni' is not one"):
     datasets.get_builder("synthetic_shapes/tyni", data_dir=tmp_path)
   assert len(datasets.dataset_class_names("voc2012_aug:1.0.0")) == 21
@@ -329,11 +351,23 @@ def test_prepare_command_line_names_a_truncated_archive_in_one_line(tmp_path, fa
   fake_archives.write_voc_tar(manual / voc2012_aug.VOC_ARCHIVE, fake_voc)
   fake_archives.write_aug_zip(manual / voc2012_aug.AUG_ARCHIVE, fake_voc)
   fake_archives.truncate(manual / voc2012_aug.VOC_ARCHIVE, 0.0)
-  proc = subprocess.run([sys.executable, "-m", "dilaff_jax.datasets.prepare", "--dataset=voc2012_aug",
-                         f"--manual_dir={manual}", f"--data_dir={tmp_path / 'tfds'}"], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "dilaff_jax.datasets.prepare",
+          "--dataset=voc2012_aug",
+          f"--manual_dir={manual}",
+          f"--data_dir={tmp_path / 'tfds'}",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert proc.returncode == 2, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"error: The archive VOCtrainval_11-May-2012.tar ({manual / voc2012_aug.VOC_ARCHIVE}) is "
-                         "damaged or incomplete"), proc.stderr[-3000:]
+  assert last.startswith(
+      f"error: The archive VOCtrainval_11-May-2012.tar ({manual / voc2012_aug.VOC_ARCHIVE}) is " "damaged or incomplete"
+  ), proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr

@@ -26,8 +26,8 @@ def test_output_shapes(size, h4, output_stride):
   model = DeepLabV3Plus(num_classes=21, rates=PAPER_RATES, affinity_bias=PRIOR_BIAS)
   variables, out = _abstract(model, size, output_stride)
   assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
-    "logits": ((2, h4, h4, 21), jnp.float32),
-    "affinity_logits": ((2, h4, h4, 32), jnp.float32),
+      "logits": ((2, h4, h4, 21), jnp.float32),
+      "affinity_logits": ((2, h4, h4, 32), jnp.float32),
   }
   assert set(variables) == {"params", "batch_stats"}
   assert "backbone" in variables["params"] and "backbone" in variables["batch_stats"]
@@ -57,13 +57,13 @@ def test_bfloat16_compute_returns_float32_logits_and_params():
 
 
 @pytest.mark.parametrize(
-  "kwargs, message",
-  [
-    (dict(rates=((8, 8),), affinity_bias=(0.0,) * 9), r"9 values, but 1 affinity rates need 8 \* 1 = 8"),
-    (dict(rates=((8, 0),)), r"pairs of positive integers .*\(8, 0\)"),
-    (dict(rates=((8, 8, 8),)), r"pairs of positive integers"),
-    (dict(num_classes=0), "num_classes"),
-  ],
+    "kwargs, message",
+    [
+        (dict(rates=((8, 8),), affinity_bias=(0.0,) * 9), r"9 values, but 1 affinity rates need 8 \* 1 = 8"),
+        (dict(rates=((8, 0),)), r"pairs of positive integers .*\(8, 0\)"),
+        (dict(rates=((8, 8, 8),)), r"pairs of positive integers"),
+        (dict(num_classes=0), "num_classes"),
+    ],
 )
 def test_rejects_bad_configuration(kwargs, message):
   model = DeepLabV3Plus(**{"num_classes": 21, **kwargs})
@@ -120,10 +120,10 @@ def _bilinear_reference(x, size, align_corners):
       y1, x1 = min(y0 + 1, h_in - 1), min(x0 + 1, w_in - 1)
       dy, dx = y - y0, x_ - x0
       out[:, i, j] = (
-        (1 - dy) * (1 - dx) * x[:, y0, x0]
-        + (1 - dy) * dx * x[:, y0, x1]
-        + dy * (1 - dx) * x[:, y1, x0]
-        + dy * dx * x[:, y1, x1]
+          (1 - dy) * (1 - dx) * x[:, y0, x0]
+          + (1 - dy) * dx * x[:, y0, x1]
+          + dy * (1 - dx) * x[:, y1, x0]
+          + dy * dx * x[:, y1, x1]
       )
   return out
 
@@ -175,10 +175,10 @@ def test_jit_forward_of_paper_model_train_and_eval(paper_model):
   # Train-mode BN: running mean <- 0.99 * 0 + 0.01 * batch mean (checked on the stem's BN against a direct conv).
   kernel = variables["params"]["backbone"]["conv1"]["kernel"]
   stem = jax.lax.conv_general_dilated(
-    images, kernel, (2, 2), ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+      images, kernel, (2, 2), ((3, 3), (3, 3)), dimension_numbers=("NHWC", "HWIO", "NHWC")
   )
   np.testing.assert_allclose(
-    updates["batch_stats"]["backbone"]["bn1"]["mean"], 0.01 * stem.mean((0, 1, 2)), rtol=1e-4, atol=1e-7
+      updates["batch_stats"]["backbone"]["bn1"]["mean"], 0.01 * stem.mean((0, 1, 2)), rtol=1e-4, atol=1e-7
   )
   # Dropout is driven by the "dropout" rng.
   again, _ = train_step(variables, jax.random.key(1))

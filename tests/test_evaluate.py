@@ -56,20 +56,27 @@ def test_confusion_metric_merges_batches_to_the_whole_set_count():
   preds = rng.integers(0, 4, size=labels.shape)
   valid = rng.random(labels.shape) > 0.1
   whole = eval_metrics.confusion_matrix_np(labels, preds, 4, valid)
-  halves = [eval_metrics.ConfusionMatrix.from_model_output(
-      eval_metrics.confusion_matrix(jnp.asarray(labels[s]), jnp.asarray(preds[s]), 4, jnp.asarray(valid[s])))
-      for s in (slice(0, 1), slice(1, 4))]
+  halves = [
+      eval_metrics.ConfusionMatrix.from_model_output(
+          eval_metrics.confusion_matrix(jnp.asarray(labels[s]), jnp.asarray(preds[s]), 4, jnp.asarray(valid[s]))
+      )
+      for s in (slice(0, 1), slice(1, 4))
+  ]
   merged = halves[0].merge(halves[1])
   np.testing.assert_array_equal(merged.matrix, whole)
   assert merged.compute() == pytest.approx(brute_miou(np.where(valid, labels, IGN), preds, 4)[0], rel=1e-12)
   cls = eval_metrics.eval_collection(("plain",), False)
 
   def per_device(lab, pred, ok):
-    return cls.gather_from_model_output(axis_name="d", plain=eval_metrics.confusion_matrix(lab, pred, 4, ok),
-                                        num_images=jnp.sum(ok[:, 0, 0], dtype=jnp.int32))
+    return cls.gather_from_model_output(
+        axis_name="d",
+        plain=eval_metrics.confusion_matrix(lab, pred, 4, ok),
+        num_images=jnp.sum(ok[:, 0, 0], dtype=jnp.int32),
+    )
 
   gathered = jax.pmap(per_device, axis_name="d", devices=jax.devices()[:2])(
-      *(jnp.asarray(x.reshape(2, 2, *x.shape[1:])) for x in (labels, preds, valid)))
+      *(jnp.asarray(x.reshape(2, 2, *x.shape[1:])) for x in (labels, preds, valid))
+  )
   one = jax.device_get(gathered.unreplicate())
   np.testing.assert_array_equal(one.plain.matrix, whole)
   assert one.num_images.compute() == int(np.sum(valid[:, 0, 0]))
@@ -99,21 +106,31 @@ def pixel_model(variables, images, *, train, output_stride, num_classes=6, num_a
 
 def pixel_variables(num_classes, num_aff, seed=0):
   rng = np.random.default_rng(seed)
-  return {"w": jnp.asarray(rng.normal(size=(3, num_classes)), jnp.float32),
-          "b": jnp.asarray(rng.normal(size=(num_classes,)), jnp.float32),
-          "wa": jnp.asarray(rng.normal(size=(3, num_aff)), jnp.float32)}
+  return {
+      "w": jnp.asarray(rng.normal(size=(3, num_classes)), jnp.float32),
+      "b": jnp.asarray(rng.normal(size=(num_classes,)), jnp.float32),
+      "wa": jnp.asarray(rng.normal(size=(3, num_aff)), jnp.float32),
+  }
 
 
 def run_eval(config, data_dir, *, pad, per_device, devices=2, crf_fn=None):
   rates = config_checks.rates_of(config)
   variables = pixel_variables(config.dataset.num_classes, 8 * len(rates))
-  batches = input_pipeline.eval_iterator("synthetic_shapes/tiny", split="validation", data_dir=data_dir,
-                                         local_device_count=devices, per_device_batch=per_device,
-                                         num_classes=config.dataset.num_classes, pad_size=pad)
+  batches = input_pipeline.eval_iterator(
+      "synthetic_shapes/tiny",
+      split="validation",
+      data_dir=data_dir,
+      local_device_count=devices,
+      per_device_batch=per_device,
+      num_classes=config.dataset.num_classes,
+      pad_size=pad,
+  )
   iterations = tuple(config.eval.iterations)
-  p_eval = jax.pmap(functools.partial(evaluate.eval_step, apply_fn=pixel_model, config=config, rates=rates,
-                                      iterations=iterations), axis_name=state_lib.AXIS,
-                    devices=jax.devices()[:devices])
+  p_eval = jax.pmap(
+      functools.partial(evaluate.eval_step, apply_fn=pixel_model, config=config, rates=rates, iterations=iterations),
+      axis_name=state_lib.AXIS,
+      devices=jax.devices()[:devices],
+  )
   replicated = jax.tree.map(lambda x: jnp.stack([x] * devices), variables)
   return evaluate.accumulate(p_eval, replicated, batches, crf_fn=crf_fn)
 
@@ -124,10 +141,12 @@ def test_padding_and_batching_never_change_the_score(data_dir):
   b = run_eval(config, data_dir, pad=(80, 71), per_device=3)  # 6 per batch: 8 images -> 2 batches, 4 dummies
   assert a.metrics.num_images.compute() == b.metrics.num_images.compute() == 8
   for key in a.metrics.compute():  # every confusion matrix and the Fig. 4 counts
-    np.testing.assert_array_equal(jax.tree.leaves(getattr(a.metrics, key)), jax.tree.leaves(getattr(b.metrics, key)),
-                                  err_msg=key)
+    np.testing.assert_array_equal(
+        jax.tree.leaves(getattr(a.metrics, key)), jax.tree.leaves(getattr(b.metrics, key)), err_msg=key
+    )
   # every labelled pixel of the split is counted exactly once
   from dilaff_jax import datasets
+
   builder = datasets.get_builder("synthetic_shapes/tiny", data_dir=data_dir)
   n = sum(int(np.sum(ex["label"] != IGN)) for ex in builder.as_dataset(split="validation").as_numpy_iterator())
   assert a.metrics.predicted_0.matrix.sum() == n
@@ -183,6 +202,7 @@ def test_flip_prediction_is_the_mean_of_both_passes():
 
 def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(data_dir, tmp_path):
   from dilaff_jax import train
+
   config = tiny_config(data_dir, **{"train.num_steps": 2})
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
@@ -192,6 +212,7 @@ def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(data_dir, tmp_path
   for key in ("miou", "per_class_iou", "sweep", "affinity_accuracy", "confusion"):
     assert first[key] == second[key], key
   import os
+
   out = os.path.join(workdir, "eval", "step_2")
   assert sorted(os.listdir(out)) == ["affinity_accuracy.png", "examples.png", "results.json", "results.md"]
   with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
@@ -202,6 +223,7 @@ def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(data_dir, tmp_path
 
 def test_watch_evaluates_every_checkpoint_once(data_dir, tmp_path):
   from dilaff_jax import train
+
   config = tiny_config(data_dir)  # 4 steps, a checkpoint every 2
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)

@@ -117,8 +117,12 @@ def test_prepared_examples_keep_indices_and_convert_images(folder, tmp_path):
   for name, (rgb, label) in scenes.items():
     np.testing.assert_array_equal(seen[name][1], label, err_msg=name)  # scene_003: palette indices, not colours
     np.testing.assert_array_equal(seen[name][0], rgb, err_msg=name)  # grey replicated, RGBA over white, JPEG as read
-  assert set(np.unique(scenes["scene_003"][1])) - {255} and (np.asarray(Image.open(
-      os.path.join(path, "masks", "scene_003.png")).convert("L")) != scenes["scene_003"][1]).any()
+  assert (
+      set(np.unique(scenes["scene_003"][1])) - {255}
+      and (
+          np.asarray(Image.open(os.path.join(path, "masks", "scene_003.png")).convert("L")) != scenes["scene_003"][1]
+      ).any()
+  )
 
 
 def test_prepare_prints_splits_classes_and_a_stats_command_that_runs(folder, tmp_path, capsys, monkeypatch):
@@ -160,8 +164,11 @@ def test_each_folder_state_has_its_own_prepared_copy(tmp_path):
   changed = where(a)
   assert changed != first
   rebuilt = datasets.get_builder("image_folder", data_dir=root, manual_dir=a)
-  sizes = {ex["image_id"].decode(): ex["image"].shape[:2] for s in ("train", "val")
-           for ex in tfds.as_numpy(rebuilt.as_dataset(split=s))}
+  sizes = {
+      ex["image_id"].decode(): ex["image"].shape[:2]
+      for s in ("train", "val")
+      for ex in tfds.as_numpy(rebuilt.as_dataset(split=s))
+  }
   assert sizes["scene_001"] == (9, 9)
   os.remove(os.path.join(a, "classes.txt"))  # class_0.. from num_classes; the count is part of the key
   assert where(a) != changed
@@ -180,8 +187,9 @@ def _broken(tmp_path, name, edit):
 
 def _error(folder, num_classes=0, tmp=None):
   with pytest.raises(errors.UserError) as info:
-    datasets.get_builder("image_folder", data_dir=os.path.join(folder, "..", "tfds"), manual_dir=folder,
-                         num_classes=num_classes)
+    datasets.get_builder(
+        "image_folder", data_dir=os.path.join(folder, "..", "tfds"), manual_dir=folder, num_classes=num_classes
+    )
   message = str(info.value)
   assert "\n" not in message, message
   return message
@@ -215,7 +223,8 @@ def test_mistakes_are_one_line_errors_naming_file_and_values(tmp_path):
   no_classes = _broken(tmp_path, "noclasses", lambda f: os.remove(os.path.join(f, "classes.txt")))
   assert "num_classes" in _error(no_classes)
   assert "lists 6 classes but config.dataset.num_classes = 4" in _error(
-      _broken(tmp_path, "count", lambda f: None), num_classes=4)
+      _broken(tmp_path, "count", lambda f: None), num_classes=4
+  )
   with pytest.raises(errors.UserError, match="manual_dir is not set"):
     datasets.location("image_folder", manual_dir=None)
 
@@ -243,8 +252,13 @@ def scramble_heads(workdir, config, image, step):
   with checkpoints.opened(workdir, config) as mngr:
     state, _ = checkpoints.restore_checkpoint(mngr, state_lib.state_template(config, rates), compat, mngr.latest_step())
   x = jnp.asarray(predict.normalise_and_pad(image, config.dataset.mean, config.dataset.std, 8))
-  _, inter = model.apply({"params": state.params, "batch_stats": state.batch_stats}, x, train=False,
-                         output_stride=8, capture_intermediates=lambda module, method: module.name == "decoder")
+  _, inter = model.apply(
+      {"params": state.params, "batch_stats": state.batch_stats},
+      x,
+      train=False,
+      output_stride=8,
+      capture_intermediates=lambda module, method: module.name == "decoder",
+  )
   features = np.asarray(inter["intermediates"]["decoder"]["__call__"][0])
   centre, spread = features.mean((0, 1, 2)), features.std((0, 1, 2)).mean()
   rng = np.random.default_rng(7)
@@ -282,7 +296,8 @@ def test_small_config_trains_evaluates_and_predicts(trained, folder, tmp_path):
   markdown = open(os.path.join(out_dir, "results.md")).read()
   assert all(name in markdown for name in CLASSES)
   assert os.path.getsize(os.path.join(out_dir, "affinity_accuracy.png")) and os.path.getsize(
-      os.path.join(out_dir, "examples.png"))
+      os.path.join(out_dir, "examples.png")
+  )
   assert os.path.isfile(os.path.join(trained["workdir"], "affinity_stats.json"))
   out = str(tmp_path / "pred")
   image = os.path.join(path, "images", "scene_005.png")
@@ -297,11 +312,19 @@ def test_main_takes_the_classes_from_the_folder(folder, tmp_path):
   broken = str(tmp_path / "broken")
   shutil.copytree(path, broken)
   os.remove(os.path.join(broken, "masks", "scene_007.png"))
-  cmd = [sys.executable, "-m", "dilaff_jax.main", "--config=configs/image_folder.py:small",
-         f"--workdir={tmp_path / 'w'}", f"--config.dataset.manual_dir={broken}",
-         f"--config.dataset.data_dir={tmp_path / 'tfds'}", "--config.eval.batch_size=8"]  # 8 virtual devices
-  run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": REPO})
+  cmd = [
+      sys.executable,
+      "-m",
+      "dilaff_jax.main",
+      "--config=configs/image_folder.py:small",
+      f"--workdir={tmp_path / 'w'}",
+      f"--config.dataset.manual_dir={broken}",
+      f"--config.dataset.data_dir={tmp_path / 'tfds'}",
+      "--config.eval.batch_size=8",
+  ]  # 8 virtual devices
+  run = subprocess.run(
+      cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO}
+  )
   assert run.returncode == 2, run.stderr[-2000:]
   lines = [line for line in run.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "scene_007" in lines[0] and "Traceback" not in run.stderr
@@ -336,9 +359,21 @@ def test_exported_artifact_gives_predicts_masks_without_the_project(trained, fol
   script = tmp_path / "reload.py"
   script.write_text(RELOAD)
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  run = subprocess.run([sys.executable, str(script), output, str(tmp_path / "images.npy"), str(tmp_path / "m.npy"),
-                        str(tmp_path / "p.npy")], cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
-                       env=env)
+  run = subprocess.run(
+      [
+          sys.executable,
+          str(script),
+          output,
+          str(tmp_path / "images.npy"),
+          str(tmp_path / "m.npy"),
+          str(tmp_path / "p.npy"),
+      ],
+      cwd=str(tmp_path),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=env,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   assert json.loads(run.stdout.strip().splitlines()[-1])["modules"] == []
   masks, probs = np.load(tmp_path / "m.npy"), np.load(tmp_path / "p.npy")
@@ -356,12 +391,14 @@ def test_export_errors_are_one_line(folder, tmp_path, capsys):
   workdir = tmp_path / "untrained"  # a config.json, no checkpoint
   workdir.mkdir()
   (workdir / "config.json").write_text(small_config(path, str(tmp_path / "tfds")).to_json_best_effort())
-  cases = [([f"--workdir={tmp_path}", f"--output={tmp_path / 'm'}", "--size=8,8"], "no config.json"),
-           ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}", "--size=8,8"], "no checkpoint"),
-           ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}", "--size=8"], "--size=8"),
-           ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}"], "--size=H,W"),
-           ([f"--workdir={workdir}", f"--output={tmp_path / 'nope' / 'm'}", "--size=8,8"], "does not exist"),
-           ([f"--workdir={workdir}", f"--output={tmp_path}", "--size=8,8"], "is a folder")]
+  cases = [
+      ([f"--workdir={tmp_path}", f"--output={tmp_path / 'm'}", "--size=8,8"], "no config.json"),
+      ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}", "--size=8,8"], "no checkpoint"),
+      ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}", "--size=8"], "--size=8"),
+      ([f"--workdir={workdir}", f"--output={tmp_path / 'm'}"], "--size=H,W"),
+      ([f"--workdir={workdir}", f"--output={tmp_path / 'nope' / 'm'}", "--size=8,8"], "does not exist"),
+      ([f"--workdir={workdir}", f"--output={tmp_path}", "--size=8,8"], "is a folder"),
+  ]
   for argv, expected in cases:
     assert export.main(argv) == 2, argv
     err = capsys.readouterr().err.strip().splitlines()

@@ -1,4 +1,5 @@
 """The DeepLab input pipeline: augmentation, determinism and resume, exhaustive eval, multi-host shards."""
+
 import itertools
 
 import jax
@@ -18,8 +19,16 @@ SINGLE_HOST = dict(process_index=0, process_count=1)
 
 
 def _augment(image, label, seed, crop=24):
-  out_image, out_label = ip.augment(tf.constant(image), tf.constant(label), tf.constant(seed, tf.int64),
-                                    crop_size=(crop, crop), scales=SCALES, mean=MEAN, std=STD, ignore_label=255)
+  out_image, out_label = ip.augment(
+      tf.constant(image),
+      tf.constant(label),
+      tf.constant(seed, tf.int64),
+      crop_size=(crop, crop),
+      scales=SCALES,
+      mean=MEAN,
+      std=STD,
+      ignore_label=255,
+  )
   return out_image.numpy() * STD + MEAN, out_image.numpy(), out_label.numpy()
 
 
@@ -72,7 +81,7 @@ def test_augment_keeps_image_and_label_aligned():
     uniform = np.zeros_like(out_label, dtype=bool)
     uniform[2:-2, 2:-2] = True
     for dy, dx in itertools.product(range(-2, 3), range(-2, 3)):
-      uniform[2:-2, 2:-2] &= out_label[2 + dy:30 + dy, 2 + dx:30 + dx] == out_label[2:-2, 2:-2]
+      uniform[2:-2, 2:-2] &= out_label[2 + dy : 30 + dy, 2 + dx : 30 + dx] == out_label[2:-2, 2:-2]
     inside = uniform & (out_label != 255)
     np.testing.assert_allclose(raw[inside], colours[out_label[inside]].astype(np.float32), atol=1e-3)
     checked += inside.sum()
@@ -90,7 +99,7 @@ def test_training_positions_are_epoch_permutations_and_resumable():
   n = 10
   stream = list(itertools.islice(ip.training_positions(5, 0, n), 3 * n))
   assert [g for g, _ in stream] == list(range(3 * n))
-  epochs = [[p for _, p in stream[e * n:(e + 1) * n]] for e in range(3)]
+  epochs = [[p for _, p in stream[e * n : (e + 1) * n]] for e in range(3)]
   for order in epochs:
     assert sorted(order) == list(range(n))
   assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
@@ -106,8 +115,16 @@ def tiny(tmp_path_factory):
 
 def _train(tiny, seed, start_step=0, steps=3, **kwargs):
   kwargs = {"num_classes": 6, **SINGLE_HOST, **kwargs}
-  it = ip.train_iterator(tiny, split="train", crop_size=32, local_device_count=2, per_device_batch=2, seed=seed,
-                         start_step=start_step, **kwargs)
+  it = ip.train_iterator(
+      tiny,
+      split="train",
+      crop_size=32,
+      local_device_count=2,
+      per_device_batch=2,
+      seed=seed,
+      start_step=start_step,
+      **kwargs,
+  )
   return list(itertools.islice(it, steps))
 
 
@@ -140,8 +157,9 @@ def _decoded(builder, split):
 
 
 def test_eval_covers_every_pixel_once_and_masks_padding(tiny):
-  batches = list(ip.eval_iterator(tiny, split="validation", local_device_count=2, per_device_batch=3,
-                                  num_classes=6, **SINGLE_HOST))
+  batches = list(
+      ip.eval_iterator(tiny, split="validation", local_device_count=2, per_device_batch=3, num_classes=6, **SINGLE_HOST)
+  )
   assert len(batches) == 2  # 8 examples, 6 per batch
   originals = _decoded(tiny, "validation")
   pad_h = max(ex["image"].shape[0] for ex in originals.values())
@@ -171,15 +189,34 @@ def test_eval_covers_every_pixel_once_and_masks_padding(tiny):
 
 def test_eval_pad_size_too_small_names_the_example(tiny):
   with pytest.raises(ValueError, match=r"validation_\d{5}.*larger than the eval pad size"):
-    list(ip.eval_iterator(tiny, split="validation", local_device_count=1, per_device_batch=2, num_classes=6,
-                          pad_size=50, **SINGLE_HOST))
+    list(
+        ip.eval_iterator(
+            tiny,
+            split="validation",
+            local_device_count=1,
+            per_device_batch=2,
+            num_classes=6,
+            pad_size=50,
+            **SINGLE_HOST,
+        )
+    )
 
 
 def test_multi_host_eval_shards_partition_the_split_with_equal_batch_counts(tiny):
   ids, counts = [], []
   for host in range(3):
-    batches = list(ip.eval_iterator(tiny, split="validation", local_device_count=1, per_device_batch=2,
-                                    num_classes=6, pad_size=64, process_index=host, process_count=3))
+    batches = list(
+        ip.eval_iterator(
+            tiny,
+            split="validation",
+            local_device_count=1,
+            per_device_batch=2,
+            num_classes=6,
+            pad_size=64,
+            process_index=host,
+            process_count=3,
+        )
+    )
     counts.append(len(batches))
     ids += [i for b in batches for i, m in zip(b["image_id"].ravel(), b["mask"].ravel()) if m]
   assert counts == [2, 2, 2]  # shards of 3, 3, 2 examples, 2 per batch
@@ -204,12 +241,25 @@ def _decoded_split_ids(builder, split):
 
 
 def test_from_config(tiny):
-  cfg = ml_collections.ConfigDict(dict(
-      name="synthetic_shapes/tiny", data_dir=tiny.data_dir_root, manual_dir=None, train_split="train",
-      eval_split="validation", num_classes=6, ignore_label=255, crop_size=(24, 32), min_scale=0.5, max_scale=2.0,
-      scale_step=0.25, mean=ip.IMAGENET_MEAN_255, std=ip.IMAGENET_STD_255, eval_pad_size=None))
-  pipes = ip.from_config(cfg, seed=0, local_device_count=2, per_device_batch=1, eval_per_device_batch=4,
-                         **SINGLE_HOST)
+  cfg = ml_collections.ConfigDict(
+      dict(
+          name="synthetic_shapes/tiny",
+          data_dir=tiny.data_dir_root,
+          manual_dir=None,
+          train_split="train",
+          eval_split="validation",
+          num_classes=6,
+          ignore_label=255,
+          crop_size=(24, 32),
+          min_scale=0.5,
+          max_scale=2.0,
+          scale_step=0.25,
+          mean=ip.IMAGENET_MEAN_255,
+          std=ip.IMAGENET_STD_255,
+          eval_pad_size=None,
+      )
+  )
+  pipes = ip.from_config(cfg, seed=0, local_device_count=2, per_device_batch=1, eval_per_device_batch=4, **SINGLE_HOST)
   assert pipes.class_names == list(datasets.synthetic_shapes.CLASS_NAMES)
   assert (pipes.num_train_examples, pipes.num_eval_examples) == (24, 8)
   assert next(pipes.train)["image"].shape == (2, 1, 24, 32, 3)
@@ -222,12 +272,25 @@ def test_from_config(tiny):
 def test_eval_from_config_never_touches_the_train_split(tiny):
   """Evaluation builds only the eval side: the same batches as ``from_config``'s, even with a train split that
   does not exist (which ``from_config`` refuses)."""
-  cfg = ml_collections.ConfigDict(dict(
-      name="synthetic_shapes/tiny", data_dir=tiny.data_dir_root, manual_dir=None, train_split="train",
-      eval_split="validation", num_classes=6, ignore_label=255, crop_size=(24, 32), min_scale=0.5, max_scale=2.0,
-      scale_step=0.25, mean=ip.IMAGENET_MEAN_255, std=ip.IMAGENET_STD_255, eval_pad_size=None))
-  both = ip.from_config(cfg, seed=0, local_device_count=2, per_device_batch=1, eval_per_device_batch=2,
-                        **SINGLE_HOST)
+  cfg = ml_collections.ConfigDict(
+      dict(
+          name="synthetic_shapes/tiny",
+          data_dir=tiny.data_dir_root,
+          manual_dir=None,
+          train_split="train",
+          eval_split="validation",
+          num_classes=6,
+          ignore_label=255,
+          crop_size=(24, 32),
+          min_scale=0.5,
+          max_scale=2.0,
+          scale_step=0.25,
+          mean=ip.IMAGENET_MEAN_255,
+          std=ip.IMAGENET_STD_255,
+          eval_pad_size=None,
+      )
+  )
+  both = ip.from_config(cfg, seed=0, local_device_count=2, per_device_batch=1, eval_per_device_batch=2, **SINGLE_HOST)
   cfg.train_split = "no_such_split"
   with pytest.raises(Exception, match="no_such_split"):
     ip.from_config(cfg, seed=0, local_device_count=2, per_device_batch=1, **SINGLE_HOST)
@@ -241,8 +304,13 @@ def test_eval_from_config_never_touches_the_train_split(tiny):
 
 def test_prefetch_to_device_shards_the_device_axis():
   devices = jax.local_devices()
-  batches = [{"x": np.arange(len(devices) * 6, dtype=np.float32).reshape(len(devices), 2, 3) + k,
-              "image_id": np.full((len(devices), 2), f"id{k}", dtype=object)} for k in range(3)]
+  batches = [
+      {
+          "x": np.arange(len(devices) * 6, dtype=np.float32).reshape(len(devices), 2, 3) + k,
+          "image_id": np.full((len(devices), 2), f"id{k}", dtype=object),
+      }
+      for k in range(3)
+  ]
   out = list(ip.prefetch_to_device(iter(batches), size=2))
   assert len(out) == 3
   for k, batch in enumerate(out):

@@ -17,16 +17,20 @@ from dilaff_jax import state as state_lib
 from test_train import REPO, tiny_config
 
 # name -> (size, Pillow mode, file type); the first two and the last two share a padded size (41x57, 65x33)
-IMAGES = {"a_rgb": ((37, 50), "RGB", "png"), "c_rgba": ((38, 52), "RGBA", "png"),
-          "b_grey": ((64, 29), "L", "png"), "d_photo": ((60, 30), "RGB", "jpg")}
+IMAGES = {
+    "a_rgb": ((37, 50), "RGB", "png"),
+    "c_rgba": ((38, 52), "RGBA", "png"),
+    "b_grey": ((64, 29), "L", "png"),
+    "d_photo": ((60, 30), "RGB", "jpg"),
+}
 
 
 def scene(h, w, seed):
   """Two coloured shapes on a noisy background."""
   rng = np.random.default_rng(seed)
   img = np.full((h, w, 3), 40, np.int32)
-  img[h // 4:3 * h // 4, w // 5:w // 2] = (220, 30, 30)
-  img[h // 3:, 2 * w // 3:] = (30, 200, 60)
+  img[h // 4 : 3 * h // 4, w // 5 : w // 2] = (220, 30, 30)
+  img[h // 3 :, 2 * w // 3 :] = (30, 200, 60)
   return np.clip(img + rng.integers(-25, 25, img.shape), 0, 255).astype(np.uint8)
 
 
@@ -65,8 +69,9 @@ def scramble_heads(model, variables, config):
   model predicts one class everywhere, which would make every comparison of masks trivially true."""
   mean, std = np.asarray(config.dataset.mean), np.asarray(config.dataset.std)
   x = jnp.asarray(((scene(41, 57, seed=99) - mean) / std)[None], jnp.float32)
-  _, inter = model.apply(variables, x, train=False, output_stride=8,
-                         capture_intermediates=lambda module, method: module.name == "decoder")
+  _, inter = model.apply(
+      variables, x, train=False, output_stride=8, capture_intermediates=lambda module, method: module.name == "decoder"
+  )
   features = np.asarray(inter["intermediates"]["decoder"]["__call__"][0])
   centre, spread = features.mean((0, 1, 2)), features.std((0, 1, 2)).mean()
   rng = np.random.default_rng(7)
@@ -123,15 +128,25 @@ def reference(config, variables, image):
   x = jnp.asarray(((padded - mean) / std)[None])
   rates = config_checks.rates_of(config)
   model = state_lib.build_model(config, rates, axis_name=None)
-  probs, aff = inference.predict(model.apply, variables, x, size=(hp, wp), output_stride=8, scales=(1.0,), flip=False,
-                                rates=rates, mu=config.affinity.mu)
+  probs, aff = inference.predict(
+      model.apply,
+      variables,
+      x,
+      size=(hp, wp),
+      output_stride=8,
+      scales=(1.0,),
+      flip=False,
+      rates=rates,
+      mu=config.affinity.mu,
+  )
   inside = np.zeros(aff.shape, np.float32)
   for c, (s, t) in enumerate(affinity.neighbor_offsets(rates)):
     for i in range(hp):
       for j in range(wp):
         inside[0, i, j, c] = 0 <= i + s < h and 0 <= j + t < w
-  refined = propagation.propagate(probs, aff * inside, rates, lam=config.affinity.lam,
-                                  iterations=config.affinity.iterations)
+  refined = propagation.propagate(
+      probs, aff * inside, rates, lam=config.affinity.lam, iterations=config.affinity.iterations
+  )
   return np.asarray(probs)[0, :h, :w], np.asarray(refined)[0, :h, :w]
 
 
@@ -154,10 +169,14 @@ def test_aligned_sizes_and_output_names():
 
 def test_read_image_gives_upright_rgb_for_every_mode(tmp_path):
   rgb = scene(5, 7, seed=1)
-  cases = {"grey.png": (Image.fromarray(rgb[..., 0]), np.repeat(rgb[..., :1], 3, -1)),
-           "deep.png": (Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), np.repeat(rgb[..., :1], 3, -1)),
-           "half.png": (Image.fromarray(np.dstack([rgb, np.full((5, 7), 51, np.uint8)]), "RGBA"),
-                        np.round(0.2 * rgb + 0.8 * 255).astype(np.uint8))}
+  cases = {
+      "grey.png": (Image.fromarray(rgb[..., 0]), np.repeat(rgb[..., :1], 3, -1)),
+      "deep.png": (Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), np.repeat(rgb[..., :1], 3, -1)),
+      "half.png": (
+          Image.fromarray(np.dstack([rgb, np.full((5, 7), 51, np.uint8)]), "RGBA"),
+          np.round(0.2 * rgb + 0.8 * 255).astype(np.uint8),
+      ),
+  }
   rotated = Image.fromarray(rgb)
   exif = rotated.getexif()
   exif[0x0112] = 6  # orientation: the camera was turned, show the picture rotated by 90° clockwise
@@ -223,8 +242,13 @@ def test_predict_folder_matches_independent_prediction(trained, images, tmp_path
 def test_config_file_with_overrides_and_zero_iterations(trained, images, tmp_path, capsys):
   out = str(tmp_path / "out")
   rgb = os.path.join(images, "a_rgb.png")
-  argv = [f"--workdir={trained['workdir']}", f"--input={rgb}", f"--output={out}",
-          f"--config={os.path.join(REPO, 'configs', 'synthetic.py')}:tiny", "--config.affinity.iterations=0"]
+  argv = [
+      f"--workdir={trained['workdir']}",
+      f"--input={rgb}",
+      f"--output={out}",
+      f"--config={os.path.join(REPO, 'configs', 'synthetic.py')}:tiny",
+      "--config.affinity.iterations=0",
+  ]
   assert predict.main(argv) == 0
   assert "propagation: 0 iterations" in capsys.readouterr().out
   assert sorted(os.listdir(out)) == ["a_rgb_mask.png", "a_rgb_refined.png", "a_rgb_seg.png"]
@@ -277,23 +301,39 @@ def test_bad_inputs_exit_2_naming_the_culprit(trained, images, tmp_path, capsys)
   cfg = f"--config={os.path.join(REPO, 'configs', 'synthetic.py')}:tiny"
   rgb = os.path.join(images, "a_rgb.png")
   cases = {
-      "missing input": ([f"--workdir={workdir}", f"--input={tmp_path / 'nope.jpg'}", f"--output={tmp_path}/o"],
-                        f"--input={tmp_path / 'nope.jpg'}: no such file or folder"),
-      "folder without images": ([f"--workdir={workdir}", f"--input={empty}", f"--output={tmp_path}/o"],
-                                f"--input={empty}: the folder has no images"),
-      "corrupt image": ([f"--workdir={workdir}", f"--input={garbage}", f"--output={tmp_path}/o"],
-                        f"cannot read image {garbage}"),
-      "output is a file": ([f"--workdir={workdir}", f"--input={rgb}", f"--output={a_file}"],
-                           f"--output={a_file} is a file"),
-      "no checkpoint": ([f"--workdir={no_ckpt}", f"--input={rgb}", f"--output={tmp_path}/o", cfg],
-                        f"--workdir={no_ckpt}: no checkpoint in {no_ckpt}/checkpoints (no such folder)"),
-      "empty checkpoints": ([f"--workdir={empty_ckpt}", f"--input={rgb}", f"--output={tmp_path}/o", cfg],
-                            f"--workdir={empty_ckpt}: no checkpoint in {empty_ckpt}/checkpoints: train first"),
-      "no config": ([f"--workdir={no_ckpt}", f"--input={rgb}", f"--output={tmp_path}/o"],
-                    f"--workdir={no_ckpt}: no config.json"),
+      "missing input": (
+          [f"--workdir={workdir}", f"--input={tmp_path / 'nope.jpg'}", f"--output={tmp_path}/o"],
+          f"--input={tmp_path / 'nope.jpg'}: no such file or folder",
+      ),
+      "folder without images": (
+          [f"--workdir={workdir}", f"--input={empty}", f"--output={tmp_path}/o"],
+          f"--input={empty}: the folder has no images",
+      ),
+      "corrupt image": (
+          [f"--workdir={workdir}", f"--input={garbage}", f"--output={tmp_path}/o"],
+          f"cannot read image {garbage}",
+      ),
+      "output is a file": (
+          [f"--workdir={workdir}", f"--input={rgb}", f"--output={a_file}"],
+          f"--output={a_file} is a file",
+      ),
+      "no checkpoint": (
+          [f"--workdir={no_ckpt}", f"--input={rgb}", f"--output={tmp_path}/o", cfg],
+          f"--workdir={no_ckpt}: no checkpoint in {no_ckpt}/checkpoints (no such folder)",
+      ),
+      "empty checkpoints": (
+          [f"--workdir={empty_ckpt}", f"--input={rgb}", f"--output={tmp_path}/o", cfg],
+          f"--workdir={empty_ckpt}: no checkpoint in {empty_ckpt}/checkpoints: train first",
+      ),
+      "no config": (
+          [f"--workdir={no_ckpt}", f"--input={rgb}", f"--output={tmp_path}/o"],
+          f"--workdir={no_ckpt}: no config.json",
+      ),
       "missing flag": ([f"--input={rgb}", f"--output={tmp_path}/o"], "--workdir is required"),
-      "misspelt flag": ([f"--workdir={workdir}", f"--input={rgb}", f"--output={tmp_path}/o", "--config.afinity.lam=1"],
-                        "config.afinity.lam: no such key; did you mean config.affinity.lam?"),
+      "misspelt flag": (
+          [f"--workdir={workdir}", f"--input={rgb}", f"--output={tmp_path}/o", "--config.afinity.lam=1"],
+          "config.afinity.lam: no such key; did you mean config.affinity.lam?",
+      ),
   }
   for what, (argv, message) in cases.items():
     assert predict.main(argv) == 2, what
@@ -309,7 +349,7 @@ def test_truncated_image_in_a_folder_is_reported_after_the_others(trained, tmp_p
   write_image(str(folder), "good", (37, 50), "RGB", "png")
   write_image(str(folder), "cut", (37, 50), "RGB", "jpg")
   data = (folder / "cut.jpg").read_bytes()
-  (folder / "cut.jpg").write_bytes(data[:len(data) // 2])  # a valid header, half the data
+  (folder / "cut.jpg").write_bytes(data[: len(data) // 2])  # a valid header, half the data
   out = tmp_path / "out"
   assert predict.main([f"--workdir={trained['workdir']}", f"--input={folder}", f"--output={out}"]) == 2
   err = capsys.readouterr().err
@@ -320,8 +360,20 @@ def test_truncated_image_in_a_folder_is_reported_after_the_others(trained, tmp_p
 
 def test_command_line_exits_2_on_a_missing_input(tmp_path):
   missing = tmp_path / "missing"
-  proc = subprocess.run([sys.executable, "-m", "dilaff_jax.predict", f"--workdir={tmp_path}", f"--input={missing}",
-                         f"--output={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "dilaff_jax.predict",
+          f"--workdir={tmp_path}",
+          f"--input={missing}",
+          f"--output={tmp_path / 'out'}",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert proc.returncode == 2, proc.stderr
   assert f"error: --input={missing}: no such file or folder" in proc.stderr
 
@@ -340,8 +392,9 @@ def test_unreadable_files_among_good_ones_are_skipped_and_listed(trained, tmp_pa
   assert last.startswith("error: 2 image(s) could not be read (the others were written): "), last
   for bad in ("b_garbage.png", "c_empty.jpg"):
     assert f"cannot read image {folder / bad}" in last, last
-  assert sorted(os.listdir(out)) == sorted(f"{n}_{k}.png" for n in ("a_good", "d_good")
-                                           for k in ("mask", "refined", "seg"))
+  assert sorted(os.listdir(out)) == sorted(
+      f"{n}_{k}.png" for n in ("a_good", "d_good") for k in ("mask", "refined", "seg")
+  )
   assert "4/4" in captured.out  # the good image after the bad ones was predicted
 
 
@@ -354,13 +407,29 @@ def test_unwritable_output_folder_fails_before_loading_the_model(images, tmp_pat
   drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
   rgb = os.path.join(images, "a_rgb.png")
   try:
-    for output, message in ((readonly, f"--output={readonly}: the folder is not writable (Permission denied)"),
-                            (readonly / "sub" / "dir", f"--output={readonly}/sub/dir: its parent {readonly} is not "
-                             "writable (Permission denied)")):
-      proc = subprocess.run([*drop, sys.executable, "-m", "dilaff_jax.predict", f"--workdir={tmp_path / 'no_run'}",
-                             f"--input={rgb}", f"--output={output}",
-                             f"--config={os.path.join(REPO, 'configs', 'synthetic.py')}:tiny"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    for output, message in (
+        (readonly, f"--output={readonly}: the folder is not writable (Permission denied)"),
+        (
+            readonly / "sub" / "dir",
+            f"--output={readonly}/sub/dir: its parent {readonly} is not " "writable (Permission denied)",
+        ),
+    ):
+      proc = subprocess.run(
+          [
+              *drop,
+              sys.executable,
+              "-m",
+              "dilaff_jax.predict",
+              f"--workdir={tmp_path / 'no_run'}",
+              f"--input={rgb}",
+              f"--output={output}",
+              f"--config={os.path.join(REPO, 'configs', 'synthetic.py')}:tiny",
+          ],
+          cwd=REPO,
+          capture_output=True,
+          text=True,
+          timeout=300,
+      )
       assert proc.returncode == 2, proc.stderr[-3000:]
       # checked before the model: the missing checkpoint of --workdir is never reached
       assert proc.stderr.strip().splitlines()[-1] == f"error: {message}: give a folder you can write to", proc.stderr
@@ -384,8 +453,18 @@ def test_inference_size_bounds_the_longer_side():
 def test_max_size_predicts_downscaled_and_writes_at_the_original_size(trained, images, tmp_path, capsys):
   out = str(tmp_path / "out")
   rgb = os.path.join(images, "a_rgb.png")  # 37 x 50: inferred at 24 x 32
-  assert predict.main([f"--workdir={trained['workdir']}", f"--input={rgb}", f"--output={out}", "--max_size=32",
-                       "--config.affinity.iterations=0"]) == 0  # the raw prediction: several classes
+  assert (
+      predict.main(
+          [
+              f"--workdir={trained['workdir']}",
+              f"--input={rgb}",
+              f"--output={out}",
+              "--max_size=32",
+              "--config.affinity.iterations=0",
+          ]
+      )
+      == 0
+  )  # the raw prediction: several classes
   assert "[inferred at 24x32, --max_size=32]" in capsys.readouterr().out
   mask = read(os.path.join(out, "a_rgb_mask.png"))
   assert mask.shape == (37, 50) and read(os.path.join(out, "a_rgb_seg.png")).shape == (37, 50, 3)

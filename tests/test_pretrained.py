@@ -16,14 +16,14 @@ from dilaff_jax import errors
 from dilaff_jax.models.deeplab import DeepLabV3Plus
 from dilaff_jax.models.resnet import ResNet
 from dilaff_jax.pretrained import (
-  PretrainedWeightsError,
-  load_pretrained_backbone,
-  load_resnet_state_dict,
-  torch_resnet_to_flax,
+    PretrainedWeightsError,
+    load_pretrained_backbone,
+    load_resnet_state_dict,
+    torch_resnet_to_flax,
 )
 
 _spec = importlib.util.spec_from_file_location(
-  "make_torch_resnet_fixture", Path(__file__).parent / "fixtures" / "make_torch_resnet_fixture.py"
+    "make_torch_resnet_fixture", Path(__file__).parent / "fixtures" / "make_torch_resnet_fixture.py"
 )
 fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixtures)
@@ -52,11 +52,11 @@ def _random_variables(model, seed):
 def _to_torch(variables):
   """Independent inverse of the conversion (the test's own): flax variables -> torchvision state dict."""
   names = {
-    ("params", "kernel"): "weight",
-    ("params", "scale"): "weight",
-    ("params", "bias"): "bias",
-    ("batch_stats", "mean"): "running_mean",
-    ("batch_stats", "var"): "running_var",
+      ("params", "kernel"): "weight",
+      ("params", "scale"): "weight",
+      ("params", "bias"): "bias",
+      ("batch_stats", "mean"): "running_mean",
+      ("batch_stats", "var"): "running_var",
   }
   out = {}
   for collection, tree in variables.items():
@@ -93,9 +93,8 @@ def test_wrong_shape_is_reported_by_name(resnet26):
   state_dict = dict(resnet26[0])
   state_dict["layer2.0.conv2.weight"] = np.zeros((128, 128, 1, 1), np.float32)
   with pytest.raises(
-    PretrainedWeightsError,
-    match=r"layer2\.0\.conv2\.weight: got \(128, 128, 1, 1\), expected "
-    r"\(128, 128, 3, 3\)",
+      PretrainedWeightsError,
+      match=r"layer2\.0\.conv2\.weight: got \(128, 128, 1, 1\), expected " r"\(128, 128, 3, 3\)",
   ):
     torch_resnet_to_flax(state_dict, 26)
 
@@ -151,13 +150,13 @@ def test_unknown_format_and_missing_file(tmp_path):
 
 def _small_deeplab(depth):
   return DeepLabV3Plus(
-    num_classes=3,
-    rates=((2, 2),),
-    depth=depth,
-    multi_grid=None,
-    aspp_channels=8,
-    low_level_channels=4,
-    decoder_channels=8,
+      num_classes=3,
+      rates=((2, 2),),
+      depth=depth,
+      multi_grid=None,
+      aspp_channels=8,
+      low_level_channels=4,
+      decoder_channels=8,
   )
 
 
@@ -172,7 +171,7 @@ def test_load_pretrained_backbone_reproduces_torchvision_and_keeps_heads(tmp_pat
       assert all(jax.tree_util.tree_leaves(same))
   backbone = {c: loaded[c]["backbone"] for c in ("params", "batch_stats")}
   np.testing.assert_array_equal(
-    backbone["params"]["layer1_0"]["conv2"]["kernel"], state_dict["layer1.0.conv2.weight"].transpose(2, 3, 1, 0)
+      backbone["params"]["layer1_0"]["conv2"]["kernel"], state_dict["layer1.0.conv2.weight"].transpose(2, 3, 1, 0)
   )
   feats = jax.jit(partial(ResNet(depth=26, multi_grid=None).apply, train=False))(backbone, ref["input"])
   stage4 = np.asarray(feats["stage4"][..., :64])
@@ -186,14 +185,13 @@ def test_load_pretrained_backbone_rejects_other_backbone(tmp_path, resnet26):
   with pytest.raises(PretrainedWeightsError, match=r"variables only in the model none; only in the file layer1_1/"):
     load_pretrained_backbone(variables, path, depth=26)
   variables = jax.eval_shape(
-    partial(_small_deeplab(26).init, train=False), jax.random.key(0), jnp.zeros((1, 33, 33, 3))
+      partial(_small_deeplab(26).init, train=False), jax.random.key(0), jnp.zeros((1, 33, 33, 3))
   )
   params = jax.tree_util.tree_map(lambda x: x, variables["params"])
   params["backbone"]["layer2_1"]["conv3"]["kernel"] = jax.ShapeDtypeStruct((1, 1, 128, 256), jnp.float32)
   with pytest.raises(
-    PretrainedWeightsError,
-    match=r"layer2_1/conv3/kernel: model \(1, 1, 128, 256\), file "
-    r"\(1, 1, 128, 512\)",
+      PretrainedWeightsError,
+      match=r"layer2_1/conv3/kernel: model \(1, 1, 128, 256\), file " r"\(1, 1, 128, 512\)",
   ):
     load_pretrained_backbone({**variables, "params": params}, path, depth=26)
 
@@ -225,8 +223,10 @@ def test_non_finite_tensor_names_the_file_and_the_key(tmp_path, resnet26, bad):
   path = _save(tmp_path, state)
   with pytest.raises(PretrainedWeightsError) as error:
     load_resnet_state_dict(path)
-  assert str(error.value) == (f"tensor 'layer3.1.bn2.running_var' of '{path}' holds 2 NaN or infinite values: the "
-                              "weights are damaged; download or convert them again")
+  assert str(error.value) == (
+      f"tensor 'layer3.1.bn2.running_var' of '{path}' holds 2 NaN or infinite values: the "
+      "weights are damaged; download or convert them again"
+  )
 
 
 def test_wrong_keys_or_shapes_name_the_file(tmp_path, resnet26):
@@ -234,7 +234,10 @@ def test_wrong_keys_or_shapes_name_the_file(tmp_path, resnet26):
   path = _save(tmp_path, state)
   init = partial(_small_deeplab(26).init, train=False)
   variables = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 33, 33, 3)))
-  with pytest.raises(PretrainedWeightsError, match=re.escape(f"pretrained weights '{path}': state dict does not "
-                                                             "match a ResNet-26") + ".*missing keys layer2.0.conv1"):
+  with pytest.raises(
+      PretrainedWeightsError,
+      match=re.escape(f"pretrained weights '{path}': state dict does not " "match a ResNet-26")
+      + ".*missing keys layer2.0.conv1",
+  ):
     load_pretrained_backbone(variables, path, depth=26)
   assert issubclass(PretrainedWeightsError, errors.UserError)

@@ -42,7 +42,7 @@ def random_inputs(seed, b=2, h=5, w=6, c=4, rates=RATES):
 
 def test_steep_sigmoid_is_eq7():
   x = np.linspace(-3, 3, 13)
-  want = 7.0 ** x / (1 + 7.0 ** x)
+  want = 7.0**x / (1 + 7.0**x)
   np.testing.assert_allclose(propagation.steep_sigmoid(jnp.asarray(x, jnp.float32)), want, rtol=1e-5)
   np.testing.assert_allclose(propagation.steep_sigmoid(jnp.asarray(x), mu=math.e), 1 / (1 + np.exp(-x)), rtol=1e-5)
   with pytest.raises(ValueError):
@@ -81,8 +81,12 @@ def test_propagate_any_size_and_bfloat16():
   assert bf.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(bf, np.float32), brute_propagate(p, a, RATES, 6.0, 3), atol=2e-2)
   jitted = jax.jit(propagation.propagate, static_argnames=("rates", "iterations"))
-  np.testing.assert_allclose(np.asarray(jitted(p, a, rates=RATES, lam=6.0, iterations=3)),
-                             brute_propagate(p, a, RATES, 6.0, 3), rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(jitted(p, a, rates=RATES, lam=6.0, iterations=3)),
+      brute_propagate(p, a, RATES, 6.0, 3),
+      rtol=2e-5,
+      atol=1e-6,
+  )
 
 
 def test_propagate_rejects_bad_shapes():
@@ -131,7 +135,7 @@ def test_ground_truth_oracle_repairs_a_corrupted_prediction():
   for it in (0, 1, 3, 6, 10):
     out = propagation.propagate(jnp.asarray(probs[None], jnp.float32), aff, rates, lam=6.0, iterations=it)
     scores.append(miou(np.asarray(out[0]).argmax(-1), labels, c))
-  print('oracle mIoU by iterations', scores)
+  print("oracle mIoU by iterations", scores)
   assert scores[0] < 0.6
   assert all(b >= a - 1e-9 for a, b in zip(scores, scores[1:])), scores
   assert scores[-1] > 0.95, scores

@@ -89,7 +89,7 @@ def test_affinity_counts_and_table_match_brute_force():
   targets, valid = brute_targets(lab, RATES)
   counts = np.zeros((len(RATES), 5, 2, 2), int)
   mass = np.zeros((len(RATES), 5, 2))
-  for (n, i, j, d) in zip(*np.nonzero(valid)):
+  for n, i, j, d in zip(*np.nonzero(valid)):
     if bins[n, i, j] < 0:
       continue
     t = int(targets[n, i, j, d])
@@ -175,8 +175,10 @@ def test_update_rules_match_brute_force(rule):
 
 
 def test_summary_non_decreasing_flags():
-  runs = [{"variants": {"rules": {"a": [0.5, 0.6, 0.6], "b": [0.5, 0.6, 0.55]}}},
-          {"variants": {"rules": {"a": [0.4, 0.45, 0.5], "b": [0.4, 0.5, 0.6]}}}]
+  runs = [
+      {"variants": {"rules": {"a": [0.5, 0.6, 0.6], "b": [0.5, 0.6, 0.55]}}},
+      {"variants": {"rules": {"a": [0.4, 0.45, 0.5], "b": [0.4, 0.5, 0.6]}}},
+  ]
   s = pd.summarize(runs)["rules"]
   assert s["a"]["non_decreasing_all"] and not s["b"]["non_decreasing_all"]
   assert s["a"]["gain_1"] == pytest.approx(0.075) and s["b"]["gain_10"] == pytest.approx(0.125)
@@ -185,6 +187,7 @@ def test_summary_non_decreasing_flags():
 
 def test_cli_on_a_tiny_run_agrees_with_evaluation(data_dir, tmp_path, capsys):
   from dilaff_jax import train
+
   workdir = str(tmp_path / "run")
   config = tiny_config(data_dir, **{"train.num_steps": 2, "train.eval_at_end": True})
   train.train_and_evaluate(config, workdir)
@@ -198,8 +201,9 @@ def test_cli_on_a_tiny_run_agrees_with_evaluation(data_dir, tmp_path, capsys):
   assert run["step"] == 2 and run["num_images"] == 8
   its = evaluated["sweep"]["iterations"]  # the tiny config sweeps (0, 1, 3)
   for name in ("predicted", "oracle"):
-    np.testing.assert_allclose([run["sweep"][name][pd.SWEEP.index(i)] for i in its], evaluated["sweep"][name],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        [run["sweep"][name][pd.SWEEP.index(i)] for i in its], evaluated["sweep"][name], atol=1e-6
+    )
   assert run["variants"]["rules"]["paper"] == run["sweep"]["predicted"]
   assert sum(run["pixels_by_distance"]) > 0 and len(run["changes"]) == len(pd.SWEEP) - 1
   assert set(report["summary"]) == {"lambda", "mu", "rates", "rules", "rules_oracle"}

@@ -71,10 +71,12 @@ def walk_files(root: str) -> list[str]:
   for dirpath, dirnames, filenames in os.walk(root):
     reldir = os.path.relpath(dirpath, root)
     reldir = "" if reldir == "." else reldir
-    dirnames[:] = sorted(d for d in dirnames
-                         if d != ".git" and not _ignored(os.path.join(reldir, d), True, patterns))
-    out.extend(os.path.join(reldir, f) for f in sorted(filenames)  # a worktree's .git is a file
-               if f != ".git" and not _ignored(os.path.join(reldir, f), False, patterns))
+    dirnames[:] = sorted(d for d in dirnames if d != ".git" and not _ignored(os.path.join(reldir, d), True, patterns))
+    out.extend(
+        os.path.join(reldir, f)
+        for f in sorted(filenames)  # a worktree's .git is a file
+        if f != ".git" and not _ignored(os.path.join(reldir, f), False, patterns)
+    )
   return out
 
 
@@ -151,9 +153,16 @@ def test_checker_flags_outside_references_and_allows_placeholders(tmp_path):
   for line, what in bad.items():
     found = outside_references("x.py", line, str(tmp_path))
     assert len(found) == 1 and what in found[0], (line, found)
-  fine = ["--manual_dir=/data/voc --data_dir=/data/tfds", "WORKDIR=$SCRATCH/runs/cs", "runs/work/step_1",
-          "https://github.com/google/flax/work/home/x", "the shared filesystem of all nodes", "~/tensorflow_datasets",
-          "files in <workdir>/eval/", "VENV=$(mktemp -d)/torch"]
+  fine = [
+      "--manual_dir=/data/voc --data_dir=/data/tfds",
+      "WORKDIR=$SCRATCH/runs/cs",
+      "runs/work/step_1",
+      "https://github.com/google/flax/work/home/x",
+      "the shared filesystem of all nodes",
+      "~/tensorflow_datasets",
+      "files in <workdir>/eval/",
+      "VENV=$(mktemp -d)/torch",
+  ]
   for line in fine:
     assert outside_references("x.py", line, str(tmp_path)) == [], line
   (tmp_path / "docs").mkdir()

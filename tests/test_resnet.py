@@ -16,7 +16,7 @@ from dilaff_jax.models.resnet import ResNet, Unit, resnet_param_count, unit_sche
 from dilaff_jax.pretrained import torch_resnet_to_flax
 
 _spec = importlib.util.spec_from_file_location(
-  "make_torch_resnet_fixture", Path(__file__).parent / "fixtures" / "make_torch_resnet_fixture.py"
+    "make_torch_resnet_fixture", Path(__file__).parent / "fixtures" / "make_torch_resnet_fixture.py"
 )
 fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixtures)
@@ -34,7 +34,7 @@ def _assert_close(got, ref, rtol=1e-4):
 
 # torchvision's numbers: sum(p.numel() for name, p in resnetN().named_parameters() if not name.startswith("fc."))
 @pytest.mark.parametrize(
-  "depth, count", [(18, 11_176_512), (34, 21_284_672), (50, 23_508_032), (101, 42_500_160), (152, 58_143_808)]
+    "depth, count", [(18, 11_176_512), (34, 21_284_672), (50, 23_508_032), (101, 42_500_160), (152, 58_143_808)]
 )
 def test_param_count_equals_torchvision(depth, count):
   assert resnet_param_count(depth) == count
@@ -64,13 +64,13 @@ def test_unit_schedule_resnet101():
 
 
 @pytest.mark.parametrize(
-  "kwargs, message",
-  [
-    (dict(stage_sizes=R101, output_stride=4, multi_grid=None), "output_stride"),
-    (dict(stage_sizes=R101, output_stride=16, multi_grid=(1, 2)), "multi_grid"),
-    (dict(stage_sizes=R101, output_stride=16, multi_grid=(1, 0, 2)), "multi_grid"),
-    (dict(stage_sizes=(2, 2, 2, 2), output_stride=16, multi_grid=(1, 2, 4)), "2 units"),
-  ],
+    "kwargs, message",
+    [
+        (dict(stage_sizes=R101, output_stride=4, multi_grid=None), "output_stride"),
+        (dict(stage_sizes=R101, output_stride=16, multi_grid=(1, 2)), "multi_grid"),
+        (dict(stage_sizes=R101, output_stride=16, multi_grid=(1, 0, 2)), "multi_grid"),
+        (dict(stage_sizes=(2, 2, 2, 2), output_stride=16, multi_grid=(1, 2, 4)), "2 units"),
+    ],
 )
 def test_unit_schedule_rejects_bad_input(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -81,14 +81,14 @@ def test_unit_schedule_rejects_bad_input(kwargs, message):
 def test_resnet_rejects_unknown_depth_and_stem(depth, stem, message):
   with pytest.raises(ValueError, match=message):
     jax.eval_shape(
-      partial(ResNet(depth=depth, stem=stem).init, train=False),
-      jax.random.key(0),
-      jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32),
+        partial(ResNet(depth=depth, stem=stem).init, train=False),
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32),
     )
 
 
 @pytest.mark.parametrize(
-  "output_stride, sizes", [(32, (129, 129, 65, 33, 17)), (16, (129, 129, 65, 33, 33)), (8, (129, 129, 65, 65, 65))]
+    "output_stride, sizes", [(32, (129, 129, 65, 33, 17)), (16, (129, 129, 65, 33, 33)), (8, (129, 129, 65, 65, 65))]
 )
 def test_feature_sizes_follow_pytorch_arithmetic(output_stride, sizes):
   model = ResNet(depth=101)
@@ -170,9 +170,9 @@ def test_basic_units_dilate_their_second_conv_at_the_new_rate():
   variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0), images)
   jaxpr = jax.make_jaxpr(partial(model.apply, train=False, output_stride=8))(variables, images)
   dilations = [
-    eqn.params["rhs_dilation"][0]
-    for eqn in jaxpr.jaxpr.eqns
-    if eqn.primitive.name == "conv_general_dilated" and eqn.params["lhs_dilation"] == (1, 1)
+      eqn.params["rhs_dilation"][0]
+      for eqn in jaxpr.jaxpr.eqns
+      if eqn.primitive.name == "conv_general_dilated" and eqn.params["lhs_dilation"] == (1, 1)
   ]
   # stem, layer1 (2 units x 2), layer2 (2 x 2 + downsample), layer3, layer4 (multi-grid 4 * (1, 2)).
   assert dilations == [1] + [1] * 4 + [1, 1, 1, 1, 1] + [1, 2, 1, 2, 2] + [4, 4, 1, 8, 8]

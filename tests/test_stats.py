@@ -54,8 +54,8 @@ def test_streaming_matches_brute_force_over_maps_of_different_sizes(rule):
       for kk in k[..., r][m != IGN]:
         if kk >= 0:  # a pixel without a valid neighbour at this rate has no category
           cat[r, kk] += 1
-      pos[r] += t[0][..., 8 * r:8 * r + 8].sum()
-      val[r] += v[0][..., 8 * r:8 * r + 8].sum()
+      pos[r] += t[0][..., 8 * r : 8 * r + 8].sum()
+      val[r] += v[0][..., 8 * r : 8 * r + 8].sum()
   np.testing.assert_array_equal(s.counts.category, cat)
   np.testing.assert_array_equal(s.counts.positive, pos)
   np.testing.assert_array_equal(s.counts.valid, val)
@@ -114,11 +114,21 @@ def test_plot_writes_png(tmp_path):
 
 def test_command_line_on_a_prepared_dataset(tmp_path, capsys):
   from dilaff_jax import datasets
+
   data_dir = str(tmp_path / "tfds")
   builder = datasets.get_builder("synthetic_shapes/tiny", data_dir=data_dir)
   out, png = tmp_path / "s.json", tmp_path / "fig3.png"
-  stats_lib.main(["--dataset=synthetic_shapes/tiny", "--split=train", f"--data_dir={data_dir}", "--rates=2,3x6",
-                  "--plot_rates=1,2,4", f"--output={out}", f"--plot={png}"])
+  stats_lib.main(
+      [
+          "--dataset=synthetic_shapes/tiny",
+          "--split=train",
+          f"--data_dir={data_dir}",
+          "--rates=2,3x6",
+          "--plot_rates=1,2,4",
+          f"--output={out}",
+          f"--plot={png}",
+      ]
+  )
   s = AffinityStats.load(str(out))
   assert s.rates == ((2, 2), (3, 6), (6, 3)) and s.source == "synthetic_shapes/tiny:train"
   # the same numbers as streaming the decoded label maps by hand

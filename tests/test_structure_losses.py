@@ -55,12 +55,9 @@ def brute_force_aaf(logits, labels, dilations, weights, margin, ignore=V):
   return sums, counts
 
 
-LABELS_3x4 = np.array([[[0, 0, 1, 1],
-                        [0, V, 1, 2],
-                        [2, 2, 2, 2]],
-                       [[1, 1, 1, 1],
-                        [0, 0, V, V],
-                        [0, 2, 2, V]]], np.int32)
+LABELS_3x4 = np.array(
+    [[[0, 0, 1, 1], [0, V, 1, 2], [2, 2, 2, 2]], [[1, 1, 1, 1], [0, 0, V, V], [0, 2, 2, V]]], np.int32
+)
 
 
 def test_aaf_sums_match_brute_force_on_a_3x4_map_with_void_and_borders():
@@ -68,8 +65,9 @@ def test_aaf_sums_match_brute_force_on_a_3x4_map_with_void_and_borders():
   logits = rng.normal(scale=3.0, size=(2, 3, 4, 3)).astype(np.float32)
   weights = rng.uniform(0.1, 1.0, size=(2, 3, 2)).astype(np.float32)
   dilations = (1, 2)
-  sums, counts = structure_losses.aaf_loss_sum(jnp.asarray(logits), jnp.asarray(LABELS_3x4), dilations,
-                                               jnp.asarray(weights), margin=3.0)
+  sums, counts = structure_losses.aaf_loss_sum(
+      jnp.asarray(logits), jnp.asarray(LABELS_3x4), dilations, jnp.asarray(weights), margin=3.0
+  )
   ref_sums, ref_counts = brute_force_aaf(logits, LABELS_3x4, dilations, weights, 3.0)
   np.testing.assert_array_equal(np.asarray(counts), ref_counts)
   np.testing.assert_allclose(np.asarray(sums), ref_sums, rtol=1e-5, atol=1e-6)
@@ -106,20 +104,28 @@ def test_adaptive_weights_gradient_is_reversed():
   assert float(jnp.abs(plain).max()) > 1e-3
   np.testing.assert_allclose(np.asarray(reversed_), -np.asarray(plain), rtol=1e-6)
   # forward values are untouched: the softmax over sizes
-  np.testing.assert_allclose(np.asarray(structure_losses.adaptive_weights(raw)),
-                             np.asarray(jax.nn.softmax(raw, axis=-1)), rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(structure_losses.adaptive_weights(raw)), np.asarray(jax.nn.softmax(raw, axis=-1)), rtol=1e-6
+  )
   # the network's gradient is not reversed
-  g_net = jax.grad(lambda lg: structure_losses.aaf_loss(
-      *structure_losses.aaf_loss_sum(lg, labels, (1, 2), structure_losses.adaptive_weights(raw))))(logits)
-  g_ref = jax.grad(lambda lg: structure_losses.aaf_loss(
-      *structure_losses.aaf_loss_sum(lg, labels, (1, 2), jax.nn.softmax(raw, axis=-1))))(logits)
+  g_net = jax.grad(
+      lambda lg: structure_losses.aaf_loss(
+          *structure_losses.aaf_loss_sum(lg, labels, (1, 2), structure_losses.adaptive_weights(raw))
+      )
+  )(logits)
+  g_ref = jax.grad(
+      lambda lg: structure_losses.aaf_loss(
+          *structure_losses.aaf_loss_sum(lg, labels, (1, 2), jax.nn.softmax(raw, axis=-1))
+      )
+  )(logits)
   np.testing.assert_allclose(np.asarray(g_net), np.asarray(g_ref), rtol=1e-6)
 
 
 def test_labels_on_grid_picks_the_aligned_pixels():
   labels = jnp.arange(2 * 9 * 13).reshape(2, 9, 13)
-  np.testing.assert_array_equal(np.asarray(structure_losses.labels_on_grid(labels, (3, 4))),
-                                np.asarray(labels[:, ::4, ::4]))
+  np.testing.assert_array_equal(
+      np.asarray(structure_losses.labels_on_grid(labels, (3, 4))), np.asarray(labels[:, ::4, ::4])
+  )
 
 
 # ---------------------------------------------------------------------------------------------- boundary weights
@@ -135,7 +141,7 @@ def test_unet_weight_map_two_objects_hand_computed():
   counts = {0: 14, 1: 3, 2: 3}  # 15 background pixels, one of them void
   n = 20
   wc = {c: n / (3 * counts[c]) for c in counts}  # N / (K · n_c)
-  border = lambda d1, d2: 10.0 * math.exp(-(d1 + d2) ** 2 / (2 * 2.0 ** 2))
+  border = lambda d1, d2: 10.0 * math.exp(-((d1 + d2) ** 2) / (2 * 2.0**2))
   # the background pixel midway (column 3): distance 2 to each object
   assert w[1, 3] == pytest.approx(wc[0] + border(2, 2), rel=1e-6)
   # a pixel of A: d1 = 0 (itself), d2 = 4 (B)
@@ -153,14 +159,13 @@ def test_unet_weight_map_objects_are_components_and_background_choice():
   # one class in two separate components is two objects; with background=-1 class 0 regions are objects too
   label = np.array([[1, 0, 0, 1]], np.int32)
   w = structure_losses.unet_weight_map(label, num_classes=2, w0=10.0, sigma=1.0, class_balance=False)
-  border = lambda d1, d2: 10.0 * math.exp(-(d1 + d2) ** 2 / 2.0)
-  np.testing.assert_allclose(w, [[1 + border(0, 3), 1 + border(1, 2), 1 + border(1, 2), 1 + border(0, 3)]],
-                             rtol=1e-6)
-  w_all = structure_losses.unet_weight_map(label, num_classes=2, w0=10.0, sigma=1.0, background=-1,
-                                           class_balance=False)
+  border = lambda d1, d2: 10.0 * math.exp(-((d1 + d2) ** 2) / 2.0)
+  np.testing.assert_allclose(w, [[1 + border(0, 3), 1 + border(1, 2), 1 + border(1, 2), 1 + border(0, 3)]], rtol=1e-6)
+  w_all = structure_losses.unet_weight_map(label, num_classes=2, w0=10.0, sigma=1.0, background=-1, class_balance=False)
   # three objects: {0}, {1, 2} (class 0), {3}
-  np.testing.assert_allclose(w_all, [[1 + border(0, 1), 1 + border(0, 1), 1 + border(0, 1), 1 + border(0, 1)]],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      w_all, [[1 + border(0, 1), 1 + border(0, 1), 1 + border(0, 1), 1 + border(0, 1)]], rtol=1e-6
+  )
   # a single object: no border term
   one = structure_losses.unet_weight_map(np.array([[1, 1, 0]]), num_classes=2, class_balance=False)
   np.testing.assert_array_equal(one, [[1, 1, 1]])
@@ -194,7 +199,7 @@ def brute_force_unet_weights(label, num_classes, w0, sigma, background, ignore=V
     out[i, j] = len(labelled) / (present * n[label[i, j]])
     if len(objects) >= 2:
       d = sorted(min(math.hypot(i - y, j - x) for y, x in obj) for obj in objects)
-      out[i, j] += w0 * math.exp(-(d[0] + d[1]) ** 2 / (2 * sigma ** 2))
+      out[i, j] += w0 * math.exp(-((d[0] + d[1]) ** 2) / (2 * sigma**2))
   return out
 
 
@@ -251,7 +256,8 @@ def test_sharded_sums_equal_the_whole_batch():
     return jax.lax.psum(jnp.sum(s / jnp.maximum(c, 1)), "d"), jax.lax.psum(bs, "d") / bn
 
   out = jax.pmap(sharded, axis_name="d", devices=jax.devices()[:4])(
-      logits.reshape(4, 1, 6, 7, 3), labels.reshape(4, 1, 6, 7), weight_map.reshape(4, 1, 6, 7))
+      logits.reshape(4, 1, 6, 7, 3), labels.reshape(4, 1, 6, 7), weight_map.reshape(4, 1, 6, 7)
+  )
   np.testing.assert_allclose(np.asarray(out[0]), float(whole[0]), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(out[1]), float(whole[1]), rtol=1e-5)
 
@@ -267,10 +273,12 @@ def test_variants_and_config_errors():
     assert cfg.structure.kind == "boundary" and not cfg.affinity.enabled
     config_checks.validate(cfg, num_devices=2, mode="evaluate")
   assert synthetic.get_config().structure.kind == "none"
-  for key, value, match in [("kind", "crf", r"config.structure.kind = 'crf': expected one of"),
-                            ("aaf_dilations", (1, 1), r"config.structure.aaf_dilations = \(1, 1\)"),
-                            ("aaf_margin", 0.0, r"config.structure.aaf_margin = 0.0"),
-                            ("boundary_background", 6, r"config.structure.boundary_background = 6")]:
+  for key, value, match in [
+      ("kind", "crf", r"config.structure.kind = 'crf': expected one of"),
+      ("aaf_dilations", (1, 1), r"config.structure.aaf_dilations = \(1, 1\)"),
+      ("aaf_margin", 0.0, r"config.structure.aaf_margin = 0.0"),
+      ("boundary_background", 6, r"config.structure.boundary_background = 6"),
+  ]:
     cfg = synthetic.get_config("boundary" if key.startswith("boundary") else "aaf")
     cfg.structure[key] = value
     with pytest.raises(config_checks.ConfigError, match=match):
@@ -306,6 +314,7 @@ def test_boundary_weights_in_the_input_pipeline_are_the_weight_map_of_each_crop(
 
 def _tiny(data_dir, variant, **overrides):
   from test_train import tiny_config
+
   c = tiny_config(data_dir, **overrides)
   return variants.apply(c, variant, voc.VARIANTS)
 
@@ -321,7 +330,7 @@ def test_training_with_a_structure_loss_runs_and_checkpoints(data_dir, tmp_path,
     assert metrics["structure_loss"] > metrics["ce_loss"]
   else:  # CE + λ · 10^(-step/steps) · AAF, averaged over the logged steps 1 and 2 (step index 0 and 1)
     extra = metrics["loss"] - metrics["ce_loss"]
-    assert 10 ** -0.5 * metrics["structure_loss"] * 0.9999 <= extra <= metrics["structure_loss"] * 1.0001
+    assert 10**-0.5 * metrics["structure_loss"] * 0.9999 <= extra <= metrics["structure_loss"] * 1.0001
   rates = config_checks.rates_of(config)
   state = state_lib.create_train_state(config, state_lib.build_model(config, rates), jax.random.key(0))
   mngr = checkpoints.checkpoint_manager(str(tmp_path / "run"), config)
@@ -332,8 +341,9 @@ def test_training_with_a_structure_loss_runs_and_checkpoints(data_dir, tmp_path,
     assert float(jnp.abs(restored.params[state_lib.AAF_PARAMS]).max()) > 0
     # restoring the AAF run into a config without AAF is refused with the reason
     plain = _tiny(data_dir, "baseline")
-    with pytest.raises(checkpoints.IncompatibleCheckpointError,
-                       match=r"structure.aaf_weights \(shape\): checkpoint has \[2, 6, 3\]"):
+    with pytest.raises(
+        checkpoints.IncompatibleCheckpointError, match=r"structure.aaf_weights \(shape\): checkpoint has \[2, 6, 3\]"
+    ):
       checkpoints.restore_checkpoint(mngr, state, checkpoints.compat_record(plain, rates), 2)
   mngr.close()
   saved = json.load(open(tmp_path / "run" / "config.json"))

@@ -16,14 +16,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_parse_rows_grammar():
-  rows = study.parse_rows(["baseline", "default"],
-                          "plain=baseline#0,1,2,3,4; plain+crf=evaluate:plain@eval.crf=True@eval.crf_iterations=5;"
-                          "small=tiny@train.num_steps=2", [0, 1, 2])
+  rows = study.parse_rows(
+      ["baseline", "default"],
+      "plain=baseline#0,1,2,3,4; plain+crf=evaluate:plain@eval.crf=True@eval.crf_iterations=5;"
+      "small=tiny@train.num_steps=2",
+      [0, 1, 2],
+  )
   assert rows[0] == Row(name="baseline", variant="baseline", seeds=(0, 1, 2))
   assert rows[1] == Row(name="default", variant="", seeds=(0, 1, 2))  # "default": the config without variant
   assert rows[2] == Row(name="plain", variant="baseline", seeds=(0, 1, 2, 3, 4))
-  assert rows[3] == Row(name="plain+crf", overrides=("eval.crf=True", "eval.crf_iterations=5"), seeds=(0, 1, 2),
-                        evaluates="plain")
+  assert rows[3] == Row(
+      name="plain+crf", overrides=("eval.crf=True", "eval.crf_iterations=5"), seeds=(0, 1, 2), evaluates="plain"
+  )
   assert rows[4] == Row(name="small", variant="tiny", overrides=("train.num_steps=2",), seeds=(0, 1, 2))
   for bad in ("x=evaluate:nothing", "a=tiny;a=tiny", "a b=tiny", "a=tiny@novalue", "a=tiny#1,1", "a=tiny#x", "abc"):
     with pytest.raises(study.StudyError):
@@ -35,19 +39,33 @@ def test_command_of_a_trained_and_an_evaluate_row(tmp_path):
   rows = [Row(**{**r.__dict__, "final_step": 8}) for r in rows]
   w = str(tmp_path)
   train_cmd = study.command("configs/synthetic.py", ["dataset.data_dir=/d"], rows, rows[0], 3, w)
-  assert train_cmd[1:] == ["-m", "dilaff_jax.main", "--config=configs/synthetic.py:baseline", "--config.seed=3",
-                           "--config.dataset.data_dir=/d", "--config.train.num_steps=8",
-                           f"--workdir={tmp_path}/plain/seed_3"]
+  assert train_cmd[1:] == [
+      "-m",
+      "dilaff_jax.main",
+      "--config=configs/synthetic.py:baseline",
+      "--config.seed=3",
+      "--config.dataset.data_dir=/d",
+      "--config.train.num_steps=8",
+      f"--workdir={tmp_path}/plain/seed_3",
+  ]
   eval_cmd = study.command("configs/synthetic.py", ["dataset.data_dir=/d"], rows, rows[1], 3, w)
-  assert eval_cmd[1:] == ["-m", "dilaff_jax.main", "--config=configs/synthetic.py:baseline", "--config.seed=3",
-                          "--config.dataset.data_dir=/d", "--config.train.num_steps=8", "--config.eval.crf=True",
-                          f"--config.eval.output_dir={tmp_path}/crf/seed_3/eval", "--mode=evaluate", "--step=8",
-                          f"--workdir={tmp_path}/plain/seed_3"]
+  assert eval_cmd[1:] == [
+      "-m",
+      "dilaff_jax.main",
+      "--config=configs/synthetic.py:baseline",
+      "--config.seed=3",
+      "--config.dataset.data_dir=/d",
+      "--config.train.num_steps=8",
+      "--config.eval.crf=True",
+      f"--config.eval.output_dir={tmp_path}/crf/seed_3/eval",
+      "--mode=evaluate",
+      "--step=8",
+      f"--workdir={tmp_path}/plain/seed_3",
+  ]
 
 
 def test_plan_is_seed_major_and_resolve_reads_num_steps():
-  rows = study.resolve(study.parse_rows(["tiny"], "b=tiny@train.num_steps=7#1,2", [0, 1]), "configs/synthetic.py",
-                       [])
+  rows = study.resolve(study.parse_rows(["tiny"], "b=tiny@train.num_steps=7#1,2", [0, 1]), "configs/synthetic.py", [])
   assert [r.final_step for r in rows] == [4, 7]
   assert [(r.name, s) for r, s in study.plan(rows)] == [("tiny", 0), ("tiny", 1), ("b", 1), ("b", 2)]
   with pytest.raises(study.StudyError, match="train.bogus"):
@@ -76,14 +94,27 @@ def _write(workdir, row, seed, step, results):
 
 def _fabricated(tmp_path):
   w = str(tmp_path / "study")
-  rows = [Row("plain", "baseline", seeds=(0, 1, 2), final_step=10), Row("aff", "", seeds=(0, 1, 2), final_step=10),
-          Row("one", "x", seeds=(0, 1), final_step=10)]
+  rows = [
+      Row("plain", "baseline", seeds=(0, 1, 2), final_step=10),
+      Row("aff", "", seeds=(0, 1, 2), final_step=10),
+      Row("one", "x", seeds=(0, 1), final_step=10),
+  ]
   for s, m in enumerate((0.70, 0.73, 0.76)):
     _write(w, "plain", s, 10, {"miou": m})
   sweeps = {0: [0.74, 0.75], 1: [0.72, 0.78]}
   for s, (m, p) in enumerate(((0.74, 0.75), (0.72, 0.78))):  # seed 2 missing: a partial row
-    _write(w, "aff", s, 10, {"miou": m, "miou_propagated": p, "final_iterations": 1,
-                             "sweep": {"iterations": [0, 1], "predicted": sweeps[s], "oracle": [m, m + 0.1]}})
+    _write(
+        w,
+        "aff",
+        s,
+        10,
+        {
+            "miou": m,
+            "miou_propagated": p,
+            "final_iterations": 1,
+            "sweep": {"iterations": [0, 1], "predicted": sweeps[s], "oracle": [m, m + 0.1]},
+        },
+    )
   _write(w, "one", 1, 10, {"miou": 0.80})
   _write(w, "aff", 0, 99, {"miou": 0.0})  # another step: not the final one, ignored
   return w, rows
@@ -113,8 +144,7 @@ def test_aggregate_matches_hand_computed_values(tmp_path):
   assert sw["predicted"]["std"] == pytest.approx([math.sqrt(2) * 0.01, math.sqrt(2) * 0.015])
   assert sw["oracle"]["mean"] == pytest.approx([0.73, 0.83])
   one = agg["one"]
-  assert one["metrics"]["miou"] == {"n": 1, "mean": 0.80, "std": None, "min": 0.80, "max": 0.80,
-                                    "values": {"1": 0.80}}
+  assert one["metrics"]["miou"] == {"n": 1, "mean": 0.80, "std": None, "min": 0.80, "max": 0.80, "values": {"1": 0.80}}
   assert one["vs_baseline"]["miou"]["n"] == 1 and one["vs_baseline"]["miou"]["mean"] == pytest.approx(0.07)
   assert one["vs_baseline"]["miou"]["std"] is None
 
@@ -146,33 +176,63 @@ def test_export_names_no_folder_of_the_machine(tmp_path):
   w, rows = _fabricated(tmp_path)
   run = os.path.join(w, "aff", "seed_0")
   with open(os.path.join(run, "run.json"), "w") as f:
-    json.dump({"seed": 0, "command": ["-m", "dilaff_jax.main", f"--workdir={os.path.abspath(run)}",
-                                      f"--config.eval.output_dir={os.path.abspath(run)}/eval"]}, f)
+    json.dump(
+        {
+            "seed": 0,
+            "command": [
+                "-m",
+                "dilaff_jax.main",
+                f"--workdir={os.path.abspath(run)}",
+                f"--config.eval.output_dir={os.path.abspath(run)}/eval",
+            ],
+        },
+        f,
+    )
   dest = str(tmp_path / "export")
   study.export(w, rows, dest)
   exported = json.load(open(os.path.join(dest, "aff", "seed_0", "run.json")))
   assert exported["command"][2:] == ["--workdir=aff/seed_0", "--config.eval.output_dir=aff/seed_0/eval"]
-  assert not any(str(tmp_path) in open(os.path.join(d, n)).read()
-                 for d, _, names in os.walk(dest) for n in names if n.endswith((".json", ".md")))
+  assert not any(
+      str(tmp_path) in open(os.path.join(d, n)).read()
+      for d, _, names in os.walk(dest)
+      for n in names
+      if n.endswith((".json", ".md"))
+  )
 
 
 def test_study_end_to_end_on_tiny(tmp_path, data_dir):
   """Two trained rows and one evaluate row of seed 0: all finish; a second invocation runs nothing."""
   w = str(tmp_path / "study")
-  cmd = [sys.executable, "-m", "dilaff_jax.study", "--config=configs/synthetic.py", "--seeds=0", f"--workdir={w}",
-         "--rows=aff=tiny; plain=tiny@affinity.enabled=False; plain4=evaluate:plain@eval.max_images=4",
-         "--baseline_row=plain", f"--config.dataset.data_dir={data_dir}"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "dilaff_jax.study",
+      "--config=configs/synthetic.py",
+      "--seeds=0",
+      f"--workdir={w}",
+      "--rows=aff=tiny; plain=tiny@affinity.enabled=False; plain4=evaluate:plain@eval.max_images=4",
+      "--baseline_row=plain",
+      f"--config.dataset.data_dir={data_dir}",
+  ]
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", PYTHONPATH=REPO)
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "run 1/3: aff seed 0 (train), 3 left" in proc.stdout and "run 3/3: plain4 seed 0 (evaluate)" in proc.stdout
-  results = {r: json.load(open(os.path.join(w, r, "seed_0", "eval", "step_4", "results.json")))
-             for r in ("aff", "plain", "plain4")}
+  results = {
+      r: json.load(open(os.path.join(w, r, "seed_0", "eval", "step_4", "results.json")))
+      for r in ("aff", "plain", "plain4")
+  }
   assert results["plain"]["num_images"] == 8 and results["plain4"]["num_images"] == 4  # not overwritten
   assert "sweep" in results["aff"] and "sweep" not in results["plain"]
   assert not os.path.exists(os.path.join(w, "plain4", "seed_0", "checkpoints"))
-  for name in ("study.json", "study.md", "study.png", "aff/seed_0/log.txt", "aff/seed_0/config.json",
-               "plain4/seed_0/run.json"):
+  for name in (
+      "study.json",
+      "study.md",
+      "study.png",
+      "aff/seed_0/log.txt",
+      "aff/seed_0/config.json",
+      "plain4/seed_0/run.json",
+  ):
     assert os.path.exists(os.path.join(w, name)), name
   agg = json.load(open(os.path.join(w, "study.json")))["aggregate"]
   assert agg["aff"]["metrics"]["miou"]["values"] == {"0": results["aff"]["miou"]}

@@ -60,8 +60,9 @@ def test_step_on_4_devices_equals_step_on_1_device_with_whole_batch():
   config = synthetic.get_config("tiny")
   config.model.dropout_rate = 0.0
   rates = config_checks.rates_of(config)
-  stats = AffinityStats(rates, np.tile([0.05, 0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.4], (len(rates), 1)),
-                        np.full(len(rates), 0.8))
+  stats = AffinityStats(
+      rates, np.tile([0.05, 0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.4], (len(rates), 1)), np.full(len(rates), 0.8)
+  )
   model = state_lib.build_model(config, rates, affinity.prior_bias(stats.pos_freq))
   state = state_lib.create_train_state(config, model, jax.random.key(1))
   rng = np.random.default_rng(0)
@@ -69,8 +70,9 @@ def test_step_on_4_devices_equals_step_on_1_device_with_whole_batch():
   labels = rng.integers(0, 6, size=(4, 33, 33)).astype(np.int32)
   labels[:, 10:14] = 255
   labels[3][rng.random((33, 33)) < 0.7] = 255  # uneven ignore shares across the devices
-  step = functools.partial(step_lib.train_step, config=config, rates=rates, stats=stats,
-                           schedule=state_lib.learning_rate_schedule(config))
+  step = functools.partial(
+      step_lib.train_step, config=config, rates=rates, stats=stats, schedule=state_lib.learning_rate_schedule(config)
+  )
   outs = []
   for ndev in (4, 1):
     devices = jax.devices()[:ndev]
@@ -85,8 +87,10 @@ def test_step_on_4_devices_equals_step_on_1_device_with_whole_batch():
   # between shardings; a sharding bug, e.g. a loss normalised per device with these uneven ignore shares, changes
   # them by tens of percent.)
   assert not np.allclose(np.asarray(s1.params["classifier"]["kernel"]), state.params["classifier"]["kernel"])
-  for u4, u1 in zip(jax.tree.leaves(jax.tree.map(np.subtract, s4.params, state.params)),
-                    jax.tree.leaves(jax.tree.map(np.subtract, s1.params, state.params))):
+  for u4, u1 in zip(
+      jax.tree.leaves(jax.tree.map(np.subtract, s4.params, state.params)),
+      jax.tree.leaves(jax.tree.map(np.subtract, s1.params, state.params)),
+  ):
     assert np.linalg.norm(u4 - u1) <= 2e-2 * np.linalg.norm(u1) + 1e-9
   tree_allclose(s4.batch_stats, s1.batch_stats, rtol=2e-4, atol=2e-6)
   for k in ("loss", "ce_loss", "affinity_loss", "pixel_accuracy", "affinity_accuracy"):
@@ -103,9 +107,13 @@ def test_resume_after_sigterm_equals_straight_run(data_dir, tmp_path):
   assert straight["train"]
   config.train.image_summary_every = 0
   import tensorflow as tf
+
   events = [f for f in os.listdir(tmp_path / "straight") if f.startswith("events.out.tfevents")]
-  tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(tmp_path / "straight" / events[0]))
-          for v in e.summary.value}
+  tags = {
+      v.tag
+      for e in tf.compat.v1.train.summary_iterator(str(tmp_path / "straight" / events[0]))
+      for v in e.summary.value
+  }
   assert {"input", "label", "prediction", "affinity_rate_4", "loss", "affinity_accuracy", "steps_per_sec"} <= tags
 
   def sigterm_at_2(step, state):
@@ -149,8 +157,7 @@ def test_resume_after_hard_kill_equals_straight_run(data_dir, tmp_path):
   workdir = str(tmp_path / "killed")
   script = KILL_SCRIPT.format(tests=os.path.join(REPO, "tests"), workdir=workdir, data_dir=data_dir)
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=600)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 17, proc.stderr[-3000:]
   config = tiny_config(data_dir)
   step, _ = restored_variables(workdir, config)
@@ -177,6 +184,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
         if i == 3:
           batch = dict(batch, image=np.full_like(batch["image"], np.nan))
         yield batch
+
     return pipes._replace(train=batches())
 
   monkeypatch.setattr(input_pipeline, "from_config", poisoned)
@@ -196,13 +204,33 @@ def test_diverging_run_leaves_only_finite_checkpoints(data_dir, tmp_path):
   in one ``error:`` line naming the step. In its own process: in full runs of the suite, XLA crashed while
   compiling this run's step inside the long-lived test process (never when the test ran alone)."""
   workdir = str(tmp_path / "diverge")
-  overrides = {"train.learning_rate": 1e8, "train.checkpoint_every": 1, "train.keep_checkpoints": 2,
-               "train.num_steps": 8, "train.batch_size": 8, "eval.batch_size": 8, "train.eval_at_end": False,
-               "train.image_summary_every": 0, "dataset.data_dir": data_dir}
+  overrides = {
+      "train.learning_rate": 1e8,
+      "train.checkpoint_every": 1,
+      "train.keep_checkpoints": 2,
+      "train.num_steps": 8,
+      "train.batch_size": 8,
+      "eval.batch_size": 8,
+      "train.eval_at_end": False,
+      "train.image_summary_every": 0,
+      "dataset.data_dir": data_dir,
+  }
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-m", "dilaff_jax.main", "--config=configs/synthetic.py:tiny",
-                         f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "dilaff_jax.main",
+          "--config=configs/synthetic.py:tiny",
+          f"--workdir={workdir}",
+          *(f"--config.{k}={v}" for k, v in overrides.items()),
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(r"at step \d+", lines[0]), lines[-5:]
@@ -220,36 +248,41 @@ def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):
   config = tiny_config(data_dir, **{"train.num_steps": 2})
   train.train_and_evaluate(config, str(tmp_path / "run"))
   other = tiny_config(data_dir, **{"train.num_steps": 4, "affinity.rates": (4, 8)})
-  with pytest.raises(checkpoints.IncompatibleCheckpointError,
-                     match=r"incompatible config:\n  affinity.rates \(explicit\)"):
+  with pytest.raises(
+      checkpoints.IncompatibleCheckpointError, match=r"incompatible config:\n  affinity.rates \(explicit\)"
+  ):
     train.train_and_evaluate(other, str(tmp_path / "run"))
   # the refused config did not replace the run's config.json
   import json
+
   saved = json.load(open(tmp_path / "run" / "config.json"))
   assert saved["affinity"]["rates"] == [4, [6, 12], 8]
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("dataset.crop_size", 100, "config.dataset.crop_size = 100: must be k\\*16\\+1"),
-    ("affinity.scheme", "sqrt-reweight", "config.affinity.scheme = 'sqrt-reweight': expected one of"),
-    ("affinity.rates", (), "config.affinity.rates = \\(\\): "),
-    ("train.batch_size", 6, "config.train.batch_size = 6: must be divisible by the number of devices \\(4\\)"),
-    ("model.depth", 42, "config.model.depth = 42"),
-    ("model.multi_grid", (1, 2, 4), "config.model.multi_grid = \\(1, 2, 4\\): expected 2 positive ints"),
-    ("dataset.max_scale", 0.25, "config.dataset.max_scale = 0.25: must be >= dataset.min_scale"),
-    ("model.pretrained", "/nonexistent/r101.safetensors", "config.model.pretrained = '/nonexistent"),
-    ("train.warmup_steps", -5, r"config.train.warmup_steps = -5: expected an integer >= 0"),
-    ("train.warmup_steps", 600, r"config.train.warmup_steps = 600: must be < train.num_steps \(600\)"),
-    ("eval.max_images", -1, r"config.eval.max_images = -1: expected an integer >= 0"),
-    ("seed", -1, r"config.seed = -1: expected an integer >= 0"),
-    ("dataset.eval_pad_size", (129,), r"config.dataset.eval_pad_size = \(129,\): expected \(height, width\)"),
-    ("affinity.iterations", -2, r"config.affinity.iterations = -2: expected an integer >= 0"),
-    ("train.end_learning_rate", 0.5, r"config.train.end_learning_rate = 0.5: expected a value <= 0.02"),
-    ("affinity.stats_max_images", -3, r"config.affinity.stats_max_images = -3: expected an integer >= 0"),
-    ("distributed.process_id", -2, r"config.distributed.process_id = -2: expected an integer >= -1"),
-    ("dataset.num_classes", 21, r"config.dataset.num_classes = 21: synthetic_shapes/default has 6 classes"),
-    ("dataset.name", "pascal_voc", r"config.dataset.name = 'pascal_voc': not one of this project's datasets"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("dataset.crop_size", 100, "config.dataset.crop_size = 100: must be k\\*16\\+1"),
+        ("affinity.scheme", "sqrt-reweight", "config.affinity.scheme = 'sqrt-reweight': expected one of"),
+        ("affinity.rates", (), "config.affinity.rates = \\(\\): "),
+        ("train.batch_size", 6, "config.train.batch_size = 6: must be divisible by the number of devices \\(4\\)"),
+        ("model.depth", 42, "config.model.depth = 42"),
+        ("model.multi_grid", (1, 2, 4), "config.model.multi_grid = \\(1, 2, 4\\): expected 2 positive ints"),
+        ("dataset.max_scale", 0.25, "config.dataset.max_scale = 0.25: must be >= dataset.min_scale"),
+        ("model.pretrained", "/nonexistent/r101.safetensors", "config.model.pretrained = '/nonexistent"),
+        ("train.warmup_steps", -5, r"config.train.warmup_steps = -5: expected an integer >= 0"),
+        ("train.warmup_steps", 600, r"config.train.warmup_steps = 600: must be < train.num_steps \(600\)"),
+        ("eval.max_images", -1, r"config.eval.max_images = -1: expected an integer >= 0"),
+        ("seed", -1, r"config.seed = -1: expected an integer >= 0"),
+        ("dataset.eval_pad_size", (129,), r"config.dataset.eval_pad_size = \(129,\): expected \(height, width\)"),
+        ("affinity.iterations", -2, r"config.affinity.iterations = -2: expected an integer >= 0"),
+        ("train.end_learning_rate", 0.5, r"config.train.end_learning_rate = 0.5: expected a value <= 0.02"),
+        ("affinity.stats_max_images", -3, r"config.affinity.stats_max_images = -3: expected an integer >= 0"),
+        ("distributed.process_id", -2, r"config.distributed.process_id = -2: expected an integer >= -1"),
+        ("dataset.num_classes", 21, r"config.dataset.num_classes = 21: synthetic_shapes/default has 6 classes"),
+        ("dataset.name", "pascal_voc", r"config.dataset.name = 'pascal_voc': not one of this project's datasets"),
+    ],
+)
 def test_config_errors_name_the_key(key, value, match):
   c = synthetic.get_config()
   node = c
@@ -291,9 +324,20 @@ def test_paper_configs_refuse_to_train_without_imagenet_weights(tmp_path):
   assert synthetic.get_config().model.pretrained == "none"
   # the command line: one error line, exit 2, before the dataset (which does not exist here) is touched
   workdir = tmp_path / "w"
-  proc = subprocess.run([sys.executable, "-m", "dilaff_jax.main", "--config=configs/voc.py", f"--workdir={workdir}",
-                         f"--config.dataset.manual_dir={tmp_path / 'nodata'}"], capture_output=True, text=True,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "dilaff_jax.main",
+          "--config=configs/voc.py",
+          f"--workdir={workdir}",
+          f"--config.dataset.manual_dir={tmp_path / 'nodata'}",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      timeout=300,
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1].startswith("error: config.model.pretrained = '': ResNet-101 needs")
   assert "Traceback" not in proc.stderr
@@ -308,16 +352,25 @@ def test_two_processes_with_jax_distributed_train_and_checkpoint(data_dir, tmp_p
   workdir = str(tmp_path / "mp")
   env = dict(os.environ, WORKDIR=workdir, DEVICES_PER_PROCESS="2", NUM_PROCESSES="2")
   env.pop("JAX_NUM_CPU_DEVICES")
-  proc = subprocess.run(["bash", os.path.join(REPO, "launch", "cpu_multiprocess.sh"),
-                         f"--config.dataset.data_dir={data_dir}", "--config.train.eval_at_end=False"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+      [
+          "bash",
+          os.path.join(REPO, "launch", "cpu_multiprocess.sh"),
+          f"--config.dataset.data_dir={data_dir}",
+          "--config.train.eval_at_end=False",
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   logs = [open(os.path.join(workdir, f"process_{i}.log")).read() for i in range(2)]
   for log in logs:
     assert "[train] step 4/4" in log
   # both processes computed the same global metrics (cross-process psum), only process 0 wrote summaries
-  last = [next(line for line in log.splitlines() if line.startswith("[train] step 4/4")).split("|")[0]
-          for log in logs]
+  last = [next(line for line in log.splitlines() if line.startswith("[train] step 4/4")).split("|")[0] for log in logs]
   assert last[0] == last[1]
   assert len([f for f in os.listdir(workdir) if f.startswith("events.out.tfevents")]) == 1
   config = tiny_config(data_dir)
@@ -326,9 +379,20 @@ def test_two_processes_with_jax_distributed_train_and_checkpoint(data_dir, tmp_p
   assert step == 4
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
   # both processes restore the shared checkpoint and go on to step 6
-  proc = subprocess.run(["bash", os.path.join(REPO, "launch", "cpu_multiprocess.sh"),
-                         f"--config.dataset.data_dir={data_dir}", "--config.train.eval_at_end=False",
-                         "--config.train.num_steps=6"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+      [
+          "bash",
+          os.path.join(REPO, "launch", "cpu_multiprocess.sh"),
+          f"--config.dataset.data_dir={data_dir}",
+          "--config.train.eval_at_end=False",
+          "--config.train.num_steps=6",
+      ],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   for i in range(2):
     log = open(os.path.join(workdir, f"process_{i}.log")).read()
@@ -377,6 +441,7 @@ def test_segmentation_loss_sum_against_a_loop():
   assert int(n) == count == 22
   np.testing.assert_allclose(float(total), want, rtol=1e-5)
   import optax  # the library's masked integer-label cross-entropy agrees (to rounding; see the docstring)
+
   valid = labels != 255
   ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(np.where(valid, labels, 0)))
   np.testing.assert_allclose(float(total), float(jnp.sum(jnp.where(valid, ce, 0.0))), rtol=1e-6)

@@ -15,8 +15,15 @@ CONFIG = os.path.join(REPO, "configs", "synthetic.py")
 
 
 def run_cli(module, *args, env=None, **kwargs):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, **(env or {})), **kwargs)
+  return subprocess.run(
+      [sys.executable, "-m", module, *args],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, **(env or {})),
+      **kwargs,
+  )
 
 
 def assert_one_error_line(proc, *fragments):
@@ -31,9 +38,16 @@ def assert_one_error_line(proc, *fragments):
 
 
 def main_cli(data_dir, workdir, *args, env=None):
-  return run_cli("dilaff_jax.main", f"--config={CONFIG}:tiny", f"--workdir={workdir}",
-                 f"--config.dataset.data_dir={data_dir}", "--config.train.batch_size=8",  # 8 CPU devices (conftest)
-                 "--config.eval.batch_size=8", *args, env=env)
+  return run_cli(
+      "dilaff_jax.main",
+      f"--config={CONFIG}:tiny",
+      f"--workdir={workdir}",
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.train.batch_size=8",  # 8 CPU devices (conftest)
+      "--config.eval.batch_size=8",
+      *args,
+      env=env,
+  )
 
 
 # ---------------------------------------------------------------------------------------------- config mistakes
@@ -55,8 +69,9 @@ def test_nearest_key_and_override_parsing():
   assert cli.missing_key(config, "train.learning_rate") is None
   assert cli.missing_key(config, "eval.scales[0]") is None
   assert cli.missing_key(config, "afinity.lam") == "config.afinity.lam: no such key; did you mean config.affinity.lam?"
-  assert cli.missing_key(config, "learning_rate") == ("config.learning_rate: no such key; did you mean "
-                                                      "config.train.learning_rate?")
+  assert cli.missing_key(config, "learning_rate") == (
+      "config.learning_rate: no such key; did you mean " "config.train.learning_rate?"
+  )
   assert cli.missing_key(config, "xyz") == "config.xyz: no such key; see configs/default.py for every key"
   assert cli.missing_key(config, "train.num_steps.x").startswith("config.train.num_steps.x: no such key")
   argv = ["--config=a.py:tiny", "--config.a.b=1", "-config.c=2", "--noconfig.d.e", "--configx=3", "--other=4"]
@@ -66,29 +81,37 @@ def test_nearest_key_and_override_parsing():
 
 def test_mistyped_variant_and_missing_config_file(tmp_path):
   proc = run_cli("dilaff_jax.main", f"--config={REPO}/configs/voc.py:tabel1_sqrt", f"--workdir={tmp_path / 'w'}")
-  assert_one_error_line(proc, "unknown config variant 'tabel1_sqrt' (did you mean table1_sqrt?); known: baseline, "
-                        "paper, table1_baseline, table1_neighbor, table1_signal, table1_sqrt, table2_r8_12x24_16")
+  assert_one_error_line(
+      proc,
+      "unknown config variant 'tabel1_sqrt' (did you mean table1_sqrt?); known: baseline, "
+      "paper, table1_baseline, table1_neighbor, table1_signal, table1_sqrt, table2_r8_12x24_16",
+  )
   proc = run_cli("dilaff_jax.main", f"--config={CONFIG}:tyni", f"--workdir={tmp_path / 'w'}")
   assert_one_error_line(proc, "unknown config variant 'tyni' (did you mean tiny?); known: baseline, tiny")
   proc = run_cli("dilaff_jax.main", f"--config={tmp_path}/nope.py", f"--workdir={tmp_path / 'w'}")
   assert_one_error_line(proc, f"--config={tmp_path}/nope.py: no such config file")
-  proc = run_cli("dilaff_jax.main", f"--config={CONFIG}:tiny", f"--workdir={tmp_path / 'w'}",
-                 "--config.train.num_steps=many")
+  proc = run_cli(
+      "dilaff_jax.main", f"--config={CONFIG}:tiny", f"--workdir={tmp_path / 'w'}", "--config.train.num_steps=many"
+  )
   assert_one_error_line(proc, "--config.train.num_steps=many")
   assert not (tmp_path / "w").exists()
 
 
 def test_unknown_dataset_lists_this_projects_datasets(data_dir, tmp_path):
   proc = main_cli(data_dir, tmp_path / "w", "--config.dataset.name=voc2012")
-  assert_one_error_line(proc, "config.dataset.name = 'voc2012': not one of this project's datasets "
-                        "(synthetic_shapes/default, synthetic_shapes/tiny, voc2012_aug, cityscapes19, image_folder)")
+  assert_one_error_line(
+      proc,
+      "config.dataset.name = 'voc2012': not one of this project's datasets "
+      "(synthetic_shapes/default, synthetic_shapes/tiny, voc2012_aug, cityscapes19, image_folder)",
+  )
   assert len(proc.stderr.strip().splitlines()) < 5  # not TFDS's list of every dataset it knows
 
 
 def test_num_classes_not_matching_the_dataset_fails_before_anything_is_written(data_dir, tmp_path):
   proc = main_cli(data_dir, tmp_path / "w", "--config.dataset.num_classes=21")
-  assert_one_error_line(proc, "config.dataset.num_classes = 21: synthetic_shapes/tiny has 6 classes (background, "
-                        "red_stripes")
+  assert_one_error_line(
+      proc, "config.dataset.num_classes = 21: synthetic_shapes/tiny has 6 classes (background, " "red_stripes"
+  )
   assert not (tmp_path / "w").exists()  # no config.json, no statistics, no checkpoint
 
 
@@ -112,10 +135,13 @@ def test_statistics_from_images_too_small_for_a_rate_fail_before_jit(data_dir, t
   # synthetic_shapes/tiny has 48-64 px label maps: at rate 32 no pixel has all 8 neighbours (needs > 65x65)
   config = tiny_config(data_dir, **{"affinity.rates": (4, 32), "affinity.stats_max_images": 3})
   rates = config_checks.rates_of(config)
-  with pytest.raises(stats.StatsError, match=r"freq\(n_8, r\) is 0 at rate 32 in the statistics of "
-                     r"synthetic_shapes/tiny:train: the 'sqrt' weights \(Eq. 5\) are undefined\. A pixel has 8 "
-                     r"neighbours at this rate only in label maps larger than 65x65 pixels, the largest label map "
-                     r"is 6\dx6\d"):
+  with pytest.raises(
+      stats.StatsError,
+      match=r"freq\(n_8, r\) is 0 at rate 32 in the statistics of "
+      r"synthetic_shapes/tiny:train: the 'sqrt' weights \(Eq. 5\) are undefined\. A pixel has 8 "
+      r"neighbours at this rate only in label maps larger than 65x65 pixels, the largest label map "
+      r"is 6\dx6\d",
+  ):
     train.load_or_compute_stats(config, str(tmp_path), rates)
   assert not os.path.exists(tmp_path / "affinity_stats.json")  # a rerun fails the same way
   config.affinity.scheme = "none"  # no per-category weights: the same statistics are usable
@@ -124,23 +150,31 @@ def test_statistics_from_images_too_small_for_a_rate_fail_before_jit(data_dir, t
 
 def test_stats_command_line_bad_rates_and_too_small_images(data_dir, tmp_path, capsys):
   common = ["--dataset=synthetic_shapes/tiny", f"--data_dir={data_dir}", f"--output={tmp_path / 's.json'}"]
-  assert_one_error_line(run_cli("dilaff_jax.stats", *common, "--rates=8,12y24"), "--rates=8,12y24: cannot parse rate "
-                        "'12y24'")
+  assert_one_error_line(
+      run_cli("dilaff_jax.stats", *common, "--rates=8,12y24"), "--rates=8,12y24: cannot parse rate " "'12y24'"
+  )
   proc = run_cli("dilaff_jax.stats", *common, "--rates=4,80", "--max_images=2")
   assert_one_error_line(proc, "has a valid neighbour at rate(s) 80 in 2 label map(s)", "the largest label map is 6")
-  cases = {"--rates=8,8": "--rates=8,8: ", "--rates=,": "--rates=,: expand_rates: the set of rates R is empty",
-           "--max_images=-1": "--max_images=-1: expected 0", "--dataset=voc2012": "dataset 'voc2012' is not one of "
-           "this project's datasets", "--split=tran": "split 'tran' of synthetic_shapes/tiny"}
+  cases = {
+      "--rates=8,8": "--rates=8,8: ",
+      "--rates=,": "--rates=,: expand_rates: the set of rates R is empty",
+      "--max_images=-1": "--max_images=-1: expected 0",
+      "--dataset=voc2012": "dataset 'voc2012' is not one of " "this project's datasets",
+      "--split=tran": "split 'tran' of synthetic_shapes/tiny",
+  }
   for arg, message in cases.items():  # the same entry point, in this process
     assert stats.main([*common, "--rates=8", arg]) == 2, arg
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {message}"), (arg, err)
   assert stats.main(["--rates=8"]) == 2
   assert capsys.readouterr().err.strip().splitlines() == [
-      "error: --dataset and --output are required (see python -m dilaff_jax.stats --help)"]
-  for argv, message in ((["--dataset=x", "--output=y", "--max_images=two"], "--max_images"),
-                        (["--dataset=x", "--output=y", "--partial_neighbours=count"], "partial_neighbours"),
-                        (["--dataset=x", "--output=y", "stray"], "unexpected argument 'stray'")):
+      "error: --dataset and --output are required (see python -m dilaff_jax.stats --help)"
+  ]
+  for argv, message in (
+      (["--dataset=x", "--output=y", "--max_images=two"], "--max_images"),
+      (["--dataset=x", "--output=y", "--partial_neighbours=count"], "partial_neighbours"),
+      (["--dataset=x", "--output=y", "stray"], "unexpected argument 'stray'"),
+  ):
     assert stats.main(argv) == 2, argv  # absl's parse errors: one line too, before any data is read
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)

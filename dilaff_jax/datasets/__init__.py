@@ -9,6 +9,7 @@
 All share the features ``{"image": uint8 [H,W,3], "label": uint8 [H,W,1] (255 = void), "image_id": text}`` and
 store ``class_names`` / ``num_classes`` / ``ignore_label`` in ``builder.info.metadata``.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,21 +24,40 @@ from dilaff_jax.datasets.image_folder import ImageFolder
 from dilaff_jax.datasets.synthetic_shapes import SyntheticShapes
 from dilaff_jax.datasets.voc2012_aug import Voc2012Aug
 
-__all__ = ["Cityscapes19", "DataError", "IGNORE_LABEL", "ImageFolder", "SyntheticShapes", "Voc2012Aug", "class_names",
-           "dataset_class_names", "get_builder", "is_image_folder", "known_names", "location", "resolve_num_classes"]
+__all__ = [
+    "Cityscapes19",
+    "DataError",
+    "IGNORE_LABEL",
+    "ImageFolder",
+    "SyntheticShapes",
+    "Voc2012Aug",
+    "class_names",
+    "dataset_class_names",
+    "get_builder",
+    "is_image_folder",
+    "known_names",
+    "location",
+    "resolve_num_classes",
+]
 
 # builder name -> (its class names, its config names)
 _DATASETS = {
     builder.name: (names, tuple(c.name for c in builder.BUILDER_CONFIGS or ()))
-    for builder, names in ((SyntheticShapes, shapes_render.CLASS_NAMES), (Voc2012Aug, voc2012_aug.CLASS_NAMES),
-                           (Cityscapes19, cityscapes.CLASS_NAMES))
+    for builder, names in (
+        (SyntheticShapes, shapes_render.CLASS_NAMES),
+        (Voc2012Aug, voc2012_aug.CLASS_NAMES),
+        (Cityscapes19, cityscapes.CLASS_NAMES),
+    )
 }
 
 
 def known_names() -> list[str]:
   """The dataset names this project provides (``dataset.name`` values), e.g. ``synthetic_shapes/tiny``."""
-  return [f"{name}/{c}" if len(configs) > 1 else name for name, (_, configs) in _DATASETS.items()
-          for c in (configs if len(configs) > 1 else ("",))] + [image_folder.NAME]
+  return [
+      f"{name}/{c}" if len(configs) > 1 else name
+      for name, (_, configs) in _DATASETS.items()
+      for c in (configs if len(configs) > 1 else ("",))
+  ] + [image_folder.NAME]
 
 
 def dataset_class_names(name: str) -> tuple[str, ...]:
@@ -60,13 +80,19 @@ def resolve_num_classes(dataset_cfg) -> None:
   """Sets ``dataset_cfg.num_classes`` from the folder's ``classes.txt`` when it is 0 for ``image_folder`` (the
   config's way of saying "as many as the folder names"); checks the two agree when both are given."""
   if is_image_folder(dataset_cfg.name):
-    names = image_folder.read_class_names(image_folder.require_folder(dataset_cfg.get("manual_dir")),
-                                          dataset_cfg.num_classes)
+    names = image_folder.read_class_names(
+        image_folder.require_folder(dataset_cfg.get("manual_dir")), dataset_cfg.num_classes
+    )
     dataset_cfg.num_classes = len(names)
 
 
-def location(name: str, *, data_dir: str | os.PathLike | None = None, manual_dir: str | os.PathLike | None = None,
-             num_classes: int = 0) -> tuple[str, str | None]:
+def location(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    manual_dir: str | os.PathLike | None = None,
+    num_classes: int = 0,
+) -> tuple[str, str | None]:
   """``(name, data_dir)`` where ``tfds.builder`` finds the prepared dataset: unchanged, except for
   ``image_folder``, whose copy of the folder ``manual_dir`` lives in a data_dir of its own (keyed by the folder's
   path and contents; ``num_classes`` names the classes when the folder has no ``classes.txt``)."""
@@ -75,9 +101,14 @@ def location(name: str, *, data_dir: str | os.PathLike | None = None, manual_dir
   return name, os.fspath(data_dir) if data_dir is not None else None
 
 
-def get_builder(name: str, *, data_dir: str | os.PathLike | None = None,
-                manual_dir: str | os.PathLike | None = None, prepare: bool = True,
-                num_classes: int = 0) -> tfds.core.DatasetBuilder:
+def get_builder(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    manual_dir: str | os.PathLike | None = None,
+    prepare: bool = True,
+    num_classes: int = 0,
+) -> tfds.core.DatasetBuilder:
   """The TFDS builder ``name`` (e.g. ``"synthetic_shapes/tiny"``), prepared in ``data_dir`` if ``prepare``.
 
   Preparing is a no-op once the dataset exists. ``manual_dir`` is where ``voc2012_aug`` and ``cityscapes19`` look
@@ -90,7 +121,6 @@ def get_builder(name: str, *, data_dir: str | os.PathLike | None = None,
   kwargs = {"num_classes": num_classes} if is_image_folder(name) else {}
   builder = tfds.builder(name, data_dir=data_dir, **kwargs)
   if prepare:
-    download_config = tfds.download.DownloadConfig(
-        manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
+    download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
     builder.download_and_prepare(download_config=download_config)
   return builder

@@ -9,6 +9,7 @@ train ids with 255 for every other id, and the features follow the project's lay
 TFDS checks files it *downloads* against recorded checksums; this builder only opens the manual archives, so no
 checksum applies to them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,12 +28,48 @@ LABELS_ARCHIVE = "gtFine_trainvaltest.zip"
 
 # (label id, train id) of the 19 evaluated classes, from cityscapesScripts' labels.py; every other id -> 255.
 _TRAIN_IDS = (
-    (7, 0), (8, 1), (11, 2), (12, 3), (13, 4), (17, 5), (19, 6), (20, 7), (21, 8), (22, 9), (23, 10), (24, 11),
-    (25, 12), (26, 13), (27, 14), (28, 15), (31, 16), (32, 17), (33, 18))
+    (7, 0),
+    (8, 1),
+    (11, 2),
+    (12, 3),
+    (13, 4),
+    (17, 5),
+    (19, 6),
+    (20, 7),
+    (21, 8),
+    (22, 9),
+    (23, 10),
+    (24, 11),
+    (25, 12),
+    (26, 13),
+    (27, 14),
+    (28, 15),
+    (31, 16),
+    (32, 17),
+    (33, 18),
+)
 
 CLASS_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
 
 _SPLITS = {"train": "train", "validation": "val"}
 
@@ -66,8 +103,13 @@ class Cityscapes19(tfds_cityscapes.Builder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
       tfds_cityscapes.CityscapesConfig(
-          name="semantic_segmentation", description="Fine labels mapped to the 19 train ids.",
-          right_images=False, segmentation_labels=True, disparity_maps=False, train_extra_split=False),
+          name="semantic_segmentation",
+          description="Fine labels mapped to the 19 train ids.",
+          right_images=False,
+          segmentation_labels=True,
+          disparity_maps=False,
+          train_extra_split=False,
+      ),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
   Place {IMAGES_ARCHIVE} and {LABELS_ARCHIVE}, unchanged, in the manual_dir (default
@@ -87,8 +129,10 @@ class Cityscapes19(tfds_cityscapes.Builder):
     manual_dir = common.manual_dir_of(dl_manager)
     images = common.require_archive(manual_dir, IMAGES_ARCHIVE, CITYSCAPES_URL)
     labels = common.require_archive(manual_dir, LABELS_ARCHIVE, CITYSCAPES_URL)
-    return {split: self._generate_examples(images_zip=images, labels_zip=labels, split_dir=split_dir)
-            for split, split_dir in _SPLITS.items()}
+    return {
+        split: self._generate_examples(images_zip=images, labels_zip=labels, split_dir=split_dir)
+        for split, split_dir in _SPLITS.items()
+    }
 
   def _generate_examples(self, images_zip: str, labels_zip: str, split_dir: str):
     table = label_id_to_train_id()
@@ -103,13 +147,15 @@ class Cityscapes19(tfds_cityscapes.Builder):
       members = image_members(images.namelist(), split_dir)
       if not members:
         raise errors.MissingFileError(
-            f"{IMAGES_ARCHIVE} ({images_zip}) has no leftImg8bit/{split_dir}/<city>/*_leftImg8bit.png images.")
+            f"{IMAGES_ARCHIVE} ({images_zip}) has no leftImg8bit/{split_dir}/<city>/*_leftImg8bit.png images."
+        )
       for image_id, image_member in sorted(members.items()):
         city = image_member.split("/")[2]
         label_member = f"gtFine/{split_dir}/{city}/{image_id}_gtFine_labelIds.png"
         if label_member not in label_names:
           raise errors.MissingFileError(
-              f"{LABELS_ARCHIVE} ({labels_zip}) has no {label_member} for the image {image_member}.")
+              f"{LABELS_ARCHIVE} ({labels_zip}) has no {label_member} for the image {image_member}."
+          )
         label_name = f"{LABELS_ARCHIVE}:{label_member}"
         with labels_damaged():
           label_png = labels.read(label_member)

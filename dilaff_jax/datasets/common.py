@@ -6,6 +6,7 @@ Cityscapes' unused classes). Masks are stored as single-channel ("L") PNGs so th
 ``tf.io.decode_png(..., channels=1)`` returns the indices themselves. Class names, the number of classes and the
 ignore label are stored in the dataset's metadata (``builder.info.metadata``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,23 +42,26 @@ def damaged_archive(filename: str, path: str, source: str) -> Iterator[None]:
   try:
     yield
   except ARCHIVE_ERRORS as error:
-    raise DataError(f"The archive {filename} ({path}) is damaged or incomplete ({type(error).__name__}: {error}); "
-                    f"download it again from {source} and replace it.") from error
+    raise DataError(
+        f"The archive {filename} ({path}) is damaged or incomplete ({type(error).__name__}: {error}); "
+        f"download it again from {source} and replace it."
+    ) from error
 
 
 def segmentation_features(image_format: str) -> tfds.features.FeaturesDict:
   """The shared feature layout; ``image_format`` is how images are stored ("jpeg" or "png")."""
-  return tfds.features.FeaturesDict({
-      "image": tfds.features.Image(shape=(None, None, 3), encoding_format=image_format),
-      "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-      "image_id": tfds.features.Text(),
-  })
+  return tfds.features.FeaturesDict(
+      {
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format=image_format),
+          "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+          "image_id": tfds.features.Text(),
+      }
+  )
 
 
 def class_metadata(class_names: Sequence[str]) -> tfds.core.MetadataDict:
   """Metadata saved with the prepared dataset: ``class_names``, ``num_classes`` and ``ignore_label``."""
-  return tfds.core.MetadataDict(
-      class_names=list(class_names), num_classes=len(class_names), ignore_label=IGNORE_LABEL)
+  return tfds.core.MetadataDict(class_names=list(class_names), num_classes=len(class_names), ignore_label=IGNORE_LABEL)
 
 
 def class_names(builder: tfds.core.DatasetBuilder) -> list[str]:
@@ -99,7 +103,8 @@ def read_index_png(data: bytes, name: str) -> np.ndarray:
   if mode not in ("P", "L"):
     raise DataError(
         f"The label mask {name} has Pillow mode {mode!r}; expected a palette ('P') or greyscale ('L') PNG of "
-        "class indices.")
+        "class indices."
+    )
   return indices.astype(np.uint8)
 
 
@@ -119,7 +124,8 @@ def check_same_size(image_hw: tuple[int, int], label: np.ndarray, image_name: st
   if tuple(label.shape[:2]) != tuple(image_hw):
     raise DataError(
         f"The image {image_name} is {image_hw[0]}x{image_hw[1]} but its label {label_name} is "
-        f"{label.shape[0]}x{label.shape[1]}.")
+        f"{label.shape[0]}x{label.shape[1]}."
+    )
 
 
 def require_archive(manual_dir: os.PathLike | str, filename: str, source: str) -> str:
@@ -128,7 +134,8 @@ def require_archive(manual_dir: os.PathLike | str, filename: str, source: str) -
   if not os.path.isfile(path):
     raise errors.MissingFileError(
         f"Missing archive {filename!r}: expected it at {path} (the TFDS manual_dir is {manual_dir}). "
-        f"Get it from {source} and place it there unchanged.")
+        f"Get it from {source} and place it there unchanged."
+    )
   return path
 
 

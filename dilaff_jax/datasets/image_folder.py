@@ -18,6 +18,7 @@ Two folders never share a prepared copy and a changed folder is prepared again: 
 copy in a TFDS ``data_dir`` of its own, named by a fingerprint of the folder's absolute path and of the name, size and
 modification time of every file in it (and ``num_classes`` when there is no ``classes.txt``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,13 +60,17 @@ def _names(names) -> str:
 
 def require_folder(folder: str | os.PathLike | None) -> str:
   if not folder:
-    raise FolderError("config.dataset.manual_dir is not set: give --config.dataset.manual_dir=DIR, a folder with "
-                      "images/ and masks/")
+    raise FolderError(
+        "config.dataset.manual_dir is not set: give --config.dataset.manual_dir=DIR, a folder with "
+        "images/ and masks/"
+    )
   folder = os.path.abspath(os.fspath(folder))
   for sub in ("images", "masks"):
     if not os.path.isdir(os.path.join(folder, sub)):
-      raise FolderError(f"{folder} has no {sub}/ folder: an image folder holds images/NAME.jpg|png and "
-                        "masks/NAME.png (see dilaff_jax/datasets/image_folder.py)")
+      raise FolderError(
+          f"{folder} has no {sub}/ folder: an image folder holds images/NAME.jpg|png and "
+          "masks/NAME.png (see dilaff_jax/datasets/image_folder.py)"
+      )
   return folder
 
 
@@ -75,8 +80,9 @@ def read_class_names(folder: str, num_classes: int = 0) -> list[str]:
   path = os.path.join(folder, "classes.txt")
   if not os.path.isfile(path):
     if num_classes <= 0:
-      raise FolderError(f"{folder} has no classes.txt: write one class name a line there, or give "
-                        "--config.dataset.num_classes=N")
+      raise FolderError(
+          f"{folder} has no classes.txt: write one class name a line there, or give " "--config.dataset.num_classes=N"
+      )
     return [f"class_{i}" for i in range(num_classes)]
   with open(path, encoding="utf-8") as f:
     lines = [line.strip() for line in f.read().splitlines()]
@@ -93,8 +99,10 @@ def read_class_names(folder: str, num_classes: int = 0) -> list[str]:
   if len(lines) > common.IGNORE_LABEL:
     raise FolderError(f"{path} lists {len(lines)} classes; at most {common.IGNORE_LABEL} (255 is void)")
   if num_classes > 0 and num_classes != len(lines):
-    raise FolderError(f"{path} lists {len(lines)} classes but config.dataset.num_classes = {num_classes}: "
-                      f"set --config.dataset.num_classes={len(lines)} (or 0 to take it from classes.txt)")
+    raise FolderError(
+        f"{path} lists {len(lines)} classes but config.dataset.num_classes = {num_classes}: "
+        f"set --config.dataset.num_classes={len(lines)} (or 0 to take it from classes.txt)"
+    )
   return lines
 
 
@@ -108,8 +116,9 @@ def _files(folder: str, sub: str, extensions: tuple[str, ...]) -> dict[str, str]
     if ext.lower() not in extensions or not os.path.isfile(os.path.join(directory, entry)):
       continue
     if stem in out:
-      raise FolderError(f"{directory} holds two files named {stem!r} ({os.path.basename(out[stem])}, {entry}): "
-                        "keep one")
+      raise FolderError(
+          f"{directory} holds two files named {stem!r} ({os.path.basename(out[stem])}, {entry}): " "keep one"
+      )
     out[stem] = os.path.join(directory, entry)
   return out
 
@@ -145,14 +154,18 @@ def scan(folder: str | os.PathLike | None) -> dict[str, list[Example]]:
     raise FolderError(f"{os.path.join(folder, 'images')} holds no image (.jpg, .jpeg or .png)")
   orphans = set(masks) - set(images)
   if orphans:
-    raise FolderError(f"{len(orphans)} mask(s) in {os.path.join(folder, 'masks')} have no image "
-                      f"images/NAME.jpg|png: {_names(orphans)}")
+    raise FolderError(
+        f"{len(orphans)} mask(s) in {os.path.join(folder, 'masks')} have no image "
+        f"images/NAME.jpg|png: {_names(orphans)}"
+    )
   lists = {split: _split_list(folder, split) for split in SPLITS}
   unlabeled = lists["unlabeled"] or []
   if (lists["train"] is None) != (lists["val"] is None):
     given, missing = ("train", "val") if lists["train"] is not None else ("val", "train")
-    raise FolderError(f"{os.path.join(folder, 'splits')} has {given}.txt but no {missing}.txt: give both, or "
-                      "neither for the 90/10 split by name")
+    raise FolderError(
+        f"{os.path.join(folder, 'splits')} has {given}.txt but no {missing}.txt: give both, or "
+        "neither for the 90/10 split by name"
+    )
   if lists["train"] is None:
     labelled = sorted(n for n in images if n not in set(unlabeled))
     val = [n for n in labelled if in_val(n)]
@@ -169,17 +182,23 @@ def scan(folder: str | os.PathLike | None) -> dict[str, list[Example]]:
   for split in SPLITS:
     missing = [n for n in lists[split] or [] if n not in images]
     if missing:
-      raise FolderError(f"{os.path.join(folder, 'splits', split + '.txt')} lists {len(missing)} name(s) with no "
-                        f"image in images/: {_names(missing)}")
+      raise FolderError(
+          f"{os.path.join(folder, 'splits', split + '.txt')} lists {len(missing)} name(s) with no "
+          f"image in images/: {_names(missing)}"
+      )
   no_mask = [n for split in ("train", "val") for n in lists[split] if n not in masks]
   if no_mask:
-    raise FolderError(f"{len(no_mask)} image(s) have no mask {os.path.join(folder, 'masks', 'NAME.png')}: "
-                      f"{_names(no_mask)}; add the masks, or list these names in splits/unlabeled.txt to keep them "
-                      "for prediction only")
+    raise FolderError(
+        f"{len(no_mask)} image(s) have no mask {os.path.join(folder, 'masks', 'NAME.png')}: "
+        f"{_names(no_mask)}; add the masks, or list these names in splits/unlabeled.txt to keep them "
+        "for prediction only"
+    )
   with_mask = [n for n in unlabeled if n in masks]
   if with_mask:
-    raise FolderError(f"splits/unlabeled.txt lists images that have masks: {_names(with_mask)}; remove them from "
-                      "the list (or the masks)")
+    raise FolderError(
+        f"splits/unlabeled.txt lists images that have masks: {_names(with_mask)}; remove them from "
+        "the list (or the masks)"
+    )
   if not lists["train"]:
     raise FolderError(f"{folder} has no labelled image for the train split")
   out = {split: [Example(n, images[n], masks.get(n)) for n in lists[split]] for split in ("train", "val")}
@@ -217,8 +236,7 @@ def _upright_size(path: str) -> tuple[int, int]:
   return height, width
 
 
-def read_mask(path: str, num_classes: int, image_hw: tuple[int, int] | None = None,
-              image_path: str = "") -> np.ndarray:
+def read_mask(path: str, num_classes: int, image_hw: tuple[int, int] | None = None, image_path: str = "") -> np.ndarray:
   """The class indices ``[H, W]`` uint8 of a mask, checked: a greyscale or palette PNG (indices kept), values
   ``< num_classes`` or 255, and the size of its image when ``image_hw`` is given."""
   try:
@@ -233,11 +251,15 @@ def read_mask(path: str, num_classes: int, image_hw: tuple[int, int] | None = No
   bad = (values >= num_classes) & (values != common.IGNORE_LABEL)
   if bad.any():
     listed = ", ".join(f"{v} ({c} px)" for v, c in zip(values[bad][:8].tolist(), counts[bad][:8].tolist()))
-    raise FolderError(f"the mask {path} holds values {listed} outside the classes 0-{num_classes - 1} and 255 "
-                      f"(void): fix the mask, or the class list (classes.txt / --config.dataset.num_classes)")
+    raise FolderError(
+        f"the mask {path} holds values {listed} outside the classes 0-{num_classes - 1} and 255 "
+        f"(void): fix the mask, or the class list (classes.txt / --config.dataset.num_classes)"
+    )
   if image_hw is not None and tuple(label.shape) != tuple(image_hw):
-    raise FolderError(f"the mask {path} is {label.shape[0]}x{label.shape[1]} but its image {image_path} is "
-                      f"{image_hw[0]}x{image_hw[1]}: a mask must have its image's size")
+    raise FolderError(
+        f"the mask {path} is {label.shape[0]}x{label.shape[1]} but its image {image_path} is "
+        f"{image_hw[0]}x{image_hw[1]}: a mask must have its image's size"
+    )
   return label
 
 
@@ -270,8 +292,9 @@ def fingerprint(folder: str | os.PathLike, num_classes: int = 0) -> str:
   return h.hexdigest()
 
 
-def prepared_data_dir(folder: str | os.PathLike | None, data_dir: str | os.PathLike | None,
-                      num_classes: int = 0) -> str:
+def prepared_data_dir(
+    folder: str | os.PathLike | None, data_dir: str | os.PathLike | None, num_classes: int = 0
+) -> str:
   """The TFDS ``data_dir`` of this folder's prepared copy: ``<data_dir>/image_folder_prepared/<name>-<fingerprint>``
   (``data_dir`` defaults to TFDS's, ``~/tensorflow_datasets``)."""
   folder = require_folder(folder)
@@ -309,8 +332,9 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     check_examples(splits, len(names))
     self.info.metadata.update(common.class_metadata(names))
     self.info.metadata["source_folder"] = folder
-    return {split: self._generate_examples(examples=examples, num_classes=len(names))
-            for split, examples in splits.items()}
+    return {
+        split: self._generate_examples(examples=examples, num_classes=len(names)) for split, examples in splits.items()
+    }
 
   def _generate_examples(self, examples: list[Example], num_classes: int):
     for ex in examples:
@@ -319,5 +343,8 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         label = np.full(image.shape[:2], common.IGNORE_LABEL, np.uint8)
       else:
         label = read_mask(ex.mask, num_classes, image.shape[:2], ex.image)
-      yield ex.name, {"image": common.encode_rgb_png(image), "label": common.encode_label_png(label),
-                      "image_id": ex.name}
+      yield ex.name, {
+          "image": common.encode_rgb_png(image),
+          "label": common.encode_label_png(label),
+          "image_id": ex.name,
+      }

@@ -1,9 +1,9 @@
 """Prepares a dataset once (before a multi-host job, or to check the archives):
 
-  python -m dilaff_jax.datasets.prepare --dataset=voc2012_aug --manual_dir=/data/voc_archives [--data_dir=DIR]
-  python -m dilaff_jax.datasets.prepare --dataset=cityscapes19 --manual_dir=/data/cityscapes
-  python -m dilaff_jax.datasets.prepare --dataset=synthetic_shapes/default
-  python -m dilaff_jax.datasets.prepare --dataset=image_folder --manual_dir=my_data [--num_classes=N]
+python -m dilaff_jax.datasets.prepare --dataset=voc2012_aug --manual_dir=/data/voc_archives [--data_dir=DIR]
+python -m dilaff_jax.datasets.prepare --dataset=cityscapes19 --manual_dir=/data/cityscapes
+python -m dilaff_jax.datasets.prepare --dataset=synthetic_shapes/default
+python -m dilaff_jax.datasets.prepare --dataset=image_folder --manual_dir=my_data [--num_classes=N]
 """
 
 from __future__ import annotations
@@ -16,11 +16,16 @@ from dilaff_jax import cli, datasets, errors
 
 
 def _define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("dataset", None, "synthetic_shapes/default, synthetic_shapes/tiny, voc2012_aug, cityscapes19, "
-                      "image_folder", flag_values=fv)
+  flags.DEFINE_string(
+      "dataset",
+      None,
+      "synthetic_shapes/default, synthetic_shapes/tiny, voc2012_aug, cityscapes19, " "image_folder",
+      flag_values=fv,
+  )
   flags.DEFINE_string("data_dir", None, "TFDS data_dir (default ~/tensorflow_datasets)", flag_values=fv)
-  flags.DEFINE_string("manual_dir", None, "folder with the downloaded archives (image_folder: the folder)",
-                      flag_values=fv)
+  flags.DEFINE_string(
+      "manual_dir", None, "folder with the downloaded archives (image_folder: the folder)", flag_values=fv
+  )
   flags.DEFINE_integer("num_classes", 0, "image_folder without classes.txt: number of classes", flag_values=fv)
 
 
@@ -31,8 +36,9 @@ def main(argv=None) -> int:
     args = cli.parse_flags(_define_flags, argv, "dilaff_jax.datasets.prepare", __doc__, required=("dataset",))
     if args is None:  # --help
       return 0
-    builder = datasets.get_builder(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                                   num_classes=args.num_classes)
+    builder = datasets.get_builder(
+        args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir, num_classes=args.num_classes
+    )
   except (errors.UserError, FileNotFoundError) as e:
     if cli.wants_traceback():
       raise
@@ -44,8 +50,10 @@ def main(argv=None) -> int:
   if datasets.is_image_folder(args.dataset):
     print(f"classes: {', '.join(datasets.class_names(builder))}")
     # A complete command: the prepared copy is found only through its own data_dir (see image_folder.py).
-    print(f"neighbour statistics (Fig. 3; optional, training computes its own): python -m dilaff_jax.stats "
-          f"--dataset={args.dataset} --data_dir={builder.data_dir_root} --output=stats.json")
+    print(
+        f"neighbour statistics (Fig. 3; optional, training computes its own): python -m dilaff_jax.stats "
+        f"--dataset={args.dataset} --data_dir={builder.data_dir_root} --output=stats.json"
+    )
   return 0
 
 

@@ -7,6 +7,7 @@ one seek. Split slices (``"train[:50%]"``, ``tfds.even_splits``) are honoured th
 
 TFRecord framing: ``uint64 length | uint32 masked crc(length) | data[length] | uint32 masked crc(data)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,6 +44,7 @@ def record_offsets(path: str) -> tuple[np.ndarray, np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class RecordIndex:
   """Where each example of a (sub)split lies: shard file, byte offset and length, in TFDS's example order."""
+
   files: tuple[str, ...]
   file_index: np.ndarray  # [N] int: index into ``files``
   offsets: np.ndarray  # [N] int64
@@ -58,17 +60,19 @@ def index_split(builder: tfds.core.DatasetBuilder, split: str) -> RecordIndex:
   if file_format is not None and file_format.value != "tfrecord":
     raise ValueError(
         f"{builder.info.full_name} is stored as {file_format.value}; the input pipeline reads TFRecord shards. "
-        "Prepare it with the default file format.")
+        "Prepare it with the default file format."
+    )
   files, file_index, offsets, lengths = [], [], [], []
   for instruction in builder.info.splits[split].file_instructions:
     shard_offsets, shard_lengths = record_offsets(instruction.filename)
     if shard_offsets.shape[0] != instruction.examples_in_shard:
       raise ValueError(
           f"{instruction.filename} holds {shard_offsets.shape[0]} records but the dataset info says "
-          f"{instruction.examples_in_shard}; the prepared dataset is damaged, prepare it again.")
+          f"{instruction.examples_in_shard}; the prepared dataset is damaged, prepare it again."
+      )
     stop = instruction.skip + instruction.take if instruction.take >= 0 else None
-    offsets.append(shard_offsets[instruction.skip:stop])
-    lengths.append(shard_lengths[instruction.skip:stop])
+    offsets.append(shard_offsets[instruction.skip : stop])
+    lengths.append(shard_lengths[instruction.skip : stop])
     file_index.append(np.full(offsets[-1].shape, len(files), dtype=np.int64))
     files.append(instruction.filename)
   if not files:

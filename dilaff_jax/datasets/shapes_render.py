@@ -10,6 +10,7 @@ between two different labels get the ignore label, like the void band around VOC
 
 Rendering depends only on the ``numpy.random.Generator`` passed in, so a scene is reproducible from its seed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ CLASS_NAMES = ("background", "red_stripes", "orange_stripes", "green_checks", "t
 @dataclasses.dataclass(frozen=True)
 class Appearance:
   """A class's appearance distribution: texture family, mean colour, period (px), angle (deg), contrast."""
+
   texture: str
   colour: tuple[float, float, float]
   period: float
@@ -65,8 +67,9 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, period: flo
   return noise / max(np.abs(noise).max(), 1e-6)
 
 
-def _texture(rng: np.random.Generator, kind: str, yy: np.ndarray, xx: np.ndarray, period: float,
-             angle_deg: float) -> np.ndarray:
+def _texture(
+    rng: np.random.Generator, kind: str, yy: np.ndarray, xx: np.ndarray, period: float, angle_deg: float
+) -> np.ndarray:
   """A texture pattern in [-1, 1] over the pixel grid ``(yy, xx)``."""
   theta = np.deg2rad(angle_deg)
   u = xx * np.cos(theta) + yy * np.sin(theta)
@@ -126,13 +129,14 @@ def boundary_band(label: np.ndarray, width: int, ignore_label: int = IGNORE_LABE
   differs = np.zeros(label.shape, dtype=bool)
   for dy in range(-width, width + 1):
     for dx in range(-width, width + 1):
-      neighbour = padded[width + dy:width + dy + height, width + dx:width + dx + cols]
+      neighbour = padded[width + dy : width + dy + height, width + dx : width + dx + cols]
       differs |= neighbour != label
   return np.where(differs, np.uint8(ignore_label), label).astype(np.uint8)
 
 
-def render_scene(rng: np.random.Generator, *, height: int, width: int, max_objects: int,
-                 band_width: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(
+    rng: np.random.Generator, *, height: int, width: int, max_objects: int, band_width: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
   """One scene: ``(image uint8 [H, W, 3], label uint8 [H, W])`` with classes ``0..5`` and 255 on boundaries.
 
   Objects are painted in order, so later ones occlude earlier ones; each object (and the background) gets its own
@@ -161,7 +165,7 @@ def render_scene(rng: np.random.Generator, *, height: int, width: int, max_objec
 
   direction = rng.normal(size=2)
   direction /= np.linalg.norm(direction) + 1e-9
-  ramp = ((yy / height - 0.5) * direction[0] + (xx / width - 0.5) * direction[1])
+  ramp = (yy / height - 0.5) * direction[0] + (xx / width - 0.5) * direction[1]
   image *= (1.0 + rng.uniform(0.1, 0.4) * ramp)[..., None]
   image += rng.normal(0.0, PIXEL_NOISE, size=image.shape)
   image = np.clip(np.rint(image), 0, 255).astype(np.uint8)

@@ -7,6 +7,7 @@ index)``, so preparing the dataset twice writes the same bytes. Configs:
 - ``default``: 1000 train / 100 validation scenes, 96-128 px a side, for the CPU demonstration job.
 - ``tiny``: 24 train / 8 validation scenes, 48-64 px a side, for tests (prepares in a few seconds).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ _SPLITS = ("train", "validation")
 @dataclasses.dataclass
 class SyntheticShapesConfig(tfds.core.BuilderConfig):
   """Size of a ``synthetic_shapes`` variant: scene counts, side-length range (px), objects per scene, seed."""
+
   num_train: int = 0
   num_validation: int = 0
   min_size: int = 0
@@ -41,11 +43,23 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [
       SyntheticShapesConfig(
-          name="default", description="1000 train / 100 validation scenes of 96-128 px.",
-          num_train=1000, num_validation=100, min_size=96, max_size=128, seed=0),
+          name="default",
+          description="1000 train / 100 validation scenes of 96-128 px.",
+          num_train=1000,
+          num_validation=100,
+          min_size=96,
+          max_size=128,
+          seed=0,
+      ),
       SyntheticShapesConfig(
-          name="tiny", description="24 train / 8 validation scenes of 48-64 px, for tests.",
-          num_train=24, num_validation=8, min_size=48, max_size=64, seed=1),
+          name="tiny",
+          description="24 train / 8 validation scenes of 48-64 px, for tests.",
+          num_train=24,
+          num_validation=8,
+          min_size=48,
+          max_size=64,
+          seed=1,
+      ),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = "default"
 
@@ -54,7 +68,8 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=(
             "Synthetic scenes of overlapping textured shapes. A class is identified by the distribution of its "
-            "texture and colour, which overlap between classes; pixels along boundaries are void (255)."),
+            "texture and colour, which overlap between classes; pixels along boundaries are void (255)."
+        ),
         features=common.segmentation_features("png"),
         metadata=common.class_metadata(CLASS_NAMES),
     )
@@ -83,4 +98,5 @@ def render(config: SyntheticShapesConfig, split_index: int, index: int) -> tuple
   rng = np.random.default_rng((config.seed, split_index, index))
   height, width = (int(v) for v in rng.integers(config.min_size, config.max_size + 1, size=2))
   return shapes_render.render_scene(
-      rng, height=height, width=width, max_objects=config.max_objects, band_width=config.band_width)
+      rng, height=height, width=width, max_objects=config.max_objects, band_width=config.band_width
+  )

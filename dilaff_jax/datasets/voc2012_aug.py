@@ -14,6 +14,7 @@ Splits: ``train_aug`` = (SBD train + SBD val + VOC train) minus VOC val, each im
 ``SegmentationClassAug.zip`` the SBD part is every mask in the zip. ``val`` = VOC val. An image with a VOC mask uses
 it (it has the void band); the others use the SBD mask. Archives are read in place, never extracted.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,18 +33,42 @@ from dilaff_jax import errors
 from dilaff_jax.datasets import common
 
 CLASS_NAMES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
 SBD_ARCHIVE = "benchmark.tgz"
 AUG_ARCHIVE = "SegmentationClassAug.zip"
 
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
-SBD_URL = ("http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz "
-           "(Semantic Boundaries Dataset, Hariharan et al. 2011)")
-AUG_URL = ("the README of github.com/DrSleep/tensorflow-deeplab-resnet (link 'SegmentationClassAug.zip', "
-           "the masks of DeepLab's train_aug set)")
+SBD_URL = (
+    "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz "
+    "(Semantic Boundaries Dataset, Hariharan et al. 2011)"
+)
+AUG_URL = (
+    "the README of github.com/DrSleep/tensorflow-deeplab-resnet (link 'SegmentationClassAug.zip', "
+    "the masks of DeepLab's train_aug set)"
+)
 
 MaskLookup = Callable[[str], tuple[np.ndarray, str]]  # image id -> (mask [H, W], name for messages)
 
@@ -70,7 +95,8 @@ def _check_label_values(label: np.ndarray, name: str) -> np.ndarray:
   if bad.size:
     raise common.DataError(
         f"The mask {name} holds values {bad.tolist()} outside the VOC classes 0-{len(CLASS_NAMES) - 1} and "
-        f"{common.IGNORE_LABEL} (void).")
+        f"{common.IGNORE_LABEL} (void)."
+    )
   return label
 
 
@@ -88,8 +114,10 @@ class VocTar:
   def read(self, name: str) -> bytes:
     member = self._members.get(name)
     if member is None:
-      raise errors.MissingFileError(f"{VOC_ARCHIVE} ({self.path}) has no member {name!r}: it is incomplete or "
-                                    f"another archive; download it again from {VOC_URL}.")
+      raise errors.MissingFileError(
+          f"{VOC_ARCHIVE} ({self.path}) has no member {name!r}: it is incomplete or "
+          f"another archive; download it again from {VOC_URL}."
+      )
     with common.damaged_archive(VOC_ARCHIVE, self.path, VOC_URL):
       return self._tar.extractfile(member).read()
 
@@ -144,19 +172,21 @@ def read_sbd(path: str) -> tuple[list[str], dict[str, bytes]]:
       if name in (f"{SBD_ROOT}/train.txt", f"{SBD_ROOT}/val.txt"):
         lists[os.path.basename(name)] = _split_list(tar.extractfile(member).read())
       elif name.startswith(cls_dir) and name.endswith(".mat"):
-        image_id = name[len(cls_dir):-len(".mat")]
+        image_id = name[len(cls_dir) : -len(".mat")]
         mask = read_sbd_mat(tar.extractfile(member).read(), f"{SBD_ARCHIVE}:{name}")
         masks[image_id] = common.encode_label_png(mask)
   for list_name in ("train.txt", "val.txt"):
     if list_name not in lists:
-      raise errors.MissingFileError(f"{SBD_ARCHIVE} ({path}) has no member {SBD_ROOT}/{list_name}: it is "
-                                    f"incomplete or another archive; download it again from {SBD_URL}.")
+      raise errors.MissingFileError(
+          f"{SBD_ARCHIVE} ({path}) has no member {SBD_ROOT}/{list_name}: it is "
+          f"incomplete or another archive; download it again from {SBD_URL}."
+      )
   ids = lists["train.txt"] + lists["val.txt"]
   missing = sorted(set(ids) - set(masks))
   if missing:
     raise errors.MissingFileError(
-        f"{SBD_ARCHIVE} ({path}) lists {len(missing)} images without a {cls_dir}<id>.mat mask, e.g. "
-        f"{missing[:3]}.")
+        f"{SBD_ARCHIVE} ({path}) lists {len(missing)} images without a {cls_dir}<id>.mat mask, e.g. " f"{missing[:3]}."
+    )
   return ids, masks
 
 
@@ -167,10 +197,12 @@ def aug_zip_members(path: str) -> dict[str, str]:
     for name in archive.namelist():
       parts = name.split("/")
       if len(parts) == 2 and parts[0] == AUG_ROOT and parts[1].endswith(".png"):
-        members[parts[1][:-len(".png")]] = name
+        members[parts[1][: -len(".png")]] = name
   if not members:
-    raise errors.MissingFileError(f"{AUG_ARCHIVE} ({path}) holds no {AUG_ROOT}/<id>.png masks: it is incomplete "
-                                  f"or another archive; download it again from {AUG_URL}.")
+    raise errors.MissingFileError(
+        f"{AUG_ARCHIVE} ({path}) holds no {AUG_ROOT}/<id>.png masks: it is incomplete "
+        f"or another archive; download it again from {AUG_URL}."
+    )
   return members
 
 
@@ -205,7 +237,8 @@ class Voc2012Aug(tfds.core.GeneratorBasedBuilder):
     if not (os.path.isfile(sbd_path) or os.path.isfile(aug_path)):
       raise errors.MissingFileError(
           f"Missing the SBD masks: expected {SBD_ARCHIVE!r} at {sbd_path} (from {SBD_URL}) or {AUG_ARCHIVE!r} at "
-          f"{aug_path} (from {AUG_URL}); the TFDS manual_dir is {manual_dir}.")
+          f"{aug_path} (from {AUG_URL}); the TFDS manual_dir is {manual_dir}."
+      )
     with VocTar(voc_path) as voc:
       voc_train, voc_val = voc.train, voc.val
     if os.path.isfile(sbd_path):
@@ -217,12 +250,14 @@ class Voc2012Aug(tfds.core.GeneratorBasedBuilder):
       extra_masks = functools.partial(_aug_lookup, aug_path, members)
     return {
         "train_aug": self._generate_examples(
-            voc_path=voc_path, image_ids=train_aug_ids(voc_train, voc_val, extra_ids), extra_masks=extra_masks),
+            voc_path=voc_path, image_ids=train_aug_ids(voc_train, voc_val, extra_ids), extra_masks=extra_masks
+        ),
         "val": self._generate_examples(voc_path=voc_path, image_ids=sorted(set(voc_val)), extra_masks=extra_masks),
     }
 
-  def _generate_examples(self, voc_path: str, image_ids: list[str],
-                         extra_masks: Callable[[], ContextManager[MaskLookup]]):
+  def _generate_examples(
+      self, voc_path: str, image_ids: list[str], extra_masks: Callable[[], ContextManager[MaskLookup]]
+  ):
     with VocTar(voc_path) as voc, extra_masks() as extra_mask:
       for image_id in image_ids:
         if voc.has_mask(image_id):
@@ -242,6 +277,7 @@ def _sbd_lookup(masks: Mapping[str, bytes]) -> Iterator[MaskLookup]:
     if image_id not in masks:
       raise errors.MissingFileError(f"No mask {name} for image {image_id}.")
     return common.read_index_png(masks[image_id], name), name
+
   yield lookup
 
 

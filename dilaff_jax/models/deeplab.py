@@ -82,13 +82,13 @@ class ConvBNReLU(nn.Module):
   def __call__(self, x):
     pad = self.rate * (self.kernel - 1) // 2
     conv = partial(
-      nn.Conv,
-      kernel_size=(self.kernel, self.kernel),
-      padding=((pad, pad), (pad, pad)),
-      kernel_dilation=(self.rate, self.rate),
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=_he_init,
+        nn.Conv,
+        kernel_size=(self.kernel, self.kernel),
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=(self.rate, self.rate),
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=_he_init,
     )
     if self.separable and self.kernel > 1:
       x = conv(x.shape[-1], feature_group_count=x.shape[-1], name="depthwise")(x)
@@ -194,8 +194,8 @@ class DeepLabV3Plus(nn.Module):
         raise ValueError(f"affinity rates must be pairs of positive integers (r1, r2), got {pair!r}")
     if self.affinity_bias is not None and len(self.affinity_bias) != 8 * len(self.rates):
       raise ValueError(
-        f"affinity_bias has {len(self.affinity_bias)} values, but {len(self.rates)} affinity rates need "
-        f"8 * {len(self.rates)} = {8 * len(self.rates)}"
+          f"affinity_bias has {len(self.affinity_bias)} values, but {len(self.rates)} affinity rates need "
+          f"8 * {len(self.rates)} = {8 * len(self.rates)}"
       )
 
   @nn.compact
@@ -205,21 +205,21 @@ class DeepLabV3Plus(nn.Module):
       raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
     norm = batch_norm(train, self.bn_momentum, self.bn_epsilon, self.axis_name, self.dtype)
     backbone = ResNet(
-      depth=self.depth,
-      stem=self.stem,
-      multi_grid=self.multi_grid,
-      dtype=self.dtype,
-      bn_momentum=self.bn_momentum,
-      bn_epsilon=self.bn_epsilon,
-      axis_name=self.axis_name,
-      name="backbone",
+        depth=self.depth,
+        stem=self.stem,
+        multi_grid=self.multi_grid,
+        dtype=self.dtype,
+        bn_momentum=self.bn_momentum,
+        bn_epsilon=self.bn_epsilon,
+        axis_name=self.axis_name,
+        name="backbone",
     )
     features = backbone(images, train=train, output_stride=output_stride)
     rates = tuple(r * 16 // output_stride for r in self.aspp_rates)
     aspp = ASPP(rates, self.aspp_channels, norm, self.separable, self.dropout_rate, self.dtype, name="aspp")
     x = aspp(features["stage4"], train=train)
     x = Decoder(self.low_level_channels, self.decoder_channels, norm, self.separable, self.dtype, name="decoder")(
-      x, features["stage1"]
+        x, features["stage1"]
     )
     head = partial(nn.Conv, kernel_size=(1, 1), dtype=jnp.float32, kernel_init=nn.initializers.normal(0.01))
     out = {"logits": head(self.num_classes, name="classifier")(x)}

@@ -28,13 +28,13 @@ import numpy as np
 
 # depth -> (unit kind, units per stage). 14 and 26 are timm's small bottleneck layouts (used by the parity tests).
 LAYOUTS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
-  14: ("bottleneck", (1, 1, 1, 1)),
-  18: ("basic", (2, 2, 2, 2)),
-  26: ("bottleneck", (2, 2, 2, 2)),
-  34: ("basic", (3, 4, 6, 3)),
-  50: ("bottleneck", (3, 4, 6, 3)),
-  101: ("bottleneck", (3, 4, 23, 3)),
-  152: ("bottleneck", (3, 8, 36, 3)),
+    14: ("bottleneck", (1, 1, 1, 1)),
+    18: ("basic", (2, 2, 2, 2)),
+    26: ("bottleneck", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
 }
 STEMS = ("standard", "deep")
 OUTPUT_STRIDES = (8, 16, 32)
@@ -63,7 +63,7 @@ def layout(depth: int) -> tuple[str, tuple[int, int, int, int]]:
 
 
 def unit_schedule(
-  stage_sizes: tuple[int, ...], output_stride: int, multi_grid: tuple[int, ...] | None
+    stage_sizes: tuple[int, ...], output_stride: int, multi_grid: tuple[int, ...] | None
 ) -> tuple[tuple[Unit, ...], ...]:
   """Strides and atrous rates of every unit, stage by stage.
 
@@ -80,8 +80,8 @@ def unit_schedule(
   if multi_grid is not None:
     if len(multi_grid) != stage_sizes[-1] or any(int(g) != g or g < 1 for g in multi_grid):
       raise ValueError(
-        f"multi_grid {tuple(multi_grid)!r} must hold one positive integer per unit of the last stage "
-        f"({stage_sizes[-1]} units); pass multi_grid=None for plain torchvision rates"
+          f"multi_grid {tuple(multi_grid)!r} must hold one positive integer per unit of the last stage "
+          f"({stage_sizes[-1]} units); pass multi_grid=None for plain torchvision rates"
       )
   stages = []
   current_stride, rate = 4, 1
@@ -104,23 +104,24 @@ def _conv(features: int, kernel: int, *, stride: int = 1, rate: int = 1, dtype: 
   """Bias-free convolution with PyTorch's symmetric padding `rate * (kernel - 1) / 2` (He init, fan-out)."""
   pad = rate * (kernel - 1) // 2
   return nn.Conv(
-    features,
-    (kernel, kernel),
-    strides=(stride, stride),
-    padding=((pad, pad), (pad, pad)),
-    kernel_dilation=(rate, rate),
-    use_bias=False,
-    dtype=dtype,
-    kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-    name=name,
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      kernel_dilation=(rate, rate),
+      use_bias=False,
+      dtype=dtype,
+      kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+      name=name,
   )
 
 
 def batch_norm(train: bool, momentum: float, epsilon: float, axis_name: str | None, dtype: Any):
   """The BatchNorm every layer uses: batch statistics when training (across ``axis_name`` under pmap), running
   averages otherwise; computed in ``dtype``, statistics and scales kept in float32."""
-  return partial(nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
-                 axis_name=axis_name, dtype=dtype)
+  return partial(
+      nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon, axis_name=axis_name, dtype=dtype
+  )
 
 
 class BottleneckUnit(nn.Module):

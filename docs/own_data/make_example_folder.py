@@ -11,6 +11,7 @@ No ``splits/`` folder: preparing sends 1 image in 10 to ``val`` by a hash of its
 project's numpy renderer (``dilaff_jax/datasets/shapes_render.py``), 100-130 px a side, 1-4 objects each; scene ``i``
 depends only on ``(seed, i)``, so a larger ``--count`` keeps the first scenes.
 """
+
 from __future__ import annotations
 
 import argparse
