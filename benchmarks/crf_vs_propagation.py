@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import numpy as np
 
 from dilaff_jax import crf
+from timing import best_of  # benchmarks/timing.py (run as python benchmarks/crf_vs_propagation.py)
 
 
 def photo(size: int) -> tuple[np.ndarray, str]:
@@ -52,16 +52,6 @@ def smooth_probs(size: int, classes: int, seed: int = 0) -> np.ndarray:
   logits = rows[:, i0] * (1 - f.T[..., None]) + rows[:, i0 + 1] * f.T[..., None]  # [size, size, C]
   e = np.exp(logits - logits.max(-1, keepdims=True))
   return (e / e.sum(-1, keepdims=True)).astype(np.float32)
-
-
-def best_of(fn, repeats: int) -> float:
-  fn()  # warm-up (and, for JAX, compilation)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
 
 
 def time_crf(image: np.ndarray, probs: np.ndarray, iterations: int, repeats: int) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +19,7 @@ import numpy as np
 
 from dilaff_jax import affinity, propagation
 from dilaff_jax.stats import AffinityStats
-
-
-def best_time(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return min(times)
+from timing import best_of  # benchmarks/timing.py (run as python benchmarks/propagation.py)
 
 
 def copy_bandwidth(nbytes: int, repeats: int) -> tuple[float, str, dict[str, float]]:
@@ -52,8 +42,8 @@ def copy_bandwidth(nbytes: int, repeats: int) -> tuple[float, str, dict[str, flo
     t.join()
 
   found = {
-      "np.copyto, 1 thread": 2 * nbytes / best_time(lambda: np.copyto(dst, src), repeats),
-      "np.copyto, 2 threads": 2 * nbytes / best_time(two_threads, repeats),
+      "np.copyto, 1 thread": 2 * nbytes / best_of(lambda: np.copyto(dst, src), repeats),
+      "np.copyto, 2 threads": 2 * nbytes / best_of(two_threads, repeats),
   }
   used = max(found, key=found.get)
   scale = jax.jit(lambda v: v * 1.0001, donate_argnums=0)
@@ -63,7 +53,7 @@ def copy_bandwidth(nbytes: int, repeats: int) -> tuple[float, str, dict[str, flo
     box[0] = scale(box[0])
     box[0].block_until_ready()
 
-  found["XLA in-place donated v*1.0001 (not used)"] = 2 * nbytes / best_time(in_place, repeats)
+  found["XLA in-place donated v*1.0001 (not used)"] = 2 * nbytes / best_of(in_place, repeats)
   return found[used], used, found
 
 
@@ -85,8 +75,8 @@ def main() -> None:
   labels = jnp.asarray(rng.integers(0, c, size=(b, s, s)), jnp.int32)
 
   n = args.iterations
-  t_n = best_time(lambda: propagation.propagate(probs, aff, rates, iterations=n), args.repeats)
-  t_1 = best_time(lambda: propagation.propagate(probs, aff, rates, iterations=1), args.repeats)
+  t_n = best_of(lambda: propagation.propagate(probs, aff, rates, iterations=n), args.repeats)
+  t_1 = best_of(lambda: propagation.propagate(probs, aff, rates, iterations=1), args.repeats)
   per_iter = (t_n - t_1) / (n - 1) if n > 1 else t_n  # marginal: excludes the once-per-call layout changes
 
   bytes_iter = 4 * b * s * s * (2 * c + d)  # read p and a, write p (float32)
@@ -97,9 +87,9 @@ def main() -> None:
   logits = jnp.asarray(rng.normal(size=(b, s, s, d)), jnp.float32)
   loss_fn = jax.jit(lambda lg, lb: affinity.affinity_loss(lg, lb, rates, stats))
   grad_fn = jax.jit(jax.value_and_grad(lambda lg, lb: affinity.affinity_loss(lg, lb, rates, stats)))
-  t_fwd = best_time(lambda: loss_fn(logits, labels), args.repeats)
-  t_bwd = best_time(lambda: grad_fn(logits, labels), args.repeats)
-  t_oracle = best_time(lambda: propagation.gt_affinity(labels, rates), args.repeats)
+  t_fwd = best_of(lambda: loss_fn(logits, labels), args.repeats)
+  t_bwd = best_of(lambda: grad_fn(logits, labels), args.repeats)
+  t_oracle = best_of(lambda: propagation.gt_affinity(labels, rates), args.repeats)
 
   print(
       f"# propagation benchmark: {b}x{s}x{s}, {c} classes, R={list(rates)} ({d} directions), "
