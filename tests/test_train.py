@@ -201,8 +201,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
 def test_diverging_run_leaves_only_finite_checkpoints(data_dir, tmp_path):
   """The issue's case: lr 1e8 with a checkpoint every step, as a user runs it. BatchNorm variances blow up before
   the loss does, so the loss check alone would save poisoned states; the state check refuses them, and the run ends
-  in one ``error:`` line naming the step. In its own process: in full runs of the suite, XLA crashed while
-  compiling this run's step inside the long-lived test process (never when the test ran alone)."""
+  in one ``error:`` line naming the step (through the command line, in its own process)."""
   workdir = str(tmp_path / "diverge")
   overrides = {
       "train.learning_rate": 1e8,
