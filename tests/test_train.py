@@ -23,6 +23,35 @@ from dilaff_jax.stats import AffinityStats
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# An absl / glog log record: "E1126 22:00:00.123456  1234 file.cc:73] message" (Python's absl and XLA's C++ alike).
+_LOG_RECORD = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+
+
+def user_facing_lines(stderr: str) -> list[str]:
+  """A command's stderr without log records (a header line and its continuation lines, e.g. XLA's multi-line
+  slow-compile alarm on a loaded machine): the lines a user's message is made of. A traceback is always kept."""
+  out, in_record = [], False
+  for line in stderr.strip().splitlines():
+    if _LOG_RECORD.match(line):
+      in_record = True
+    elif in_record and not line.startswith(("error: ", "Traceback")):
+      continue
+    else:
+      in_record = False
+      out.append(line)
+  return out
+
+
+def test_user_facing_lines_drop_log_records_and_keep_tracebacks():
+  stderr = (
+      "E1126 22:00:00.123456    77 slow_operation_alarm.cc:73] \n****\n[Compiling module jit_step] Very slow compile?\n"
+      "****\nW1126 22:00:01.5 77 checkpoint_manager.py:12] a read failed (OUT_OF_RANGE)\nerror: checkpoint 4 is damaged"
+  )
+  assert user_facing_lines(stderr) == ["error: checkpoint 4 is damaged"]
+  spilled = "E1126 22:00:00.1 77 base.py:9] failed\nTraceback (most recent call last):\n  File x\nerror: boom"
+  assert user_facing_lines(spilled) == ["Traceback (most recent call last):", "  File x", "error: boom"]
+
+
 def tiny_config(data_dir, **overrides):
   c = synthetic.get_config("tiny")
   c.dataset.data_dir = data_dir
@@ -231,7 +260,7 @@ def test_diverging_run_leaves_only_finite_checkpoints(data_dir, tmp_path):
       timeout=900,
   )
   assert proc.returncode == 2, proc.stderr[-3000:]
-  lines = proc.stderr.strip().splitlines()
+  lines = user_facing_lines(proc.stderr)
   assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(r"at step \d+", lines[0]), lines[-5:]
   assert "finite checkpoint is step" in lines[0] or "last good checkpoint is step" in lines[0]
   steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
