@@ -25,8 +25,12 @@ Quick check (a couple of minutes)::
 
   .venv/bin/python benchmarks/train_step.py --crops 129 --batches 1 --depth 50 --repeats 2
 
-Other flags (defaults): ``--crops 257,513 --batches 1,2 --repeats 5 --depth 101`` (50, 101 or 152). Crops must
-be 16k + 1 (output stride 16).
+Other flags (defaults): ``--crops 257,513 --batches 1,2 --repeats 5 --depth 101`` (50, 101 or 152)
+``--dtypes float32`` (compute dtypes, comma-separated: ``bfloat16`` is the GPU setting). Crops must be 16k + 1
+(output stride 16). On one GPU, the side-by-side rows of the paper's model with and without head, in both
+precisions (the PyTorch peers come from a separate measuring kit)::
+
+  python benchmarks/train_step.py --crops 513 --batches 16 --dtypes bfloat16,float32
 Statistics for the loss weights are made up (binomial neighbour counts around π_r ≈ 0.9): they change the loss value,
 not its cost.
 """
@@ -75,12 +79,14 @@ def made_up_stats(rates: affinity.Rates) -> AffinityStats:
   return AffinityStats(rates, freq / freq.sum(1, keepdims=True), pos, source="made up (benchmark)")
 
 
-def paper_config(crop: int, batch: int, depth: int):
-  """``configs/voc.py`` (the paper's §4.1 setting) at this crop, per-device batch and ResNet depth, random init."""
+def paper_config(crop: int, batch: int, depth: int, dtype: str = "float32"):
+  """``configs/voc.py`` (the paper's §4.1 setting) at this crop, per-device batch, ResNet depth and compute dtype
+  (``model.dtype``; parameters stay float32), random init."""
   config = voc.get_config()
   config.dataset.crop_size = crop
   config.train.batch_size = batch
   config.model.depth = depth
+  config.model.dtype = dtype
   config.model.pretrained = ""
   if (crop - 1) % config.model.train_output_stride:
     raise ValueError(
@@ -104,6 +110,7 @@ class CompiledStep:
 
   crop: int
   batch: int
+  dtype: str
   rates: affinity.Rates
   compiled: Any
   state: Any
@@ -129,9 +136,11 @@ class CompiledStep:
     return elapsed
 
 
-def compile_step(crop: int, batch: int, rates: affinity.Rates, *, depth: int = 101, seed: int = 0) -> CompiledStep:
+def compile_step(
+    crop: int, batch: int, rates: affinity.Rates, *, depth: int = 101, dtype: str = "float32", seed: int = 0
+) -> CompiledStep:
   """Builds the model, state and a fake batch, and compiles ``step_lib.train_step`` (pmap over 1 device)."""
-  config = paper_config(crop, batch, depth)
+  config = paper_config(crop, batch, depth, dtype)
   stats = made_up_stats(rates) if rates else None
   model = state_lib.build_model(config, rates, affinity.prior_bias(stats.pos_freq) if rates else None)
   device = jax.local_devices()[0]
@@ -152,7 +161,7 @@ def compile_step(crop: int, batch: int, rates: affinity.Rates, *, depth: int = 1
   mem = compiled.memory_analysis()
   memory = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
   return CompiledStep(
-      crop, batch, tuple(rates), compiled, state, data, rng, float(cost["flops"]), int(memory), compile_s
+      crop, batch, dtype, tuple(rates), compiled, state, data, rng, float(cost["flops"]), int(memory), compile_s
   )
 
 
@@ -213,6 +222,11 @@ def main() -> None:
   parser.add_argument("--batches", default="1,2", help="comma-separated batch sizes (one device)")
   parser.add_argument("--repeats", type=int, default=5, help="timed steps per case (best and median reported)")
   parser.add_argument(
+      "--dtypes",
+      default="float32",
+      help="comma-separated compute dtypes (model.dtype): float32, bfloat16 (GPUs), float16; params stay float32",
+  )
+  parser.add_argument(
       "--depth",
       type=int,
       default=101,
@@ -222,6 +236,9 @@ def main() -> None:
   args = parser.parse_args()
   crops = [int(c) for c in args.crops.split(",")]
   batches = [int(b) for b in args.batches.split(",")]
+  dtypes = [d.strip() for d in args.dtypes.split(",")]
+  if not set(dtypes) <= {"float32", "bfloat16", "float16"}:
+    parser.error(f"--dtypes={args.dtypes}: expected float32, bfloat16 or float16")
   for crop in crops:
     paper_config(crop, 1, args.depth)  # fail fast on a bad crop
   if args.repeats < 1 or min(batches) < 1:
@@ -231,29 +248,31 @@ def main() -> None:
   matmul_before = matmul_gflops(repeats=args.repeats + 2)
   pairs = []
   t0 = time.perf_counter()
-  for crop in crops:
-    for batch in batches:
-      pair = []
-      for name, rates in (("DeepLabv3+ (no head)", ()), ("+ affinity head", PAPER_RATES)):
-        log(
-            f"[{len(pairs) * 2 + len(pair) + 1}/{2 * len(crops) * len(batches)}] ResNet-{args.depth} {name}, "
-            f"crop {crop}, batch {batch}: compiling ({time.perf_counter() - t0:.0f}s so far)"
-        )
-        s = compile_step(crop, batch, rates, depth=args.depth)
-        log(f"    compiled in {s.compile_s:.1f}s: {s.flops / 1e9:.1f} GFLOPs, {s.memory_bytes / GIB:.2f} GiB")
-        pair.append((name, s))
-      log(f"    timing both, interleaved: {args.repeats} rounds after a warm-up")
-      time_interleaved([s for _, s in pair], args.repeats)
-      pairs.append(pair)
-      for _, s in pair:  # free the states before the next (larger) case
-        s.state = s.compiled = s.data = None
+  cases = [(crop, batch, dtype) for dtype in dtypes for crop in crops for batch in batches]
+  for crop, batch, dtype in cases:
+    pair = []
+    for name, rates in (("DeepLabv3+ (no head)", ()), ("+ affinity head", PAPER_RATES)):
+      log(
+          f"[{len(pairs) * 2 + len(pair) + 1}/{2 * len(cases)}] ResNet-{args.depth} {name}, {dtype}, "
+          f"crop {crop}, batch {batch}: compiling ({time.perf_counter() - t0:.0f}s so far)"
+      )
+      s = compile_step(crop, batch, rates, depth=args.depth, dtype=dtype)
+      log(f"    compiled in {s.compile_s:.1f}s: {s.flops / 1e9:.1f} GFLOPs, {s.memory_bytes / GIB:.2f} GiB")
+      pair.append((name, s))
+    log(f"    timing both, interleaved: {args.repeats} rounds after a warm-up")
+    time_interleaved([s for _, s in pair], args.repeats)
+    pairs.append(pair)
+    for _, s in pair:  # free the states before the next (larger) case
+      s.state = s.compiled = s.data = None
   matmul_after = matmul_gflops(repeats=args.repeats + 2)
   matmul = max(matmul_before, matmul_after)
 
   print(
-      f"Training step of ResNet-{args.depth} DeepLabv3+ (21 classes, output stride 16, float32, SGD momentum), "
+      f"Training step of ResNet-{args.depth} DeepLabv3+ (21 classes, output stride 16, SGD momentum; compute "
+      f"dtype per row, float32 parameters), "
       f"affinity head R = {{8, (12,24), 16}} = {len(PAPER_RATES)} explicit rates; `jax.pmap` on 1 "
-      f"{jax.devices()[0].platform.upper()} device; jax {jax.__version__}; {_cpu_name()}, {os.cpu_count()} "
+      f"{jax.devices()[0].platform.upper()} device ({jax.devices()[0].device_kind}); jax {jax.__version__}; "
+      f"host {_cpu_name()}, {os.cpu_count()} "
       f"cores.\nStep time: best (and median) of {args.repeats} steps after a warm-up, the two models timed in "
       f"turn; images/s, GFLOP/s and the time overhead use the best. FLOPs: XLA `cost_analysis()` of the timed "
       f"step. Memory: XLA `memory_analysis()` of the step, arguments + outputs - donated + temporaries.\n"
@@ -261,10 +280,10 @@ def main() -> None:
       f"GFLOP/s before the cases, {matmul_after:.1f} GFLOP/s after; % of matmul uses the higher.\n"
   )
   print(
-      "| crop | batch | model | compile s | step s (median) | images/s | GFLOPs/step | GFLOP/s | % of matmul "
+      "| dtype | crop | batch | model | compile s | step s (median) | images/s | GFLOPs/step | GFLOP/s | % of matmul "
       "| memory GiB | head overhead: time | FLOPs | memory |"
   )
-  print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+  print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for pair in pairs:
     base = pair[0][1]
     for name, s in pair:
@@ -279,7 +298,7 @@ def main() -> None:
           )
       )
       print(
-          f"| {s.crop} | {s.batch} | {name} | {s.compile_s:.0f} | {best:.2f} ({np.median(s.times):.2f}) | "
+          f"| {s.dtype} | {s.crop} | {s.batch} | {name} | {s.compile_s:.0f} | {best:.2f} ({np.median(s.times):.2f}) | "
           f"{s.batch / best:.3f} | {s.flops / 1e9:.1f} | {achieved:.1f} | {100 * achieved / matmul:.0f}% | "
           f"{s.memory_bytes / GIB:.2f} | {overhead} |",
           flush=True,
