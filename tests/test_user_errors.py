@@ -132,8 +132,12 @@ def test_garbage_pretrained_weights_exit_2_naming_the_file(data_dir, tmp_path):
 
 
 def test_statistics_from_images_too_small_for_a_rate_fail_before_jit(data_dir, tmp_path):
-  # synthetic_shapes/tiny has 48-64 px label maps: at rate 32 no pixel has all 8 neighbours (needs > 65x65)
-  config = tiny_config(data_dir, **{"affinity.rates": (4, 32), "affinity.stats_max_images": 3})
+  # synthetic_shapes/tiny has 48-64 px label maps: at rate 32 no pixel has all 8 neighbours (needs > 65x65), so
+  # under the literal n_k rule ("count": k = positives among all 8) n_8 never occurs and its sqrt weight is undefined
+  config = tiny_config(
+      data_dir,
+      **{"affinity.rates": (4, 32), "affinity.stats_max_images": 3, "affinity.partial_neighbors": "count"},
+  )
   rates = config_checks.rates_of(config)
   with pytest.raises(
       stats.StatsError,
@@ -146,6 +150,9 @@ def test_statistics_from_images_too_small_for_a_rate_fail_before_jit(data_dir, t
   assert not os.path.exists(tmp_path / "affinity_stats.json")  # a rerun fails the same way
   config.affinity.scheme = "none"  # no per-category weights: the same statistics are usable
   assert train.load_or_compute_stats(config, str(tmp_path), rates).freq[1, 8] == 0
+  # the default rule ("rescale": k from the valid neighbours only) does see n_8 at rate 32 in these maps
+  config.affinity.scheme, config.affinity.partial_neighbors = "sqrt", "rescale"
+  assert train.load_or_compute_stats(config, str(tmp_path / "rescale"), rates).freq[1, 8] > 0
 
 
 def test_stats_command_line_bad_rates_and_too_small_images(data_dir, tmp_path, capsys):
