@@ -83,7 +83,7 @@ def test_mistyped_variant_and_missing_config_file(tmp_path):
   proc = run_cli("dilaff_jax.main", f"--config={REPO}/configs/voc.py:tabel1_sqrt", f"--workdir={tmp_path / 'w'}")
   assert_one_error_line(
       proc,
-      "unknown config variant 'tabel1_sqrt' (did you mean table1_sqrt?); known: baseline, "
+      "unknown config variant 'tabel1_sqrt' (did you mean table1_sqrt?); known: aaf, baseline, boundary, "
       "paper, table1_baseline, table1_neighbor, table1_signal, table1_sqrt, table2_r8_12x24_16",
   )
   proc = run_cli("dilaff_jax.main", f"--config={CONFIG}:tyni", f"--workdir={tmp_path / 'w'}")
