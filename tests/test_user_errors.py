@@ -87,7 +87,7 @@ def test_mistyped_variant_and_missing_config_file(tmp_path):
       "paper, table1_baseline, table1_neighbor, table1_signal, table1_sqrt, table2_r8_12x24_16",
   )
   proc = run_cli("dilaff_jax.main", f"--config={CONFIG}:tyni", f"--workdir={tmp_path / 'w'}")
-  assert_one_error_line(proc, "unknown config variant 'tyni' (did you mean tiny?); known: baseline, tiny")
+  assert_one_error_line(proc, "unknown config variant 'tyni' (did you mean tiny?); known: aaf, baseline, ", ", tiny")
   proc = run_cli("dilaff_jax.main", f"--config={tmp_path}/nope.py", f"--workdir={tmp_path / 'w'}")
   assert_one_error_line(proc, f"--config={tmp_path}/nope.py: no such config file")
   proc = run_cli(
