@@ -218,12 +218,27 @@ class _OneLineOrbaxErrors(pylogging.Filter):
     return True
 
 
+class _DropAbandonedReads(pylogging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for reads of a damaged OCDBT checkpoint that Orbax
+  abandoned after the first failed one (that failure is already reported as the damaged checkpoint): garbage
+  collected at exit, each would print a traceback after the one ``error:`` line."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (
+        record.getMessage().startswith("Task exception was never retrieved") and "in OCDBT database" in str(exc)
+    )
+
+
 def _shorten_orbax_errors() -> None:
   """Installs :class:`_OneLineOrbaxErrors` on absl's logger once, for the rest of the process: reads still in
   flight when Orbax gave up on a damaged checkpoint can log after their manager was closed."""
   logger = logging.get_absl_logger()
   if not any(isinstance(f, _OneLineOrbaxErrors) for f in logger.filters):
     logger.addFilter(_OneLineOrbaxErrors())
+  asyncio_logger = pylogging.getLogger("asyncio")
+  if not any(isinstance(f, _DropAbandonedReads) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_DropAbandonedReads())
 
 
 def _saved_on_disk(mngr: ocp.CheckpointManager, step: int) -> bool:
