@@ -24,9 +24,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
-from dilaff_jax import affinity, cli, errors
+from dilaff_jax import affinity, cli, config_checks, errors, multihost
 from dilaff_jax.conventions import IGNORE_LABEL
 
 FORMAT_VERSION = 2  # 2: records the n_k rule (partial_neighbors); version 1 files were counted with "count" and
@@ -386,6 +386,59 @@ def _parse_rates(text: str, flag: str) -> affinity.Rates:
     return affinity.parse_rates(text)
   except ValueError as e:
     raise StatsError(f"{flag}={text}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------- for training
+
+
+def load_or_compute(config, workdir: str, rates: affinity.Rates) -> AffinityStats:
+  """``freq(n_k, r)`` and ``π_r`` for ``rates``: from ``affinity.stats_path`` if set, else from
+  ``<workdir>/affinity_stats.json``, computing and writing that file from the training labels when missing.
+  Statistics that leave ``affinity.scheme``'s weights undefined (a rate too large for the images) raise a
+  :class:`StatsError` here, before anything is compiled."""
+  path = config.affinity.stats_path or os.path.join(workdir, "affinity_stats.json")
+  rule = config.affinity.partial_neighbors
+  multihost.barrier("before affinity statistics")  # every process sees the same file state below
+  compute = not os.path.exists(path) and not config.affinity.stats_path  # the same on every process
+  if compute and jax.process_index() > 0:  # process 0 computes and writes the file; the others wait for it
+    multihost.barrier("affinity statistics written")
+  if not compute or jax.process_index() > 0:
+    try:
+      s = AffinityStats.load(path).select(rates)
+    except (ValueError, KeyError) as e:
+      raise config_checks.ConfigError(
+          f"config.affinity.stats_path = {path!r}: {e}; recompute with " "`python -m dilaff_jax.stats`"
+      ) from None
+    if s.partial_neighbors != rule:
+      raise config_checks.ConfigError(
+          f"config.affinity.partial_neighbors = {rule!r}, but the statistics in {path!r} were counted with "
+          f"{s.partial_neighbors!r}: recompute them with `python -m dilaff_jax.stats --partial_neighbors={rule}` "
+          "(or delete the workdir's file to let training recompute it)"
+      )
+    logging.info("Affinity statistics from %s (%s)", path, s.source)
+    check_weights_defined(s, config.affinity.scheme)
+    return s
+  from dilaff_jax import datasets  # TensorFlow Datasets: only when the statistics are computed here
+
+  d = config.dataset
+  name, data_dir = datasets.location(
+      d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"), num_classes=d.num_classes
+  )
+  maps, total = tfds_label_maps(name, d.train_split, data_dir, config.affinity.stats_max_images)
+  logging.info("Computing affinity statistics over %d training label maps (once; saved to %s)", total, path)
+  s = compute_usable_stats(
+      maps,
+      rates,
+      d.ignore_label,
+      f"{d.name}:{d.train_split}",
+      scheme=config.affinity.scheme,
+      log_every=max(total // 10, 1),
+      total=total,
+      partial_neighbors=rule,
+  )
+  s.save(path)
+  multihost.barrier("affinity statistics written")
+  return s
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
-"""The training loop of the joint model (paper §3.2, §4.1): data, affinity statistics, the pmapped step
-(:mod:`dilaff_jax.step`: ``CE + β · L_aff`` and Table 5's structure losses), checkpoints, summaries, preemption and
-the final evaluation.
+"""The training loop of the joint model (paper §3.2, §4.1): it runs the pmapped step (:mod:`dilaff_jax.step`:
+``CE + β · L_aff`` and Table 5's structure losses) over the data with the affinity statistics
+(:func:`dilaff_jax.stats.load_or_compute`), writes checkpoints and summaries, stops on preemption
+(:mod:`dilaff_jax.preemption`) and evaluates at the end.
 
 The step is ``jax.pmap``'d over axis ``batch`` with cross-replica BatchNorm. Checkpoints
 (:mod:`dilaff_jax.checkpoints`: finite, fingerprinted) hold the train state; the data position and the RNG are
@@ -11,7 +12,6 @@ workdir (:mod:`dilaff_jax.workdir_lock`). U-Net's boundary weight maps are compu
 import contextlib
 import functools
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -24,12 +24,12 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 
-from dilaff_jax import affinity, checkpoints, config_checks, datasets, errors, evaluate, input_pipeline
+from dilaff_jax import affinity, checkpoints, config_checks, datasets, errors, evaluate, input_pipeline, multihost
+from dilaff_jax import preemption as preemption_lib
 from dilaff_jax import structure_losses, visualize, workdir_lock
 from dilaff_jax.state import AXIS, build_model, create_train_state, learning_rate_schedule
 from dilaff_jax.step import train_step
 from dilaff_jax import stats as stats_lib
-from dilaff_jax.models.deeplab import upsample_logits
 
 Hook = Callable[[int, Any], None]
 
@@ -57,111 +57,7 @@ def boundary_weight_map(config: ml_collections.ConfigDict) -> Callable[[np.ndarr
   )
 
 
-# ----------------------------------------------------------------------------------------------- statistics
-
-
-def load_or_compute_stats(
-    config: ml_collections.ConfigDict, workdir: str, rates: affinity.Rates
-) -> stats_lib.AffinityStats:
-  """``freq(n_k, r)`` and ``π_r`` for ``rates``: from ``affinity.stats_path`` if set, else from
-  ``<workdir>/affinity_stats.json``, computing and writing that file from the training labels when missing.
-  Statistics that leave ``affinity.scheme``'s weights undefined (a rate too large for the images) raise a
-  :class:`stats_lib.StatsError` here, before anything is compiled."""
-  path = config.affinity.stats_path or os.path.join(workdir, "affinity_stats.json")
-  rule = config.affinity.partial_neighbors
-  _barrier("before affinity statistics")  # every process sees the same file state below
-  compute = not os.path.exists(path) and not config.affinity.stats_path  # the same on every process
-  if compute and jax.process_index() > 0:  # process 0 computes and writes the file; the others wait for it
-    _barrier("affinity statistics written")
-  if not compute or jax.process_index() > 0:
-    try:
-      s = stats_lib.AffinityStats.load(path).select(rates)
-    except (ValueError, KeyError) as e:
-      raise config_checks.ConfigError(
-          f"config.affinity.stats_path = {path!r}: {e}; recompute with " "`python -m dilaff_jax.stats`"
-      ) from None
-    if s.partial_neighbors != rule:
-      raise config_checks.ConfigError(
-          f"config.affinity.partial_neighbors = {rule!r}, but the statistics in {path!r} were counted with "
-          f"{s.partial_neighbors!r}: recompute them with `python -m dilaff_jax.stats --partial_neighbors={rule}` "
-          "(or delete the workdir's file to let training recompute it)"
-      )
-    logging.info("Affinity statistics from %s (%s)", path, s.source)
-    stats_lib.check_weights_defined(s, config.affinity.scheme)
-    return s
-  d = config.dataset
-  name, data_dir = datasets.location(
-      d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"), num_classes=d.num_classes
-  )
-  maps, total = stats_lib.tfds_label_maps(name, d.train_split, data_dir, config.affinity.stats_max_images)
-  logging.info("Computing affinity statistics over %d training label maps (once; saved to %s)", total, path)
-  s = stats_lib.compute_usable_stats(
-      maps,
-      rates,
-      d.ignore_label,
-      f"{d.name}:{d.train_split}",
-      scheme=config.affinity.scheme,
-      log_every=max(total // 10, 1),
-      total=total,
-      partial_neighbors=rule,
-  )
-  s.save(path)
-  _barrier("affinity statistics written")
-  return s
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-# ----------------------------------------------------------------------------------------------- summaries
-
-
-def _image_summaries(p_predict, variables, batch, rates, config, palette) -> dict[str, np.ndarray]:
-  out = p_predict(variables, batch["image"])
-  labels = np.asarray(batch["label"][0][:2])
-  size = labels.shape[1:3]
-  logits = np.asarray(upsample_logits(out["logits"][0][:2], size))
-  images = visualize.denormalize(np.asarray(batch["image"][0][:2]), config.dataset.mean, config.dataset.std)
-  pics = {
-      "input": images,
-      "label": visualize.colorize(labels, palette),
-      "prediction": visualize.colorize(logits.argmax(-1), palette),
-  }
-  if rates:
-    aff = np.asarray(jax.nn.sigmoid(upsample_logits(out["affinity_logits"][0][:2, ..., :8], size)))
-    pics[f"affinity_rate_{affinity.rate_label(rates[0])}"] = visualize.affinity_picture(aff)
-  return pics
-
-
 # ----------------------------------------------------------------------------------------------- the loop
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step (then it checkpoints and returns)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, the orbax preemption check still works multi-host
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 NO_STEP = np.iinfo(np.int32).max  # "no non-finite loss yet"
@@ -241,8 +137,8 @@ def _train_and_evaluate(
         manual_dir=config.dataset.get("manual_dir"),
         num_classes=config.dataset.num_classes,
     )
-  _barrier("dataset prepared")
-  stats = load_or_compute_stats(config, workdir, rates) if rates else None
+  multihost.barrier("dataset prepared")
+  stats = stats_lib.load_or_compute(config, workdir, rates) if rates else None
   if stats is not None and is_chief:
     print("[train] " + stats_lib.weight_table(stats, config.affinity.scheme, config.affinity.max_weight), flush=True)
   bias = affinity.prior_bias(stats.pos_freq) if rates else None
@@ -253,10 +149,10 @@ def _train_and_evaluate(
   with checkpoints.opened(workdir, config, write=True) as mngr, contextlib.ExitStack() as stack:
     if mngr.latest_step() is not None:
       state, _, damaged = checkpoints.restore_newest_intact(mngr, state, compat)
-      _barrier("checkpoints verified")
+      multihost.barrier("checkpoints verified")
       if is_chief:  # out of the way of this run's saves and of rotation; kept for inspection
         checkpoints.move_aside(mngr, damaged)
-      _barrier("damaged checkpoints moved aside")
+      multihost.barrier("damaged checkpoints moved aside")
       mngr.reload()
       print(f"[train] resumed from the checkpoint at step {int(state.step)} in {mngr.directory}", flush=True)
     start = int(state.step)
@@ -303,7 +199,7 @@ def _train_and_evaluate(
     last = {}
     first_nonfinite = (jnp.int32(NO_STEP), jnp.float32(0.0))
     t0 = time.time()
-    with _Preemption() as preemption:
+    with preemption_lib.Preemption() as preemption:
       for step in range(start + 1, total + 1):
         batch = next(batches)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -327,7 +223,10 @@ def _train_and_evaluate(
           train_metrics = None
         if is_chief and config.train.image_summary_every and step % config.train.image_summary_every == 0:
           variables = {"params": state.params, "batch_stats": state.batch_stats}
-          writer.write_images(step, _image_summaries(p_predict, variables, batch, rates, config, palette))
+          writer.write_images(
+              step,
+              visualize.summary_images(p_predict(variables, batch["image"]), batch, rates, config.dataset, palette),
+          )
         for hook in hooks:
           hook(step, state)
         stop = preemption.requested or (jax.process_count() > 1 and mngr.reached_preemption(step))

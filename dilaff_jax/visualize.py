@@ -1,9 +1,13 @@
-"""Pictures for people: label palettes, colourised masks, blends, affinity maps (numpy), and the figures that
-evaluation writes (matplotlib, imported only when a figure is drawn)."""
+"""Pictures for people: label palettes, colourised masks, blends, affinity maps (numpy), the training's TensorBoard
+pictures, and the figures that evaluation writes (matplotlib, imported only when a figure is drawn)."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+
+from dilaff_jax import affinity
+from dilaff_jax.models.deeplab import upsample_logits
 
 # Cityscapes' 19 train-id colours (cityscapesScripts' labels.py).
 CITYSCAPES_COLORS = np.array(
@@ -134,3 +138,21 @@ def save_grid(columns: dict[str, np.ndarray], heights, widths, path: str, legend
     fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
+
+
+def summary_images(out: dict, batch: dict, rates, dataset_config, palette: np.ndarray) -> dict[str, np.ndarray]:
+  """TensorBoard pictures of a training batch (the first 2 examples of the first device): input, label, prediction
+  and the mean predicted affinity of the first rate (dark = boundary). ``out`` is the model's output for
+  ``batch["image"]`` (``[devices, B, ...]``), ``dataset_config`` gives the normalisation's mean and std."""
+  labels = np.asarray(batch["label"][0][:2])
+  size = labels.shape[1:3]
+  logits = np.asarray(upsample_logits(out["logits"][0][:2], size))
+  pics = {
+      "input": denormalize(np.asarray(batch["image"][0][:2]), dataset_config.mean, dataset_config.std),
+      "label": colorize(labels, palette),
+      "prediction": colorize(logits.argmax(-1), palette),
+  }
+  if rates:
+    aff = np.asarray(jax.nn.sigmoid(upsample_logits(out["affinity_logits"][0][:2, ..., :8], size)))
+    pics[f"affinity_rate_{affinity.rate_label(rates[0])}"] = affinity_picture(aff)
+  return pics

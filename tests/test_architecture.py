@@ -37,6 +37,8 @@ LAYERS = (
         "pretrained",
         "cli",
         "workdir_lock",
+        "multihost",
+        "preemption",
         "datasets.common",
         "datasets.cityscapes",
         "datasets.voc2012_aug",

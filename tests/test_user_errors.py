@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from configs import synthetic
-from dilaff_jax import cli, config_checks, errors, stats, train
+from dilaff_jax import cli, config_checks, errors, stats
 from test_train import REPO, tiny_config
 
 CONFIG = os.path.join(REPO, "configs", "synthetic.py")
@@ -146,13 +146,13 @@ def test_statistics_from_images_too_small_for_a_rate_fail_before_jit(data_dir, t
       r"neighbours at this rate only in label maps larger than 65x65 pixels, the largest label map "
       r"is 6\dx6\d",
   ):
-    train.load_or_compute_stats(config, str(tmp_path), rates)
+    stats.load_or_compute(config, str(tmp_path), rates)
   assert not os.path.exists(tmp_path / "affinity_stats.json")  # a rerun fails the same way
   config.affinity.scheme = "none"  # no per-category weights: the same statistics are usable
-  assert train.load_or_compute_stats(config, str(tmp_path), rates).freq[1, 8] == 0
+  assert stats.load_or_compute(config, str(tmp_path), rates).freq[1, 8] == 0
   # the default rule ("rescale": k from the valid neighbours only) does see n_8 at rate 32 in these maps
   config.affinity.scheme, config.affinity.partial_neighbors = "sqrt", "rescale"
-  assert train.load_or_compute_stats(config, str(tmp_path / "rescale"), rates).freq[1, 8] > 0
+  assert stats.load_or_compute(config, str(tmp_path / "rescale"), rates).freq[1, 8] > 0
 
 
 def test_stats_command_line_bad_rates_and_too_small_images(data_dir, tmp_path, capsys):
