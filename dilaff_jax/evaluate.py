@@ -54,17 +54,7 @@ def eval_step(
   labels = batch["label"]
   size = labels.shape[1:3]
   valid = (labels != ign) & batch["mask"][:, None, None]
-  probs, aff = inference.predict(
-      apply_fn,
-      variables,
-      batch["image"],
-      size=size,
-      output_stride=config.eval.output_stride,
-      scales=tuple(config.eval.scales),
-      flip=config.eval.flip,
-      rates=rates,
-      mu=config.affinity.mu,
-  )
+  probs, aff = inference.predict_as_configured(apply_fn, variables, batch["image"], config, rates, size)
   out = {"num_images": jnp.sum(batch["mask"], dtype=jnp.int32)}
   if not rates:
     out["plain"] = eval_metrics.confusion_matrix(labels, jnp.argmax(probs, -1), c, valid)
@@ -111,18 +101,7 @@ def save_examples_figure(
     return
   images = jnp.asarray(flat["image"][keep])
   size = images.shape[1:3]
-  fn = jax.jit(
-      functools.partial(
-          inference.predict,
-          apply_fn,
-          size=size,
-          output_stride=config.eval.output_stride,
-          scales=tuple(config.eval.scales),
-          flip=config.eval.flip,
-          rates=rates,
-          mu=config.affinity.mu,
-      )
-  )
+  fn = jax.jit(lambda variables, images: inference.predict_as_configured(apply_fn, variables, images, config, rates))
   probs, aff = fn(variables, images)
   prediction = np.asarray(probs).argmax(-1)
   palette = visualize.palette_for(config.dataset.name)

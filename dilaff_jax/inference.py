@@ -71,6 +71,24 @@ def predict(
   return probs / n, (affs / n_aff if rates else None)
 
 
+def predict_as_configured(
+    apply_fn, variables, images: jax.Array, config, rates: affinity.Rates, size: tuple[int, int] | None = None
+) -> tuple[jax.Array, jax.Array | None]:
+  """:func:`predict` with ``config.eval``'s output stride, scales and flip and ``config.affinity.mu``: how
+  evaluation, its example figure and prediction all run the network. ``size`` defaults to the images' own."""
+  return predict(
+      apply_fn,
+      variables,
+      images,
+      size=tuple(images.shape[1:3]) if size is None else size,
+      output_stride=config.eval.output_stride,
+      scales=tuple(config.eval.scales),
+      flip=bool(config.eval.flip),
+      rates=rates,
+      mu=config.affinity.mu,
+  )
+
+
 def inside_mask(heights: jax.Array, widths: jax.Array, size: tuple[int, int], rates: affinity.Rates) -> jax.Array:
   """``[B, H, W, 8·|R|]`` bool: the neighbour of each direction lies inside the example's real (unpadded) image.
   Propagation must not pull predictions in from the padding: a neighbour outside the image contributes nothing."""

@@ -230,17 +230,7 @@ class Prediction:
 def _network(variables, x, *, apply_fn, config, rates):
   """Raw class-index mask, probabilities and steep-sigmoid affinities (Eq. 7) of a padded image ``[1, H', W', 3]``,
   as the evaluation computes them (``config.eval``: output stride, scales, flip)."""
-  probs, aff = inference.predict(
-      apply_fn,
-      variables,
-      x,
-      size=x.shape[1:3],
-      output_stride=config.eval.output_stride,
-      scales=tuple(config.eval.scales),
-      flip=bool(config.eval.flip),
-      rates=rates,
-      mu=config.affinity.mu,
-  )
+  probs, aff = inference.predict_as_configured(apply_fn, variables, x, config, rates)
   return jnp.argmax(probs[0], -1).astype(jnp.uint8), probs, aff
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from dilaff_jax import checkpoints, config_checks, evaluate, train, workdir_lock
 from dilaff_jax import state as state_lib
-from test_train import REPO, restored_variables, tiny_config, tree_allclose, user_facing_lines
+from cli_helpers import REPO, main_cli, user_facing_lines
+from test_train import restored_variables, tiny_config, tree_allclose
 
 
 @pytest.fixture(scope="module")
@@ -249,26 +250,7 @@ def test_watch_never_creates_a_workdir(data_dir, tmp_path):
 def test_command_line_refuses_a_damaged_step_in_one_line(run, data_dir, tmp_path):
   workdir = copy_of(run, tmp_path)
   truncate(largest_data_file(workdir, 4))  # Orbax gives up mid-read: reads in flight must not spill tracebacks
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "dilaff_jax.main",
-          "--config=configs/synthetic.py:tiny",
-          f"--workdir={workdir}",
-          "--mode=evaluate",
-          "--step=4",
-          f"--config.dataset.data_dir={data_dir}",
-          "--config.train.batch_size=8",
-          "--config.eval.batch_size=8",
-      ],
-      cwd=REPO,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
+  proc = main_cli(data_dir, workdir, "--mode=evaluate", "--step=4", timeout=600)
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = user_facing_lines(proc.stderr)  # log records aside (e.g. XLA's slow-compile alarm on a loaded machine)
   assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -240,8 +240,9 @@ def _decoded_split_ids(builder, split):
   return [ex["image_id"].decode() for ex in builder.as_dataset(split=split, decoders=decoders).as_numpy_iterator()]
 
 
-def test_from_config(tiny):
-  cfg = ml_collections.ConfigDict(
+def tiny_dataset_config(tiny) -> ml_collections.ConfigDict:
+  """A ``config.dataset`` for the tiny synthetic builder."""
+  return ml_collections.ConfigDict(
       dict(
           name="synthetic_shapes/tiny",
           data_dir=tiny.data_dir_root,
@@ -259,6 +260,10 @@ def test_from_config(tiny):
           eval_pad_size=None,
       )
   )
+
+
+def test_from_config(tiny):
+  cfg = tiny_dataset_config(tiny)
   pipes = ip.from_config(cfg, seed=0, local_device_count=2, per_device_batch=1, eval_per_device_batch=4, **SINGLE_HOST)
   assert pipes.class_names == list(datasets.synthetic_shapes.CLASS_NAMES)
   assert (pipes.num_train_examples, pipes.num_eval_examples) == (24, 8)
@@ -272,24 +277,7 @@ def test_from_config(tiny):
 def test_eval_from_config_never_touches_the_train_split(tiny):
   """Evaluation builds only the eval side: the same batches as ``from_config``'s, even with a train split that
   does not exist (which ``from_config`` refuses)."""
-  cfg = ml_collections.ConfigDict(
-      dict(
-          name="synthetic_shapes/tiny",
-          data_dir=tiny.data_dir_root,
-          manual_dir=None,
-          train_split="train",
-          eval_split="validation",
-          num_classes=6,
-          ignore_label=255,
-          crop_size=(24, 32),
-          min_scale=0.5,
-          max_scale=2.0,
-          scale_step=0.25,
-          mean=ip.IMAGENET_MEAN_255,
-          std=ip.IMAGENET_STD_255,
-          eval_pad_size=None,
-      )
-  )
+  cfg = tiny_dataset_config(tiny)
   both = ip.from_config(cfg, seed=0, local_device_count=2, per_device_batch=1, eval_per_device_batch=2, **SINGLE_HOST)
   cfg.train_split = "no_such_split"
   with pytest.raises(Exception, match="no_such_split"):

@@ -19,27 +19,7 @@ from dilaff_jax import affinity, checkpoints, config_checks, input_pipeline, tra
 from dilaff_jax import state as state_lib
 from dilaff_jax import step as step_lib
 from dilaff_jax.stats import AffinityStats
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# An absl / glog log record: "E1126 22:00:00.123456  1234 file.cc:73] message" (Python's absl and XLA's C++ alike).
-_LOG_RECORD = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
-
-
-def user_facing_lines(stderr: str) -> list[str]:
-  """A command's stderr without log records (a header line and its continuation lines, e.g. XLA's multi-line
-  slow-compile alarm on a loaded machine): the lines a user's message is made of. A traceback is always kept."""
-  out, in_record = [], False
-  for line in stderr.strip().splitlines():
-    if _LOG_RECORD.match(line):
-      in_record = True
-    elif in_record and not line.startswith(("error: ", "Traceback")):
-      continue
-    else:
-      in_record = False
-      out.append(line)
-  return out
+from cli_helpers import REPO, main_cli, user_facing_lines
 
 
 def test_user_facing_lines_drop_log_records_and_keep_tracebacks():
@@ -237,28 +217,10 @@ def test_diverging_run_leaves_only_finite_checkpoints(data_dir, tmp_path):
       "train.checkpoint_every": 1,
       "train.keep_checkpoints": 2,
       "train.num_steps": 8,
-      "train.batch_size": 8,
-      "eval.batch_size": 8,
       "train.eval_at_end": False,
       "train.image_summary_every": 0,
-      "dataset.data_dir": data_dir,
   }
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "dilaff_jax.main",
-          "--config=configs/synthetic.py:tiny",
-          f"--workdir={workdir}",
-          *(f"--config.{k}={v}" for k, v in overrides.items()),
-      ],
-      cwd=REPO,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
+  proc = main_cli(data_dir, workdir, *(f"--config.{k}={v}" for k, v in overrides.items()), timeout=900)
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = user_facing_lines(proc.stderr)
   assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(r"at step \d+", lines[0]), lines[-5:]

@@ -9,46 +9,8 @@ import pytest
 
 from configs import synthetic
 from dilaff_jax import cli, config_checks, errors, stats
-from test_train import REPO, tiny_config
-
-CONFIG = os.path.join(REPO, "configs", "synthetic.py")
-
-
-def run_cli(module, *args, env=None, **kwargs):
-  return subprocess.run(
-      [sys.executable, "-m", module, *args],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
-      env=dict(os.environ, **(env or {})),
-      **kwargs,
-  )
-
-
-def assert_one_error_line(proc, *fragments):
-  """Exit code 2, stderr's last line starts with ``error:`` and holds every fragment, no traceback anywhere."""
-  assert proc.returncode == errors.EXIT_USER_ERROR, proc.stderr[-3000:]
-  last = proc.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: "), proc.stderr[-3000:]
-  for fragment in fragments:
-    assert fragment in last, (fragment, last)
-  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-  return last
-
-
-def main_cli(data_dir, workdir, *args, env=None):
-  return run_cli(
-      "dilaff_jax.main",
-      f"--config={CONFIG}:tiny",
-      f"--workdir={workdir}",
-      f"--config.dataset.data_dir={data_dir}",
-      "--config.train.batch_size=8",  # 8 CPU devices (conftest)
-      "--config.eval.batch_size=8",
-      *args,
-      env=env,
-  )
-
+from cli_helpers import CONFIG, REPO, assert_one_error_line, main_cli, run_cli
+from test_train import tiny_config
 
 # ---------------------------------------------------------------------------------------------- config mistakes
 
