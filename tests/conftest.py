@@ -1,12 +1,21 @@
-"""Test setup, before JAX creates its backend: 8 virtual CPU devices for the multi-device tests, no persistent
-compilation cache, and JAX's in-memory caches emptied after every test (see the fixture below)."""
+"""Test setup, before JAX creates its backend: 8 virtual CPU devices for the multi-device tests, a persistent
+compilation cache private to this run, and JAX's in-memory caches emptied after every test (see the fixture below)."""
 
+import atexit
 import gc
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["JAX_NUM_CPU_DEVICES"] = "8"
-os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)  # a user's cache must not leak into the tests either
+# Compiling dominates the suite's time and most tests compile the same tiny programs (the tiny demo's training step
+# above all, in-process and in the command-line tests' subprocesses, which inherit the variable). A cache private to
+# this run, empty at its start and removed at its end, compiles each program once (measured: a tiny training run in
+# 42 s against 120-130 s). A user's own cache is never read.
+_XLA_CACHE = tempfile.mkdtemp(prefix="dilaff-tests-xla-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
 import jax  # noqa: E402
 
