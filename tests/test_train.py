@@ -19,7 +19,7 @@ from dilaff_jax import affinity, checkpoints, config_checks, input_pipeline, tra
 from dilaff_jax import state as state_lib
 from dilaff_jax import step as step_lib
 from dilaff_jax.stats import AffinityStats
-from cli_helpers import REPO, main_cli, user_facing_lines
+from cli_helpers import REPO, main_cli, run_cli, user_facing_lines
 
 
 def test_user_facing_lines_drop_log_records_and_keep_tracebacks():
@@ -315,19 +315,11 @@ def test_paper_configs_refuse_to_train_without_imagenet_weights(tmp_path):
   assert synthetic.get_config().model.pretrained == "none"
   # the command line: one error line, exit 2, before the dataset (which does not exist here) is touched
   workdir = tmp_path / "w"
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "dilaff_jax.main",
-          "--config=configs/voc.py",
-          f"--workdir={workdir}",
-          f"--config.dataset.manual_dir={tmp_path / 'nodata'}",
-      ],
-      capture_output=True,
-      text=True,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-      timeout=300,
+  proc = run_cli(
+      "dilaff_jax.main",
+      "--config=configs/voc.py",
+      f"--workdir={workdir}",
+      f"--config.dataset.manual_dir={tmp_path / 'nodata'}",
   )
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1].startswith("error: config.model.pretrained = '': ResNet-101 needs")
@@ -343,19 +335,13 @@ def test_two_processes_with_jax_distributed_train_and_checkpoint(data_dir, tmp_p
   workdir = str(tmp_path / "mp")
   env = dict(os.environ, WORKDIR=workdir, DEVICES_PER_PROCESS="2", NUM_PROCESSES="2")
   env.pop("JAX_NUM_CPU_DEVICES")
-  proc = subprocess.run(
-      [
-          "bash",
-          os.path.join(REPO, "launch", "cpu_multiprocess.sh"),
-          f"--config.dataset.data_dir={data_dir}",
-          "--config.train.eval_at_end=False",
-      ],
-      cwd=REPO,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
+
+  def launch(*flags):
+    script = os.path.join(REPO, "launch", "cpu_multiprocess.sh")
+    flags = (f"--config.dataset.data_dir={data_dir}", "--config.train.eval_at_end=False", *flags)
+    return subprocess.run(["bash", script, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+  proc = launch()
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   logs = [open(os.path.join(workdir, f"process_{i}.log")).read() for i in range(2)]
   for log in logs:
@@ -370,20 +356,7 @@ def test_two_processes_with_jax_distributed_train_and_checkpoint(data_dir, tmp_p
   assert step == 4
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
   # both processes restore the shared checkpoint and go on to step 6
-  proc = subprocess.run(
-      [
-          "bash",
-          os.path.join(REPO, "launch", "cpu_multiprocess.sh"),
-          f"--config.dataset.data_dir={data_dir}",
-          "--config.train.eval_at_end=False",
-          "--config.train.num_steps=6",
-      ],
-      cwd=REPO,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=900,
-  )
+  proc = launch("--config.train.num_steps=6")
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   for i in range(2):
     log = open(os.path.join(workdir, f"process_{i}.log")).read()
