@@ -1,8 +1,12 @@
-"""The Markdown page of an evaluation (``results.md``), written next to its ``results.json``."""
+"""What an evaluation reports: ``results.json``, its Markdown page ``results.md``, Fig. 4's PNG and the summaries."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+
+from dilaff_jax import visualize
 
 
 def _iterations(n: int) -> str:
@@ -62,3 +66,40 @@ def markdown(results: dict, class_names: Sequence[str]) -> str:
     ]
   lines += ["", f"Throughput: {results['images_per_second']:.2f} images/s (network, propagation sweep and scoring)"]
   return "\n".join(lines) + "\n"
+
+
+def scalars(results: dict) -> dict[str, float]:
+  """The summaries of an evaluation: mIoU, with the dense CRF, after the configured propagation and along the sweep
+  (predicted and oracle affinity)."""
+  out = {"eval/miou": results["miou"]}
+  if "miou_crf" in results:
+    out["eval/miou_crf"] = results["miou_crf"]
+  sweep = results.get("sweep")
+  if sweep:
+    out["eval/miou_propagated"] = results["miou_propagated"]
+    for it, v in zip(sweep["iterations"], sweep["predicted"]):
+      out[f"eval/miou_propagation_{it}"] = v
+    for it, v in zip(sweep["iterations"], sweep.get("oracle", [])):
+      out[f"eval/miou_oracle_{it}"] = v
+  return out
+
+
+def write(results: dict, out_dir: str, class_names: Sequence[str], writer=None) -> None:
+  """Writes ``results.json``, ``results.md`` and (with affinity) ``affinity_accuracy.png`` to ``out_dir``, prints
+  the Markdown and, with a CLU ``writer``, its :func:`scalars` at the evaluated step."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  md = markdown(results, class_names)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(md)
+  if "affinity_accuracy" in results:
+    visualize.plot_affinity_accuracy(
+        results["affinity_accuracy"],
+        os.path.join(out_dir, "affinity_accuracy.png"),
+        f"Affinity accuracy per n_k, step {results['step']}",
+    )
+  print(md, flush=True)
+  if writer is not None:
+    writer.write_scalars(results["step"], scalars(results))
+    writer.flush()

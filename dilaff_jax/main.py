@@ -112,7 +112,7 @@ def main(argv) -> None:
 
   # imported only now: jax.distributed.initialize (above) must come before anything touches the backend
   import jax
-  from dilaff_jax import datasets, evaluate, train
+  from dilaff_jax import datasets, eval_checkpoints, train
 
   logging.info(
       "JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(), jax.devices()
@@ -124,7 +124,7 @@ def main(argv) -> None:
       if result.get("preempted_at") is not None:
         sys.exit(errors.EXIT_PREEMPTED)
     else:
-      evaluate.evaluate_checkpoints(
+      eval_checkpoints.evaluate_checkpoints(
           config,
           FLAGS.workdir,
           steps=[FLAGS.step] if FLAGS.step is not None else None,

@@ -53,7 +53,7 @@ LAYERS = (
     ("state",),
     # 5: the jobs
     ("evaluate", "step"),
-    ("train", "predict"),
+    ("train", "predict", "eval_checkpoints"),
     ("export", "propagation_diagnosis", "study", "main"),
 )
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -2,6 +2,8 @@
 of affinity channels, the oracle sweep, and a checkpoint evaluated twice."""
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from dilaff_jax import affinity, config_checks, crf, eval_metrics, evaluate, inference, input_pipeline, propagation
+from dilaff_jax import affinity, config_checks, crf, eval_checkpoints, eval_metrics, evaluate, inference, input_pipeline
+from dilaff_jax import propagation
 from dilaff_jax import state as state_lib
 from test_train import tiny_config
 
@@ -206,19 +209,70 @@ def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(data_dir, tmp_path
   config = tiny_config(data_dir, **{"train.num_steps": 2})
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
-  first = evaluate.evaluate_checkpoint(config, workdir)
-  second = evaluate.evaluate_checkpoint(config, workdir)
+  first = eval_checkpoints.evaluate_checkpoint(config, workdir)
+  second = eval_checkpoints.evaluate_checkpoint(config, workdir)
   assert first["step"] == 2 and first["num_images"] == 8
   for key in ("miou", "per_class_iou", "sweep", "affinity_accuracy", "confusion"):
     assert first[key] == second[key], key
-  import os
-
   out = os.path.join(workdir, "eval", "step_2")
   assert sorted(os.listdir(out)) == ["affinity_accuracy.png", "examples.png", "results.json", "results.md"]
   with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
-    evaluate.evaluate_checkpoint(config, workdir, step=7)
+    eval_checkpoints.evaluate_checkpoint(config, workdir, step=7)
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-    evaluate.evaluate_checkpoint(config, str(tmp_path / "empty"))
+    eval_checkpoints.evaluate_checkpoint(config, str(tmp_path / "empty"))
+
+
+def test_report_writes_the_files_and_the_summaries_of_a_hand_made_result(tmp_path, capsys):
+  from dilaff_jax import eval_report
+
+  class Writer:
+    written = []
+
+    def write_scalars(self, step, scalars):
+      self.written.append((step, scalars))
+
+    def flush(self):
+      pass
+
+  results = {
+      "step": 6,
+      "split": "validation",
+      "num_images": 3,
+      "miou": 0.5,
+      "miou_crf": 0.55,
+      "crf_ms_per_image": 12.0,
+      "miou_propagated": 0.6,
+      "final_iterations": 1,
+      "sweep": {"iterations": [0, 1, 3], "predicted": [0.5, 0.6, 0.4], "oracle": [0.5, 0.7, 0.8]},
+      "affinity_accuracy": {"per_rate": {"4": [0.1 * k for k in range(9)]}, "mean": [0.1 * k for k in range(9)]},
+      "per_class_iou": [0.5, 0.5],
+      "images_per_second": 1.0,
+  }
+  writer = Writer()
+  eval_report.write(results, str(tmp_path / "step_6"), ["a", "b"], writer)
+  assert sorted(os.listdir(tmp_path / "step_6")) == ["affinity_accuracy.png", "results.json", "results.md"]
+  assert json.load(open(tmp_path / "step_6" / "results.json")) == results
+  assert "# Evaluation of step 6 on validation (3 images)" in capsys.readouterr().out
+  assert writer.written == [
+      (
+          6,
+          {
+              "eval/miou": 0.5,
+              "eval/miou_crf": 0.55,
+              "eval/miou_propagated": 0.6,
+              "eval/miou_propagation_0": 0.5,
+              "eval/miou_propagation_1": 0.6,
+              "eval/miou_propagation_3": 0.4,
+              "eval/miou_oracle_0": 0.5,
+              "eval/miou_oracle_1": 0.7,
+              "eval/miou_oracle_3": 0.8,
+          },
+      )
+  ]
+  plain = {k: results[k] for k in ("step", "split", "num_images", "miou", "per_class_iou", "images_per_second")}
+  eval_report.write(plain, str(tmp_path / "plain"), ["a", "b"])  # no affinity: no Fig. 4 picture, no writer
+  assert sorted(os.listdir(tmp_path / "plain")) == ["results.json", "results.md"]
+  assert eval_report.scalars(plain) == {"eval/miou": 0.5}
 
 
 def test_watch_evaluates_every_checkpoint_once(data_dir, tmp_path):
@@ -227,10 +281,10 @@ def test_watch_evaluates_every_checkpoint_once(data_dir, tmp_path):
   config = tiny_config(data_dir)  # 4 steps, a checkpoint every 2
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
-  results = evaluate.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1, timeout_seconds=30)
+  results = eval_checkpoints.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1, timeout_seconds=30)
   assert [r["step"] for r in results] == [2, 4]
   # a second watcher finds both already evaluated and stops at once (the last step is reached)
-  assert evaluate.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1) == []
+  assert eval_checkpoints.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1) == []
 
 
 def test_multiscale_affinity_comes_from_the_scale_one_passes_only():
