@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import ml_collections
 
 from dilaff_jax import affinity, errors
+from dilaff_jax.models.deeplab import DeepLabV3Plus
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -159,6 +161,45 @@ def _check_structure(config) -> None:
       _fail("structure.boundary_background", bg, "expected a class index, or -1 when no class is background")
 
 
+# Keys that older versions wrote into a run's config.json and that no longer exist. None of them changed what a run
+# computed, so a run's config.json that has them is read without them.
+RETIRED_KEYS = ("model.eval_output_stride",)  # never read: evaluation always used eval.output_stride
+
+
+def drop_retired_keys(config: ml_collections.ConfigDict) -> list[str]:
+  """Removes :data:`RETIRED_KEYS` from ``config`` (in place); returns the keys it removed."""
+  dropped = []
+  for key in RETIRED_KEYS:
+    *path, last = key.split(".")
+    node = config
+    for part in path:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if isinstance(node, ml_collections.ConfigDict) and last in node:
+      with node.unlocked():
+        del node[last]
+      dropped.append(key)
+  return dropped
+
+
+#: ``config.model`` keys that are not :class:`DeepLabV3Plus` fields (read by training and the weights loader); every
+#: other key of ``config.model`` is a field, passed on by ``state.build_model``.
+NOT_MODEL_FIELDS = ("train_output_stride", "pretrained")
+
+
+def model_fields() -> set[str]:
+  return {f.name for f in dataclasses.fields(DeepLabV3Plus)}
+
+
+def _model_keys(config) -> None:
+  known = model_fields() | set(NOT_MODEL_FIELDS)
+  for key in sorted(_get(config, "model")):
+    if key not in known:
+      raise ConfigError(
+          f"config.model.{key}: no such key (the model's keys are the fields of DeepLabV3Plus and "
+          f"{', '.join(NOT_MODEL_FIELDS)}; see configs/default.py)"
+      )
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str = "train") -> None:
   """Raises :class:`ConfigError` naming the first bad key. ``num_devices`` is the global device count."""
   _int(config, "seed", 0)
@@ -193,6 +234,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
         "expected (height, width), two positive ints, or None for the largest " "evaluation image",
     )
 
+  _model_keys(config)
   _choice(config, "model.depth", (18, 34, 50, 101, 152))
   _choice(config, "model.stem", ("standard", "deep"))
   units = {18: 2, 34: 3, 50: 3, 101: 3, 152: 3}[_get(config, "model.depth")]

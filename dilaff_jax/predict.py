@@ -396,7 +396,8 @@ def _lists_to_tuples(x):
 
 def load_json_config(workdir: str) -> ml_collections.ConfigDict:
   """The ``config.json`` training wrote into ``workdir``. JSON turned the config's tuples into lists; they are
-  tuples again, as in the config files (so that ``--config.eval.scales='(0.5, 1.0)'`` overrides work)."""
+  tuples again, as in the config files (so that ``--config.eval.scales='(0.5, 1.0)'`` overrides work). Keys that
+  older versions wrote and that no longer exist (``config_checks.RETIRED_KEYS``) are dropped."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise PredictError(
@@ -405,9 +406,13 @@ def load_json_config(workdir: str) -> ml_collections.ConfigDict:
     )
   try:
     with open(path) as f:
-      return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
+      config = ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
   except (OSError, ValueError) as e:
     raise PredictError(f"cannot read the config {path}: {e}") from None
+  dropped = config_checks.drop_retired_keys(config)
+  if dropped:
+    logging.info("%s: ignoring keys older versions wrote: %s", path, dropped)
+  return config
 
 
 def _flags(config: str | ml_collections.ConfigDict | None, argv: Sequence[str] = ()) -> flags.FlagValues:

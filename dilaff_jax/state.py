@@ -5,7 +5,6 @@ Training, evaluation, prediction and export all build their model and restore th
 model hyper-parameter is read in one place (:func:`build_model`).
 """
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,10 +33,6 @@ def compute_dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
-#: ``config.model`` keys that are not :class:`DeepLabV3Plus` fields (read by training and the weights loader).
-NOT_MODEL_FIELDS = ("train_output_stride", "pretrained")
-
-
 def build_model(
     config: ml_collections.ConfigDict,
     rates: affinity.Rates,
@@ -48,8 +43,8 @@ def build_model(
 
   Every ``config.model`` key named like a :class:`DeepLabV3Plus` field is passed to it: a new model hyper-parameter
   is a field of the module and a key of ``configs/default.py`` (plus its check in ``config_checks``)."""
-  fields = {f.name for f in dataclasses.fields(DeepLabV3Plus)}
-  unknown = sorted(set(config.model) - fields - set(NOT_MODEL_FIELDS))
+  fields = config_checks.model_fields()
+  unknown = sorted(set(config.model) - fields - set(config_checks.NOT_MODEL_FIELDS))
   if unknown:
     raise ValueError(f"config.model keys that are not DeepLabV3Plus fields: {unknown}")
   kwargs = {k: v for k, v in config.model.items() if k in fields}

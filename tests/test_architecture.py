@@ -216,7 +216,7 @@ def test_a_model_hyper_parameter_lives_in_one_place():
   """``build_model`` passes every ``config.model`` key named like a ``DeepLabV3Plus`` field, refuses a key that is
   neither a field nor a known non-model key, and the checkpoint record covers the shape-deciding fields."""
   from configs import default
-  from dilaff_jax import checkpoints
+  from dilaff_jax import checkpoints, config_checks
   from dilaff_jax import state as state_lib
   from dilaff_jax.models.deeplab import SHAPE_FIELDS
 
@@ -224,7 +224,7 @@ def test_a_model_hyper_parameter_lives_in_one_place():
   config.model.depth, config.model.aspp_channels, config.model.bn_epsilon = 50, 128, 1e-3
   model = state_lib.build_model(config, ())
   assert (model.depth, model.aspp_channels, model.bn_epsilon) == (50, 128, 1e-3)
-  for key in set(config.model) - set(state_lib.NOT_MODEL_FIELDS) - {"dtype"}:
+  for key in set(config.model) - set(config_checks.NOT_MODEL_FIELDS) - {"dtype"}:
     value = config.model[key]
     assert getattr(model, key) == (tuple(value) if isinstance(value, (list, tuple)) else value), key
   record = checkpoints.compat_record(config, ())
@@ -232,3 +232,5 @@ def test_a_model_hyper_parameter_lives_in_one_place():
   config.model.width_multiplier = 2
   with pytest.raises(ValueError, match="width_multiplier"):
     state_lib.build_model(config, ())
+  with pytest.raises(config_checks.ConfigError, match=r"^config.model.width_multiplier: no such key"):
+    config_checks.validate(config, num_devices=1, mode="predict")  # the user's error, before any model is built

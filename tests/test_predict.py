@@ -2,6 +2,7 @@
 aligned sizes, normalise, predict, propagate with the padding masked out, crop), the workdir's config.json, the
 baseline, and every bad input giving exit code 2 with a message naming it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -262,6 +263,18 @@ def test_workdir_config_json_round_trips(trained):
   assert config.to_dict() == trained["config"].to_dict()  # every key, tuples included (JSON wrote them as lists)
   assert config_checks.rates_of(config) == ((4, 4), (6, 12), (12, 6), (8, 8))
   config_checks.validate(config, num_devices=1, mode="predict")
+
+
+def test_config_json_of_an_older_version_loads_without_its_retired_keys(trained, tmp_path):
+  with open(os.path.join(trained["workdir"], "config.json")) as f:
+    old = json.load(f)
+  old["model"]["eval_output_stride"] = 8  # written by versions before 2026-11-26, never read
+  workdir = tmp_path / "old_run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps(old))
+  config = predict.load_json_config(str(workdir))
+  assert config.to_dict() == trained["config"].to_dict()
+  state_lib.build_model(config, config_checks.rates_of(config))  # refuses unknown model keys
 
 
 def test_baseline_writes_raw_outputs_only(data_dir, images, tmp_path):
