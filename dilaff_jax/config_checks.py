@@ -167,16 +167,14 @@ RETIRED_KEYS = ("model.eval_output_stride",)  # never read: evaluation always us
 
 
 def drop_retired_keys(config: ml_collections.ConfigDict) -> list[str]:
-  """Removes :data:`RETIRED_KEYS` from ``config`` (in place); returns the keys it removed."""
+  """Removes :data:`RETIRED_KEYS` (``section.key``) from ``config`` (in place); returns the keys it removed."""
   dropped = []
   for key in RETIRED_KEYS:
-    *path, last = key.split(".")
-    node = config
-    for part in path:
-      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
-    if isinstance(node, ml_collections.ConfigDict) and last in node:
+    section, name = key.split(".")
+    node = config.get(section)
+    if isinstance(node, ml_collections.ConfigDict) and name in node:
       with node.unlocked():
-        del node[last]
+        del node[name]
       dropped.append(key)
   return dropped
 
@@ -190,7 +188,9 @@ def model_fields() -> set[str]:
   return {f.name for f in dataclasses.fields(DeepLabV3Plus)}
 
 
-def _model_keys(config) -> None:
+def check_model_keys(config: ml_collections.ConfigDict) -> None:
+  """Raises :class:`ConfigError` for a ``config.model`` key that is neither a model field nor in
+  :data:`NOT_MODEL_FIELDS`."""
   known = model_fields() | set(NOT_MODEL_FIELDS)
   for key in sorted(_get(config, "model")):
     if key not in known:
@@ -234,7 +234,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
         "expected (height, width), two positive ints, or None for the largest " "evaluation image",
     )
 
-  _model_keys(config)
+  check_model_keys(config)
   _choice(config, "model.depth", (18, 34, 50, 101, 152))
   _choice(config, "model.stem", ("standard", "deep"))
   units = {18: 2, 34: 3, 50: 3, 101: 3, 152: 3}[_get(config, "model.depth")]

@@ -43,10 +43,8 @@ def build_model(
 
   Every ``config.model`` key named like a :class:`DeepLabV3Plus` field is passed to it: a new model hyper-parameter
   is a field of the module and a key of ``configs/default.py`` (plus its check in ``config_checks``)."""
+  config_checks.check_model_keys(config)
   fields = config_checks.model_fields()
-  unknown = sorted(set(config.model) - fields - set(config_checks.NOT_MODEL_FIELDS))
-  if unknown:
-    raise ValueError(f"config.model keys that are not DeepLabV3Plus fields: {unknown}")
   kwargs = {k: v for k, v in config.model.items() if k in fields}
   kwargs["dtype"] = compute_dtype(kwargs["dtype"])
   if kwargs.get("multi_grid") is not None:
