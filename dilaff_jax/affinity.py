@@ -14,6 +14,7 @@ Conventions (``docs/conventions.md`` states each with the reason where the paper
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Union
 
@@ -175,17 +176,47 @@ def focal_loss(logits: jax.Array, targets: jax.Array, gamma: float = 2.0) -> jax
   ``(1 - p_t)^γ = exp(γ · log σ(-z))``: finite values and gradients for logits of any magnitude.
   ``gamma = 0`` is plain binary cross-entropy.
 
+  The gradient is written out (``dFL/dz = -(1 - p_t)^γ · (γ · p_t · (-log p_t) + 1 - p_t)``) and computed from the
+  logits alone, so the backward pass keeps only the logits and the target signs: one elementwise pass instead of
+  the several full-resolution intermediates automatic differentiation keeps (the affinity loss runs at the label
+  resolution, 8·|R| channels).
+
   Equal to optax's ``sigmoid_focal_loss`` up to rounding (values and gradients, tested); written out because a
-  training with optax's form differs in the last bits after a few steps, and the project's published runs were
-  made with this one (they reproduce bit for bit).
+  training with optax's form differs in the last bits after a few steps.
   """
   logits = jnp.asarray(logits)
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bfloat16 -> float32, float64 kept
-  z = jnp.where(jnp.asarray(targets) > 0.5, logits, -logits)
+  return _focal(logits, jnp.asarray(targets) > 0.5, float(gamma))
+
+
+def _focal_of_z(z: jax.Array, gamma: float) -> jax.Array:
   nll = -jax.nn.log_sigmoid(z)
   if gamma == 0:
     return nll
   return jnp.exp(gamma * jax.nn.log_sigmoid(-z)) * nll
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _focal(logits: jax.Array, positive: jax.Array, gamma: float) -> jax.Array:
+  return _focal_of_z(jnp.where(positive, logits, -logits), gamma)
+
+
+def _focal_fwd(logits, positive, gamma):
+  return _focal(logits, positive, gamma), (logits, positive)
+
+
+def _focal_bwd(gamma, residuals, g):
+  logits, positive = residuals
+  z = jnp.where(positive, logits, -logits)
+  q = jax.nn.sigmoid(-z)  # 1 - p_t
+  if gamma == 0:
+    dz = -q
+  else:
+    dz = -jnp.exp(gamma * jax.nn.log_sigmoid(-z)) * (gamma * jax.nn.sigmoid(z) * -jax.nn.log_sigmoid(z) + q)
+  return jnp.where(positive, dz, -dz) * g, None
+
+
+_focal.defvjp(_focal_fwd, _focal_bwd)
 
 
 def _cap(w: np.ndarray, max_weight: float | None) -> np.ndarray:
@@ -352,6 +383,16 @@ def affinity_accuracy_counts(
   total = valid.reshape(shape5).sum(-1, dtype=jnp.int32)
   onehot = jax.nn.one_hot(k, NUM_CATEGORIES, dtype=jnp.int32)  # [B,H,W,R,9]; all zero for k = -1
   return (jnp.einsum("bhwr,bhwrk->rk", correct, onehot), jnp.einsum("bhwr,bhwrk->rk", total, onehot))
+
+
+def affinity_accuracy_total(
+    logits: jax.Array, labels: jax.Array, rates: Sequence[RateSpec], ignore_label: int = IGNORE_LABEL
+) -> tuple[jax.Array, jax.Array]:
+  """Correct and total valid signals over all rates and categories: the sums of :func:`affinity_accuracy_counts`
+  (int32 scalars), without grouping by n_k. The training step logs only this total, so it skips the categories."""
+  targets, valid = affinity_targets(labels, explicit_rates(rates), ignore_label)
+  correct = ((logits > 0) == (targets > 0.5)) & valid
+  return correct.sum(dtype=jnp.int32), valid.sum(dtype=jnp.int32)
 
 
 def rate_label(rate: tuple[int, int]) -> str:

@@ -52,10 +52,8 @@ def segmentation_loss_sum(logits: jax.Array, labels: jax.Array, ignore_label: in
   Equal to optax's masked ``softmax_cross_entropy_with_integer_labels`` up to rounding (tested); written out
   because optax's form (logsumexp minus the label's logit) rounds differently in the last bits, and the
   project's published runs were made with this one (they reproduce bit for bit)."""
-  valid = labels != ignore_label
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+  nll, valid = structure_losses.pixel_cross_entropy(logits, labels, ignore_label)
+  return jnp.sum(nll), jnp.sum(valid)
 
 
 def train_step(
@@ -140,9 +138,9 @@ def train_step(
   out["loss"] = out["ce_loss"]
   collection = SegmentationMetrics
   if rates:
-    c, t = affinity.affinity_accuracy_counts(aux["aff_logits"], labels, rates, ign, stats.partial_neighbors)
+    c, t = affinity.affinity_accuracy_total(aux["aff_logits"], labels, rates, ign)
     out["affinity_loss"] = psum(aux["aff"])
-    out["affinity_accuracy"] = psum(c.sum()) / jnp.maximum(psum(t.sum()), 1)
+    out["affinity_accuracy"] = psum(c) / jnp.maximum(psum(t), 1)
     out["loss"] = out["ce_loss"] + config.affinity.beta * out["affinity_loss"]
     collection = AffinityMetrics
   if structure != "none":

@@ -256,7 +256,18 @@ def boundary_loss_sum(
     logits: jax.Array, labels: jax.Array, weight_map: jax.Array, ignore_label: int = IGNORE_LABEL
 ) -> tuple[jax.Array, jax.Array]:
   """``(Σ_x w(x) · CE(x), N)`` over the labelled pixels: U-Net's weighted cross-entropy and its normaliser."""
+  nll, labelled = pixel_cross_entropy(logits, labels, ignore_label)
+  return jnp.sum(jnp.where(labelled, weight_map * nll, 0.0)), jnp.sum(labelled)
+
+
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int) -> tuple[jax.Array, jax.Array]:
+  """Softmax cross-entropy ``-log p(label)`` per pixel (float32, ``[B, H, W]``; 0 on ignored pixels) and the mask of
+  labelled pixels.
+
+  The label's log-probability is picked with a one-hot ``where`` and a sum over classes, not a gather: the same value
+  bit for bit (one term and zeros), and its gradient is a ``where`` instead of a scatter-add (slow on a GPU)."""
   labelled = labels != ignore_label
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, jnp.where(labelled, labels, 0)[..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(labelled, weight_map * nll, 0.0)), jnp.sum(labelled)
+  is_label = jnp.arange(logp.shape[-1]) == jnp.where(labelled, labels, 0)[..., None]
+  nll = -jnp.sum(jnp.where(is_label, logp, 0.0), axis=-1)
+  return jnp.where(labelled, nll, 0.0), labelled

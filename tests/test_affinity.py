@@ -384,3 +384,6 @@ def test_affinity_accuracy_counts_brute_force(rule):
         want_c[r, k[idx][r]] += int((logits[idx][c] > 0) == (targets[idx][c] == 1))
   np.testing.assert_array_equal(np.asarray(correct), want_c)
   np.testing.assert_array_equal(np.asarray(total), want_t)
+  # the training step's total: the same counts, summed
+  c_all, t_all = affinity.affinity_accuracy_total(jnp.asarray(logits), jnp.asarray(labels), RATES)
+  assert (int(c_all), int(t_all)) == (want_c.sum(), want_t.sum()) and want_t.sum() > 0

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dilaff_jax.models.deeplab import DeepLabV3Plus, resize_bilinear, upsample_logits
+from dilaff_jax.models.deeplab import DeepLabV3Plus, _axis_weights, resize_bilinear, upsample_logits
 
 PAPER_RATES = ((8, 8), (12, 24), (24, 12), (16, 16))  # R = {8, (12, 24), 16}, expanded
 PI = np.array([0.9, 0.8, 0.75, 0.6])  # a made-up prior pi_r per rate
@@ -208,3 +208,41 @@ def test_affinity_head_starts_at_the_prior(paper_model):
   prob = np.asarray(jax.nn.sigmoid(out["affinity_logits"]))
   assert np.abs(prob.mean(axis=(0, 1, 2)) - np.repeat(PI, 8)).max() < 0.06
   assert np.abs(prob - np.repeat(PI, 8)).max() < 0.2
+
+
+def _gather_resize(x, size, align_corners):
+  """The general form, ``x[lo]·(1 - t) + x[hi]·t`` per axis with gathers: what the integer-factor path must equal."""
+  for axis, out_size in ((1, size[0]), (2, size[1])):
+    if x.shape[axis] == out_size:
+      continue
+    lo, hi, t = _axis_weights(x.shape[axis], out_size, align_corners)
+    shape = [1, 1, 1, 1]
+    shape[axis] = out_size
+    t = jnp.asarray(t.reshape(shape), x.dtype)
+    x = jnp.take(x, lo, axis=axis) * (1 - t) + jnp.take(x, hi, axis=axis) * t
+  return x
+
+
+@pytest.mark.parametrize(
+    "in_hw, size, dtype",
+    [((33, 33), (129, 129), jnp.float32), ((5, 9), (13, 33), jnp.float32), ((4, 6), (10, 26), jnp.bfloat16)],
+)
+def test_integer_factor_resize_equals_gather_form_bit_for_bit_and_has_no_scatter(in_hw, size, dtype):
+  # factors 4 (DeepLab's stride 4 -> pixels), 3 and 4 along different axes, 3 and 5 in bfloat16 (the GPU dtype)
+  x = jnp.asarray(np.random.RandomState(3).standard_normal((2, *in_hw, 3)), dtype)
+  got = resize_bilinear(x, size)
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(_gather_resize(x, size, True), np.float32))
+  # the gradient (the transpose: a sum of slices instead of a scatter-add) agrees with the gather form's
+  w = jnp.asarray(np.random.RandomState(4).standard_normal((2, *size, 3)), jnp.float32)
+
+  def loss(resize):
+    return lambda v: jnp.sum(resize(v.astype(jnp.float32)) * w)
+
+  g = jax.grad(loss(lambda v: resize_bilinear(v, size)))(x.astype(jnp.float32))
+  g_ref = jax.grad(loss(lambda v: _gather_resize(v, size, True)))(x.astype(jnp.float32))
+  np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-5)
+  hlo = jax.jit(jax.grad(loss(lambda v: resize_bilinear(v, size)))).lower(x.astype(jnp.float32)).as_text()
+  assert "scatter" not in hlo and "gather" not in hlo
+  # a size that is not an integer factor still gathers (and matches the brute force above)
+  hlo = jax.jit(lambda v: resize_bilinear(v, (size[0] + 1, size[1]))).lower(x).as_text()
+  assert "gather" in hlo

@@ -348,3 +348,27 @@ def test_training_with_a_structure_loss_runs_and_checkpoints(data_dir, tmp_path,
   mngr.close()
   saved = json.load(open(tmp_path / "run" / "config.json"))
   assert saved["structure"]["kind"] == kind
+
+
+def test_pixel_cross_entropy_equals_the_gather_form_bit_for_bit_without_scatter():
+  rng = np.random.default_rng(5)
+  logits = jnp.asarray(rng.normal(size=(2, 5, 6, 7)) * 4, jnp.float32)
+  labels = jnp.asarray(np.where(rng.random((2, 5, 6)) < 0.2, 255, rng.integers(0, 7, (2, 5, 6))), jnp.int32)
+  labelled = labels != 255
+
+  def gather_form(x):  # -log p(label) picked with take_along_axis (its gradient is a scatter-add)
+    logp = jax.nn.log_softmax(x, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(labelled, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(labelled, nll, 0.0)
+
+  nll, mask = structure_losses.pixel_cross_entropy(logits, labels, 255)
+  np.testing.assert_array_equal(mask, labelled)
+  np.testing.assert_array_equal(nll, gather_form(logits))
+  # hand check of one pixel: -log softmax(x)[y]
+  x, y = np.asarray(logits[0, 0, 0], np.float64), int(labels[0, 0, 0])
+  if y != 255:
+    np.testing.assert_allclose(nll[0, 0, 0], np.log(np.exp(x).sum()) - x[y], rtol=1e-5)
+  w = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+  grad = jax.grad(lambda v: jnp.sum(w * structure_losses.pixel_cross_entropy(v, labels, 255)[0]))
+  np.testing.assert_array_equal(grad(logits), jax.grad(lambda v: jnp.sum(w * gather_form(v)))(logits))
+  assert "scatter" not in jax.jit(grad).lower(logits).as_text()

@@ -44,21 +44,65 @@ def _axis_weights(in_size: int, out_size: int, align_corners: bool) -> tuple[np.
   return lo, hi, (src - lo).astype(np.float32)
 
 
+def _integer_factor(lo: np.ndarray, hi: np.ndarray, in_size: int) -> int | None:
+  """``f`` when output sample ``f·i + p`` (``0 <= p < f``) lies between inputs ``i`` and ``i + 1`` for every
+  ``i < in_size - 1`` and the last output sits on the last input: DeepLab's aligned upsampling (129 -> 513,
+  ``f = 4``). ``None`` for any other index pattern."""
+  out_size = lo.shape[0]
+  if in_size < 2 or (out_size - 1) % (in_size - 1):
+    return None
+  f = (out_size - 1) // (in_size - 1)
+  i = np.arange(out_size - 1) // f
+  if np.array_equal(lo[:-1], i) and np.array_equal(hi[:-1], i + 1) and lo[-1] == hi[-1] == in_size - 1:
+    return f
+  return None
+
+
+def _resize_axis(x: jax.Array, axis: int, out_size: int, align_corners: bool) -> jax.Array:
+  """Linear interpolation of ``x`` along ``axis`` to ``out_size`` samples: ``x[lo]·(1 - t) + x[hi]·t``.
+
+  For an integer factor ``f`` (see :func:`_integer_factor`) the ``f`` phases ``p`` are computed from two shifted
+  slices, ``x[:-1]·(1 - t_p) + x[1:]·t_p``, and interleaved: the same products and sums as the general form, so the
+  same values bit for bit, with no gather, and the gradient is a sum of slices instead of a scatter-add (on a GPU a
+  scatter-add is atomic or sorted: slow either way). Other sizes gather.
+  """
+  n = x.shape[axis]
+  lo, hi, t = _axis_weights(n, out_size, align_corners)
+  f = _integer_factor(lo, hi, n)
+
+  def along(v: np.ndarray) -> jax.Array:  # a vector of weights, broadcast along `axis`
+    shape = [1] * x.ndim
+    shape[axis] = v.shape[0]
+    return jnp.asarray(v.reshape(shape), x.dtype)
+
+  if f is None:
+    t = along(t)
+    return jnp.take(x, lo, axis=axis) * (1 - t) + jnp.take(x, hi, axis=axis) * t
+  a = jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)
+  b = jax.lax.slice_in_dim(x, 1, n, axis=axis)
+  phases = [a * (1 - along(t[p:-1:f])) + b * along(t[p:-1:f]) for p in range(f)]
+  shape = list(x.shape)
+  shape[axis] = (n - 1) * f
+  inner = jnp.stack(phases, axis=axis + 1).reshape(shape)  # inner[f·i + p] = phase p at i
+  last = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
+  t_last = along(t[-1:])
+  return jnp.concatenate([inner, last * (1 - t_last) + last * t_last], axis=axis)
+
+
 def resize_bilinear(x: jax.Array, size: tuple[int, int], *, align_corners: bool = True) -> jax.Array:
-  """Bilinear resize of [B, H, W, C] to [B, size[0], size[1], C] (separable; exact at the sample points)."""
+  """Bilinear resize of [B, H, W, C] to [B, size[0], size[1], C] (separable; exact at the sample points).
+
+  DeepLab's aligned upsampling by an integer factor (``align_corners`` and ``out - 1 = f·(in - 1)``, as from the
+  stride-4 maps of 16k + 1 crops) runs without gathers or scatter-adds; any other size gathers. Both give the same
+  values bit for bit."""
   if x.ndim != 4:
     raise ValueError(f"resize_bilinear expects [B, H, W, C], got shape {x.shape}")
   h, w = (int(s) for s in size)
   if h < 1 or w < 1:
     raise ValueError(f"resize target size must be positive, got {tuple(size)}")
   for axis, out_size in ((1, h), (2, w)):
-    if x.shape[axis] == out_size:
-      continue
-    lo, hi, t = _axis_weights(x.shape[axis], out_size, align_corners)
-    shape = [1, 1, 1, 1]
-    shape[axis] = out_size
-    t = jnp.asarray(t.reshape(shape), x.dtype)
-    x = jnp.take(x, lo, axis=axis) * (1 - t) + jnp.take(x, hi, axis=axis) * t
+    if x.shape[axis] != out_size:
+      x = _resize_axis(x, axis, out_size, align_corners)
   return x
 
 
