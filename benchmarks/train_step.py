@@ -31,6 +31,13 @@ Other flags (defaults): ``--crops 257,513 --batches 1,2 --repeats 5 --depth 101`
 precisions (the PyTorch peers come from a separate measuring kit)::
 
   python benchmarks/train_step.py --crops 513 --batches 16 --dtypes bfloat16,float32
+
+PyTorch peers (``--torch``, default ``auto``: both when ``import torch`` works, none otherwise; torch is never a
+requirement of the project): the same-layout DeepLabv3+ without head in PyTorch (``benchmarks/torch_peer.py``), eager
+and under ``torch.compile``, stepped in the same rounds as the JAX models and on the same device kind (CUDA when
+torch sees a GPU). Their parameter count is checked against the JAX model's before anything is timed. They need a
+batch of at least 2 (PyTorch's BatchNorm refuses the image-pooling branch's single value per channel at batch 1).
+After the table, the ratios of images/s: the paper's model and the plain one against ``torch.compile`` and eager.
 Statistics for the loss weights are made up (binomial neighbour counts around π_r ≈ 0.9): they change the loss value,
 not its cost.
 """
@@ -40,6 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import platform
@@ -60,6 +68,7 @@ from configs import voc  # noqa: E402
 from dilaff_jax import affinity, input_pipeline  # noqa: E402
 from dilaff_jax import state as state_lib  # noqa: E402
 from dilaff_jax import step as step_lib  # noqa: E402
+from dilaff_jax.models import resnet  # noqa: E402
 from dilaff_jax.stats import AffinityStats  # noqa: E402
 
 PAPER_RATES = affinity.expand_rates([8, (12, 24), 16])
@@ -216,6 +225,40 @@ def _percent(new: float, base: float) -> str:
   return f"{100 * (new / base - 1):+.1f}%"
 
 
+def torch_peers(kinds: Sequence[str], jax_step: CompiledStep, depth: int, seed: int = 0) -> list:
+  """``(name, TorchStep)`` for each of ``kinds`` (``eager``, ``compile``) at the JAX step's crop, batch and dtype,
+  on the JAX step's own fake batch; a RuntimeError when the PyTorch network's parameter count differs from the JAX
+  no-head model's (a layout drift would make the comparison wrong)."""
+  import torch_peer  # pylint: disable=import-outside-toplevel  # optional: needs torch
+
+  config = paper_config(jax_step.crop, jax_step.batch, depth, jax_step.dtype)
+  stage_sizes = resnet.layout(depth)[1]
+  schedule = resnet.unit_schedule(stage_sizes, config.model.train_output_stride, config.model.multi_grid)
+  data = fake_batch(
+      np.random.default_rng(seed),
+      jax_step.crop,
+      jax_step.batch,
+      config.dataset.num_classes,
+      config.dataset.ignore_label,
+  )
+  jax_count = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(jax_step.state.params))  # [devices, ...]
+  peers = []
+  for kind in kinds:
+    step = torch_peer.make_step(
+        schedule,
+        config.dataset.num_classes,
+        data["image"][0],
+        data["label"][0],
+        dtype=jax_step.dtype,
+        compiled=kind == "compile",
+    )
+    count = torch_peer.parameter_count(step.model)
+    if count != jax_count:
+      raise RuntimeError(f"the PyTorch peer has {count:,} parameters, the JAX model {jax_count:,}: layouts differ")
+    peers.append((f"PyTorch {'torch.compile' if kind == 'compile' else 'eager'} (no head)", step))
+  return peers
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--crops", default="257,513", help="comma-separated square crops (16k + 1)")
@@ -233,7 +276,23 @@ def main() -> None:
       choices=[50, 101, 152],
       help="ResNet depth (bottleneck only: multi-grid (1, 2, 4) needs 3 units in the last stage)",
   )
+  parser.add_argument(
+      "--torch",
+      default="auto",
+      help="PyTorch peers: auto (eager,compile when torch imports, else none), none, or a comma-separated subset "
+      "of eager,compile",
+  )
   args = parser.parse_args()
+  if args.torch == "auto":
+    if importlib.util.find_spec("torch") is None:
+      torch_kinds = []
+      log("torch is not installed: no PyTorch rows (--torch=auto)")
+    else:
+      torch_kinds = ["eager", "compile"]
+  else:
+    torch_kinds = [] if args.torch == "none" else [k.strip() for k in args.torch.split(",")]
+    if not set(torch_kinds) <= {"eager", "compile"}:
+      parser.error(f"--torch={args.torch}: expected auto, none, or a subset of eager,compile")
   crops = [int(c) for c in args.crops.split(",")]
   batches = [int(b) for b in args.batches.split(",")]
   dtypes = [d.strip() for d in args.dtypes.split(",")]
@@ -259,11 +318,19 @@ def main() -> None:
       s = compile_step(crop, batch, rates, depth=args.depth, dtype=dtype)
       log(f"    compiled in {s.compile_s:.1f}s: {s.flops / 1e9:.1f} GFLOPs, {s.memory_bytes / GIB:.2f} GiB")
       pair.append((name, s))
-    log(f"    timing both, interleaved: {args.repeats} rounds after a warm-up")
+    if torch_kinds and batch < 2:
+      log("    no PyTorch rows at batch 1 (its BatchNorm needs 2 values per channel in the image-pooling branch)")
+    elif torch_kinds:
+      log(f"    PyTorch peers ({', '.join(torch_kinds)}): building and compiling")
+      pair += torch_peers(torch_kinds, pair[0][1], args.depth)
+    log(f"    timing all {len(pair)}, interleaved: {args.repeats} rounds after a warm-up")
     time_interleaved([s for _, s in pair], args.repeats)
     pairs.append(pair)
     for _, s in pair:  # free the states before the next (larger) case
-      s.state = s.compiled = s.data = None
+      if hasattr(s, "free"):
+        s.free()
+      else:
+        s.state = s.compiled = s.data = None
   matmul_after = matmul_gflops(repeats=args.repeats + 2)
   matmul = max(matmul_before, matmul_after)
 
@@ -288,21 +355,38 @@ def main() -> None:
     base = pair[0][1]
     for name, s in pair:
       best = min(s.times)
-      achieved = s.flops / best / 1e9
+      flops = base.flops if name.startswith("PyTorch") else s.flops  # same layout as the plain JAX model
+      achieved = flops / best / 1e9
       overhead = (
-          "— | — | —"
-          if s is base
-          else (
-              f"{_percent(best, min(base.times))} | {_percent(s.flops, base.flops)} | "
-              f"{_percent(s.memory_bytes, base.memory_bytes)}"
-          )
+          f"{_percent(best, min(base.times))} | {_percent(s.flops, base.flops)} | "
+          f"{_percent(s.memory_bytes, base.memory_bytes)}"
+          if name == "+ affinity head"
+          else "— | — | —"
       )
+      memory = f"{s.memory_bytes / GIB:.2f}" if s.memory_bytes else "—"
       print(
           f"| {s.dtype} | {s.crop} | {s.batch} | {name} | {s.compile_s:.0f} | {best:.2f} ({np.median(s.times):.2f}) | "
-          f"{s.batch / best:.3f} | {s.flops / 1e9:.1f} | {achieved:.1f} | {100 * achieved / matmul:.0f}% | "
-          f"{s.memory_bytes / GIB:.2f} | {overhead} |",
+          f"{s.batch / best:.3f} | {flops / 1e9:.1f} | {achieved:.1f} | {100 * achieved / matmul:.0f}% | "
+          f"{memory} | {overhead} |",
           flush=True,
       )
+  peered = [pair for pair in pairs if len(pair) > 2]
+  if peered:
+    print(
+        "\nPyTorch rows: FLOPs are the plain JAX model's (same layout); memory is "
+        "`torch.cuda.max_memory_allocated` on a GPU, not measured on a CPU.\n\n"
+        "Ratios of images/s in the same rounds (> 1: this project is faster):\n"
+    )
+    peers = [name for name, _ in peered[0][2:]]
+    print(
+        "| dtype | crop | batch | " + " | ".join(f"{m} / {p}" for m in ("paper's model", "plain") for p in peers) + " |"
+    )
+    print("| --- | ---: | ---: |" + " ---: |" * (2 * len(peers)))
+    for pair in peered:
+      best = {name: min(s.times) for name, s in pair}
+      s = pair[0][1]
+      cells = [f"{best[p] / best[m]:.2f}x" for m in ("+ affinity head", "DeepLabv3+ (no head)") for p in peers]
+      print(f"| {s.dtype} | {s.crop} | {s.batch} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

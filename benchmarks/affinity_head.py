@@ -1,0 +1,165 @@
+"""Cost of the affinity head's full-resolution part in training, against its naive formulation, in one run.
+
+The part of the training step the dilated-affinity head adds at the label resolution: upsampling the stride-4
+affinity logits (8·|R| channels) to the crop, the targets (Eq. 1), the weighted focal loss (Eq. 4–5) and the
+logged accuracy, forward and backward with respect to the stride-4 logits. Two formulations, timed in turn
+(A, B, A, B, ...) on the same inputs:
+
+- this project's (``upsample_logits``, ``affinity_loss_sum``, ``affinity_accuracy_total``): upsampling by DeepLab's
+  integer factor from shifted slices, the focal loss's gradient written out;
+- the naive one it replaced (kept here as the reference): upsampling with gathers (their gradient is a
+  scatter-add), the focal loss differentiated automatically, the accuracy grouped by n_k.
+
+Printed per batch size: the best and median time, XLA's ``memory_analysis()`` temporaries and
+``cost_analysis()`` bytes accessed, the number of gathers and scatters in the compiled program, the ratios, and a
+memory-traffic floor: reading the upsampled logits and the labels once and writing the logits' gradient once, at
+the copy bandwidth measured in the same run (``propagation.copy_bandwidth``, numpy on CPU; a jitted copy on other
+devices). Both formulations give the same loss and accuracy, and gradients equal to float32 rounding (checked).
+
+  .venv/bin/python benchmarks/affinity_head.py [--size 513] [--batches 1,2] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dilaff_jax import affinity
+from dilaff_jax.models import deeplab
+from propagation import copy_bandwidth  # benchmarks/propagation.py (run as python benchmarks/affinity_head.py)
+from timing import best_of
+from train_step import PAPER_RATES, made_up_stats
+
+
+def naive_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Aligned bilinear upsampling with gathers (the gradient of a gather is a scatter-add)."""
+  for axis, out_size in ((1, size[0]), (2, size[1])):
+    lo, hi, t = deeplab._axis_weights(x.shape[axis], out_size, True)  # pylint: disable=protected-access
+    shape = [1, 1, 1, 1]
+    shape[axis] = out_size
+    t = jnp.asarray(t.reshape(shape), x.dtype)
+    x = jnp.take(x, lo, axis=axis) * (1 - t) + jnp.take(x, hi, axis=axis) * t
+  return x
+
+
+def naive_focal(logits: jax.Array, targets: jax.Array, gamma: float) -> jax.Array:
+  """Eq. 4 with the gradient left to automatic differentiation."""
+  z = jnp.where(targets > 0.5, logits, -logits)
+  return jnp.exp(gamma * jax.nn.log_sigmoid(-z)) * -jax.nn.log_sigmoid(z)
+
+
+def naive_part(logits4, labels, rates, stats, gamma=2.0):
+  size = labels.shape[1:]
+  logits = naive_resize(logits4, size)
+  targets, valid = affinity.affinity_targets(labels, rates)
+  b, h, w, _ = targets.shape
+  shape5 = (b, h, w, len(rates), affinity.DIRECTIONS_PER_RATE)
+  fl = jnp.where(valid, naive_focal(logits, targets, gamma), 0.0).reshape(shape5).sum(-1)
+  table = jnp.asarray(affinity.neighbor_weights(stats.freq, "sqrt"))
+  k = affinity.neighbor_categories(targets, valid, len(rates), stats.partial_neighbors)
+  total = (table[jnp.arange(len(rates)), jnp.maximum(k, 0)] * fl).sum()
+  correct, count = affinity.affinity_accuracy_counts(logits, labels, rates)
+  return total / jnp.sum(labels != 255), (correct.sum(), count.sum())
+
+
+def project_part(logits4, labels, rates, stats):
+  size = labels.shape[1:]
+  logits = deeplab.upsample_logits(logits4, size)
+  total, n = affinity.affinity_loss_sum(logits, labels, rates, stats, "sqrt", 2.0)
+  return total / n, affinity.affinity_accuracy_total(logits, labels, rates)
+
+
+def compiled(fn, *args):
+  c = jax.jit(jax.value_and_grad(fn, has_aux=True)).lower(*args).compile()
+  cost = c.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  text = c.as_text()
+  return c, {
+      "temp MiB": c.memory_analysis().temp_size_in_bytes / 2**20,
+      "bytes accessed MiB": float(cost.get("bytes accessed", float("nan"))) / 2**20,
+      "gathers": text.count(" gather("),
+      "scatters": text.count(" scatter("),
+  }
+
+
+def device_copy_bandwidth(nbytes: int, repeats: int) -> float:
+  if jax.devices()[0].platform == "cpu":
+    return copy_bandwidth(nbytes, repeats)[0]
+  x = jnp.ones(nbytes // 4, jnp.float32)
+  copy = jax.jit(lambda v: v + 0.0)
+  return 2 * nbytes / best_of(lambda: copy(x), repeats)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--size", type=int, default=513, help="square crop, 4k + 1 (stride-4 logits of (size-1)/4+1)")
+  parser.add_argument("--batches", default="1,2", help="comma-separated batch sizes")
+  parser.add_argument("--repeats", type=int, default=7)
+  args = parser.parse_args()
+  if (args.size - 1) % 4 or args.size < 5:
+    parser.error(f"--size={args.size}: expected 4k + 1 (e.g. 129, 513)")
+  rates = PAPER_RATES
+  stats = made_up_stats(rates)
+  h4 = (args.size - 1) // 4 + 1
+  channels = affinity.DIRECTIONS_PER_RATE * len(rates)
+  bandwidth = device_copy_bandwidth(64 * 2**20, args.repeats)
+  rows = []
+  for batch in (int(b) for b in args.batches.split(",")):
+    rng = np.random.default_rng(batch)
+    logits4 = jnp.asarray(rng.normal(size=(batch, h4, h4, channels)), jnp.float32)
+    labels = rng.integers(0, 21, size=(batch, args.size, args.size))
+    labels = jnp.asarray(np.where(rng.random(labels.shape) < 0.1, 255, labels), jnp.int32)
+    cases = {}
+    for name, fn in (("naive", lambda x: naive_part(x, labels, rates, stats)), ("project", None)):
+      fn = fn or (lambda x: project_part(x, labels, rates, stats))
+      cases[name] = compiled(fn, logits4)
+    (v0, a0), g0 = cases["naive"][0](logits4)
+    (v1, a1), g1 = cases["project"][0](logits4)
+    rel = float(jnp.max(jnp.abs(g1 - g0)) / jnp.max(jnp.abs(g0)))
+    if not (
+        np.isclose(float(v0), float(v1), rtol=1e-6) and [int(a) for a in a0] == [int(a) for a in a1] and rel < 1e-5
+    ):
+      raise RuntimeError(f"the two formulations disagree: loss {float(v0)} vs {float(v1)}, gradient {rel:.1e}")
+    times = {name: [] for name in cases}
+    for _ in range(args.repeats):
+      for name, (c, _) in cases.items():
+        start = time.perf_counter()
+        jax.block_until_ready(c(logits4))
+        times[name].append(time.perf_counter() - start)
+    floor = (2 * batch * args.size**2 * channels * 4 + batch * args.size**2 * 4) / bandwidth
+    rows.append((batch, cases, times, floor, rel))
+
+  device = jax.devices()[0]
+  print(
+      f"Affinity head's full-resolution part, forward + backward: {args.size}x{args.size}, "
+      f"{len(rates)} explicit rates ({channels} channels); {device.platform.upper()} ({device.device_kind}); "
+      f"jax {jax.__version__}; copy bandwidth {bandwidth / 1e9:.1f} GB/s; best (median) of {args.repeats}, "
+      "the two formulations in turn.\n"
+  )
+  print(
+      "| batch | formulation | ms best (median) | x floor | temporaries MiB | bytes accessed MiB | gathers | scatters |"
+  )
+  print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+  for batch, cases, times, floor, _ in rows:
+    for name, (_, info) in cases.items():
+      best = min(times[name])
+      print(
+          f"| {batch} | {name} | {1e3 * best:.1f} ({1e3 * np.median(times[name]):.1f}) | {best / floor:.1f} | "
+          f"{info['temp MiB']:.0f} | {info['bytes accessed MiB']:.0f} | {info['gathers']} | {info['scatters']} |"
+      )
+  print(
+      "\n| batch | time project / naive | temporaries project / naive | floor ms | gradients' max relative difference |"
+  )
+  print("| ---: | ---: | ---: | ---: | ---: |")
+  for batch, cases, times, floor, rel in rows:
+    ratio_t = min(times["project"]) / min(times["naive"])
+    ratio_m = cases["project"][1]["temp MiB"] / cases["naive"][1]["temp MiB"]
+    print(f"| {batch} | {ratio_t:.2f} | {ratio_m:.2f} | {1e3 * floor:.1f} | {rel:.1e} |")
+
+
+if __name__ == "__main__":
+  main()
