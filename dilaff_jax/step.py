@@ -51,7 +51,7 @@ def segmentation_loss_sum(logits: jax.Array, labels: jax.Array, ignore_label: in
 
   Equal to optax's masked ``softmax_cross_entropy_with_integer_labels`` up to rounding (tested); written out
   because optax's form (logsumexp minus the label's logit) rounds differently in the last bits, and the
-  project's published runs were made with this one (they reproduce bit for bit)."""
+  project's published runs were made with this one."""
   nll, valid = structure_losses.pixel_cross_entropy(logits, labels, ignore_label)
   return jnp.sum(nll), jnp.sum(valid)
 
