@@ -65,7 +65,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import voc  # noqa: E402
-from dilaff_jax import affinity, input_pipeline  # noqa: E402
+from dilaff_jax import affinity, device_feed  # noqa: E402
 from dilaff_jax import state as state_lib  # noqa: E402
 from dilaff_jax import step as step_lib  # noqa: E402
 from dilaff_jax.models import resnet  # noqa: E402
@@ -159,7 +159,7 @@ def compile_step(
   )
   p_step = jax.pmap(step, axis_name=state_lib.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=[device])
   data = fake_batch(np.random.default_rng(seed), crop, batch, config.dataset.num_classes, config.dataset.ignore_label)
-  data = next(input_pipeline.prefetch_to_device(iter([data]), devices=[device]))  # as training feeds it
+  data = next(device_feed.prefetch_to_device(iter([data]), devices=[device]))  # as training feeds it
   rng = jax.random.key(seed + 1)
 
   start = time.perf_counter()

@@ -18,7 +18,6 @@ Batches are numpy dicts shaped ``[local_devices, per_device_batch, ...]``. Multi
 
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
 import os
@@ -420,36 +419,6 @@ def _eval_batches(
     yield {k: v.reshape(devices, per_device, *v.shape[1:]) for k, v in full.items()}
   if next(batches, None) is not None:
     raise RuntimeError("The eval split has more examples than its dataset info records; prepare it again.")
-
-
-# ----------------------------------------------------------------------------------------------- devices
-
-
-def prefetch_to_device(
-    batches: Iterator[Batch], size: int = 2, devices: Sequence[Any] | None = None
-) -> Iterator[dict[str, Any]]:
-  """Puts numeric arrays of ``[D, ...]`` batches on the local devices ahead of use (``size`` batches deep).
-
-  Leading axis ``D`` is split across ``devices`` (default ``jax.local_devices()``, pmap's order); string arrays
-  such as ``image_id`` stay numpy arrays on the host.
-  """
-  import jax  # Outside the tf.data graph.
-
-  devices = list(jax.local_devices() if devices is None else devices)
-  sharding = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(np.asarray(devices), ("devices",)), jax.sharding.PartitionSpec("devices")
-  )
-
-  def put(batch: Batch) -> dict[str, Any]:
-    return {k: v if v.dtype == object else jax.device_put(v, sharding) for k, v in batch.items()}
-
-  queue = collections.deque()
-  for batch in batches:
-    queue.append(put(batch))
-    if len(queue) > size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
 
 
 # ----------------------------------------------------------------------------------------------- config

@@ -24,7 +24,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 
-from dilaff_jax import affinity, checkpoints, config_checks, datasets, errors, evaluate, input_pipeline, multihost
+from dilaff_jax import affinity, checkpoints, config_checks, datasets, device_feed, errors, evaluate, input_pipeline
+from dilaff_jax import multihost
 from dilaff_jax import preemption as preemption_lib
 from dilaff_jax import structure_losses, visualize, workdir_lock
 from dilaff_jax.state import AXIS, build_model, create_train_state, learning_rate_schedule
@@ -178,7 +179,7 @@ def _train_and_evaluate(
         start_step=start,
         weight_map=boundary_weight_map(config),
     )
-    batches = input_pipeline.prefetch_to_device(pipes.train)
+    batches = device_feed.prefetch_to_device(pipes.train)
     stack.callback(pipes.train.close)  # on every exit path: tf.data's threads must not outlive the run
     stack.callback(batches.close)
     palette = visualize.palette_for(config.dataset.name)

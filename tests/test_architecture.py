@@ -38,6 +38,7 @@ LAYERS = (
         "cli",
         "workdir_lock",
         "multihost",
+        "device_feed",
         "preemption",
         "datasets.common",
         "datasets.cityscapes",
@@ -209,6 +210,10 @@ from dilaff_jax import state, step
 print('ok', 'tensorflow' in sys.modules)
 """
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 0 and out.stdout.split() == ["ok", "False"], out.stderr[-3000:]
+  # the GPU benchmarks too: a JAX-only GPU machine runs them (their torch peers need only torch)
+  code = code.replace("from dilaff_jax import state, step", "import train_step, affinity_head, propagation")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", capture_output=True, text=True)
   assert out.returncode == 0 and out.stdout.split() == ["ok", "False"], out.stderr[-3000:]
 
 

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dilaff_jax import datasets
+from dilaff_jax import datasets, device_feed
 from dilaff_jax import input_pipeline as ip
 
 MEAN = np.asarray(ip.IMAGENET_MEAN_255, np.float32)
@@ -299,7 +299,7 @@ def test_prefetch_to_device_shards_the_device_axis():
       }
       for k in range(3)
   ]
-  out = list(ip.prefetch_to_device(iter(batches), size=2))
+  out = list(device_feed.prefetch_to_device(iter(batches), size=2))
   assert len(out) == 3
   for k, batch in enumerate(out):
     assert isinstance(batch["x"], jax.Array) and len(batch["x"].sharding.device_set) == len(devices)
