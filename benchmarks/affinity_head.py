@@ -13,8 +13,8 @@ logged accuracy, forward and backward with respect to the stride-4 logits. Two f
 Printed per batch size: the best and median time, XLA's ``memory_analysis()`` temporaries and
 ``cost_analysis()`` bytes accessed, the number of gathers and scatters in the compiled program, the ratios, and a
 memory-traffic floor: reading the upsampled logits and the labels once and writing the logits' gradient once, at
-the copy bandwidth measured in the same run (``propagation.copy_bandwidth``, numpy on CPU; a jitted copy on other
-devices). Both formulations give the same loss and accuracy, and gradients equal to float32 rounding (checked).
+the copy bandwidth measured in the same run (``propagation.device_copy_bandwidth``: numpy on a CPU, a jitted
+copy in device memory on a GPU). Both formulations give the same loss and accuracy, and gradients equal to float32 rounding (checked).
 
   .venv/bin/python benchmarks/affinity_head.py [--size 513] [--batches 1,2] [--repeats 7]
 """
@@ -30,8 +30,7 @@ import numpy as np
 
 from dilaff_jax import affinity
 from dilaff_jax.models import deeplab
-from propagation import copy_bandwidth  # benchmarks/propagation.py (run as python benchmarks/affinity_head.py)
-from timing import best_of
+from propagation import device_copy_bandwidth  # benchmarks/propagation.py (run as python benchmarks/affinity_head.py)
 from train_step import PAPER_RATES, made_up_stats
 
 
@@ -88,14 +87,6 @@ def compiled(fn, *args):
   }
 
 
-def device_copy_bandwidth(nbytes: int, repeats: int) -> float:
-  if jax.devices()[0].platform == "cpu":
-    return copy_bandwidth(nbytes, repeats)[0]
-  x = jnp.ones(nbytes // 4, jnp.float32)
-  copy = jax.jit(lambda v: v + 0.0)
-  return 2 * nbytes / best_of(lambda: copy(x), repeats)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", type=int, default=513, help="square crop, 4k + 1 (stride-4 logits of (size-1)/4+1)")
@@ -108,7 +99,7 @@ def main() -> None:
   stats = made_up_stats(rates)
   h4 = (args.size - 1) // 4 + 1
   channels = affinity.DIRECTIONS_PER_RATE * len(rates)
-  bandwidth = device_copy_bandwidth(64 * 2**20, args.repeats)
+  bandwidth = device_copy_bandwidth(64 * 2**20, args.repeats)[0]
   rows = []
   for batch in (int(b) for b in args.batches.split(",")):
     rng = np.random.default_rng(batch)
