@@ -36,13 +36,7 @@ from train_step import PAPER_RATES, made_up_stats
 
 def naive_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Aligned bilinear upsampling with gathers (the gradient of a gather is a scatter-add)."""
-  for axis, out_size in ((1, size[0]), (2, size[1])):
-    lo, hi, t = deeplab._axis_weights(x.shape[axis], out_size, True)  # pylint: disable=protected-access
-    shape = [1, 1, 1, 1]
-    shape[axis] = out_size
-    t = jnp.asarray(t.reshape(shape), x.dtype)
-    x = jnp.take(x, lo, axis=axis) * (1 - t) + jnp.take(x, hi, axis=axis) * t
-  return x
+  return deeplab.resize_bilinear(x, size, gather=True)
 
 
 def naive_focal(logits: jax.Array, targets: jax.Array, gamma: float) -> jax.Array:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dilaff_jax.models.deeplab import DeepLabV3Plus, _axis_weights, resize_bilinear, upsample_logits
+from dilaff_jax.models.deeplab import DeepLabV3Plus, resize_bilinear, upsample_logits
 
 PAPER_RATES = ((8, 8), (12, 24), (24, 12), (16, 16))  # R = {8, (12, 24), 16}, expanded
 PI = np.array([0.9, 0.8, 0.75, 0.6])  # a made-up prior pi_r per rate
@@ -212,15 +212,9 @@ def test_affinity_head_starts_at_the_prior(paper_model):
 
 def _gather_resize(x, size, align_corners):
   """The general form, ``x[lo]·(1 - t) + x[hi]·t`` per axis with gathers: what the integer-factor path must equal."""
-  for axis, out_size in ((1, size[0]), (2, size[1])):
-    if x.shape[axis] == out_size:
-      continue
-    lo, hi, t = _axis_weights(x.shape[axis], out_size, align_corners)
-    shape = [1, 1, 1, 1]
-    shape[axis] = out_size
-    t = jnp.asarray(t.reshape(shape), x.dtype)
-    x = jnp.take(x, lo, axis=axis) * (1 - t) + jnp.take(x, hi, axis=axis) * t
-  return x
+  hlo = jax.jit(lambda v: resize_bilinear(v, size, align_corners=align_corners, gather=True)).lower(x).as_text()
+  assert "gather" in hlo
+  return resize_bilinear(x, size, align_corners=align_corners, gather=True)
 
 
 @pytest.mark.parametrize(

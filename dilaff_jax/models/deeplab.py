@@ -58,17 +58,17 @@ def _integer_factor(lo: np.ndarray, hi: np.ndarray, in_size: int) -> int | None:
   return None
 
 
-def _resize_axis(x: jax.Array, axis: int, out_size: int, align_corners: bool) -> jax.Array:
+def _resize_axis(x: jax.Array, axis: int, out_size: int, align_corners: bool, gather: bool) -> jax.Array:
   """Linear interpolation of ``x`` along ``axis`` to ``out_size`` samples: ``x[lo]·(1 - t) + x[hi]·t``.
 
   For an integer factor ``f`` (see :func:`_integer_factor`) the ``f`` phases ``p`` are computed from two shifted
   slices, ``x[:-1]·(1 - t_p) + x[1:]·t_p``, and interleaved: the same products and sums as the general form, so the
   same values bit for bit, with no gather, and the gradient is a sum of slices instead of a scatter-add (on a GPU a
-  scatter-add is atomic or sorted: slow either way). Other sizes gather.
+  scatter-add is atomic or sorted: slow either way). Other sizes, and ``gather=True``, gather.
   """
   n = x.shape[axis]
   lo, hi, t = _axis_weights(n, out_size, align_corners)
-  f = _integer_factor(lo, hi, n)
+  f = None if gather else _integer_factor(lo, hi, n)
 
   def along(v: np.ndarray) -> jax.Array:  # a vector of weights, broadcast along `axis`
     shape = [1] * x.ndim
@@ -89,12 +89,15 @@ def _resize_axis(x: jax.Array, axis: int, out_size: int, align_corners: bool) ->
   return jnp.concatenate([inner, last * (1 - t_last) + last * t_last], axis=axis)
 
 
-def resize_bilinear(x: jax.Array, size: tuple[int, int], *, align_corners: bool = True) -> jax.Array:
+def resize_bilinear(
+    x: jax.Array, size: tuple[int, int], *, align_corners: bool = True, gather: bool = False
+) -> jax.Array:
   """Bilinear resize of [B, H, W, C] to [B, size[0], size[1], C] (separable; exact at the sample points).
 
   DeepLab's aligned upsampling by an integer factor (``align_corners`` and ``out - 1 = f·(in - 1)``, as from the
   stride-4 maps of 16k + 1 crops) runs without gathers or scatter-adds; any other size gathers. Both give the same
-  values bit for bit."""
+  values bit for bit; ``gather=True`` forces the general gather form on every axis (the reference the tests and
+  ``benchmarks/affinity_head.py`` compare with)."""
   if x.ndim != 4:
     raise ValueError(f"resize_bilinear expects [B, H, W, C], got shape {x.shape}")
   h, w = (int(s) for s in size)
@@ -102,7 +105,7 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int], *, align_corners: bool 
     raise ValueError(f"resize target size must be positive, got {tuple(size)}")
   for axis, out_size in ((1, h), (2, w)):
     if x.shape[axis] != out_size:
-      x = _resize_axis(x, axis, out_size, align_corners)
+      x = _resize_axis(x, axis, out_size, align_corners, gather)
   return x
 
 
