@@ -35,7 +35,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from dilaff_jax import cli, config_checks, errors, inference, predict, propagation, state, visualize  # noqa: E402
+from dilaff_jax import cli, config_checks, errors, host_memory, inference, predict, propagation, state, visualize  # noqa: E402
 
 FORMAT = "dilaff_jax.export/1"
 
@@ -201,6 +201,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line entry; returns the exit status (2 for bad input, with one ``error:`` line on stderr)."""
   argv = sys.argv[1:] if argv is None else list(argv)
+  host_memory.reuse_freed_memory()
   try:
     args = cli.parse_flags(_define_flags, argv, "dilaff_jax.export", __doc__, required=("workdir", "output"))
     if args is None:  # --help

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dilaff_jax import cli, errors  # noqa: E402
+from dilaff_jax import cli, errors, host_memory  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, statistics and results.")
@@ -107,6 +107,7 @@ def main(argv) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:  # progress goes to stdout; library INFO logs only with --verbosity=0
     logging.set_verbosity(logging.WARNING)
+  host_memory.reuse_freed_memory()  # before the backend starts its threads
   config = FLAGS.config
   maybe_initialize_distributed(config)
 

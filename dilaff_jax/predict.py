@@ -46,7 +46,7 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from dilaff_jax import cli, config_checks, errors, inference, propagation, state, visualize  # noqa: E402
+from dilaff_jax import cli, config_checks, errors, host_memory, inference, propagation, state, visualize  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OUTPUT_SUFFIXES = ("_seg.png", "_refined.png", "_mask.png")
@@ -478,6 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(__doc__ + "\nFlags:\n" + _flags(None).get_help())
     return 0
   logging.set_verbosity(logging.WARNING)
+  host_memory.reuse_freed_memory()
   try:
     config, workdir, input_path, output_dir, max_size = parse_args(argv)
     summary = run(config, workdir, input_path, output_dir, max_size)

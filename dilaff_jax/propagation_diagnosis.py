@@ -41,7 +41,7 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from dilaff_jax import affinity, config_checks, datasets, errors, eval_metrics, inference, input_pipeline  # noqa: E402
-from dilaff_jax import predict, propagation, state  # noqa: E402
+from dilaff_jax import host_memory, predict, propagation, state  # noqa: E402
 
 BIN_EDGES = (2, 4, 8, 16)  # right-closed distance bins (px): [0, 2], (2, 4], (4, 8], (8, 16], (16, inf)
 BIN_LABELS = ("0-2", "3-4", "5-8", "9-16", ">16")
@@ -689,6 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command line entry; returns the exit status (2 for bad input, with the message on stderr)."""
   argv = ["propagation_diagnosis", *(sys.argv[1:] if argv is None else argv)]
   logging.set_verbosity(logging.WARNING)
+  host_memory.reuse_freed_memory()
   first = flags.FlagValues()
   flags.DEFINE_string(
       "workdir", None, "Training workdir(s), comma-separated (e.g. the seeds of one setting).", flag_values=first

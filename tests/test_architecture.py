@@ -36,6 +36,7 @@ LAYERS = (
         "inference",
         "pretrained",
         "cli",
+        "host_memory",
         "workdir_lock",
         "multihost",
         "device_feed",
