@@ -5,8 +5,8 @@
 #   WORKDIR=runs/study2 SEEDS=0,1,2,3,4 bash launch/study.sh --config.dataset.data_dir=/data/tfds
 # `kill <pid>` (SIGTERM) stops it after the current run saved a checkpoint. Extra arguments go to
 # `python -m dilaff_jax.study` (e.g. --config.KEY=VALUE for every run); results: $WORKDIR/study.md (.json, .png).
-# Each of the 50 runs of the default rows takes about 6 minutes on 2 idle CPU cores (about 5 hours in all; the CRF
-# rows only evaluate).
+# Each of the 50 runs of the default rows takes 6 to 25 minutes on 2 CPU cores, depending on how busy the host is
+# (5 to 20 hours in all; the CRF rows only evaluate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
