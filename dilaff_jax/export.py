@@ -201,8 +201,8 @@ def _define_flags(fv: flags.FlagValues) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   """Command line entry; returns the exit status (2 for bad input, with one ``error:`` line on stderr)."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  host_memory.reuse_freed_memory()
   try:
+    host_memory.reuse_freed_memory()
     args = cli.parse_flags(_define_flags, argv, "dilaff_jax.export", __doc__, required=("workdir", "output"))
     if args is None:  # --help
       return 0

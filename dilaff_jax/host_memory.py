@@ -19,6 +19,8 @@ import ctypes
 import os
 import platform
 
+from dilaff_jax import errors
+
 ENV = "DILAFF_REUSE_FREED_MEMORY"
 
 # mallopt(3) parameters (malloc.h)
@@ -36,10 +38,14 @@ _SETTINGS = (
 def reuse_freed_memory(environ=None) -> bool:
   """Applies the glibc settings above to this process; True if they were applied.
 
-  False (nothing changed) where the C library is not glibc or ``DILAFF_REUSE_FREED_MEMORY=0`` is set.
+  False (nothing changed) where the C library is not glibc or ``DILAFF_REUSE_FREED_MEMORY=0`` is set; any value
+  other than 0 or 1 raises :class:`errors.UserError`.
   """
   environ = os.environ if environ is None else environ
-  if environ.get(ENV, "").strip() == "0":
+  value = environ.get(ENV, "").strip()
+  if value not in ("", "0", "1"):
+    raise errors.UserError(f"{ENV}={value!r}: expected 0 (glibc's defaults) or 1 (reuse freed memory, the default)")
+  if value == "0":
     return False
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
     return False

@@ -107,7 +107,10 @@ def main(argv) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:  # progress goes to stdout; library INFO logs only with --verbosity=0
     logging.set_verbosity(logging.WARNING)
-  host_memory.reuse_freed_memory()  # before the backend starts its threads
+  try:
+    host_memory.reuse_freed_memory()  # before the backend starts its threads
+  except errors.UserError as e:
+    cli.exit_with_error(e)
   config = FLAGS.config
   maybe_initialize_distributed(config)
 

@@ -478,8 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(__doc__ + "\nFlags:\n" + _flags(None).get_help())
     return 0
   logging.set_verbosity(logging.WARNING)
-  host_memory.reuse_freed_memory()
   try:
+    host_memory.reuse_freed_memory()
     config, workdir, input_path, output_dir, max_size = parse_args(argv)
     summary = run(config, workdir, input_path, output_dir, max_size)
   except errors.UserError as e:  # only the user's mistakes are turned into exit code 2; a bug keeps its traceback

@@ -689,7 +689,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command line entry; returns the exit status (2 for bad input, with the message on stderr)."""
   argv = ["propagation_diagnosis", *(sys.argv[1:] if argv is None else argv)]
   logging.set_verbosity(logging.WARNING)
-  host_memory.reuse_freed_memory()
+  try:
+    host_memory.reuse_freed_memory()
+  except errors.UserError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return errors.EXIT_USER_ERROR
   first = flags.FlagValues()
   flags.DEFINE_string(
       "workdir", None, "Training workdir(s), comma-separated (e.g. the seeds of one setting).", flag_values=first

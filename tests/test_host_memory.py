@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from dilaff_jax import host_memory
+import cli_helpers
+from dilaff_jax import errors, host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 80 << 20
@@ -126,3 +127,22 @@ def test_does_nothing_off_glibc(monkeypatch):
   monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
   assert host_memory.reuse_freed_memory({}) is False
   assert host_memory.reuse_freed_memory({host_memory.ENV: "0"}) is False
+
+
+def test_a_value_other_than_0_or_1_is_named():
+  with pytest.raises(errors.UserError, match=r"DILAFF_REUSE_FREED_MEMORY='no': expected 0 .* or 1"):
+    host_memory.reuse_freed_memory({host_memory.ENV: "no"})
+
+
+def test_the_main_job_names_a_bad_value_in_one_line(tmp_path):
+  out = cli_helpers.run_cli(
+      "dilaff_jax.main",
+      "--config=configs/synthetic.py:tiny",
+      f"--workdir={tmp_path}",
+      env={host_memory.ENV: "false"},
+      timeout=120,
+  )
+  assert out.returncode == errors.EXIT_USER_ERROR
+  assert cli_helpers.user_facing_lines(out.stderr) == [
+      "error: DILAFF_REUSE_FREED_MEMORY='false': expected 0 (glibc's defaults) or 1 (reuse freed memory, the default)"
+  ]
