@@ -26,7 +26,10 @@ The aggregate is rewritten after every run, so a partial study always has an up-
 Aggregates (per row, over the seeds that finished): mIoU without post-processing, with propagation
 (``affinity.iterations``) and with the dense CRF when evaluated: mean ± sample standard deviation (ddof=1), min–max
 and n; the propagation sweeps (predicted and ground-truth affinity) as mean ± std per iteration count; and the
-paired difference to ``--baseline_row``'s mIoU seed by seed (mean ± std, and how many seeds improved).
+paired difference to ``--baseline_row``'s mIoU seed by seed (mean ± std, how many seeds improved, and the paired
+t-test: t and its two-sided p, for two or more seeds that do not all differ by the same amount). ``--compare=A:B,...``
+adds the same paired statistics of row A against row B for every metric of A: against B's same metric where B has it,
+else against B's mIoU without post-processing (as against the baseline), e.g. ``--compare=affinity:plain+crf``.
 
 What to keep (commit): ``study.{json,md,png}`` and, per run, ``config.json``, ``run.json`` and
 ``eval/step_<N>/results.{json,md}``; ``--export=DIR2`` copies exactly those with the same layout (so
@@ -65,6 +68,9 @@ flags.DEFINE_string(
     "baseline_row",
     None,
     "Row the paired differences are taken against (default: 'baseline' if a " "row has that name, else the first row).",
+)
+flags.DEFINE_list(
+    "compare", [], "Paired comparisons 'A:B' of two rows (A minus B, seed by seed), besides the one to the baseline."
 )
 flags.DEFINE_bool("aggregate_only", False, "Only aggregate the finished runs (rows from the flags or study.json).")
 flags.DEFINE_string("export", None, "Copy the small outputs (aggregates, per-run results and configs) to this folder.")
@@ -298,7 +304,14 @@ def _lock(workdir: str):
   return f
 
 
-def run_study(config_path: str, overrides: Sequence[str], rows: Sequence[Row], workdir: str, baseline: str) -> int:
+def run_study(
+    config_path: str,
+    overrides: Sequence[str],
+    rows: Sequence[Row],
+    workdir: str,
+    baseline: str,
+    comparisons: Sequence[tuple[str, str]] = (),
+) -> int:
   """Runs every unfinished (row, seed) in turn, aggregating after each; returns the exit status (0: all finished,
   1: some failed, 3: stopped by a signal)."""
   os.makedirs(workdir, exist_ok=True)
@@ -355,7 +368,7 @@ def run_study(config_path: str, overrides: Sequence[str], rows: Sequence[Row], w
             + _tail(log_path),
             flush=True,
         )
-      write_aggregates(workdir, config_path, overrides, rows, baseline)
+      write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
   lock.close()
   if stop.requested:
     return errors.EXIT_PREEMPTED
@@ -387,10 +400,48 @@ def summarize(values: dict[int, float]) -> dict:
 
 def paired(values: dict[int, float], baseline: dict[int, float]) -> dict:
   """The paired difference ``values[s] - baseline[s]`` over the seeds both have: :func:`summarize` of it plus
-  ``improved``, the number of seeds where it is > 0."""
+  ``improved``, the number of seeds where it is > 0, and the paired t-test of it: ``t = mean / (std / sqrt(n))``
+  with n - 1 degrees of freedom and its two-sided ``p`` (both None for fewer than two seeds or a zero std)."""
   diffs = {s: values[s] - baseline[s] for s in values if s in baseline}
   out = summarize(diffs)
   out["improved"] = sum(d > 0 for d in diffs.values())
+  out["t"] = out["p"] = None
+  if out["n"] >= 2 and out["std"] > 0:
+    from scipy import stats  # pylint: disable=import-outside-toplevel
+
+    out["t"] = out["mean"] / (out["std"] / math.sqrt(out["n"]))
+    out["p"] = float(2 * stats.t.sf(abs(out["t"]), out["n"] - 1))
+  return out
+
+
+def parse_comparisons(items: Sequence[str], rows: Sequence[Row]) -> list[tuple[str, str]]:
+  """``--compare``'s ``A:B`` items as ``(A, B)``, both rows of the study."""
+  names = [r.name for r in rows]
+  out = []
+  for item in items:
+    a, sep, b = item.strip().partition(":")
+    if not sep or not a or not b:
+      raise StudyError(f"--compare: {item!r} is not A:B (two row names, e.g. affinity:plain)")
+    for name in (a, b):
+      if name not in names:
+        raise StudyError(f"--compare: {name!r} (in {item!r}) is not a row of the study ({', '.join(names)})")
+    if a == b:
+      raise StudyError(f"--compare: {item!r} compares a row with itself")
+    out.append((a, b))
+  return out
+
+
+def compare(results: dict[str, dict[int, dict]], a: str, b: str) -> dict:
+  """Row ``a`` against row ``b``, seed by seed: per metric of ``a``, :func:`paired` against ``b``'s same metric
+  where ``b`` has it, else against ``b``'s mIoU (``against`` names which)."""
+  out = {"a": a, "b": b, "metrics": {}}
+  for key, _ in METRICS:
+    values = {s: r[key] for s, r in results.get(a, {}).items() if r.get(key) is not None}
+    if not values:
+      continue
+    against = key if any(r.get(key) is not None for r in results.get(b, {}).values()) else "miou"
+    other = {s: r[against] for s, r in results.get(b, {}).items() if r.get(against) is not None}
+    out["metrics"][key] = {**paired(values, other), "against": against}
   return out
 
 
@@ -454,6 +505,15 @@ def _mean_std(s: dict, signed: bool = False) -> str:
   return _pct(s["mean"], signed) + ("" if s["std"] is None else f" ± {100 * s['std']:.2f}")
 
 
+def _delta(d: dict) -> str:
+  """A paired difference as ``+1.50 ± 3.54 (n=2, t = 0.60, p = 0.66)``."""
+  test = ""
+  if d.get("t") is not None:
+    p = d["p"]
+    test = f", t = {d['t']:.2f}, p {'< 0.001' if p < 0.001 else '= ' + format(p, '.2g')}"
+  return f"{_mean_std(d, True)} (n={d['n']}{test})"
+
+
 def _describe(row: Row) -> str:
   what = f"evaluates `{row.evaluates}`" if row.evaluates else f"`:{row.variant or DEFAULT_VARIANT}`"
   return what + "".join(f" `{o}`" for o in row.overrides)
@@ -467,8 +527,8 @@ def markdown(study: dict) -> str:
       f"# Study: `{study['config']}`" + "".join(f" `--config.{o}`" for o in study["overrides"]),
       "",
       "mIoU in %, over the finished seeds: mean ± sample standard deviation (ddof=1), min–max, n seeds. "
-      f"Δ: the paired difference to `{baseline}`'s mIoU (no post-processing), seed by seed, as mean ± std; "
-      "improved: the seeds where Δ > 0.",
+      f"Δ: the paired difference to `{baseline}`'s mIoU (no post-processing), seed by seed, as mean ± std, with "
+      "the paired t-test (t, two-sided p; n - 1 degrees of freedom); improved: the seeds where Δ > 0.",
       "",
   ]
   for key, title in METRICS:
@@ -491,7 +551,7 @@ def markdown(study: dict) -> str:
       )
       lines.append(
           f"| {label} | {_describe(r)} | {m['n']} | {_mean_std(m)} | {_pct(m['min'])}–{_pct(m['max'])} | "
-          + (f"{_mean_std(d, True)} (n={d['n']}) | {d['improved']}/{d['n']} | " if d and d["n"] else "– | – | ")
+          + (f"{_delta(d)} | {d['improved']}/{d['n']} | " if d and d["n"] else "– | – | ")
           + ", ".join(f"{s}: {_pct(v)}" for s, v in m["values"].items())
           + " |"
       )
@@ -516,6 +576,29 @@ def markdown(study: dict) -> str:
           if sw["iterations"] != its:
             cells = [f"{it} it.: {c}" for it, c in zip(sw["iterations"], cells)]
           lines.append(f"| {r.name} | {name} | {sw[name]['n']} | " + " | ".join(cells) + " |")
+    lines.append("")
+  titles = dict(METRICS)
+  comparisons = [c for c in study.get("comparisons", []) if c["metrics"]]
+  if comparisons:
+    lines += [
+        "## Paired comparisons",
+        "",
+        "Row A minus row B, seed by seed over the seeds both finished, with the paired t-test; a metric B lacks is "
+        "compared with B's mIoU (no post-processing).",
+        "",
+        "| A | B | metric (A against B) | Δ (mean ± std, paired t-test) | A better | per seed |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for c in comparisons:
+      for key, d in c["metrics"].items():
+        if not d["n"]:
+          continue
+        metric = titles[key] + ("" if d["against"] == key else f" against {titles[d['against']]}")
+        lines.append(
+            f"| {c['a']} | {c['b']} | {metric} | {_delta(d)} | {d['improved']}/{d['n']} | "
+            + ", ".join(f"{s}: {_pct(v, True)}" for s, v in d["values"].items())
+            + " |"
+        )
     lines.append("")
   missing = [f"{r.name} seed {s}" for r in rows for s in r.seeds if s not in agg[r.name]["finished"]]
   if missing:
@@ -583,15 +666,23 @@ def plot(study: dict, path: str) -> None:
 
 
 def write_aggregates(
-    workdir: str, config_path: str, overrides: Sequence[str], rows: Sequence[Row], baseline: str
+    workdir: str,
+    config_path: str,
+    overrides: Sequence[str],
+    rows: Sequence[Row],
+    baseline: str,
+    comparisons: Sequence[tuple[str, str]] = (),
 ) -> dict:
-  """Writes ``study.json``, ``study.md`` and ``study.png`` of the finished runs in ``workdir``; returns the study."""
+  """Writes ``study.json``, ``study.md`` and ``study.png`` of the finished runs in ``workdir``; returns the study.
+  ``comparisons``: ``(A, B)`` row pairs compared seed by seed (:func:`compare`)."""
+  results = load_results(workdir, rows)
   study = {
       "config": config_path,
       "overrides": list(overrides),
       "baseline_row": baseline,
       "rows": [dataclasses.asdict(r) for r in rows],
-      "aggregate": aggregate(rows, load_results(workdir, rows), baseline),
+      "aggregate": aggregate(rows, results, baseline),
+      "comparisons": [compare(results, a, b) for a, b in comparisons],
   }
   with open(os.path.join(workdir, "study.json"), "w") as f:
     json.dump(study, f, indent=1)
@@ -635,14 +726,15 @@ def export(workdir: str, rows: Sequence[Row], destination: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------- command line
 
 
-def _rows_from_study_json(workdir: str) -> tuple[str, list[str], list[Row], str]:
+def _rows_from_study_json(workdir: str) -> tuple[str, list[str], list[Row], str, list[str]]:
   path = os.path.join(workdir, "study.json")
   if not os.path.exists(path):
     raise StudyError(f"no {path}: give --config and --variants/--rows, or point --workdir at a study")
   with open(path) as f:
     study = json.load(f)
   rows = [Row(**{**r, "overrides": tuple(r["overrides"]), "seeds": tuple(r["seeds"])}) for r in study["rows"]]
-  return study["config"], study["overrides"], rows, study["baseline_row"]
+  compared = [f"{c['a']}:{c['b']}" for c in study.get("comparisons", [])]
+  return study["config"], study["overrides"], rows, study["baseline_row"], compared
 
 
 def main(argv) -> None:
@@ -650,8 +742,9 @@ def main(argv) -> None:
   workdir = FLAGS.workdir
   try:
     if FLAGS.aggregate_only and not (FLAGS.variants or FLAGS.rows):
-      config_path, overrides, rows, baseline = _rows_from_study_json(workdir)
+      config_path, overrides, rows, baseline, compared = _rows_from_study_json(workdir)
       baseline = FLAGS.baseline_row or baseline
+      compared = FLAGS.compare or compared
     else:
       if not FLAGS.config:
         raise StudyError("--config is required (e.g. --config=configs/synthetic.py)")
@@ -666,17 +759,19 @@ def main(argv) -> None:
       rows = resolve(parse_rows(FLAGS.variants, FLAGS.rows, _seeds(FLAGS.seeds, "--seeds")), config_path, overrides)
       names = [r.name for r in rows]
       baseline = FLAGS.baseline_row or ("baseline" if "baseline" in names else names[0])
+      compared = FLAGS.compare
     if baseline not in [r.name for r in rows]:
       raise StudyError(f"--baseline_row={baseline}: not a row of the study ({', '.join(r.name for r in rows)})")
+    comparisons = parse_comparisons(compared, rows)
     if FLAGS.aggregate_only:
       if not os.path.isdir(workdir):
         raise StudyError(f"--workdir={workdir} does not exist")
-      write_aggregates(workdir, config_path, overrides, rows, baseline)
+      write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
       status = 0
     else:
       print(f"[study] {len(rows)} rows, {len(plan(rows))} runs in {workdir}", flush=True)
-      status = run_study(config_path, overrides, rows, workdir, baseline)
-      write_aggregates(workdir, config_path, overrides, rows, baseline)
+      status = run_study(config_path, overrides, rows, workdir, baseline, comparisons)
+      write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
     print(f"[study] aggregates: {os.path.join(workdir, 'study.md')} (.json, .png)", flush=True)
     if FLAGS.export:
       copied = export(workdir, rows, FLAGS.export)

@@ -32,6 +32,10 @@ boundary=boundary
 "}
 # table1_sqrt and table2_r4_8_16_32 are the default: not run again. table2_r4_6x12_8_count: the paper's best rates
 # with the literal n_k rule (k = q) instead of "rescale", for the comparison of the two rules.
+# Paired comparisons besides the one to plain DeepLabv3+ (A:B is A minus B seed by seed, with the paired t-test).
+COMPARE=${COMPARE:-"default:table1_none,table1_signal:table1_none,table1_neighbor:table1_none,default:table2_r4_8,\
+default:table2_r4_8_16,default:table2_r4_6x12_8,default:table2_r4_6x12_8_16x32_24,\
+table2_r4_6x12_8_count:table2_r4_6x12_8,aaf:default,default:aaf,boundary:default,default:boundary"}
 echo "[launch] python -m dilaff_jax.study --workdir=$WORKDIR --seeds=$SEEDS $*"
 exec .venv/bin/python -m dilaff_jax.study --config=configs/synthetic.py --seeds="$SEEDS" --workdir="$WORKDIR" \
-  --baseline_row=baseline --rows="$ROWS" "$@"
+  --baseline_row=baseline --rows="$ROWS" --compare="$COMPARE" "$@"

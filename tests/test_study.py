@@ -135,8 +135,12 @@ def test_aggregate_matches_hand_computed_values(tmp_path):
   d = agg["aff"]["vs_baseline"]["miou"]  # paired over seeds 0, 1: +.04, -.01
   assert d["n"] == 2 and d["mean"] == pytest.approx(0.015) and d["std"] == pytest.approx(math.sqrt(2) * 0.025)
   assert d["improved"] == 1
+  # paired t-test with 1 degree of freedom (a Cauchy distribution): t = .015 / (.0354 / sqrt 2) = 0.6,
+  # two-sided p = 1 - (2 / pi) atan(0.6)
+  assert d["t"] == pytest.approx(0.6) and d["p"] == pytest.approx(1 - 2 / math.pi * math.atan(0.6))
   dp = agg["aff"]["vs_baseline"]["miou_propagated"]  # .75 - .70, .78 - .73
   assert dp["mean"] == pytest.approx(0.05) and dp["std"] == pytest.approx(0.0, abs=1e-12) and dp["improved"] == 2
+  assert dp["t"] is None and dp["p"] is None  # no test when every seed differs by the same amount
   assert agg["aff"]["final_iterations"] == 1
   sw = agg["aff"]["sweep"]
   assert sw["iterations"] == [0, 1] and sw["predicted"]["n"] == 2
@@ -146,17 +150,70 @@ def test_aggregate_matches_hand_computed_values(tmp_path):
   one = agg["one"]
   assert one["metrics"]["miou"] == {"n": 1, "mean": 0.80, "std": None, "min": 0.80, "max": 0.80, "values": {"1": 0.80}}
   assert one["vs_baseline"]["miou"]["n"] == 1 and one["vs_baseline"]["miou"]["mean"] == pytest.approx(0.07)
-  assert one["vs_baseline"]["miou"]["std"] is None
+  assert one["vs_baseline"]["miou"]["std"] is None and one["vs_baseline"]["miou"]["t"] is None
 
   md = open(os.path.join(w, "study.md")).read()
   assert "| plain | `:baseline` | 3 | 73.00 ± 3.00 | 70.00–76.00 | – | – | 0: 70.00, 1: 73.00, 2: 76.00 |" in md
-  assert "| aff | `:default` | 2 | 73.00 ± 1.41 | 72.00–74.00 | +1.50 ± 3.54 (n=2) | 1/2 |" in md
+  assert "| aff | `:default` | 2 | 73.00 ± 1.41 | 72.00–74.00 | +1.50 ± 3.54 (n=2, t = 0.60, p = 0.66) | 1/2 |" in md
+  assert "| aff (1 it.) | `:default` | 2 | 76.50 ± 2.12 | 75.00–78.00 | +5.00 ± 0.00 (n=2) | 2/2 |" in md
   assert "| aff (1 it.) | `:default` | 2 | 76.50 ± 2.12 |" in md
   assert "| aff | predicted | 2 | 73.00 ± 1.41 | 76.50 ± 2.12 |" in md
   assert "| one | `:x` | 1 | 80.00 | 80.00–80.00 | +7.00 (n=1) | 1/1 |" in md
   assert "aff seed 2, one seed 0" in md
   assert os.path.getsize(os.path.join(w, "study.png")) > 1000
   assert json.load(open(os.path.join(w, "study.json")))["aggregate"] == json.loads(json.dumps(agg))
+
+
+def test_paired_t_test_matches_the_closed_form_for_two_degrees_of_freedom():
+  # differences 1, 2, 3: mean 2, std 1, t = 2 / (1 / sqrt 3); with 2 degrees of freedom the two-sided p is
+  # 1 - t / sqrt(t^2 + 2)
+  d = study.paired({0: 3.0, 1: 5.0, 2: 7.0, 4: 9.0}, {0: 2.0, 1: 3.0, 2: 4.0, 3: 0.0})  # seeds 3, 4: unpaired
+  t = 2 * math.sqrt(3)
+  assert (d["n"], d["improved"]) == (3, 3)
+  assert d["t"] == pytest.approx(t) and d["p"] == pytest.approx(1 - t / math.sqrt(t * t + 2))
+  assert study.paired({0: 1.0, 1: 0.0, 2: 2.0}, {0: 2.0, 1: 1.0, 2: 3.0})["t"] is None  # all -1: std 0
+  small = study.paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 1.0, 2: 1.99})  # 1, 1, 1.01: t = 301
+  assert small["t"] > 300 and small["p"] < 1e-4
+  assert study._delta(small) == "+100.33 ± 0.58 (n=3, t = 301.00, p < 0.001)"
+
+
+def test_comparisons_of_two_rows_seed_by_seed(tmp_path):
+  w, rows = _fabricated(tmp_path)
+  rows.append(Row("aff2", "", seeds=(0, 1), final_step=10))
+  for seed, (m, p) in enumerate(((0.70, 0.80), (0.75, 0.76))):
+    _write(w, "aff2", seed, 10, {"miou": m, "miou_propagated": p, "final_iterations": 1})
+  comparisons = study.parse_comparisons(["aff:plain", " aff:one", "one:aff", "aff2:aff"], rows)
+  assert comparisons == [("aff", "plain"), ("aff", "one"), ("one", "aff"), ("aff2", "aff")]
+  s = study.write_aggregates(w, "configs/synthetic.py", [], rows, "plain", comparisons)
+  by = {(c["a"], c["b"]): c["metrics"] for c in s["comparisons"]}
+  # against the baseline row, a comparison is the baseline column again (plain has no propagation: its mIoU)
+  for key in ("miou", "miou_propagated"):
+    assert {k: v for k, v in by["aff", "plain"][key].items() if k != "against"} == s["aggregate"]["aff"]["vs_baseline"][
+        key
+    ]
+  assert by["aff", "plain"]["miou_propagated"]["against"] == "miou"
+  # aff and one share seed 1 only: .72 - .80; aff's propagated .78 against one's mIoU (one has no propagation)
+  assert by["aff", "one"]["miou"]["n"] == 1 and by["aff", "one"]["miou"]["mean"] == pytest.approx(-0.08)
+  assert by["aff", "one"]["miou_propagated"]["mean"] == pytest.approx(-0.02)
+  assert by["one", "aff"]["miou"]["mean"] == pytest.approx(0.08) and list(by["one", "aff"]) == ["miou"]
+  # both rows propagate: propagated against propagated, .80 - .75 and .76 - .78
+  two = by["aff2", "aff"]["miou_propagated"]
+  assert two["against"] == "miou_propagated" and two["values"] == pytest.approx({"0": 0.05, "1": -0.02})
+  md = open(os.path.join(w, "study.md")).read()
+  assert "| aff | plain | mIoU | +1.50 ± 3.54 (n=2, t = 0.60, p = 0.66) | 1/2 | 0: +4.00, 1: -1.00 |" in md
+  assert "| aff | one | mIoU with propagation against mIoU | -2.00 (n=1) | 0/1 | 1: -2.00 |" in md
+  # --aggregate_only without rows reads the comparisons back from study.json
+  assert study._rows_from_study_json(w)[4] == ["aff:plain", "aff:one", "one:aff", "aff2:aff"]
+
+
+@pytest.mark.parametrize(
+    "item, match",
+    [("aff", "is not A:B"), ("aff:", "is not A:B"), ("aff:nope", "'nope' .* is not a row"), ("aff:aff", "itself")],
+)
+def test_a_bad_comparison_names_itself(tmp_path, item, match):
+  _, rows = _fabricated(tmp_path)
+  with pytest.raises(study.StudyError, match=match):
+    study.parse_comparisons([item], rows)
 
 
 def test_export_copies_the_small_files_and_aggregates_again(tmp_path):
