@@ -5,37 +5,37 @@
 #   WORKDIR=runs/study2 SEEDS=0,1,2,3,4 bash launch/study.sh --config.dataset.data_dir=/data/tfds
 # `kill <pid>` (SIGTERM) stops it after the current run saved a checkpoint. Extra arguments go to
 # `python -m dilaff_jax.study` (e.g. --config.KEY=VALUE for every run); results: $WORKDIR/study.md (.json, .png).
-# Each of the 45 runs of the default rows takes 6 to 25 minutes on 2 CPU cores, depending on how busy the host is
-# (4 to 17 hours in all; the 5 CRF runs only evaluate).
+# Each of the 47 runs of the default rows takes 6 to 25 minutes on 2 CPU cores, depending on how busy the host is
+# (4 to 18 hours in all; the 5 CRF runs only evaluate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 WORKDIR=${WORKDIR:-runs/study}
 SEEDS=${SEEDS:-0,1,2}
 # One row per line, NAME=VARIANT[@KEY=VALUE]...[#SEEDS] (variants: configs/synthetic.py; grammar: dilaff_jax/study.py).
-# The demo's headline pair (plain DeepLabv3+ and the default, R = {4, 8, 16, 32} with sqrt weights: Table 1's sqrt
-# row and Table 2's {4, 8, 16, 32}) gets 5 seeds.
+# The demo's headline pair (plain DeepLabv3+ and the default) and Table 1's sqrt row get 5 seeds.
 ROWS=${ROWS:-"
 baseline=baseline#0,1,2,3,4
 default=default#0,1,2,3,4
+default_count=default@affinity.partial_neighbors=count
+table1_sqrt=table1_sqrt#0,1,2,3,4
 table1_none=table1_none
 table1_signal=table1_signal
 table1_neighbor=table1_neighbor
 baseline+crf=evaluate:baseline@eval.crf=True#0,1,2,3,4
 table2_r4_8=table2_r4_8
 table2_r4_8_16=table2_r4_8_16
-table2_r4_6x12_8=table2_r4_6x12_8
-table2_r4_6x12_8_count=table2_r4_6x12_8@affinity.partial_neighbors=count
 table2_r4_6x12_8_16x32_24=table2_r4_6x12_8_16x32_24
 aaf=aaf
 boundary=boundary
 "}
-# table1_sqrt and table2_r4_8_16_32 are the default: not run again. table2_r4_6x12_8_count: the paper's best rates
-# with the literal n_k rule (k = q) instead of "rescale", for the comparison of the two rules.
+# default_count: the default with the literal n_k rule (k = q) instead of "rescale", for the comparison of the two.
+# table2_r4_8_16_32 is table1_sqrt and table2_r4_6x12_8 is default: not run twice.
 # Paired comparisons besides the one to plain DeepLabv3+ (A:B is A minus B seed by seed, with the paired t-test).
-COMPARE=${COMPARE:-"default:table1_none,table1_signal:table1_none,table1_neighbor:table1_none,default:table2_r4_8,\
-default:table2_r4_8_16,default:table2_r4_6x12_8,default:table2_r4_6x12_8_16x32_24,\
-table2_r4_6x12_8_count:table2_r4_6x12_8,aaf:default,default:aaf,boundary:default,default:boundary"}
+COMPARE=${COMPARE:-"table1_sqrt:table1_none,table1_signal:table1_none,table1_neighbor:table1_none,\
+table1_sqrt:default,table2_r4_8:default,table2_r4_8_16:default,table2_r4_6x12_8_16x32_24:default,\
+default_count:default,aaf:default,default:aaf,aaf:table1_sqrt,table1_sqrt:aaf,aaf:default_count,default_count:aaf,\
+boundary:default,default:boundary"}
 echo "[launch] python -m dilaff_jax.study --workdir=$WORKDIR --seeds=$SEEDS $*"
 exec .venv/bin/python -m dilaff_jax.study --config=configs/synthetic.py --seeds="$SEEDS" --workdir="$WORKDIR" \
   --baseline_row=baseline --rows="$ROWS" --compare="$COMPARE" "$@"
