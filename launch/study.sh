@@ -14,6 +14,8 @@ WORKDIR=${WORKDIR:-runs/study}
 SEEDS=${SEEDS:-0,1,2}
 # One row per line, NAME=VARIANT[@KEY=VALUE]...[#SEEDS] (variants: configs/synthetic.py; grammar: dilaff_jax/study.py).
 # The demo's headline pair (plain DeepLabv3+ and the default) and Table 1's sqrt row get 5 seeds.
+# Your own ROWS get no comparisons beyond the baseline's unless you give COMPARE too (its rows must be in ROWS).
+[ -n "${ROWS:-}" ] && COMPARE=${COMPARE:-}
 ROWS=${ROWS:-"
 baseline=baseline#0,1,2,3,4
 default=default#0,1,2,3,4
@@ -32,7 +34,7 @@ boundary=boundary
 # default_count: the default with the literal n_k rule (k = q) instead of "rescale", for the comparison of the two.
 # table2_r4_8_16_32 is table1_sqrt and table2_r4_6x12_8 is default: not run twice.
 # Paired comparisons besides the one to plain DeepLabv3+ (A:B is A minus B seed by seed, with the paired t-test).
-COMPARE=${COMPARE:-"table1_sqrt:table1_none,table1_signal:table1_none,table1_neighbor:table1_none,\
+COMPARE=${COMPARE-"table1_sqrt:table1_none,table1_signal:table1_none,table1_neighbor:table1_none,\
 table1_sqrt:default,table2_r4_8:default,table2_r4_8_16:default,table2_r4_6x12_8_16x32_24:default,\
 default_count:default,aaf:default,default:aaf,aaf:table1_sqrt,table1_sqrt:aaf,aaf:default_count,default_count:aaf,\
 boundary:default,default:boundary"}
