@@ -431,17 +431,21 @@ def parse_comparisons(items: Sequence[str], rows: Sequence[Row]) -> list[tuple[s
   return out
 
 
+def _metric(per_seed: dict[int, dict], key: str) -> dict[int, float]:
+  """``{seed: value}`` of one metric over the seeds whose results have it."""
+  return {s: r[key] for s, r in per_seed.items() if r.get(key) is not None}
+
+
 def compare(results: dict[str, dict[int, dict]], a: str, b: str) -> dict:
   """Row ``a`` against row ``b``, seed by seed: per metric of ``a``, :func:`paired` against ``b``'s same metric
   where ``b`` has it, else against ``b``'s mIoU (``against`` names which)."""
   out = {"a": a, "b": b, "metrics": {}}
   for key, _ in METRICS:
-    values = {s: r[key] for s, r in results.get(a, {}).items() if r.get(key) is not None}
+    values = _metric(results.get(a, {}), key)
     if not values:
       continue
-    against = key if any(r.get(key) is not None for r in results.get(b, {}).values()) else "miou"
-    other = {s: r[against] for s, r in results.get(b, {}).items() if r.get(against) is not None}
-    out["metrics"][key] = {**paired(values, other), "against": against}
+    against = key if _metric(results.get(b, {}), key) else "miou"
+    out["metrics"][key] = {**paired(values, _metric(results.get(b, {}), against)), "against": against}
   return out
 
 
@@ -468,7 +472,7 @@ def aggregate(rows: Sequence[Row], results: dict[str, dict[int, dict]], baseline
     per_seed = results.get(row.name, {})
     entry = {"seeds": list(row.seeds), "finished": sorted(per_seed), "metrics": {}, "vs_baseline": {}}
     for key, _ in METRICS:
-      values = {s: r[key] for s, r in per_seed.items() if r.get(key) is not None}
+      values = _metric(per_seed, key)
       if values:
         entry["metrics"][key] = summarize(values)
         if base and not (row.name == baseline and key == "miou"):
@@ -503,6 +507,10 @@ def _pct(v: float | None, signed: bool = False) -> str:
 
 def _mean_std(s: dict, signed: bool = False) -> str:
   return _pct(s["mean"], signed) + ("" if s["std"] is None else f" ± {100 * s['std']:.2f}")
+
+
+def _per_seed(values: dict[str, float], signed: bool = False) -> str:
+  return ", ".join(f"{s}: {_pct(v, signed)}" for s, v in values.items())
 
 
 def _delta(d: dict) -> str:
@@ -552,7 +560,7 @@ def markdown(study: dict) -> str:
       lines.append(
           f"| {label} | {_describe(r)} | {m['n']} | {_mean_std(m)} | {_pct(m['min'])}–{_pct(m['max'])} | "
           + (f"{_delta(d)} | {d['improved']}/{d['n']} | " if d and d["n"] else "– | – | ")
-          + ", ".join(f"{s}: {_pct(v)}" for s, v in m["values"].items())
+          + _per_seed(m["values"])
           + " |"
       )
     lines.append("")
@@ -596,7 +604,7 @@ def markdown(study: dict) -> str:
         metric = titles[key] + ("" if d["against"] == key else f" against {titles[d['against']]}")
         lines.append(
             f"| {c['a']} | {c['b']} | {metric} | {_delta(d)} | {d['improved']}/{d['n']} | "
-            + ", ".join(f"{s}: {_pct(v, True)}" for s, v in d["values"].items())
+            + _per_seed(d["values"], signed=True)
             + " |"
         )
     lines.append("")
