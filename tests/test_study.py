@@ -4,6 +4,7 @@ deviations, paired differences, partial seeds), export, and one end-to-end study
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -300,3 +301,39 @@ def test_study_end_to_end_on_tiny(tmp_path, data_dir):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert proc.stdout.count("finished, skipped") == 3 and "(train)" not in proc.stdout, proc.stdout
   assert os.path.getmtime(os.path.join(w, "aff", "seed_0", "eval", "step_4", "results.json")) == stamp
+
+
+def _launcher_defaults() -> tuple[str, list[str], list[int]]:
+  """``launch/study.sh``'s default ROWS, COMPARE and SEEDS, as the shell would expand them."""
+  with open(os.path.join(REPO, "launch", "study.sh")) as f:
+    text = f.read().replace("\\\n", "")  # the shell's line continuations
+  rows = re.search(r'ROWS=\$\{ROWS:-"(.*?)"\}', text, re.S).group(1)
+  compare = re.search(r'COMPARE=\$\{COMPARE-"(.*?)"\}', text, re.S).group(1)
+  seeds = re.search(r"SEEDS=\$\{SEEDS:-([0-9,]+)\}", text).group(1)
+  return rows, compare.split(","), [int(s) for s in seeds.split(",")]
+
+
+def test_the_launchers_study_is_valid_and_the_committed_one_is_part_of_it():
+  """Every row of ``launch/study.sh`` loads its config and every comparison names its rows (else the study stops at
+  its start); the committed study (``results/study_synthetic``) is a part of the launcher's: the same rows with the
+  same variants and overrides, a subset of their seeds and of the comparisons. A row whose meaning changes in the
+  launcher (another variant or override under the same name) fails here until the committed study is rerun."""
+  rows_text, compare, seeds = _launcher_defaults()
+  rows = study.resolve(study.parse_rows([], rows_text, seeds), os.path.join(REPO, "configs", "synthetic.py"), [])
+  pairs = study.parse_comparisons(compare, rows)
+  assert len(rows) >= 13 and len(pairs) >= 10, (len(rows), len(pairs))
+  by_name = {r.name: r for r in rows}
+  with open(os.path.join(REPO, "results", "study_synthetic", "study.json")) as f:
+    committed = json.load(f)
+  assert committed["config"] == "configs/synthetic.py" and committed["baseline_row"] == "baseline"
+  for r in committed["rows"]:
+    launched = by_name.get(r["name"])
+    assert launched is not None, f"committed row {r['name']} is not in launch/study.sh"
+    assert (r["variant"], tuple(r["overrides"]), r["evaluates"], r["final_step"]) == (
+        launched.variant,
+        launched.overrides,
+        launched.evaluates,
+        launched.final_step,
+    ), r["name"]
+    assert set(r["seeds"]) <= set(launched.seeds), r["name"]
+  assert {(c["a"], c["b"]) for c in committed["comparisons"]} <= set(pairs)
