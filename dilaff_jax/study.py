@@ -625,7 +625,15 @@ def plot(study: dict, path: str) -> None:
   agg = study["aggregate"]
   names = [r["name"] for r in study["rows"]]
   swept = [n for n in names if "sweep" in agg[n]]
-  fig, axes = plt.subplots(1, 2 if swept else 1, figsize=(13 if swept else 7, 4.8), dpi=110, squeeze=False)
+  bars_width = max(6.0, 0.5 * len(names) + 1.5)  # inches: the row labels must not overlap
+  fig, axes = plt.subplots(
+      1,
+      2 if swept else 1,
+      figsize=(bars_width + (8.5 if swept else 0), 5.2),
+      dpi=110,
+      squeeze=False,
+      gridspec_kw={"width_ratios": [bars_width, 8.5] if swept else [1]},
+  )
   ax = axes[0, 0]
   keys = [(k, t) for k, t in METRICS if any(k in agg[n]["metrics"] for n in names)]
   width = 0.8 / max(len(keys), 1)
@@ -639,35 +647,38 @@ def plot(study: dict, path: str) -> None:
       vals = list(agg[n]["metrics"].get(key, {}).get("values", {}).values())
       ax.plot([p] * len(vals), [100 * v for v in vals], "k.", ms=4)
   finite = [100 * v for n in names for m in agg[n]["metrics"].values() for v in m["values"].values()]
-  if finite:
-    ax.set_ylim(max(0, min(finite) - 5), min(100, max(finite) + 3))
-  ax.set_xticks(
-      x,
-      [f"{n}\n(n={agg[n]['metrics'].get('miou', {}).get('n', 0)})" for n in names],
+  if finite:  # headroom above the highest seed for the legend
+    ax.set_ylim(max(0, min(finite) - 5), min(100, max(finite) + 8))
+  ax.set_xticks(x)
+  ax.set_xticklabels(
+      [f"{n} (n={agg[n]['metrics'].get('miou', {}).get('n', 0)})" for n in names],
       fontsize=8,
-      rotation=30 if len(names) > 4 else 0,
+      rotation=40 if len(names) > 3 else 0,
+      ha="right" if len(names) > 3 else "center",
   )
   ax.set_ylabel("mIoU (%)")
   ax.set_title("mIoU per row: mean ± std over seeds (dots: seeds)", fontsize=10)
   ax.grid(axis="y", alpha=0.3)
   if keys:
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", ncol=len(keys))
   if swept:
     ax = axes[0, 1]
+    colors = plt.get_cmap("tab10" if len(swept) <= 10 else "tab20")
     for i, n in enumerate(swept):
       sw = agg[n]["sweep"]
-      color = f"C{i % 10}"
+      color = colors(i % colors.N)
       for name, style in (("predicted", "-"), ("oracle", "--")):
         if name in sw:
           m = 100 * np.asarray(sw[name]["mean"], float)
           s = 100 * np.asarray([v or 0.0 for v in sw[name]["std"]], float)
-          ax.plot(sw["iterations"], m, style, marker="o", color=color, label=f"{n} {name} (n={sw[name]['n']})")
-          ax.fill_between(sw["iterations"], m - s, m + s, color=color, alpha=0.15)
+          label = f"{n} (n={sw[name]['n']})" if name == "predicted" or "predicted" not in sw else None
+          ax.plot(sw["iterations"], m, style, marker="o", ms=4, color=color, label=label)
+          ax.fill_between(sw["iterations"], m - s, m + s, color=color, alpha=0.12)
     ax.set_xlabel("propagation iterations")
     ax.set_ylabel("mIoU (%)")
     ax.set_title("Propagation sweeps: mean ± std (solid: predicted, dashed: oracle)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="row (one colour each)", title_fontsize=7)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)

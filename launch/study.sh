@@ -41,7 +41,8 @@ boundary=boundary
 COMPARE=${COMPARE-"table1_sqrt:table1_none,table1_signal:table1_none,table1_neighbor:table1_none,\
 table1_sqrt:default,table2_r4_8:default,table2_r4_8:table1_sqrt,table2_r4_8_16:default,\
 table2_r4_6x12_8_16x32_24:default,default_count:default,aaf:default,default:aaf,aaf:table1_sqrt,table1_sqrt:aaf,\
-aaf:default_count,default_count:aaf,boundary:default,default:boundary,table2_r4_8_fresh:baseline_fresh"}
+aaf:default_count,default_count:aaf,aaf:table2_r4_8,table2_r4_8:aaf,boundary:default,default:boundary,\
+table2_r4_8_fresh:baseline_fresh"}
 echo "[launch] python -m dilaff_jax.study --workdir=$WORKDIR --seeds=$SEEDS $*"
 exec .venv/bin/python -m dilaff_jax.study --config=configs/synthetic.py --seeds="$SEEDS" --workdir="$WORKDIR" \
   --baseline_row=baseline --rows="$ROWS" --compare="$COMPARE" "$@"
