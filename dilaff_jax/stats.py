@@ -21,13 +21,17 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import flags, logging
+# as dilaff_jax.main: TensorFlow's C++ logs and oneDNN notice off the terminal, the same input pipeline on every CPU
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from dilaff_jax import affinity, cli, config_checks, errors, multihost
-from dilaff_jax.conventions import IGNORE_LABEL
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags, logging  # noqa: E402
+
+from dilaff_jax import affinity, cli, config_checks, errors, multihost  # noqa: E402
+from dilaff_jax.conventions import IGNORE_LABEL  # noqa: E402
 
 FORMAT_VERSION = 2  # 2: records the n_k rule (partial_neighbors); version 1 files were counted with "count" and
 # put pixels without valid neighbours into n_0

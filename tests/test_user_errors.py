@@ -164,3 +164,23 @@ app.run(main.main, flags_parser=main.parse_flags)
 """
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == errors.EXIT_PREEMPTED == 3, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["main", "predict", "export", "stats", "propagation_diagnosis", "datasets.prepare"],
+)
+def test_every_command_keeps_tensorflows_start_up_notices_off_the_terminal(module):
+  """Each command that reads data through TensorFlow sets, before TensorFlow is imported, its log level and oneDNN
+  off (unless the user set them): on CPUs where TensorFlow turns oneDNN on by default (AVX-512 VNNI, AMX) it prints a
+  notice whatever the log level, two lines above a user's one ``error:`` line. On such a CPU importing TensorFlow then
+  prints nothing; on others the variables are still checked."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")}
+  code = (
+      f"import os, dilaff_jax.{module}, tensorflow; "
+      "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'), os.environ.get('TF_ENABLE_ONEDNN_OPTS'))"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ["2", "0"], proc.stdout
+  assert "oneDNN" not in proc.stderr and "InitializeLog" not in proc.stderr, proc.stderr[-2000:]

@@ -8,11 +8,16 @@ python -m dilaff_jax.datasets.prepare --dataset=image_folder --manual_dir=my_dat
 
 from __future__ import annotations
 
+import os
 import sys
 
-from absl import flags
+# as dilaff_jax.main: TensorFlow's C++ logs and oneDNN notice off the terminal, the same input pipeline on every CPU
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from dilaff_jax import cli, datasets, errors
+from absl import flags  # noqa: E402
+
+from dilaff_jax import cli, datasets, errors  # noqa: E402
 
 
 def _define_flags(fv: flags.FlagValues) -> None:
