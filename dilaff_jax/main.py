@@ -19,11 +19,9 @@ from __future__ import annotations
 import os
 import sys
 
-# TensorFlow runs only the input pipeline. Its C++ logs stay off the terminal, and so does the notice it prints on
-# CPUs where it turns oneDNN on by default (AVX-512 VNNI, AMX), whatever TF_CPP_MIN_LOG_LEVEL says: oneDNN stays off,
-# as on every other CPU, so the pipeline computes the same everywhere. Set either variable yourself to override.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from dilaff_jax import tf_env
+
+tf_env.set_defaults()  # before anything loads TensorFlow
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -31,9 +31,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# as dilaff_jax.main: no oneDNN notice, the same input pipeline on every CPU
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from dilaff_jax import tf_env
+
+tf_env.set_defaults()  # before anything loads TensorFlow
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -21,9 +21,9 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
-# as dilaff_jax.main: TensorFlow's C++ logs and oneDNN notice off the terminal, the same input pipeline on every CPU
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from dilaff_jax import tf_env
+
+tf_env.set_defaults()  # before anything loads TensorFlow
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

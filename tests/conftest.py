@@ -7,9 +7,10 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# as dilaff_jax.main: no oneDNN notice, the same input pipeline on every CPU
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from dilaff_jax import tf_env  # noqa: E402
+
+tf_env.set_defaults()  # before anything loads TensorFlow
+
 os.environ["JAX_NUM_CPU_DEVICES"] = "8"
 # Compiling dominates the suite's time and most tests compile the same tiny programs (the tiny demo's training step
 # above all, in-process and in the command-line tests' subprocesses, which inherit the variable). A cache private to

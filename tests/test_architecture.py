@@ -18,6 +18,7 @@ LAYERS = (
     (
         "conventions",
         "errors",
+        "tf_env",
         "affinity",
         "propagation",
         "eval_metrics",

@@ -8,12 +8,11 @@ python -m dilaff_jax.datasets.prepare --dataset=image_folder --manual_dir=my_dat
 
 from __future__ import annotations
 
-import os
 import sys
 
-# as dilaff_jax.main: TensorFlow's C++ logs and oneDNN notice off the terminal, the same input pipeline on every CPU
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+from dilaff_jax import tf_env
+
+tf_env.set_defaults()  # before anything loads TensorFlow
 
 from absl import flags  # noqa: E402
 
