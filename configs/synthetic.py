@@ -1,7 +1,7 @@
 """The embedded default: `synthetic_shapes` (generated locally, no download), sized for a 2-core CPU.
 
-A small DeepLabv3+ (ResNet-18, narrow heads, random init) trains jointly with dilated affinity and is evaluated
-with the propagation sweep in 6 to 25 minutes on 2 CPU cores (after the one-time set-up):
+A small DeepLabv3+ (ResNet-18, narrow heads, random init) trains jointly with dilated affinity for 500 steps and is
+scored with the propagation sweep on the first 250 test scenes, in about 15 minutes on 2 CPU cores:
 
   python -m dilaff_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
   python -m dilaff_jax.main --config=configs/synthetic.py:baseline --workdir=runs/synthetic_baseline
@@ -9,22 +9,26 @@ with the propagation sweep in 6 to 25 minutes on 2 CPU cores (after the one-time
   python -m dilaff_jax.main --config=configs/synthetic.py:boundary --workdir=runs/synthetic_boundary  # Table 5
   python -m dilaff_jax.main --config=configs/synthetic.py:tiny --workdir=runs/tiny # seconds; used by tests
 
-Rates are the paper's R = {8, (12, 24), 16} scaled to these ~4x smaller images: {4, (6, 12), 8}. Table 1's set
-halved, {4, 8, 16, 32} (`:table1_sqrt`), looked better over 3 seeds but not over 5 (README, "Reproduction at CPU
-scale"), so the default stays the paper's.
-Every rate must exceed 2, the width of the void band along boundaries: a pair at distance <= 2 that straddles a
-boundary always touches the band, so it is never a valid negative and that rate would learn nothing.
+Geometry: the paper's at half scale (docs/geometry.md). Scenes of 176-256 px (VOC's ~375-500 halved), crop 257
+(513 halved) and the paper's R = {8, (12, 24), 16} halved, {4, (6, 12), 8}: every rate stands to the objects, the
+image and the crop as the paper's do, within 1.1x. Every rate must exceed 2, the width of the void band along
+boundaries: a pair at distance <= 2 that straddles a boundary always touches the band, so it is never a valid
+negative and that rate would learn nothing.
 
-Named variants (``--config=configs/synthetic.py:NAME``), the paper's ablations at this scale (see dilaff_jax/study.py
-to run them over seeds):
+Splits: `train` to learn, `tune` to choose loss weights and propagation settings (launch/study.sh, stage tune),
+`test` (1000 scenes) for every reported number.
+
+Named variants (``--config=configs/synthetic.py:NAME``), the paper's ablations at this scale (launch/study.sh runs
+them over seeds):
   baseline:                   plain DeepLabv3+ (no affinity), the paper's baseline
   Table 1 (R = {4, 8, 16, 32}, the paper's {8, 16, 32, 64} halved): table1_none, table1_signal, table1_neighbor,
                               table1_sqrt
   Table 2 (sqrt weights, the paper's rate sets halved): table2_r4_8, table2_r4_8_16, table2_r4_8_16_32,
                               table2_r4_6x12_8 (= the default), table2_r4_6x12_8_16x32_24
-The paper's rates are halved, as the default's are, which keeps the smallest rate (8 -> 4) above the void band.
-β stays at the default's 0.25 for every scheme and rate set: the paper's per-row β (chosen on
-VOC, 0.25 to 1.6) was not re-chosen on this data; 1.2 swamps the segmentation loss here (see below).
+  Table 5: aaf, boundary
+Loss weights (β, AAF's weight, boundary's w0) and propagation's λ and iteration count are the values in force until
+the tune stage has chosen them on the tune split; its choice and evidence go here and in
+results/study_synthetic/tuning.md.
 """
 
 from configs import default, variants
@@ -51,12 +55,12 @@ def get_config(variant: str = ""):
   c = default.get_config()
   c.dataset.name = "synthetic_shapes/default"
   c.dataset.train_split = "train"
-  c.dataset.eval_split = "validation"
+  c.dataset.eval_split = "test"  # reported numbers; loss weights and propagation settings are chosen on "tune"
   c.dataset.num_classes = 6
-  c.dataset.crop_size = 97
+  c.dataset.crop_size = 257  # the paper's 513 halved, as the scenes (176-256 px) are VOC's (~375-500 px) halved
   c.dataset.min_scale = 0.75
   c.dataset.max_scale = 1.5
-  c.dataset.eval_pad_size = (129, 129)
+  c.dataset.eval_pad_size = (257, 257)
 
   c.model.depth = 18
   c.model.pretrained = "none"  # random init: the demo trains from scratch
@@ -68,23 +72,20 @@ def get_config(variant: str = ""):
   c.model.bn_momentum = 0.9  # short runs: running statistics must follow quickly
 
   c.affinity.rates = (4, (6, 12), 8)
-  # Chosen on this demo as the paper chose its β and iteration count (by validation). 600 steps from scratch:
-  #   β = 1.2 (VOC's) gave 48.8% mIoU in one seed of an earlier version, the affinity loss swamping the
-  #   segmentation loss. Propagation with the predicted affinity gains at 1 iteration and falls below the
-  #   unrefined prediction from 3 iterations on, in every seed of the study: the larger rates' affinities miss
-  #   boundaries far from a pixel (docs/propagation_diagnosis), so 1 iteration is the result reported (the sweep
-  #   shows them all).
+  # Until the tune stage chooses them: β = 0.25 (VOC's 1.2 swamped the segmentation loss of the older, smaller
+  # demo) and 1 iteration of propagation (the older demo's best); see results/study_v1_small_scenes.
   c.affinity.beta = 0.25
   c.affinity.iterations = 1
 
-  c.train.batch_size = 8
-  c.train.num_steps = 600
+  c.train.batch_size = 4
+  c.train.num_steps = 500
   c.train.learning_rate = 0.02
   c.train.weight_decay = 1e-4
   c.train.log_every = 25
   c.train.image_summary_every = 200
   c.train.checkpoint_every = 200
   c.eval.batch_size = 10
+  c.eval.max_images = 250  # the first 250 of the 1000 test scenes (a few minutes); the study scores all of them
 
   if variant == "tiny":
     c.dataset.name = "synthetic_shapes/tiny"

@@ -54,12 +54,27 @@ def _as_pair(rate: RateSpec, where: str) -> tuple[int, int]:
   return pair
 
 
+def _offsets_of(pair: tuple[int, int]) -> list[tuple[int, int]]:
+  r1, r2 = pair
+  return [(s, t) for s in (-r1, 0, r1) for t in (-r2, 0, r2) if s or t]
+
+
 def _check_unique(pairs: Sequence[tuple[int, int]], where: str) -> Rates:
+  """``pairs`` as a tuple when no rate repeats and no two rates share a neighbour offset (e.g. ``(8, 8)`` and
+  ``(8, 16)`` both reach ``(±8, 0)``: Eq. 6 and the loss would count that neighbour twice); else a ValueError."""
   seen = set()
+  owner = {}
   for p in pairs:
     if p in seen:
       raise ValueError(f"{where}: rate {p} appears twice in {list(pairs)}")
     seen.add(p)
+    for q in sorted({owner[o] for o in _offsets_of(p) if o in owner}):
+      shared = sorted(set(_offsets_of(p)) & set(_offsets_of(q)))
+      raise ValueError(
+          f"{where}: rates {q} and {p} share the neighbour offsets {', '.join(map(str, shared))}, so Eq. 6 and the "
+          "affinity loss would count those neighbours twice; drop one of the two rates or change it"
+      )
+    owner.update({o: p for o in _offsets_of(p)})
   if not pairs:
     raise ValueError(f"{where}: the set of rates R is empty")
   return tuple(pairs)

@@ -19,8 +19,10 @@ their best PASCAL VOC setting:
 * A (pair, class) element is a *separating* element when exactly one of the two pixels has label ``c`` (for a pair
   with labels ``a ≠ b`` these are the classes ``a`` and ``b``); its loss is ``max(0, m - KL_c)`` with margin
   ``m`` (3.0 in the paper). Every other element of a valid pair is a *grouping* element with loss ``KL_c``: for
-  equal labels every class, for different labels the classes other than ``a`` and ``b``. A pair is valid when both
-  pixels are labelled (not void) and ``j`` lies inside the image.
+  equal labels every class, for different labels the classes other than ``a`` and ``b``. A pair ``(i, i + o)`` is
+  valid when ``i``, ``i + o`` *and* the opposite corner ``i - o`` are all inside the image and labelled (not void):
+  the authors' ``ignores_from_label`` masks a direction when either end of the field's diameter through ``i`` is
+  void or outside, so a pixel within ``d`` of the border or of void loses the pairs in both directions.
 * Adaptive kernel sizes: each element's loss is multiplied by ``w[kind, label(i), size]``, a softmax over the sizes
   of a learned ``[2, num_classes, num_sizes]`` array (kind 0 grouping, 1 separating; one weighting per centre class,
   initialised to 0, i.e. ``1 / num_sizes``). The weights are trained adversarially: the network minimises the loss
@@ -178,7 +180,10 @@ def aaf_loss_sum(
   corners = functools.partial(_corners, offsets=offsets, pad=max(dilations))
   ds, dt = np.array([o[0] for o in offsets]), np.array([o[1] for o in offsets])
   inside = (rows + ds >= 0) & (rows + ds < h) & (cols + dt >= 0) & (cols + dt < w)  # [h, w, 8S], static
-  valid = (inside[None] & labelled[..., None] & corners(labelled))[..., None]  # [B, h, w, 8S, 1]
+  opposite = np.concatenate([8 * k + 7 - np.arange(8) for k in range(num_sizes)])  # row-major: o <-> 7 - o
+  labelled_corners = corners(labelled)  # False outside the image
+  valid = inside[None] & labelled[..., None] & labelled_corners & labelled_corners[..., opposite]
+  valid = valid[..., None]  # [B, h, w, 8S, 1]: the authors' rule, i - o must be labelled and inside too
   q_pos, q_neg = corners(pos, fill=1.0), corners(neg, fill=1.0)  # [B, h, w, 8S, C]
   kl = q_pos * jnp.log(q_pos / pos[:, :, :, None]) + q_neg * jnp.log(q_neg / neg[:, :, :, None])
   sep = valid & (onehot[:, :, :, None] != corners(onehot))  # exactly one of the two pixels has class c

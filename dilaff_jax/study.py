@@ -400,17 +400,23 @@ def summarize(values: dict[int, float]) -> dict:
 
 def paired(values: dict[int, float], baseline: dict[int, float]) -> dict:
   """The paired difference ``values[s] - baseline[s]`` over the seeds both have: :func:`summarize` of it plus
-  ``improved``, the number of seeds where it is > 0, and the paired t-test of it: ``t = mean / (std / sqrt(n))``
-  with n - 1 degrees of freedom and its two-sided ``p`` (both None for fewer than two seeds or a zero std)."""
-  diffs = {s: values[s] - baseline[s] for s in values if s in baseline}
+  ``improved``, the number of seeds where it is > 0; the paired t-test of it (``scipy.stats.ttest_rel``:
+  ``t = mean / (std / sqrt(n))`` with n - 1 degrees of freedom, two-sided ``p``; both None for fewer than two seeds
+  or a zero std); and the sign test (``sign_p``: the two-sided exact binomial p of ``improved`` among the seeds
+  whose difference is not 0, which assumes nothing about the differences' distribution; None for fewer than two
+  such seeds)."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+
+  seeds = [s for s in values if s in baseline]
+  diffs = {s: values[s] - baseline[s] for s in seeds}
   out = summarize(diffs)
   out["improved"] = sum(d > 0 for d in diffs.values())
   out["t"] = out["p"] = None
   if out["n"] >= 2 and out["std"] > 0:
-    from scipy import stats  # pylint: disable=import-outside-toplevel
-
-    out["t"] = out["mean"] / (out["std"] / math.sqrt(out["n"]))
-    out["p"] = float(2 * stats.t.sf(abs(out["t"]), out["n"] - 1))
+    test = stats.ttest_rel([values[s] for s in seeds], [baseline[s] for s in seeds])
+    out["t"], out["p"] = float(test.statistic), float(test.pvalue)
+  nonzero = sum(d != 0 for d in diffs.values())
+  out["sign_p"] = float(stats.binomtest(out["improved"], nonzero, 0.5).pvalue) if nonzero >= 2 else None
   return out
 
 
@@ -514,11 +520,13 @@ def _per_seed(values: dict[str, float], signed: bool = False) -> str:
 
 
 def _delta(d: dict) -> str:
-  """A paired difference as ``+1.50 ± 3.54 (n=2, t = 0.60, p = 0.66)``."""
+  """A paired difference as ``+1.50 ± 3.54 (n=2, t = 0.60, p = 0.66; sign p = 1)``."""
+  fmt = lambda p: "< 0.001" if p < 0.001 else "= " + format(p, ".2g")
   test = ""
   if d.get("t") is not None:
-    p = d["p"]
-    test = f", t = {d['t']:.2f}, p {'< 0.001' if p < 0.001 else '= ' + format(p, '.2g')}"
+    test = f", t = {d['t']:.2f}, p {fmt(d['p'])}"
+  if d.get("sign_p") is not None:
+    test += f"; sign p {fmt(d['sign_p'])}"
   return f"{_mean_std(d, True)} (n={d['n']}{test})"
 
 
@@ -536,7 +544,8 @@ def markdown(study: dict) -> str:
       "",
       "mIoU in %, over the finished seeds: mean ± sample standard deviation (ddof=1), min–max, n seeds. "
       f"Δ: the paired difference to `{baseline}`'s mIoU (no post-processing), seed by seed, as mean ± std, with "
-      "the paired t-test (t, two-sided p; n - 1 degrees of freedom); improved: the seeds where Δ > 0.",
+      "the paired t-test (t, two-sided p; n - 1 degrees of freedom) and the sign test (sign p: two-sided, exact "
+      "binomial, over the seeds where Δ ≠ 0); improved: the seeds where Δ > 0.",
       "",
   ]
   for key, title in METRICS:

@@ -122,6 +122,19 @@ def test_expand_rates_rejects_bad_input(bad):
     affinity.expand_rates(bad)
 
 
+def test_rates_that_share_a_neighbour_offset_are_refused_with_the_offsets_named():
+  # (8, 8) and (8, 16) both reach (-8, 0) and (8, 0): Eq. 6 would add that neighbour's term twice
+  with pytest.raises(ValueError, match=r"rates \(8, 8\) and \(8, 16\) share the neighbour offsets \(-8, 0\), \(8, 0\)"):
+    affinity.expand_rates([8, (8, 16)])
+  with pytest.raises(ValueError, match=r"share the neighbour offsets \(0, -12\), \(0, 12\)"):
+    affinity.explicit_rates([(6, 12), (4, 12)])
+  # rates whose 8 offsets are all distinct pass, including the paper's sets and a pair with its swap
+  for rates in ([8, (12, 24), 16], [8, 16, 32, 64], [(4, 8), 6]):
+    pairs = affinity.expand_rates(rates)
+    offsets = affinity.neighbor_offsets(pairs)
+    assert len(set(offsets)) == len(offsets) == 8 * len(pairs)
+
+
 def test_parse_rates_shorthand():
   assert affinity.parse_rates("8,12x24,16") == ((8, 8), (12, 24), (24, 12), (16, 16))
   with pytest.raises(ValueError, match="cannot parse"):
@@ -181,6 +194,11 @@ def test_neighbor_categories_border_of_uniform_region():
   assert count[0, 0] == 3 and count[0, 3] == 5 and count[2, 2] == 8 and count[5, 5] == -1
   assert count[3, 3] == 7  # its (+2, +2) neighbour is void: unknown, not negative ... and not positive either
   assert rescale[3, 3] == 8
+  # a labelled pixel whose 8 neighbours are all outside the image (v = 0) has no category under both rules
+  # (docs/conventions.md §4), not n_0
+  targets, valid = affinity.affinity_targets(np.zeros((1, 3, 3), np.int32), [(4, 4)])
+  for rule in ("rescale", "count"):
+    assert (np.asarray(affinity.neighbor_categories(targets, valid, 1, rule)) == -1).all()
   # a pixel whose neighbours are all outside the image (rate larger than the map) has no category
   targets, valid = affinity.affinity_targets(labels, [(7, 7)])
   assert np.all(np.asarray(affinity.neighbor_categories(targets, valid, 1)) == -1)

@@ -90,14 +90,15 @@ def tiny(tmp_path_factory):
 
 def test_synthetic_tiny_counts_metadata_and_content(tiny):
   assert tiny.info.splits["train"].num_examples == 24
-  assert tiny.info.splits["validation"].num_examples == 8
+  assert tiny.info.splits["test"].num_examples == 8
+  assert tiny.info.splits["tune"].num_examples == 4
   assert datasets.class_names(tiny) == list(shapes_render.CLASS_NAMES)
   assert tiny.info.metadata["num_classes"] == 6 and tiny.info.metadata["ignore_label"] == 255
   config = tiny.builder_config
-  for split_index, split in enumerate(("train", "validation")):
+  for split_index, split in enumerate(("train", "test", "tune")):
     examples = _examples(tiny, split)
     assert sorted(examples) == [f"{split}_{i:05d}" for i in range(tiny.info.splits[split].num_examples)]
-    for i in (0, 5):
+    for i in (0, 3):
       image, label = examples[f"{split}_{i:05d}"]
       want_image, want_label = synthetic_shapes.render(config, split_index, i)
       np.testing.assert_array_equal(image, want_image)
@@ -108,7 +109,7 @@ def test_synthetic_tiny_counts_metadata_and_content(tiny):
 
 def test_synthetic_prepare_is_byte_identical(tiny, tmp_path):
   again = datasets.get_builder("synthetic_shapes/tiny", data_dir=tmp_path)
-  for split in ("train", "validation"):
+  for split in ("train", "tune", "test"):
     first = [i.filename for i in tiny.info.splits[split].file_instructions]
     second = [i.filename for i in again.info.splits[split].file_instructions]
     assert [open(a, "rb").read() for a in first] == [open(b, "rb").read() for b in second]

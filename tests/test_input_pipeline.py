@@ -158,10 +158,10 @@ def _decoded(builder, split):
 
 def test_eval_covers_every_pixel_once_and_masks_padding(tiny):
   batches = list(
-      ip.eval_iterator(tiny, split="validation", local_device_count=2, per_device_batch=3, num_classes=6, **SINGLE_HOST)
+      ip.eval_iterator(tiny, split="test", local_device_count=2, per_device_batch=3, num_classes=6, **SINGLE_HOST)
   )
   assert len(batches) == 2  # 8 examples, 6 per batch
-  originals = _decoded(tiny, "validation")
+  originals = _decoded(tiny, "test")
   pad_h = max(ex["image"].shape[0] for ex in originals.values())
   pad_w = max(ex["image"].shape[1] for ex in originals.values())
   seen = []
@@ -188,11 +188,11 @@ def test_eval_covers_every_pixel_once_and_masks_padding(tiny):
 
 
 def test_eval_pad_size_too_small_names_the_example(tiny):
-  with pytest.raises(ValueError, match=r"validation_\d{5}.*larger than the eval pad size"):
+  with pytest.raises(ValueError, match=r"test_\d{5}.*larger than the eval pad size"):
     list(
         ip.eval_iterator(
             tiny,
-            split="validation",
+            split="test",
             local_device_count=1,
             per_device_batch=2,
             num_classes=6,
@@ -208,7 +208,7 @@ def test_multi_host_eval_shards_partition_the_split_with_equal_batch_counts(tiny
     batches = list(
         ip.eval_iterator(
             tiny,
-            split="validation",
+            split="test",
             local_device_count=1,
             per_device_batch=2,
             num_classes=6,
@@ -220,7 +220,7 @@ def test_multi_host_eval_shards_partition_the_split_with_equal_batch_counts(tiny
     counts.append(len(batches))
     ids += [i for b in batches for i, m in zip(b["image_id"].ravel(), b["mask"].ravel()) if m]
   assert counts == [2, 2, 2]  # shards of 3, 3, 2 examples, 2 per batch
-  assert sorted(ids) == sorted(_decoded(tiny, "validation"))
+  assert sorted(ids) == sorted(_decoded(tiny, "test"))
 
 
 def test_multi_host_train_reads_disjoint_shards(tiny):
@@ -248,7 +248,7 @@ def tiny_dataset_config(tiny) -> ml_collections.ConfigDict:
           data_dir=tiny.data_dir_root,
           manual_dir=None,
           train_split="train",
-          eval_split="validation",
+          eval_split="test",
           num_classes=6,
           ignore_label=255,
           crop_size=(24, 32),

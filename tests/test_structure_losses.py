@@ -39,7 +39,10 @@ def brute_force_aaf(logits, labels, dilations, weights, margin, ignore=V):
           for di in (-d, 0, d):
             for dj in (-d, 0, d):
               ii, jj = i + di, j + dj
+              oi, oj = i - di, j - dj  # the opposite corner: the authors' code drops the pair when it is void too
               if (di == 0 and dj == 0) or not (0 <= ii < h and 0 <= jj < w) or labels[n, ii, jj] == ignore:
+                continue
+              if not (0 <= oi < h and 0 <= oj < w) or labels[n, oi, oj] == ignore:
                 continue
               bb = labels[n, ii, jj]
               for cls in range(c):
@@ -60,15 +63,21 @@ LABELS_3x4 = np.array(
 )
 
 
-def test_aaf_sums_match_brute_force_on_a_3x4_map_with_void_and_borders():
+# 2 x 5 x 6 labels of 3 classes with void pixels: big enough for whole d = 2 fields inside the map
+LABELS_5x6 = np.where(
+    np.random.default_rng(7).uniform(size=(2, 5, 6)) < 0.12, V, np.random.default_rng(8).integers(0, 3, (2, 5, 6))
+).astype(np.int32)
+
+
+def test_aaf_sums_match_brute_force_on_a_5x6_map_with_void_and_borders():
   rng = np.random.default_rng(0)
-  logits = rng.normal(scale=3.0, size=(2, 3, 4, 3)).astype(np.float32)
+  logits = rng.normal(scale=3.0, size=(2, 5, 6, 3)).astype(np.float32)
   weights = rng.uniform(0.1, 1.0, size=(2, 3, 2)).astype(np.float32)
   dilations = (1, 2)
   sums, counts = structure_losses.aaf_loss_sum(
-      jnp.asarray(logits), jnp.asarray(LABELS_3x4), dilations, jnp.asarray(weights), margin=3.0
+      jnp.asarray(logits), jnp.asarray(LABELS_5x6), dilations, jnp.asarray(weights), margin=3.0
   )
-  ref_sums, ref_counts = brute_force_aaf(logits, LABELS_3x4, dilations, weights, 3.0)
+  ref_sums, ref_counts = brute_force_aaf(logits, LABELS_5x6, dilations, weights, 3.0)
   np.testing.assert_array_equal(np.asarray(counts), ref_counts)
   np.testing.assert_allclose(np.asarray(sums), ref_sums, rtol=1e-5, atol=1e-6)
   assert ref_counts[1].min() > 0 and ref_counts[0].min() > 0  # both kinds and both sizes are exercised
@@ -77,16 +86,25 @@ def test_aaf_sums_match_brute_force_on_a_3x4_map_with_void_and_borders():
 
 
 def test_aaf_hand_computed_pair():
-  # one valid pair (the other pixel is void): labels 0 | 1 on a 1x3 map with classes {0, 1}; d = 1
-  labels = np.array([[[0, 1, V]]], np.int32)
-  logits = np.array([[[[math.log(0.8), math.log(0.2)], [math.log(0.3), math.log(0.7)], [0.0, 0.0]]]], np.float32)
+  # labels 0 | 1 | 0 on a 1x3 map with classes {0, 1}; d = 1. Only the middle pixel has both corners of a
+  # horizontal diameter inside and labelled, so its two pairs are the only ones (the authors' rule: a pair whose
+  # opposite corner is outside the image or void is dropped; every pair of the end pixels has one outside).
+  labels = np.array([[[0, 1, 0]]], np.int32)
+  p_left, p_mid, p_right = 0.8, 0.3, 0.6  # probability of class 0
+  logits = np.log(np.array([[[[p, 1 - p] for p in (p_left, p_mid, p_right)]]], np.float32))
   sums, counts = structure_losses.aaf_loss_sum(jnp.asarray(logits), jnp.asarray(labels), (1,), margin=3.0)
-  # the pair is counted from both ends; both classes separate (each pixel has exactly one of the labels 0, 1)
+  # both classes separate in each pair (exactly one pixel has label 0, the other label 1); KL(neighbour || centre)
   kl = lambda q, p: q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p))
-  expected = sum(max(0.0, 3.0 - kl(q, p)) for q, p in ((0.3, 0.8), (0.7, 0.2), (0.8, 0.3), (0.2, 0.7)))
+  pairs = [(p_left, p_mid), (p_right, p_mid)]  # (neighbour, centre) for class 0
+  expected = sum(max(0.0, 3.0 - kl(q, p)) + max(0.0, 3.0 - kl(1 - q, 1 - p)) for q, p in pairs)
   np.testing.assert_array_equal(np.asarray(counts), [[0], [4]])
   np.testing.assert_allclose(float(sums[1, 0]), expected, rtol=1e-5)
   assert float(sums[0, 0]) == 0.0
+  # the same map with the right pixel void: the middle pixel's diameter has a void end, so no pair is left
+  sums, counts = structure_losses.aaf_loss_sum(
+      jnp.asarray(logits), jnp.asarray(np.array([[[0, 1, V]]], np.int32)), (1,), margin=3.0
+  )
+  np.testing.assert_array_equal(np.asarray(counts), [[0], [0]])
 
 
 def test_adaptive_weights_gradient_is_reversed():

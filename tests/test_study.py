@@ -155,8 +155,8 @@ def test_aggregate_matches_hand_computed_values(tmp_path):
 
   md = open(os.path.join(w, "study.md")).read()
   assert "| plain | `:baseline` | 3 | 73.00 ± 3.00 | 70.00–76.00 | – | – | 0: 70.00, 1: 73.00, 2: 76.00 |" in md
-  assert "| aff | `:default` | 2 | 73.00 ± 1.41 | 72.00–74.00 | +1.50 ± 3.54 (n=2, t = 0.60, p = 0.66) | 1/2 |" in md
-  assert "| aff (1 it.) | `:default` | 2 | 76.50 ± 2.12 | 75.00–78.00 | +5.00 ± 0.00 (n=2) | 2/2 |" in md
+  assert "| aff | `:default` | 2 | 73.00 ± 1.41 | 72.00–74.00 | +1.50 ± 3.54 (n=2, t = 0.60, p = 0.66; sign p = 1) | 1/2 |" in md
+  assert "| aff (1 it.) | `:default` | 2 | 76.50 ± 2.12 | 75.00–78.00 | +5.00 ± 0.00 (n=2; sign p = 0.5) | 2/2 |" in md
   assert "| aff (1 it.) | `:default` | 2 | 76.50 ± 2.12 |" in md
   assert "| aff | predicted | 2 | 73.00 ± 1.41 | 76.50 ± 2.12 |" in md
   assert "| one | `:x` | 1 | 80.00 | 80.00–80.00 | +7.00 (n=1) | 1/1 |" in md
@@ -175,7 +175,17 @@ def test_paired_t_test_matches_the_closed_form_for_two_degrees_of_freedom():
   assert study.paired({0: 1.0, 1: 0.0, 2: 2.0}, {0: 2.0, 1: 1.0, 2: 3.0})["t"] is None  # all -1: std 0
   small = study.paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 0.0, 1: 1.0, 2: 1.99})  # 1, 1, 1.01: t = 301
   assert small["t"] > 300 and small["p"] < 1e-4
-  assert study._delta(small) == "+100.33 ± 0.58 (n=3, t = 301.00, p < 0.001)"
+  assert study._delta(small) == "+100.33 ± 0.58 (n=3, t = 301.00, p < 0.001; sign p = 0.25)"
+
+
+def test_sign_test_is_the_exact_binomial_over_the_seeds_that_differ():
+  # 5 of 5 better: p = 2 * (1/2)^5; 4 of 5: 2 * (1 + 5) / 32; a tie (Δ = 0) is left out of n
+  assert study.paired({s: 1.0 + s for s in range(5)}, {s: 0.0 for s in range(5)})["sign_p"] == pytest.approx(2 / 32)
+  four = study.paired({0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: -1.0}, {s: 0.0 for s in range(5)})
+  assert (four["improved"], four["sign_p"]) == (4, pytest.approx(2 * 6 / 32))
+  tie = study.paired({0: 1.0, 1: 2.0, 2: 0.0}, {0: 0.0, 1: 0.0, 2: 0.0})
+  assert tie["sign_p"] == pytest.approx(0.5)  # 2 of 2 non-zero: 2 * (1/2)^2
+  assert study.paired({0: 1.0, 1: 0.0}, {0: 0.0, 1: 0.0})["sign_p"] is None  # one seed differs: no test
 
 
 def test_comparisons_of_two_rows_seed_by_seed(tmp_path):
@@ -303,29 +313,54 @@ def test_study_end_to_end_on_tiny(tmp_path, data_dir):
   assert os.path.getmtime(os.path.join(w, "aff", "seed_0", "eval", "step_4", "results.json")) == stamp
 
 
-def _launcher_defaults() -> tuple[str, list[str], list[int]]:
-  """``launch/study.sh``'s default ROWS, COMPARE and SEEDS, as the shell would expand them."""
+def _launcher_stages() -> tuple[dict[str, tuple[str, list[str], list[int]]], list[str]]:
+  """``launch/study.sh``'s rows, comparisons and seeds per stage (tune, test), as the shell would expand them, and
+  the config overrides it gives every run."""
   with open(os.path.join(REPO, "launch", "study.sh")) as f:
     text = f.read().replace("\\\n", "")  # the shell's line continuations
-  rows = re.search(r'ROWS=\$\{ROWS:-"(.*?)"\}', text, re.S).group(1)
-  compare = re.search(r'COMPARE=\$\{COMPARE-"(.*?)"\}', text, re.S).group(1)
-  seeds = re.search(r"SEEDS=\$\{SEEDS:-([0-9,]+)\}", text).group(1)
-  return rows, compare.split(","), [int(s) for s in seeds.split(",")]
+  tune_split = re.search(r"^T=(\S+)$", text, re.M).group(1)
+  out = {}
+  for stage in ("tune", "test"):
+    rows = re.search(rf'{stage.upper()}_ROWS="(.*?)"', text, re.S).group(1).replace("$T", tune_split)
+    compare = re.search(rf'{stage.upper()}_COMPARE="(.*?)"', text, re.S).group(1)
+    seeds = re.search(rf"{stage}\).*?SEEDS=\$\{{SEEDS:-([0-9,]+)\}}", text, re.S).group(1)
+    out[stage] = rows, [c for c in compare.split(",") if c], [int(s) for s in seeds.split(",")]
+  every_run = re.findall(r"--config\.(\S+=\S+)", text[text.index("exec ") :])  # overrides of every run
+  return out, every_run
 
 
-def test_the_launchers_study_is_valid_and_the_committed_one_is_part_of_it():
-  """Every row of ``launch/study.sh`` loads its config and every comparison names its rows (else the study stops at
-  its start); the committed study (``results/study_synthetic``) is a part of the launcher's: the same rows with the
-  same variants and overrides, a subset of their seeds and of the comparisons. A row whose meaning changes in the
-  launcher (another variant or override under the same name) fails here until the committed study is rerun."""
-  rows_text, compare, seeds = _launcher_defaults()
-  rows = study.resolve(study.parse_rows([], rows_text, seeds), os.path.join(REPO, "configs", "synthetic.py"), [])
+@pytest.mark.parametrize("stage", ["tune", "test"])
+def test_the_launchers_study_is_valid_and_the_committed_one_is_part_of_it(stage):
+  """Every row of ``launch/study.sh``'s stage loads its config and every comparison names its rows (else the study
+  stops at its start); the tune stage scores on the tune split only and the test stage never does; the committed
+  export of the stage (``results/study_synthetic/<stage>``, once it exists) is a part of the launcher's: the same
+  rows with the same variants and overrides, a subset of their seeds and of the comparisons. A row whose meaning
+  changes in the launcher (another variant or override under the same name) fails here until the committed study
+  is rerun."""
+  stages, every_run = _launcher_stages()
+  rows_text, compare, seeds = stages[stage]
+  assert "train.num_steps=1000" in every_run and "eval.max_images=0" in every_run
+  rows = study.resolve(
+      study.parse_rows([], rows_text, seeds), os.path.join(REPO, "configs", "synthetic.py"), every_run
+  )
   pairs = study.parse_comparisons(compare, rows)
-  assert len(rows) >= 13 and len(pairs) >= 10, (len(rows), len(pairs))
+  assert len(rows) >= 17 and len(pairs) >= 3, (len(rows), len(pairs))
   by_name = {r.name: r for r in rows}
-  with open(os.path.join(REPO, "results", "study_synthetic", "study.json")) as f:
+  for r in rows:
+    source = by_name[r.evaluates] if r.evaluates else r
+    on_tune = "dataset.eval_split=tune" in source.overrides
+    assert on_tune == (stage == "tune"), r.name
+    if stage == "test":
+      assert all(s < 100 for s in r.seeds), r.name  # the tune stage's seeds (100, 101) are not reused
+  fresh = {r.name for r in rows if r.name.endswith("_fresh")}
+  assert all(set(by_name[n].seeds) == {5, 6, 7} for n in fresh) and (stage == "tune" or len(fresh) >= 4)
+  path = os.path.join(REPO, "results", "study_synthetic", stage, "study.json")
+  if not os.path.exists(path):
+    assert stage == "test", "the tune stage's export is committed"  # the test stage has not run yet
+    return
+  with open(path) as f:
     committed = json.load(f)
-  assert committed["config"] == "configs/synthetic.py" and committed["baseline_row"] == "baseline"
+  assert committed["config"] == "configs/synthetic.py" and committed["overrides"] == every_run
   for r in committed["rows"]:
     launched = by_name.get(r["name"])
     assert launched is not None, f"committed row {r['name']} is not in launch/study.sh"

@@ -255,6 +255,7 @@ def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):
         ("dataset.crop_size", 100, "config.dataset.crop_size = 100: must be k\\*16\\+1"),
         ("affinity.scheme", "sqrt-reweight", "config.affinity.scheme = 'sqrt-reweight': expected one of"),
         ("affinity.rates", (), "config.affinity.rates = \\(\\): "),
+        ("affinity.rates", (8, (8, 16)), "config.affinity.rates = .*share the neighbour offsets \\(-8, 0\\)"),
         ("train.batch_size", 6, "config.train.batch_size = 6: must be divisible by the number of devices \\(4\\)"),
         ("model.depth", 42, "config.model.depth = 42"),
         ("model.multi_grid", (1, 2, 4), "config.model.multi_grid = \\(1, 2, 4\\): expected 2 positive ints"),
@@ -371,7 +372,7 @@ def test_paper_config_compiles_and_runs_a_step(data_dir, tmp_path):
   c = voc.get_config()
   c.dataset.name = "synthetic_shapes/tiny"
   c.dataset.data_dir = data_dir
-  c.dataset.train_split, c.dataset.eval_split = "train", "validation"
+  c.dataset.train_split, c.dataset.eval_split = "train", "test"
   c.dataset.num_classes = 6
   c.dataset.crop_size = 33
   c.train.batch_size = 8

@@ -135,9 +135,18 @@ def boundary_band(label: np.ndarray, width: int, ignore_label: int = IGNORE_LABE
 
 
 def render_scene(
-    rng: np.random.Generator, *, height: int, width: int, max_objects: int, band_width: int = 1
+    rng: np.random.Generator,
+    *,
+    height: int,
+    width: int,
+    max_objects: int,
+    band_width: int = 1,
+    texture_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
   """One scene: ``(image uint8 [H, W, 3], label uint8 [H, W])`` with classes ``0..5`` and 255 on boundaries.
+
+  Object sizes are relative to the scene; texture periods are ``texture_scale`` times the class's (px), so a scene
+  twice as large with ``texture_scale=2`` is the same scene magnified.
 
   Objects are painted in order, so later ones occlude earlier ones; each object (and the background) gets its own
   draw of colour, texture period, orientation and contrast from its class's ``Appearance``.
@@ -157,7 +166,7 @@ def render_scene(
       continue
     look = APPEARANCES[cls]
     colour = np.asarray(look.colour) + rng.normal(0.0, look.colour_spread, size=3)
-    period = look.period * np.exp(rng.normal(0.0, 0.2))
+    period = texture_scale * look.period * np.exp(rng.normal(0.0, 0.2))
     angle = look.angle + rng.normal(0.0, 15.0)
     contrast = look.contrast * rng.uniform(0.6, 1.4)
     pattern = _texture(rng, look.texture, yy, xx, period, angle)
