@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dilaff_jax import affinity
+from dilaff_jax.method import affinity
 from dilaff_jax.models import deeplab
 from propagation import device_copy_bandwidth  # benchmarks/propagation.py (run as python benchmarks/affinity_head.py)
 from train_step import PAPER_RATES, made_up_stats

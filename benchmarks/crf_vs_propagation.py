@@ -1,9 +1,9 @@
 """Time per image of the two post-processings the paper compares (Table 5): dense CRF vs affinity propagation.
 
-Paper-sized case: one 513x513 image, 21 classes. Dense CRF: ``dilaff_jax.crf.dense_crf`` (Krähenbühl & Koltun's
+Paper-sized case: one 513x513 image, 21 classes. Dense CRF: ``dilaff_jax.engine.crf.dense_crf`` (Krähenbühl & Koltun's
 C++ mean-field, single-threaded, CPU; needs the optional package pydensecrf2) with its default parameters and 10
 iterations, the whole call timed (input checks, unary, lattice build, inference). Affinity propagation (Eq. 6):
-``dilaff_jax.propagation.propagate`` with R = {8, (12, 24), 16} (32 directions), λ = 6, 10 iterations, on arrays
+``dilaff_jax.method.propagation.propagate`` with R = {8, (12, 24), 16} (32 directions), λ = 6, 10 iterations, on arrays
 already on the JAX device, compilation excluded. Both see the same probabilities: the softmax of smooth random
 logits (a stride-8 map bilinearly upsampled, as a network's output would be). The CRF's cost depends on the image
 (its permutohedral lattice grows with the number of distinct colours), so the image is a real photograph by
@@ -21,7 +21,7 @@ import platform
 
 import numpy as np
 
-from dilaff_jax import crf
+from dilaff_jax.engine import crf
 from timing import best_of  # benchmarks/timing.py (run as python benchmarks/crf_vs_propagation.py)
 
 
@@ -63,7 +63,7 @@ def time_propagation(probs: np.ndarray, rates_text: str, iterations: int, repeat
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
-  from dilaff_jax import affinity, propagation  # pylint: disable=import-outside-toplevel
+  from dilaff_jax.method import affinity, propagation  # pylint: disable=import-outside-toplevel
 
   rates = affinity.parse_rates(rates_text)
   h, w, _ = probs.shape

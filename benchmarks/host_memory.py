@@ -1,4 +1,4 @@
-"""What ``dilaff_jax.host_memory.reuse_freed_memory`` changes in a training step on this CPU, in one run.
+"""What ``dilaff_jax.process.host_memory.reuse_freed_memory`` changes in a training step on this CPU, in one run.
 
 The setting is process-wide and cannot be undone, so each case runs in a child process of its own: one with
 ``DILAFF_REUSE_FREED_MEMORY=0`` (glibc's defaults), one with the setting (what the command-line jobs do), in turn,
@@ -26,7 +26,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dilaff_jax import host_memory  # noqa: E402
+from dilaff_jax.process import host_memory  # noqa: E402
 
 CASES = (("glibc defaults", "0"), ("reuse_freed_memory", "1"))
 

@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)
 
 import fake_archives  # noqa: E402
 from dilaff_jax import datasets  # noqa: E402
-from dilaff_jax import input_pipeline  # noqa: E402
+from dilaff_jax.datasets import input_pipeline  # noqa: E402
 from dilaff_jax.datasets import shapes_render  # noqa: E402
 
 

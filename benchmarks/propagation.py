@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dilaff_jax import affinity, propagation
-from dilaff_jax.stats import AffinityStats
+from dilaff_jax.method import affinity, propagation
+from dilaff_jax.method.neighbour_stats import AffinityStats
 from timing import best_of  # benchmarks/timing.py (run as python benchmarks/propagation.py)
 
 

@@ -8,7 +8,7 @@ convolutions of 256 channels) and a 1x1 classifier, BatchNorm after every convol
 parameter count equals the JAX model's; `train_step.py` checks that before it times anything, so a layout drift
 shows as an error rather than as a wrong comparison. Only torch itself is needed (no torchvision).
 
-The step mirrors `dilaff_jax.step.train_step` without head: forward, bilinear upsampling of the stride-4 logits
+The step mirrors `dilaff_jax.engine.train_step.train_step` without head: forward, bilinear upsampling of the stride-4 logits
 with aligned corners, cross-entropy that ignores 255, backward, SGD with momentum 0.9 and weight decay 1e-4. It runs
 in channels-last layout under `torch.autocast` for bfloat16/float16; `compiled=True` wraps the whole step in
 `torch.compile`.

@@ -3,7 +3,7 @@
 The model is the paper's ResNet-101 DeepLabv3+ (21 classes, output stride 16 to train) with the affinity head for
 R = {8, (12, 24), 16} (4 explicit rates, 32 channels), next to plain DeepLabv3+ (no head, rates = ()): the head's
 overhead, the paper's "minor extra cost", is printed as a percentage of time, FLOPs and memory. For each crop and
-batch it times the real ``dilaff_jax.step.train_step`` (forward + backward + cross-replica BatchNorm + SGD update)
+batch it times the real ``dilaff_jax.engine.train_step.train_step`` (forward + backward + cross-replica BatchNorm + SGD update)
 under ``jax.pmap(axis_name="batch")`` on 1 CPU device, and prints one Markdown table (progress goes to stderr):
 
 - images/s: batch / the best step time of ``--repeats`` timed steps (the median is printed too), after one untimed
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.util
 import math
 import os
@@ -65,11 +64,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import voc  # noqa: E402
-from dilaff_jax import affinity, device_feed, host_memory  # noqa: E402
-from dilaff_jax import state as state_lib  # noqa: E402
-from dilaff_jax import step as step_lib  # noqa: E402
+from dilaff_jax.datasets import device_feed  # noqa: E402
+from dilaff_jax.method import affinity  # noqa: E402
+from dilaff_jax.process import host_memory  # noqa: E402
+from dilaff_jax.engine import train_state as state_lib  # noqa: E402
+from dilaff_jax.engine import train_step as step_lib  # noqa: E402
 from dilaff_jax.models import resnet  # noqa: E402
-from dilaff_jax.stats import AffinityStats  # noqa: E402
+from dilaff_jax.method.neighbour_stats import AffinityStats  # noqa: E402
 
 PAPER_RATES = affinity.expand_rates([8, (12, 24), 16])
 GIB = 1024**3
@@ -154,9 +155,7 @@ def compile_step(
   model = state_lib.build_model(config, rates, affinity.prior_bias(stats.pos_freq) if rates else None)
   device = jax.local_devices()[0]
   state = flax.jax_utils.replicate(state_lib.create_train_state(config, model, jax.random.key(seed)), [device])
-  step = functools.partial(
-      step_lib.train_step, config=config, rates=rates, stats=stats, schedule=state_lib.learning_rate_schedule(config)
-  )
+  step = step_lib.make_train_step(config, rates, stats, state_lib.learning_rate_schedule(config))
   p_step = jax.pmap(step, axis_name=state_lib.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=[device])
   data = fake_batch(np.random.default_rng(seed), crop, batch, config.dataset.num_classes, config.dataset.ignore_label)
   data = next(device_feed.prefetch_to_device(iter([data]), devices=[device]))  # as training feeds it

@@ -1,19 +1,19 @@
 """Every configuration key with its default and meaning. Other configs start from this one.
 
 Values follow the paper (§4.1) and DeepLabv3+ where the paper defers to it. Override any key on the command line,
-e.g. ``--config.affinity.beta=1.5``. ``dilaff_jax.config_checks.validate`` checks the result at start-up.
+e.g. ``--config.affinity.beta=1.5``. ``dilaff_jax.engine.config_checks.validate`` checks the result at start-up.
 """
 
 import ml_collections
 
-from dilaff_jax import conventions
+from dilaff_jax.method import conventions
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # --- data (dilaff_jax/input_pipeline.py) ---
+  # --- data (dilaff_jax/datasets/input_pipeline.py) ---
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "voc2012_aug"  # TFDS name (the project's builders register on import)
   # TFDS data_dir (None: ~/tensorflow_datasets)
@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   # make one), or "none" for random init on purpose. ResNet-50 and deeper refuse to start without one of the two.
   c.model.pretrained = ""
 
-  # --- dilated affinity (§3, dilaff_jax/affinity.py) ---
+  # --- dilated affinity (§3, dilaff_jax/method/affinity.py) ---
   c.affinity = ml_collections.ConfigDict()
   c.affinity.enabled = True  # False: plain DeepLabv3+, the paper's baseline
   c.affinity.rates = (8, (12, 24), 16)  # R in the paper's shorthand; (12, 24) adds (24, 12)
@@ -60,14 +60,14 @@ def get_config() -> ml_collections.ConfigDict:
   # k = round(8·q/v) over the v valid ones; "count": k = q (literal §3.2)
   # opt-in cap of every reweighting factor; None: no cap (a category never seen gets the rate's largest weight)
   c.affinity.max_weight = ml_collections.FieldReference(None, field_type=float)
-  c.affinity.stats_path = ""  # JSON from `python -m dilaff_jax.stats`; "" = <workdir>/affinity_stats.json,
+  c.affinity.stats_path = ""  # JSON from `python -m dilaff_jax.research.stats`; "" = <workdir>/affinity_stats.json,
   # computed from the training labels on first start
   c.affinity.stats_max_images = 0  # 0 = the whole training split
   c.affinity.lam = 6.0  # λ of propagation (Eq. 6)
   c.affinity.mu = 7.0  # μ of the steep sigmoid (Eq. 7)
   c.affinity.iterations = 10  # propagation iterations reported as the final result
 
-  # --- structure losses of Table 5's comparisons (dilaff_jax/structure_losses.py) ---
+  # --- structure losses of Table 5's comparisons (dilaff_jax/method/structure_losses.py) ---
   c.structure = ml_collections.ConfigDict()
   c.structure.kind = "none"  # none | aaf (adaptive affinity fields) | boundary (U-Net weight map)
   c.structure.aaf_weight = 1.0  # weight of the AAF term (the AAF code's λ)

@@ -5,7 +5,7 @@ import difflib
 from dilaff_jax import errors
 
 BASELINE = {"affinity.enabled": False}  # plain DeepLabv3+, the paper's baseline
-# Table 5's other ways of using structure: plain DeepLabv3+ trained with one of them (dilaff_jax.structure_losses)
+# Table 5's other ways of using structure: plain DeepLabv3+ trained with one of them (dilaff_jax.method.structure_losses)
 STRUCTURE = {kind: {**BASELINE, "structure.kind": kind} for kind in ("aaf", "boundary")}
 
 

@@ -27,7 +27,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dilaff_jax import tf_env
+from dilaff_jax.process import tf_env
 
 tf_env.set_defaults()  # before anything loads TensorFlow
 
@@ -37,7 +37,10 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from dilaff_jax import cli, config_checks, errors, host_memory, inference, predict, propagation, state, visualize  # noqa: E402
+from dilaff_jax import errors, predict  # noqa: E402
+from dilaff_jax.engine import config_checks, inference, train_state as state, visualize  # noqa: E402
+from dilaff_jax.method import propagation  # noqa: E402
+from dilaff_jax.process import cli, host_memory  # noqa: E402
 
 FORMAT = "dilaff_jax.export/1"
 

@@ -19,14 +19,15 @@ from __future__ import annotations
 import os
 import sys
 
-from dilaff_jax import tf_env
+from dilaff_jax.process import tf_env
 
 tf_env.set_defaults()  # before anything loads TensorFlow
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dilaff_jax import cli, errors, host_memory  # noqa: E402
+from dilaff_jax import errors  # noqa: E402
+from dilaff_jax.process import cli, host_memory  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, statistics and results.")
@@ -118,7 +119,7 @@ def main(argv) -> None:
 
   # imported only now: jax.distributed.initialize (above) must come before anything touches the backend
   import jax
-  from dilaff_jax import datasets, eval_checkpoints, train
+  from dilaff_jax import datasets, evaluate, train
 
   logging.info(
       "JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(), jax.devices()
@@ -130,7 +131,7 @@ def main(argv) -> None:
       if result.get("preempted_at") is not None:
         sys.exit(errors.EXIT_PREEMPTED)
     else:
-      eval_checkpoints.evaluate_checkpoints(
+      evaluate.evaluate_checkpoints(
           config,
           FLAGS.workdir,
           steps=[FLAGS.step] if FLAGS.step is not None else None,

@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-from dilaff_jax import tf_env
+from dilaff_jax.process import tf_env
 
 tf_env.set_defaults()  # before anything loads TensorFlow
 
@@ -48,7 +48,10 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-from dilaff_jax import cli, config_checks, errors, host_memory, inference, propagation, state, visualize  # noqa: E402
+from dilaff_jax import errors  # noqa: E402
+from dilaff_jax.engine import config_checks, inference, train_state as state, visualize  # noqa: E402
+from dilaff_jax.method import propagation  # noqa: E402
+from dilaff_jax.process import cli, host_memory  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OUTPUT_SUFFIXES = ("_seg.png", "_refined.png", "_mask.png")

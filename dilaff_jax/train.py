@@ -1,12 +1,12 @@
-"""The training loop of the joint model (paper §3.2, §4.1): it runs the pmapped step (:mod:`dilaff_jax.step`:
+"""The training loop of the joint model (paper §3.2, §4.1): it runs the pmapped step (:mod:`dilaff_jax.engine.train_step`:
 ``CE + β · L_aff`` and Table 5's structure losses) over the data with the affinity statistics
 (:func:`dilaff_jax.stats.load_or_compute`), writes checkpoints and summaries, stops on preemption
-(:mod:`dilaff_jax.preemption`) and evaluates at the end.
+(:mod:`dilaff_jax.process.preemption`) and evaluates at the end.
 
 The step is ``jax.pmap``'d over axis ``batch`` with cross-replica BatchNorm. Checkpoints
-(:mod:`dilaff_jax.checkpoints`: finite, fingerprinted) hold the train state; the data position and the RNG are
+(:mod:`dilaff_jax.engine.checkpoints`: finite, fingerprinted) hold the train state; the data position and the RNG are
 functions of the step, so a resumed run continues exactly where the interrupted one stopped. One training per
-workdir (:mod:`dilaff_jax.workdir_lock`). U-Net's boundary weight maps are computed by the input pipeline.
+workdir (:mod:`dilaff_jax.process.workdir_lock`). U-Net's boundary weight maps are computed by the input pipeline.
 """
 
 import contextlib
@@ -24,13 +24,17 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 
-from dilaff_jax import affinity, checkpoints, config_checks, datasets, device_feed, errors, evaluate, input_pipeline
-from dilaff_jax import multihost
-from dilaff_jax import preemption as preemption_lib
-from dilaff_jax import structure_losses, visualize, workdir_lock
-from dilaff_jax.state import AXIS, build_model, create_train_state, learning_rate_schedule
-from dilaff_jax.step import train_step
-from dilaff_jax import stats as stats_lib
+from dilaff_jax import datasets, errors, evaluate
+from dilaff_jax.datasets import device_feed, input_pipeline
+from dilaff_jax.engine import affinity_stats, checkpoints, config_checks
+from dilaff_jax.method import neighbour_stats, affinity
+from dilaff_jax.process import multihost
+from dilaff_jax.process import preemption as preemption_lib
+from dilaff_jax.engine import visualize
+from dilaff_jax.method import structure_losses
+from dilaff_jax.process import workdir_lock
+from dilaff_jax.engine.train_state import AXIS, build_model, create_train_state, learning_rate_schedule
+from dilaff_jax.engine.train_step import make_train_step
 
 Hook = Callable[[int, Any], None]
 
@@ -139,9 +143,11 @@ def _train_and_evaluate(
         num_classes=config.dataset.num_classes,
     )
   multihost.barrier("dataset prepared")
-  stats = stats_lib.load_or_compute(config, workdir, rates) if rates else None
+  stats = affinity_stats.load_or_compute(config, workdir, rates) if rates else None
   if stats is not None and is_chief:
-    print("[train] " + stats_lib.weight_table(stats, config.affinity.scheme, config.affinity.max_weight), flush=True)
+    print(
+        "[train] " + neighbour_stats.weight_table(stats, config.affinity.scheme, config.affinity.max_weight), flush=True
+    )
   bias = affinity.prior_bias(stats.pos_freq) if rates else None
   model = build_model(config, rates, bias)
   rng = jax.random.key(config.seed)
@@ -163,7 +169,7 @@ def _train_and_evaluate(
 
     schedule = learning_rate_schedule(config)
     p_step = jax.pmap(
-        functools.partial(train_step, config=config, rates=rates, stats=stats, schedule=schedule),
+        make_train_step(config, rates, stats, schedule),
         axis_name=AXIS,
         in_axes=(0, 0, None),
         donate_argnums=(0,),

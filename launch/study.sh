@@ -9,7 +9,7 @@
 # runs: it refuses to start while tuning.md is missing. Stage 2's rows and seeds, including the fresh seeds 5-7 that
 # re-test every "better than" claim of the headline rows, are declared here before any of them runs.
 # `kill <pid>` (SIGTERM) stops after the current run saved a checkpoint. Extra arguments go to
-# `python -m dilaff_jax.study` (e.g. --config.KEY=VALUE for every run). WORKDIR: runs/study_<stage>; results there
+# `python -m dilaff_jax.research.study` (e.g. --config.KEY=VALUE for every run). WORKDIR: runs/study_<stage>; results there
 # (study.md, .json, .png); `--aggregate_only --export=results/study_synthetic/<stage>` keeps the small files.
 # A run takes about 20-25 minutes on 2 quiet CPU cores (1000 steps of batch 4 at crop 257, then evaluation).
 set -euo pipefail
@@ -92,9 +92,9 @@ WORKDIR=${WORKDIR:-runs/study_$STAGE}
 [ -n "${ROWS:-}" ] && COMPARE=${COMPARE:-}
 ROWS=${ROWS:-$DEFAULT_ROWS}
 COMPARE=${COMPARE-$DEFAULT_COMPARE}
-echo "[launch] python -m dilaff_jax.study --workdir=$WORKDIR --seeds=$SEEDS (stage $STAGE) $*"
+echo "[launch] python -m dilaff_jax.research.study --workdir=$WORKDIR --seeds=$SEEDS (stage $STAGE) $*"
 # Every run: all images of its split (the README's demo scores the first 250 test images) and 1000 steps instead of
 # the demo's 500 (at 500 the loss is still falling; a run further from convergence is likely to vary more by seed).
-exec .venv/bin/python -m dilaff_jax.study --config=configs/synthetic.py --seeds="$SEEDS" --workdir="$WORKDIR" \
+exec .venv/bin/python -m dilaff_jax.research.study --config=configs/synthetic.py --seeds="$SEEDS" --workdir="$WORKDIR" \
   --baseline_row="$BASELINE" --rows="$ROWS" --compare="$COMPARE" --config.eval.max_images=0 \
   --config.train.num_steps=1000 "$@"

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 
-from dilaff_jax import tf_env  # noqa: E402
+from dilaff_jax.process import tf_env  # noqa: E402
 
 tf_env.set_defaults()  # before anything loads TensorFlow
 

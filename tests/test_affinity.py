@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dilaff_jax import affinity
-from dilaff_jax.stats import AffinityStats
+from dilaff_jax.method import affinity
+from dilaff_jax.method.neighbour_stats import AffinityStats
 
 IGN = 255
 RATES = ((1, 2), (2, 1), (3, 3), (9, 20))  # asymmetric, and one larger than the test images

@@ -15,8 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from dilaff_jax import checkpoints, config_checks, eval_checkpoints, train, workdir_lock
-from dilaff_jax import state as state_lib
+from dilaff_jax import evaluate, train
+from dilaff_jax.engine import checkpoints, config_checks
+from dilaff_jax.process import workdir_lock
+from dilaff_jax.engine import train_state as state_lib
 from cli_helpers import REPO, main_cli, user_facing_lines
 from test_train import restored_variables, tiny_config, tree_allclose
 
@@ -96,13 +98,13 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_is_used(run, tmp_path,
 def test_evaluation_falls_back_and_training_moves_the_damaged_step_aside(run, tmp_path, capsys):
   workdir, config = copy_of(run, tmp_path), run["config"]
   flip_bytes(largest_data_file(workdir, 4), count=64)
-  assert eval_checkpoints.evaluate_checkpoint(config, workdir)["step"] == 2
+  assert evaluate.evaluate_checkpoint(config, workdir)["step"] == 2
   # which arrays sit mid-file depends on the order of the asynchronous writes: the flipped bytes hit stored values
   # (caught by the fingerprint) or a chunk's framing (unreadable); test_changed_values_fail_the_fingerprint pins the first
   out = capsys.readouterr().out
   assert re.search(r"checkpoints/4 is damaged: its arrays (do not match the fingerprint|cannot be read)", out), out
   with pytest.raises(checkpoints.DamagedCheckpointError, match="intact checkpoints: 2 "):
-    eval_checkpoints.evaluate_checkpoint(config, workdir, step=4)
+    evaluate.evaluate_checkpoint(config, workdir, step=4)
   # training resumes from step 2, keeps the damaged step for inspection, and redoes step 4 bit-exactly
   train.train_and_evaluate(config, workdir)
   out = capsys.readouterr().out
@@ -262,7 +264,7 @@ def test_full_disk_ends_in_one_error_and_the_process_exits(data_dir, tmp_path):
 def test_watch_never_creates_a_workdir(data_dir, tmp_path):
   typo = tmp_path / "typo"
   with pytest.raises(checkpoints.NoCheckpointError, match=f"--workdir={typo}: no such folder"):
-    eval_checkpoints.evaluate_checkpoints(tiny_config(data_dir), str(typo), watch=True, poll_seconds=0.1)
+    evaluate.evaluate_checkpoints(tiny_config(data_dir), str(typo), watch=True, poll_seconds=0.1)
   assert not typo.exists()
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from dilaff_jax import crf
+from dilaff_jax.engine import crf
 
 H, W = 24, 36  # H != W: a transposed or mis-reshaped layout cannot pass
 RED, BLUE = (200, 30, 30), (30, 30, 200)

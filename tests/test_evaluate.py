@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from configs import synthetic
-from dilaff_jax import affinity, config_checks, crf, eval_checkpoints, eval_metrics, evaluate, inference, input_pipeline
-from dilaff_jax import propagation
-from dilaff_jax import state as state_lib
+from dilaff_jax import evaluate
+from dilaff_jax.datasets import input_pipeline
+from dilaff_jax.engine import config_checks, crf, eval_metrics, inference
+from dilaff_jax.method import affinity
+from dilaff_jax.method import propagation
+from dilaff_jax.engine import train_state as state_lib
 from test_train import tiny_config
 
 IGN = 255
@@ -209,21 +212,21 @@ def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(data_dir, tmp_path
   config = tiny_config(data_dir, **{"train.num_steps": 2})
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
-  first = eval_checkpoints.evaluate_checkpoint(config, workdir)
-  second = eval_checkpoints.evaluate_checkpoint(config, workdir)
+  first = evaluate.evaluate_checkpoint(config, workdir)
+  second = evaluate.evaluate_checkpoint(config, workdir)
   assert first["step"] == 2 and first["num_images"] == 8
   for key in ("miou", "per_class_iou", "sweep", "affinity_accuracy", "confusion"):
     assert first[key] == second[key], key
   out = os.path.join(workdir, "eval", "step_2")
   assert sorted(os.listdir(out)) == ["affinity_accuracy.png", "examples.png", "results.json", "results.md"]
   with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
-    eval_checkpoints.evaluate_checkpoint(config, workdir, step=7)
+    evaluate.evaluate_checkpoint(config, workdir, step=7)
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-    eval_checkpoints.evaluate_checkpoint(config, str(tmp_path / "empty"))
+    evaluate.evaluate_checkpoint(config, str(tmp_path / "empty"))
 
 
 def test_report_writes_the_files_and_the_summaries_of_a_hand_made_result(tmp_path, capsys):
-  from dilaff_jax import eval_report
+  from dilaff_jax.engine import eval_report
 
   class Writer:
     written = []
@@ -281,10 +284,10 @@ def test_watch_evaluates_every_checkpoint_once(data_dir, tmp_path):
   config = tiny_config(data_dir)  # 4 steps, a checkpoint every 2
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
-  results = eval_checkpoints.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1, timeout_seconds=30)
+  results = evaluate.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1, timeout_seconds=30)
   assert [r["step"] for r in results] == [2, 4]
   # a second watcher finds both already evaluated and stops at once (the last step is reached)
-  assert eval_checkpoints.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1) == []
+  assert evaluate.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1) == []
 
 
 def test_multiscale_affinity_comes_from_the_scale_one_passes_only():

@@ -1,9 +1,10 @@
-"""The geometry table's measurements (dilaff_jax.datasets.geometry) against hand-counted label maps."""
+"""The geometry table's measurements (dilaff_jax.research.geometry) against hand-counted label maps."""
 
 import numpy as np
 import pytest
 
-from dilaff_jax.datasets import geometry, synthetic_shapes
+from dilaff_jax.datasets import synthetic_shapes
+from dilaff_jax.research import geometry
 
 V = 255
 

@@ -9,7 +9,8 @@ import textwrap
 import pytest
 
 import cli_helpers
-from dilaff_jax import errors, host_memory
+from dilaff_jax import errors
+from dilaff_jax.process import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 80 << 20
@@ -22,7 +23,7 @@ PAGES = SIZE // 4096  # per round
 # a larger buffer is mapped on its own whatever the settings, so all threads must share the main arena.
 CHURN = textwrap.dedent("""
     import ctypes, resource, sys, threading
-    from dilaff_jax import host_memory
+    from dilaff_jax.process import host_memory
     print(host_memory.reuse_freed_memory(), flush=True)
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
@@ -72,12 +73,13 @@ def test_turned_off_every_round_faults_its_pages_in():
 # prints whether the setting was applied and a digest of the parameters, batch statistics and losses.
 STEPS = textwrap.dedent("""
     import functools, hashlib
-    from dilaff_jax import host_memory
+    from dilaff_jax.process import host_memory
     applied = host_memory.reuse_freed_memory()
     import flax, jax, numpy as np
     from configs import synthetic
-    from dilaff_jax import affinity, config_checks, state as state_lib, step as step_lib
-    from dilaff_jax.stats import AffinityStats
+    from dilaff_jax.engine import config_checks, train_state as state_lib, train_step as step_lib
+    from dilaff_jax.method import affinity
+    from dilaff_jax.method.neighbour_stats import AffinityStats
     config = synthetic.get_config("tiny")
     rates = config_checks.rates_of(config)
     freq = np.tile(np.linspace(1.0, 9.0, affinity.NUM_CATEGORIES), (len(rates), 1))
@@ -85,8 +87,7 @@ STEPS = textwrap.dedent("""
     model = state_lib.build_model(config, rates, affinity.prior_bias(stats.pos_freq))
     device = jax.local_devices()[:1]
     state = flax.jax_utils.replicate(state_lib.create_train_state(config, model, jax.random.key(0)), device)
-    step = functools.partial(step_lib.train_step, config=config, rates=rates, stats=stats,
-                             schedule=state_lib.learning_rate_schedule(config))
+    step = step_lib.make_train_step(config, rates, stats, state_lib.learning_rate_schedule(config))
     p_step = jax.pmap(step, axis_name=state_lib.AXIS, in_axes=(0, 0, None), devices=device)
     rng = np.random.default_rng(0)
     crop, b = config.dataset.crop_size, config.train.batch_size

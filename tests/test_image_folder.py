@@ -17,8 +17,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from configs import image_folder as image_folder_config
-from dilaff_jax import checkpoints, config_checks, datasets, errors, export, predict, stats, train, visualize
-from dilaff_jax import state as state_lib
+from dilaff_jax import datasets, errors, export, predict, train
+from dilaff_jax.method import neighbour_stats
+from dilaff_jax.research import stats
+from dilaff_jax.engine import checkpoints, config_checks, visualize
+from dilaff_jax.engine import train_state as state_lib
 from dilaff_jax.datasets import image_folder, prepare, shapes_render
 from test_train import REPO
 
@@ -134,14 +137,14 @@ def test_prepare_prints_splits_classes_and_a_stats_command_that_runs(folder, tmp
   assert f"image_folder/1.0.0 train: {len(scenes) - n_val} examples" in lines
   assert f"image_folder/1.0.0 val: {n_val} examples" in lines
   assert f"classes: {', '.join(CLASSES)}" in lines
-  (hint,) = [line for line in lines if "python -m dilaff_jax.stats" in line]
-  argv = hint.split("python -m dilaff_jax.stats ", 1)[1].split()
+  (hint,) = [line for line in lines if "python -m dilaff_jax.research.stats" in line]
+  argv = hint.split("python -m dilaff_jax.research.stats ", 1)[1].split()
   monkeypatch.chdir(tmp_path)  # the printed command writes stats.json where it is run
   assert stats.main(argv) == 0  # copied as printed, it runs on the prepared copy
   with open(tmp_path / "stats.json") as f:
-    written = stats.AffinityStats.from_json(json.load(f))
+    written = neighbour_stats.AffinityStats.from_json(json.load(f))
   train_labels = [label for name, (_, label) in sorted(scenes.items()) if not image_folder.in_val(name)]
-  expected = stats.compute_stats(train_labels, written.rates)  # the folder's own train masks
+  expected = neighbour_stats.compute_stats(train_labels, written.rates)  # the folder's own train masks
   assert written.counts.images == len(train_labels) and len(written.rates) == 4  # 8, 12x24, 24x12, 16
   np.testing.assert_array_equal(written.counts.category, expected.counts.category)
 

@@ -9,8 +9,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from dilaff_jax import datasets, device_feed
-from dilaff_jax import input_pipeline as ip
+from dilaff_jax import datasets
+from dilaff_jax.datasets import device_feed
+from dilaff_jax.datasets import input_pipeline as ip
 
 MEAN = np.asarray(ip.IMAGENET_MEAN_255, np.float32)
 STD = np.asarray(ip.IMAGENET_STD_255, np.float32)

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dilaff_jax import affinity, checkpoints, config_checks, inference, predict, propagation, train, visualize
-from dilaff_jax import state as state_lib
+from dilaff_jax import predict, train
+from dilaff_jax.engine import checkpoints, config_checks, inference, visualize
+from dilaff_jax.method import affinity, propagation
+from dilaff_jax.engine import train_state as state_lib
 from test_train import REPO, tiny_config
 
 # name -> (size, Pillow mode, file type); the first two and the last two share a padded size (41x57, 65x33)

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from dilaff_jax import errors
 from dilaff_jax.models.deeplab import DeepLabV3Plus
 from dilaff_jax.models.resnet import ResNet
-from dilaff_jax.pretrained import (
+from dilaff_jax.models.pretrained import (
     PretrainedWeightsError,
     load_pretrained_backbone,
     load_resnet_state_dict,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dilaff_jax import affinity, propagation
+from dilaff_jax.method import affinity, propagation
 from test_affinity import IGN, brute_offsets, brute_targets
 
 RATES = ((1, 2), (2, 1), (7, 9))  # asymmetric, and (7, 9) larger than the test images

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dilaff_jax import propagation_diagnosis as pd
+from dilaff_jax.research import propagation_diagnosis as pd
 from test_affinity import IGN, brute_offsets, brute_targets
 from test_train import tiny_config
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dilaff_jax.models.resnet import ResNet, Unit, resnet_param_count, unit_schedule
-from dilaff_jax.pretrained import torch_resnet_to_flax
+from dilaff_jax.models.pretrained import torch_resnet_to_flax
 
 _spec = importlib.util.spec_from_file_location(
     "make_torch_resnet_fixture", Path(__file__).parent / "fixtures" / "make_torch_resnet_fixture.py"

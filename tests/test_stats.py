@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from dilaff_jax import stats as stats_lib
-from dilaff_jax.stats import AffinityStats
+from dilaff_jax.method import neighbour_stats as stats_lib
+from dilaff_jax.research import stats as stats_cli
+from dilaff_jax.method.neighbour_stats import AffinityStats
 from test_affinity import IGN, brute_categories, brute_targets, random_labels
 
 HAND_MAP = np.array([[0, 0, 1], [0, 0, 1], [0, 0, IGN]], np.uint8)
@@ -108,7 +109,7 @@ def test_load_errors_are_clear(tmp_path):
 def test_plot_writes_png(tmp_path):
   s = stats_lib.compute_stats([random_labels(0, shape=(1, 20, 20))[0]], [1, 2, 3])
   out = tmp_path / "fig3.png"
-  stats_lib.plot_category_shares(s, str(out))
+  stats_cli.plot_category_shares(s, str(out))
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -118,7 +119,7 @@ def test_command_line_on_a_prepared_dataset(tmp_path, capsys):
   data_dir = str(tmp_path / "tfds")
   builder = datasets.get_builder("synthetic_shapes/tiny", data_dir=data_dir)
   out, png = tmp_path / "s.json", tmp_path / "fig3.png"
-  stats_lib.main(
+  stats_cli.main(
       [
           "--dataset=synthetic_shapes/tiny",
           "--split=train",

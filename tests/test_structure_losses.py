@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from configs import synthetic, variants, voc
-from dilaff_jax import checkpoints, config_checks, input_pipeline, structure_losses, train
-from dilaff_jax import state as state_lib
+from dilaff_jax import train
+from dilaff_jax.datasets import input_pipeline
+from dilaff_jax.engine import checkpoints, config_checks
+from dilaff_jax.method import structure_losses
+from dilaff_jax.engine import train_state as state_lib
 
 V = 255
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from dilaff_jax import study
-from dilaff_jax.study import Row
+from dilaff_jax.research import study
+from dilaff_jax.research.study import Row
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,7 +155,10 @@ def test_aggregate_matches_hand_computed_values(tmp_path):
 
   md = open(os.path.join(w, "study.md")).read()
   assert "| plain | `:baseline` | 3 | 73.00 ± 3.00 | 70.00–76.00 | – | – | 0: 70.00, 1: 73.00, 2: 76.00 |" in md
-  assert "| aff | `:default` | 2 | 73.00 ± 1.41 | 72.00–74.00 | +1.50 ± 3.54 (n=2, t = 0.60, p = 0.66; sign p = 1) | 1/2 |" in md
+  assert (
+      "| aff | `:default` | 2 | 73.00 ± 1.41 | 72.00–74.00 | +1.50 ± 3.54 (n=2, t = 0.60, p = 0.66; sign p = 1) | 1/2 |"
+      in md
+  )
   assert "| aff (1 it.) | `:default` | 2 | 76.50 ± 2.12 | 75.00–78.00 | +5.00 ± 0.00 (n=2; sign p = 0.5) | 2/2 |" in md
   assert "| aff (1 it.) | `:default` | 2 | 76.50 ± 2.12 |" in md
   assert "| aff | predicted | 2 | 73.00 ± 1.41 | 76.50 ± 2.12 |" in md
@@ -274,7 +277,7 @@ def test_study_end_to_end_on_tiny(tmp_path, data_dir):
   cmd = [
       sys.executable,
       "-m",
-      "dilaff_jax.study",
+      "dilaff_jax.research.study",
       "--config=configs/synthetic.py",
       "--seeds=0",
       f"--workdir={w}",
@@ -340,9 +343,7 @@ def test_the_launchers_study_is_valid_and_the_committed_one_is_part_of_it(stage)
   stages, every_run = _launcher_stages()
   rows_text, compare, seeds = stages[stage]
   assert "train.num_steps=1000" in every_run and "eval.max_images=0" in every_run
-  rows = study.resolve(
-      study.parse_rows([], rows_text, seeds), os.path.join(REPO, "configs", "synthetic.py"), every_run
-  )
+  rows = study.resolve(study.parse_rows([], rows_text, seeds), os.path.join(REPO, "configs", "synthetic.py"), every_run)
   pairs = study.parse_comparisons(compare, rows)
   assert len(rows) >= 17 and len(pairs) >= 3, (len(rows), len(pairs))
   by_name = {r.name: r for r in rows}

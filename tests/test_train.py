@@ -1,6 +1,5 @@
 """The training loop: cross-replica equivalence, resume after SIGTERM / hard kill, NaN stop, config errors."""
 
-import functools
 import os
 import re
 import signal
@@ -15,10 +14,13 @@ import numpy as np
 import pytest
 
 from configs import synthetic, voc
-from dilaff_jax import affinity, checkpoints, config_checks, input_pipeline, train
-from dilaff_jax import state as state_lib
-from dilaff_jax import step as step_lib
-from dilaff_jax.stats import AffinityStats
+from dilaff_jax import train
+from dilaff_jax.datasets import input_pipeline
+from dilaff_jax.engine import checkpoints, config_checks
+from dilaff_jax.method import affinity
+from dilaff_jax.engine import train_state as state_lib
+from dilaff_jax.engine import train_step as step_lib
+from dilaff_jax.method.neighbour_stats import AffinityStats
 from cli_helpers import REPO, main_cli, run_cli, user_facing_lines
 
 
@@ -79,9 +81,7 @@ def test_step_on_4_devices_equals_step_on_1_device_with_whole_batch():
   labels = rng.integers(0, 6, size=(4, 33, 33)).astype(np.int32)
   labels[:, 10:14] = 255
   labels[3][rng.random((33, 33)) < 0.7] = 255  # uneven ignore shares across the devices
-  step = functools.partial(
-      step_lib.train_step, config=config, rates=rates, stats=stats, schedule=state_lib.learning_rate_schedule(config)
-  )
+  step = step_lib.make_train_step(config, rates, stats, state_lib.learning_rate_schedule(config))
   outs = []
   for ndev in (4, 1):
     devices = jax.devices()[:ndev]

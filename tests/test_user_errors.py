@@ -8,7 +8,12 @@ import sys
 import pytest
 
 from configs import synthetic
-from dilaff_jax import cli, config_checks, errors, stats
+from dilaff_jax import errors
+from dilaff_jax.engine import affinity_stats
+from dilaff_jax.method import neighbour_stats
+from dilaff_jax.research import stats
+from dilaff_jax.engine import config_checks
+from dilaff_jax.process import cli
 from cli_helpers import CONFIG, REPO, assert_one_error_line, main_cli, run_cli
 from test_train import tiny_config
 
@@ -102,27 +107,27 @@ def test_statistics_from_images_too_small_for_a_rate_fail_before_jit(data_dir, t
   )
   rates = config_checks.rates_of(config)
   with pytest.raises(
-      stats.StatsError,
+      neighbour_stats.StatsError,
       match=r"freq\(n_8, r\) is 0 at rate 32 in the statistics of "
       r"synthetic_shapes/tiny:train: the 'sqrt' weights \(Eq. 5\) are undefined\. A pixel has 8 "
       r"neighbours at this rate only in label maps larger than 65x65 pixels, the largest label map "
       r"is 6\dx6\d",
   ):
-    stats.load_or_compute(config, str(tmp_path), rates)
+    affinity_stats.load_or_compute(config, str(tmp_path), rates)
   assert not os.path.exists(tmp_path / "affinity_stats.json")  # a rerun fails the same way
   config.affinity.scheme = "none"  # no per-category weights: the same statistics are usable
-  assert stats.load_or_compute(config, str(tmp_path), rates).freq[1, 8] == 0
+  assert affinity_stats.load_or_compute(config, str(tmp_path), rates).freq[1, 8] == 0
   # the default rule ("rescale": k from the valid neighbours only) does see n_8 at rate 32 in these maps
   config.affinity.scheme, config.affinity.partial_neighbors = "sqrt", "rescale"
-  assert stats.load_or_compute(config, str(tmp_path / "rescale"), rates).freq[1, 8] > 0
+  assert affinity_stats.load_or_compute(config, str(tmp_path / "rescale"), rates).freq[1, 8] > 0
 
 
 def test_stats_command_line_bad_rates_and_too_small_images(data_dir, tmp_path, capsys):
   common = ["--dataset=synthetic_shapes/tiny", f"--data_dir={data_dir}", f"--output={tmp_path / 's.json'}"]
   assert_one_error_line(
-      run_cli("dilaff_jax.stats", *common, "--rates=8,12y24"), "--rates=8,12y24: cannot parse rate " "'12y24'"
+      run_cli("dilaff_jax.research.stats", *common, "--rates=8,12y24"), "--rates=8,12y24: cannot parse rate " "'12y24'"
   )
-  proc = run_cli("dilaff_jax.stats", *common, "--rates=4,80", "--max_images=2")
+  proc = run_cli("dilaff_jax.research.stats", *common, "--rates=4,80", "--max_images=2")
   assert_one_error_line(proc, "has a valid neighbour at rate(s) 80 in 2 label map(s)", "the largest label map is 6")
   cases = {
       "--rates=8,8": "--rates=8,8: ",
@@ -137,7 +142,7 @@ def test_stats_command_line_bad_rates_and_too_small_images(data_dir, tmp_path, c
     assert len(err) == 1 and err[0].startswith(f"error: {message}"), (arg, err)
   assert stats.main(["--rates=8"]) == 2
   assert capsys.readouterr().err.strip().splitlines() == [
-      "error: --dataset and --output are required (see python -m dilaff_jax.stats --help)"
+      "error: --dataset and --output are required (see python -m dilaff_jax.research.stats --help)"
   ]
   for argv, message in (
       (["--dataset=x", "--output=y", "--max_images=two"], "--max_images"),

@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from dilaff_jax import conventions, errors
+from dilaff_jax import errors
+from dilaff_jax.method import conventions
 
 IGNORE_LABEL = conventions.IGNORE_LABEL
 

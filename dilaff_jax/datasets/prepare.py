@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import sys
 
-from dilaff_jax import tf_env
+from dilaff_jax.process import tf_env
 
 tf_env.set_defaults()  # before anything loads TensorFlow
 
 from absl import flags  # noqa: E402
 
-from dilaff_jax import cli, datasets, errors  # noqa: E402
+from dilaff_jax import datasets, errors  # noqa: E402
+from dilaff_jax.process import cli  # noqa: E402
 
 
 def _define_flags(fv: flags.FlagValues) -> None:
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     print(f"classes: {', '.join(datasets.class_names(builder))}")
     # A complete command: the prepared copy is found only through its own data_dir (see image_folder.py).
     print(
-        f"neighbour statistics (Fig. 3; optional, training computes its own): python -m dilaff_jax.stats "
+        f"neighbour statistics (Fig. 3; optional, training computes its own): python -m dilaff_jax.research.stats "
         f"--dataset={args.dataset} --data_dir={builder.data_dir_root} --output=stats.json"
     )
   return 0

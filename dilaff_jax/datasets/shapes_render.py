@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from dilaff_jax import conventions
+from dilaff_jax.method import conventions
 
 IGNORE_LABEL = conventions.IGNORE_LABEL
 

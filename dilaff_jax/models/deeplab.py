@@ -10,7 +10,7 @@ Heads, both 1x1 convolutions on the decoder's 256-channel map at stride 4:
 - segmentation: `num_classes` logits (the DeepLabv3+ baseline);
 - affinity (only when affinity `rates` are given): 8*|R| logits, channel c = rate_index * 8 + direction_index
   (see docs/conventions.md), whose bias is initialised from the prior pi_r
-  (sigmoid(bias) = pi_r, the focal-loss prior init; the numbers come from `dilaff_jax.affinity.prior_bias`).
+  (sigmoid(bias) = pi_r, the focal-loss prior init; the numbers come from `dilaff_jax.method.affinity.prior_bias`).
 
 Bilinear resizing aligns corners, as DeepLab does: with PyTorch-style padding a feature at stride-4 index i is
 centred on pixel 4i, so for the paper's 513 = 4 * 128 + 1 crops the 129 features map exactly onto pixels 0, 4, ...,

@@ -2,7 +2,7 @@
 
 Layer for layer the same network as torchvision's ResNet ("v1.5": the stride of a bottleneck unit sits on its 3x3
 convolution), with PyTorch's explicit symmetric paddings, so that ImageNet weights converted by
-`dilaff_jax.pretrained` reproduce torchvision's features. Two stems:
+`dilaff_jax.models.pretrained` reproduce torchvision's features. Two stems:
 
 - ``"standard"``: 7x7/2 convolution, BN, ReLU, 3x3/2 max pool (torchvision, timm).
 - ``"deep"``: three 3x3 convolutions of 64, 64 and 128 channels (the first with stride 2), each but the last followed

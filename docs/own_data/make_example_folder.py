@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from dilaff_jax import visualize  # noqa: E402  (the repository root is put on the path above)
+from dilaff_jax.engine import visualize  # noqa: E402  (the repository root is put on the path above)
 from dilaff_jax.datasets import shapes_render  # noqa: E402
 
 MIN_SIZE, MAX_SIZE = 100, 130  # side lengths (px), the size configs/image_folder.py:small is made for

@@ -1,8 +1,8 @@
 r"""Measurements of affinity propagation (paper §3.3, Eq. 6–7) on trained runs: where the predicted-affinity sweep
 of Tables 3–4 gains or loses mIoU, and which update rules keep it from flooding.
 
-  python -m dilaff_jax.propagation_diagnosis --workdir=runs/synthetic [--output=DIR] [--config.KEY=VALUE ...]
-  python -m dilaff_jax.propagation_diagnosis --workdir=runs/s0,runs/s1,runs/s2 --output=diagnosis/
+  python -m dilaff_jax.research.propagation_diagnosis --workdir=runs/synthetic [--output=DIR] [--config.KEY=VALUE ...]
+  python -m dilaff_jax.research.propagation_diagnosis --workdir=runs/s0,runs/s1,runs/s2 --output=diagnosis/
 
 Each run's latest checkpoint is scored on ``dataset.eval_split`` as evaluation scores it (same inference, same
 masks; the config is the run's ``config.json`` or ``--config``, with ``--config.KEY=VALUE`` overrides). Measured:
@@ -31,7 +31,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dilaff_jax import tf_env
+from dilaff_jax.process import tf_env
 
 tf_env.set_defaults()  # before anything loads TensorFlow
 
@@ -42,8 +42,14 @@ import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dilaff_jax import affinity, config_checks, datasets, errors, eval_metrics, inference, input_pipeline  # noqa: E402
-from dilaff_jax import host_memory, predict, propagation, state  # noqa: E402
+from dilaff_jax import datasets, errors  # noqa: E402
+from dilaff_jax.datasets import input_pipeline  # noqa: E402
+from dilaff_jax.engine import config_checks, eval_metrics, inference  # noqa: E402
+from dilaff_jax.method import affinity  # noqa: E402
+from dilaff_jax import predict  # noqa: E402
+from dilaff_jax.engine import train_state as state  # noqa: E402
+from dilaff_jax.method import propagation  # noqa: E402
+from dilaff_jax.process import host_memory  # noqa: E402
 
 BIN_EDGES = (2, 4, 8, 16)  # right-closed distance bins (px): [0, 2], (2, 4], (4, 8], (8, 16], (16, inf)
 BIN_LABELS = ("0-2", "3-4", "5-8", "9-16", ">16")
@@ -721,7 +727,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except flags.Error as e:
       raise DiagnosisError(str(e)) from None
     if not first.workdir:
-      raise DiagnosisError("--workdir is required (python -m dilaff_jax.propagation_diagnosis --workdir=RUN[,RUN...])")
+      raise DiagnosisError(
+          "--workdir is required (python -m dilaff_jax.research.propagation_diagnosis --workdir=RUN[,RUN...])"
+      )
     workdirs = [w for w in first.workdir.split(",") if w]
     output = first.output or os.path.join(workdirs[0], "propagation_diagnosis")
     if os.path.exists(output) and not os.path.isdir(output):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from dilaff_jax import affinity
+from dilaff_jax.method import affinity
 from dilaff_jax.models.deeplab import upsample_logits
 
 # Cityscapes' 19 train-id colours (cityscapesScripts' labels.py).

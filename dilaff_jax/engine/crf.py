@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from dilaff_jax import eval_metrics, visualize
+from dilaff_jax.engine import eval_metrics, visualize
 
 PACKAGE = "pydensecrf2"
 REQUIREMENT = "pydensecrf2==1.1"

@@ -2,7 +2,7 @@
 set beside the paper's (PASCAL VOC at crop 513): rates against object size, image side, crop and the decoder's
 stride-4 grid, and the void band against the smallest rate.
 
-  python -m dilaff_jax.datasets.geometry            # the Markdown table of docs/geometry.md (renders 300 scenes)
+  python -m dilaff_jax.research.geometry            # the Markdown table of docs/geometry.md (renders 300 scenes)
 
 Object size is the square root of the mean area of the visible objects (8-connected components of one non-background
 class, void excluded, of at least 20 px); the image side is the geometric mean ``sqrt(H·W)``; the void band is its
@@ -79,8 +79,9 @@ def measure(
     _, label = synthetic_shapes.render(config, 0, index)
     areas.extend(object_sizes(label))
     sides.append(np.sqrt(label.shape[0] * label.shape[1]))
-  return Geometry(name, rates[0], rates[1], float(np.sqrt(np.mean(areas))), float(np.mean(sides)), crop,
-                  2.0 * config.band_width)
+  return Geometry(
+      name, rates[0], rates[1], float(np.sqrt(np.mean(areas))), float(np.mean(sides)), crop, 2.0 * config.band_width
+  )
 
 
 def table(geometries: list[Geometry]) -> str:
@@ -88,8 +89,13 @@ def table(geometries: list[Geometry]) -> str:
   first = geometries[0]
   head = "| | " + " | ".join(g.name for g in geometries) + " |"
   lines = [head, "|---" * (len(geometries) + 1) + "|"]
-  for label, attr in (("rates (smallest, largest), px", None), ("object size, px", "object_size"),
-                      ("image side, px", "image_side"), ("crop, px", "crop"), ("void band, px", "band")):
+  for label, attr in (
+      ("rates (smallest, largest), px", None),
+      ("object size, px", "object_size"),
+      ("image side, px", "image_side"),
+      ("crop, px", "crop"),
+      ("void band, px", "band"),
+  ):
     if attr is None:
       cells = [f"{g.smallest_rate:g}, {g.largest_rate:g}" for g in geometries]
     else:

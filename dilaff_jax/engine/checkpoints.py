@@ -31,7 +31,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from dilaff_jax import affinity, config_checks, errors
+from dilaff_jax import errors
+from dilaff_jax.engine import config_checks
+from dilaff_jax.method import affinity
 from dilaff_jax.models.deeplab import SHAPE_FIELDS
 
 FINGERPRINT = "sha256"

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dilaff_jax import affinity
-from dilaff_jax.conventions import IGNORE_LABEL
+from dilaff_jax.method import affinity
+from dilaff_jax.method.conventions import IGNORE_LABEL
 
 
 def steep_sigmoid(logits: jax.Array, mu: float = 7.0) -> jax.Array:

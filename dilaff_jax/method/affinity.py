@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dilaff_jax.conventions import IGNORE_LABEL
+from dilaff_jax.method.conventions import IGNORE_LABEL
 
 if TYPE_CHECKING:  # pragma: no cover
-  from dilaff_jax.stats import AffinityStats
+  from dilaff_jax.method.neighbour_stats import AffinityStats
 
 RateSpec = Union[int, Sequence[int]]
 Rates = tuple[tuple[int, int], ...]

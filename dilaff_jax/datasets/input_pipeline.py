@@ -29,7 +29,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from dilaff_jax import datasets
-from dilaff_jax.conventions import IMAGENET_MEAN_255, IMAGENET_STD_255
+from dilaff_jax.method.conventions import IMAGENET_MEAN_255, IMAGENET_STD_255
 from dilaff_jax.datasets import records
 
 Batch = dict[str, np.ndarray]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dilaff_jax import affinity, propagation
+from dilaff_jax.method import affinity, propagation
 from dilaff_jax.models.deeplab import resize_bilinear, upsample_logits
 
 

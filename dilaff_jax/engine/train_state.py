@@ -18,7 +18,9 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from dilaff_jax import affinity, checkpoints, config_checks, pretrained, structure_losses
+from dilaff_jax.engine import checkpoints, config_checks
+from dilaff_jax.method import affinity, structure_losses
+from dilaff_jax.models import pretrained
 from dilaff_jax.models.deeplab import DeepLabV3Plus
 
 AXIS = "batch"  # the pmap axis of training and evaluation (cross-replica BatchNorm, metric sums)
@@ -120,7 +122,7 @@ def restore_variables(
     config: ml_collections.ConfigDict, workdir: str, step: int | None = None, report: Callable[[str], None] = print
 ) -> tuple[dict, int]:
   """``({"params", "batch_stats"}, step)`` of the newest intact (or exactly ``step``) checkpoint of ``workdir``,
-  checked against ``config`` (:func:`dilaff_jax.checkpoints.restore_from_workdir`): what evaluation, prediction and
+  checked against ``config`` (:func:`dilaff_jax.engine.checkpoints.restore_from_workdir`): what evaluation, prediction and
   export restore."""
   rates = config_checks.rates_of(config)
   state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: state_template(config, rates), step, report)

@@ -7,7 +7,8 @@ import os
 
 import ml_collections
 
-from dilaff_jax import affinity, errors
+from dilaff_jax import errors
+from dilaff_jax.method import affinity
 from dilaff_jax.models.deeplab import DeepLabV3Plus
 
 

@@ -4,11 +4,7 @@
 category is ``k`` (counted with the rule ``partial_neighbors``, see :func:`affinity.neighbor_categories`); ``π_r``
 the share of valid signals at rate ``r`` that are positive. Both come from integer counts
 accumulated one label map at a time (memory independent of the dataset size), so partial results merge exactly.
-
-Command line (writes the JSON that training loads, and a Fig. 3-style PNG)::
-
-  python -m dilaff_jax.stats --dataset=synthetic_shapes/default --split=train \
-      --rates=8,12x24,16 --output=stats.json --plot=fig3.png
+:class:`AffinityStats` also reads and writes its JSON file (the one file format of this folder).
 """
 
 from __future__ import annotations
@@ -17,21 +13,16 @@ import dataclasses
 import functools
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
-from dilaff_jax import tf_env
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-tf_env.set_defaults()  # before anything loads TensorFlow
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import flags, logging  # noqa: E402
-
-from dilaff_jax import affinity, cli, config_checks, errors, multihost  # noqa: E402
-from dilaff_jax.conventions import IGNORE_LABEL  # noqa: E402
+from dilaff_jax import errors
+from dilaff_jax.method import affinity
+from dilaff_jax.method.conventions import IGNORE_LABEL
 
 FORMAT_VERSION = 2  # 2: records the n_k rule (partial_neighbors); version 1 files were counted with "count" and
 # put pixels without valid neighbours into n_0
@@ -153,7 +144,7 @@ class AffinityStats:
     if data.get("format_version") != FORMAT_VERSION:
       raise ValueError(
           f"AffinityStats: unsupported format_version {data.get('format_version')!r} (this version "
-          f"reads {FORMAT_VERSION}); recompute the statistics with `python -m dilaff_jax.stats`, or "
+          f"reads {FORMAT_VERSION}); recompute the statistics with `python -m dilaff_jax.research.stats`, or "
           "delete the file to let training recompute it"
       )
     counts = None
@@ -190,7 +181,7 @@ class AffinityStats:
     except FileNotFoundError:
       raise errors.MissingFileError(
           f"affinity statistics file {path!r} does not exist; create it with "
-          "`python -m dilaff_jax.stats` or let training compute it"
+          "`python -m dilaff_jax.research.stats` or let training compute it"
       ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise StatsError(f"affinity statistics file {path!r} is not valid JSON: {e}") from None
@@ -335,178 +326,3 @@ def weight_table(stats: AffinityStats, scheme: str, max_weight: float | None = N
         f"  rate {affinity.rate_label(r):>6}: " + " ".join(f"{v:8.3g}" for v in row) for r, row in zip(stats.rates, w)
     ]
   return "\n".join(lines)
-
-
-def plot_category_shares(stats: AffinityStats, path: str, title: str = "") -> None:
-  """Fig. 3-style PNG: share (%) of n_0..n_8 among labelled pixels against the rate."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  x = np.arange(len(stats.rates))
-  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-  cmap = plt.get_cmap("viridis")
-  for k in range(affinity.NUM_CATEGORIES):
-    ax.plot(x, 100 * stats.freq[:, k], marker="o", color=cmap(k / 8), label=f"$n_{k}$")
-  ax.set_xticks(x, [affinity.rate_label(r) for r in stats.rates])
-  ax.set_xlabel("rate r")
-  ax.set_ylabel("share of labelled pixels (%)")
-  ax.set_title(title or f"Neighbour categories against rate ({stats.source or 'labels'})")
-  ax.grid(alpha=0.3)
-  ax.legend(ncol=3, fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-
-
-def tfds_label_maps(name: str, split: str, data_dir: str | None = None, max_images: int = 0):
-  """``(iterator of [H, W] uint8 label maps, count)`` from a prepared TFDS dataset with a ``label`` feature."""
-  import tensorflow_datasets as tfds
-  from dilaff_jax import datasets  # registers the project's builders
-
-  datasets.dataset_class_names(name)  # an unknown name lists this project's datasets
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    raise errors.MissingFileError(
-        f"dataset {name!r} is not prepared in data_dir={builder.data_dir!r}; prepare it "
-        "first (python -m dilaff_jax.datasets.prepare, see README, 'Data')"
-    )
-  try:
-    total = builder.info.splits[split].num_examples
-  except (KeyError, ValueError) as e:
-    raise errors.UserError(f"split {split!r} of {name}: {e} (splits: {', '.join(builder.info.splits)})") from None
-  ds = builder.as_dataset(split=split, shuffle_files=False)
-  if max_images:
-    ds = ds.take(max_images)
-    total = min(total, max_images)
-  ds = ds.map(lambda ex: ex["label"][..., 0])
-  return ds.as_numpy_iterator(), total
-
-
-def _parse_rates(text: str, flag: str) -> affinity.Rates:
-  try:
-    return affinity.parse_rates(text)
-  except ValueError as e:
-    raise StatsError(f"{flag}={text}: {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------- for training
-
-
-def load_or_compute(config, workdir: str, rates: affinity.Rates) -> AffinityStats:
-  """``freq(n_k, r)`` and ``π_r`` for ``rates``: from ``affinity.stats_path`` if set, else from
-  ``<workdir>/affinity_stats.json``, computing and writing that file from the training labels when missing.
-  Statistics that leave ``affinity.scheme``'s weights undefined (a rate too large for the images) raise a
-  :class:`StatsError` here, before anything is compiled."""
-  path = config.affinity.stats_path or os.path.join(workdir, "affinity_stats.json")
-  rule = config.affinity.partial_neighbors
-  multihost.barrier("before affinity statistics")  # every process sees the same file state below
-  compute = not os.path.exists(path) and not config.affinity.stats_path  # the same on every process
-  if compute and jax.process_index() > 0:  # process 0 computes and writes the file; the others wait for it
-    multihost.barrier("affinity statistics written")
-  if not compute or jax.process_index() > 0:
-    try:
-      s = AffinityStats.load(path).select(rates)
-    except (ValueError, KeyError) as e:
-      raise config_checks.ConfigError(
-          f"config.affinity.stats_path = {path!r}: {e}; recompute with " "`python -m dilaff_jax.stats`"
-      ) from None
-    if s.partial_neighbors != rule:
-      raise config_checks.ConfigError(
-          f"config.affinity.partial_neighbors = {rule!r}, but the statistics in {path!r} were counted with "
-          f"{s.partial_neighbors!r}: recompute them with `python -m dilaff_jax.stats --partial_neighbors={rule}` "
-          "(or delete the workdir's file to let training recompute it)"
-      )
-    logging.info("Affinity statistics from %s (%s)", path, s.source)
-    check_weights_defined(s, config.affinity.scheme)
-    return s
-  from dilaff_jax import datasets  # TensorFlow Datasets: only when the statistics are computed here
-
-  d = config.dataset
-  name, data_dir = datasets.location(
-      d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"), num_classes=d.num_classes
-  )
-  maps, total = tfds_label_maps(name, d.train_split, data_dir, config.affinity.stats_max_images)
-  logging.info("Computing affinity statistics over %d training label maps (once; saved to %s)", total, path)
-  s = compute_usable_stats(
-      maps,
-      rates,
-      d.ignore_label,
-      f"{d.name}:{d.train_split}",
-      scheme=config.affinity.scheme,
-      log_every=max(total // 10, 1),
-      total=total,
-      partial_neighbors=rule,
-  )
-  s.save(path)
-  multihost.barrier("affinity statistics written")
-  return s
-
-
-def main(argv=None) -> int:
-  """Command line entry; returns the exit status (2 for a bad flag or dataset, with one ``error:`` line)."""
-  try:
-    _main(argv)
-  except errors.UserError as e:
-    if cli.wants_traceback():
-      raise
-    print(f"error: {cli.one_line(e)}", file=sys.stderr, flush=True)
-    return errors.EXIT_USER_ERROR
-  return 0
-
-
-def _define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_string("dataset", None, "TFDS name, e.g. synthetic_shapes/default or voc2012_aug", flag_values=fv)
-  flags.DEFINE_string("split", "train", "split to count", flag_values=fv)
-  flags.DEFINE_string("data_dir", None, "TFDS data_dir", flag_values=fv)
-  flags.DEFINE_string("rates", "8,12x24,16", "paper shorthand, e.g. '8,12x24,16' (12x24 adds 24x12)", flag_values=fv)
-  flags.DEFINE_string("plot_rates", "2,4,8,16,32,64", "rates for the Fig. 3 PNG", flag_values=fv)
-  flags.DEFINE_integer("ignore_label", IGNORE_LABEL, "label of void pixels", flag_values=fv)
-  flags.DEFINE_enum(
-      "partial_neighbors",
-      "rescale",
-      affinity.PARTIAL_NEIGHBORS,
-      "n_k rule for pixels with invalid neighbours (must match affinity.partial_neighbors)",
-      flag_values=fv,
-  )
-  flags.DEFINE_integer("max_images", 0, "0 = the whole split", flag_values=fv)
-  flags.DEFINE_string("output", None, "JSON file for the configured rates", flag_values=fv)
-  flags.DEFINE_string("plot", "", "PNG path for the Fig. 3-style plot (optional)", flag_values=fv)
-
-
-def _main(argv) -> None:
-  args = cli.parse_flags(
-      _define_flags,
-      sys.argv[1:] if argv is None else list(argv),
-      "dilaff_jax.stats",
-      __doc__,
-      required=("dataset", "output"),
-  )
-  if args is None:  # --help
-    return
-  rates = _parse_rates(args.rates, "--rates")
-  plot_rates = _parse_rates(args.plot_rates, "--plot_rates") if args.plot else ()
-  if args.max_images < 0:
-    raise errors.UserError(f"--max_images={args.max_images}: expected 0 (the whole split) or a positive count")
-  if not 0 <= args.ignore_label <= 255:
-    raise errors.UserError(f"--ignore_label={args.ignore_label}: expected a value in [0, 255]")
-  all_rates = tuple(dict.fromkeys(rates + plot_rates))
-  maps, total = tfds_label_maps(args.dataset, args.split, args.data_dir, args.max_images)
-  source = f"{args.dataset}:{args.split}"
-  stats = compute_usable_stats(
-      maps, all_rates, args.ignore_label, source, log_every=100, total=total, partial_neighbors=args.partial_neighbors
-  )
-  stats.select(rates).save(args.output)
-  print(f"[stats] wrote {args.output}")
-  for r, f, pi in zip(rates, stats.select(rates).freq, stats.select(rates).pos_freq):
-    shares = " ".join(f"{100 * v:5.1f}" for v in f)
-    print(f"  rate {affinity.rate_label(r):>6}: pi={pi:.3f}  n0..n8 (%): {shares}")
-  if args.plot:
-    plot_category_shares(stats.select(plot_rates), args.plot, f"Neighbour categories, {source}")
-    print(f"[stats] wrote {args.plot}")
-
-
-if __name__ == "__main__":
-  sys.exit(main())

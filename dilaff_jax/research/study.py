@@ -1,11 +1,11 @@
 r"""A study over seeds: trains and evaluates every (row, seed) in its own process, resumes where it stopped, and
 aggregates the mIoU over seeds into ``<workdir>/study.json``, ``study.md`` and ``study.png``.
 
-  python -m dilaff_jax.study --config=configs/synthetic.py --variants=baseline,default --seeds=0,1,2 --workdir=DIR
-  python -m dilaff_jax.study --config=configs/synthetic.py --seeds=0,1,2 --workdir=DIR --baseline_row=plain \
+  python -m dilaff_jax.research.study --config=configs/synthetic.py --variants=baseline,default --seeds=0,1,2 --workdir=DIR
+  python -m dilaff_jax.research.study --config=configs/synthetic.py --seeds=0,1,2 --workdir=DIR --baseline_row=plain \
       --rows='plain=baseline#0,1,2,3,4; plain+crf=evaluate:plain@eval.crf=True; affinity=default'
-  python -m dilaff_jax.study --workdir=DIR --aggregate_only                     # rows from DIR/study.json
-  python -m dilaff_jax.study --workdir=DIR --aggregate_only --export=DIR2      # copy the small files only
+  python -m dilaff_jax.research.study --workdir=DIR --aggregate_only                     # rows from DIR/study.json
+  python -m dilaff_jax.research.study --workdir=DIR --aggregate_only --export=DIR2      # copy the small files only
 
 Rows. ``--variants=a,b`` makes one row per config variant, named after it (``default`` is the config without a
 variant). ``--rows`` adds rows separated by ``;`` or newlines, each ``NAME=SOURCE[@KEY=VALUE]...[#SEEDS]``:

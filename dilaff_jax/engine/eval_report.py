@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from dilaff_jax import visualize
+from dilaff_jax.engine import visualize
 
 
 def _iterations(n: int) -> str:

@@ -1,6 +1,6 @@
 """The structure-aware losses the paper compares dilated affinity with in Table 5: AAF and boundary reweighting.
 
-Both follow :func:`dilaff_jax.affinity.affinity_loss_sum`: they return sums and their normalisers separately, so
+Both follow :func:`dilaff_jax.method.affinity.affinity_loss_sum`: they return sums and their normalisers separately, so
 data-parallel training adds both over the devices before dividing and a sharded batch gives the whole batch's loss.
 
 **AAF**, adaptive affinity fields (Ke, Hwang, Liu, Yu, ECCV 2018), in the form of the authors' released code for
@@ -73,8 +73,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from dilaff_jax import affinity
-from dilaff_jax.conventions import IGNORE_LABEL
+from dilaff_jax.method import affinity
+from dilaff_jax.method.conventions import IGNORE_LABEL
 
 GROUP, SEPARATE = 0, 1  # first axis of the AAF sums, counts and weights
 PROB_EPSILON = 1e-4  # the authors' clip of p and 1 - p before the KL divergence
