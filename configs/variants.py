@@ -31,10 +31,5 @@ def apply(config, variant: str, variants: dict, also: tuple[str, ...] = ()):
         + (f" (did you mean {close[0]}?)" if close else "")
         + f"; known: {', '.join(known)}"
     )
-  for key, value in variants[variant].items():
-    *path, leaf = key.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    node[leaf] = value
+  config.update_from_flattened_dict(variants[variant])
   return config

@@ -8,6 +8,7 @@ fill the last batch and are masked, and the confusion matrix is summed over devi
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -257,6 +258,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: i
   return evaluate_checkpoints(config, workdir, steps=[step] if step is not None else None)[-1]
 
 
+def final_step(config: ml_collections.ConfigDict, workdir: str) -> int:
+  """The step a training in ``workdir`` ends at: ``train.num_steps`` of the workdir's ``config.json`` (the run's own
+  record; it may differ from the config given to the evaluation), else of ``config``."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return int(json.load(f)["train"]["num_steps"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return int(config.train.num_steps)
+
+
 def evaluate_checkpoints(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -264,12 +275,15 @@ def evaluate_checkpoints(
     watch: bool = False,
     poll_seconds: float = 30.0,
     timeout_seconds: float = 0.0,
+    settle_seconds: float = 120.0,
 ) -> list[dict]:
   """Evaluates checkpoints of ``workdir``: ``steps``, or the newest intact one; with ``watch``, every checkpoint a
-  running training writes, as it appears, until the one at ``train.num_steps`` (or ``timeout_seconds`` without a
-  new one). Checkpoints already evaluated (``<results_dir>/step_N/results.json`` exists) are skipped while watching, and so
-  are damaged ones (reported). Only reads: no lock, no folder created (a missing ``workdir`` is an error, also with
-  ``watch``; a workdir whose training has not saved yet is waited for)."""
+  running training writes, as it appears, until the training's final one (:func:`final_step`; or
+  ``timeout_seconds`` without a new one). While watching, checkpoints already evaluated
+  (``<results_dir>/step_N/results.json`` exists) are skipped; the newest checkpoint, which the training may still
+  be writing, is retried while it does not read back intact, for up to ``settle_seconds`` or until a newer one
+  appears, and only then reported damaged and skipped. Only reads: no lock, no folder created (a missing
+  ``workdir`` is an error, also with ``watch``; a workdir whose training has not saved yet is waited for)."""
   config_checks.validate(config, num_devices=jax.device_count(), mode="evaluate")
   rates = config_checks.rates_of(config)
   if watch and not os.path.isdir(workdir):
@@ -286,8 +300,9 @@ def evaluate_checkpoints(
   results = []
   last_new = time.time()
   done = set()
+  unreadable_since: dict[int, float] = {}
   directory = checkpoints.checkpoints_dir(workdir)
-  print(f"[eval] watching {directory} for new checkpoints (until step {config.train.num_steps})", flush=True)
+  print(f"[eval] watching {directory} for new checkpoints (until step {final_step(config, workdir)})", flush=True)
   while True:
     saved = checkpoints.saved_steps(workdir)
     todo = [
@@ -299,6 +314,10 @@ def evaluate_checkpoints(
       try:
         state, _ = checkpoints.restore_from_workdir(workdir, config, template, s)
       except checkpoints.DamagedCheckpointError as e:
+        first = unreadable_since.setdefault(s, time.time())
+        if s == max(saved) and time.time() - first < settle_seconds:
+          print(f"[eval] step {s} does not read back intact yet (still being written?): retrying", flush=True)
+          continue
         print(f"[eval] skipping step {s}: {e}", flush=True)
       except checkpoints.NoCheckpointError:  # rotated out (or moved aside) since it was listed
         print(f"[eval] skipping step {s}: it was removed before it could be read", flush=True)
@@ -306,7 +325,10 @@ def evaluate_checkpoints(
         results.append(evaluate_state(config, workdir, state, rates))
       done.add(s)
       last_new = time.time()
-    if saved and max(saved) >= config.train.num_steps:
+    evaluated = lambda s: s in done or os.path.exists(
+        os.path.join(results_dir(config, workdir), f"step_{s}", "results.json")
+    )
+    if saved and max(saved) >= final_step(config, workdir) and evaluated(max(saved)):
       break
     if timeout_seconds and time.time() - last_new > timeout_seconds:
       print(f"[eval] no new checkpoint for {timeout_seconds:.0f}s: stopping", flush=True)

@@ -40,7 +40,7 @@ from absl import flags  # noqa: E402
 from dilaff_jax import errors, predict  # noqa: E402
 from dilaff_jax.engine import config_checks, inference, train_state as state, visualize  # noqa: E402
 from dilaff_jax.method import propagation  # noqa: E402
-from dilaff_jax.process import cli, host_memory  # noqa: E402
+from dilaff_jax.process import cli, files, host_memory  # noqa: E402
 
 FORMAT = "dilaff_jax.export/1"
 
@@ -78,7 +78,10 @@ def check_output(path: str) -> None:
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
     raise ExportError(f"--output={path}: the folder {parent} does not exist")
+  read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
   for p in (path, path + ".json"):
+    if read_only:
+      raise ExportError(f"--output={path}: cannot write {p}: {parent} is on a read-only filesystem")
     if (os.path.exists(p) and not os.access(p, os.W_OK)) or not os.access(parent, os.W_OK):
       raise ExportError(f"--output={path}: cannot write {p} (no write permission)")
 
@@ -190,8 +193,7 @@ def export(
       "flip": bool(config.eval.flip),
       "source_checkpoint": {"workdir": os.path.abspath(workdir), "step": step, "dataset": config.dataset.name},
   }
-  with open(output + ".json", "w") as f:
-    json.dump(info, f, indent=1)
+  files.write_atomic(output + ".json", json.dumps(info, indent=1))
   return info
 
 

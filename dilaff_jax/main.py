@@ -45,6 +45,12 @@ flags.DEFINE_bool(
     "With --mode=evaluate: evaluate every new checkpoint as a training run writes it, "
     "until the one at config.train.num_steps.",
 )
+flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "With --mode=train: resume a run with a config that trains differently (e.g. another learning rate); the "
+    "change and its step are recorded in <workdir>/config_history.json.",
+)
 flags.DEFINE_float("watch_timeout", 3600.0, "With --watch: stop after this many seconds without a new checkpoint.")
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/voc.py or configs/voc.py:table1_sqrt.", lock_config=True
@@ -127,7 +133,7 @@ def main(argv) -> None:
   try:
     datasets.resolve_num_classes(config.dataset)  # image_folder: 0 = as many as its classes.txt lists
     if FLAGS.mode == "train":
-      result = train.train_and_evaluate(config, FLAGS.workdir)
+      result = train.train_and_evaluate(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
       if result.get("preempted_at") is not None:
         sys.exit(errors.EXIT_PREEMPTED)
     else:

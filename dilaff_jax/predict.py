@@ -167,6 +167,11 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _to_rgb(img: Image.Image) -> np.ndarray:
   if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit / integer greyscale
     grey = np.asarray(img, np.float32)
+    if not np.isfinite(grey).all():
+      raise ValueError(
+          f"a floating-point image with {int(np.sum(~np.isfinite(grey)))} NaN or infinite pixels; save it as an "
+          "8-bit RGB or greyscale image (PNG or JPEG)"
+      )
     if grey.max(initial=0) > 255:
       grey = grey * (255.0 / 65535.0)
     grey = np.clip(grey + 0.5, 0, 255).astype(np.uint8)

@@ -11,6 +11,7 @@ workdir (:mod:`dilaff_jax.process.workdir_lock`). U-Net's boundary weight maps a
 
 import contextlib
 import functools
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ from dilaff_jax import datasets, errors, evaluate
 from dilaff_jax.datasets import device_feed, input_pipeline
 from dilaff_jax.engine import affinity_stats, checkpoints, config_checks
 from dilaff_jax.method import neighbour_stats, affinity
-from dilaff_jax.process import multihost
+from dilaff_jax.process import files, multihost
 from dilaff_jax.process import preemption as preemption_lib
 from dilaff_jax.engine import visualize
 from dilaff_jax.method import structure_losses
@@ -112,22 +113,111 @@ def _workdir_locked(workdir: str, is_chief: bool) -> Iterator[None]:
     yield
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, hooks: Sequence[Hook] = ()) -> dict:
+# Keys a resume may change without --allow_config_change: they change how a run is logged, saved, evaluated or
+# where its files are, not how its steps are trained. Every change is recorded in config_history.json all the same.
+RESUME_FREE_KEYS = (
+    "eval.",
+    "train.log_every",
+    "train.image_summary_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.eval_at_end",
+    "dataset.data_dir",
+    "dataset.manual_dir",
+    "distributed.",
+)
+CONFIG_HISTORY = "config_history.json"
+
+
+class ConfigChangedError(errors.UserError):
+  """A resume with a config that trains differently from the one the run's first steps were trained with."""
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+  """``{key: (old value, new value)}`` for the keys both JSON configs have and give different values (a key only
+  one of them has is a key of another version of the code, not a change of the run)."""
+  a, b = _flat(old), _flat(new)
+  return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
+
+
+def record_config(
+    workdir: str, config: ml_collections.ConfigDict, step: int, allow_change: bool, write: bool = True
+) -> None:
+  """Writes ``<workdir>/config.json`` (atomically) for a run that starts, or resumes at ``step``. A resume whose
+  config differs from the recorded one is refused, naming the keys, unless every differing key is one of
+  :data:`RESUME_FREE_KEYS` or ``allow_change``; an accepted change is appended to ``config_history.json`` with its
+  step, so the record always says how every step was trained. Every process checks; only one with ``write``
+  writes (multi-host: the chief), so all of them refuse alike."""
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=1)
+  if step > 0 and os.path.isfile(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ConfigChangedError(f"{path} cannot be read ({e}); it records how this run was trained") from None
+    changes = config_changes(old, json.loads(text))
+    if not changes or not write:
+      return
+    binding = [k for k in changes if not k.startswith(RESUME_FREE_KEYS)]
+    if binding and not allow_change:
+      listed = "; ".join(f"{k}: {changes[k][0]!r} -> {changes[k][1]!r}" for k in binding)
+      raise ConfigChangedError(
+          f"--workdir={workdir} was trained to step {step} with another config ({listed}); rerun with the recorded "
+          "values, or pass --allow_config_change to train the remaining steps with the new ones (the change is "
+          f"recorded in {CONFIG_HISTORY})"
+      )
+    history_path = os.path.join(workdir, CONFIG_HISTORY)
+    history = []
+    if os.path.isfile(history_path):
+      with open(history_path) as f:
+        history = json.load(f)
+    history.append({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changes})
+    files.write_atomic(history_path, json.dumps(history, indent=1))
+    print(f"[train] config changed at step {step}: {', '.join(changes)} (recorded in {history_path})", flush=True)
+  if write:
+    files.write_atomic(path, text)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    hooks: Sequence[Hook] = (),
+    allow_config_change: bool = False,
+) -> dict:
   """Trains to ``config.train.num_steps`` (resuming from ``workdir``), then evaluates if configured.
 
   One training per workdir (``<workdir>/train.lock``). ``hooks`` are called as ``hook(step, state)`` after every
-  step (tests use them to interrupt runs). Returns the last training metrics and, when evaluated, the evaluation
-  results.
+  step (tests use them to interrupt runs). A resume with a config that trains differently is refused unless
+  ``allow_config_change`` (:func:`record_config`). Returns the last training metrics and, when evaluated, the
+  evaluation results.
   """
   config_checks.validate(config, num_devices=jax.device_count())
   rates = config_checks.rates_of(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserError(f"--workdir={workdir} is a file, not a folder; give a folder (new or of this run)")
   os.makedirs(workdir, exist_ok=True)
   with _workdir_locked(workdir, jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir, rates, hooks)
+    return _train_and_evaluate(config, workdir, rates, hooks, allow_config_change)
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, rates: affinity.Rates, hooks: Sequence[Hook]
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    rates: affinity.Rates,
+    hooks: Sequence[Hook],
+    allow_config_change: bool = False,
 ) -> dict:
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
@@ -163,9 +253,9 @@ def _train_and_evaluate(
       mngr.reload()
       print(f"[train] resumed from the checkpoint at step {int(state.step)} in {mngr.directory}", flush=True)
     start = int(state.step)
-    if is_chief:  # written once the checkpoint is known to fit this config (predict reads it)
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=1))
+    # written once the checkpoint is known to fit this config (predict reads it); every process checks it
+    record_config(workdir, config, start, allow_config_change, write=is_chief)
+    multihost.barrier("config recorded")
 
     schedule = learning_rate_schedule(config)
     p_step = jax.pmap(

@@ -405,3 +405,18 @@ def test_affinity_accuracy_counts_brute_force(rule):
   # the training step's total: the same counts, summed
   c_all, t_all = affinity.affinity_accuracy_total(jnp.asarray(logits), jnp.asarray(labels), RATES)
   assert (int(c_all), int(t_all)) == (want_c.sum(), want_t.sum()) and want_t.sum() > 0
+
+
+def test_neighbour_inside_matches_a_loop_for_the_image_and_for_each_examples_real_size():
+  offsets = affinity.neighbor_offsets([(1, 2), (3, 3)])
+  size = (5, 7)
+  whole = np.asarray(affinity.neighbour_inside(size, offsets))
+  per_example = np.asarray(affinity.neighbour_inside(size, offsets, jnp.array([5, 3]), jnp.array([7, 4])))
+  constant = affinity.neighbour_inside(size, offsets, xp=np)
+  assert isinstance(constant, np.ndarray) and (constant == whole).all()
+  for k, (s, t) in enumerate(offsets):
+    for i in range(5):
+      for j in range(7):
+        assert whole[i, j, k] == (0 <= i + s < 5 and 0 <= j + t < 7)
+        for b, (h, w) in enumerate(((5, 7), (3, 4))):
+          assert per_example[b, i, j, k] == (0 <= i + s < h and 0 <= j + t < w)

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 import fake_archives
 from dilaff_jax import datasets, errors
+from dilaff_jax.datasets import prepare
 from dilaff_jax.datasets import cityscapes
 from dilaff_jax.datasets import common
 from dilaff_jax.datasets import records
@@ -372,3 +373,31 @@ def test_prepare_command_line_names_a_truncated_archive_in_one_line(tmp_path, fa
       f"error: The archive VOCtrainval_11-May-2012.tar ({manual / voc2012_aug.VOC_ARCHIVE}) is " "damaged or incomplete"
   ), proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_a_full_disk_while_preparing_is_one_error_naming_the_folder_and_the_cause(tmp_path, monkeypatch):
+  """TFDS wraps a full disk ("Failed to finalize writing of split"); prepare names the data_dir and the cause and
+  exits 2 without a traceback. Any other failure keeps its traceback (a bug)."""
+  import errno as errno_lib
+
+  def full(self, download_config=None):
+    try:
+      raise OSError(errno_lib.ENOSPC, "No space left on device")
+    except OSError as e:
+      raise RuntimeError("Failed to finalize writing of split 'train'") from e
+
+  monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "download_and_prepare", full)
+  with pytest.raises(
+      errors.UserError,
+      match=rf"preparing synthetic_shapes/tiny in {tmp_path}.* failed: \[Errno "
+      rf"{errno_lib.ENOSPC}\] No space left on device \(\d+ MiB free there\); free disk space",
+  ):
+    datasets.get_builder("synthetic_shapes/tiny", data_dir=tmp_path)
+  assert prepare.main(["--dataset=synthetic_shapes/tiny", f"--data_dir={tmp_path}"]) == 2
+
+  def bug(self, download_config=None):
+    raise RuntimeError("something else")
+
+  monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "download_and_prepare", bug)
+  with pytest.raises(RuntimeError, match="something else"):
+    datasets.get_builder("synthetic_shapes/tiny", data_dir=tmp_path)

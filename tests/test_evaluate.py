@@ -314,3 +314,43 @@ def test_multiscale_affinity_comes_from_the_scale_one_passes_only():
   np.testing.assert_allclose(pm[..., 0], want, rtol=1e-5)  # probabilities: the mean over every scale and flip
   with pytest.raises(ValueError, match="lack 1.0"):
     inference.predict(fake_model, None, images, scales=(0.5, 1.5), flip=False, **kw)
+
+
+def test_watch_retries_the_checkpoint_being_written_and_follows_the_workdirs_final_step(tmp_path, monkeypatch):
+  """The newest checkpoint may still be in writing: a first unreadable read is 'not yet' (retried), not 'damaged';
+  an older unreadable one is damaged at once. The watch ends at the final step of the workdir's own config.json
+  (6 here), not at the one of the config it was given (4)."""
+  from dilaff_jax.engine import checkpoints
+
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps({"train": {"num_steps": 6}}))
+  config = synthetic.get_config("tiny")  # train.num_steps = 4
+  config.eval.output_dir = str(tmp_path / "eval")
+  listings = iter([[2], [2, 4], [2, 4], [2, 4, 6], [2, 4, 6], [2, 4, 6]])
+  reads = []
+
+  def restore(wd, cfg, template, step):
+    reads.append(step)
+    if step == 4 and reads.count(4) == 1 or step == 6 and reads.count(6) <= 2:  # being written
+      raise checkpoints.DamagedCheckpointError(f"step {step}: Truncated Zstd-compressed stream", step, "truncated")
+    return step, {}
+
+  monkeypatch.setattr(checkpoints, "saved_steps", lambda wd: next(listings))
+  monkeypatch.setattr(checkpoints, "restore_from_workdir", restore)
+  monkeypatch.setattr(evaluate, "evaluate_state", lambda cfg, wd, state, rates: {"step": state})
+  monkeypatch.setattr(evaluate.config_checks, "validate", lambda *a, **k: None)
+  results = evaluate.evaluate_checkpoints(config, str(workdir), watch=True, poll_seconds=0.0, settle_seconds=60)
+  assert [r["step"] for r in results] == [2, 4, 6]
+  assert reads == [2, 4, 4, 6, 6, 6]
+  # past the settling time an unreadable newest checkpoint is reported damaged and skipped
+  listings = iter([[2], [2]])
+  (workdir / "config.json").write_text(json.dumps({"train": {"num_steps": 2}}))
+  reads.clear()
+  monkeypatch.setattr(
+      checkpoints,
+      "restore_from_workdir",
+      lambda *a: (_ for _ in ()).throw(checkpoints.DamagedCheckpointError("step 2: bad bytes", 2, "bytes")),
+  )
+  monkeypatch.setattr(checkpoints, "saved_steps", lambda wd: next(listings))
+  assert evaluate.evaluate_checkpoints(config, str(workdir), watch=True, poll_seconds=0.0, settle_seconds=0) == []

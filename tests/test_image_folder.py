@@ -406,3 +406,27 @@ def test_export_errors_are_one_line(folder, tmp_path, capsys):
     assert export.main(argv) == 2, argv
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and expected in err[0], (argv, err)
+
+
+def test_nan_pixels_and_16_bit_masks_are_named_for_what_they_are(tmp_path):
+  """A float image with NaN (a TIFF saved as .png) is refused in prepare's reader and in predict's, instead of
+  becoming 0/255 with a numpy warning; a 16-bit mask is told it is 16-bit, not 'colours'."""
+  from PIL import Image
+
+  grey = np.full((4, 5), 100.0, np.float32)
+  grey[1, 2] = np.nan
+  grey[3, 0] = np.inf
+  bad = tmp_path / "nan.tif"
+  Image.fromarray(grey, mode="F").save(bad)
+  with pytest.raises(errors.UserError, match=r"cannot read the image .*nan.tif: a floating-point image with 2 NaN or"):
+    image_folder.read_rgb(str(bad))
+  with pytest.raises(errors.UserError, match=r"cannot read image .*nan.tif: a floating-point image with 2 NaN or"):
+    predict.read_image(str(bad))
+  ok = tmp_path / "ok.tif"
+  Image.fromarray(np.full((4, 5), 100.0, np.float32), mode="F").save(ok)
+  assert (image_folder.read_rgb(str(ok)) == 100).all() and (predict.read_image(str(ok)) == 100).all()
+  mask = tmp_path / "mask16.png"
+  Image.fromarray(np.ones((4, 5), np.uint16) * 3).save(mask)
+  with pytest.raises(errors.UserError, match="16-bit or 32-bit values: save the class indices as an 8-bit") as e:
+    image_folder.read_mask(str(mask), num_classes=5)
+  assert "colours" not in str(e.value)

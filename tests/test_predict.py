@@ -491,3 +491,18 @@ def test_max_size_predicts_downscaled_and_writes_at_the_original_size(trained, i
   want = predict.resize_mask(raw_probs.argmax(-1).astype(np.uint8), (37, 50))
   np.testing.assert_array_equal(mask[clear], want[clear])
   assert len(np.unique(mask)) >= 2
+
+
+def test_export_names_a_read_only_filesystem_and_a_missing_permission_apart(tmp_path, monkeypatch):
+  from dilaff_jax import export
+
+  real = os.statvfs
+  ro = type("StatVfs", (), {"f_flag": os.ST_RDONLY})()
+  monkeypatch.setattr(os, "statvfs", lambda p: ro)
+  with pytest.raises(export.ExportError, match=f"cannot write {tmp_path}/m.jaxexport: {tmp_path} is on a read-only "):
+    export.check_output(str(tmp_path / "m.jaxexport"))
+  monkeypatch.setattr(os, "statvfs", real)
+  export.check_output(str(tmp_path / "m.jaxexport"))  # writable: passes
+  monkeypatch.setattr(os, "access", lambda p, mode: False)
+  with pytest.raises(export.ExportError, match="no write permission"):
+    export.check_output(str(tmp_path / "m.jaxexport"))

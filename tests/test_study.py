@@ -69,8 +69,10 @@ def test_plan_is_seed_major_and_resolve_reads_num_steps():
   rows = study.resolve(study.parse_rows(["tiny"], "b=tiny@train.num_steps=7#1,2", [0, 1]), "configs/synthetic.py", [])
   assert [r.final_step for r in rows] == [4, 7]
   assert [(r.name, s) for r, s in study.plan(rows)] == [("tiny", 0), ("tiny", 1), ("b", 1), ("b", 2)]
-  with pytest.raises(study.StudyError, match="train.bogus"):
+  with pytest.raises(study.StudyError, match="config.train.bogus: no such key; did you mean config.train.momentum"):
     study.resolve(study.parse_rows([], "a=tiny@train.bogus=1", [0]), "configs/synthetic.py", [])
+  with pytest.raises(study.StudyError, match="config.nosuch: no such key"):  # not a bare 'nosuch'
+    study.resolve(study.parse_rows([], "a=tiny@nosuch=1", [0]), "configs/synthetic.py", [])
 
 
 def test_eta_from_the_durations_of_each_kind():

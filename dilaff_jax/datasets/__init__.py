@@ -12,7 +12,9 @@ store ``class_names`` / ``num_classes`` / ``ignore_label`` in ``builder.info.met
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 
 import tensorflow_datasets as tfds
 
@@ -122,5 +124,42 @@ def get_builder(
   builder = tfds.builder(name, data_dir=data_dir, **kwargs)
   if prepare:
     download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
-    builder.download_and_prepare(download_config=download_config)
+    try:
+      builder.download_and_prepare(download_config=download_config)
+    except Exception as e:  # noqa: BLE001  (a full disk reaches us wrapped in TFDS's or TensorFlow's errors)
+      cause = _disk_error(e)
+      if cause is None:
+        raise
+      raise errors.UserError(
+          f"preparing {name} in {builder.data_dir} failed: {cause} ({_free_mib(builder.data_dir)} MiB free there); "
+          "free disk space (or give --data_dir / dataset.data_dir on another disk) and rerun: TFDS keeps unfinished "
+          "files under an 'incomplete' name, so nothing half-written is read as the dataset"
+      ) from e
   return builder
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def _disk_error(error: BaseException) -> str | None:
+  """``"[Errno N] text"`` of the full disk, quota, read-only filesystem or permission error anywhere in
+  ``error``'s chain (TFDS wraps it, e.g. "Failed to finalize writing of split"), else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+      return f"[Errno {error.errno}] {error.strerror}"
+    if "No space left on device" in str(error):
+      return f"[Errno {errno.ENOSPC}] No space left on device"
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _free_mib(path: str) -> str:
+  folder = os.fspath(path)
+  while folder and not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  try:
+    return f"{shutil.disk_usage(folder or '.').free / 2**20:.0f}"
+  except OSError:
+    return "?"

@@ -214,6 +214,11 @@ def read_rgb(path: str) -> np.ndarray:
       img = ImageOps.exif_transpose(img)
       if img.mode in ("I", "F") or img.mode.startswith("I;16"):  # 16-bit greyscale
         grey = np.asarray(img, np.float32)
+        if not np.isfinite(grey).all():
+          raise ValueError(
+              f"a floating-point image with {int(np.sum(~np.isfinite(grey)))} NaN or infinite pixels; save it as "
+              "an 8-bit RGB or greyscale image (PNG or JPEG)"
+          )
         grey = grey * (255.0 / 65535.0) if grey.max(initial=0) > 255 else grey
         return np.repeat(np.clip(grey + 0.5, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
       if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
@@ -244,8 +249,10 @@ def read_mask(path: str, num_classes: int, image_hw: tuple[int, int] | None = No
       label = common.read_index_png(f.read(), path)
   except ValueError as e:  # Pillow's mode or decoding: RGB masks are refused here
     message = str(e)
-    if "Pillow mode" in message:
+    if "Pillow mode 'RGB" in message or "Pillow mode 'LA'" in message:
       message += " Save the mask as class indices (a palette or greyscale PNG), not colours."
+    elif "Pillow mode 'I" in message or "Pillow mode 'F'" in message:
+      message += " It holds 16-bit or 32-bit values: save the class indices as an 8-bit greyscale or palette PNG."
     raise FolderError(message) from None
   values, counts = np.unique(label, return_counts=True)
   bad = (values >= num_classes) & (values != common.IGNORE_LABEL)

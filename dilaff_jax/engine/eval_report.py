@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 
 from dilaff_jax.engine import visualize
+from dilaff_jax.process import files
 
 
 def _iterations(n: int) -> str:
@@ -88,11 +89,9 @@ def write(results: dict, out_dir: str, class_names: Sequence[str], writer=None) 
   """Writes ``results.json``, ``results.md`` and (with affinity) ``affinity_accuracy.png`` to ``out_dir``, prints
   the Markdown and, with a CLU ``writer``, its :func:`scalars` at the evaluated step."""
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  files.write_atomic(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
   md = markdown(results, class_names)
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write(md)
+  files.write_atomic(os.path.join(out_dir, "results.md"), md)
   if "affinity_accuracy" in results:
     visualize.plot_affinity_accuracy(
         results["affinity_accuracy"],

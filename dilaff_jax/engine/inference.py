@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dilaff_jax.method import affinity, propagation
@@ -92,11 +91,4 @@ def predict_as_configured(
 def inside_mask(heights: jax.Array, widths: jax.Array, size: tuple[int, int], rates: affinity.Rates) -> jax.Array:
   """``[B, H, W, 8·|R|]`` bool: the neighbour of each direction lies inside the example's real (unpadded) image.
   Propagation must not pull predictions in from the padding: a neighbour outside the image contributes nothing."""
-  rows = jnp.arange(size[0])[None, :, None]
-  cols = jnp.arange(size[1])[None, None, :]
-  h = heights[:, None, None]
-  w = widths[:, None, None]
-  masks = [
-      (rows + s >= 0) & (rows + s < h) & (cols + t >= 0) & (cols + t < w) for s, t in affinity.neighbor_offsets(rates)
-  ]
-  return jnp.stack(masks, axis=-1)
+  return affinity.neighbour_inside(size, affinity.neighbor_offsets(rates), heights, widths)

@@ -33,14 +33,12 @@ class SegmentationMetrics(metrics.Collection):
   learning_rate: metrics.LastValue.from_output("learning_rate")
 
 
-@flax.struct.dataclass
-class AffinityMetrics(metrics.Collection):  # clu reads only a class's own annotations: no inheritance
-  loss: metrics.Average.from_output("loss")
-  ce_loss: metrics.Average.from_output("ce_loss")
-  pixel_accuracy: metrics.Average.from_output("pixel_accuracy")
-  learning_rate: metrics.LastValue.from_output("learning_rate")
-  affinity_loss: metrics.Average.from_output("affinity_loss")
-  affinity_accuracy: metrics.Average.from_output("affinity_accuracy")
+# clu reads only a class's own annotations (no inheritance): the segmentation metrics plus the affinity ones
+AffinityMetrics = metrics.Collection.create(
+    **SegmentationMetrics.__annotations__,
+    affinity_loss=metrics.Average.from_output("affinity_loss"),
+    affinity_accuracy=metrics.Average.from_output("affinity_accuracy"),
+)
 
 
 @functools.cache

@@ -115,6 +115,22 @@ def neighbor_offsets(rates: Sequence[RateSpec]) -> tuple[tuple[int, int], ...]:
   return tuple(offsets)
 
 
+def neighbour_inside(size: tuple[int, int], offsets, heights=None, widths=None, xp=jnp):
+  """Bool ``[H, W, K]`` (``[B, H, W, K]`` with per-example ``heights`` and ``widths``): the neighbour
+  ``(i + s, j + t)`` of each of the ``K`` ``offsets`` lies inside the image, i.e. inside ``size`` or, when given,
+  inside the example's real (unpadded) ``heights[b] x widths[b]``. ``xp``: ``jnp``, or ``np`` for a constant."""
+  h, w = size
+  s = xp.asarray([o[0] for o in offsets], xp.int32)
+  t = xp.asarray([o[1] for o in offsets], xp.int32)
+  rows = xp.arange(h)[:, None, None] + s
+  cols = xp.arange(w)[None, :, None] + t
+  if heights is None:
+    return (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+  hb = xp.asarray(heights)[:, None, None, None]
+  wb = xp.asarray(widths)[:, None, None, None]
+  return (rows >= 0)[None] & (rows[None] < hb) & (cols >= 0)[None] & (cols[None] < wb)
+
+
 def affinity_targets(
     labels: jax.Array, rates: Sequence[RateSpec], ignore_label: int = IGNORE_LABEL
 ) -> tuple[jax.Array, jax.Array]:
@@ -134,15 +150,13 @@ def affinity_targets(
   labels = jnp.asarray(labels)
   if labels.ndim != 3:
     raise ValueError(f"affinity_targets: labels must be [B, H, W], got shape {labels.shape}")
-  _, h, w = labels.shape
-  rows = jnp.arange(h)[:, None]
-  cols = jnp.arange(w)[None, :]
+  offsets = neighbor_offsets(rates)
+  inside = neighbour_inside(labels.shape[1:], offsets)
   centre_ok = labels != ignore_label
   targets, valid = [], []
-  for s, t in neighbor_offsets(rates):
+  for k, (s, t) in enumerate(offsets):
     nb = jnp.roll(labels, shift=(-s, -t), axis=(1, 2))  # nb[i, j] = labels[i + s, j + t] (wrapped)
-    inside = (rows + s >= 0) & (rows + s < h) & (cols + t >= 0) & (cols + t < w)
-    v = inside[None] & centre_ok & (nb != ignore_label)
+    v = inside[None, :, :, k] & centre_ok & (nb != ignore_label)
     valid.append(v)
     targets.append(v & (nb == labels))
   valid = jnp.stack(valid, axis=-1)

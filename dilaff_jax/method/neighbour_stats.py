@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -23,6 +22,7 @@ import numpy as np
 from dilaff_jax import errors
 from dilaff_jax.method import affinity
 from dilaff_jax.method.conventions import IGNORE_LABEL
+from dilaff_jax.process import files
 
 FORMAT_VERSION = 2  # 2: records the n_k rule (partial_neighbors); version 1 files were counted with "count" and
 # put pixels without valid neighbours into n_0
@@ -166,12 +166,8 @@ class AffinityStats:
     )
 
   def save(self, path: str) -> None:
-    """Writes JSON atomically (temporary file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-      json.dump(self.to_json(), f, indent=1)
-    os.replace(tmp, path)
+    """Writes JSON atomically (temporary file + rename); a full disk is one named error."""
+    files.write_atomic(path, json.dumps(self.to_json(), indent=1))
 
   @classmethod
   def load(cls, path: str) -> "AffinityStats":

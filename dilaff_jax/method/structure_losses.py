@@ -171,15 +171,12 @@ def aaf_loss_sum(
   onehot = jax.nn.one_hot(jnp.where(labelled, labels, -1), num_classes, dtype=jnp.bool_)  # void: all False
   centre_class = jnp.where(labelled, labels, 0)
   _, h, w = labels.shape
-  rows = np.arange(h)[:, None, None]
-  cols = np.arange(w)[None, :, None]
   offsets = affinity.neighbor_offsets([(d, d) for d in dilations])  # 8 per size, size-major
   num_sizes = len(dilations)
   # corners(x)[b, i, j, o] = x[b, i + s_o, j + t_o]; outside the image the border mask drops the pair, and the
   # probabilities there are 1 so that the dropped KL terms (and their gradients) stay finite
   corners = functools.partial(_corners, offsets=offsets, pad=max(dilations))
-  ds, dt = np.array([o[0] for o in offsets]), np.array([o[1] for o in offsets])
-  inside = (rows + ds >= 0) & (rows + ds < h) & (cols + dt >= 0) & (cols + dt < w)  # [h, w, 8S], static
+  inside = affinity.neighbour_inside((h, w), offsets, xp=np)  # [h, w, 8S], static
   opposite = np.concatenate([8 * k + 7 - np.arange(8) for k in range(num_sizes)])  # row-major: o <-> 7 - o
   labelled_corners = corners(labelled)  # False outside the image
   valid = inside[None] & labelled[..., None] & labelled_corners & labelled_corners[..., opposite]

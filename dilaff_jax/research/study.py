@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from dilaff_jax import errors
+from dilaff_jax.process import cli, files
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file of every run, e.g. configs/synthetic.py (no variant).")
@@ -174,6 +175,9 @@ def load_config(config_path: str, variant: str, overrides: Sequence[str]):
     values(argv)
     return values.config
   except (flags.Error, ValueError, KeyError, AttributeError, TypeError, FileNotFoundError, ImportError) as e:
+    named = cli.flag_error(e, argv[1:])  # a --config.KEY that names no key: the nearest key, as the main job says
+    if "no such key" in str(named):
+      raise StudyError(f"{' '.join(argv[1:])}: {named}") from None
     if isinstance(e, KeyError):
       e = ValueError(f"no config key {e} (see configs/default.py)")
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -345,8 +349,8 @@ def run_study(
       folder = run_dir(workdir, row, seed)
       os.makedirs(folder, exist_ok=True)
       cmd = command(config_path, overrides, rows, row, seed, workdir)
-      with open(os.path.join(folder, "run.json"), "w") as f:
-        json.dump({"row": dataclasses.asdict(row), "seed": seed, "command": cmd[1:]}, f, indent=1)
+      run = {"row": dataclasses.asdict(row), "seed": seed, "command": cmd[1:]}
+      files.write_atomic(os.path.join(folder, "run.json"), json.dumps(run, indent=1))
       log_path = os.path.join(folder, "log.txt")
       start = time.time()
       with open(log_path, "a") as log:
@@ -712,10 +716,8 @@ def write_aggregates(
       "aggregate": aggregate(rows, results, baseline),
       "comparisons": [compare(results, a, b) for a, b in comparisons],
   }
-  with open(os.path.join(workdir, "study.json"), "w") as f:
-    json.dump(study, f, indent=1)
-  with open(os.path.join(workdir, "study.md"), "w") as f:
-    f.write(markdown(study))
+  files.write_atomic(os.path.join(workdir, "study.json"), json.dumps(study, indent=1))
+  files.write_atomic(os.path.join(workdir, "study.md"), markdown(study))
   plot(study, os.path.join(workdir, "study.png"))
   return study
 
@@ -743,8 +745,7 @@ def export(workdir: str, rows: Sequence[Row], destination: str) -> list[str]:
       if name.endswith(".json"):  # the runs' commands and configs name the study folder: keep paths inside it
         with open(os.path.join(workdir, name)) as f:
           text = f.read()
-        with open(os.path.join(destination, name), "w") as f:
-          f.write(text.replace(prefix, ""))
+        files.write_atomic(os.path.join(destination, name), text.replace(prefix, ""))
       else:
         shutil.copyfile(os.path.join(workdir, name), os.path.join(destination, name))
       copied.append(name)

@@ -1,0 +1,43 @@
+"""Files written whole or not at all: a temporary file beside the target, flushed to disk, renamed over it. A crash
+or a full disk leaves the old file (or none), never a truncated one, and a failed write is one named error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from dilaff_jax import errors
+
+
+class WriteError(errors.UserError, OSError):
+  """A file could not be written (full disk, no permission, read-only filesystem): names the path and the cause."""
+
+
+def _free_space(folder: str) -> str:
+  try:
+    return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free there"
+  except OSError:
+    return "free space unknown"
+
+
+def write_atomic(path: str, content: str | bytes) -> None:
+  """Writes ``content`` to ``path`` atomically (temporary file + fsync + rename); creates the folder. On failure
+  the temporary file is removed, ``path`` is as it was, and :class:`WriteError` says what to do."""
+  folder = os.path.dirname(os.path.abspath(path))
+  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+      f.write(content)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise WriteError(
+        f"writing {path} failed: [Errno {e.errno}] {e.strerror} ({_free_space(folder)}); free disk space or fix the "
+        "folder's permissions and rerun (the file is unchanged)"
+    ) from None
