@@ -22,8 +22,13 @@ from configs import default, synthetic, variants
 
 def get_config(variant: str = ""):
   if variant in ("small", "small_baseline"):
-    c = synthetic.get_config()  # the demo's model size, rates, β, iterations and schedule
+    c = synthetic.get_config()  # the demo's model size, rates, β and iterations
     c.model.pretrained = "none"  # random init on purpose
+    # sized for images of about 100-130 px (the demo's scenes are twice that): crop 97, batch 8, 600 steps
+    c.dataset.crop_size = 97
+    c.train.batch_size = 8
+    c.train.num_steps = 600
+    c.eval.max_images = 0  # the whole val split
   else:
     c = default.get_config()
     c.affinity.rates = (8, (12, 24), 16)

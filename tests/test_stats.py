@@ -73,7 +73,7 @@ def test_streaming_matches_brute_force_over_maps_of_different_sizes(rule):
 
 
 def test_json_round_trip_and_select(tmp_path):
-  s = stats_lib.compute_stats([HAND_MAP, HAND_MAP.T], [(1, 1), (1, 2)], source="hand", partial_neighbors="count")
+  s = stats_lib.compute_stats([HAND_MAP, HAND_MAP.T], [(1, 1), (2, 3)], source="hand", partial_neighbors="count")
   path = tmp_path / "sub" / "stats.json"
   s.save(str(path))
   back = AffinityStats.load(str(path))
@@ -81,12 +81,12 @@ def test_json_round_trip_and_select(tmp_path):
   np.testing.assert_array_equal(back.freq, s.freq)
   np.testing.assert_array_equal(back.pos_freq, s.pos_freq)
   np.testing.assert_array_equal(back.counts.category, s.counts.category)
-  sel = back.select([(1, 2)])
+  sel = back.select([(2, 3)])
   np.testing.assert_array_equal(sel.freq[0], s.freq[1])
   with pytest.raises(ValueError, match="not in the statistics"):
     back.select([(3, 3)])
   data = json.loads(path.read_text())
-  assert data["rates"] == [[1, 1], [1, 2]] and data["partial_neighbors"] == "count"
+  assert data["rates"] == [[1, 1], [2, 3]] and data["partial_neighbors"] == "count"
   # a file of the first format (no rule recorded, void-neighbour pixels in n_0) is refused with what to do
   data["format_version"] = 1
   del data["partial_neighbors"]

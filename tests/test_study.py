@@ -216,7 +216,7 @@ def test_comparisons_of_two_rows_seed_by_seed(tmp_path):
   two = by["aff2", "aff"]["miou_propagated"]
   assert two["against"] == "miou_propagated" and two["values"] == pytest.approx({"0": 0.05, "1": -0.02})
   md = open(os.path.join(w, "study.md")).read()
-  assert "| aff | plain | mIoU | +1.50 ± 3.54 (n=2, t = 0.60, p = 0.66) | 1/2 | 0: +4.00, 1: -1.00 |" in md
+  assert "| aff | plain | mIoU | +1.50 ± 3.54 (n=2, t = 0.60, p = 0.66; sign p = 1) | 1/2 | 0: +4.00, 1: -1.00 |" in md
   assert "| aff | one | mIoU with propagation against mIoU | -2.00 (n=1) | 0/1 | 1: -2.00 |" in md
   # --aggregate_only without rows reads the comparisons back from study.json
   assert study._rows_from_study_json(w)[4] == ["aff:plain", "aff:one", "one:aff", "aff2:aff"]

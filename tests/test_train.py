@@ -262,7 +262,7 @@ def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):
         ("dataset.max_scale", 0.25, "config.dataset.max_scale = 0.25: must be >= dataset.min_scale"),
         ("model.pretrained", "/nonexistent/r101.safetensors", "config.model.pretrained = '/nonexistent"),
         ("train.warmup_steps", -5, r"config.train.warmup_steps = -5: expected an integer >= 0"),
-        ("train.warmup_steps", 600, r"config.train.warmup_steps = 600: must be < train.num_steps \(600\)"),
+        ("train.warmup_steps", 500, r"config.train.warmup_steps = 500: must be < train.num_steps \(500\)"),
         ("eval.max_images", -1, r"config.eval.max_images = -1: expected an integer >= 0"),
         ("seed", -1, r"config.seed = -1: expected an integer >= 0"),
         ("dataset.eval_pad_size", (129,), r"config.dataset.eval_pad_size = \(129,\): expected \(height, width\)"),
