@@ -66,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.affinity.lam = 6.0  # λ of propagation (Eq. 6)
   c.affinity.mu = 7.0  # μ of the steep sigmoid (Eq. 7)
   c.affinity.iterations = 10  # propagation iterations reported as the final result
+  # "paper": Eq. 6 as printed (p in both terms); "anchored": the self term stays on the network's prediction p⁰
+  c.affinity.propagation_reading = "paper"
 
   # --- structure losses of Table 5's comparisons (dilaff_jax/method/structure_losses.py) ---
   c.structure = ml_collections.ConfigDict()

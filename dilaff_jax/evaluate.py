@@ -64,10 +64,11 @@ def eval_step(
     sweeps = {"predicted": aff * inside}
     if config.eval.ground_truth_oracle:
       sweeps["oracle"] = propagation.gt_affinity(labels, rates, ign)
+    anchor = probs if config_checks.propagation_reading(config) == "anchored" else None
     for name, a in sweeps.items():
       p, done = probs, 0
       for it in sorted(iterations):
-        p = propagation.propagate(p, a, rates, lam=config.affinity.lam, iterations=it - done)
+        p = propagation.propagate(p, a, rates, lam=config.affinity.lam, iterations=it - done, anchor=anchor)
         done = it
         out[eval_metrics.sweep_name(name, it)] = eval_metrics.confusion_matrix(labels, jnp.argmax(p, -1), c, valid)
     # Fig. 4: affinity accuracy per rate and n_k, from the logits' sign (σ > 0.5 <=> steep σ > 0.5)
@@ -113,7 +114,10 @@ def save_examples_figure(
   }
   if rates:
     inside = inference.inside_mask(jnp.asarray(flat["height"][keep]), jnp.asarray(flat["width"][keep]), size, rates)
-    refined = propagation.propagate(probs, aff * inside, rates, config.affinity.lam, int(config.affinity.iterations))
+    anchor = probs if config_checks.propagation_reading(config) == "anchored" else None
+    refined = propagation.propagate(
+        probs, aff * inside, rates, config.affinity.lam, int(config.affinity.iterations), anchor=anchor
+    )
     columns[f"propagated ({config.affinity.iterations} it.)"] = visualize.colorize(
         np.asarray(refined).argmax(-1), palette
     )

@@ -135,7 +135,10 @@ def serving_function(config: ml_collections.ConfigDict, variables, size: tuple[i
     )
     if rates:
       inside = inference.inside_mask(jnp.array([height]), jnp.array([width]), padded, rates)
-      probs = propagation.propagate(probs, aff * inside, rates, lam=float(config.affinity.lam), iterations=iterations)
+      anchor = probs if config_checks.propagation_reading(config) == "anchored" else None
+      probs = propagation.propagate(
+          probs, aff * inside, rates, lam=float(config.affinity.lam), iterations=iterations, anchor=anchor
+      )
     probs = probs[:, :height, :width].astype(jnp.float32)
     return jnp.argmax(probs, -1).astype(jnp.int32), probs
 

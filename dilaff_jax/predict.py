@@ -244,10 +244,11 @@ def _network(variables, x, *, apply_fn, config, rates):
   return jnp.argmax(probs[0], -1).astype(jnp.uint8), probs, aff
 
 
-def _refine(probs, aff, height, width, *, rates, lam, iterations):
+def _refine(probs, aff, height, width, *, rates, lam, iterations, anchored=False):
   """Eq. 6 on the padded prediction; a neighbour in the padding weighs nothing (it is outside the image)."""
   inside = inference.inside_mask(height[None], width[None], probs.shape[1:3], rates)
-  p = propagation.propagate(probs, aff * inside, rates, lam=lam, iterations=iterations)
+  anchor = probs if anchored else None
+  p = propagation.propagate(probs, aff * inside, rates, lam=lam, iterations=iterations, anchor=anchor)
   return jnp.argmax(p[0], -1).astype(jnp.uint8)
 
 
@@ -261,7 +262,11 @@ def make_predictor(config: ml_collections.ConfigDict, variables):
   refine = (
       jax.jit(
           functools.partial(
-              _refine, rates=rates, lam=float(config.affinity.lam), iterations=int(config.affinity.iterations)
+              _refine,
+              rates=rates,
+              lam=float(config.affinity.lam),
+              iterations=int(config.affinity.iterations),
+              anchored=config_checks.propagation_reading(config) == "anchored",
           )
       )
       if rates

@@ -45,9 +45,13 @@ tune_sqrt_b0.3_lam3=evaluate:tune_sqrt_b0.3@affinity.lam=3.0
 tune_sqrt_b0.3_lam12=evaluate:tune_sqrt_b0.3@affinity.lam=12.0
 tune_sqrt_b1_lam3=evaluate:tune_sqrt_b1@affinity.lam=3.0
 tune_sqrt_b1_lam12=evaluate:tune_sqrt_b1@affinity.lam=12.0
+tune_sqrt_b0.1_anchored=evaluate:tune_sqrt_b0.1@affinity.propagation_reading=anchored
+tune_sqrt_b0.3_anchored=evaluate:tune_sqrt_b0.3@affinity.propagation_reading=anchored
+tune_sqrt_b1_anchored=evaluate:tune_sqrt_b1@affinity.propagation_reading=anchored
 "
-# Propagation's λ (and, from each evaluation's sweep 0-10, its iteration count) is chosen with the default's β on
-# the same tune runs: the *_lam* rows only evaluate them again (λ = 6 is the training rows' own evaluation).
+# Propagation's λ (and, from each evaluation's sweep 0-10, its iteration count) and its reading of Eq. 6 (the paper's,
+# or the self term anchored on the network's prediction) are chosen with the default's β on the same tune runs: the
+# *_lam* and *_anchored rows only evaluate them again (λ = 6 and the paper's reading: the training rows' own).
 TUNE_COMPARE="tune_sqrt_b0.3:tune_t1_sqrt_b0.3,tune_aaf_w1:tune_sqrt_b0.3,tune_boundary_w10:tune_sqrt_b0.3"
 # Stage 2. Headline rows at 5 seeds; the rest of Tables 1 and 2 at 3; *_fresh: seeds 5, 6, 7, which no other row
 # uses, for every claim of the paper that a headline row tests (default better than plain, than AAF, than boundary

@@ -13,8 +13,9 @@ from test_affinity import IGN, brute_offsets, brute_targets
 RATES = ((1, 2), (2, 1), (7, 9))  # asymmetric, and (7, 9) larger than the test images
 
 
-def brute_propagate(p, a, rates, lam, iterations):
+def brute_propagate(p, a, rates, lam, iterations, anchored=False):
   p = np.array(p, np.float64)
+  p0 = p.copy()
   a = np.asarray(a, np.float64)
   offs = brute_offsets(rates)
   b, h, w, c = p.shape
@@ -23,7 +24,8 @@ def brute_propagate(p, a, rates, lam, iterations):
     for n in range(b):
       for i in range(h):
         for j in range(w):
-          v = lam * p[n, i, j] * p[n, i, j].max()
+          own = p0[n, i, j] if anchored else p[n, i, j]
+          v = lam * own * own.max()
           for d, (s, t) in enumerate(offs):
             if 0 <= i + s < h and 0 <= j + t < w:
               v = v + a[n, i, j, d] * p[n, i + s, j + t]
@@ -55,6 +57,24 @@ def test_propagate_matches_brute_force(iterations):
   got = propagation.propagate(jnp.asarray(p), jnp.asarray(a), RATES, lam=6.0, iterations=iterations)
   want = brute_propagate(p, a, RATES, 6.0, iterations)
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 5])
+def test_anchored_reading_matches_brute_force_and_differs_from_the_papers(iterations):
+  """The anchored reading keeps λ·p⁰·max p⁰ (the network's prediction) as the self term of every iteration."""
+  p, a = random_inputs(2, c=11)  # 11 classes: padded to 16 inside, the padding must stay out of the self term
+  p, a = jnp.asarray(p), jnp.asarray(a)
+  got = propagation.propagate(p, a, RATES, lam=6.0, iterations=iterations, anchor=p)
+  want = brute_propagate(p, a, RATES, 6.0, iterations, anchored=True)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-6)
+  paper = brute_propagate(p, a, RATES, 6.0, iterations)
+  assert (iterations == 1) == np.allclose(want, paper, atol=1e-6)  # one step is the same, two are not
+  # a sweep continued from an intermediate state keeps the anchor: 1 then iterations - 1 more = iterations at once
+  first = propagation.propagate(p, a, RATES, lam=6.0, iterations=1, anchor=p)
+  rest = propagation.propagate(first, a, RATES, lam=6.0, iterations=iterations - 1, anchor=p)
+  np.testing.assert_allclose(np.asarray(rest), want, rtol=2e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="anchor has shape"):
+    propagation.propagate(p, a, RATES, anchor=p[:1])
 
 
 def test_propagate_zero_iterations_is_identity_and_outputs_are_distributions():

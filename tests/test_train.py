@@ -256,6 +256,7 @@ def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):
         ("affinity.scheme", "sqrt-reweight", "config.affinity.scheme = 'sqrt-reweight': expected one of"),
         ("affinity.rates", (), "config.affinity.rates = \\(\\): "),
         ("affinity.rates", (8, (8, 16)), "config.affinity.rates = .*share the neighbour offsets \\(-8, 0\\)"),
+        ("affinity.propagation_reading", "crf", "config.affinity.propagation_reading = 'crf': expected one of"),
         ("train.batch_size", 6, "config.train.batch_size = 6: must be divisible by the number of devices \\(4\\)"),
         ("model.depth", 42, "config.model.depth = 42"),
         ("model.multi_grid", (1, 2, 4), "config.model.multi_grid = \\(1, 2, 4\\): expected 2 positive ints"),

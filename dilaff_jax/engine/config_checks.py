@@ -8,7 +8,7 @@ import os
 import ml_collections
 
 from dilaff_jax import errors
-from dilaff_jax.method import affinity
+from dilaff_jax.method import affinity, propagation
 from dilaff_jax.models.deeplab import DeepLabV3Plus
 
 
@@ -129,6 +129,11 @@ def _check_pretrained(config: ml_collections.ConfigDict) -> None:
 
 
 STRUCTURE_KINDS = ("none", "aaf", "boundary")
+
+
+def propagation_reading(config: ml_collections.ConfigDict) -> str:
+  """``config.affinity.propagation_reading``; ``"paper"`` for a config without the key (older runs)."""
+  return config.affinity.get("propagation_reading", "paper")
 
 
 def structure_kind(config: ml_collections.ConfigDict) -> str:
@@ -284,6 +289,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   _check_structure(config)
   _number(config, "affinity.lam", 0)
   _number(config, "affinity.mu", 1, lo_open=True)
+  if "propagation_reading" in config.affinity:  # absent from the config.json of older runs: "paper"
+    _choice(config, "affinity.propagation_reading", propagation.READINGS)
   _int(config, "affinity.iterations", 0)
   _int(config, "affinity.stats_max_images", 0)
   its = _get(config, "eval.iterations")

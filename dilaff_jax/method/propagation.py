@@ -109,7 +109,7 @@ def _plane_neighbour_sum(x: jax.Array, am: jax.Array, live, pad: int, h: int) ->
 
 
 @functools.partial(jax.jit, static_argnames=("rates",))
-def _propagate(probs, aff, rates, lam, iterations):
+def _propagate(probs, aff, rates, lam, iterations, anchor=None):
   """Eq. 6 on the layout ``[B, H + 2·pad, W, K]``: rows padded with zeros, classes padded to ``K``, a multiple of
   the vector width (the extra classes stay 0), so XLA:CPU vectorises along the classes.
 
@@ -128,13 +128,24 @@ def _propagate(probs, aff, rates, lam, iterations):
   am = _masked_affinity(aff, live, planes=False) if live else None
   am_planes = _masked_affinity(aff, live, planes=True) if live else None
   rows = ((0, 0), (pad, pad), (0, 0), (0, 0))
+  anchored = anchor is not None
+  if anchored:  # the self term of the network's own prediction, fixed over the iterations
+    p0 = anchor.astype(jnp.float32)
+    m0 = p0.max(-1)
+    self0 = lam * p0 * m0[..., None]
+    norm0 = lam * m0 * p0.sum(-1)
+    k = -(-c // _LANES) * _LANES
+    self0 = jnp.pad(self0, ((0, 0), (0, 0), (0, 0), (0, k - c)))
 
   def body(_, pp):
     mx, sm = _class_stats(pp, c)
-    m = mx[:, pad : pad + h]
-    q = pp[:, pad : pad + h].astype(jnp.float32)
-    norm = lam * m * sm[:, pad : pad + h]
-    un = lam * q * m[..., None]
+    if anchored:
+      norm, un = norm0, self0
+    else:
+      m = mx[:, pad : pad + h]
+      q = pp[:, pad : pad + h].astype(jnp.float32)
+      norm = lam * m * sm[:, pad : pad + h]
+      un = lam * q * m[..., None]
     if live:
       norm = norm + _plane_neighbour_sum(sm, am_planes, live, pad, h)
       un = un + _neighbour_sum(pp.astype(jnp.float32), am, live, pad, h)
@@ -157,10 +168,23 @@ def _propagate(probs, aff, rates, lam, iterations):
   return pp[:, pad : pad + h, :, :c]
 
 
+READINGS = ("paper", "anchored")  # affinity.propagation_reading: the paper's Eq. 6, or its self term anchored on p⁰
+
+
 def propagate(
-    probs: jax.Array, affinity_map: jax.Array, rates: Sequence, lam: float = 6.0, iterations: int = 10
+    probs: jax.Array,
+    affinity_map: jax.Array,
+    rates: Sequence,
+    lam: float = 6.0,
+    iterations: int = 10,
+    anchor: jax.Array | None = None,
 ) -> jax.Array:
   """Eq. 6 applied ``iterations`` times: ``p ← N(λ · p · max_c(p) + Σ_{s ∈ S_{i,j}} a_s · p_s)``.
+
+  With ``anchor`` (the anchored reading, ``affinity.propagation_reading="anchored"``) the self term stays on the
+  network's own prediction ``p⁰ = anchor``, as a CRF's unary term does: ``p ← N(λ · p⁰ · max_c(p⁰) + Σ_s a_s ·
+  p_s)`` (docs/conventions.md, "Propagation"); without it (the paper's text, the default) ``p`` is updated in both
+  terms. Give the anchor explicitly so that a sweep continued from an intermediate ``probs`` keeps ``p⁰``.
 
   Args:
     probs: class probabilities ``[B, H, W, C]`` at full resolution (softmax of upsampled logits), float32 or
@@ -171,6 +195,7 @@ def propagate(
     rates: explicit rate pairs (hashable; static under jit).
     lam: λ, the weight of the pixel's own prediction (6 in the paper).
     iterations: number of refinements (``lax.fori_loop``); 0 returns ``probs`` unchanged.
+    anchor: ``p⁰`` of the anchored reading, the shape of ``probs``; None: the paper's reading.
   """
   rates = affinity.explicit_rates(rates)
   probs = jnp.asarray(probs)
@@ -182,6 +207,8 @@ def propagate(
     raise ValueError(f"propagate: affinity has shape {affinity_map.shape}, expected {want} for rates {rates}")
   if iterations < 0:
     raise ValueError(f"propagate: iterations must be >= 0, got {iterations}")
+  if anchor is not None and jnp.shape(anchor) != probs.shape:
+    raise ValueError(f"propagate: anchor has shape {jnp.shape(anchor)}, expected that of probs {probs.shape}")
   if iterations == 0:
     return probs
-  return _propagate(probs, affinity_map, rates, jnp.float32(lam), jnp.int32(iterations))
+  return _propagate(probs, affinity_map, rates, jnp.float32(lam), jnp.int32(iterations), anchor)
