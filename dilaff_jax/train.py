@@ -124,8 +124,8 @@ RESUME_FREE_KEYS = (
     "train.eval_at_end",
     "dataset.data_dir",
     "dataset.manual_dir",
-    "distributed.",
 )
+LAUNCH_KEYS = ("distributed.",)  # how the processes found each other (a new port every launch): not recorded
 CONFIG_HISTORY = "config_history.json"
 
 
@@ -166,8 +166,8 @@ def record_config(
         old = json.load(f)
     except (OSError, ValueError) as e:
       raise ConfigChangedError(f"{path} cannot be read ({e}); it records how this run was trained") from None
-    changes = config_changes(old, json.loads(text))
-    if not changes or not write:
+    changes = {k: v for k, v in config_changes(old, json.loads(text)).items() if not k.startswith(LAUNCH_KEYS)}
+    if not changes:
       return
     binding = [k for k in changes if not k.startswith(RESUME_FREE_KEYS)]
     if binding and not allow_change:
@@ -177,6 +177,8 @@ def record_config(
           "values, or pass --allow_config_change to train the remaining steps with the new ones (the change is "
           f"recorded in {CONFIG_HISTORY})"
       )
+    if not write:
+      return
     history_path = os.path.join(workdir, CONFIG_HISTORY)
     history = []
     if os.path.isfile(history_path):
@@ -253,9 +255,9 @@ def _train_and_evaluate(
       mngr.reload()
       print(f"[train] resumed from the checkpoint at step {int(state.step)} in {mngr.directory}", flush=True)
     start = int(state.step)
-    # written once the checkpoint is known to fit this config (predict reads it); every process checks it
+    # written once the checkpoint is known to fit this config (predict reads it); every process checks it and
+    # refuses alike (the chief writes only after its own check passed), so no barrier is needed here
     record_config(workdir, config, start, allow_config_change, write=is_chief)
-    multihost.barrier("config recorded")
 
     schedule = learning_rate_schedule(config)
     p_step = jax.pmap(

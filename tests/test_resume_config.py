@@ -80,3 +80,13 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path, data_dir):
   with pytest.raises(errors.UserError, match=f"--workdir={not_a_folder} is a file, not a folder"):
     train.train_and_evaluate(c, str(not_a_folder))
   assert not_a_folder.read_text() == "x"
+
+
+def test_every_process_refuses_alike_and_only_the_writer_writes(tmp_path):
+  w = str(tmp_path)
+  train.record_config(w, _config(), step=0, allow_change=False)
+  with pytest.raises(train.ConfigChangedError):  # a process that does not write still refuses
+    train.record_config(w, _config(**{"train.learning_rate": 0.05}), step=2, allow_change=False, write=False)
+  train.record_config(w, _config(**{"train.learning_rate": 0.05}), step=2, allow_change=True, write=False)
+  assert not os.path.exists(tmp_path / train.CONFIG_HISTORY)  # ... and writes nothing
+  assert json.load(open(tmp_path / "config.json"))["train"]["learning_rate"] == 0.02

@@ -375,3 +375,22 @@ def test_the_launchers_study_is_valid_and_the_committed_one_is_part_of_it(stage)
     ), r["name"]
     assert set(r["seeds"]) <= set(launched.seeds), r["name"]
   assert {(c["a"], c["b"]) for c in committed["comparisons"]} <= set(pairs)
+
+
+def test_one_study_per_folder_with_the_workdir_locks_stale_takeover(tmp_path):
+  """The study's lock is the workdir lock under another name: a live holder is refused naming it, a lock left by a
+  dead process is taken over, and the lock is gone after the study."""
+  import json as json_lib
+  import socket
+
+  from dilaff_jax.process import workdir_lock
+
+  lock = tmp_path / study.STUDY_LOCK
+  live = {"host": socket.gethostname(), "pid": os.getpid(), "since": "then"}
+  lock.write_text(json_lib.dumps(live))
+  with pytest.raises(workdir_lock.WorkdirBusyError, match=f"in use by another study \\(held by pid {os.getpid()}"):
+    study.run_study("configs/synthetic.py", [], [], str(tmp_path), "plain")
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  lock.write_text(json_lib.dumps({**live, "pid": int(dead.stdout)}))
+  assert study.run_study("configs/synthetic.py", [], [], str(tmp_path), "plain") == 0
+  assert not lock.exists()

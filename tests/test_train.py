@@ -1,5 +1,6 @@
 """The training loop: cross-replica equivalence, resume after SIGTERM / hard kill, NaN stop, config errors."""
 
+import json
 import os
 import re
 import signal
@@ -358,8 +359,15 @@ def test_two_processes_with_jax_distributed_train_and_checkpoint(data_dir, tmp_p
   assert step == 4
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
   # both processes restore the shared checkpoint and go on to step 6
-  proc = launch("--config.train.num_steps=6")
+  proc = launch("--config.train.num_steps=6")  # more steps change the schedule: refused by every process alike
+  assert proc.returncode == 1 and "--allow_config_change" in proc.stderr, proc.stderr[-3000:]
+  for i in range(2):
+    with open(os.path.join(workdir, f"process_{i}.log")) as f:
+      assert "error: --workdir=" in f.read(), i
+  proc = launch("--config.train.num_steps=6", "--allow_config_change")
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  with open(os.path.join(workdir, "config_history.json")) as f:
+    assert [(h["step"], h["changes"]) for h in json.load(f)] == [(4, {"train.num_steps": [4, 6]})]
   for i in range(2):
     log = open(os.path.join(workdir, f"process_{i}.log")).read()
     assert "[train] resumed from the checkpoint at step 4" in log and "[train] step 6/6" in log

@@ -163,7 +163,7 @@ def test_preempted_training_exits_3(tmp_path):
 import sys
 from absl import app
 from dilaff_jax import main, train
-train.train_and_evaluate = lambda config, workdir: {{"train": {{}}, "preempted_at": 2}}
+train.train_and_evaluate = lambda config, workdir, **kw: {{"train": {{}}, "preempted_at": 2}}
 sys.argv = ["main", "--config={CONFIG}:tiny", "--workdir={tmp_path / 'w'}"]
 app.run(main.main, flags_parser=main.parse_flags)
 """
@@ -173,7 +173,7 @@ app.run(main.main, flags_parser=main.parse_flags)
 
 @pytest.mark.parametrize(
     "module",
-    ["main", "predict", "export", "stats", "propagation_diagnosis", "datasets.prepare"],
+    ["main", "predict", "export", "research.stats", "research.propagation_diagnosis", "datasets.prepare"],
 )
 def test_every_command_keeps_tensorflows_start_up_notices_off_the_terminal(module):
   """Each command that reads data through TensorFlow sets, before TensorFlow is imported, its log level and oneDNN

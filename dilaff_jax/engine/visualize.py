@@ -86,7 +86,9 @@ def affinity_picture(affinity: np.ndarray) -> np.ndarray:
   return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def _pyplot():
+def pyplot():
+  """``matplotlib.pyplot`` on the file-only Agg backend (no display needed): every figure of the project is drawn
+  through this one set-up."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -97,7 +99,7 @@ def _pyplot():
 
 def plot_affinity_accuracy(acc: dict, path: str, title: str) -> None:
   """Fig. 4-style PNG: accuracy of the affinity prediction against n_k, one line per rate and their mean."""
-  plt = _pyplot()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
   ks = np.arange(9)
   for rate, row in acc["per_rate"].items():
@@ -116,7 +118,7 @@ def plot_affinity_accuracy(acc: dict, path: str, title: str) -> None:
 def save_grid(columns: dict[str, np.ndarray], heights, widths, path: str, legend: dict | None = None) -> None:
   """A PNG grid: one row per example, one column per entry of ``columns`` (title -> uint8 pictures
   ``[N, H, W, 3]``), each cropped to the example's ``heights[i] x widths[i]``; ``legend``: class name -> RGB."""
-  plt = _pyplot()
+  plt = pyplot()
   from matplotlib.patches import Patch
 
   n = len(heights)

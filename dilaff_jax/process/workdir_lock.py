@@ -60,10 +60,13 @@ def _describe(path: str, info: dict) -> str:
 
 
 @contextlib.contextmanager
-def hold(workdir: str, report: Callable[[str], None] = print) -> Iterator[str]:
-  """Holds ``<workdir>/train.lock`` for the block; yields its path. Raises :class:`WorkdirBusyError` (one line:
-  the holder and what to do) when a live training holds it."""
-  path = os.path.join(workdir, LOCK_NAME)
+def hold(
+    workdir: str, report: Callable[[str], None] = print, name: str = LOCK_NAME, holder: str = "training"
+) -> Iterator[str]:
+  """Holds ``<workdir>/<name>`` (``train.lock``) for the block; yields its path. Raises :class:`WorkdirBusyError`
+  (one line: the holder and what to do) when a live ``holder`` (a training; the study uses its own lock name)
+  holds it."""
+  path = os.path.join(workdir, name)
   host = socket.gethostname()
   mine = json.dumps(
       {"host": host, "pid": os.getpid(), "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -77,7 +80,7 @@ def hold(workdir: str, report: Callable[[str], None] = print) -> Iterator[str]:
         continue
       if not _stale(info, host):
         raise WorkdirBusyError(
-            f"--workdir={workdir} is in use by another training ({_describe(path, info)}): wait for it to end, "
+            f"--workdir={workdir} is in use by another {holder} ({_describe(path, info)}): wait for it to end, "
             f"or use another --workdir; if that process is gone, delete {path}"
         ) from None
       # Take over atomically: rename the stale file away, and put it back if it was replaced in the meantime.
@@ -103,7 +106,7 @@ def hold(workdir: str, report: Callable[[str], None] = print) -> Iterator[str]:
   else:
     raise WorkdirBusyError(
         f"--workdir={workdir}: could not take {path} (other trainings keep starting there); "
-        "start one training per workdir"
+        f"start one {holder} per workdir"
     )
   try:
     yield path

@@ -44,7 +44,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from dilaff_jax import datasets, errors  # noqa: E402
 from dilaff_jax.datasets import input_pipeline  # noqa: E402
-from dilaff_jax.engine import config_checks, eval_metrics, inference  # noqa: E402
+from dilaff_jax.engine import config_checks, eval_metrics, inference, visualize  # noqa: E402
 from dilaff_jax.method import affinity  # noqa: E402
 from dilaff_jax import predict  # noqa: E402
 from dilaff_jax.engine import train_state as state  # noqa: E402
@@ -591,10 +591,7 @@ def _nanmean(x: np.ndarray) -> np.ndarray:
 
 
 def _plot(runs: Sequence[dict], summary: dict, path: str) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = visualize.pyplot()
 
   fig, axes = plt.subplots(1, 4, figsize=(19, 4.2), dpi=75)
   for ax, family in zip(axes[:2], ("lambda", "rules")):

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from dilaff_jax import errors  # noqa: E402
+from dilaff_jax.engine import visualize  # noqa: E402
 from dilaff_jax.engine.affinity_stats import tfds_label_maps  # noqa: E402
 from dilaff_jax.method import affinity  # noqa: E402
 from dilaff_jax.method.conventions import IGNORE_LABEL  # noqa: E402
@@ -27,10 +28,7 @@ from dilaff_jax.process import cli  # noqa: E402
 
 def plot_category_shares(stats: AffinityStats, path: str, title: str = "") -> None:
   """Fig. 3-style PNG: share (%) of n_0..n_8 among labelled pixels against the rate."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = visualize.pyplot()
 
   x = np.arange(len(stats.rates))
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)

@@ -38,8 +38,8 @@ What to keep (commit): ``study.{json,md,png}`` and, per run, ``config.json``, ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -55,7 +55,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from dilaff_jax import errors
-from dilaff_jax.process import cli, files
+from dilaff_jax.process import cli, files, workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file of every run, e.g. configs/synthetic.py (no variant).")
@@ -82,6 +82,7 @@ EVALUATE_PREFIX = "evaluate:"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.+-]+$")
 METRICS = (("miou", "mIoU"), ("miou_propagated", "mIoU with propagation"), ("miou_crf", "mIoU with dense CRF"))
 LOG_TAIL_LINES = 25
+STUDY_LOCK = ".study.lock"
 
 
 class StudyError(errors.UserError):
@@ -295,19 +296,6 @@ class _Stop:
       signal.signal(sig, handler)
 
 
-def _lock(workdir: str):
-  """An exclusive lock on the study folder (two studies in one folder would train the same run twice)."""
-  f = open(os.path.join(workdir, ".study.lock"), "w")
-  try:
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    f.close()
-    raise StudyError(
-        f"{workdir} is in use by another study (lock {workdir}/.study.lock): wait for it or use " "another --workdir"
-    ) from None
-  return f
-
-
 def run_study(
     config_path: str,
     overrides: Sequence[str],
@@ -319,11 +307,12 @@ def run_study(
   """Runs every unfinished (row, seed) in turn, aggregating after each; returns the exit status (0: all finished,
   1: some failed, 3: stopped by a signal)."""
   os.makedirs(workdir, exist_ok=True)
-  lock = _lock(workdir)
+  lock = contextlib.ExitStack()  # two studies in one folder would train the same run twice
+  lock.enter_context(workdir_lock.hold(workdir, name=STUDY_LOCK, holder="study"))
   todo = plan(rows)
   durations: dict[str, list[float]] = {"train": [], "evaluate": []}
   failed = []
-  with _Stop() as stop:
+  with lock, _Stop() as stop:
     for i, (row, seed) in enumerate(todo):
       kind = "evaluate" if row.evaluates else "train"
       head = f"[study] run {i + 1}/{len(todo)}: {row.name} seed {seed}"
@@ -373,7 +362,6 @@ def run_study(
             flush=True,
         )
       write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
-  lock.close()
   if stop.requested:
     return errors.EXIT_PREEMPTED
   if failed:
@@ -629,10 +617,9 @@ def markdown(study: dict) -> str:
 
 def plot(study: dict, path: str) -> None:
   """``study.png``: mIoU per row and metric with ±std error bars and the seeds as dots; the sweeps with ±std bands."""
-  import matplotlib
+  from dilaff_jax.engine import visualize  # pylint: disable=import-outside-toplevel  # jax: only to draw
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  plt = visualize.pyplot()
   import numpy as np
 
   agg = study["aggregate"]
