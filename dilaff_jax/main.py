@@ -34,9 +34,10 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, stat
 flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "evaluate"],
+    ["train", "evaluate", "print_config"],
     "train: train (resuming from the workdir), then evaluate if config.train.eval_at_end; "
-    "evaluate: evaluate the latest checkpoint of the workdir.",
+    "evaluate: evaluate the latest checkpoint of the workdir; print_config: print the validated config and exit "
+    "(no --workdir needed).",
 )
 flags.DEFINE_integer("step", None, "With --mode=evaluate: the checkpoint step (default: the latest).")
 flags.DEFINE_bool(
@@ -55,7 +56,7 @@ flags.DEFINE_float("watch_timeout", 3600.0, "With --watch: stop after this many 
 config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/voc.py or configs/voc.py:table1_sqrt.", lock_config=True
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])  # --workdir too, except with --mode=print_config (checked in main)
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -111,6 +112,21 @@ def _verbosity(argv: list[str]) -> int:
   return 0
 
 
+def print_config(config) -> None:
+  """Prints ``config`` as the run would use it, after the same validation (on this machine's devices; the
+  dataset's class count is taken from an image folder's classes.txt when it says 0), then returns."""
+  import jax
+  from dilaff_jax import datasets
+  from dilaff_jax.engine import config_checks
+
+  try:
+    datasets.resolve_num_classes(config.dataset)
+    config_checks.validate(config, num_devices=jax.device_count(), mode="evaluate")
+  except (errors.UserError, FileNotFoundError) as e:
+    cli.exit_with_error(e, show_traceback=cli.wants_traceback(FLAGS.verbosity))
+  print(config.to_json_best_effort(indent=1, sort_keys=False), flush=True)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -121,6 +137,11 @@ def main(argv) -> None:
   except errors.UserError as e:
     cli.exit_with_error(e)
   config = FLAGS.config
+  if FLAGS.mode == "print_config":
+    print_config(config)
+    return
+  if FLAGS.workdir is None:
+    cli.exit_with_error("--workdir is required (a folder for checkpoints and results; new or of this run)")
   maybe_initialize_distributed(config)
 
   # imported only now: jax.distributed.initialize (above) must come before anything touches the backend

@@ -1,6 +1,7 @@
 """Every user mistake ends as one line ``error: ...`` on stderr with exit code 2 and no traceback (the command-line
 tools run in subprocesses, failing before any training), a preempted run exits 3, and the checks behind them."""
 
+import json
 import os
 import subprocess
 import sys
@@ -189,3 +190,20 @@ def test_every_command_keeps_tensorflows_start_up_notices_off_the_terminal(modul
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.split() == ["2", "0"], proc.stdout
   assert "oneDNN" not in proc.stderr and "InitializeLog" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_print_config_prints_the_validated_config_and_needs_no_workdir(tmp_path):
+  eight = ("--config.train.batch_size=8", "--config.eval.batch_size=8")  # the tests' 8 devices
+  proc = run_cli(
+      "dilaff_jax.main", f"--config={CONFIG}:tiny", "--mode=print_config", "--config.affinity.beta=0.5", *eight
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  printed = json.loads(proc.stdout)
+  assert printed["affinity"]["beta"] == 0.5 and printed["dataset"]["name"] == "synthetic_shapes/tiny"
+  assert printed["affinity"]["rates"] == [4, [6, 12], 8]
+  proc = run_cli(
+      "dilaff_jax.main", f"--config={CONFIG}:tiny", "--mode=print_config", "--config.affinity.scheme=x", *eight
+  )
+  assert_one_error_line(proc, "config.affinity.scheme = 'x': expected one of")
+  proc = run_cli("dilaff_jax.main", f"--config={CONFIG}:tiny")  # training needs its folder
+  assert_one_error_line(proc, "--workdir is required")
