@@ -430,3 +430,22 @@ def test_nan_pixels_and_16_bit_masks_are_named_for_what_they_are(tmp_path):
   with pytest.raises(errors.UserError, match="16-bit or 32-bit values: save the class indices as an 8-bit") as e:
     image_folder.read_mask(str(mask), num_classes=5)
   assert "colours" not in str(e.value)
+
+
+def test_a_name_with_surrounding_spaces_can_be_listed_in_a_split_file_and_is_shown_quoted(tmp_path):
+  folder = str(tmp_path / "f")
+  write_folder(folder, count=4)
+  for sub, ext in (("images", ".png"), ("masks", ".png")):
+    os.rename(os.path.join(folder, sub, "scene_003" + ext), os.path.join(folder, sub, " scene_003" + ext))
+  os.makedirs(os.path.join(folder, "splits"), exist_ok=True)
+  with open(os.path.join(folder, "splits", "train.txt"), "w") as f:
+    f.write("scene_000\nscene_001\n")
+  with open(os.path.join(folder, "splits", "val.txt"), "w") as f:
+    f.write("scene_002\n scene_003\n")  # the line's leading space is stripped: matched to ' scene_003' all the same
+  splits = image_folder.scan(folder)
+  assert sorted(e.name for e in splits["val"]) == [" scene_003", "scene_002"]
+  with open(os.path.join(folder, "splits", "val.txt"), "a") as f:
+    f.write(" nosuch \n")
+  with pytest.raises(errors.UserError, match="nosuch"):
+    image_folder.scan(folder)
+  assert image_folder._names([" a", "b"]) == "' a', b"

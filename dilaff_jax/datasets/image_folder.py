@@ -54,7 +54,7 @@ class Example:
 
 def _names(names) -> str:
   names = sorted(names)
-  shown = ", ".join(names[:MAX_LISTED])
+  shown = ", ".join(repr(n) if n != n.strip() else n for n in names[:MAX_LISTED])  # a leading space shows
   return shown + (f" (+{len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")
 
 
@@ -159,6 +159,14 @@ def scan(folder: str | os.PathLike | None) -> dict[str, list[Example]]:
         f"images/NAME.jpg|png: {_names(orphans)}"
     )
   lists = {split: _split_list(folder, split) for split in SPLITS}
+  # split files are read line by line with surrounding spaces stripped, so a file name that starts or ends with a
+  # space is matched by its stripped form (when no other image has that form)
+  stripped: dict[str, list[str]] = {}
+  for n in images:
+    stripped.setdefault(n.strip(), []).append(n)
+  for split, names in lists.items():
+    if names is not None:
+      lists[split] = [stripped[n][0] if n not in images and len(stripped.get(n, ())) == 1 else n for n in names]
   unlabeled = lists["unlabeled"] or []
   if (lists["train"] is None) != (lists["val"] is None):
     given, missing = ("train", "val") if lists["train"] is not None else ("val", "train")
