@@ -307,13 +307,12 @@ def evaluate_checkpoints(
   unreadable_since: dict[int, float] = {}
   directory = checkpoints.checkpoints_dir(workdir)
   print(f"[eval] watching {directory} for new checkpoints (until step {final_step(config, workdir)})", flush=True)
+  evaluated = lambda s: s in done or os.path.exists(
+      os.path.join(results_dir(config, workdir), f"step_{s}", "results.json")
+  )
   while True:
     saved = checkpoints.saved_steps(workdir)
-    todo = [
-        s
-        for s in saved
-        if s not in done and not os.path.exists(os.path.join(results_dir(config, workdir), f"step_{s}", "results.json"))
-    ]
+    todo = [s for s in saved if not evaluated(s)]
     for s in sorted(todo):
       try:
         state, _ = checkpoints.restore_from_workdir(workdir, config, template, s)
@@ -329,9 +328,6 @@ def evaluate_checkpoints(
         results.append(evaluate_state(config, workdir, state, rates))
       done.add(s)
       last_new = time.time()
-    evaluated = lambda s: s in done or os.path.exists(
-        os.path.join(results_dir(config, workdir), f"step_{s}", "results.json")
-    )
     if saved and max(saved) >= final_step(config, workdir) and evaluated(max(saved)):
       break
     if timeout_seconds and time.time() - last_new > timeout_seconds:

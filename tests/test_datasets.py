@@ -390,7 +390,7 @@ def test_a_full_disk_while_preparing_is_one_error_naming_the_folder_and_the_caus
   with pytest.raises(
       errors.UserError,
       match=rf"preparing synthetic_shapes/tiny in {tmp_path}.* failed: \[Errno "
-      rf"{errno_lib.ENOSPC}\] No space left on device \(\d+ MiB free there\); free disk space",
+      rf"{errno_lib.ENOSPC}\] No space left on device \(\d+\.\d MiB free there\); free disk space",
   ):
     datasets.get_builder("synthetic_shapes/tiny", data_dir=tmp_path)
   assert prepare.main(["--dataset=synthetic_shapes/tiny", f"--data_dir={tmp_path}"]) == 2

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 
 import tensorflow_datasets as tfds
 
 from dilaff_jax import errors
+from dilaff_jax.process import files
 from dilaff_jax.datasets import cityscapes, image_folder, shapes_render, voc2012_aug
 from dilaff_jax.datasets.cityscapes import Cityscapes19
 from dilaff_jax.datasets.common import IGNORE_LABEL, DataError, class_names
@@ -131,7 +131,7 @@ def get_builder(
       if cause is None:
         raise
       raise errors.UserError(
-          f"preparing {name} in {builder.data_dir} failed: {cause} ({_free_mib(builder.data_dir)} MiB free there); "
+          f"preparing {name} in {builder.data_dir} failed: {cause} ({files.free_space(os.fspath(builder.data_dir))}); "
           "free disk space (or give --data_dir / dataset.data_dir on another disk) and rerun: TFDS keeps unfinished "
           "files under an 'incomplete' name, so nothing half-written is read as the dataset"
       ) from e
@@ -153,13 +153,3 @@ def _disk_error(error: BaseException) -> str | None:
       return f"[Errno {errno.ENOSPC}] No space left on device"
     error = error.__cause__ or error.__context__
   return None
-
-
-def _free_mib(path: str) -> str:
-  folder = os.fspath(path)
-  while folder and not os.path.exists(folder):
-    folder = os.path.dirname(folder)
-  try:
-    return f"{shutil.disk_usage(folder or '.').free / 2**20:.0f}"
-  except OSError:
-    return "?"

@@ -13,7 +13,11 @@ class WriteError(errors.UserError, OSError):
   """A file could not be written (full disk, no permission, read-only filesystem): names the path and the cause."""
 
 
-def _free_space(folder: str) -> str:
+def free_space(path: str) -> str:
+  """``"N.N MiB free there"`` for the filesystem of ``path`` (or of its nearest existing parent folder)."""
+  folder = os.path.abspath(path)
+  while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+    folder = os.path.dirname(folder)
   try:
     return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free there"
   except OSError:
@@ -38,6 +42,6 @@ def write_atomic(path: str, content: str | bytes) -> None:
     except OSError:
       pass
     raise WriteError(
-        f"writing {path} failed: [Errno {e.errno}] {e.strerror} ({_free_space(folder)}); free disk space or fix the "
+        f"writing {path} failed: [Errno {e.errno}] {e.strerror} ({free_space(folder)}); free disk space or fix the "
         "folder's permissions and rerun (the file is unchanged)"
     ) from None
