@@ -67,6 +67,7 @@ from configs import voc  # noqa: E402
 from dilaff_jax.datasets import device_feed  # noqa: E402
 from dilaff_jax.method import affinity  # noqa: E402
 from dilaff_jax.process import host_memory  # noqa: E402
+from dilaff_jax.engine import run_spec  # noqa: E402
 from dilaff_jax.engine import train_state as state_lib  # noqa: E402
 from dilaff_jax.engine import train_step as step_lib  # noqa: E402
 from dilaff_jax.models import resnet  # noqa: E402
@@ -152,10 +153,11 @@ def compile_step(
   """Builds the model, state and a fake batch, and compiles ``step_lib.train_step`` (pmap over 1 device)."""
   config = paper_config(crop, batch, depth, dtype)
   stats = made_up_stats(rates) if rates else None
-  model = state_lib.build_model(config, rates, affinity.prior_bias(stats.pos_freq) if rates else None)
+  spec = dataclasses.replace(run_spec.derive(config), rates=tuple(rates))
+  model = state_lib.build_model(spec, affinity.prior_bias(stats.pos_freq) if rates else None)
   device = jax.local_devices()[0]
-  state = flax.jax_utils.replicate(state_lib.create_train_state(config, model, jax.random.key(seed)), [device])
-  step = step_lib.make_train_step(config, rates, stats, state_lib.learning_rate_schedule(config))
+  state = flax.jax_utils.replicate(state_lib.create_train_state(spec, model, jax.random.key(seed)), [device])
+  step = step_lib.make_train_step(spec, stats, state_lib.learning_rate_schedule(config))
   p_step = jax.pmap(step, axis_name=state_lib.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=[device])
   data = fake_batch(np.random.default_rng(seed), crop, batch, config.dataset.num_classes, config.dataset.ignore_label)
   data = next(device_feed.prefetch_to_device(iter([data]), devices=[device]))  # as training feeds it

@@ -96,6 +96,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
   c.train.eval_at_end = True  # evaluate the final checkpoint on dataset.eval_split
+  # validation during training: every eval_every steps (0 = never; the paper evaluates at the end), on the first
+  # eval_max_images images (0 = eval.max_images) of validation_split ("" = dataset.eval_split; a split apart from
+  # the one results are reported on, where the dataset has one); scalars under validation/ in TensorBoard, and the
+  # best validated checkpoint is kept beside the newest ones (its step and score in <workdir>/best.json)
+  c.train.eval_every = 0
+  c.train.eval_max_images = 0
+  c.train.validation_split = ""
 
   # --- evaluation (dilaff_jax/evaluate.py) ---
   c.eval = ml_collections.ConfigDict()

@@ -84,6 +84,9 @@ def get_config(variant: str = ""):
   c.train.log_every = 25
   c.train.image_summary_every = 200
   c.train.checkpoint_every = 200
+  c.train.eval_every = 100  # a validation curve: 5 points on the first 50 tune scenes (about 15 s each)
+  c.train.eval_max_images = 50
+  c.train.validation_split = "tune"  # the test scenes are for reported numbers only
   c.eval.batch_size = 10
   c.eval.max_images = 250  # the first 250 of the 1000 test scenes (a few minutes); the study scores all of them
 

@@ -7,11 +7,12 @@ fill the last batch and are masked, and the confusion matrix is summed over devi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax
@@ -20,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
+from clu import metric_writers
 
 from dilaff_jax.datasets import input_pipeline
-from dilaff_jax.engine import checkpoints, config_checks, crf, eval_metrics, eval_report, inference, visualize
+from dilaff_jax.engine import checkpoints, config_checks, crf, eval_metrics, eval_report, inference, run_spec, visualize
+from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.method import affinity, propagation
 from dilaff_jax.engine.train_state import AXIS, build_model, state_template
 
@@ -37,25 +39,24 @@ def confusion_names(rates: affinity.Rates, iterations: Sequence[int], oracle: bo
   return tuple(eval_metrics.sweep_name(s, it) for s in sources for it in sorted(iterations))
 
 
-def metrics_class(config: ml_collections.ConfigDict, rates: affinity.Rates, iterations: Sequence[int]):
-  """The ``clu.metrics.Collection`` :func:`eval_step` returns for this config."""
+def metrics_class(spec: RunSpec, iterations: Sequence[int]):
+  """The ``clu.metrics.Collection`` :func:`eval_step` returns for this spec."""
   return eval_metrics.eval_collection(
-      confusion_names(rates, iterations, bool(config.eval.ground_truth_oracle)), bool(rates)
+      confusion_names(spec.rates, iterations, bool(spec.config.eval.ground_truth_oracle)), spec.has_affinity
   )
 
 
-def eval_step(
-    variables, batch, *, apply_fn, config: ml_collections.ConfigDict, rates: affinity.Rates, iterations: tuple[int, ...]
-):
+def eval_step(variables, batch, *, apply_fn, spec: RunSpec, iterations: tuple[int, ...]):
   """The batch's evaluation metrics (:func:`metrics_class`), gathered over ``AXIS``: a confusion matrix for every
   propagation iteration count (predicted and oracle affinity), the number of real images and Fig. 4's affinity
   accuracy counts; and this device's probabilities when ``eval.crf`` (for the host-side dense CRF), else None."""
+  config, rates = spec.config, spec.rates
   c = config.dataset.num_classes
   ign = config.dataset.ignore_label
   labels = batch["label"]
   size = labels.shape[1:3]
   valid = (labels != ign) & batch["mask"][:, None, None]
-  probs, aff = inference.predict_as_configured(apply_fn, variables, batch["image"], config, rates, size)
+  probs, aff = inference.predict_as_configured(apply_fn, variables, batch["image"], spec, size)
   out = {"num_images": jnp.sum(batch["mask"], dtype=jnp.int32)}
   if not rates:
     out["plain"] = eval_metrics.confusion_matrix(labels, jnp.argmax(probs, -1), c, valid)
@@ -64,7 +65,7 @@ def eval_step(
     sweeps = {"predicted": aff * inside}
     if config.eval.ground_truth_oracle:
       sweeps["oracle"] = propagation.gt_affinity(labels, rates, ign)
-    anchor = probs if config_checks.propagation_reading(config) == "anchored" else None
+    anchor = probs if spec.anchored else None
     for name, a in sweeps.items():
       p, done = probs, 0
       for it in sorted(iterations):
@@ -77,7 +78,7 @@ def eval_step(
     out["affinity_accuracy"] = jnp.stack(
         affinity.affinity_accuracy_counts(logit_sign, lab, rates, ign, config.affinity.partial_neighbors)
     )
-  collection = metrics_class(config, rates, iterations).gather_from_model_output(axis_name=AXIS, **out)
+  collection = metrics_class(spec, iterations).gather_from_model_output(axis_name=AXIS, **out)
   return collection, (probs if config.eval.get("crf", False) else None)
 
 
@@ -85,11 +86,10 @@ def eval_step(
 
 
 def save_examples_figure(
-    config: ml_collections.ConfigDict,
+    spec: RunSpec,
     apply_fn,
     variables,
     batch: dict,
-    rates: affinity.Rates,
     path: str,
     max_examples: int = 4,
     class_names: Sequence[str] = (),
@@ -97,13 +97,14 @@ def save_examples_figure(
   """A PNG to look at: for the first examples of ``batch``, the input, its label, the prediction, the prediction
   after affinity propagation and the mean predicted affinity of the first rate (dark = boundary); with
   ``class_names``, a legend of the classes shown."""
+  config, rates = spec.config, spec.rates
   flat = {k: np.asarray(v).reshape(-1, *np.asarray(v).shape[2:]) for k, v in batch.items() if k != "image_id"}
   keep = np.flatnonzero(flat["mask"])[:max_examples]
   if keep.size == 0:
     return
   images = jnp.asarray(flat["image"][keep])
   size = images.shape[1:3]
-  fn = jax.jit(lambda variables, images: inference.predict_as_configured(apply_fn, variables, images, config, rates))
+  fn = jax.jit(lambda variables, images: inference.predict_as_configured(apply_fn, variables, images, spec))
   probs, aff = fn(variables, images)
   prediction = np.asarray(probs).argmax(-1)
   palette = visualize.palette_for(config.dataset.name)
@@ -114,7 +115,7 @@ def save_examples_figure(
   }
   if rates:
     inside = inference.inside_mask(jnp.asarray(flat["height"][keep]), jnp.asarray(flat["width"][keep]), size, rates)
-    anchor = probs if config_checks.propagation_reading(config) == "anchored" else None
+    anchor = probs if spec.anchored else None
     refined = propagation.propagate(
         probs, aff * inside, rates, config.affinity.lam, int(config.affinity.iterations), anchor=anchor
     )
@@ -179,23 +180,57 @@ def results_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.eval.get("output_dir") or os.path.join(workdir, "eval")
 
 
-def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates: affinity.Rates, writer=None) -> dict:
-  """Evaluates an (unreplicated) train state on ``dataset.eval_split``; writes JSON, Markdown and a Fig. 4 PNG to
-  ``<results_dir>/step_<N>/`` (default ``<workdir>/eval/step_<N>/``) and returns the results."""
-  step = int(jax.device_get(state.step))
-  model = build_model(config, rates)
-  ndev = jax.local_device_count()
-  per_device = config.eval.batch_size // jax.device_count()
-  pipes = input_pipeline.eval_from_config(config.dataset, local_device_count=ndev, per_device_batch=per_device)
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """The evaluation model and its ``pmap``'d :func:`eval_step`, built once: a training that validates every
+  ``train.eval_every`` steps compiles the evaluation once."""
+
+  model: Any
+  p_eval: Callable
+  iterations: tuple[int, ...]
+
+
+def make_evaluator(spec: RunSpec) -> Evaluator:
+  config = spec.config
+  model = build_model(spec)
   iterations = tuple(sorted(set(config.eval.iterations) | {int(config.affinity.iterations)}))
   p_eval = jax.pmap(
-      functools.partial(eval_step, apply_fn=model.apply, config=config, rates=rates, iterations=iterations),
-      axis_name=AXIS,
+      functools.partial(eval_step, apply_fn=model.apply, spec=spec, iterations=iterations), axis_name=AXIS
   )
+  return Evaluator(model, p_eval, iterations)
+
+
+def evaluate_state(
+    spec: RunSpec,
+    workdir: str,
+    state,
+    writer=None,
+    *,
+    evaluator: Evaluator | None = None,
+    max_images: int | None = None,
+    split: str | None = None,
+    report: bool = True,
+) -> dict:
+  """Evaluates an (unreplicated) train state on ``dataset.eval_split`` and returns the results; with ``report``,
+  writes JSON, Markdown and a Fig. 4 PNG to ``<results_dir>/step_<N>/`` (default ``<workdir>/eval/step_<N>/``) and
+  the scalars to ``writer``. ``max_images`` replaces ``eval.max_images`` (0: every image), ``split`` the
+  dataset's ``eval_split``."""
+  config, rates = spec.config, spec.rates
+  step = int(jax.device_get(state.step))
+  evaluator = evaluator or make_evaluator(spec)
+  model, p_eval = evaluator.model, evaluator.p_eval
+  ndev = jax.local_device_count()
+  per_device = config.eval.batch_size // jax.device_count()
+  dataset = config.dataset
+  if split is not None and split != dataset.eval_split:
+    dataset = ml_collections.ConfigDict(dataset.to_dict())
+    dataset.eval_split = split
+  pipes = input_pipeline.eval_from_config(dataset, local_device_count=ndev, per_device_batch=per_device)
   variables = flax.jax_utils.replicate({"params": state.params, "batch_stats": state.batch_stats})
   num_batches = -(-pipes.num_eval_examples // config.eval.batch_size)
-  if config.eval.max_images:
-    num_batches = min(num_batches, -(-config.eval.max_images // config.eval.batch_size))
+  limit = config.eval.max_images if max_images is None else max_images
+  if limit:
+    num_batches = min(num_batches, -(-limit // config.eval.batch_size))
   start = time.time()
   crf_fn = functools.partial(crf.confusion_after_crf, config=config) if config.eval.crf else None
   totals = accumulate(p_eval, variables, pipes.make_eval(), num_batches, config.eval.batch_size, crf_fn)
@@ -204,7 +239,7 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
   elapsed = time.time() - start
   results = {
       "step": step,
-      "split": config.dataset.eval_split,
+      "split": dataset.eval_split,
       "num_images": num_images,
       "output_stride": config.eval.output_stride,
       "scales": list(config.eval.scales),
@@ -238,19 +273,18 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
     results["miou_crf"] = totals.crf.compute()
     results["crf_ms_per_image"] = 1e3 * totals.crf_seconds / max(num_images, 1)
 
-  if jax.process_index() == 0:
+  if report and jax.process_index() == 0:
     out_dir = os.path.join(results_dir(config, workdir), f"step_{step}")
     eval_report.write(results, out_dir, pipes.class_names, writer)
     save_examples_figure(
-        config,
+        spec,
         model.apply,
         {"params": state.params, "batch_stats": state.batch_stats},
         next(iter(pipes.make_eval())),
-        rates,
         os.path.join(out_dir, "examples.png"),
         class_names=pipes.class_names,
     )
-    logging.info("Evaluation results written to %s", out_dir)
+    print(f"[eval] step {step}: results in {out_dir}", flush=True)
   return results
 
 
@@ -260,6 +294,16 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
   """Restores the latest (or ``step``) checkpoint of ``workdir`` and evaluates it."""
   return evaluate_checkpoints(config, workdir, steps=[step] if step is not None else None)[-1]
+
+
+def summary_writer(config: ml_collections.ConfigDict, workdir: str):
+  """A CLU writer of TensorBoard summaries into the results folder (``<workdir>/eval`` by default: a run of its own
+  beside the training's under ``tensorboard --logdir <workdir>``); logging only on processes other than the first."""
+  directory = results_dir(config, workdir)
+  chief = jax.process_index() == 0
+  if chief:
+    os.makedirs(directory, exist_ok=True)
+  return metric_writers.create_default_writer(directory, just_logging=not chief)
 
 
 def final_step(config: ml_collections.ConfigDict, workdir: str) -> int:
@@ -289,17 +333,19 @@ def evaluate_checkpoints(
   appears, and only then reported damaged and skipped. Only reads: no lock, no folder created (a missing
   ``workdir`` is an error, also with ``watch``; a workdir whose training has not saved yet is waited for)."""
   config_checks.validate(config, num_devices=jax.device_count(), mode="evaluate")
-  rates = config_checks.rates_of(config)
+  spec = run_spec.derive(config)
   if watch and not os.path.isdir(workdir):
     raise checkpoints.NoCheckpointError(
         f"--workdir={workdir}: no such folder: start the training first (it creates " "the workdir), or fix the path"
     )
-  template = functools.cache(lambda: state_template(config, rates))
+  template = functools.cache(lambda: state_template(spec))
+  writer = functools.cache(lambda: summary_writer(config, workdir))  # once a checkpoint was read
   if not watch:
     results = []
     for s in steps or [None]:
-      state, _ = checkpoints.restore_from_workdir(workdir, config, template, s)
-      results.append(evaluate_state(config, workdir, state, rates))
+      state, _ = checkpoints.restore_from_workdir(workdir, spec, template, s)
+      results.append(evaluate_state(spec, workdir, state, writer()))
+    writer().flush()
     return results
   results = []
   last_new = time.time()
@@ -315,7 +361,7 @@ def evaluate_checkpoints(
     todo = [s for s in saved if not evaluated(s)]
     for s in sorted(todo):
       try:
-        state, _ = checkpoints.restore_from_workdir(workdir, config, template, s)
+        state, _ = checkpoints.restore_from_workdir(workdir, spec, template, s)
       except checkpoints.DamagedCheckpointError as e:
         first = unreadable_since.setdefault(s, time.time())
         if s == max(saved) and time.time() - first < settle_seconds:
@@ -325,7 +371,8 @@ def evaluate_checkpoints(
       except checkpoints.NoCheckpointError:  # rotated out (or moved aside) since it was listed
         print(f"[eval] skipping step {s}: it was removed before it could be read", flush=True)
       else:
-        results.append(evaluate_state(config, workdir, state, rates))
+        results.append(evaluate_state(spec, workdir, state, writer()))
+        writer().flush()
       done.add(s)
       last_new = time.time()
     if saved and max(saved) >= final_step(config, workdir) and evaluated(max(saved)):

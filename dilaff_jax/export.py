@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from dilaff_jax import errors, predict  # noqa: E402
-from dilaff_jax.engine import config_checks, inference, train_state as state, visualize  # noqa: E402
+from dilaff_jax.engine import config_checks, inference, run_spec, train_state as state, visualize  # noqa: E402
+from dilaff_jax.engine.run_spec import RunSpec  # noqa: E402
 from dilaff_jax.method import propagation  # noqa: E402
 from dilaff_jax.process import cli, files, host_memory  # noqa: E402
 
@@ -89,29 +90,14 @@ def check_output(path: str) -> None:
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
   """The dataset's class names (``classes.txt`` of an image folder, or the prepared dataset's metadata), else
   ``class_0 ...`` when the dataset is not at hand."""
-  from dilaff_jax import datasets
-
-  d = config.dataset
-  try:
-    if datasets.is_image_folder(d.name):
-      from dilaff_jax.datasets import image_folder
-
-      return image_folder.read_class_names(image_folder.require_folder(d.get("manual_dir")), d.num_classes)
-    builder = datasets.get_builder(
-        d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"), prepare=False, num_classes=d.num_classes
-    )
-    if builder.is_prepared():
-      return datasets.class_names(builder)
-  except (errors.UserError, ValueError, OSError) as e:
-    print(f"[export] class names not found ({e}); writing class_0 ...", file=sys.stderr, flush=True)
-  return [f"class_{i}" for i in range(d.num_classes)]
+  return predict.class_names_or_numbers(config, "export")
 
 
-def serving_function(config: ml_collections.ConfigDict, variables, size: tuple[int, int]):
+def serving_function(spec: RunSpec, variables, size: tuple[int, int]):
   """``f(images uint8 [B, H, W, 3]) -> (mask int32 [B, H, W], probabilities float32 [B, H, W, C])`` with the
   variables closed over: predict.py's computation for images of ``size``, batched."""
-  rates = config_checks.rates_of(config)
-  model = state.build_model(config, rates, axis_name=None)
+  config, rates = spec.config, spec.rates
+  model = state.build_model(spec, axis_name=None)
   height, width = size
   os_ = int(config.eval.output_stride)
   padded = (predict.aligned_size(height, os_), predict.aligned_size(width, os_))
@@ -135,7 +121,7 @@ def serving_function(config: ml_collections.ConfigDict, variables, size: tuple[i
     )
     if rates:
       inside = inference.inside_mask(jnp.array([height]), jnp.array([width]), padded, rates)
-      anchor = probs if config_checks.propagation_reading(config) == "anchored" else None
+      anchor = probs if spec.anchored else None
       probs = propagation.propagate(
           probs, aff * inside, rates, lam=float(config.affinity.lam), iterations=iterations, anchor=anchor
       )
@@ -157,18 +143,18 @@ def export(
   size = size or default_size(config)
   check_output(output)
   config_checks.validate(config, num_devices=1, mode="predict")
-  variables, step = state.restore_variables(config, workdir, step)
+  spec = run_spec.derive(config)
+  variables, step = state.restore_variables(spec, workdir, step)
   variables = jax.device_put(variables)
-  fn = serving_function(config, variables, size)
+  fn = serving_function(spec, variables, size)
   (batch,) = jax.export.symbolic_shape("b")
-  spec = jax.ShapeDtypeStruct((batch, *size, 3), jnp.uint8)
-  exported = jax.export.export(jax.jit(fn), platforms=platforms)(spec)
+  exported = jax.export.export(jax.jit(fn), platforms=platforms)(jax.ShapeDtypeStruct((batch, *size, 3), jnp.uint8))
   blob = exported.serialize()
   with open(output, "wb") as f:
     f.write(blob)
   names = class_names(config)
   palette = visualize.palette_for(config.dataset.name)
-  rates = config_checks.rates_of(config)
+  rates = spec.rates
   info = {
       "format": FORMAT,
       "artifact": os.path.basename(output),

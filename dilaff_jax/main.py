@@ -16,6 +16,7 @@ or the environment variable ``DILAFF_TRACEBACK=1`` (for bug reports); any other 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -27,7 +28,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from dilaff_jax import errors  # noqa: E402
-from dilaff_jax.process import cli, host_memory  # noqa: E402
+from dilaff_jax.process import cli, host_memory, run_log  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, summaries, statistics and results.")
@@ -91,6 +92,7 @@ def maybe_initialize_distributed(config) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with every mistake (a missing or failing config file, an unknown variant or
   ``--config.KEY``, a bad value) ending as one ``error:`` line and exit code 2."""
+  argv = [argv[0], *cli.with_config_found(argv[1:])]
   spec = cli.config_spec(argv[1:])
   if spec is not None and not os.path.isfile(spec.partition(":")[0]):  # ml_collections would defer this error
     cli.exit_with_error(f"--config={spec}: no such config file")
@@ -127,6 +129,15 @@ def print_config(config) -> None:
   print(config.to_json_best_effort(indent=1, sort_keys=False), flush=True)
 
 
+def _make_workdir(workdir: str) -> None:
+  """Creates a training's workdir so that its log starts with the run (a path that cannot be a folder is left to
+  the training's own error)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError:
+    pass
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -147,26 +158,39 @@ def main(argv) -> None:
   # imported only now: jax.distributed.initialize (above) must come before anything touches the backend
   import jax
   from dilaff_jax import datasets, evaluate, train
+  from dilaff_jax.engine import config_checks
 
   logging.info(
       "JAX %s: process %d/%d, devices %s", jax.__version__, jax.process_index(), jax.process_count(), jax.devices()
   )
   try:
     datasets.resolve_num_classes(config.dataset)  # image_folder: 0 = as many as its classes.txt lists
-    if FLAGS.mode == "train":
-      result = train.train_and_evaluate(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
-      if result.get("preempted_at") is not None:
-        sys.exit(errors.EXIT_PREEMPTED)
-    else:
-      evaluate.evaluate_checkpoints(
-          config,
-          FLAGS.workdir,
-          steps=[FLAGS.step] if FLAGS.step is not None else None,
-          watch=FLAGS.watch,
-          timeout_seconds=FLAGS.watch_timeout,
-      )
-  except (errors.UserError, FileNotFoundError) as e:  # FileNotFoundError: a missing checkpoint or workdir
+    if FLAGS.mode == "train":  # a config that cannot train leaves no folder behind
+      config_checks.validate(config, num_devices=jax.device_count())
+  except (errors.UserError, FileNotFoundError) as e:
     cli.exit_with_error(e, show_traceback=cli.wants_traceback(FLAGS.verbosity))
+  if FLAGS.mode == "train":
+    _make_workdir(FLAGS.workdir)
+  chief = jax.process_index() == 0  # one log for the run: the other processes print the same lines
+  with run_log.tee(FLAGS.workdir, sys.argv[1:]) if chief else contextlib.nullcontext() as log_path:
+    try:
+      if FLAGS.mode == "train":
+        result = train.train_and_evaluate(config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
+        if result.get("preempted_at") is not None:
+          sys.exit(errors.EXIT_PREEMPTED)
+        evaluated = [result["eval"]] if "eval" in result else []
+      else:
+        evaluated = evaluate.evaluate_checkpoints(
+            config,
+            FLAGS.workdir,
+            steps=[FLAGS.step] if FLAGS.step is not None else None,
+            watch=FLAGS.watch,
+            timeout_seconds=FLAGS.watch_timeout,
+        )
+    except (errors.UserError, FileNotFoundError) as e:  # FileNotFoundError: a missing checkpoint or workdir
+      cli.exit_with_error(e, show_traceback=cli.wants_traceback(FLAGS.verbosity))
+    dirs = [os.path.join(evaluate.results_dir(config, FLAGS.workdir), f"step_{r['step']}") for r in evaluated]
+    print(run_log.closing_line(FLAGS.workdir, dirs, log_path), flush=True)
 
 
 if __name__ == "__main__":

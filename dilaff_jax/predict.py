@@ -49,11 +49,13 @@ from ml_collections import config_flags  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 from dilaff_jax import errors  # noqa: E402
-from dilaff_jax.engine import config_checks, inference, train_state as state, visualize  # noqa: E402
+from dilaff_jax.engine import config_checks, inference, run_spec, train_state as state, visualize  # noqa: E402
+from dilaff_jax.engine.run_spec import RunSpec  # noqa: E402
 from dilaff_jax.method import propagation  # noqa: E402
 from dilaff_jax.process import cli, host_memory  # noqa: E402
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+LEGEND_NAME = "legend.png"
 OUTPUT_SUFFIXES = ("_seg.png", "_refined.png", "_mask.png")
 DEFAULT_MAX_SIZE = 2048
 
@@ -83,6 +85,34 @@ def list_images(path: str, output_dir: str | None = None) -> list[str]:
   if not names:
     raise PredictError(f"--input={path}: the folder has no images ({'/'.join(IMAGE_EXTENSIONS)})")
   return [os.path.join(path, n) for n in names]
+
+
+def skipped_inputs(path: str, output_dir: str | None = None) -> list[str]:
+  """The files of an input folder that :func:`list_images` leaves out for their extension (this tool's own
+  outputs aside), sorted: listed to the user, never skipped silently."""
+  if not os.path.isdir(path):
+    return []
+  kept = {os.path.basename(p) for p in list_images(path, output_dir)}
+  same = output_dir is not None and os.path.isdir(output_dir) and os.path.samefile(path, output_dir)
+  return sorted(
+      n
+      for n in os.listdir(path)
+      if os.path.isfile(os.path.join(path, n))
+      and n not in kept
+      and not (same and (n.endswith(OUTPUT_SUFFIXES) or n == LEGEND_NAME))
+  )
+
+
+def class_names_or_numbers(config: ml_collections.ConfigDict, tool: str) -> list[str]:
+  """The dataset's class names (:func:`dilaff_jax.datasets.config_class_names`), else ``class_0 ...`` with a
+  warning naming why, when the dataset is not at hand on this machine."""
+  from dilaff_jax import datasets  # TensorFlow Datasets: only once the predictions are written
+
+  try:
+    return list(datasets.config_class_names(config.dataset))
+  except (errors.UserError, ValueError, OSError) as e:
+    print(f"[{tool}] class names not found ({e}); using class_0 ...", file=sys.stderr, flush=True)
+  return [f"class_{i}" for i in range(config.dataset.num_classes)]
 
 
 def output_names(paths: Sequence[str]) -> list[str]:
@@ -237,10 +267,10 @@ class Prediction:
   compile_s: float
 
 
-def _network(variables, x, *, apply_fn, config, rates):
+def _network(variables, x, *, apply_fn, spec: RunSpec):
   """Raw class-index mask, probabilities and steep-sigmoid affinities (Eq. 7) of a padded image ``[1, H', W', 3]``,
   as the evaluation computes them (``config.eval``: output stride, scales, flip)."""
-  probs, aff = inference.predict_as_configured(apply_fn, variables, x, config, rates)
+  probs, aff = inference.predict_as_configured(apply_fn, variables, x, spec)
   return jnp.argmax(probs[0], -1).astype(jnp.uint8), probs, aff
 
 
@@ -252,13 +282,13 @@ def _refine(probs, aff, height, width, *, rates, lam, iterations, anchored=False
   return jnp.argmax(p[0], -1).astype(jnp.uint8)
 
 
-def make_predictor(config: ml_collections.ConfigDict, variables):
+def make_predictor(spec: RunSpec, variables):
   """``predict_one(image uint8 [H, W, 3]) -> Prediction``. The network and the propagation are compiled once per
   padded shape (ahead of time, so that their compilation is timed apart) and cached in the returned closure."""
-  rates = config_checks.rates_of(config)
-  model = state.build_model(config, rates, axis_name=None)
+  config, rates = spec.config, spec.rates
+  model = state.build_model(spec, axis_name=None)
   variables = jax.device_put(variables)
-  network = jax.jit(functools.partial(_network, apply_fn=model.apply, config=config, rates=rates))
+  network = jax.jit(functools.partial(_network, apply_fn=model.apply, spec=spec))
   refine = (
       jax.jit(
           functools.partial(
@@ -266,7 +296,7 @@ def make_predictor(config: ml_collections.ConfigDict, variables):
               rates=rates,
               lam=float(config.affinity.lam),
               iterations=int(config.affinity.iterations),
-              anchored=config_checks.propagation_reading(config) == "anchored",
+              anchored=spec.anchored,
           )
       )
       if rates
@@ -335,6 +365,14 @@ def run(
   times of :func:`_timing_summary`. Unreadable images are skipped and listed in ``failed``; if none is readable,
   or the output folder cannot be written, it raises :class:`PredictError` before loading the model."""
   paths = list_images(input_path, output_dir)
+  others = skipped_inputs(input_path, output_dir)
+  if others:
+    print(
+        f"[predict] skipping {len(others)} file(s) of --input={input_path} that are not images of a known type "
+        f"({'/'.join(IMAGE_EXTENSIONS)}): {', '.join(others)}",
+        file=sys.stderr,
+        flush=True,
+    )
   failed = unreadable(paths)
   if len(failed) == len(paths):
     raise PredictError(
@@ -346,9 +384,10 @@ def run(
   if not isinstance(max_size, int) or max_size < 0:
     raise PredictError(f"--max_size={max_size}: expected 0 (no limit) or a positive number of pixels")
   config_checks.validate(config, num_devices=1, mode="predict")
-  variables, step = state.restore_variables(config, workdir)
+  spec = run_spec.derive(config)
+  variables, step = state.restore_variables(spec, workdir)
   make_output_dir(output_dir)
-  rates = config_checks.rates_of(config)
+  rates = spec.rates
   print(
       f"[predict] checkpoint step {step} of {workdir} on {jax.devices()[0].platform}; {len(paths)} image(s); "
       + (
@@ -358,9 +397,9 @@ def run(
       ),
       flush=True,
   )
-  predict_one = make_predictor(config, variables)
+  predict_one = make_predictor(spec, variables)
   palette = visualize.palette_for(config.dataset.name)
-  written, timings = {}, []
+  written, timings, shown = {}, [], set()
   for i, (path, name) in enumerate(zip(paths, output_names(paths)), start=1):
     try:
       if path in failed:
@@ -380,6 +419,7 @@ def run(
           refined=None if pred.refined is None else resize_mask(pred.refined, size),
       )
     written[path] = write_outputs(output_dir, name, image, pred.raw, pred.refined, palette)
+    shown.update(np.unique(pred.raw).tolist() + ([] if pred.refined is None else np.unique(pred.refined).tolist()))
     timings.append(pred)
     print(
         _progress(i, len(paths), path, image, pred)
@@ -398,7 +438,13 @@ def run(
       + f"; compilation {times['compile_s']:.1f} s for {times['compilations']} padded size(s)",
       flush=True,
   )
-  return {"written": written, "failed": failed, **times}
+  legend = None
+  if shown:
+    names = class_names_or_numbers(config, "predict")
+    legend = os.path.join(output_dir, LEGEND_NAME)
+    Image.fromarray(visualize.legend_image([(names[c], palette[c]) for c in sorted(shown)])).save(legend)
+    print(f"[predict] the colours of the {len(shown)} class(es) predicted: {legend}", flush=True)
+  return {"written": written, "failed": failed, "skipped": others, "legend": legend, **times}
 
 
 def _lists_to_tuples(x):

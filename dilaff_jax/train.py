@@ -27,11 +27,12 @@ from clu import metric_writers, metrics, periodic_actions
 
 from dilaff_jax import datasets, errors, evaluate
 from dilaff_jax.datasets import device_feed, input_pipeline
-from dilaff_jax.engine import affinity_stats, checkpoints, config_checks
+from dilaff_jax.engine import affinity_stats, checkpoints, config_checks, run_spec
+from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.method import neighbour_stats, affinity
 from dilaff_jax.process import files, multihost
 from dilaff_jax.process import preemption as preemption_lib
-from dilaff_jax.engine import visualize
+from dilaff_jax.engine import eval_report, visualize
 from dilaff_jax.method import structure_losses
 from dilaff_jax.process import workdir_lock
 from dilaff_jax.engine.train_state import AXIS, build_model, create_train_state, learning_rate_schedule
@@ -44,13 +45,14 @@ class TrainingError(errors.UserError, RuntimeError):
   """Training cannot go on (non-finite loss, incompatible checkpoint, ...); the message says what to do."""
 
 
-def boundary_weight_map(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray] | None:
+def boundary_weight_map(spec: RunSpec) -> Callable[[np.ndarray], np.ndarray] | None:
   """U-Net's weight map for the input pipeline when ``structure.kind`` is ``boundary``, else None.
 
   σ is scaled from U-Net's 512-px images to the training crop: ``σ_px = boundary_sigma · crop_size / 512``.
   """
-  if config_checks.structure_kind(config) != "boundary":
+  if spec.structure != "boundary":
     return None
+  config = spec.config
   s = config.structure
   return functools.partial(
       structure_losses.unet_weight_map,
@@ -67,6 +69,7 @@ def boundary_weight_map(config: ml_collections.ConfigDict) -> Callable[[np.ndarr
 
 
 NO_STEP = np.iinfo(np.int32).max  # "no non-finite loss yet"
+BEST_NAME = "best.json"  # the best validated checkpoint's step and score
 
 
 @jax.jit
@@ -122,6 +125,9 @@ RESUME_FREE_KEYS = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.eval_at_end",
+    "train.eval_every",
+    "train.eval_max_images",
+    "train.validation_split",
     "dataset.data_dir",
     "dataset.manual_dir",
 )
@@ -206,21 +212,21 @@ def train_and_evaluate(
   evaluation results.
   """
   config_checks.validate(config, num_devices=jax.device_count())
-  rates = config_checks.rates_of(config)
+  spec = run_spec.derive(config)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.UserError(f"--workdir={workdir} is a file, not a folder; give a folder (new or of this run)")
   os.makedirs(workdir, exist_ok=True)
   with _workdir_locked(workdir, jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir, rates, hooks, allow_config_change)
+    return _train_and_evaluate(spec, workdir, hooks, allow_config_change)
 
 
 def _train_and_evaluate(
-    config: ml_collections.ConfigDict,
+    spec: RunSpec,
     workdir: str,
-    rates: affinity.Rates,
     hooks: Sequence[Hook],
     allow_config_change: bool = False,
 ) -> dict:
+  config, rates = spec.config, spec.rates
   is_chief = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
 
@@ -235,16 +241,16 @@ def _train_and_evaluate(
         num_classes=config.dataset.num_classes,
     )
   multihost.barrier("dataset prepared")
-  stats = affinity_stats.load_or_compute(config, workdir, rates) if rates else None
+  stats = affinity_stats.load_or_compute(spec, workdir) if rates else None
   if stats is not None and is_chief:
     print(
         "[train] " + neighbour_stats.weight_table(stats, config.affinity.scheme, config.affinity.max_weight), flush=True
     )
   bias = affinity.prior_bias(stats.pos_freq) if rates else None
-  model = build_model(config, rates, bias)
+  model = build_model(spec, bias)
   rng = jax.random.key(config.seed)
-  state = create_train_state(config, model, rng)
-  compat = checkpoints.compat_record(config, rates)
+  state = create_train_state(spec, model, rng)
+  compat = checkpoints.compat_record(spec)
   with checkpoints.opened(workdir, config, write=True) as mngr, contextlib.ExitStack() as stack:
     if mngr.latest_step() is not None:
       state, _, damaged = checkpoints.restore_newest_intact(mngr, state, compat)
@@ -261,7 +267,7 @@ def _train_and_evaluate(
 
     schedule = learning_rate_schedule(config)
     p_step = jax.pmap(
-        make_train_step(config, rates, stats, schedule),
+        make_train_step(spec, stats, schedule),
         axis_name=AXIS,
         in_axes=(0, 0, None),
         donate_argnums=(0,),
@@ -275,7 +281,7 @@ def _train_and_evaluate(
         local_device_count=ndev,
         per_device_batch=per_device,
         start_step=start,
-        weight_map=boundary_weight_map(config),
+        weight_map=boundary_weight_map(spec),
     )
     batches = device_feed.prefetch_to_device(pipes.train)
     stack.callback(pipes.train.close)  # on every exit path: tf.data's threads must not outlive the run
@@ -294,6 +300,8 @@ def _train_and_evaluate(
         "data_position": step * config.train.batch_size,
         "seed": config.seed,
     }
+    eval_every = int(config.train.get("eval_every", 0))
+    evaluator = functools.cache(lambda: evaluate.make_evaluator(spec))  # compiled once, at the first validation
     train_metrics = None
     last = {}
     first_nonfinite = (jnp.int32(NO_STEP), jnp.float32(0.0))
@@ -310,7 +318,7 @@ def _train_and_evaluate(
         if step % config.train.log_every == 0 or step == total:
           _check_loss(first_nonfinite, mngr)
           last = {k: float(v) for k, v in train_metrics.compute().items()}
-          writer.write_scalars(step, last)
+          writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
           elapsed = time.time() - t0
           eta = elapsed / (step - start) * (total - step)
           print(
@@ -324,17 +332,23 @@ def _train_and_evaluate(
           variables = {"params": state.params, "batch_stats": state.batch_stats}
           writer.write_images(
               step,
-              visualize.summary_images(p_predict(variables, batch["image"]), batch, rates, config.dataset, palette),
+              visualize.summary_images(p_predict(variables, batch["image"]), batch, spec, palette),
           )
         for hook in hooks:
           hook(step, state)
         stop = preemption.requested or (jax.process_count() > 1 and mngr.reached_preemption(step))
-        if step % config.train.checkpoint_every == 0 or step == total or stop:
+        score = None
+        if eval_every and step % eval_every == 0:
+          _check_loss(first_nonfinite, mngr)
+          score = _validate(spec, workdir, flax.jax_utils.unreplicate(state), writer, evaluator())
+        if step % config.train.checkpoint_every == 0 or step == total or stop or score is not None:
           _check_loss(first_nonfinite, mngr)  # names the step where it went wrong, before the state check
           try:  # batch statistics can blow up while the loss (computed with batch statistics) stays finite
-            checkpoints.save_checkpoint(mngr, flax.jax_utils.unreplicate(state), meta(step))
+            checkpoints.save_checkpoint(mngr, flax.jax_utils.unreplicate(state), meta(step), score)
           except checkpoints.NonFiniteStateError as e:
             raise TrainingError(str(e)) from None
+          if score is not None and is_chief:
+            _record_best(workdir, step, score[checkpoints.BEST_METRIC])
         if stop:
           checkpoints.finish(mngr)
           logging.warning(
@@ -346,5 +360,51 @@ def _train_and_evaluate(
   writer.flush()
   result = {"train": last}
   if config.train.eval_at_end:
-    result["eval"] = evaluate.evaluate_state(config, workdir, flax.jax_utils.unreplicate(state), rates, writer)
+    final = flax.jax_utils.unreplicate(state)
+    result["eval"] = evaluate.evaluate_state(
+        spec, workdir, final, writer, evaluator=evaluator() if eval_every else None
+    )
   return result
+
+
+def validation_score(results: dict) -> float:
+  """What ranks checkpoints for ``best.json``: the mIoU after the configured propagation (what ``predict`` and the
+  export output), or the network's mIoU without the affinity head."""
+  return float(results.get("miou_propagated", results["miou"]))
+
+
+def _validate(spec: RunSpec, workdir: str, state, writer, evaluator) -> dict:
+  """A validation during training (``train.eval_every``): the first ``train.eval_max_images`` images of
+  ``train.validation_split`` (default ``dataset.eval_split``), its scalars under ``validation/`` at the step, one printed line; no result files (the final evaluation
+  writes them). Returns the checkpoint's metrics for Orbax's best-checkpoint policy."""
+  config = spec.config
+  limit = int(config.train.eval_max_images) or int(config.eval.max_images)
+  split = config.train.validation_split or config.dataset.eval_split
+  results = evaluate.evaluate_state(
+      spec, workdir, state, evaluator=evaluator, max_images=limit, split=split, report=False
+  )
+  score = validation_score(results)
+  scalars = {f"validation/{k.split('/', 1)[1]}": v for k, v in eval_report.scalars(results).items()}
+  writer.write_scalars(results["step"], scalars)
+  print(
+      f"[train] validation at step {results['step']} on {results['num_images']} {split} "
+      f"images: mIoU {100 * results['miou']:.2f}%"
+      + (f", {100 * score:.2f}% after {results['final_iterations']} propagation iteration(s)" if spec.rates else ""),
+      flush=True,
+  )
+  return {checkpoints.BEST_METRIC: score}
+
+
+def _record_best(workdir: str, step: int, score: float) -> None:
+  """``<workdir>/best.json``: the step and score of the best validated checkpoint so far, the one Orbax's policy
+  keeps beside the newest (the latest of equal scores, as Orbax ranks them)."""
+  path = os.path.join(workdir, BEST_NAME)
+  try:
+    with open(path) as f:
+      best = json.load(f)
+    better = score >= float(best["score"])
+  except (OSError, ValueError, KeyError, TypeError):  # none yet (or unreadable: rewritten)
+    better = True
+  if better:
+    files.write_atomic(path, json.dumps({"step": step, "score": score}, indent=1))
+    print(f"[train] best validated checkpoint so far: step {step} ({path})", flush=True)

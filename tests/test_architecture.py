@@ -212,21 +212,69 @@ def test_a_model_hyper_parameter_lives_in_one_place():
   """``build_model`` passes every ``config.model`` key named like a ``DeepLabV3Plus`` field, refuses a key that is
   neither a field nor a known non-model key, and the checkpoint record covers the shape-deciding fields."""
   from configs import default
-  from dilaff_jax.engine import checkpoints, config_checks
+  from dilaff_jax.engine import checkpoints, config_checks, run_spec
   from dilaff_jax.engine import train_state as state_lib
   from dilaff_jax.models.deeplab import SHAPE_FIELDS
 
   config = default.get_config()
   config.model.depth, config.model.aspp_channels, config.model.bn_epsilon = 50, 128, 1e-3
-  model = state_lib.build_model(config, ())
+  model = state_lib.build_model(run_spec.derive(config))
   assert (model.depth, model.aspp_channels, model.bn_epsilon) == (50, 128, 1e-3)
   for key in set(config.model) - set(config_checks.NOT_MODEL_FIELDS) - {"dtype"}:
     value = config.model[key]
     assert getattr(model, key) == (tuple(value) if isinstance(value, (list, tuple)) else value), key
-  record = checkpoints.compat_record(config, ())
+  record = checkpoints.compat_record(run_spec.derive(config))
   assert {f"model.{k}" for k in SHAPE_FIELDS} <= set(record) and record["model.depth"] == 50
   config.model.width_multiplier = 2
   with pytest.raises(ValueError, match="width_multiplier"):
-    state_lib.build_model(config, ())
+    state_lib.build_model(run_spec.derive(config))
   with pytest.raises(config_checks.ConfigError, match=r"^config.model.width_multiplier: no such key"):
     config_checks.validate(config, num_devices=1, mode="predict")  # the user's error, before any model is built
+
+
+CONFIG_PARAMETERS = {"config", "dataset_config", "scene_config"}
+
+
+def functions_taking_config_and_rates(source: str) -> list[str]:
+  """Functions (and lambdas' enclosing functions) of ``source`` with a config parameter and a ``rates`` one."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      a = node.args
+      names = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}
+      if "rates" in names and names & CONFIG_PARAMETERS:
+        found.append(f"{node.name} (line {node.lineno})")
+  return found
+
+
+def test_no_function_takes_a_config_and_its_rates():
+  """The rate set (and the rest of what a run derives from its config) is derived once, in a ``RunSpec``, and
+  passed instead of ``(config, rates)``: a function taking both would let the two disagree."""
+  assert functions_taking_config_and_rates("def f(config, x, *, rates=()):\n  pass\n") == ["f (line 1)"]
+  assert functions_taking_config_and_rates("def g(spec, rates):\n  pass\ndef h(config):\n  pass\n") == []
+  offenders = {
+      str(p.relative_to(ROOT)): found
+      for p in sorted((ROOT / PACKAGE).rglob("*.py"))
+      if (found := functions_taking_config_and_rates(p.read_text()))
+  }
+  assert offenders == {}
+
+
+def test_the_run_spec_holds_what_the_config_says():
+  from configs import synthetic, voc
+  from dilaff_jax.engine import run_spec
+
+  paper = voc.get_config()
+  paper.model.pretrained = "weights/resnet101.safetensors"
+  spec = run_spec.derive(paper)
+  assert spec.rates == ((8, 8), (12, 24), (24, 12), (16, 16)) and spec.has_affinity
+  assert (spec.structure, spec.reading, spec.anchored) == ("none", "paper", False)
+  assert spec.pretrained == "weights/resnet101.safetensors" and spec.config is paper
+  baseline = run_spec.derive(voc.get_config("baseline"))
+  assert baseline.rates == () and not baseline.has_affinity
+  tiny = synthetic.get_config("tiny")
+  tiny.affinity.propagation_reading = "anchored"
+  with tiny.unlocked():
+    tiny.structure.kind = "aaf"
+  spec = run_spec.derive(tiny)
+  assert (spec.structure, spec.anchored, spec.pretrained) == ("aaf", True, None)

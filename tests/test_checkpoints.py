@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dilaff_jax import evaluate, train
-from dilaff_jax.engine import checkpoints, config_checks
+from dilaff_jax.engine import checkpoints, run_spec
 from dilaff_jax.process import workdir_lock
 from dilaff_jax.engine import train_state as state_lib
 from cli_helpers import REPO, main_cli, user_facing_lines
@@ -58,9 +58,9 @@ def flip_bytes(path, count=256, seed=0):
 
 
 def restore(workdir, config, step=None, report=print):
-  rates = config_checks.rates_of(config)
+  spec = run_spec.derive(config)
   state, _ = checkpoints.restore_from_workdir(
-      workdir, config, lambda: state_lib.state_template(config, rates), step, report=report
+      workdir, spec, lambda: state_lib.state_template(spec), step, report=report
   )
   return int(state.step)
 
@@ -144,9 +144,9 @@ def test_all_damaged_is_refused(run, tmp_path):
 
 def test_nonfinite_state_is_never_saved_and_a_nonfinite_checkpoint_is_damaged(run, tmp_path, monkeypatch):
   workdir, config = copy_of(run, tmp_path), run["config"]
-  rates = config_checks.rates_of(config)
-  compat = checkpoints.compat_record(config, rates)
-  state = state_lib.state_template(config, rates)
+  spec = run_spec.derive(config)
+  compat = checkpoints.compat_record(spec)
+  state = state_lib.state_template(spec)
   leaves, tree = jax.tree.flatten(state.batch_stats)
   leaves[0] = np.full_like(np.asarray(leaves[0]), np.inf)
   bad = state.replace(step=6, batch_stats=jax.tree.unflatten(tree, leaves))

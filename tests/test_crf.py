@@ -1,6 +1,6 @@
 """Dense CRF post-processing (the paper's Table 5 comparison): refinement on hand-made images, and input checks.
 
-The refinement tests run the real C++ inference of the optional package ``pydensecrf2`` (in requirements.txt); the
+The refinement tests run the real C++ inference of the optional package ``pydensecrf2`` (the ``test`` and ``crf`` extras of pyproject.toml); the
 input-check and missing-package tests need no package (validation happens before the import).
 """
 
@@ -115,8 +115,18 @@ def test_missing_package_gives_install_hint(monkeypatch):
   monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
   assert crf.available() is False
   image, labels = _two_region_image()
-  with pytest.raises(ImportError, match=r"Dense CRF needs the optional package pydensecrf2: pip install pydensecrf2"):
+  with pytest.raises(
+      ImportError, match=r"the dense CRF needs the optional package pydensecrf2: .venv/bin/pip install -e '.\[crf\]'"
+  ):
     crf.dense_crf(image, _probs_leaning(labels, labels, p_top=0.9))
+  # a run asking for it is refused at start-up (not after its training), naming the key and the extra
+  from configs import synthetic
+  from dilaff_jax.engine import config_checks
+
+  config = synthetic.get_config("tiny")
+  config.eval.crf = True
+  with pytest.raises(config_checks.ConfigError, match=r"^config.eval.crf = True: the dense CRF needs .*\[crf\]"):
+    config_checks.validate(config, num_devices=1, mode="evaluate")
 
 
 def _valid():

@@ -13,7 +13,7 @@ import pytest
 from configs import synthetic
 from dilaff_jax import evaluate
 from dilaff_jax.datasets import input_pipeline
-from dilaff_jax.engine import config_checks, crf, eval_metrics, inference
+from dilaff_jax.engine import crf, eval_metrics, inference, run_spec
 from dilaff_jax.method import affinity
 from dilaff_jax.method import propagation
 from dilaff_jax.engine import train_state as state_lib
@@ -120,8 +120,8 @@ def pixel_variables(num_classes, num_aff, seed=0):
 
 
 def run_eval(config, data_dir, *, pad, per_device, devices=2, crf_fn=None):
-  rates = config_checks.rates_of(config)
-  variables = pixel_variables(config.dataset.num_classes, 8 * len(rates))
+  spec = run_spec.derive(config)
+  variables = pixel_variables(config.dataset.num_classes, 8 * len(spec.rates))
   batches = input_pipeline.eval_iterator(
       "synthetic_shapes/tiny",
       split="test",
@@ -133,7 +133,7 @@ def run_eval(config, data_dir, *, pad, per_device, devices=2, crf_fn=None):
   )
   iterations = tuple(config.eval.iterations)
   p_eval = jax.pmap(
-      functools.partial(evaluate.eval_step, apply_fn=pixel_model, config=config, rates=rates, iterations=iterations),
+      functools.partial(evaluate.eval_step, apply_fn=pixel_model, spec=spec, iterations=iterations),
       axis_name=state_lib.AXIS,
       devices=jax.devices()[:devices],
   )
@@ -330,7 +330,7 @@ def test_watch_retries_the_checkpoint_being_written_and_follows_the_workdirs_fin
   listings = iter([[2], [2, 4], [2, 4], [2, 4, 6], [2, 4, 6], [2, 4, 6]])
   reads = []
 
-  def restore(wd, cfg, template, step):
+  def restore(wd, spec, template, step):
     reads.append(step)
     if step == 4 and reads.count(4) == 1 or step == 6 and reads.count(6) <= 2:  # being written
       raise checkpoints.DamagedCheckpointError(f"step {step}: Truncated Zstd-compressed stream", step, "truncated")
@@ -338,7 +338,7 @@ def test_watch_retries_the_checkpoint_being_written_and_follows_the_workdirs_fin
 
   monkeypatch.setattr(checkpoints, "saved_steps", lambda wd: next(listings))
   monkeypatch.setattr(checkpoints, "restore_from_workdir", restore)
-  monkeypatch.setattr(evaluate, "evaluate_state", lambda cfg, wd, state, rates: {"step": state})
+  monkeypatch.setattr(evaluate, "evaluate_state", lambda spec, wd, state, writer=None: {"step": state})
   monkeypatch.setattr(evaluate.config_checks, "validate", lambda *a, **k: None)
   results = evaluate.evaluate_checkpoints(config, str(workdir), watch=True, poll_seconds=0.0, settle_seconds=60)
   assert [r["step"] for r in results] == [2, 4, 6]

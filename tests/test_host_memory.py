@@ -77,17 +77,18 @@ STEPS = textwrap.dedent("""
     applied = host_memory.reuse_freed_memory()
     import flax, jax, numpy as np
     from configs import synthetic
-    from dilaff_jax.engine import config_checks, train_state as state_lib, train_step as step_lib
+    from dilaff_jax.engine import run_spec, train_state as state_lib, train_step as step_lib
     from dilaff_jax.method import affinity
     from dilaff_jax.method.neighbour_stats import AffinityStats
     config = synthetic.get_config("tiny")
-    rates = config_checks.rates_of(config)
+    spec = run_spec.derive(config)
+    rates = spec.rates
     freq = np.tile(np.linspace(1.0, 9.0, affinity.NUM_CATEGORIES), (len(rates), 1))
     stats = AffinityStats(rates, freq / freq.sum(1, keepdims=True), np.full(len(rates), 0.9))
-    model = state_lib.build_model(config, rates, affinity.prior_bias(stats.pos_freq))
+    model = state_lib.build_model(spec, affinity.prior_bias(stats.pos_freq))
     device = jax.local_devices()[:1]
-    state = flax.jax_utils.replicate(state_lib.create_train_state(config, model, jax.random.key(0)), device)
-    step = step_lib.make_train_step(config, rates, stats, state_lib.learning_rate_schedule(config))
+    state = flax.jax_utils.replicate(state_lib.create_train_state(spec, model, jax.random.key(0)), device)
+    step = step_lib.make_train_step(spec, stats, state_lib.learning_rate_schedule(config))
     p_step = jax.pmap(step, axis_name=state_lib.AXIS, in_axes=(0, 0, None), devices=device)
     rng = np.random.default_rng(0)
     crop, b = config.dataset.crop_size, config.train.batch_size

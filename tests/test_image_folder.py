@@ -20,7 +20,7 @@ from configs import image_folder as image_folder_config
 from dilaff_jax import datasets, errors, export, predict, train
 from dilaff_jax.method import neighbour_stats
 from dilaff_jax.research import stats
-from dilaff_jax.engine import checkpoints, config_checks, visualize
+from dilaff_jax.engine import checkpoints, run_spec, visualize
 from dilaff_jax.engine import train_state as state_lib
 from dilaff_jax.datasets import image_folder, prepare, shapes_render
 from test_train import REPO
@@ -249,11 +249,11 @@ def scramble_heads(workdir, config, image, step):
   """Saves checkpoint ``step``: the workdir's state with random classifier and affinity heads centred on the decoder
   features of ``image`` (a 2-step model predicts one class everywhere, which would make comparisons of masks
   trivially true). Returns the variables."""
-  rates = config_checks.rates_of(config)
-  compat = checkpoints.compat_record(config, rates)
-  model = state_lib.build_model(config, rates, axis_name=None)
+  spec = run_spec.derive(config)
+  compat = checkpoints.compat_record(spec)
+  model = state_lib.build_model(spec, axis_name=None)
   with checkpoints.opened(workdir, config) as mngr:
-    state, _ = checkpoints.restore_checkpoint(mngr, state_lib.state_template(config, rates), compat, mngr.latest_step())
+    state, _ = checkpoints.restore_checkpoint(mngr, state_lib.state_template(spec), compat, mngr.latest_step())
   x = jnp.asarray(predict.normalise_and_pad(image, config.dataset.mean, config.dataset.std, 8))
   _, inter = model.apply(
       {"params": state.params, "batch_stats": state.batch_stats},
@@ -382,7 +382,7 @@ def test_exported_artifact_gives_predicts_masks_without_the_project(trained, fol
   masks, probs = np.load(tmp_path / "m.npy"), np.load(tmp_path / "p.npy")
   assert masks.dtype == np.int32 and masks.shape == (2, *size) and probs.shape == (2, *size, len(CLASSES))
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
-  predict_one = predict.make_predictor(trained["config"], trained["variables"])
+  predict_one = predict.make_predictor(run_spec.derive(trained["config"]), trained["variables"])
   for image, mask in zip(images, masks):
     expected = predict_one(image).refined
     assert len(np.unique(expected)) > 1  # scrambled heads: not one class everywhere

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dilaff_jax import predict, train
-from dilaff_jax.engine import checkpoints, config_checks, inference, visualize
+from dilaff_jax.engine import checkpoints, config_checks, inference, run_spec, visualize
 from dilaff_jax.method import affinity, propagation
 from dilaff_jax.engine import train_state as state_lib
 from test_train import REPO, tiny_config
@@ -54,10 +54,10 @@ def write_image(folder, name, size, mode, ext, seed=0):
 
 def save_as_latest(workdir, config, step):
   """Saves the workdir's state (or a fresh one) with :func:`scramble_heads` applied as checkpoint ``step``."""
-  rates = config_checks.rates_of(config)
-  compat = checkpoints.compat_record(config, rates)
-  model = state_lib.build_model(config, rates, axis_name=None)
-  state = state_lib.create_train_state(config, model, jax.random.key(0))
+  spec = run_spec.derive(config)
+  compat = checkpoints.compat_record(spec)
+  model = state_lib.build_model(spec, axis_name=None)
+  state = state_lib.create_train_state(spec, model, jax.random.key(0))
   with checkpoints.opened(workdir, config, write=True) as mngr:
     if mngr.latest_step() is not None:
       state, _ = checkpoints.restore_checkpoint(mngr, state, compat, mngr.latest_step())
@@ -130,7 +130,7 @@ def reference(config, variables, image):
   padded[:h, :w] = image
   x = jnp.asarray(((padded - mean) / std)[None])
   rates = config_checks.rates_of(config)
-  model = state_lib.build_model(config, rates, axis_name=None)
+  model = state_lib.build_model(run_spec.derive(config), axis_name=None)
   probs, aff = inference.predict(
       model.apply,
       variables,
@@ -215,13 +215,18 @@ def test_predict_folder_matches_independent_prediction(trained, images, tmp_path
   assert predict.main([f"--workdir={trained['workdir']}", f"--input={images}", f"--output={out}"]) == 0
   stdout = capsys.readouterr().out
   assert "checkpoint step 3" in stdout and "propagation: 3 iterations" in stdout
-  assert stdout.count("[predict] ") == 2 + len(IMAGES)  # header, one line per image, summary
-  summary = stdout.strip().splitlines()[-1]
+  assert stdout.count("[predict] ") == 3 + len(IMAGES)  # header, one line per image, summary, legend
+  summary = stdout.strip().splitlines()[-2]
   assert "4 image(s)" in summary and "network" in summary and "propagation" in summary, summary
   assert "compilation" in summary and "for 2 padded size(s)" in summary, summary  # 41x57 and 65x33
   want_files = sorted(f"{n}_{k}.png" for n in IMAGES for k in ("seg", "refined", "mask"))
-  assert sorted(os.listdir(out)) == want_files
+  assert sorted(os.listdir(out)) == sorted(want_files + [predict.LEGEND_NAME])
   palette = visualize.palette_for(trained["config"].dataset.name)
+  shown = sorted(set().union(*(np.unique(read(os.path.join(out, f"{n}_mask.png"))).tolist() for n in IMAGES)))
+  legend = read(os.path.join(out, predict.LEGEND_NAME))
+  assert legend.shape[0] == 20 * len(shown) and f"{len(shown)} class(es) predicted" in stdout.splitlines()[-1]
+  for row, c in enumerate(shown):  # a swatch of each predicted class's colour, in class order
+    np.testing.assert_array_equal(legend[20 * row + 10, 10], palette[c])
   changed = varied = 0
   for name, (size, _, ext) in IMAGES.items():
     image = as_rgb(os.path.join(images, f"{name}.{ext}"))
@@ -254,7 +259,7 @@ def test_config_file_with_overrides_and_zero_iterations(trained, images, tmp_pat
   ]
   assert predict.main(argv) == 0
   assert "propagation: 0 iterations" in capsys.readouterr().out
-  assert sorted(os.listdir(out)) == ["a_rgb_mask.png", "a_rgb_refined.png", "a_rgb_seg.png"]
+  assert sorted(os.listdir(out)) == ["a_rgb_mask.png", "a_rgb_refined.png", "a_rgb_seg.png", predict.LEGEND_NAME]
   np.testing.assert_array_equal(read(os.path.join(out, "a_rgb_refined.png")), read(os.path.join(out, "a_rgb_seg.png")))
   raw_probs, _ = reference(trained["config"], trained["variables"], as_rgb(rgb))
   assert_same_labels(read(os.path.join(out, "a_rgb_mask.png")), raw_probs, "iterations=0")
@@ -276,7 +281,7 @@ def test_config_json_of_an_older_version_loads_without_its_retired_keys(trained,
   (workdir / "config.json").write_text(json.dumps(old))
   config = predict.load_json_config(str(workdir))
   assert config.to_dict() == trained["config"].to_dict()
-  state_lib.build_model(config, config_checks.rates_of(config))  # refuses unknown model keys
+  state_lib.build_model(run_spec.derive(config))  # refuses unknown model keys
 
 
 def test_baseline_writes_raw_outputs_only(data_dir, images, tmp_path):
@@ -400,6 +405,9 @@ def test_unreadable_files_among_good_ones_are_skipped_and_listed(trained, tmp_pa
   (folder / "b_garbage.png").write_bytes(b"this is not a PNG")  # no readable header
   (folder / "c_empty.jpg").write_bytes(b"")
   write_image(str(folder), "d_good", (30, 41), "RGB", "jpg", seed=2)
+  write_image(str(folder), "e_tiff", (30, 41), "RGB", "tif", seed=3)  # read, not skipped
+  (folder / "notes.txt").write_text("not an image")
+  (folder / "f.gif").write_bytes(b"GIF89a")
   out = tmp_path / "out"
   assert predict.main([f"--workdir={trained['workdir']}", f"--input={folder}", f"--output={out}"]) == 2
   captured = capsys.readouterr()
@@ -408,9 +416,11 @@ def test_unreadable_files_among_good_ones_are_skipped_and_listed(trained, tmp_pa
   for bad in ("b_garbage.png", "c_empty.jpg"):
     assert f"cannot read image {folder / bad}" in last, last
   assert sorted(os.listdir(out)) == sorted(
-      f"{n}_{k}.png" for n in ("a_good", "d_good") for k in ("mask", "refined", "seg")
+      [f"{n}_{k}.png" for n in ("a_good", "d_good", "e_tiff") for k in ("mask", "refined", "seg")]
+      + [predict.LEGEND_NAME]
   )
-  assert "4/4" in captured.out  # the good image after the bad ones was predicted
+  assert "4/5" in captured.out and "5/5" in captured.out  # the good images after the bad ones were predicted
+  assert "skipping 2 file(s)" in captured.err and "f.gif, notes.txt" in captured.err  # listed, never silent
 
 
 def test_unwritable_output_folder_fails_before_loading_the_model(images, tmp_path):

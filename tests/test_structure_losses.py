@@ -13,7 +13,7 @@ import pytest
 from configs import synthetic, variants, voc
 from dilaff_jax import train
 from dilaff_jax.datasets import input_pipeline
-from dilaff_jax.engine import checkpoints, config_checks
+from dilaff_jax.engine import checkpoints, config_checks, run_spec
 from dilaff_jax.method import structure_losses
 from dilaff_jax.engine import train_state as state_lib
 
@@ -316,7 +316,7 @@ def test_boundary_weights_in_the_input_pipeline_are_the_weight_map_of_each_crop(
   c.dataset.name = "synthetic_shapes/tiny"
   c.dataset.data_dir = data_dir
   c.dataset.crop_size = 33
-  wm = train.boundary_weight_map(c)
+  wm = train.boundary_weight_map(run_spec.derive(c))
   assert wm.keywords["sigma"] == pytest.approx(5.0 * 33 / 512)
   make = functools.partial(input_pipeline.from_config, c.dataset, seed=3, local_device_count=2, per_device_batch=2)
   batch = next(make(weight_map=wm).train)
@@ -352,10 +352,10 @@ def test_training_with_a_structure_loss_runs_and_checkpoints(data_dir, tmp_path,
   else:  # CE + λ · 10^(-step/steps) · AAF, averaged over the logged steps 1 and 2 (step index 0 and 1)
     extra = metrics["loss"] - metrics["ce_loss"]
     assert 10**-0.5 * metrics["structure_loss"] * 0.9999 <= extra <= metrics["structure_loss"] * 1.0001
-  rates = config_checks.rates_of(config)
-  state = state_lib.create_train_state(config, state_lib.build_model(config, rates), jax.random.key(0))
+  spec = run_spec.derive(config)
+  state = state_lib.create_train_state(spec, state_lib.build_model(spec), jax.random.key(0))
   mngr = checkpoints.checkpoint_manager(str(tmp_path / "run"), config)
-  restored, _ = checkpoints.restore_checkpoint(mngr, state, checkpoints.compat_record(config, rates), 2)
+  restored, _ = checkpoints.restore_checkpoint(mngr, state, checkpoints.compat_record(spec), 2)
   assert int(restored.step) == 2
   if kind == "aaf":
     # the adversarial weights trained (away from 0) and were checkpointed
@@ -365,7 +365,7 @@ def test_training_with_a_structure_loss_runs_and_checkpoints(data_dir, tmp_path,
     with pytest.raises(
         checkpoints.IncompatibleCheckpointError, match=r"structure.aaf_weights \(shape\): checkpoint has \[2, 6, 3\]"
     ):
-      checkpoints.restore_checkpoint(mngr, state, checkpoints.compat_record(plain, rates), 2)
+      checkpoints.restore_checkpoint(mngr, state, checkpoints.compat_record(run_spec.derive(plain)), 2)
   mngr.close()
   saved = json.load(open(tmp_path / "run" / "config.json"))
   assert saved["structure"]["kind"] == kind

@@ -307,6 +307,8 @@ def test_study_end_to_end_on_tiny(tmp_path, data_dir):
       "plain4/seed_0/run.json",
   ):
     assert os.path.exists(os.path.join(w, name)), name
+  log = open(os.path.join(w, "aff", "seed_0", "log.txt")).read()  # the job's own log is the study's: not doubled
+  assert log.count("[train] step 4/4") == 1 and log.strip().splitlines()[-1].startswith("[done] results in ")
   agg = json.load(open(os.path.join(w, "study.json")))["aggregate"]
   assert agg["aff"]["metrics"]["miou"]["values"] == {"0": results["aff"]["miou"]}
   assert agg["aff"]["vs_baseline"]["miou"]["mean"] == pytest.approx(results["aff"]["miou"] - results["plain"]["miou"])

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from configs import synthetic, voc
-from dilaff_jax import train
+from dilaff_jax import evaluate, train
 from dilaff_jax.datasets import input_pipeline
-from dilaff_jax.engine import checkpoints, config_checks
+from dilaff_jax.engine import checkpoints, config_checks, run_spec
 from dilaff_jax.method import affinity
 from dilaff_jax.engine import train_state as state_lib
 from dilaff_jax.engine import train_step as step_lib
@@ -60,8 +60,8 @@ def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
 
 def restored_variables(workdir, config, step=None):
   """``(step, variables)`` of the newest intact (or ``step``'s) checkpoint of ``workdir``, verified."""
-  rates = config_checks.rates_of(config)
-  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: state_lib.state_template(config, rates), step)
+  spec = run_spec.derive(config)
+  state, _ = checkpoints.restore_from_workdir(workdir, spec, lambda: state_lib.state_template(spec), step)
   return int(state.step), {"params": state.params, "batch_stats": state.batch_stats}
 
 
@@ -71,18 +71,19 @@ def restored_variables(workdir, config, step=None):
 def test_step_on_4_devices_equals_step_on_1_device_with_whole_batch():
   config = synthetic.get_config("tiny")
   config.model.dropout_rate = 0.0
-  rates = config_checks.rates_of(config)
+  spec = run_spec.derive(config)
+  rates = spec.rates
   stats = AffinityStats(
       rates, np.tile([0.05, 0.05, 0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.4], (len(rates), 1)), np.full(len(rates), 0.8)
   )
-  model = state_lib.build_model(config, rates, affinity.prior_bias(stats.pos_freq))
-  state = state_lib.create_train_state(config, model, jax.random.key(1))
+  model = state_lib.build_model(spec, affinity.prior_bias(stats.pos_freq))
+  state = state_lib.create_train_state(spec, model, jax.random.key(1))
   rng = np.random.default_rng(0)
   images = rng.normal(size=(4, 33, 33, 3)).astype(np.float32)
   labels = rng.integers(0, 6, size=(4, 33, 33)).astype(np.int32)
   labels[:, 10:14] = 255
   labels[3][rng.random((33, 33)) < 0.7] = 255  # uneven ignore shares across the devices
-  step = step_lib.make_train_step(config, rates, stats, state_lib.learning_rate_schedule(config))
+  step = step_lib.make_train_step(spec, stats, state_lib.learning_rate_schedule(config))
   outs = []
   for ndev in (4, 1):
     devices = jax.devices()[:ndev]
@@ -110,12 +111,32 @@ def test_step_on_4_devices_equals_step_on_1_device_with_whole_batch():
 # ---------------------------------------------------------------------------------------------- resume
 
 
-def test_resume_after_sigterm_equals_straight_run(data_dir, tmp_path):
+def test_resume_after_sigterm_equals_straight_run(data_dir, tmp_path, capsys):
   config = tiny_config(data_dir)
-  config.train.image_summary_every = 2  # summaries must not change the run
+  config.train.image_summary_every = 2  # summaries must not change the run, nor validations
+  config.train.eval_every, config.train.eval_max_images, config.train.validation_split = 2, 4, "tune"
+  config.train.keep_checkpoints = 1
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
   assert straight["train"]
-  config.train.image_summary_every = 0
+  config.train.image_summary_every = config.train.eval_every = 0
+  printed = capsys.readouterr().out
+  scores = [
+      float(x)
+      for x in re.findall(r"\[train\] validation at step \d on 4 tune images: mIoU [\d.]+%, ([\d.]+)%", printed)
+  ]
+  assert len(scores) == 2, printed  # steps 2 and 4
+  best = json.load(open(tmp_path / "straight" / "best.json"))
+  assert best["step"] == (2 if scores[0] > scores[1] else 4) and 100 * best["score"] == pytest.approx(
+      max(scores), abs=0.006
+  )
+  # Orbax kept the newest checkpoint (keep_checkpoints = 1) and the best validated one beside it
+  assert sorted(os.listdir(tmp_path / "straight" / "checkpoints")) == sorted({"4", str(best["step"])})
+  spec = run_spec.derive(config)  # the best checkpoint scores what best.json says, on the same 4 tune scenes
+  state, _ = checkpoints.restore_from_workdir(
+      str(tmp_path / "straight"), spec, lambda: state_lib.state_template(spec), best["step"]
+  )
+  again = evaluate.evaluate_state(spec, str(tmp_path / "straight"), state, max_images=4, split="tune", report=False)
+  assert train.validation_score(again) == best["score"] and again["split"] == "tune" and again["num_images"] == 4
   import tensorflow as tf
 
   events = [f for f in os.listdir(tmp_path / "straight") if f.startswith("events.out.tfevents")]
@@ -124,7 +145,9 @@ def test_resume_after_sigterm_equals_straight_run(data_dir, tmp_path):
       for e in tf.compat.v1.train.summary_iterator(str(tmp_path / "straight" / events[0]))
       for v in e.summary.value
   }
-  assert {"input", "label", "prediction", "affinity_rate_4", "loss", "affinity_accuracy", "steps_per_sec"} <= tags
+  assert {"input", "label", "prediction", "affinity_rate_4", "train/loss", "train/affinity_accuracy"} <= tags
+  assert {"steps_per_sec", "validation/miou", "validation/miou_propagated", "validation/miou_propagation_1"} <= tags
+  assert not any(t.startswith("eval/") for t in tags)  # eval_at_end is off in these tests
 
   def sigterm_at_2(step, state):
     del state
@@ -233,6 +256,9 @@ def test_diverging_run_leaves_only_finite_checkpoints(data_dir, tmp_path):
     assert restored_variables(workdir, config, step)[0] == step
   assert str(steps[-1]) in lines[0]
   assert not os.path.exists(os.path.join(workdir, "train.lock"))  # released on the error path
+  log = open(os.path.join(workdir, "log.txt")).read()  # the run's log holds its start, progress and error line
+  assert log.startswith("===== ") and "--config.train.learning_rate=100000000.0" in log.splitlines()[0]
+  assert "[train] " in log and lines[0] in log
 
 
 def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):

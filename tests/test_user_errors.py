@@ -10,10 +10,9 @@ import pytest
 
 from configs import synthetic
 from dilaff_jax import errors
-from dilaff_jax.engine import affinity_stats
+from dilaff_jax.engine import affinity_stats, run_spec
 from dilaff_jax.method import neighbour_stats
 from dilaff_jax.research import stats
-from dilaff_jax.engine import config_checks
 from dilaff_jax.process import cli
 from cli_helpers import CONFIG, REPO, assert_one_error_line, main_cli, run_cli
 from test_train import tiny_config
@@ -106,7 +105,6 @@ def test_statistics_from_images_too_small_for_a_rate_fail_before_jit(data_dir, t
       data_dir,
       **{"affinity.rates": (4, 32), "affinity.stats_max_images": 3, "affinity.partial_neighbors": "count"},
   )
-  rates = config_checks.rates_of(config)
   with pytest.raises(
       neighbour_stats.StatsError,
       match=r"freq\(n_8, r\) is 0 at rate 32 in the statistics of "
@@ -114,13 +112,13 @@ def test_statistics_from_images_too_small_for_a_rate_fail_before_jit(data_dir, t
       r"neighbours at this rate only in label maps larger than 65x65 pixels, the largest label map "
       r"is 6\dx6\d",
   ):
-    affinity_stats.load_or_compute(config, str(tmp_path), rates)
+    affinity_stats.load_or_compute(run_spec.derive(config), str(tmp_path))
   assert not os.path.exists(tmp_path / "affinity_stats.json")  # a rerun fails the same way
   config.affinity.scheme = "none"  # no per-category weights: the same statistics are usable
-  assert affinity_stats.load_or_compute(config, str(tmp_path), rates).freq[1, 8] == 0
+  assert affinity_stats.load_or_compute(run_spec.derive(config), str(tmp_path)).freq[1, 8] == 0
   # the default rule ("rescale": k from the valid neighbours only) does see n_8 at rate 32 in these maps
   config.affinity.scheme, config.affinity.partial_neighbors = "sqrt", "rescale"
-  assert affinity_stats.load_or_compute(config, str(tmp_path / "rescale"), rates).freq[1, 8] > 0
+  assert affinity_stats.load_or_compute(run_spec.derive(config), str(tmp_path / "rescale")).freq[1, 8] > 0
 
 
 def test_stats_command_line_bad_rates_and_too_small_images(data_dir, tmp_path, capsys):
@@ -165,7 +163,7 @@ import sys
 from absl import app
 from dilaff_jax import main, train
 train.train_and_evaluate = lambda config, workdir, **kw: {{"train": {{}}, "preempted_at": 2}}
-sys.argv = ["main", "--config={CONFIG}:tiny", "--workdir={tmp_path / 'w'}"]
+sys.argv = ["main", "--config={CONFIG}:tiny", "--workdir={tmp_path / 'w'}", *{EIGHT!r}]
 app.run(main.main, flags_parser=main.parse_flags)
 """
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -207,3 +205,36 @@ def test_print_config_prints_the_validated_config_and_needs_no_workdir(tmp_path)
   assert_one_error_line(proc, "config.affinity.scheme = 'x': expected one of")
   proc = run_cli("dilaff_jax.main", f"--config={CONFIG}:tiny")  # training needs its folder
   assert_one_error_line(proc, "--workdir is required")
+
+
+EIGHT = ("--config.train.batch_size=8", "--config.eval.batch_size=8")  # the tests' 8 devices
+
+
+def test_the_readmes_config_paths_work_from_any_folder(tmp_path, monkeypatch):
+  repo = tmp_path / "repo"
+  (repo / "configs").mkdir(parents=True)
+  (repo / "configs" / "voc.py").write_text("")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  found = str(repo / "configs" / "voc.py")
+  assert cli.with_config_found(["--config=configs/voc.py:baseline", "--x=1"], repository=str(repo)) == [
+      f"--config={found}:baseline",
+      "--x=1",
+  ]
+  assert cli.with_config_found(["--config", "configs/voc.py"], repository=str(repo)) == ["--config", found]
+  assert cli.with_config_found(["--config=configs/nope.py"], repository=str(repo)) == ["--config=configs/nope.py"]
+  (elsewhere / "configs").mkdir()
+  (elsewhere / "configs" / "voc.py").write_text("")  # the user's own file of that name wins
+  assert cli.with_config_found(["--config=configs/voc.py"], repository=str(repo)) == ["--config=configs/voc.py"]
+  # the real command, from another folder
+  proc = subprocess.run(
+      [sys.executable, "-m", "dilaff_jax.main", "--config=configs/synthetic.py:tiny", "--mode=print_config", *EIGHT],
+      cwd=str(tmp_path),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, PYTHONPATH=REPO),
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '"name": "synthetic_shapes/tiny"' in proc.stdout

@@ -153,3 +153,17 @@ def _disk_error(error: BaseException) -> str | None:
       return f"[Errno {errno.ENOSPC}] No space left on device"
     error = error.__cause__ or error.__context__
   return None
+
+
+def config_class_names(dataset_cfg) -> list[str]:
+  """The class names of a run's ``config.dataset`` (an image folder's ``classes.txt``, or the prepared dataset's
+  metadata). Raises :class:`errors.UserError`, ``ValueError`` or ``OSError`` when the dataset is not at hand."""
+  d = dataset_cfg
+  if is_image_folder(d.name):
+    return image_folder.read_class_names(image_folder.require_folder(d.get("manual_dir")), d.num_classes)
+  builder = get_builder(
+      d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"), prepare=False, num_classes=d.num_classes
+  )
+  if not builder.is_prepared():
+    raise errors.MissingFileError(f"dataset {d.name!r} is not prepared in data_dir={builder.data_dir!r}")
+  return class_names(builder)

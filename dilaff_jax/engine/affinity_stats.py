@@ -11,7 +11,7 @@ from absl import logging
 
 from dilaff_jax import errors
 from dilaff_jax.engine import config_checks
-from dilaff_jax.method import affinity
+from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.method.neighbour_stats import AffinityStats, check_weights_defined, compute_usable_stats
 from dilaff_jax.process import multihost
 
@@ -40,11 +40,12 @@ def tfds_label_maps(name: str, split: str, data_dir: str | None = None, max_imag
   return ds.as_numpy_iterator(), total
 
 
-def load_or_compute(config, workdir: str, rates: affinity.Rates) -> AffinityStats:
-  """``freq(n_k, r)`` and ``π_r`` for ``rates``: from ``affinity.stats_path`` if set, else from
+def load_or_compute(spec: RunSpec, workdir: str) -> AffinityStats:
+  """``freq(n_k, r)`` and ``π_r`` for ``spec.rates``: from ``affinity.stats_path`` if set, else from
   ``<workdir>/affinity_stats.json``, computing and writing that file from the training labels when missing.
   Statistics that leave ``affinity.scheme``'s weights undefined (a rate too large for the images) raise a
   :class:`StatsError` here, before anything is compiled."""
+  config, rates = spec.config, spec.rates
   path = config.affinity.stats_path or os.path.join(workdir, "affinity_stats.json")
   rule = config.affinity.partial_neighbors
   multihost.barrier("before affinity statistics")  # every process sees the same file state below

@@ -32,8 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from dilaff_jax import errors
-from dilaff_jax.engine import config_checks
-from dilaff_jax.method import affinity
+from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.models.deeplab import SHAPE_FIELDS
 
 FINGERPRINT = "sha256"
@@ -74,18 +73,17 @@ def _json_value(value):
   return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def compat_record(config: ml_collections.ConfigDict, rates: affinity.Rates) -> dict:
-  """What a checkpoint must agree with to be restored into this config."""
+def compat_record(spec: RunSpec) -> dict:
+  """What a checkpoint must agree with to be restored into the model of ``spec``."""
+  config = spec.config
   record = {f"model.{k}": _json_value(config.model[k]) for k in SHAPE_FIELDS}
   return {
       **record,
       "dataset.num_classes": config.dataset.num_classes,
-      "affinity.rates (explicit)": [list(r) for r in rates],
+      "affinity.rates (explicit)": [list(r) for r in spec.rates],
       # None without AAF, as a checkpoint whose record lacks the key reads
       "structure.aaf_weights (shape)": (
-          [2, config.dataset.num_classes, len(config.structure.aaf_dilations)]
-          if config_checks.structure_kind(config) == "aaf"
-          else None
+          [2, config.dataset.num_classes, len(config.structure.aaf_dilations)] if spec.structure == "aaf" else None
       ),
   }
 
@@ -161,9 +159,25 @@ def checkpoint_manager(
   """Orbax manager of ``<workdir>/checkpoints`` (asynchronous saves). ``config`` gives ``train.keep_checkpoints``
   (for a writer); readers pass none and ``create=False``, so that looking never creates a folder. Prefer
   :func:`opened`, which also closes it."""
-  keep = config.train.keep_checkpoints if config is not None else None
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=True)
+  if config is None:
+    options = ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=True)
+  else:  # the newest train.keep_checkpoints, and the best validated one (train.eval_every) beside them
+    policies = ocp.checkpoint_managers
+    keep = policies.AnyPreservationPolicy(
+        [
+            policies.LatestN(n=config.train.keep_checkpoints),
+            policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
+        ]
+    )
+    options = ocp.CheckpointManagerOptions(preservation_policy=keep, create=create, enable_async_checkpointing=True)
   return ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=("state", "meta"))
+
+
+BEST_METRIC = "validation_score"  # the metric a validated checkpoint is saved with (higher is better)
+
+
+def _best_metric(metrics: dict) -> float:
+  return float(metrics[BEST_METRIC])
 
 
 @contextlib.contextmanager
@@ -276,9 +290,10 @@ def _save_failed(mngr: ocp.CheckpointManager, step: int | None, cause) -> Checkp
 # ----------------------------------------------------------------------------------------------- save
 
 
-def save_checkpoint(mngr: ocp.CheckpointManager, state, meta: dict) -> None:
+def save_checkpoint(mngr: ocp.CheckpointManager, state, meta: dict, metrics: dict | None = None) -> None:
   """Saves an (unreplicated) state asynchronously with its signature and fingerprint added to ``meta`` (JSON:
-  compat record, data position). Raises :class:`NonFiniteStateError` instead of saving a state with NaN or inf,
+  compat record, data position), and ``metrics`` (a validation's :data:`BEST_METRIC`) for Orbax's best-checkpoint
+  policy. Raises :class:`NonFiniteStateError` instead of saving a state with NaN or inf,
   and :class:`CheckpointError` when the previous save or this one could not be written."""
   step = int(jax.device_get(state.step))
   bad = nonfinite_variables(host_state(state))
@@ -296,7 +311,10 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state, meta: dict) -> None:
   meta = dict(meta, signature=signature(host), fingerprint={FINGERPRINT: fingerprint(host)})
   try:
     mngr.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)), force=True
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
+        force=True,
     )
   except OSError as e:
     raise _save_failed(mngr, step, e) from None
@@ -435,19 +453,19 @@ def saved_steps(workdir: str) -> list[int]:
 
 def restore_from_workdir(
     workdir: str,
-    config: ml_collections.ConfigDict,
+    spec: RunSpec,
     make_template: Callable[[], Any],
     step: int | None = None,
     report: Callable[[str], None] = print,
 ) -> tuple[Any, dict]:
   """Restores ``<workdir>/checkpoints`` for evaluation or prediction into ``make_template()`` (a train state of
-  ``config``'s model, made only once a checkpoint is found): the newest intact checkpoint (damaged newer ones are
+  ``spec``'s model, made only once a checkpoint is found): the newest intact checkpoint (damaged newer ones are
   reported and skipped), or exactly ``step`` (a damaged one is refused, listing the intact steps). Never creates a
   folder and takes no lock: it reads beside a running training."""
   directory = checkpoints_dir(workdir)
   if not os.path.isdir(directory):
     raise NoCheckpointError(f"--workdir={workdir}: no checkpoint in {directory} (no such folder): {HINT}")
-  compat = compat_record(config, config_checks.rates_of(config))
+  compat = compat_record(spec)
   with opened(workdir) as mngr:
     steps = list(mngr.all_steps())
     if not steps:

@@ -309,6 +309,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   lr = _number(config, "train.learning_rate", 0, lo_open=True)
   _number(config, "train.end_learning_rate", 0, lr)
   _int(config, "train.image_summary_every", 0)
+  for key in ("eval_every", "eval_max_images"):  # absent from the config.json of older runs (never validated)
+    if key in config.train:
+      _int(config, f"train.{key}", 0)
+  if "validation_split" in config.train:
+    _text(config, "train.validation_split", optional=True)
   _number(config, "train.lr_power", 0)
   _number(config, "train.momentum", 0, 1)
   _number(config, "train.weight_decay", 0)
@@ -328,6 +333,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   for key in ("model.separable", "train.eval_at_end", "eval.flip", "eval.ground_truth_oracle", "eval.crf"):
     _bool(config, key)
   if _get(config, "eval.crf"):
+    from dilaff_jax.engine import crf  # noqa: PLC0415
+
+    if not crf.available():  # at start-up, not after a training
+      _fail("eval.crf", True, crf.MISSING_MESSAGE)
     _positive_int(config, "eval.crf_iterations")
     for key in (
         "eval.crf_sxy_gaussian",

@@ -24,8 +24,8 @@ from dilaff_jax.engine import eval_metrics, visualize
 PACKAGE = "pydensecrf2"
 REQUIREMENT = "pydensecrf2==1.1"
 MISSING_MESSAGE = (
-    f"Dense CRF needs the optional package {PACKAGE}: pip install {REQUIREMENT} "
-    "(it compiles a C++ extension at install time: needs g++ and the Python headers, e.g. python3-dev)"
+    f"the dense CRF needs the optional package {PACKAGE}: .venv/bin/pip install -e '.[crf]' (or {REQUIREMENT}; "
+    "it compiles a C++ extension at install time: needs g++ and the Python headers, e.g. python3-dev)"
 )
 
 # Probabilities are clipped to this before ``-log``, as pydensecrf.utils.unary_from_softmax does (clip=1e-5): a

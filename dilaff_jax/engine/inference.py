@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.method import affinity, propagation
 from dilaff_jax.models.deeplab import resize_bilinear, upsample_logits
 
@@ -71,10 +72,12 @@ def predict(
 
 
 def predict_as_configured(
-    apply_fn, variables, images: jax.Array, config, rates: affinity.Rates, size: tuple[int, int] | None = None
+    apply_fn, variables, images: jax.Array, spec: RunSpec, size: tuple[int, int] | None = None
 ) -> tuple[jax.Array, jax.Array | None]:
-  """:func:`predict` with ``config.eval``'s output stride, scales and flip and ``config.affinity.mu``: how
-  evaluation, its example figure and prediction all run the network. ``size`` defaults to the images' own."""
+  """:func:`predict` with the spec's rates, ``config.eval``'s output stride, scales and flip and
+  ``config.affinity.mu``: how evaluation, its example figure and prediction all run the network. ``size`` defaults
+  to the images' own."""
+  config = spec.config
   return predict(
       apply_fn,
       variables,
@@ -83,7 +86,7 @@ def predict_as_configured(
       output_stride=config.eval.output_stride,
       scales=tuple(config.eval.scales),
       flip=bool(config.eval.flip),
-      rates=rates,
+      rates=spec.rates,
       mu=config.affinity.mu,
   )
 

@@ -5,6 +5,7 @@ Training, evaluation, prediction and export all build their model and restore th
 model hyper-parameter is read in one place (:func:`build_model`).
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,8 @@ from absl import logging
 from flax.training import train_state
 
 from dilaff_jax.engine import checkpoints, config_checks
-from dilaff_jax.method import affinity, structure_losses
+from dilaff_jax.engine.run_spec import RunSpec
+from dilaff_jax.method import structure_losses
 from dilaff_jax.models import pretrained
 from dilaff_jax.models.deeplab import DeepLabV3Plus
 
@@ -36,15 +38,16 @@ def compute_dtype(name: str):
 
 
 def build_model(
-    config: ml_collections.ConfigDict,
-    rates: affinity.Rates,
+    spec: RunSpec,
     affinity_bias: Sequence[float] | None = None,
     axis_name: str | None = AXIS,
 ) -> DeepLabV3Plus:
-  """The DeepLabv3+ of ``config.model``; with ``rates`` it has the affinity head (bias from ``prior_bias``).
+  """The DeepLabv3+ of ``spec.config.model``; with ``spec.rates`` it has the affinity head (bias from
+  ``prior_bias``).
 
   Every ``config.model`` key named like a :class:`DeepLabV3Plus` field is passed to it: a new model hyper-parameter
   is a field of the module and a key of ``configs/default.py`` (plus its check in ``config_checks``)."""
+  config = spec.config
   config_checks.check_model_keys(config)
   fields = config_checks.model_fields()
   kwargs = {k: v for k, v in config.model.items() if k in fields}
@@ -53,7 +56,7 @@ def build_model(
     kwargs["multi_grid"] = tuple(kwargs["multi_grid"])
   return DeepLabV3Plus(
       num_classes=config.dataset.num_classes,
-      rates=tuple(rates),
+      rates=tuple(spec.rates),
       affinity_bias=None if affinity_bias is None else tuple(float(b) for b in affinity_bias),
       axis_name=axis_name,
       **kwargs,
@@ -87,18 +90,19 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
   )
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: DeepLabV3Plus, rng: jax.Array) -> TrainState:
+def create_train_state(spec: RunSpec, model: DeepLabV3Plus, rng: jax.Array) -> TrainState:
   """Initialises the variables (and loads ImageNet weights into the backbone when configured)."""
+  config = spec.config
   size = config.dataset.crop_size
   dummy = jnp.zeros((1, size, size, 3), jnp.float32)
   init = jax.jit(functools.partial(model.init, train=False, output_stride=config.model.train_output_stride))
   variables = flax.core.unfreeze(init({"params": rng, "dropout": rng}, dummy))
-  weights = config_checks.pretrained_path(config)
+  weights = spec.pretrained
   if weights is not None:
     variables = pretrained.load_pretrained_backbone(variables, weights, config.model.depth, config.model.stem)
     logging.info("Loaded ImageNet backbone weights from %s", weights)
   params = variables["params"]
-  if config_checks.structure_kind(config) == "aaf":  # extra parameters beside the model's (flax ignores them)
+  if spec.structure == "aaf":  # extra parameters beside the model's (flax ignores them)
     params[AAF_PARAMS] = structure_losses.init_adaptive_weights(
         config.dataset.num_classes, len(config.structure.aaf_dilations)
     )
@@ -107,23 +111,23 @@ def create_train_state(config: ml_collections.ConfigDict, model: DeepLabV3Plus, 
   )
 
 
-def state_template(config: ml_collections.ConfigDict, rates: affinity.Rates) -> TrainState:
-  """A train state of ``config``'s structure to restore a checkpoint into: zeros of every variable's shape and
+def state_template(spec: RunSpec) -> TrainState:
+  """A train state of ``spec``'s structure to restore a checkpoint into: zeros of every variable's shape and
   dtype (the checkpoint replaces every variable). Built from ``jax.eval_shape``, so nothing is compiled or
   initialised: evaluation and prediction start without the seconds a ResNet-101 initialisation takes."""
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.model.pretrained = "none"
-  model = build_model(c, rates, axis_name=None)
-  shapes = jax.eval_shape(lambda: create_train_state(c, model, jax.random.key(0)))
+  c = ml_collections.ConfigDict(spec.config.to_dict())
+  c.model.pretrained = config_checks.PRETRAINED_NONE
+  spec = dataclasses.replace(spec, config=c, pretrained=None)
+  model = build_model(spec, axis_name=None)
+  shapes = jax.eval_shape(lambda: create_train_state(spec, model, jax.random.key(0)))
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 def restore_variables(
-    config: ml_collections.ConfigDict, workdir: str, step: int | None = None, report: Callable[[str], None] = print
+    spec: RunSpec, workdir: str, step: int | None = None, report: Callable[[str], None] = print
 ) -> tuple[dict, int]:
   """``({"params", "batch_stats"}, step)`` of the newest intact (or exactly ``step``) checkpoint of ``workdir``,
-  checked against ``config`` (:func:`dilaff_jax.engine.checkpoints.restore_from_workdir`): what evaluation, prediction and
+  checked against ``spec`` (:func:`dilaff_jax.engine.checkpoints.restore_from_workdir`): what evaluation, prediction and
   export restore."""
-  rates = config_checks.rates_of(config)
-  state, _ = checkpoints.restore_from_workdir(workdir, config, lambda: state_template(config, rates), step, report)
+  state, _ = checkpoints.restore_from_workdir(workdir, spec, lambda: state_template(spec), step, report)
   return {"params": state.params, "batch_stats": state.batch_stats}, int(state.step)

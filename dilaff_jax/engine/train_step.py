@@ -18,9 +18,9 @@ import ml_collections
 import optax
 from clu import metrics
 
-from dilaff_jax.engine import config_checks
 from dilaff_jax.method import affinity, structure_losses
 from dilaff_jax.models.deeplab import upsample_logits
+from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.engine.train_state import AAF_PARAMS, AXIS, TrainState
 from dilaff_jax.method.neighbour_stats import AffinityStats
 
@@ -104,17 +104,18 @@ STRUCTURE_TERMS = {
 }
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, rates: affinity.Rates, stats: AffinityStats | None) -> LossFn:
-  """The training loss, chosen once from the config: ``CE + β · L_aff`` (Eq. 5; no affinity term when ``rates`` is
-  empty), with Table 5's structure loss plugged in (boundary reweighting replaces the CE, AAF adds its term).
+def make_loss_fn(spec: RunSpec, stats: AffinityStats | None) -> LossFn:
+  """The training loss, chosen once from the spec: ``CE + β · L_aff`` (Eq. 5; no affinity term when ``spec.rates``
+  is empty), with Table 5's structure loss plugged in (boundary reweighting replaces the CE, AAF adds its term).
 
   Returns ``loss_fn(params, out, batch, step) -> (loss, aux)`` on this device's shard of the batch: every term is
   normalised by the *global* number of labelled pixels (or AAF's global element counts), so the sum over the
   devices is the whole batch's loss. ``aux["terms"]`` holds ``loss``, ``ce_loss`` and, where used,
   ``affinity_loss`` and ``structure_loss`` on the same scale; ``aux["logits"]`` (and ``aux["aff_logits"]``) the
   upsampled outputs the metrics read."""
+  config, rates = spec.config, spec.rates
   ign = config.dataset.ignore_label
-  replace_ce, add_term = STRUCTURE_TERMS[config_checks.structure_kind(config)](config)
+  replace_ce, add_term = STRUCTURE_TERMS[spec.structure](config)
   a = config.affinity
 
   def loss_fn(params, out, batch, step):
@@ -144,13 +145,14 @@ def make_loss_fn(config: ml_collections.ConfigDict, rates: affinity.Rates, stats
   return loss_fn
 
 
-def make_metrics_fn(config: ml_collections.ConfigDict, rates: affinity.Rates, schedule: optax.Schedule) -> MetricsFn:
+def make_metrics_fn(spec: RunSpec, schedule: optax.Schedule) -> MetricsFn:
   """The step's metrics, their collection chosen once: ``metrics_fn(aux, batch, step)`` sums :func:`make_loss_fn`'s
   terms over the devices and adds the pixel accuracy (and the affinity accuracy with ``rates``) and the learning
   rate. Every value is global: each device holds the same metrics."""
-  ign = config.dataset.ignore_label
+  rates = spec.rates
+  ign = spec.config.dataset.ignore_label
   collection = AffinityMetrics if rates else SegmentationMetrics
-  if config_checks.structure_kind(config) != "none":
+  if spec.structure != "none":
     collection = _with_structure_loss(collection)
   psum = functools.partial(jax.lax.psum, axis_name=AXIS)
 
@@ -169,17 +171,16 @@ def make_metrics_fn(config: ml_collections.ConfigDict, rates: affinity.Rates, sc
 
 
 def make_train_step(
-    config: ml_collections.ConfigDict,
-    rates: affinity.Rates,
+    spec: RunSpec,
     stats: AffinityStats | None,
     schedule: optax.Schedule,
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, metrics.Collection]]:
   """:func:`train_step` with the config's loss and metrics, for ``jax.pmap(..., axis_name="batch")``."""
   return functools.partial(
       train_step,
-      loss_fn=make_loss_fn(config, rates, stats),
-      metrics_fn=make_metrics_fn(config, rates, schedule),
-      output_stride=config.model.train_output_stride,
+      loss_fn=make_loss_fn(spec, stats),
+      metrics_fn=make_metrics_fn(spec, schedule),
+      output_stride=spec.config.model.train_output_stride,
   )
 
 

@@ -3,9 +3,14 @@ pictures, and the figures that evaluation writes (matplotlib, imported only when
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import jax
 import numpy as np
 
+if TYPE_CHECKING:  # an annotation only: config_checks -> crf -> visualize must not import the spec back
+  from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.method import affinity
 from dilaff_jax.models.deeplab import upsample_logits
 
@@ -70,6 +75,19 @@ def blend(image: np.ndarray, colors: np.ndarray, alpha: float = 0.5) -> np.ndarr
   """Alpha blend of a colour mask over an RGB uint8 image."""
   out = (1 - alpha) * image.astype(np.float32) + alpha * colors.astype(np.float32)
   return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def legend_image(entries: Sequence[tuple[str, np.ndarray]], row: int = 20, width: int = 200) -> np.ndarray:
+  """A legend as an RGB uint8 picture: one row per ``(name, rgb)``, a ``row``-px colour swatch then the name in
+  black on white (PIL's built-in font: no matplotlib, no font file)."""
+  from PIL import Image, ImageDraw
+
+  img = Image.new("RGB", (width, max(len(entries), 1) * row), "white")
+  draw = ImageDraw.Draw(img)
+  for i, (name, rgb) in enumerate(entries):
+    draw.rectangle([2, i * row + 2, row - 3, (i + 1) * row - 3], fill=tuple(int(v) for v in rgb))
+    draw.text((row + 4, i * row + row // 2 - 6), name, fill="black")
+  return np.asarray(img)
 
 
 def denormalize(images: np.ndarray, mean, std) -> np.ndarray:
@@ -142,10 +160,11 @@ def save_grid(columns: dict[str, np.ndarray], heights, widths, path: str, legend
   plt.close(fig)
 
 
-def summary_images(out: dict, batch: dict, rates, dataset_config, palette: np.ndarray) -> dict[str, np.ndarray]:
+def summary_images(out: dict, batch: dict, spec: RunSpec, palette: np.ndarray) -> dict[str, np.ndarray]:
   """TensorBoard pictures of a training batch (the first 2 examples of the first device): input, label, prediction
   and the mean predicted affinity of the first rate (dark = boundary). ``out`` is the model's output for
-  ``batch["image"]`` (``[devices, B, ...]``), ``dataset_config`` gives the normalisation's mean and std."""
+  ``batch["image"]`` (``[devices, B, ...]``); ``spec.config.dataset`` gives the normalisation's mean and std."""
+  rates, dataset_config = spec.rates, spec.config.dataset
   labels = np.asarray(batch["label"][0][:2])
   size = labels.shape[1:3]
   logits = np.asarray(upsample_logits(out["logits"][0][:2], size))

@@ -115,6 +115,31 @@ def config_spec(argv: Sequence[str], flag: str = "config") -> str | None:
   return spec
 
 
+# The folder that holds the package and ``configs/`` (an editable install or a checkout).
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def with_config_found(argv: Sequence[str], flag: str = "config", repository: str = REPOSITORY) -> list[str]:
+  """``argv`` with a relative ``--config=FILE[:VARIANT]`` that is not under the current folder but is under the
+  repository (``configs/voc.py``) given as that file's absolute path: the README's commands run from any folder.
+  A path found in the current folder is kept (a user's own config wins)."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    match = re.match(rf"^(--?{re.escape(flag)}=)(.*)$", arg)
+    if match:
+      prefix, spec = match.groups()
+    elif re.match(rf"^--?{re.escape(flag)}$", arg) and i + 1 < len(out):
+      prefix, spec, i = "", out[i + 1], i + 1
+    else:
+      continue
+    path, colon, variant = spec.partition(":")
+    if path and not os.path.isabs(path) and not os.path.exists(path):
+      candidate = os.path.join(repository, path)
+      if os.path.isfile(candidate):
+        out[i] = prefix + candidate + colon + variant
+  return out
+
+
 def load_config_file(spec: str, flag: str = "config"):
   """``get_config(VARIANT)`` of the config file ``FILE[:VARIANT]``; a missing file, an unknown variant or a config
   file that fails raises :class:`errors.UserError` in one line."""

@@ -71,16 +71,28 @@ def object_sizes(label: np.ndarray, background: int = 0, ignore_label: int = 255
 
 
 def measure(
-    config: synthetic_shapes.SyntheticShapesConfig, name: str, rates: tuple[float, float], crop: int, scenes: int
+    scene_config: synthetic_shapes.SyntheticShapesConfig,
+    name: str,
+    rate_extent: tuple[float, float],
+    crop: int,
+    scenes: int,
 ) -> Geometry:
-  """The geometry of ``scenes`` training scenes of ``config`` with the smallest and largest rate ``rates``."""
+  """The geometry of ``scenes`` training scenes of ``scene_config`` whose rate set spans ``rate_extent``
+  (its smallest and largest rate)."""
+  config = scene_config
   areas, sides = [], []
   for index in range(scenes):
     _, label = synthetic_shapes.render(config, 0, index)
     areas.extend(object_sizes(label))
     sides.append(np.sqrt(label.shape[0] * label.shape[1]))
   return Geometry(
-      name, rates[0], rates[1], float(np.sqrt(np.mean(areas))), float(np.mean(sides)), crop, 2.0 * config.band_width
+      name,
+      rate_extent[0],
+      rate_extent[1],
+      float(np.sqrt(np.mean(areas))),
+      float(np.mean(sides)),
+      crop,
+      2.0 * config.band_width,
   )
 
 

@@ -44,7 +44,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from dilaff_jax import datasets, errors  # noqa: E402
 from dilaff_jax.datasets import input_pipeline  # noqa: E402
-from dilaff_jax.engine import config_checks, eval_metrics, inference, visualize  # noqa: E402
+from dilaff_jax.engine import config_checks, eval_metrics, inference, run_spec, visualize  # noqa: E402
+from dilaff_jax.engine.run_spec import RunSpec  # noqa: E402
 from dilaff_jax.method import affinity  # noqa: E402
 from dilaff_jax import predict  # noqa: E402
 from dilaff_jax.engine import train_state as state  # noqa: E402
@@ -249,11 +250,12 @@ def propagate_rule(
 # ----------------------------------------------------------------------------------------------- data
 
 
-def collect(config: ml_collections.ConfigDict, variables, rates) -> dict:
+def collect(spec: RunSpec, variables) -> dict:
   """The eval split's real images through the network as evaluation runs it: probabilities ``[N, H, W, C]``,
   affinity logits ``x`` of Eq. 7 (recovered from the steep sigmoid; exact for single-scale, unflipped inference)
   and the mask of neighbours inside each real image ``[N, H, W, D]``, labels (void outside the image), sizes."""
-  model = state.build_model(config, rates, axis_name=None)
+  config, rates = spec.config, spec.rates
+  model = state.build_model(spec, axis_name=None)
   pipes = input_pipeline.eval_from_config(config.dataset, local_device_count=1, per_device_batch=config.eval.batch_size)
   fn = None
   parts = {k: [] for k in ("probs", "logits", "inside", "label", "height", "width")}
@@ -348,9 +350,9 @@ def _mious(sweep: dict) -> list[float]:
 # ----------------------------------------------------------------------------------------------- one run
 
 
-def diagnose(config: ml_collections.ConfigDict, data: dict, class_names: Sequence[str]) -> dict:
+def diagnose(spec: RunSpec, data: dict, class_names: Sequence[str]) -> dict:
   """Every measurement of the module docstring on ``data`` (:func:`collect`) of one run."""
-  rates = config_checks.rates_of(config)
+  config, rates = spec.config, spec.rates
   c = config.dataset.num_classes
   ign = config.dataset.ignore_label
   lam, mu = float(config.affinity.lam), float(config.affinity.mu)
@@ -650,19 +652,19 @@ def write_report(runs: Sequence[dict], output: str) -> dict:
 def diagnose_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Restores the latest checkpoint of ``workdir`` and runs :func:`diagnose` on the eval split."""
   config_checks.validate(config, num_devices=1, mode="evaluate")
-  rates = config_checks.rates_of(config)
-  if not rates:
+  spec = run_spec.derive(config)
+  if not spec.rates:
     raise DiagnosisError(
         f"--workdir={workdir}: the run has no affinity head (affinity.enabled is false): " "nothing to propagate"
     )
-  variables, step = state.restore_variables(config, workdir)
-  data = collect(config, variables, rates)
+  variables, step = state.restore_variables(spec, workdir)
+  data = collect(spec, variables)
   names = datasets.class_names(
       datasets.get_builder(
           config.dataset.name, data_dir=config.dataset.get("data_dir"), manual_dir=config.dataset.get("manual_dir")
       )
   )
-  out = diagnose(config, data, names)
+  out = diagnose(spec, data, names)
   out.update({"workdir": os.path.basename(os.path.normpath(workdir)), "step": step})  # no machine paths in reports
   return out
 
