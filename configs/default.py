@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = "train_aug"
   c.dataset.eval_split = "val"
   c.dataset.num_classes = 21
+  # image_folder only: masks of two classes saved as 0/255 (255 is void otherwise): 255 becomes class 1
+  c.dataset.foreground_255 = False
   c.dataset.ignore_label = conventions.IGNORE_LABEL
   c.dataset.crop_size = 513  # training crop (square)
   c.dataset.min_scale = 0.5  # random scale in [min_scale, max_scale] with step scale_step

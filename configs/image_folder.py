@@ -8,6 +8,7 @@
 Classes: DIR/classes.txt (one name a line) or ``--config.dataset.num_classes=N`` (names ``class_0 ...``);
 ``num_classes = 0`` means "as many as classes.txt lists". Splits: DIR/splits/{train,val}.txt, or 1 image in 10 to
 ``val`` by a hash of its name. Evaluation pads every image to the largest of the split (``eval_pad_size = None``).
+Two classes with 0/255 masks (255 is void otherwise): ``--config.dataset.foreground_255=True`` makes 255 class 1.
 
 Default: the paper's VOC setting (§4.1, §4.3 best): ResNet-101 with ImageNet weights, crop 513, batch 16, 30K steps,
 R = {8, (12, 24), 16}, β = 1.2, sqrt weights, 10 propagation iterations. Scale ``train.num_steps`` to your data.

@@ -247,31 +247,30 @@ def evaluate_state(
       "images_per_second": num_images / max(elapsed, 1e-9),
   }
   sweep = eval_metrics.sweep_name
+  base = getattr(m, sweep("predicted", 0)) if rates else m.plain
+  # the classes with ground-truth pixels: the one set every column, the oracle and the CRF average over
+  present = eval_report.check_labelled(base.matrix, config.dataset.eval_split)
+  scored = {"no_propagation": base.matrix}
   if rates:
     final = int(config.affinity.iterations)
-    base = getattr(m, sweep("predicted", 0))
     results["sweep"] = {
         "iterations": list(config.eval.iterations),
-        "predicted": [getattr(m, sweep("predicted", it)).compute() for it in config.eval.iterations],
+        "predicted": [getattr(m, sweep("predicted", it)).compute(present) for it in config.eval.iterations],
     }
     if config.eval.ground_truth_oracle:
-      results["sweep"]["oracle"] = [getattr(m, sweep("oracle", it)).compute() for it in config.eval.iterations]
-    results["miou_propagated"] = getattr(m, sweep("predicted", final)).compute()
+      results["sweep"]["oracle"] = [getattr(m, sweep("oracle", it)).compute(present) for it in config.eval.iterations]
+    scored["propagated"] = getattr(m, sweep("predicted", final)).matrix
     results["final_iterations"] = final
     acc = m.affinity_accuracy.compute()
     results["affinity_accuracy"] = {
         "per_rate": {affinity.rate_label(r): row for r, row in zip(rates, acc["per_rate"])},
         "mean": acc["mean"],
     }
-  else:
-    base = m.plain
-  results["miou"] = base.compute()
-  results["class_names"] = list(pipes.class_names)
-  results["per_class_iou"] = [None if np.isnan(v) else float(v) for v in base.per_class_iou()]
-  results["confusion"] = np.asarray(base.matrix).tolist()
   if totals.crf is not None:
-    results["miou_crf"] = totals.crf.compute()
+    scored["crf"] = totals.crf.matrix
     results["crf_ms_per_image"] = 1e3 * totals.crf_seconds / max(num_images, 1)
+  results.update(eval_report.class_fields(scored, pipes.class_names, num_images, config.dataset.eval_split))
+  results["confusion"] = np.asarray(base.matrix).tolist()
 
   if report and jax.process_index() == 0:
     out_dir = os.path.join(results_dir(config, workdir), f"step_{step}")

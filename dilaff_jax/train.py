@@ -234,12 +234,15 @@ def _train_and_evaluate(
   per_device = config.train.batch_size // jax.device_count()
   # The dataset is prepared (if needed, by process 0 only) before anything reads it.
   if is_chief:
-    datasets.get_builder(
+    builder = datasets.get_builder(
         config.dataset.name,
         data_dir=config.dataset.get("data_dir"),
         manual_dir=config.dataset.get("manual_dir"),
         num_classes=config.dataset.num_classes,
+        foreground_255=bool(config.dataset.get("foreground_255", False)),
     )
+    for line in datasets.split_warnings(builder, config.dataset.eval_split):
+      print(f"[train] warning: {line}", flush=True)
   multihost.barrier("dataset prepared")
   stats = affinity_stats.load_or_compute(spec, workdir) if rates else None
   if stats is not None and is_chief:

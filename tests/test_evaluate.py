@@ -23,6 +23,7 @@ IGN = 255
 
 
 def brute_miou(labels, preds, num_classes):
+  """Mean IoU over the classes with a labelled pixel, by counting pixel by pixel."""
   ious = []
   for c in range(num_classes):
     tp = fp = fn = 0
@@ -32,9 +33,26 @@ def brute_miou(labels, preds, num_classes):
       tp += (y == c) and (p == c)
       fp += (y != c) and (p == c)
       fn += (y == c) and (p != c)
-    if tp + fp + fn:
+    if tp + fn:
       ious.append(tp / (tp + fp + fn))
   return float(np.mean(ious)), ious
+
+
+def brute_accuracies(labels, preds, num_classes):
+  """(mAcc over the classes with a labelled pixel, aAcc), by counting pixel by pixel."""
+  right = total = 0
+  per_class = []
+  for c in range(num_classes):
+    hit = seen = 0
+    for y, p in zip(labels.ravel(), preds.ravel()):
+      if y == c:
+        seen += 1
+        hit += p == c
+    if seen:
+      per_class.append(hit / seen)
+    right += hit
+    total += seen
+  return float(np.mean(per_class)), right / total
 
 
 def test_miou_equals_brute_force_count_with_ignore():
@@ -50,8 +68,58 @@ def test_miou_equals_brute_force_count_with_ignore():
   assert eval_metrics.mean_iou(np.asarray(conf)) == pytest.approx(want, rel=1e-12)
   assert np.asarray(conf).sum() == np.sum(labels != IGN)
   iou = eval_metrics.iou_from_confusion(np.asarray(conf))
-  assert iou[2] == 0.0 and np.isfinite(iou[4])  # predicted but never labelled: IoU 0, counted
+  assert iou[2] == 0.0  # labelled, never predicted: IoU 0, counted
+  assert np.asarray(conf)[:, 4].sum() > 0 and np.isnan(iou[4])  # predicted, never labelled: undefined, not counted
   assert np.isnan(eval_metrics.iou_from_confusion(np.diag([3, 0, 2]))[1])  # neither labelled nor predicted
+  macc, aacc = brute_accuracies(np.where(labels == IGN, -1, labels), preds, 5)
+  assert eval_metrics.mean_accuracy(np.asarray(conf)) == pytest.approx(macc, rel=1e-12)
+  assert eval_metrics.overall_accuracy(np.asarray(conf)) == pytest.approx(aacc, rel=1e-12)
+
+
+def test_every_column_averages_over_the_classes_of_the_ground_truth():
+  """Class c has no ground-truth pixel; one false-positive pixel of it in the unrefined prediction, none after
+  propagation, three after the CRF. Counting it where it was predicted would score it 0 in one column and drop it
+  from the other (4/9 -> 17/24, a 'gain' of 26 points); it is out of every mean, and listed with its false
+  positives."""
+  from dilaff_jax.engine import eval_report
+
+  plain = np.array([[8, 1, 1], [2, 6, 0], [0, 0, 0]])  # rows: ground truth a, b, c; columns: prediction
+  propagated = np.array([[9, 1, 0], [2, 6, 0], [0, 0, 0]])
+  crf_conf = np.array([[7, 0, 3], [2, 6, 0], [0, 0, 0]])
+  fields = eval_report.class_fields(
+      {"no_propagation": plain, "propagated": propagated, "crf": crf_conf}, ["a", "b", "c"], 25, "val"
+  )
+  assert fields["scored_classes"] == ["a", "b"]
+  assert fields["miou"] == pytest.approx((8 / 12 + 6 / 9) / 2)
+  assert fields["miou_propagated"] == pytest.approx((9 / 12 + 6 / 9) / 2)
+  assert fields["miou_crf"] == pytest.approx((7 / 12 + 6 / 8) / 2)
+  assert fields["macc"] == pytest.approx((8 / 10 + 6 / 8) / 2) and fields["aacc"] == pytest.approx(14 / 18)
+  assert fields["macc_propagated"] == pytest.approx((9 / 10 + 6 / 8) / 2)
+  assert fields["aacc_propagated"] == pytest.approx(15 / 18)
+  assert fields["macc_crf"] == pytest.approx((7 / 10 + 6 / 8) / 2) and fields["aacc_crf"] == pytest.approx(13 / 18)
+  assert fields["per_class_iou"] == [pytest.approx(8 / 12), pytest.approx(6 / 9), None]
+  assert fields["per_class_accuracy"] == [pytest.approx(0.8), pytest.approx(0.75), None]
+  assert fields["class_pixels"] == [10, 8, 0]
+  assert fields["absent_classes"] == [
+      {"id": 2, "name": "c", "false_positive_pixels": {"no_propagation": 1, "propagated": 0, "crf": 3}}
+  ]
+  # a ConfusionMatrix's own mIoU agrees, whether or not the absent class was predicted
+  for conf in (plain, propagated):
+    assert eval_metrics.ConfusionMatrix(conf).compute() == pytest.approx(
+        eval_metrics.ConfusionMatrix(conf).compute(np.array([True, True, False]))
+    )
+  (warning,) = fields["warnings"]  # 25 images: no small-set warning
+  assert "1 class(es) have no pixel in the evaluation labels (c)" in warning
+  results = {"step": 1, "split": "val", "num_images": 2, "images_per_second": 1.0, "final_iterations": 1, **fields}
+  results["crf_ms_per_image"] = 5.0
+  results["warnings"] = eval_report.evaluation_warnings(2, fields["absent_classes"])
+  md = eval_report.markdown(results, ["a", "b", "c"])
+  assert "> **Warning:** only 2 evaluation image(s) (fewer than 20)" in md
+  assert "| c | absent from the ground truth: not scored | - | 0; false positives: 1 (no propagation), 0 " in md
+  assert "mAcc (no propagation): 77.50%, aAcc: 77.78%" in md
+  assert "same 2 of 3 classes" in md
+  with pytest.raises(eval_report.NoLabelledPixelsError, match="'val' has no labelled pixel"):
+    eval_report.class_fields({"no_propagation": np.zeros((3, 3), int)}, ["a", "b", "c"], 2, "val")
 
 
 def test_confusion_metric_merges_batches_to_the_whole_set_count():
@@ -249,6 +317,10 @@ def test_report_writes_the_files_and_the_summaries_of_a_hand_made_result(tmp_pat
       "sweep": {"iterations": [0, 1, 3], "predicted": [0.5, 0.6, 0.4], "oracle": [0.5, 0.7, 0.8]},
       "affinity_accuracy": {"per_rate": {"4": [0.1 * k for k in range(9)]}, "mean": [0.1 * k for k in range(9)]},
       "per_class_iou": [0.5, 0.5],
+      "macc": 0.7,
+      "aacc": 0.9,
+      "macc_crf": 0.75,
+      "aacc_crf": 0.92,
       "images_per_second": 1.0,
   }
   writer = Writer()
@@ -261,6 +333,10 @@ def test_report_writes_the_files_and_the_summaries_of_a_hand_made_result(tmp_pat
           6,
           {
               "eval/miou": 0.5,
+              "eval/macc": 0.7,
+              "eval/macc_crf": 0.75,
+              "eval/aacc": 0.9,
+              "eval/aacc_crf": 0.92,
               "eval/miou_crf": 0.55,
               "eval/miou_propagated": 0.6,
               "eval/miou_propagation_0": 0.5,

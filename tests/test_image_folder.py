@@ -30,7 +30,8 @@ CLASSES = list(shapes_render.CLASS_NAMES)
 
 def write_folder(folder, count=24, seed=0, classes=True):
   """``count`` rendered scenes (40-56 px) as images/ and masks/: image 0 grey, 1 RGBA (half transparent), 2 a JPEG,
-  mask 3 a palette PNG; the rest RGB PNGs with greyscale masks. Returns ``{name: (rgb the model sees, label)}``."""
+  mask 3 a palette PNG; the rest RGB PNGs with greyscale masks. Every mask's first row starts with one pixel of each
+  class, so that every split of even a small folder has all classes. Returns ``{name: (rgb the model sees, label)}``."""
   os.makedirs(os.path.join(folder, "images"), exist_ok=True)
   os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
   if classes:
@@ -41,6 +42,7 @@ def write_folder(folder, count=24, seed=0, classes=True):
     rng = np.random.default_rng((seed, i))
     h, w = (int(v) for v in rng.integers(40, 57, size=2))
     rgb, label = shapes_render.render_scene(rng, height=h, width=w, max_objects=3)
+    label[0, : len(CLASSES)] = np.arange(len(CLASSES))
     name = f"scene_{i:03d}"
     if i == 0:
       Image.fromarray(rgb[..., 1]).save(os.path.join(folder, "images", name + ".png"))
@@ -177,8 +179,10 @@ def test_each_folder_state_has_its_own_prepared_copy(tmp_path):
   assert where(a) != changed
   four = datasets.location("image_folder", data_dir=root, manual_dir=a, num_classes=7)[1]
   assert four != datasets.location("image_folder", data_dir=root, manual_dir=a, num_classes=6)[1]
-  named = datasets.get_builder("image_folder", data_dir=root, manual_dir=a, num_classes=7)
-  assert datasets.class_names(named) == [f"class_{i}" for i in range(7)]
+  with pytest.raises(image_folder.EmptyClassError, match=r"'class_6' \(6\) have no pixel in the 2 training masks"):
+    datasets.get_builder("image_folder", data_dir=root, manual_dir=a, num_classes=7)  # no mask holds a 6
+  named = datasets.get_builder("image_folder", data_dir=root, manual_dir=a, num_classes=6)
+  assert datasets.class_names(named) == [f"class_{i}" for i in range(6)]
 
 
 def _broken(tmp_path, name, edit):
@@ -449,3 +453,120 @@ def test_a_name_with_surrounding_spaces_can_be_listed_in_a_split_file_and_is_sho
   with pytest.raises(errors.UserError, match="nosuch"):
     image_folder.scan(folder)
   assert image_folder._names([" a", "b"]) == "' a', b"
+
+
+# ---------------------------------------------------------------------------------------------- pixel counts
+
+
+def write_binary_folder(folder, count=6, foreground=255, names=("background", "crack")):
+  """``count`` 10x12 images whose masks are 0 with a ``foreground`` rectangle (``foreground`` = 255: the common
+  0/255 export of a binary mask) and a ``classes.txt`` of ``names``. Returns ``{name: mask}``."""
+  os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+  os.makedirs(os.path.join(folder, "masks"), exist_ok=True)
+  with open(os.path.join(folder, "classes.txt"), "w") as f:
+    f.write("\n".join(names) + "\n")
+  out = {}
+  for i in range(count):
+    mask = np.zeros((10, 12), np.uint8)
+    mask[2 : 4 + i % 3, 3:8] = foreground
+    name = f"img_{i}"
+    Image.fromarray(np.full((10, 12, 3), 40 * i % 256, np.uint8)).save(os.path.join(folder, "images", name + ".png"))
+    Image.fromarray(mask, "L").save(os.path.join(folder, "masks", name + ".png"))
+    out[name] = mask
+  return out
+
+
+def test_0_255_masks_are_refused_for_a_foreground_class_and_mapped_on_request(tmp_path, capsys):
+  """255 is void: 0/255 masks would train the foreground class on no pixel. Preparing says so (one error line, exit
+  2, naming the fix); --foreground_255 (dataset.foreground_255) maps 255 to class 1 into a copy of its own."""
+  folder = str(tmp_path / "binary")
+  masks = write_binary_folder(folder)
+  data_dir = str(tmp_path / "tfds")
+  with pytest.raises(image_folder.BinaryMaskError) as info:
+    datasets.get_builder("image_folder", data_dir=data_dir, manual_dir=folder)
+  message = str(info.value)
+  assert "only the values 0 and 255" in message and "'crack' (1) gets no pixel" in message, message
+  assert "Map 255 -> 1" in message and "--foreground_255" in message and "dataset.foreground_255=True" in message
+  argv = ["--dataset=image_folder", f"--manual_dir={folder}", f"--data_dir={data_dir}"]
+  assert prepare.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: every mask in") and "Map 255 -> 1" in err[0], err
+  assert prepare.main(argv + ["--foreground_255"]) == 0
+  capsys.readouterr()
+  builder = datasets.get_builder("image_folder", data_dir=data_dir, manual_dir=folder, foreground_255=True)
+  seen = {
+      ex["image_id"].decode(): ex["label"][..., 0]
+      for split in ("train", "val")
+      for ex in tfds.as_numpy(builder.as_dataset(split=split))
+  }
+  assert set(seen) == set(masks)
+  for name, mask in masks.items():
+    np.testing.assert_array_equal(seen[name], np.where(mask == 255, 1, mask), err_msg=name)
+  assert datasets.location("image_folder", data_dir=data_dir, manual_dir=folder)[1] != str(builder.data_dir_root)
+  # where the mapping would be wrong: 3 classes, or masks that already use 1 (their 255 is real void)
+  three = str(tmp_path / "three")
+  write_binary_folder(three, names=("background", "crack", "rust"))
+  with pytest.raises(image_folder.FolderError, match="for two classes .* but the folder has 3"):
+    datasets.get_builder("image_folder", data_dir=data_dir, manual_dir=three, foreground_255=True)
+  ones = str(tmp_path / "ones")
+  write_binary_folder(ones, foreground=1)
+  Image.fromarray(np.full((10, 12), 255, np.uint8)).save(os.path.join(ones, "masks", "img_0.png"))
+  with pytest.raises(image_folder.FolderError, match="already hold class 1: drop the flag"):
+    datasets.get_builder("image_folder", data_dir=data_dir, manual_dir=ones, foreground_255=True)
+  with pytest.raises(errors.UserError, match="synthetic_shapes/tiny is not an image folder"):
+    datasets.get_builder("synthetic_shapes/tiny", data_dir=data_dir, foreground_255=True)
+
+
+def test_a_class_without_training_pixels_is_an_error(tmp_path):
+  """Class 2 occurs only in the validation masks: the model could never learn it; the error names the class."""
+  folder = str(tmp_path / "empty")
+  write_binary_folder(folder, count=6, foreground=1, names=("background", "crack", "rust"))
+  splits = image_folder.scan(folder)
+  mask = np.zeros((10, 12), np.uint8)
+  mask[5:, :] = 2
+  Image.fromarray(mask, "L").save(splits["val"][0].mask)
+  with pytest.raises(image_folder.EmptyClassError) as info:
+    datasets.get_builder("image_folder", data_dir=str(tmp_path / "tfds"), manual_dir=folder)
+  n = len(splits["train"])
+  assert f"class(es) 'rust' (2) have no pixel in the {n} training masks" in str(info.value), str(info.value)
+  assert "\n" not in str(info.value)
+
+
+def test_prepare_prints_and_saves_the_pixels_per_class_and_warns_about_a_small_val_split(tmp_path, capsys):
+  """Pixels per class and split, against a count of the folder's own masks: printed, saved as class_pixels.json
+  beside the prepared copy (and read back from there); the 1-image val split and its missing classes are warned
+  about."""
+  folder = str(tmp_path / "f")
+  scenes = write_folder(folder, count=6)
+  val_name = next(e.name for e in image_folder.scan(folder)["val"])
+  label = scenes[val_name][1].copy()
+  label[label == 4] = 0
+  label[0, 4] = 0  # the first row's pixel of class 4, too: class 4 is absent from the val split
+  Image.fromarray(label, "L").save(os.path.join(folder, "masks", val_name + ".png"))
+  scenes[val_name] = (scenes[val_name][0], label)
+  data_dir = str(tmp_path / "tfds")
+  assert prepare.main(["--dataset=image_folder", f"--manual_dir={folder}", f"--data_dir={data_dir}"]) == 0
+  out = capsys.readouterr().out
+  builder = datasets.get_builder("image_folder", data_dir=data_dir, manual_dir=folder)
+  path = os.path.join(builder.data_dir, datasets.class_pixels.FILENAME)
+  saved = json.load(open(path))
+  assert saved["class_names"] == CLASSES and sorted(saved["splits"]) == ["train", "val"]
+  for split in ("train", "val"):
+    labels = [lab for n, (_, lab) in scenes.items() if (n == val_name) == (split == "val")]
+    want = [int(sum(np.sum(lab == k) for lab in labels)) for k in range(len(CLASSES))]
+    assert saved["splits"][split] == {
+        "images": len(labels),
+        "pixels": want,
+        "void_pixels": int(sum(np.sum(lab == 255) for lab in labels)),
+    }, split
+    assert all(str(v) in out for v in want)
+  assert saved["splits"]["val"]["pixels"][4] == 0
+  assert "pixels per class and split (class_pixels.json there):" in out
+  assert "warning: the val split has 1 image(s), fewer than 20" in out
+  assert f"warning: class(es) {CLASSES[4]} have no pixel in the val split" in out
+  saved["splits"]["val"]["void_pixels"] = -1  # read back, not counted again
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  assert datasets.class_pixels.load_or_count(builder)["splits"]["val"]["void_pixels"] == -1
+  (small,) = datasets.split_warnings(builder, "train")  # 5 images, every class: only their number is a warning
+  assert small.startswith("the train split has 5 image(s), fewer than 20")

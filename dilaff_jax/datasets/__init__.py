@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from dilaff_jax import errors
 from dilaff_jax.process import files
-from dilaff_jax.datasets import cityscapes, image_folder, shapes_render, voc2012_aug
+from dilaff_jax.datasets import cityscapes, class_pixels, image_folder, shapes_render, voc2012_aug
 from dilaff_jax.datasets.cityscapes import Cityscapes19
 from dilaff_jax.datasets.common import IGNORE_LABEL, DataError, class_names
 from dilaff_jax.datasets.image_folder import ImageFolder
@@ -34,12 +34,14 @@ __all__ = [
     "SyntheticShapes",
     "Voc2012Aug",
     "class_names",
+    "class_pixels",
     "dataset_class_names",
     "get_builder",
     "is_image_folder",
     "known_names",
     "location",
     "resolve_num_classes",
+    "split_warnings",
 ]
 
 # builder name -> (its class names, its config names)
@@ -94,12 +96,19 @@ def location(
     data_dir: str | os.PathLike | None = None,
     manual_dir: str | os.PathLike | None = None,
     num_classes: int = 0,
+    foreground_255: bool = False,
 ) -> tuple[str, str | None]:
   """``(name, data_dir)`` where ``tfds.builder`` finds the prepared dataset: unchanged, except for
   ``image_folder``, whose copy of the folder ``manual_dir`` lives in a data_dir of its own (keyed by the folder's
-  path and contents; ``num_classes`` names the classes when the folder has no ``classes.txt``)."""
+  path and contents; ``num_classes`` names the classes when the folder has no ``classes.txt``; ``foreground_255``
+  maps its masks' 255 to class 1). ``foreground_255`` for another dataset is a :class:`errors.UserError`."""
   if is_image_folder(name):
-    return name, image_folder.prepared_data_dir(manual_dir, data_dir, num_classes)
+    return name, image_folder.prepared_data_dir(manual_dir, data_dir, num_classes, foreground_255)
+  if foreground_255:
+    raise errors.UserError(
+        f"foreground_255 (dataset.foreground_255) maps the 255 of an image folder's 0/255 masks to class 1; "
+        f"{name} is not an image folder: drop it"
+    )
   return name, os.fspath(data_dir) if data_dir is not None else None
 
 
@@ -110,17 +119,21 @@ def get_builder(
     manual_dir: str | os.PathLike | None = None,
     prepare: bool = True,
     num_classes: int = 0,
+    foreground_255: bool = False,
 ) -> tfds.core.DatasetBuilder:
   """The TFDS builder ``name`` (e.g. ``"synthetic_shapes/tiny"``), prepared in ``data_dir`` if ``prepare``.
 
   Preparing is a no-op once the dataset exists. ``manual_dir`` is where ``voc2012_aug`` and ``cityscapes19`` look
   for their archives (TFDS's default: ``<data_dir>/downloads/manual``) and the folder of ``image_folder``, which
-  takes ``num_classes`` when the folder has no ``classes.txt``. In a multi-host job prepare once, before the hosts
-  start reading.
+  takes ``num_classes`` when the folder has no ``classes.txt`` and ``foreground_255`` (see :func:`location`).
+  Preparing also writes the pixels per class and split beside the copy (:mod:`class_pixels`). In a multi-host job
+  prepare once, before the hosts start reading.
   """
   dataset_class_names(name)  # an unknown name is named here, not by TFDS's list of every dataset it has
-  name, data_dir = location(name, data_dir=data_dir, manual_dir=manual_dir, num_classes=num_classes)
-  kwargs = {"num_classes": num_classes} if is_image_folder(name) else {}
+  name, data_dir = location(
+      name, data_dir=data_dir, manual_dir=manual_dir, num_classes=num_classes, foreground_255=foreground_255
+  )
+  kwargs = {"num_classes": num_classes, "foreground_255": foreground_255} if is_image_folder(name) else {}
   builder = tfds.builder(name, data_dir=data_dir, **kwargs)
   if prepare:
     download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
@@ -135,7 +148,14 @@ def get_builder(
           "free disk space (or give --data_dir / dataset.data_dir on another disk) and rerun: TFDS keeps unfinished "
           "files under an 'incomplete' name, so nothing half-written is read as the dataset"
       ) from e
+    class_pixels.load_or_count(builder)
   return builder
+
+
+def split_warnings(builder: tfds.core.DatasetBuilder, eval_split: str | None = None) -> list[str]:
+  """The warnings of a prepared dataset's pixel counts (:func:`class_pixels.warnings`) for ``eval_split``, or for
+  every split an evaluation may use."""
+  return class_pixels.warnings(class_pixels.load_or_count(builder), None if eval_split is None else [eval_split])
 
 
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)

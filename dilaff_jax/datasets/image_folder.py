@@ -12,7 +12,10 @@ Layout of the folder ``DIR``::
 Without ``train.txt`` / ``val.txt`` every labelled image goes to ``train`` or ``val`` by a hash of its name (1 in 10
 to ``val``): an image keeps its split when others are added. Every mask is checked before anything is written:
 values ``0..num_classes-1`` or 255, size equal to its image's; a mistake raises :class:`errors.UserError` naming the
-file and the values. Class names (``classes.txt``, else ``class_0, class_1, ...``) go into the dataset metadata.
+file and the values. So do masks that are all 0/255 while the classes name a foreground (255 is void:
+:class:`BinaryMaskError`; ``foreground_255`` maps 255 to class 1 for such two-class folders) and a class with no
+pixel in the training masks (:class:`EmptyClassError`). Class names (``classes.txt``, else ``class_0, class_1,
+...``) go into the dataset metadata.
 
 Two folders never share a prepared copy and a changed folder is prepared again: :func:`prepared_data_dir` puts the
 copy in a TFDS ``data_dir`` of its own, named by a fingerprint of the folder's absolute path and of the name, size and
@@ -43,6 +46,15 @@ _FINGERPRINT_VERSION = "1"
 
 class FolderError(errors.UserError, ValueError):
   """A mistake in a user's image folder; the message names the file (or files) and what is wrong."""
+
+
+class BinaryMaskError(FolderError):
+  """Every mask holds only 0 and 255 while the classes name a foreground: 255 is void, so the foreground would get
+  no training pixel. The fix: masks with 1 for the foreground, or ``foreground_255``."""
+
+
+class EmptyClassError(FolderError):
+  """A class has no pixel in the training masks: the model could never learn to predict it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,9 +261,16 @@ def _upright_size(path: str) -> tuple[int, int]:
   return height, width
 
 
-def read_mask(path: str, num_classes: int, image_hw: tuple[int, int] | None = None, image_path: str = "") -> np.ndarray:
+def read_mask(
+    path: str,
+    num_classes: int,
+    image_hw: tuple[int, int] | None = None,
+    image_path: str = "",
+    foreground_255: bool = False,
+) -> np.ndarray:
   """The class indices ``[H, W]`` uint8 of a mask, checked: a greyscale or palette PNG (indices kept), values
-  ``< num_classes`` or 255, and the size of its image when ``image_hw`` is given."""
+  ``< num_classes`` or 255, and the size of its image when ``image_hw`` is given. With ``foreground_255`` (a
+  two-class folder of 0/255 masks) 255 becomes class 1."""
   try:
     with open(path, "rb") as f:
       label = common.read_index_png(f.read(), path)
@@ -275,23 +294,78 @@ def read_mask(path: str, num_classes: int, image_hw: tuple[int, int] | None = No
         f"the mask {path} is {label.shape[0]}x{label.shape[1]} but its image {image_path} is "
         f"{image_hw[0]}x{image_hw[1]}: a mask must have its image's size"
     )
-  return label
+  return _map_255(label) if foreground_255 else label
 
 
-def check_examples(splits: dict[str, list[Example]], num_classes: int) -> None:
-  """Reads every mask and image header once and raises on the first bad mask (values, size) or image."""
-  for examples in splits.values():
+def _map_255(label: np.ndarray) -> np.ndarray:
+  """``foreground_255``: the void value 255 of a two-class 0/255 mask becomes class 1."""
+  return np.where(label == common.IGNORE_LABEL, np.uint8(1), label)
+
+
+def check_examples(splits: dict[str, list[Example]], class_names: list[str], foreground_255: bool = False) -> None:
+  """Reads every mask and image header once and raises on the first bad mask (values, size) or image, then on
+  mistakes of the masks as a whole (:func:`check_class_pixels`)."""
+  raw = np.zeros(256, np.int64)  # pixels per value of every mask, as stored
+  train = np.zeros(256, np.int64)  # of the train split's masks, after the foreground_255 mapping
+  for split, examples in splits.items():
     for ex in examples:
       hw = _upright_size(ex.image)
       if ex.mask is not None:
-        read_mask(ex.mask, num_classes, hw, ex.image)
+        label = read_mask(ex.mask, len(class_names), hw, ex.image)
+        raw += np.bincount(label.reshape(-1), minlength=256)
+        if split == "train":
+          train += np.bincount((_map_255(label) if foreground_255 else label).reshape(-1), minlength=256)
+  check_class_pixels(raw, train, class_names, splits, foreground_255)
 
 
-def fingerprint(folder: str | os.PathLike, num_classes: int = 0) -> str:
+def check_class_pixels(
+    raw: np.ndarray,
+    train: np.ndarray,
+    class_names: list[str],
+    splits: dict[str, list[Example]],
+    foreground_255: bool,
+) -> None:
+  """The masks' mistakes that no single mask shows, from pixel counts per value (``raw``: every mask as stored;
+  ``train``: the train split's, after any mapping): 0/255 masks for a foreground class (:class:`BinaryMaskError`),
+  ``foreground_255`` where it does not apply, and a class without training pixels (:class:`EmptyClassError`)."""
+  ign = common.IGNORE_LABEL
+  values = set(np.flatnonzero(raw).tolist())
+  masks = os.path.dirname(splits["train"][0].mask) if splits.get("train") else "masks/"
+  if foreground_255:
+    if len(class_names) != 2:
+      raise FolderError(
+          f"foreground_255 maps the masks' 255 to class 1, for two classes (background, foreground), but the folder "
+          f"has {len(class_names)}: drop the flag and write the class indices 0-{len(class_names) - 1} in the masks"
+      )
+    if 1 in values:
+      raise FolderError(
+          f"foreground_255 would turn the 255 (void) pixels of {masks} into class 1, but the masks already hold "
+          "class 1: drop the flag (255 then stays void)"
+      )
+  elif len(class_names) >= 2 and values == {0, ign}:
+    raise BinaryMaskError(
+        f"every mask in {masks} holds only the values 0 and 255, but the classes are {', '.join(class_names)}: 255 "
+        f"is void (never trained on, never scored), so {class_names[1]!r} (1) gets no pixel. Map 255 -> 1 in the "
+        "masks (0/1 masks), or let preparing do it: --foreground_255 for dilaff_jax.datasets.prepare, "
+        "--config.dataset.foreground_255=True for training"
+    )
+  empty = [f"{name!r} ({k})" for k, name in enumerate(class_names) if train[k] == 0]
+  if empty:
+    raise EmptyClassError(
+        f"class(es) {', '.join(empty)} have no pixel in the {len(splits.get('train', ()))} training masks: the model "
+        "cannot learn them. Add training images whose masks show them (or move some from splits/val.txt to "
+        "splits/train.txt), or remove the class from classes.txt and renumber the masks"
+    )
+
+
+def fingerprint(folder: str | os.PathLike, num_classes: int = 0, foreground_255: bool = False) -> str:
   """A hex digest of the folder's absolute path and of every file's relative path, size and modification time
-  (images/, masks/, splits/, classes.txt); ``num_classes`` counts when there is no ``classes.txt``."""
+  (images/, masks/, splits/, classes.txt); ``num_classes`` counts when there is no ``classes.txt``, and
+  ``foreground_255`` when set."""
   folder = os.path.abspath(os.fspath(folder))
   h = hashlib.sha256(f"{_FINGERPRINT_VERSION}\0{folder}\0".encode("utf-8"))
+  if foreground_255:  # only when set: the copies prepared before the flag existed keep their fingerprint
+    h.update(b"foreground_255\0")
   has_classes = os.path.isfile(os.path.join(folder, "classes.txt"))
   h.update(f"classes.txt\0{has_classes}\0{0 if has_classes else num_classes}\0".encode("utf-8"))
   for sub in ("images", "masks", "splits", "classes.txt"):
@@ -308,14 +382,17 @@ def fingerprint(folder: str | os.PathLike, num_classes: int = 0) -> str:
 
 
 def prepared_data_dir(
-    folder: str | os.PathLike | None, data_dir: str | os.PathLike | None, num_classes: int = 0
+    folder: str | os.PathLike | None,
+    data_dir: str | os.PathLike | None,
+    num_classes: int = 0,
+    foreground_255: bool = False,
 ) -> str:
   """The TFDS ``data_dir`` of this folder's prepared copy: ``<data_dir>/image_folder_prepared/<name>-<fingerprint>``
   (``data_dir`` defaults to TFDS's, ``~/tensorflow_datasets``)."""
   folder = require_folder(folder)
   root = os.fspath(data_dir) if data_dir else tfds.core.constants.DATA_DIR
   label = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(folder.rstrip(os.sep))) or "folder"
-  return os.path.join(root, f"{NAME}_prepared", f"{label}-{fingerprint(folder, num_classes)[:16]}")
+  return os.path.join(root, f"{NAME}_prepared", f"{label}-{fingerprint(folder, num_classes, foreground_255)[:16]}")
 
 
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
@@ -328,8 +405,9 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   optional DIR/splits/{train,val,unlabeled}.txt and DIR/classes.txt.
   """
 
-  def __init__(self, *, num_classes: int = 0, **kwargs):
+  def __init__(self, *, num_classes: int = 0, foreground_255: bool = False, **kwargs):
     self._num_classes = int(num_classes)  # used without classes.txt; 0 = classes.txt must exist
+    self._foreground_255 = bool(foreground_255)  # 0/255 masks of two classes: 255 is class 1, not void
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -344,9 +422,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     folder = require_folder(common.manual_dir_of(dl_manager))
     names = read_class_names(folder, self._num_classes)
     splits = scan(folder)
-    check_examples(splits, len(names))
+    check_examples(splits, names, self._foreground_255)
     self.info.metadata.update(common.class_metadata(names))
     self.info.metadata["source_folder"] = folder
+    self.info.metadata["foreground_255"] = self._foreground_255
     return {
         split: self._generate_examples(examples=examples, num_classes=len(names)) for split, examples in splits.items()
     }
@@ -357,7 +436,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
       if ex.mask is None:
         label = np.full(image.shape[:2], common.IGNORE_LABEL, np.uint8)
       else:
-        label = read_mask(ex.mask, num_classes, image.shape[:2], ex.image)
+        label = read_mask(ex.mask, num_classes, image.shape[:2], ex.image, self._foreground_255)
       yield ex.name, {
           "image": common.encode_rgb_png(image),
           "label": common.encode_label_png(label),

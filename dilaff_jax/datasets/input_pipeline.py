@@ -445,7 +445,11 @@ class Pipelines(NamedTuple):
 def _checked_builder(cfg: Any):
   """The prepared builder of ``cfg`` and its class names (their number must be ``cfg.num_classes``)."""
   builder = datasets.get_builder(
-      cfg.name, data_dir=cfg.get("data_dir"), manual_dir=cfg.get("manual_dir"), num_classes=cfg.num_classes
+      cfg.name,
+      data_dir=cfg.get("data_dir"),
+      manual_dir=cfg.get("manual_dir"),
+      num_classes=cfg.num_classes,
+      foreground_255=bool(cfg.get("foreground_255", False)),
   )
   names = datasets.class_names(builder)
   if len(names) != cfg.num_classes:

@@ -3,7 +3,10 @@
 python -m dilaff_jax.datasets.prepare --dataset=voc2012_aug --manual_dir=/data/voc_archives [--data_dir=DIR]
 python -m dilaff_jax.datasets.prepare --dataset=cityscapes19 --manual_dir=/data/cityscapes
 python -m dilaff_jax.datasets.prepare --dataset=synthetic_shapes/default
-python -m dilaff_jax.datasets.prepare --dataset=image_folder --manual_dir=my_data [--num_classes=N]
+python -m dilaff_jax.datasets.prepare --dataset=image_folder --manual_dir=my_data [--num_classes=N] [--foreground_255]
+
+It prints the examples and pixels per class of each split (saved as class_pixels.json beside the prepared copy)
+and a warning for an evaluation split of fewer than 20 images or one where a class has no pixel.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ def _define_flags(fv: flags.FlagValues) -> None:
       "manual_dir", None, "folder with the downloaded archives (image_folder: the folder)", flag_values=fv
   )
   flags.DEFINE_integer("num_classes", 0, "image_folder without classes.txt: number of classes", flag_values=fv)
+  flags.DEFINE_bool(
+      "foreground_255",
+      False,
+      "image_folder with two classes whose masks are 0/255: 255 is the foreground (class 1), not void "
+      "(training: --config.dataset.foreground_255=True)",
+      flag_values=fv,
+  )
 
 
 def main(argv=None) -> int:
@@ -42,7 +52,11 @@ def main(argv=None) -> int:
     if args is None:  # --help
       return 0
     builder = datasets.get_builder(
-        args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir, num_classes=args.num_classes
+        args.dataset,
+        data_dir=args.data_dir,
+        manual_dir=args.manual_dir,
+        num_classes=args.num_classes,
+        foreground_255=args.foreground_255,
     )
   except (errors.UserError, FileNotFoundError) as e:
     if cli.wants_traceback():
@@ -52,6 +66,11 @@ def main(argv=None) -> int:
   for name, split in builder.info.splits.items():
     print(f"{builder.info.full_name} {name}: {split.num_examples} examples")
   print(f"prepared in {builder.data_dir}")
+  counts = datasets.class_pixels.load_or_count(builder)
+  print(f"pixels per class and split ({datasets.class_pixels.FILENAME} there):")
+  print(datasets.class_pixels.table(counts))
+  for line in datasets.class_pixels.warnings(counts):
+    print(f"warning: {line}")
   if datasets.is_image_folder(args.dataset):
     print(f"classes: {', '.join(datasets.class_names(builder))}")
     # A complete command: the prepared copy is found only through its own data_dir (see image_folder.py).

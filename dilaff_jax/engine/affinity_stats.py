@@ -72,7 +72,11 @@ def load_or_compute(spec: RunSpec, workdir: str) -> AffinityStats:
 
   d = config.dataset
   name, data_dir = datasets.location(
-      d.name, data_dir=d.get("data_dir"), manual_dir=d.get("manual_dir"), num_classes=d.num_classes
+      d.name,
+      data_dir=d.get("data_dir"),
+      manual_dir=d.get("manual_dir"),
+      num_classes=d.num_classes,
+      foreground_255=bool(d.get("foreground_255", False)),
   )
   maps, total = tfds_label_maps(name, d.train_split, data_dir, config.affinity.stats_max_images)
   logging.info("Computing affinity statistics over %d training label maps (once; saved to %s)", total, path)

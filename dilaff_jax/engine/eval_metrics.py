@@ -32,18 +32,56 @@ def confusion_matrix_np(labels: np.ndarray, preds: np.ndarray, num_classes: int,
   return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
+def present_classes(conf: np.ndarray) -> np.ndarray:
+  """``[C]`` bool: the classes with at least one ground-truth pixel (a row sum > 0). Rows depend on the labels
+  only, so every prediction scored on the same pixels (sweep columns, oracle, dense CRF) has the same set."""
+  return np.asarray(conf).sum(1) > 0
+
+
 def iou_from_confusion(conf: np.ndarray) -> np.ndarray:
-  """Per-class IoU ``TP / (TP + FP + FN)``; NaN for a class absent from both labels and predictions."""
+  """Per-class IoU ``TP / (TP + FP + FN)``; NaN for a class absent from the labels (its IoU is undefined: a few
+  false-positive pixels would make it 0, none would drop it, so it never counts; see :func:`present_classes`)."""
   conf = np.asarray(conf, np.float64)
   tp = np.diag(conf)
   union = conf.sum(0) + conf.sum(1) - tp
   with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(union > 0, tp / union, np.nan)
+    return np.where(present_classes(conf), tp / union, np.nan)
 
 
-def mean_iou(conf: np.ndarray) -> float:
-  """Mean IoU over the classes that occur (in labels or predictions)."""
-  return float(np.nanmean(iou_from_confusion(conf)))
+def accuracy_from_confusion(conf: np.ndarray) -> np.ndarray:
+  """Per-class pixel accuracy (recall) ``TP / (TP + FN)``; NaN for a class absent from the labels."""
+  conf = np.asarray(conf, np.float64)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(present_classes(conf), np.diag(conf) / conf.sum(1), np.nan)
+
+
+def _mean_over(per_class: np.ndarray, classes: np.ndarray | None) -> float:
+  """Mean of ``per_class`` over ``classes`` (bool ``[C]``; None: the defined ones). A class of ``classes`` whose
+  score is undefined means the matrix was scored on other pixels than the one ``classes`` came from: a bug."""
+  if classes is None:
+    classes = ~np.isnan(per_class)
+  chosen = per_class[np.asarray(classes, bool)]
+  if chosen.size == 0:
+    raise ValueError("no class has a ground-truth pixel: nothing to average")
+  if np.isnan(chosen).any():
+    raise ValueError("a class present in the reference ground truth has no pixel in this confusion matrix")
+  return float(chosen.mean())
+
+
+def mean_iou(conf: np.ndarray, classes: np.ndarray | None = None) -> float:
+  """Mean IoU over ``classes`` (bool ``[C]``), by default those present in the labels (:func:`present_classes`)."""
+  return _mean_over(iou_from_confusion(conf), classes)
+
+
+def mean_accuracy(conf: np.ndarray, classes: np.ndarray | None = None) -> float:
+  """mAcc: mean per-class pixel accuracy over ``classes`` (default: those present in the labels)."""
+  return _mean_over(accuracy_from_confusion(conf), classes)
+
+
+def overall_accuracy(conf: np.ndarray) -> float:
+  """aAcc: the share of all scored pixels predicted right."""
+  conf = np.asarray(conf, np.float64)
+  return float(np.trace(conf) / conf.sum()) if conf.sum() else float("nan")
 
 
 def _ratios(num: np.ndarray, den: np.ndarray) -> list:
@@ -53,7 +91,7 @@ def _ratios(num: np.ndarray, den: np.ndarray) -> list:
 @flax.struct.dataclass
 class ConfusionMatrix(metrics.Metric):
   """Summed ``[C, C]`` pixel counts (row: ground truth, column: prediction) of one batch's
-  :func:`confusion_matrix`; ``compute`` gives the mIoU."""
+  :func:`confusion_matrix`; ``compute`` gives the mIoU over the classes present in the labels."""
 
   matrix: jax.Array
 
@@ -70,8 +108,9 @@ class ConfusionMatrix(metrics.Metric):
   def per_class_iou(self) -> np.ndarray:
     return iou_from_confusion(np.asarray(self.matrix))
 
-  def compute(self) -> float:
-    return mean_iou(np.asarray(self.matrix))
+  def compute(self, classes: np.ndarray | None = None) -> float:
+    """The mIoU over ``classes`` (default: the classes present in this matrix's labels)."""
+    return mean_iou(np.asarray(self.matrix), classes)
 
 
 @flax.struct.dataclass

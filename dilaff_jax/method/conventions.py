@@ -6,3 +6,6 @@ IGNORE_LABEL = 255  # void: boundaries and unlabelled pixels; never a class, nev
 # torchvision's ImageNet statistics on the 0..255 scale, matching the converted ResNet weights
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
 IMAGENET_STD_255 = (58.395, 57.12, 57.375)
+
+# an evaluation on fewer images than this is flagged (prepare and results.md): one image moves the mIoU by points
+MIN_EVAL_IMAGES = 20
