@@ -1,8 +1,10 @@
 """Evaluation (paper §4): mIoU at output stride 8, the affinity-propagation sweep (Tables 3–4) with predicted and
 ground-truth affinity, and the affinity accuracy per neighbour category n_k (Fig. 4).
 
-Every pixel of every image of the split counts once: images are padded (label 255) to one size, dummy examples
-fill the last batch and are masked, and the confusion matrix is summed over devices and hosts.
+Every pixel of every image of the split counts once: images are padded (label 255) to one size, or to the largest
+of their size group (``dataset.eval_pad_size = None``), dummy examples fill the last batch of a group and are
+masked, and the confusion matrix is summed over devices and hosts. An image inferred downscaled
+(``dataset.eval_max_size``) is scored at its full size, its predictions scaled back with nearest neighbour.
 """
 
 from __future__ import annotations
@@ -44,6 +46,21 @@ def metrics_class(config: ml_collections.ConfigDict, rates: affinity.Rates, iter
   )
 
 
+def scored_confusion(batch, predictions: jax.Array, *, num_classes: int, ignore_label: int) -> jax.Array:
+  """The confusion matrix of class-index ``predictions`` ``[B, H, W]`` (at the size of ``batch["label"]``) over the
+  batch's real pixels: against ``label``, or, for images inferred downscaled, against their full ``score_label``
+  with the predictions scaled back to each image's size (nearest neighbour)."""
+  if "score_label" in batch:
+    labels = batch["score_label"]
+    predictions = inference.resize_nearest(
+        predictions, batch["height"], batch["width"], batch["score_height"], batch["score_width"], labels.shape[1:3]
+    )
+  else:
+    labels = batch["label"]
+  valid = (labels != ignore_label) & batch["mask"][:, None, None]
+  return eval_metrics.confusion_matrix(labels, predictions, num_classes, valid)
+
+
 def eval_step(
     variables, batch, *, apply_fn, config: ml_collections.ConfigDict, rates: affinity.Rates, iterations: tuple[int, ...]
 ):
@@ -54,11 +71,11 @@ def eval_step(
   ign = config.dataset.ignore_label
   labels = batch["label"]
   size = labels.shape[1:3]
-  valid = (labels != ign) & batch["mask"][:, None, None]
   probs, aff = inference.predict_as_configured(apply_fn, variables, batch["image"], config, rates, size)
   out = {"num_images": jnp.sum(batch["mask"], dtype=jnp.int32)}
+  score = functools.partial(scored_confusion, batch, num_classes=c, ignore_label=ign)
   if not rates:
-    out["plain"] = eval_metrics.confusion_matrix(labels, jnp.argmax(probs, -1), c, valid)
+    out["plain"] = score(jnp.argmax(probs, -1))
   else:
     inside = inference.inside_mask(batch["height"], batch["width"], size, rates)
     sweeps = {"predicted": aff * inside}
@@ -70,7 +87,7 @@ def eval_step(
       for it in sorted(iterations):
         p = propagation.propagate(p, a, rates, lam=config.affinity.lam, iterations=it - done, anchor=anchor)
         done = it
-        out[eval_metrics.sweep_name(name, it)] = eval_metrics.confusion_matrix(labels, jnp.argmax(p, -1), c, valid)
+        out[eval_metrics.sweep_name(name, it)] = score(jnp.argmax(p, -1))
     # Fig. 4: affinity accuracy per rate and n_k, from the logits' sign (σ > 0.5 <=> steep σ > 0.5)
     logit_sign = jnp.where(aff > 0.5, 1.0, -1.0)
     lab = jnp.where(batch["mask"][:, None, None], labels, ign)
@@ -193,7 +210,7 @@ def evaluate_state(config: ml_collections.ConfigDict, workdir: str, state, rates
       axis_name=AXIS,
   )
   variables = flax.jax_utils.replicate({"params": state.params, "batch_stats": state.batch_stats})
-  num_batches = -(-pipes.num_eval_examples // config.eval.batch_size)
+  num_batches = pipes.num_eval_batches()
   if config.eval.max_images:
     num_batches = min(num_batches, -(-config.eval.max_images // config.eval.batch_size))
   start = time.time()
