@@ -29,7 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.min_scale = 0.5  # random scale in [min_scale, max_scale] with step scale_step
   c.dataset.max_scale = 2.0
   c.dataset.scale_step = 0.25
-  c.dataset.eval_pad_size = (513, 513)  # evaluation pads every image (image: mean, label: 255) to this size
+  c.dataset.eval_pad_size = (513, 513)  # evaluation pads every image (image: mean, label: 255) to this size;
+  # None: images are grouped by size and padded to the largest of their group (no side beyond sqrt(2) x its own)
+  c.dataset.eval_max_size = 2048  # with eval_pad_size None: an image with a longer side is inferred downscaled to
+  # it (as predict --max_size; bounds memory) and scored at its full size; 0 = no limit
   c.dataset.mean = conventions.IMAGENET_MEAN_255  # torchvision ImageNet statistics (0-255), matching the weights
   c.dataset.std = conventions.IMAGENET_STD_255
 

@@ -7,7 +7,8 @@
 
 Classes: DIR/classes.txt (one name a line) or ``--config.dataset.num_classes=N`` (names ``class_0 ...``);
 ``num_classes = 0`` means "as many as classes.txt lists". Splits: DIR/splits/{train,val}.txt, or 1 image in 10 to
-``val`` by a hash of its name. Evaluation pads every image to the largest of the split (``eval_pad_size = None``).
+``val`` by a hash of its name. Evaluation groups the images by size and pads each to the largest of its group
+(``eval_pad_size = None``); an image longer than ``dataset.eval_max_size`` (2048) a side is inferred downscaled.
 Two classes with 0/255 masks (255 is void otherwise): ``--config.dataset.foreground_255=True`` makes 255 class 1.
 
 Default: the paper's VOC setting (§4.1, §4.3 best): ResNet-101 with ImageNet weights, crop 513, batch 16, 30K steps,
@@ -38,7 +39,7 @@ def get_config(variant: str = ""):
   c.dataset.train_split = "train"
   c.dataset.eval_split = "val"
   c.dataset.num_classes = 0  # 0: as many as DIR/classes.txt lists
-  del c.dataset["eval_pad_size"]  # None: the split's largest image; a typed None keeps it overridable
+  del c.dataset["eval_pad_size"]  # None: grouped by size; a typed None keeps it overridable
   c.dataset.eval_pad_size = ml_collections.FieldReference(None, field_type=tuple)
   if variant in ("small", "small_baseline"):
     return variants.apply(c, "baseline" if variant == "small_baseline" else "", {"baseline": variants.BASELINE})

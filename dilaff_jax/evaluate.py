@@ -1,8 +1,10 @@
 """Evaluation (paper §4): mIoU at output stride 8, the affinity-propagation sweep (Tables 3–4) with predicted and
 ground-truth affinity, and the affinity accuracy per neighbour category n_k (Fig. 4).
 
-Every pixel of every image of the split counts once: images are padded (label 255) to one size, dummy examples
-fill the last batch and are masked, and the confusion matrix is summed over devices and hosts.
+Every pixel of every image of the split counts once: images are padded (label 255) to one size, or to the largest
+of their size group (``dataset.eval_pad_size = None``), dummy examples fill the last batch of a group and are
+masked, and the confusion matrix is summed over devices and hosts. An image inferred downscaled
+(``dataset.eval_max_size``) is scored at its full size, its predictions scaled back with nearest neighbour.
 """
 
 from __future__ import annotations
@@ -46,6 +48,21 @@ def metrics_class(spec: RunSpec, iterations: Sequence[int]):
   )
 
 
+def scored_confusion(batch, predictions: jax.Array, *, num_classes: int, ignore_label: int) -> jax.Array:
+  """The confusion matrix of class-index ``predictions`` ``[B, H, W]`` (at the size of ``batch["label"]``) over the
+  batch's real pixels: against ``label``, or, for images inferred downscaled, against their full ``score_label``
+  with the predictions scaled back to each image's size (nearest neighbour)."""
+  if "score_label" in batch:
+    labels = batch["score_label"]
+    predictions = inference.resize_nearest(
+        predictions, batch["height"], batch["width"], batch["score_height"], batch["score_width"], labels.shape[1:3]
+    )
+  else:
+    labels = batch["label"]
+  valid = (labels != ignore_label) & batch["mask"][:, None, None]
+  return eval_metrics.confusion_matrix(labels, predictions, num_classes, valid)
+
+
 def eval_step(variables, batch, *, apply_fn, spec: RunSpec, iterations: tuple[int, ...]):
   """The batch's evaluation metrics (:func:`metrics_class`), gathered over ``AXIS``: a confusion matrix for every
   propagation iteration count (predicted and oracle affinity), the number of real images and Fig. 4's affinity
@@ -55,11 +72,11 @@ def eval_step(variables, batch, *, apply_fn, spec: RunSpec, iterations: tuple[in
   ign = config.dataset.ignore_label
   labels = batch["label"]
   size = labels.shape[1:3]
-  valid = (labels != ign) & batch["mask"][:, None, None]
   probs, aff = inference.predict_as_configured(apply_fn, variables, batch["image"], spec, size)
   out = {"num_images": jnp.sum(batch["mask"], dtype=jnp.int32)}
+  score = functools.partial(scored_confusion, batch, num_classes=c, ignore_label=ign)
   if not rates:
-    out["plain"] = eval_metrics.confusion_matrix(labels, jnp.argmax(probs, -1), c, valid)
+    out["plain"] = score(jnp.argmax(probs, -1))
   else:
     inside = inference.inside_mask(batch["height"], batch["width"], size, rates)
     sweeps = {"predicted": aff * inside}
@@ -71,7 +88,7 @@ def eval_step(variables, batch, *, apply_fn, spec: RunSpec, iterations: tuple[in
       for it in sorted(iterations):
         p = propagation.propagate(p, a, rates, lam=config.affinity.lam, iterations=it - done, anchor=anchor)
         done = it
-        out[eval_metrics.sweep_name(name, it)] = eval_metrics.confusion_matrix(labels, jnp.argmax(p, -1), c, valid)
+        out[eval_metrics.sweep_name(name, it)] = score(jnp.argmax(p, -1))
     # Fig. 4: affinity accuracy per rate and n_k, from the logits' sign (σ > 0.5 <=> steep σ > 0.5)
     logit_sign = jnp.where(aff > 0.5, 1.0, -1.0)
     lab = jnp.where(batch["mask"][:, None, None], labels, ign)
@@ -227,7 +244,7 @@ def evaluate_state(
     dataset.eval_split = split
   pipes = input_pipeline.eval_from_config(dataset, local_device_count=ndev, per_device_batch=per_device)
   variables = flax.jax_utils.replicate({"params": state.params, "batch_stats": state.batch_stats})
-  num_batches = -(-pipes.num_eval_examples // config.eval.batch_size)
+  num_batches = pipes.num_eval_batches()
   limit = config.eval.max_images if max_images is None else max_images
   if limit:
     num_batches = min(num_batches, -(-limit // config.eval.batch_size))

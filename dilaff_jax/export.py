@@ -66,7 +66,7 @@ def default_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
   pad = config.dataset.get("eval_pad_size")
   if not pad:
     raise ExportError(
-        "config.dataset.eval_pad_size is None (evaluation pads each split to its largest image): "
+        "config.dataset.eval_pad_size is None (evaluation pads each image to the largest of its size group): "
         "give --size=H,W, the size of the images the model will get"
     )
   return tuple(int(v) for v in (pad if len(tuple(pad)) == 2 else (pad, pad)))

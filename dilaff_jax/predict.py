@@ -51,13 +51,13 @@ from PIL import Image, ImageOps  # noqa: E402
 from dilaff_jax import errors  # noqa: E402
 from dilaff_jax.engine import config_checks, inference, run_spec, train_state as state, visualize  # noqa: E402
 from dilaff_jax.engine.run_spec import RunSpec  # noqa: E402
-from dilaff_jax.method import propagation  # noqa: E402
+from dilaff_jax.method import conventions, propagation  # noqa: E402
 from dilaff_jax.process import cli, host_memory  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LEGEND_NAME = "legend.png"
 OUTPUT_SUFFIXES = ("_seg.png", "_refined.png", "_mask.png")
-DEFAULT_MAX_SIZE = 2048
+DEFAULT_MAX_SIZE = conventions.MAX_INFERENCE_SIDE
 
 
 class PredictError(errors.UserError, ValueError):
@@ -169,15 +169,6 @@ def unreadable(paths: Sequence[str]) -> dict[str, str]:
     except PredictError as e:
       failed[path] = str(e)
   return failed
-
-
-def inference_size(height: int, width: int, max_size: int) -> tuple[int, int]:
-  """``(height, width)`` scaled so that the longer side is at most ``max_size`` (unchanged if it is already, or
-  if ``max_size`` is 0); the aspect ratio is kept, each side at least 1."""
-  if not max_size or max(height, width) <= max_size:
-    return height, width
-  scale = max_size / max(height, width)
-  return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -410,7 +401,7 @@ def run(
       print(f"[predict] {i}/{len(paths)} {path}: SKIPPED ({e})", file=sys.stderr, flush=True)
       continue
     size = image.shape[:2]
-    small = inference_size(*size, max_size)
+    small = conventions.inference_size(*size, max_size)
     pred = predict_one(resize_image(image, small))
     if small != size:
       pred = dataclasses.replace(

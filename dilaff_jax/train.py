@@ -84,15 +84,64 @@ def _track_nonfinite(
   return jnp.where(new, step, first_step), jnp.where(new, value, first_loss)
 
 
-def _check_loss(first: tuple[jax.Array, jax.Array], mngr) -> None:
+def _lowered_rates(workdir: str) -> list[dict]:
+  """The entries of ``config_history.json`` that resumed the run with a lower ``train.learning_rate``."""
+  try:
+    with open(os.path.join(workdir, CONFIG_HISTORY)) as f:
+      history = json.load(f)
+    return [
+        h
+        for h in history
+        if "train.learning_rate" in h.get("changes", {})
+        and float(h["changes"]["train.learning_rate"][1]) < float(h["changes"]["train.learning_rate"][0])
+    ]
+  except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+    return []
+
+
+def divergence_advice(config: ml_collections.ConfigDict, workdir: str, step: int) -> str:
+  """What to try after a non-finite loss or state at ``step``: names the learning rate that step used, and says
+  so when the run was already resumed with a lowered ``train.learning_rate`` (``config_history.json``). A resume
+  replays the same batches, so an unchanged config diverges at the same step again; a warm-up counts from step 0,
+  so it helps a run started again, not a resume."""
+  t = config.train
+  rate = float(learning_rate_schedule(config)(max(step - 1, 0)))
+  text = (
+      f"Step {step} trained at learning rate {rate:.3g} (train.learning_rate={t.learning_rate:g}, poly schedule"
+      + (f", {t.warmup_steps} warm-up steps" if t.warmup_steps else ", no warm-up")
+      + "). "
+  )
+  alternatives = (["a lower affinity.beta"] if config_checks.rates_of(config) else []) + (
+      ["model.dtype=float32"] if config.model.get("dtype", "float32") != "float32" else []
+  )
+  restart = f"or start the run again with {'more ' if t.warmup_steps else ''}train.warmup_steps (e.g. 500)"
+  lowered = _lowered_rates(workdir)
+  if lowered:
+    last = lowered[-1]
+    old, new = last["changes"]["train.learning_rate"]
+    return text + (
+        f"The run was already resumed at step {last['step']} with train.learning_rate lowered from {old:g} to "
+        f"{new:g} ({CONFIG_HISTORY}) and diverged again {step - int(last['step'])} step(s) later: lowering the "
+        f"rate further may only postpone it. Check the input data of the steps before {step} (a bad image or mask)"
+        + (f"; resume with --allow_config_change and {' or '.join(alternatives)}" if alternatives else "")
+        + f"; {restart}."
+    )
+  return text + (
+      "A resume replays the same batches, so the same config diverges there again: resume with "
+      f"--allow_config_change and a lower train.learning_rate (e.g. {rate / 2:.3g})"
+      + "".join(f" or {a}" for a in alternatives)
+      + f"; {restart}; or check the input data."
+  )
+
+
+def _check_loss(first: tuple[jax.Array, jax.Array], mngr, advice: Callable[[int], str] = lambda step: "") -> None:
   step, loss = (x.item() for x in jax.device_get(first))
   if step != NO_STEP:
     checkpoints.finish(mngr)
     good = mngr.latest_step()
     raise TrainingError(
         f"non-finite loss ({loss}) at step {step}: stopping without saving this state. The last good "
-        f"checkpoint is {'step ' + str(good) if good is not None else 'none'} in {mngr.directory}. Lower "
-        "train.learning_rate or affinity.beta, or check the input data."
+        f"checkpoint is {'step ' + str(good) if good is not None else 'none'} in {mngr.directory}. {advice(step)}"
     )
 
 
@@ -130,6 +179,7 @@ RESUME_FREE_KEYS = (
     "train.validation_split",
     "dataset.data_dir",
     "dataset.manual_dir",
+    "dataset.eval_max_size",
 )
 LAUNCH_KEYS = ("distributed.",)  # how the processes found each other (a new port every launch): not recorded
 CONFIG_HISTORY = "config_history.json"
@@ -308,6 +358,7 @@ def _train_and_evaluate(
     train_metrics = None
     last = {}
     first_nonfinite = (jnp.int32(NO_STEP), jnp.float32(0.0))
+    advice = functools.partial(divergence_advice, config, workdir)
     t0 = time.time()
     with preemption_lib.Preemption() as preemption:
       for step in range(start + 1, total + 1):
@@ -319,7 +370,7 @@ def _train_and_evaluate(
         train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
         progress(step)
         if step % config.train.log_every == 0 or step == total:
-          _check_loss(first_nonfinite, mngr)
+          _check_loss(first_nonfinite, mngr, advice)
           last = {k: float(v) for k, v in train_metrics.compute().items()}
           writer.write_scalars(step, {f"train/{k}": v for k, v in last.items()})
           elapsed = time.time() - t0
@@ -342,14 +393,14 @@ def _train_and_evaluate(
         stop = preemption.requested or (jax.process_count() > 1 and mngr.reached_preemption(step))
         score = None
         if eval_every and step % eval_every == 0:
-          _check_loss(first_nonfinite, mngr)
+          _check_loss(first_nonfinite, mngr, advice)
           score = _validate(spec, workdir, flax.jax_utils.unreplicate(state), writer, evaluator())
         if step % config.train.checkpoint_every == 0 or step == total or stop or score is not None:
-          _check_loss(first_nonfinite, mngr)  # names the step where it went wrong, before the state check
+          _check_loss(first_nonfinite, mngr, advice)  # names the step where it went wrong, before the state check
           try:  # batch statistics can blow up while the loss (computed with batch statistics) stays finite
             checkpoints.save_checkpoint(mngr, flax.jax_utils.unreplicate(state), meta(step), score)
           except checkpoints.NonFiniteStateError as e:
-            raise TrainingError(str(e)) from None
+            raise TrainingError(f"{e}. {advice(step)}") from None
           if score is not None and is_chief:
             _record_best(workdir, step, score[checkpoints.BEST_METRIC])
         if stop:

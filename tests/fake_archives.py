@@ -12,8 +12,8 @@
   .png`` + ``_polygons.json``, with the top-level ``README`` and ``license.txt``.
 
 Every writer returns the arrays it wrote so tests can compare the prepared dataset with them. Faults are injected
-with :func:`truncate` (a partial download) and the writers' ``label_pngs`` (a mask file's bytes replaced, e.g. an
-RGB PNG or a value no class has).
+with :func:`truncate` (a partial download), :func:`overwrite_header` (garbage bytes over a tar member's header) and
+the writers' ``label_pngs`` (a mask file's bytes replaced, e.g. an RGB PNG or a value no class has).
 """
 
 from __future__ import annotations
@@ -168,6 +168,16 @@ def make_fake_voc(
   return FakeVoc(list(voc_train), list(voc_val), list(sbd_train), list(sbd_val), jpegs, images, voc_masks, sbd_masks)
 
 
+def overwrite_header(path: str | os.PathLike, member: str, seed: int = 0) -> None:
+  """Replaces the 512-byte header of ``member`` of the tar ``path`` with random bytes (a corrupt member, as a bad
+  disk or copy leaves it): readers that stop at the first invalid header see none of the members from there on."""
+  with tarfile.open(path) as tar:
+    offset = tar.getmember(member).offset
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    f.write(np.random.default_rng(seed).integers(0, 256, size=512, dtype=np.uint8).tobytes())
+
+
 def truncate(path: str | os.PathLike, fraction: float = 0.5) -> None:
   """Cuts the file to ``fraction`` of its bytes, as an interrupted download leaves it (0: an empty file)."""
   size = os.path.getsize(path)
@@ -176,7 +186,8 @@ def truncate(path: str | os.PathLike, fraction: float = 0.5) -> None:
 
 
 def write_voc_tar(path: str | os.PathLike, fake: FakeVoc, label_pngs: dict[str, bytes] | None = None) -> None:
-  """``VOCtrainval_11-May-2012.tar`` with every image in ``fake`` and VOC masks for the VOC split lists;
+  """``VOCtrainval_11-May-2012.tar`` with every image in ``fake`` and VOC masks for the VOC split lists, its members
+  in the real archive's order (Annotations, ImageSets, JPEGImages, SegmentationClass, SegmentationObject);
   ``label_pngs`` replaces the ``SegmentationClass/<id>.png`` bytes of the given ids."""
   with tarfile.open(path, "w") as tar:
     _add_dirs(
@@ -194,16 +205,18 @@ def write_voc_tar(path: str | os.PathLike, fake: FakeVoc, label_pngs: dict[str, 
             )
         ],
     )
-    for image_id, data in fake.jpegs.items():
-      _add_file(tar, f"{VOC_ROOT}/JPEGImages/{image_id}.jpg", data)
+    for image_id in fake.jpegs:
       _add_file(tar, f"{VOC_ROOT}/Annotations/{image_id}.xml", f"<annotation>{image_id}</annotation>".encode())
-    for image_id, mask in fake.voc_masks.items():
-      png = (label_pngs or {}).get(image_id) or palette_png(mask)
-      _add_file(tar, f"{VOC_ROOT}/SegmentationClass/{image_id}.png", png)
-      _add_file(tar, f"{VOC_ROOT}/SegmentationObject/{image_id}.png", palette_png(np.minimum(mask, 1)))
     lists = {"train": fake.voc_train, "val": fake.voc_val, "trainval": fake.voc_train + fake.voc_val}
     for name, ids in lists.items():
       _add_file(tar, f"{VOC_ROOT}/ImageSets/Segmentation/{name}.txt", _lines(ids))
+    for image_id, data in fake.jpegs.items():
+      _add_file(tar, f"{VOC_ROOT}/JPEGImages/{image_id}.jpg", data)
+    for image_id, mask in fake.voc_masks.items():
+      png = (label_pngs or {}).get(image_id) or palette_png(mask)
+      _add_file(tar, f"{VOC_ROOT}/SegmentationClass/{image_id}.png", png)
+    for image_id, mask in fake.voc_masks.items():
+      _add_file(tar, f"{VOC_ROOT}/SegmentationObject/{image_id}.png", palette_png(np.minimum(mask, 1)))
 
 
 def write_sbd_tgz(path: str | os.PathLike, fake: FakeVoc) -> None:

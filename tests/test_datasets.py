@@ -401,3 +401,26 @@ def test_a_full_disk_while_preparing_is_one_error_naming_the_folder_and_the_caus
   monkeypatch.setattr(synthetic_shapes.SyntheticShapes, "download_and_prepare", bug)
   with pytest.raises(RuntimeError, match="something else"):
     datasets.get_builder("synthetic_shapes/tiny", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("extra", ["sbd", "aug_zip"])
+def test_garbage_over_a_voc_tar_member_names_the_voc_archive_not_the_extra_masks(tmp_path, fake_voc, extra):
+  """A tar reader stops silently at an invalid header: the VOC masks from there on would look absent and be looked
+  up in the SBD masks, which then got the blame (or silently replaced them)."""
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  voc = manual / voc2012_aug.VOC_ARCHIVE
+  fake_archives.write_voc_tar(voc, fake_voc)
+  if extra == "sbd":
+    fake_archives.write_sbd_tgz(manual / voc2012_aug.SBD_ARCHIVE, fake_voc)
+  else:
+    fake_archives.write_aug_zip(manual / voc2012_aug.AUG_ARCHIVE, fake_voc)
+  member = f"{voc2012_aug.VOC_ROOT}/SegmentationClass/{sorted(fake_voc.voc_masks)[1]}.png"
+  fake_archives.overwrite_header(voc, member)
+  with pytest.raises(errors.UserError) as error:
+    datasets.get_builder("voc2012_aug", data_dir=tmp_path / "tfds", manual_dir=manual)
+  message = str(error.value)
+  assert f"{voc2012_aug.VOC_ARCHIVE} ({voc})" in message and "download it again" in message, message
+  assert f"after {voc2012_aug.VOC_ROOT}/SegmentationClass/{sorted(fake_voc.voc_masks)[0]}.png" in message, message
+  assert voc2012_aug.SBD_ARCHIVE not in message and voc2012_aug.AUG_ARCHIVE not in message, message
+  assert "\n" not in message

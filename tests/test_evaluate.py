@@ -430,3 +430,118 @@ def test_watch_retries_the_checkpoint_being_written_and_follows_the_workdirs_fin
   )
   monkeypatch.setattr(checkpoints, "saved_steps", lambda wd: next(listings))
   assert evaluate.evaluate_checkpoints(config, str(workdir), watch=True, poll_seconds=0.0, settle_seconds=0) == []
+
+
+# ---------------------------------------------------------------------------------------------- images of mixed sizes
+
+MIXED_SIZES = [(20, 30), (22, 26), (40, 18), (20, 30), (90, 70), (130, 40), (60, 64)]
+
+
+def mixed_size_folder(path):
+  """An image folder whose val split holds images of the sizes in MIXED_SIZES (two larger than 64 a side)."""
+  from PIL import Image
+  from dilaff_jax.datasets import shapes_render
+
+  for sub in ("images", "masks", "splits"):
+    os.makedirs(os.path.join(path, sub), exist_ok=True)
+  with open(os.path.join(path, "classes.txt"), "w") as f:
+    f.write("\n".join(shapes_render.CLASS_NAMES) + "\n")
+  names = [f"img_{i}" for i in range(len(MIXED_SIZES))]
+  for i, (name, (h, w)) in enumerate(zip(names, MIXED_SIZES)):
+    rgb, label = shapes_render.render_scene(np.random.default_rng(i), height=h, width=w, max_objects=3)
+    Image.fromarray(rgb).save(os.path.join(path, "images", name + ".png"))
+    Image.fromarray(label, "L").save(os.path.join(path, "masks", name + ".png"))
+  Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(os.path.join(path, "images", "train_0.png"))
+  Image.fromarray(np.zeros((24, 24), np.uint8)).save(os.path.join(path, "masks", "train_0.png"))
+  with open(os.path.join(path, "splits", "train.txt"), "w") as f:
+    f.write("train_0\n")
+  with open(os.path.join(path, "splits", "val.txt"), "w") as f:
+    f.write("\n".join(names) + "\n")
+
+
+def test_resize_nearest_scales_each_mask_back_to_its_own_size():
+  """Output pixel (i, j) of an image scaled from h x w to H x W reads pixel (floor((i + 0.5) h / H), floor((j + 0.5)
+  w / W)): Pillow's nearest neighbour, computed exactly (Pillow's float steps may round an exact tie down)."""
+  from PIL import Image
+
+  rng = np.random.default_rng(2)
+  pairs = [((5, 7), (13, 20)), ((9, 4), (9, 11)), ((64, 20), (130, 40)), ((3, 3), (3, 3))]
+  masks = np.zeros((len(pairs), 64, 20), np.int32)
+  for i, ((h, w), _) in enumerate(pairs):
+    masks[i, :h, :w] = rng.integers(0, 200, size=(h, w))
+  small = np.asarray([p[0] for p in pairs], np.int32)
+  full = np.asarray([p[1] for p in pairs], np.int32)
+  out = np.asarray(inference.resize_nearest(jnp.asarray(masks), *small.T, *full.T, (130, 40)))
+  for k, ((h, w), (fh, fw)) in enumerate(pairs):
+    want = np.zeros((fh, fw), np.int32)
+    for i in range(fh):
+      for j in range(fw):
+        want[i, j] = masks[k, int((i + 0.5) * h // fh), int((j + 0.5) * w // fw)]
+    np.testing.assert_array_equal(out[k, :fh, :fw], want, err_msg=str(pairs[k]))
+    pillow = np.asarray(Image.fromarray(masks[k, :h, :w].astype(np.uint8)).resize((fw, fh), Image.Resampling.NEAREST))
+    assert np.mean(pillow == want) > 0.99  # predict's resize_mask: the same rule
+
+
+def test_images_of_mixed_sizes_are_grouped_and_score_as_each_image_alone(tmp_path):
+  """Grouped by size (sides up to 16 share a level, then one per factor sqrt(2)), no image is padded beyond sqrt(2)
+  times its side, images longer than 64 a side are inferred downscaled, and the summed metrics are exactly those of
+  evaluating every image alone, unpadded, in a batch of its own."""
+  from dilaff_jax import datasets
+
+  folder, tfds_dir = str(tmp_path / "mixed"), str(tmp_path / "tfds")
+  mixed_size_folder(folder)
+  builder = datasets.get_builder("image_folder", data_dir=tfds_dir, manual_dir=folder)
+  config = synthetic.get_config("tiny")
+  config.eval.iterations = (0, 1)
+  config.affinity.iterations = 1
+  config.affinity.rates = (2, 4)
+  config.eval.crf, config.eval.crf_iterations = True, 0  # the host-side CRF keeps each argmax: scored alike
+  spec = run_spec.derive(config)
+  variables = pixel_variables(config.dataset.num_classes, 8 * len(spec.rates))
+  kw = dict(split="val", num_classes=6, max_size=64, bucket_base=16, process_index=0, process_count=1)
+  batches = list(input_pipeline.eval_iterator(builder, local_device_count=2, per_device_batch=1, **kw))
+  plan = input_pipeline.eval_plan(builder, "val", 2, max_size=64, bucket_base=16)
+  assert len(plan) == 5 and len(batches) == sum(b.num_batches for b in plan) == 6  # 20x30, 22x26, 20x30: 2 batches
+  shapes, seen = set(), []
+  for batch in batches:
+    flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
+    pad = flat["label"].shape[1:]
+    shapes.add(pad)
+    assert max(pad) <= 64  # the network never sees more than eval_max_size a side
+    for i in np.flatnonzero(flat["mask"]):
+      seen.append(flat["image_id"][i])
+      h, w = flat["height"][i], flat["width"][i]
+      assert pad[0] <= max(16, np.sqrt(2) * h) and pad[1] <= max(16, np.sqrt(2) * w), (pad, h, w)
+      if "score_label" in flat:
+        full = (flat["score_height"][i], flat["score_width"][i])
+        assert max(full) > 64 and max(h, w) == 64 and full in {(90, 70), (130, 40)}
+  assert sorted(seen) == sorted(f"img_{i}" for i in range(len(MIXED_SIZES))) and len(shapes) == 5
+
+  iterations = tuple(config.eval.iterations)
+  step = functools.partial(evaluate.eval_step, apply_fn=pixel_model, spec=spec, iterations=iterations)
+  grouped = jax.pmap(step, axis_name=state_lib.AXIS, devices=jax.devices()[:2])
+  replicated = jax.tree.map(lambda x: jnp.stack([x] * 2), variables)
+  both = evaluate.accumulate(
+      grouped, replicated, iter(batches), crf_fn=functools.partial(crf.confusion_after_crf, config=config)
+  )
+  totals = both.metrics
+  np.testing.assert_array_equal(both.crf.matrix, np.squeeze(totals.predicted_0.matrix))
+  alone = jax.pmap(step, axis_name=state_lib.AXIS, devices=jax.devices()[:1])
+  single = jax.tree.map(lambda x: x[None], variables)
+  want = None
+  for batch in input_pipeline.eval_iterator(builder, local_device_count=1, per_device_batch=1, **kw):
+    h, w = int(batch["height"][0, 0]), int(batch["width"][0, 0])  # cut the padding away: the image alone
+    one = {k: v for k, v in batch.items() if k != "image_id"}
+    one["image"], one["label"] = one["image"][:, :, :h, :w], one["label"][:, :, :h, :w]
+    if "score_label" in one:
+      one["score_label"] = one["score_label"][:, :, : int(one["score_height"][0, 0]), : int(one["score_width"][0, 0])]
+    out = jax.device_get(alone(single, one)[0].unreplicate())
+    want = out if want is None else want.merge(out)
+  assert totals.num_images.compute() == int(np.sum(want.num_images.total)) == len(MIXED_SIZES)
+  for key in ("predicted_0", "predicted_1", "oracle_1", "affinity_accuracy"):
+    got, expected = (np.squeeze(jax.tree.leaves(getattr(m, key))[0]) for m in (totals, want))
+    np.testing.assert_array_equal(got, expected, err_msg=key)
+  labelled = sum(
+      int(np.sum(ex["label"] != IGN)) for ex in builder.as_dataset(split="val").as_numpy_iterator()
+  )  # every pixel of the full-size labels, once
+  assert totals.predicted_0.matrix.sum() == labelled

@@ -151,6 +151,34 @@ def test_prepare_prints_splits_classes_and_a_stats_command_that_runs(folder, tmp
   np.testing.assert_array_equal(written.counts.category, expected.counts.category)
 
 
+def test_prepare_reports_the_largest_image_of_each_split_and_warns_beyond_2048_a_side(tmp_path, capsys):
+  path = str(tmp_path / "wide")
+  scenes = write_folder(path, count=3)
+  rgb, label = shapes_render.render_scene(np.random.default_rng(9), height=12, width=2100, max_objects=2)
+  Image.fromarray(rgb).save(os.path.join(path, "images", "panorama.png"))
+  Image.fromarray(label, "L").save(os.path.join(path, "masks", "panorama.png"))
+  os.makedirs(os.path.join(path, "splits"))
+  with open(os.path.join(path, "splits", "train.txt"), "w") as f:
+    f.write("scene_000\nscene_001\n")
+  with open(os.path.join(path, "splits", "val.txt"), "w") as f:
+    f.write("scene_002\npanorama\n")
+  assert prepare.main(["--dataset=image_folder", f"--manual_dir={path}", f"--data_dir={tmp_path / 'tfds'}"]) == 0
+  out, err = capsys.readouterr()
+  largest = max(("scene_000", "scene_001"), key=lambda n: scenes[n][1].size)
+  h, w = scenes[largest][1].shape
+  assert f"image_folder/1.0.0 train: largest image {largest} ({h}x{w})" in out.splitlines()
+  assert "image_folder/1.0.0 val: largest image panorama (12x2100)" in out.splitlines()
+  (warning,) = [line for line in err.splitlines() if line.startswith("warning:")]
+  assert "val split's largest image panorama is 12x2100 pixels, more than 2048 a side" in warning
+  assert "config.dataset.eval_max_size" in warning
+  os.remove(os.path.join(path, "images", "panorama.png"))
+  os.remove(os.path.join(path, "masks", "panorama.png"))
+  with open(os.path.join(path, "splits", "val.txt"), "w") as f:
+    f.write("scene_002\n")
+  assert prepare.main(["--dataset=image_folder", f"--manual_dir={path}", f"--data_dir={tmp_path / 'tfds'}"]) == 0
+  assert "warning:" not in capsys.readouterr().err
+
+
 def test_each_folder_state_has_its_own_prepared_copy(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   write_folder(a, count=3)

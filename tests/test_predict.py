@@ -15,7 +15,7 @@ from PIL import Image
 
 from dilaff_jax import predict, train
 from dilaff_jax.engine import checkpoints, config_checks, inference, run_spec, visualize
-from dilaff_jax.method import affinity, propagation
+from dilaff_jax.method import affinity, conventions, propagation
 from dilaff_jax.engine import train_state as state_lib
 from test_train import REPO, tiny_config
 
@@ -465,11 +465,11 @@ def test_unwritable_output_folder_fails_before_loading_the_model(images, tmp_pat
 
 
 def test_inference_size_bounds_the_longer_side():
-  assert predict.inference_size(4000, 6000, 2048) == (1365, 2048)
-  assert predict.inference_size(6000, 4000, 2048) == (2048, 1365)
-  assert predict.inference_size(100, 50, 2048) == (100, 50)
-  assert predict.inference_size(4000, 6000, 0) == (4000, 6000)
-  assert predict.inference_size(3, 5000, 100) == (1, 100)
+  assert conventions.inference_size(4000, 6000, 2048) == (1365, 2048)
+  assert conventions.inference_size(6000, 4000, 2048) == (2048, 1365)
+  assert conventions.inference_size(100, 50, 2048) == (100, 50)
+  assert conventions.inference_size(4000, 6000, 0) == (4000, 6000)
+  assert conventions.inference_size(3, 5000, 100) == (1, 100)
   mask = np.arange(12, dtype=np.uint8).reshape(3, 4)
   big = predict.resize_mask(mask, (6, 8))
   np.testing.assert_array_equal(big, np.repeat(np.repeat(mask, 2, 0), 2, 1))  # nearest: every value kept

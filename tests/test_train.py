@@ -229,6 +229,33 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monke
   assert step == 2
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(variables))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  # resumed at half the rate, the same batch diverges again: the advice says so instead of "lower the rate" again
+  config.train.learning_rate /= 2
+  with pytest.raises(train.TrainingError) as error:
+    train.train_and_evaluate(config, workdir, allow_config_change=True)
+  message = str(error.value)
+  rate = float(state_lib.learning_rate_schedule(config)(2))
+  assert "non-finite loss (nan) at step 3" in message and f"Step 3 trained at learning rate {rate:.3g}" in message
+  assert "resumed at step 2 with train.learning_rate lowered from 0.02 to 0.01" in message, message
+  assert "diverged again 1 step(s) later" in message and "a lower train.learning_rate" not in message, message
+
+
+def test_divergence_advice_names_the_rate_and_what_else_to_try(tmp_path):
+  """Without a lowered rate in the run's history: the step's rate, a lower rate, the other knobs; a warm-up only
+  for a run started again (it counts from step 0)."""
+  config = synthetic.get_config("tiny")
+  config.train.learning_rate, config.train.num_steps = 0.1, 100
+  advice = train.divergence_advice(config, str(tmp_path), 51)
+  rate = 0.1 * (1 - 50 / 100) ** 0.9
+  assert f"Step 51 trained at learning rate {rate:.3g} (train.learning_rate=0.1, poly schedule, no warm-up)" in advice
+  assert f"a lower train.learning_rate (e.g. {rate / 2:.3g}) or a lower affinity.beta;" in advice, advice
+  assert "start the run again with train.warmup_steps" in advice and "already resumed" not in advice
+  history = [{"step": 40, "changes": {"train.learning_rate": [0.2, 0.1]}}]
+  with open(tmp_path / "config_history.json", "w") as f:
+    json.dump(history, f)
+  advice = train.divergence_advice(config, str(tmp_path), 51)
+  assert "resumed at step 40 with train.learning_rate lowered from 0.2 to 0.1" in advice, advice
+  assert "diverged again 11 step(s) later" in advice and "a lower train.learning_rate" not in advice
 
 
 def test_diverging_run_leaves_only_finite_checkpoints(data_dir, tmp_path):
@@ -294,6 +321,7 @@ def test_incompatible_checkpoint_gives_clear_error(data_dir, tmp_path):
         ("eval.max_images", -1, r"config.eval.max_images = -1: expected an integer >= 0"),
         ("seed", -1, r"config.seed = -1: expected an integer >= 0"),
         ("dataset.eval_pad_size", (129,), r"config.dataset.eval_pad_size = \(129,\): expected \(height, width\)"),
+        ("dataset.eval_max_size", -1, r"config.dataset.eval_max_size = -1: expected 0 \(no limit\) or a positive"),
         ("affinity.iterations", -2, r"config.affinity.iterations = -2: expected an integer >= 0"),
         ("train.end_learning_rate", 0.5, r"config.train.end_learning_rate = 0.5: expected a value <= 0.02"),
         ("affinity.stats_max_images", -3, r"config.affinity.stats_max_images = -3: expected an integer >= 0"),

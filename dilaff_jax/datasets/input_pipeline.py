@@ -9,8 +9,11 @@ so batches do not depend on thread timing and ``start_step=N`` yields exactly wh
 from step N on, without reading the skipped examples.
 
 Evaluation: every pixel of every example exactly once. Images are padded (mean pixel -> 0 after normalisation,
-label -> ignore) to one fixed size, the last partial batch is filled with dummy examples marked ``mask=False``,
-and every host yields the same number of batches.
+label -> ignore) to one fixed size, or, without a fixed size, grouped by size (:func:`size_buckets`) and padded to
+the largest of their group; the last partial batch of a group is filled with dummy examples marked ``mask=False``,
+and every host yields the same batches' shapes in the same order. Without a fixed size, an image whose longer side
+exceeds ``max_size`` is inferred downscaled (as ``predict --max_size`` does) and scored against its full-size
+label (``score_label``), so that the network's memory stays bounded whatever the images' size.
 
 Batches are numpy dicts shaped ``[local_devices, per_device_batch, ...]``. Multi-host: each process reads its own
 ``tfds.even_splits`` shard of the split.
@@ -29,6 +32,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from dilaff_jax import datasets
+from dilaff_jax.method import conventions
 from dilaff_jax.method.conventions import IMAGENET_MEAN_255, IMAGENET_STD_255
 from dilaff_jax.datasets import records
 
@@ -317,22 +321,110 @@ def train_iterator(
   return _numpy_batches(dataset)
 
 
-def max_label_size(builder: tfds.core.DatasetBuilder, split: str) -> tuple[int, int]:
-  """Largest height and width over the examples of ``split``, read from the label PNG headers (no decoding)."""
+def _label_headers(builder: tfds.core.DatasetBuilder, split: str) -> Iterator[tuple[int, int, tf.train.Example]]:
+  """``(height, width, example)`` of every example of ``split`` in order, the size read from the label PNG header
+  (no decoding)."""
   index = records.index_split(builder, split)
   reader = records.RecordReader(index)
-  height = width = 0
   try:
     for position in range(len(index)):
       example = tf.train.Example.FromString(reader.read(position))
       png = example.features.feature["label"].bytes_list.value[0]
       if png[:8] != b"\x89PNG\r\n\x1a\n":
         raise ValueError(f"Example {position} of {builder.info.full_name} {split} has a label that is not a PNG.")
-      width = max(width, int.from_bytes(png[16:20], "big"))
-      height = max(height, int.from_bytes(png[20:24], "big"))
+      yield int.from_bytes(png[20:24], "big"), int.from_bytes(png[16:20], "big"), example
   finally:
     reader.close()
-  return height, width
+
+
+def label_sizes(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+  """``[N, 2]`` height and width of every example of ``split`` in order (from the label PNG headers)."""
+  return np.asarray([(h, w) for h, w, _ in _label_headers(builder, split)], np.int64).reshape(-1, 2)
+
+
+def largest_example(builder: tfds.core.DatasetBuilder, split: str) -> tuple[int, int, str] | None:
+  """``(height, width, image_id)`` of the example of ``split`` with the most pixels (None for an empty split)."""
+  best = None
+  for h, w, example in _label_headers(builder, split):
+    if best is None or h * w > best[0] * best[1]:
+      best = (h, w, example.features.feature["image_id"].bytes_list.value[0].decode("utf-8"))
+  return best
+
+
+def max_label_size(builder: tfds.core.DatasetBuilder, split: str) -> tuple[int, int]:
+  """Largest height and width over the examples of ``split``, read from the label PNG headers (no decoding)."""
+  sizes = label_sizes(builder, split)
+  return (int(sizes[:, 0].max()), int(sizes[:, 1].max())) if len(sizes) else (0, 0)
+
+
+# ----------------------------------------------------------------------------------------------- size groups
+
+BUCKET_BASE = 64  # sides up to this share one size level; above it, a level per factor sqrt(2)
+
+
+def size_level(side: int, base: int = BUCKET_BASE) -> int:
+  """0 for ``side <= base``, else the ``k`` with ``base * sqrt(2)^(k-1) < side <= base * sqrt(2)^k``."""
+  level = 0
+  while side > base * 2 ** (level / 2):
+    level += 1
+  return level
+
+
+class SizeBucket(NamedTuple):
+  """Examples evaluated together: ``positions[p]`` (process ``p``'s examples, positions in its shard), padded to
+  ``pad`` for the network; ``score_pad`` is the padded size of their full labels when they are inferred
+  downscaled (else None); ``num_batches`` is the same on every process."""
+
+  pad: tuple[int, int]
+  score_pad: tuple[int, int] | None
+  positions: tuple[np.ndarray, ...]
+  small_sizes: tuple[np.ndarray, ...]  # [n_p, 2] inference size of each example of ``positions[p]``
+  num_batches: int
+
+
+def size_buckets(
+    sizes: Sequence[np.ndarray], batch_size: int, max_size: int = 0, base: int = BUCKET_BASE
+) -> list[SizeBucket]:
+  """Groups the examples of every process (``sizes[p]``: ``[n_p, 2]`` label sizes of process ``p``'s shard) by
+  the size level (:func:`size_level`) of each side of their inference size (:func:`inference_size`); images
+  inferred downscaled are grouped apart, also by the levels of their full size. A group is padded to its largest
+  member, so no side is padded beyond ``max(base, sqrt(2) x its own)``, and a split of same-size images is one
+  group at exactly that size."""
+  groups: dict[tuple, list[list[int]]] = {}
+  small = [
+      np.asarray([conventions.inference_size(int(h), int(w), max_size) for h, w in s], np.int64).reshape(-1, 2)
+      for s in sizes
+  ]
+  for p, (full, inf) in enumerate(zip(sizes, small)):
+    for i, ((h, w), (hs, ws)) in enumerate(zip(full, inf)):
+      down = (hs, ws) != (h, w)
+      key = (down, size_level(hs, base), size_level(ws, base)) + (
+          (size_level(h, base), size_level(w, base)) if down else ()
+      )
+      groups.setdefault(key, [[] for _ in sizes])[p].append(i)
+  buckets = []
+  for key in sorted(groups):
+    members = [np.asarray(m, np.int64) for m in groups[key]]
+    inf = np.concatenate([small[p][m] for p, m in enumerate(members)])
+    full = np.concatenate([np.asarray(sizes[p]).reshape(-1, 2)[m] for p, m in enumerate(members)])
+    buckets.append(
+        SizeBucket(
+            pad=(int(inf[:, 0].max()), int(inf[:, 1].max())),
+            score_pad=(int(full[:, 0].max()), int(full[:, 1].max())) if key[0] else None,
+            positions=tuple(members),
+            small_sizes=tuple(small[p][m] for p, m in enumerate(members)),
+            num_batches=max(-(-len(m) // batch_size) for m in members),
+        )
+    )
+  return buckets
+
+
+def downscale_for_eval(image: tf.Tensor, label: tf.Tensor, size: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """``image`` (uint8) resized to ``size`` with antialiased bilinear, rounded back to uint8 (as ``predict``
+  resizes with Pillow), and ``label`` with nearest neighbour."""
+  small = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=True)
+  small = tf.cast(tf.clip_by_value(tf.round(small), 0, 255), tf.uint8)
+  return small, tf.image.resize(label[..., None], size, method="nearest")[..., 0]
 
 
 def eval_iterator(
@@ -344,50 +436,134 @@ def eval_iterator(
     num_classes: int,
     data_dir: str | os.PathLike | None = None,
     pad_size: int | Sequence[int] | None = None,
+    max_size: int = 0,
     mean: Sequence[float] = IMAGENET_MEAN_255,
     std: Sequence[float] = IMAGENET_STD_255,
     ignore_label: int = datasets.IGNORE_LABEL,
     process_index: int | None = None,
     process_count: int | None = None,
     prefetch: int = 2,
+    bucket_base: int = BUCKET_BASE,
 ) -> Iterator[Batch]:
   """One pass over ``split``: every example once, padded, in batches shaped ``[D, b, ...]``.
 
   Yields ``{"image": f32 [D,b,H,W,3], "label": i32 [D,b,H,W], "mask": bool [D,b] (True = real example),
-  "height": i32 [D,b], "width": i32 [D,b], "image_id": str [D,b]}`` with ``(H, W) = pad_size`` (default: the
-  largest example of the split). Padding: image 0 (the mean pixel), label ``ignore_label``; dummy examples are
-  all padding with ``mask=False``, ``height = width = 0`` and ``image_id = ""``. Every process yields the same
-  number of batches. Keep ``image_id`` on the host (it is a string array).
+  "height": i32 [D,b], "width": i32 [D,b], "image_id": str [D,b]}``. With ``pad_size``, ``(H, W) = pad_size`` for
+  every batch. Without it, the examples are grouped by size (:func:`size_buckets`, ``bucket_base``) and ``(H, W)``
+  is the largest size of the batch's group; an image whose longer side exceeds ``max_size`` (0 = no limit) is
+  downscaled (:func:`downscale_for_eval`; ``height``, ``width`` and ``label`` are then the downscaled ones) and its
+  batch also holds its full label ``"score_label": i32 [D,b,H',W']`` and its size ``"score_height"``,
+  ``"score_width"``. Padding: image 0 (the mean pixel), label ``ignore_label``; dummy examples are all padding
+  with ``mask=False``, sizes 0 and ``image_id = ""``. Every process yields the same number of batches, of the same
+  shapes. Keep ``image_id`` on the host (it is a string array).
   """
   builder = _builder(builder_or_name, data_dir)
   process_index, process_count = _process(process_index, process_count)
-  pad = _pair(pad_size, "pad_size") if pad_size is not None else max_label_size(builder, split)
   batch_size = local_device_count * per_device_batch
   if batch_size <= 0:
     raise ValueError(f"Need a positive batch, got {local_device_count} x {per_device_batch}.")
-  shard_sizes = [builder.info.splits[host_split(split, p, process_count)].num_examples for p in range(process_count)]
-  num_batches = -(-max(shard_sizes) // batch_size)
+  plan = eval_plan(builder, split, batch_size, pad_size, max_size, process_count, bucket_base)
   index = records.index_split(builder, host_split(split, process_index, process_count))
-  features = builder.info.features
+  group = functools.partial(
+      _eval_group,
+      builder,
+      index,
+      num_classes=num_classes,
+      mean=mean,
+      std=std,
+      ignore_label=ignore_label,
+      devices=local_device_count,
+      per_device=per_device_batch,
+      prefetch=prefetch,
+  )
+  return itertools.chain.from_iterable(
+      group(b.positions[process_index], b.small_sizes[process_index], b.pad, b.score_pad, b.num_batches) for b in plan
+  )
 
-  def prepare(g, serialized):
-    del g
+
+def eval_plan(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    batch_size: int,
+    pad_size: int | Sequence[int] | None = None,
+    max_size: int = 0,
+    process_count: int = 1,
+    bucket_base: int = BUCKET_BASE,
+) -> list[SizeBucket]:
+  """The groups :func:`eval_iterator` evaluates, in order: with ``pad_size``, one group of every example at that
+  size; else :func:`size_buckets` of the label sizes (read from the PNG headers of the whole split)."""
+  shards = [host_split(split, p, process_count) for p in range(process_count)]
+  if pad_size is not None:
+    counts = [builder.info.splits[s].num_examples for s in shards]
+    nothing = np.zeros((0, 2), np.int64)
+    return [
+        SizeBucket(
+            _pair(pad_size, "pad_size"),
+            None,
+            tuple(np.arange(n) for n in counts),
+            (nothing,) * process_count,
+            -(-max(counts) // batch_size),
+        )
+    ]
+  return size_buckets([label_sizes(builder, s) for s in shards], batch_size, max_size, bucket_base)
+
+
+def _eval_group(
+    builder,
+    index: records.RecordIndex,
+    positions: np.ndarray,
+    small_sizes: np.ndarray,
+    pad: tuple[int, int],
+    score_pad: tuple[int, int] | None,
+    num_batches: int,
+    *,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    ignore_label: int,
+    devices: int,
+    per_device: int,
+    prefetch: int,
+) -> Iterator[Batch]:
+  """The ``num_batches`` batches of the examples at ``positions`` of ``index``, padded to ``pad``; with
+  ``score_pad``, each is downscaled to its ``small_sizes`` row and keeps its full label padded to ``score_pad``."""
+  features = builder.info.features
+  small = tf.constant(np.asarray(small_sizes).reshape(-1, 2), tf.int32)
+
+  def prepare(k, serialized):
     example = features.deserialize_example(serialized)
     label = check_labels(example["label"][..., 0], example["image_id"], num_classes, ignore_label)
+    image, out = example["image"], {}
+    if score_pad is not None:
+      shape = tf.shape(label)
+      out["score_label"] = tf.ensure_shape(
+          tf.pad(label, [[0, score_pad[0] - shape[0]], [0, score_pad[1] - shape[1]]], constant_values=ignore_label),
+          list(score_pad),
+      )
+      out["score_height"], out["score_width"] = shape[0], shape[1]
+      image, label = downscale_for_eval(image, label, small[k])
+    shape = tf.shape(label)
     image, label = pad_for_eval(
-        example["image"], label, example["image_id"], pad_size=pad, mean=mean, std=std, ignore_label=ignore_label
+        image, label, example["image_id"], pad_size=pad, mean=mean, std=std, ignore_label=ignore_label
     )
-    shape = tf.shape(example["label"])
-    return {"image": image, "label": label, "height": shape[0], "width": shape[1], "image_id": example["image_id"]}
+    return {
+        "image": image,
+        "label": label,
+        "height": shape[0],
+        "width": shape[1],
+        "image_id": example["image_id"],
+        **out,
+    }
 
+  batch_size = devices * per_device
   dataset = (
-      _serialized(index, lambda: ((p, p) for p in range(len(index))))
+      _serialized(index, lambda: ((k, int(p)) for k, p in enumerate(positions)))
       .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
       .batch(batch_size)
       .prefetch(prefetch)
   )
   return _eval_batches(
-      _numpy_batches(dataset), num_batches, batch_size, pad, ignore_label, local_device_count, per_device_batch
+      _numpy_batches(dataset), num_batches, batch_size, pad, ignore_label, devices, per_device, score_pad
   )
 
 
@@ -399,6 +575,7 @@ def _eval_batches(
     ignore_label: int,
     devices: int,
     per_device: int,
+    score_pad: tuple[int, int] | None = None,
 ) -> Iterator[Batch]:
   """Fills partial / missing batches with masked dummy examples and reshapes to ``[D, b, ...]``."""
   for _ in range(num_batches):
@@ -412,8 +589,12 @@ def _eval_batches(
         "width": np.zeros(batch_size, np.int32),
         "image_id": np.full(batch_size, "", dtype=object),
     }
+    if score_pad is not None:
+      full["score_label"] = np.full((batch_size, *score_pad), ignore_label, np.int32)
+      full["score_height"] = np.zeros(batch_size, np.int32)
+      full["score_width"] = np.zeros(batch_size, np.int32)
     if real:
-      for key in ("image", "label", "height", "width"):
+      for key in full.keys() - {"mask", "image_id"}:
         full[key][:real] = batch[key]
       full["image_id"][:real] = [v.decode("utf-8") for v in batch["image_id"]]
     yield {k: v.reshape(devices, per_device, *v.shape[1:]) for k, v in full.items()}
@@ -430,6 +611,7 @@ class EvalPipeline(NamedTuple):
   make_eval: Callable[[], Iterator[Batch]]
   class_names: list[str]
   num_eval_examples: int
+  num_eval_batches: Callable[[], int] | None = None  # batches of one pass (the size groups' partial batches count)
 
 
 class Pipelines(NamedTuple):
@@ -480,6 +662,7 @@ def _eval_pipeline(
     process_count: int | None,
 ) -> EvalPipeline:
   common = _common(cfg, process_index, process_count)
+  sizing = dict(pad_size=cfg.get("eval_pad_size"), max_size=int(cfg.get("eval_max_size", 0)))
 
   def make_eval() -> Iterator[Batch]:
     return eval_iterator(
@@ -487,11 +670,17 @@ def _eval_pipeline(
         split=cfg.eval_split,
         local_device_count=local_device_count,
         per_device_batch=per_device_batch,
-        pad_size=cfg.get("eval_pad_size"),
+        **sizing,
         **common,
     )
 
-  return EvalPipeline(make_eval, names, builder.info.splits[cfg.eval_split].num_examples)
+  @functools.cache
+  def num_batches() -> int:
+    _, count = _process(process_index, process_count)
+    plan = eval_plan(builder, cfg.eval_split, local_device_count * per_device_batch, process_count=count, **sizing)
+    return sum(b.num_batches for b in plan)
+
+  return EvalPipeline(make_eval, names, builder.info.splits[cfg.eval_split].num_examples, num_batches)
 
 
 def eval_from_config(
@@ -503,8 +692,9 @@ def eval_from_config(
     process_count: int | None = None,
 ) -> EvalPipeline:
   """The evaluation side of :func:`from_config` alone (the train split is never indexed). Keys read: ``name``,
-  ``data_dir``, ``manual_dir``, ``eval_split``, ``num_classes``, ``ignore_label``, ``mean``, ``std``,
-  ``eval_pad_size`` (None = largest eval example)."""
+    ``data_dir``, ``manual_dir``, ``eval_split``, ``num_classes``, ``ignore_label``, ``mean``, ``std``,
+    ``eval_pad_size`` (None = group the examples by size), ``eval_max_size`` (without ``eval_pad_size``: longest
+  side the network sees; 0 = no limit)."""
   return _eval_pipeline(
       *_checked_builder(dataset_cfg), dataset_cfg, local_device_count, per_device_batch, process_index, process_count
   )

@@ -20,6 +20,8 @@ tf_env.set_defaults()  # before anything loads TensorFlow
 from absl import flags  # noqa: E402
 
 from dilaff_jax import datasets, errors  # noqa: E402
+from dilaff_jax.datasets import input_pipeline  # noqa: E402
+from dilaff_jax.method import conventions  # noqa: E402
 from dilaff_jax.process import cli  # noqa: E402
 
 
@@ -42,6 +44,32 @@ def _define_flags(fv: flags.FlagValues) -> None:
       "(training: --config.dataset.foreground_255=True)",
       flag_values=fv,
   )
+
+
+LARGE_IMAGE_SIDE = (
+    conventions.MAX_INFERENCE_SIDE
+)  # longer sides beyond this get a warning (configs/default.py's dataset.eval_max_size)
+
+
+def report_largest_images(builder) -> None:
+  """Prints the largest image of each split, with a warning on stderr when its longer side exceeds
+  :data:`LARGE_IMAGE_SIDE`: evaluation and prediction infer such images downscaled, and training scales them up to
+  ``dataset.max_scale`` times before cropping."""
+  for name in builder.info.splits:
+    largest = input_pipeline.largest_example(builder, name)
+    if largest is None:
+      continue
+    h, w, image_id = largest
+    print(f"{builder.info.full_name} {name}: largest image {image_id} ({h}x{w})")
+    if max(h, w) > LARGE_IMAGE_SIDE:
+      print(
+          f"warning: the {name} split's largest image {image_id} is {h}x{w} pixels, more than {LARGE_IMAGE_SIDE} a "
+          f"side: evaluation and prediction infer such images downscaled to {LARGE_IMAGE_SIDE} a side "
+          "(config.dataset.eval_max_size, predict --max_size), and training scales them up to "
+          "config.dataset.max_scale times before cropping (slow, memory-hungry); downscale them if you do not need "
+          "that resolution",
+          file=sys.stderr,
+      )
 
 
 def main(argv=None) -> int:
@@ -72,6 +100,7 @@ def main(argv=None) -> int:
   for line in datasets.class_pixels.warnings(counts):
     print(f"warning: {line}")
   if datasets.is_image_folder(args.dataset):
+    report_largest_images(builder)
     print(f"classes: {', '.join(datasets.class_names(builder))}")
     # A complete command: the prepared copy is found only through its own data_dir (see image_folder.py).
     print(

@@ -100,6 +100,28 @@ def _check_label_values(label: np.ndarray, name: str) -> np.ndarray:
   return label
 
 
+def check_tar_end(tar: tarfile.TarFile, path: str, filename: str, source: str) -> None:
+  """Raises :class:`common.DataError` naming the archive unless ``tar``'s listing (``getmembers``) ended at its
+  end-of-archive marker (zero blocks to the end of the file). ``tarfile`` stops listing silently at the first
+  invalid header (garbage bytes over a member, a cut at a member boundary): every later member would look absent,
+  and its absence would be blamed on another archive."""
+  offset = tar.offset
+  with open(path, "rb") as f:
+    f.seek(offset)
+    rest = f.read(tarfile.BLOCKSIZE)
+    intact = bool(rest)
+    while rest and intact:
+      intact = not rest.strip(b"\0")
+      rest = f.read(1 << 20)
+  if not intact:
+    last = _member_name(tar.members[-1].name) if tar.members else None
+    raise common.DataError(
+        f"The archive {filename} ({path}) is damaged: no valid tar header at byte {offset}"
+        + (f" (after {last})" if last else "")
+        + f", so none of its members from there on can be read; download it again from {source} and replace it."
+    )
+
+
 class VocTar:
   """Random access to ``VOCtrainval_11-May-2012.tar`` (uncompressed, so members are read by seeking)."""
 
@@ -108,6 +130,7 @@ class VocTar:
     with common.damaged_archive(VOC_ARCHIVE, path, VOC_URL):
       self._tar = tarfile.open(path, mode="r:")
       self._members = {_member_name(m.name): m for m in self._tar.getmembers() if m.isfile()}
+    check_tar_end(self._tar, path, VOC_ARCHIVE, VOC_URL)
     self.train = _split_list(self.read(f"{VOC_ROOT}/ImageSets/Segmentation/train.txt"))
     self.val = _split_list(self.read(f"{VOC_ROOT}/ImageSets/Segmentation/val.txt"))
 

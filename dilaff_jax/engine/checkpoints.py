@@ -302,8 +302,7 @@ def save_checkpoint(mngr: ocp.CheckpointManager, state, meta: dict, metrics: dic
     good = mngr.latest_step()
     raise NonFiniteStateError(
         f"the state at step {step} is not finite (NaN or inf in {_names(bad)}): it was not saved. The newest "
-        f"finite checkpoint is {'step ' + str(good) if good is not None else 'none'} in {mngr.directory}. Lower "
-        "train.learning_rate or affinity.beta, or check the input data and the pretrained weights"
+        f"finite checkpoint is {'step ' + str(good) if good is not None else 'none'} in {mngr.directory}"
     )
   if mngr.latest_step() is not None:  # the previous write must have landed before this one counts on it
     finish(mngr)

@@ -240,6 +240,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
         "expected (height, width), two positive ints, or None for the largest " "evaluation image",
     )
 
+  max_size = config.dataset.get("eval_max_size", 0)  # absent from the config.json of older runs
+  if not isinstance(max_size, int) or isinstance(max_size, bool) or max_size < 0:
+    _fail("dataset.eval_max_size", max_size, "expected 0 (no limit) or a positive number of pixels")
+
   check_model_keys(config)
   _choice(config, "model.depth", (18, 34, 50, 101, 152))
   _choice(config, "model.stem", ("standard", "deep"))

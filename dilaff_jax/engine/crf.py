@@ -157,6 +157,17 @@ def dense_crf(
   return np.ascontiguousarray(marginals.T.reshape(h, w, c))
 
 
+def _full_size(batch: dict, i: int, prediction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Example ``i``'s full label and its downscaled ``prediction`` scaled back to it with nearest neighbour
+  (``inference.resize_nearest``'s rule)."""
+  flat = lambda key: batch[key].reshape(-1, *batch[key].shape[2:])[i]
+  full_h, full_w = int(flat("score_height")), int(flat("score_width"))
+  h, w = prediction.shape
+  rows = (2 * np.arange(full_h) + 1) * h // (2 * full_h)
+  cols = (2 * np.arange(full_w) + 1) * w // (2 * full_w)
+  return flat("score_label")[:full_h, :full_w], prediction[rows[:, None], cols[None, :]]
+
+
 def confusion_after_crf(batch: dict, probs: np.ndarray, config) -> tuple[np.ndarray, float]:
   """Dense-CRF post-processing (Table 5's comparison) of one host batch's probabilities ``[N, H, W, C]``: the
   confusion matrix of the refined predictions over the real pixels, and the CRF seconds spent. ``config.eval``'s
@@ -184,6 +195,8 @@ def confusion_after_crf(batch: dict, probs: np.ndarray, config) -> tuple[np.ndar
         compat_bilateral=e.crf_compat_bilateral,
     )
     seconds += time.perf_counter() - start
-    y = labels[i, :h, :w]
-    conf += eval_metrics.confusion_matrix_np(y, refined.argmax(-1), c, y != config.dataset.ignore_label)
+    y, prediction = labels[i, :h, :w], refined.argmax(-1)
+    if "score_label" in batch:  # inferred downscaled: scored at the full size, as evaluate.scored_confusion does
+      y, prediction = _full_size(batch, i, prediction)
+    conf += eval_metrics.confusion_matrix_np(y, prediction, c, y != config.dataset.ignore_label)
   return conf, seconds

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dilaff_jax.engine.run_spec import RunSpec
@@ -95,3 +96,28 @@ def inside_mask(heights: jax.Array, widths: jax.Array, size: tuple[int, int], ra
   """``[B, H, W, 8·|R|]`` bool: the neighbour of each direction lies inside the example's real (unpadded) image.
   Propagation must not pull predictions in from the padding: a neighbour outside the image contributes nothing."""
   return affinity.neighbour_inside(size, affinity.neighbor_offsets(rates), heights, widths)
+
+
+def nearest_rows(out_length: jax.Array, in_length: jax.Array, size: int) -> jax.Array:
+  """``[B, size]`` source index of each output position ``i`` when resizing ``in_length`` to ``out_length`` with
+  nearest neighbour: ``floor((i + 0.5) · in / out)`` (Pillow's rule), in integers; 0 beyond ``out_length``."""
+  i = jnp.arange(size, dtype=jnp.int32)[None]
+  out_length = jnp.maximum(out_length.astype(jnp.int32)[:, None], 1)
+  index = ((2 * i + 1) * in_length.astype(jnp.int32)[:, None]) // (2 * out_length)
+  return jnp.where(i < out_length, index, 0)
+
+
+def resize_nearest(
+    masks: jax.Array,
+    heights: jax.Array,
+    widths: jax.Array,
+    out_heights: jax.Array,
+    out_widths: jax.Array,
+    size: tuple[int, int],
+) -> jax.Array:
+  """``[B, H', W']`` class-index masks whose real parts are ``heights x widths``, each resized with nearest neighbour
+  to ``out_heights x out_widths`` (how ``predict`` scales a downscaled image's mask back), in ``[B, *size]``
+  (values beyond an image's size are meaningless)."""
+  rows = nearest_rows(out_heights, heights, size[0])
+  cols = nearest_rows(out_widths, widths, size[1])
+  return jax.vmap(lambda m, r, c: m[r[:, None], c[None, :]])(masks, rows, cols)
