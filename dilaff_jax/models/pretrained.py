@@ -143,6 +143,12 @@ def _check_layout(state_dict: Mapping[str, Any], depth: int, stem: str) -> None:
   kind, sizes = layout(depth)
   if stem not in STEMS:
     raise ValueError(f"ResNet stem {stem!r} is not supported; choose one of {STEMS}")
+  if not any(_UNIT_KEY.match(k) for k in state_dict):
+    shown = _clip(sorted(state_dict), 5)
+    raise PretrainedWeightsError(
+        f"the state dict is not a ResNet's: it has no residual units ('layer1.0.*' ... keys; its keys: {shown}); "
+        "give a torchvision or timm ResNet checkpoint"
+    )
   found = _describe_layout(state_dict)
   wanted = f"a ResNet-{depth} ({kind} units {sizes}), {stem} stem"
   if found != wanted:
