@@ -96,6 +96,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
   c.train.eval_at_end = True  # evaluate the final checkpoint on dataset.eval_split
+  # Start a NEW training from another run's segmentation checkpoint: "WORKDIR" (its newest intact checkpoint) or
+  # "WORKDIR:STEP". Parameters and batch statistics are copied; the classifier, and the affinity head when its
+  # channel count differs, are re-initialised (with a message saying which); step and optimiser state start afresh.
+  # Used only when this workdir has no checkpoint yet (a rerun resumes its own). "" = off.
+  c.train.init_from = ""
 
   # --- evaluation (dilaff_jax/evaluate.py) ---
   c.eval = ml_collections.ConfigDict()

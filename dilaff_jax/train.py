@@ -27,7 +27,7 @@ from clu import metric_writers, metrics, periodic_actions
 
 from dilaff_jax import datasets, errors, evaluate
 from dilaff_jax.datasets import device_feed, input_pipeline
-from dilaff_jax.engine import affinity_stats, checkpoints, config_checks
+from dilaff_jax.engine import affinity_stats, checkpoints, config_checks, warm_start
 from dilaff_jax.method import neighbour_stats, affinity
 from dilaff_jax.process import files, multihost
 from dilaff_jax.process import preemption as preemption_lib
@@ -122,6 +122,7 @@ RESUME_FREE_KEYS = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.eval_at_end",
+    "train.init_from",  # read only when a run starts
     "dataset.data_dir",
     "dataset.manual_dir",
 )
@@ -254,6 +255,8 @@ def _train_and_evaluate(
       multihost.barrier("damaged checkpoints moved aside")
       mngr.reload()
       print(f"[train] resumed from the checkpoint at step {int(state.step)} in {mngr.directory}", flush=True)
+    elif config_checks.init_from(config) is not None:  # a new run starting from another run's weights
+      state = warm_start.warm_start(config, state, report=print if is_chief else lambda _: None)
     start = int(state.step)
     # written once the checkpoint is known to fit this config (predict reads it); every process checks it and
     # refuses alike (the chief writes only after its own check passed), so no barrier is needed here

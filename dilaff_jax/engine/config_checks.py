@@ -114,7 +114,7 @@ def _check_pretrained(config: ml_collections.ConfigDict) -> None:
   )
   if not isinstance(value, str):
     _fail("model.pretrained", value, f'expected a file path or "{PRETRAINED_NONE}"')
-  if value == "" and depth >= MIN_DEPTH_NEEDING_WEIGHTS:
+  if value == "" and depth >= MIN_DEPTH_NEEDING_WEIGHTS and init_from(config) is None:
     _fail(
         "model.pretrained",
         value,
@@ -126,6 +126,37 @@ def _check_pretrained(config: ml_collections.ConfigDict) -> None:
     _fail("model.pretrained", value, f"no such file: {how}")
   if path is not None and not os.access(path, os.R_OK):
     _fail("model.pretrained", value, "the file is not readable (check its permissions)")
+
+
+def init_from(config: ml_collections.ConfigDict) -> tuple[str, int | None] | None:
+  """``(workdir, step or None for its newest checkpoint)`` of ``train.init_from=WORKDIR[:STEP]``; None when unset
+  (or absent, in the config.json of older runs)."""
+  value = config.train.get("init_from", "")
+  if value in ("", None):
+    return None
+  if not isinstance(value, str):
+    _fail("train.init_from", value, "expected WORKDIR or WORKDIR:STEP of a training run")
+  workdir, sep, step = value.rpartition(":")
+  if sep and step.isdigit():
+    return workdir, int(step)
+  return value, None
+
+
+def _check_init_from(config: ml_collections.ConfigDict) -> None:
+  """``train.init_from`` names a workdir with a ``config.json`` and checkpoints (the checkpoint itself is verified
+  when it is restored)."""
+  source = init_from(config)
+  if source is None:
+    return
+  workdir, _ = source
+  value = _get(config, "train.init_from")
+  how = "give WORKDIR or WORKDIR:STEP of a finished training run (python -m dilaff_jax.main --mode=train)"
+  if not os.path.isdir(workdir):
+    _fail("train.init_from", value, f"no such folder {workdir!r}: {how}")
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    _fail("train.init_from", value, f"{workdir!r} has no config.json (not a training workdir?): {how}")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    _fail("train.init_from", value, f"{workdir!r} has no checkpoints folder: {how}")
 
 
 STRUCTURE_KINDS = ("none", "aaf", "boundary")
@@ -271,6 +302,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
     _positive_int(config, key)
   if mode == "train":
     _check_pretrained(config)
+    _check_init_from(config)
 
   if _get(config, "affinity.enabled"):
     rates = rates_of(config)
