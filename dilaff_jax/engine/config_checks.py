@@ -109,7 +109,7 @@ def _check_pretrained(config: ml_collections.ConfigDict) -> None:
   value = _get(config, "model.pretrained")
   depth = _get(config, "model.depth")
   how = (
-      "give a torchvision/timm ResNet .safetensors or .pth file (dilaff_jax/models/README.md says how to make "
+      "give a torchvision/timm ResNet .safetensors or .pth file (python -m dilaff_jax.models.convert checks and makes "
       f'one), or "{PRETRAINED_NONE}" to train from random init on purpose'
   )
   if not isinstance(value, str):

@@ -96,8 +96,8 @@ def _load_torch(path: Path) -> dict[str, Any]:
     import torch
   except ImportError as err:
     raise PretrainedWeightsError(
-        f"reading {str(path)!r} needs torch, which is not installed; install torch or convert the file to "
-        ".safetensors (safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors'))"
+        f"reading {str(path)!r} needs torch, which is not installed: install torch (pip install torch) and rerun, or "
+        "convert the file to .safetensors where torch is installed (python -m dilaff_jax.models.convert)"
     ) from err
   try:
     state = torch.load(str(path), map_location="cpu", weights_only=True)
