@@ -2,16 +2,16 @@ r"""Converts a torchvision or timm ResNet checkpoint into the ImageNet-weights f
 reads, checked against the model's ResNet.
 
   python -m dilaff_jax.models.convert --input=resnet101.pth --output=resnet101.safetensors --depth=101
-  python -m dilaff_jax.models.convert --input=timm_resnet50d.safetensors --output=r50.safetensors --depth=50 \
-      --stem=deep
+  python -m dilaff_jax.models.convert --input=resnet50_timm.safetensors --output=resnet50.safetensors --depth=50
 
 Input: a ResNet state dict as ``.pth``/``.pt`` (needs torch; read with ``torch.load(weights_only=True)``) or
 ``.safetensors`` (no torch needed), possibly wrapped as ``{"state_dict": ...}`` / ``{"model": ...}`` or with a
-DataParallel ``module.`` prefix. Output: a ``.safetensors`` file with exactly the backbone's tensors, in torchvision's
-names and layout, as float32 (the ``fc.*`` classifier and ``num_batches_tracked`` counters are dropped), after every
-key and shape was checked against the ResNet of ``--depth`` and ``--stem``; its metadata records the depth, the stem
-and the source file. A file of another depth or stem, a file that is not a ResNet state dict, a NaN in it, or an
-output that cannot be written ends with one ``error:`` line and exit code 2.
+DataParallel ``module.`` prefix; ``--stem=deep`` for timm's ``conv1.0 ... conv1.6`` stem of widths 64-64-128.
+Output: a ``.safetensors`` file with exactly the backbone's tensors, in torchvision's names and layout, as float32
+(the ``fc.*`` classifier and ``num_batches_tracked`` counters are dropped), after every key and shape was checked
+against the ResNet of ``--depth`` and ``--stem``; its metadata records the depth, the stem and the source file. A
+file of another depth or stem, a file that is not a ResNet state dict, a NaN in it, or an output that cannot be
+written ends with one ``error:`` line and exit code 2.
 """
 
 from __future__ import annotations
