@@ -334,9 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return errors.EXIT_USER_ERROR
   print(
       f"[export] step {info['source_checkpoint']['step']} of {args.workdir} -> {args.output} "
-      f"({args.format}, {info['bytes'] / 2**20:.1f} MiB, platforms {','.join(info['platforms'])}): uint8 [B, {info['size'][0]}, "
-      f"{info['size'][1]}, 3] -> mask, probabilities over {len(info['classes'])} classes "
-      f"({', '.join(info['classes'])}), {info['iterations']} propagation iteration(s); {args.output.rstrip(os.sep)}.json",
+      f"({args.format}, {info['bytes'] / 2**20:.1f} MiB, platforms {','.join(info['platforms'])}): "
+      f"uint8 [B, {info['size'][0]}, {info['size'][1]}, 3] -> mask, probabilities over {len(info['classes'])} "
+      f"classes ({', '.join(info['classes'])}), {info['iterations']} propagation iteration(s); "
+      f"{args.output.rstrip(os.sep)}.json",
       flush=True,
   )
   return 0
