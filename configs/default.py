@@ -50,8 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype ("bfloat16" on GPUs); params stay float32
   c.model.bn_momentum = 0.9997  # flax convention; DeepLab's batch_norm_decay
   c.model.bn_epsilon = 1e-5
-  # ImageNet weights of the backbone: a torchvision/timm ResNet .safetensors or .pth (models/README.md says how to
-  # make one), or "none" for random init on purpose. ResNet-50 and deeper refuse to start without one of the two.
+  # ImageNet weights of the backbone: a torchvision/timm ResNet .safetensors or .pth (`python -m
+  # dilaff_jax.models.convert` checks one and makes the .safetensors), or "none" for random init on purpose.
+  # ResNet-50 and deeper refuse to start without one of the two (or train.init_from).
   c.model.pretrained = ""
 
   # --- dilated affinity (§3, dilaff_jax/method/affinity.py) ---
@@ -108,6 +109,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0
   c.train.eval_max_images = 0
   c.train.validation_split = ""
+  # Start a NEW training from another run's segmentation checkpoint: "WORKDIR" (its newest intact checkpoint) or
+  # "WORKDIR:STEP". Parameters and batch statistics are copied; the classifier, and the affinity head when its
+  # channel count differs, are re-initialised (with a message saying which); step and optimiser state start afresh.
+  # Used only when this workdir has no checkpoint yet (a rerun resumes its own). "" = off.
+  c.train.init_from = ""
 
   # --- evaluation (dilaff_jax/evaluate.py) ---
   c.eval = ml_collections.ConfigDict()

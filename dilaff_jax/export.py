@@ -16,6 +16,16 @@ A plain JAX program reloads it::
   exported = jax.export.deserialize(open("model.jaxexport", "rb").read())
   mask, probs = exported.call(images_uint8)   # images [B, H, W, 3]
 
+``--format=savedmodel`` writes the same computation as a TensorFlow SavedModel folder instead (through
+``jax.experimental.jax2tf``; the weights are its variables), for TensorFlow, TF Serving or any TensorFlow runtime::
+
+  import tensorflow as tf
+  out = tf.saved_model.load("model.savedmodel").serve(images_uint8)   # {"mask", "probabilities"}
+
+Its batch is polymorphic; height and width stay fixed (``--size``): the network's bilinear resizing and the
+propagation masks are built from concrete sizes when traced. ``--format=tflite`` is refused with the reason: the TFLite
+converter of TensorFlow 2.21 rejects the argmax (a variadic reduce) and crashes on propagation's loop.
+
 Bad input (a workdir without checkpoint, a missing ``--step``, a bad ``--size``, an output that cannot be written)
 ends with one ``error:`` line and exit code 2.
 """
@@ -44,6 +54,12 @@ from dilaff_jax.method import propagation  # noqa: E402
 from dilaff_jax.process import cli, files, host_memory  # noqa: E402
 
 FORMAT = "dilaff_jax.export/1"
+FORMATS = ("jaxexport", "savedmodel", "tflite")
+TFLITE_UNSUPPORTED = (
+    "--format=tflite: TensorFlow's TFLite converter cannot convert this model (TensorFlow 2.21 rejects the argmax, a "
+    "variadic reduce, and crashes on affinity propagation's loop); export --format=savedmodel for TensorFlow "
+    "runtimes, or the default --format=jaxexport for JAX"
+)
 
 
 class ExportError(errors.UserError, ValueError):
@@ -72,9 +88,11 @@ def default_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return tuple(int(v) for v in (pad if len(tuple(pad)) == 2 else (pad, pad)))
 
 
-def check_output(path: str) -> None:
+def check_output(path: str, format: str = "jaxexport") -> None:
   """Fails before the slow work when ``path`` (or its JSON) cannot be written."""
-  if os.path.isdir(path):
+  if format == "savedmodel":
+    check_savedmodel_output(path)
+  elif os.path.isdir(path):
     raise ExportError(f"--output={path} is a folder: give a file name, e.g. {os.path.join(path, 'model.jaxexport')}")
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
@@ -85,6 +103,16 @@ def check_output(path: str) -> None:
       raise ExportError(f"--output={path}: cannot write {p}: {parent} is on a read-only filesystem")
     if (os.path.exists(p) and not os.access(p, os.W_OK)) or not os.access(parent, os.W_OK):
       raise ExportError(f"--output={path}: cannot write {p} (no write permission)")
+
+
+def check_savedmodel_output(path: str) -> None:
+  """A SavedModel is a folder: ``path`` must be new, or a SavedModel that the export replaces (never a file or a
+  folder holding anything else); its JSON goes beside it."""
+  if os.path.isfile(path):
+    raise ExportError(f"--output={path} is a file: a SavedModel is a folder; give a new name, e.g. model.savedmodel")
+  if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
+    raise ExportError(f"--output={path} is a folder that holds something else than a SavedModel: give a new name")
+  check_output(path.rstrip(os.sep) + ".json")
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -138,29 +166,39 @@ def export(
     size: tuple[int, int] | None = None,
     step: int | None = None,
     platforms: Sequence[str] | None = None,
+    format: str = "jaxexport",
 ) -> dict:
-  """Writes ``output`` (the serialized ``jax.export.Exported``) and ``output + ".json"``; returns the JSON."""
+  """Writes ``output`` (the serialized ``jax.export.Exported``, or with ``format="savedmodel"`` a SavedModel folder)
+  and ``output + ".json"``; returns the JSON."""
+  if format not in FORMATS:
+    raise ExportError(f"--format={format}: choose one of {', '.join(FORMATS)}")
+  if format == "tflite":
+    raise ExportError(TFLITE_UNSUPPORTED)
   size = size or default_size(config)
-  check_output(output)
+  check_output(output, format)
   config_checks.validate(config, num_devices=1, mode="predict")
   spec = run_spec.derive(config)
   variables, step = state.restore_variables(spec, workdir, step)
   variables = jax.device_put(variables)
   fn = serving_function(spec, variables, size)
-  (batch,) = jax.export.symbolic_shape("b")
-  exported = jax.export.export(jax.jit(fn), platforms=platforms)(jax.ShapeDtypeStruct((batch, *size, 3), jnp.uint8))
-  blob = exported.serialize()
-  with open(output, "wb") as f:
-    f.write(blob)
+  if format == "savedmodel":
+    written, exported_platforms = write_savedmodel(spec, variables, size, output, platforms)
+  else:
+    (batch,) = jax.export.symbolic_shape("b")
+    exported = jax.export.export(jax.jit(fn), platforms=platforms)(jax.ShapeDtypeStruct((batch, *size, 3), jnp.uint8))
+    blob = exported.serialize()
+    with open(output, "wb") as f:
+      f.write(blob)
+    written, exported_platforms = len(blob), list(exported.platforms)
   names = class_names(config)
   palette = visualize.palette_for(config.dataset.name)
   rates = spec.rates
   info = {
-      "format": FORMAT,
-      "artifact": os.path.basename(output),
-      "bytes": len(blob),
+      "format": FORMAT if format == "jaxexport" else f"{FORMAT}+{format}",
+      "artifact": os.path.basename(output.rstrip(os.sep)),
+      "bytes": written,
       "jax_version": jax.__version__,
-      "platforms": list(exported.platforms),
+      "platforms": exported_platforms,
       "input": {"shape": ["B", *size, 3], "dtype": "uint8", "channels": "RGB"},
       "outputs": [
           {"name": "mask", "shape": ["B", *size], "dtype": "int32"},
@@ -182,8 +220,58 @@ def export(
       "flip": bool(config.eval.flip),
       "source_checkpoint": {"workdir": os.path.abspath(workdir), "step": step, "dataset": config.dataset.name},
   }
-  files.write_atomic(output + ".json", json.dumps(info, indent=1))
+  files.write_atomic(output.rstrip(os.sep) + ".json", json.dumps(info, indent=1))
   return info
+
+
+def write_savedmodel(
+    spec: RunSpec,
+    variables,
+    size: tuple[int, int],
+    output: str,
+    platforms: Sequence[str] | None = None,
+) -> tuple[int, list[str]]:
+  """Writes :func:`serving_function` as a TensorFlow SavedModel folder through ``jax2tf`` (the network as StableHLO
+  in an ``XlaCallModule`` op, the weights as TF variables): ``serve(images uint8 [B, H, W, 3]) -> {"mask",
+  "probabilities"}``, also its ``serving_default`` signature, with any batch size. Written into a temporary folder
+  beside ``output`` and renamed over it. Returns ``(bytes on disk, platforms)``."""
+  import shutil
+
+  import tensorflow as tf
+  from jax.experimental import jax2tf
+
+  height, width = size
+  lowered_for = tuple(platforms) if platforms else (jax.export.default_export_platform(),)
+  converted = jax2tf.convert(
+      lambda v, images: serving_function(spec, v, size)(images),
+      polymorphic_shapes=[None, f"(b, {height}, {width}, 3)"],
+      with_gradient=False,
+      native_serialization_platforms=lowered_for,
+  )
+  module = tf.Module()
+  module.weights = tf.nest.map_structure(
+      lambda a: tf.Variable(np.asarray(a), trainable=False), jax.device_get(variables)
+  )
+
+  @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")])
+  def serve(images):
+    mask, probabilities = converted(module.weights, images)
+    return {"mask": mask, "probabilities": probabilities}
+
+  module.serve = serve
+  output = output.rstrip(os.sep)
+  tmp = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.tmp{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    tf.saved_model.save(module, tmp, signatures={"serving_default": serve})
+    if os.path.isdir(output):  # a previous SavedModel (check_savedmodel_output refused anything else)
+      shutil.rmtree(output)
+    os.replace(tmp, output)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise files.WriteError(f"writing {output} failed: {e} ({files.free_space(output)})") from None
+  size_on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(output) for f in fs)
+  return size_on_disk, [p.lower() for p in lowered_for]
 
 
 def _define_flags(fv: flags.FlagValues) -> None:
@@ -192,6 +280,14 @@ def _define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
   flags.DEFINE_string("size", None, "H,W of the input images (default: config.dataset.eval_pad_size)", flag_values=fv)
   flags.DEFINE_string("platforms", None, "comma-separated, e.g. cpu,cuda (default: this machine's)", flag_values=fv)
+  flags.DEFINE_enum(
+      "format",
+      "jaxexport",
+      list(FORMATS),
+      "jaxexport: serialized jax.export (StableHLO, for JAX); savedmodel: a TensorFlow SavedModel folder (jax2tf); "
+      "tflite: not supported (the message says why)",
+      flag_values=fv,
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,8 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse_flags(_define_flags, argv, "dilaff_jax.export", __doc__, required=("workdir", "output"))
     if args is None:  # --help
       return 0
+    if args.format == "tflite":
+      raise ExportError(TFLITE_UNSUPPORTED)
     size = parse_size(args.size) if args.size else None
-    check_output(args.output)
+    check_output(args.output, args.format)
     if not os.path.isfile(os.path.join(args.workdir, "config.json")):
       raise ExportError(
           f"--workdir={args.workdir}: no config.json there (not a training workdir?): point --workdir "
@@ -214,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except predict.PredictError as e:
       raise ExportError(str(e)) from None
     platforms = [s.strip() for s in args.platforms.split(",")] if args.platforms else None
-    info = export(config, args.workdir, args.output, size, args.step, platforms)
+    info = export(config, args.workdir, args.output, size, args.step, platforms, format=args.format)
   except errors.UserError as e:
     if cli.wants_traceback():
       raise
@@ -222,9 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return errors.EXIT_USER_ERROR
   print(
       f"[export] step {info['source_checkpoint']['step']} of {args.workdir} -> {args.output} "
-      f"({info['bytes'] / 2**20:.1f} MiB, platforms {','.join(info['platforms'])}): uint8 [B, {info['size'][0]}, "
-      f"{info['size'][1]}, 3] -> mask, probabilities over {len(info['classes'])} classes "
-      f"({', '.join(info['classes'])}), {info['iterations']} propagation iteration(s); {args.output}.json",
+      f"({args.format}, {info['bytes'] / 2**20:.1f} MiB, platforms {','.join(info['platforms'])}): "
+      f"uint8 [B, {info['size'][0]}, {info['size'][1]}, 3] -> mask, probabilities over {len(info['classes'])} "
+      f"classes ({', '.join(info['classes'])}), {info['iterations']} propagation iteration(s); "
+      f"{args.output.rstrip(os.sep)}.json",
       flush=True,
   )
   return 0

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 import tempfile
@@ -438,14 +437,6 @@ def run(
   return {"written": written, "failed": failed, "skipped": others, "legend": legend, **times}
 
 
-def _lists_to_tuples(x):
-  if isinstance(x, dict):
-    return {k: _lists_to_tuples(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return tuple(_lists_to_tuples(v) for v in x)
-  return x
-
-
 def load_json_config(workdir: str) -> ml_collections.ConfigDict:
   """The ``config.json`` training wrote into ``workdir``. JSON turned the config's tuples into lists; they are
   tuples again, as in the config files (so that ``--config.eval.scales='(0.5, 1.0)'`` overrides work). Keys that
@@ -457,11 +448,9 @@ def load_json_config(workdir: str) -> ml_collections.ConfigDict:
         "with the config the run was trained with"
     )
   try:
-    with open(path) as f:
-      config = ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
+    config, dropped = config_checks.read_json_config(path)
   except (OSError, ValueError) as e:
     raise PredictError(f"cannot read the config {path}: {e}") from None
-  dropped = config_checks.drop_retired_keys(config)
   if dropped:
     logging.info("%s: ignoring keys older versions wrote: %s", path, dropped)
   return config

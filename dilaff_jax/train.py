@@ -27,7 +27,7 @@ from clu import metric_writers, metrics, periodic_actions
 
 from dilaff_jax import datasets, errors, evaluate
 from dilaff_jax.datasets import device_feed, input_pipeline
-from dilaff_jax.engine import affinity_stats, checkpoints, config_checks, run_spec
+from dilaff_jax.engine import affinity_stats, checkpoints, config_checks, run_spec, warm_start
 from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.method import neighbour_stats, affinity
 from dilaff_jax.process import files, multihost
@@ -177,6 +177,7 @@ RESUME_FREE_KEYS = (
     "train.eval_every",
     "train.eval_max_images",
     "train.validation_split",
+    "train.init_from",  # read only when a run starts
     "dataset.data_dir",
     "dataset.manual_dir",
     "dataset.eval_max_size",
@@ -313,6 +314,8 @@ def _train_and_evaluate(
       multihost.barrier("damaged checkpoints moved aside")
       mngr.reload()
       print(f"[train] resumed from the checkpoint at step {int(state.step)} in {mngr.directory}", flush=True)
+    elif config_checks.init_from(config) is not None:  # a new run starting from another run's weights
+      state = warm_start.warm_start(config, state, report=print if is_chief else lambda _: None)
     start = int(state.step)
     # written once the checkpoint is known to fit this config (predict reads it); every process checks it and
     # refuses alike (the chief writes only after its own check passed), so no barrier is needed here

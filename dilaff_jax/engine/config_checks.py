@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import ml_collections
@@ -109,12 +110,12 @@ def _check_pretrained(config: ml_collections.ConfigDict) -> None:
   value = _get(config, "model.pretrained")
   depth = _get(config, "model.depth")
   how = (
-      "give a torchvision/timm ResNet .safetensors or .pth file (dilaff_jax/models/README.md says how to make "
+      "give a torchvision/timm ResNet .safetensors or .pth file (python -m dilaff_jax.models.convert checks and makes "
       f'one), or "{PRETRAINED_NONE}" to train from random init on purpose'
   )
   if not isinstance(value, str):
     _fail("model.pretrained", value, f'expected a file path or "{PRETRAINED_NONE}"')
-  if value == "" and depth >= MIN_DEPTH_NEEDING_WEIGHTS:
+  if value == "" and depth >= MIN_DEPTH_NEEDING_WEIGHTS and init_from(config) is None:
     _fail(
         "model.pretrained",
         value,
@@ -126,6 +127,37 @@ def _check_pretrained(config: ml_collections.ConfigDict) -> None:
     _fail("model.pretrained", value, f"no such file: {how}")
   if path is not None and not os.access(path, os.R_OK):
     _fail("model.pretrained", value, "the file is not readable (check its permissions)")
+
+
+def init_from(config: ml_collections.ConfigDict) -> tuple[str, int | None] | None:
+  """``(workdir, step or None for its newest checkpoint)`` of ``train.init_from=WORKDIR[:STEP]``; None when unset
+  (or absent, in the config.json of older runs)."""
+  value = config.train.get("init_from", "")
+  if value in ("", None):
+    return None
+  if not isinstance(value, str):
+    _fail("train.init_from", value, "expected WORKDIR or WORKDIR:STEP of a training run")
+  workdir, sep, step = value.rpartition(":")
+  if sep and step.isdigit():
+    return workdir, int(step)
+  return value, None
+
+
+def _check_init_from(config: ml_collections.ConfigDict) -> None:
+  """``train.init_from`` names a workdir with a ``config.json`` and checkpoints (the checkpoint itself is verified
+  when it is restored)."""
+  source = init_from(config)
+  if source is None:
+    return
+  workdir, _ = source
+  value = _get(config, "train.init_from")
+  how = "give WORKDIR or WORKDIR:STEP of a finished training run (python -m dilaff_jax.main --mode=train)"
+  if not os.path.isdir(workdir):
+    _fail("train.init_from", value, f"no such folder {workdir!r}: {how}")
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    _fail("train.init_from", value, f"{workdir!r} has no config.json (not a training workdir?): {how}")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    _fail("train.init_from", value, f"{workdir!r} has no checkpoints folder: {how}")
 
 
 STRUCTURE_KINDS = ("none", "aaf", "boundary")
@@ -170,6 +202,23 @@ def _check_structure(config) -> None:
 # Keys that older versions wrote into a run's config.json and that no longer exist. None of them changed what a run
 # computed, so a run's config.json that has them is read without them.
 RETIRED_KEYS = ("model.eval_output_stride",)  # never read: evaluation always used eval.output_stride
+
+
+def _lists_to_tuples(x):
+  if isinstance(x, dict):
+    return {k: _lists_to_tuples(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_lists_to_tuples(v) for v in x)
+  return x
+
+
+def read_json_config(path: str) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """A run's recorded ``config.json`` as a config (raises ``OSError`` or ``ValueError``): JSON turned the config's
+  tuples into lists, they are tuples again, as in the config files (so that ``--config.eval.scales='(0.5, 1.0)'``
+  overrides work); the :data:`RETIRED_KEYS` older versions wrote are dropped and returned."""
+  with open(path) as f:
+    config = ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
+  return config, drop_retired_keys(config)
 
 
 def drop_retired_keys(config: ml_collections.ConfigDict) -> list[str]:
@@ -275,6 +324,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
     _positive_int(config, key)
   if mode == "train":
     _check_pretrained(config)
+    _check_init_from(config)
 
   if _get(config, "affinity.enabled"):
     rates = rates_of(config)

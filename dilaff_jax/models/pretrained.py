@@ -96,8 +96,8 @@ def _load_torch(path: Path) -> dict[str, Any]:
     import torch
   except ImportError as err:
     raise PretrainedWeightsError(
-        f"reading {str(path)!r} needs torch, which is not installed; install torch or convert the file to "
-        ".safetensors (safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors'))"
+        f"reading {str(path)!r} needs torch, which is not installed: install torch (pip install torch) and rerun, or "
+        "convert the file to .safetensors where torch is installed (python -m dilaff_jax.models.convert)"
     ) from err
   try:
     state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -143,6 +143,12 @@ def _check_layout(state_dict: Mapping[str, Any], depth: int, stem: str) -> None:
   kind, sizes = layout(depth)
   if stem not in STEMS:
     raise ValueError(f"ResNet stem {stem!r} is not supported; choose one of {STEMS}")
+  if not any(_UNIT_KEY.match(k) for k in state_dict):
+    shown = _clip(sorted(state_dict), 5)
+    raise PretrainedWeightsError(
+        f"the state dict is not a ResNet's: it has no residual units ('layer1.0.*' ... keys; its keys: {shown}); "
+        "give a torchvision or timm ResNet checkpoint"
+    )
   found = _describe_layout(state_dict)
   wanted = f"a ResNet-{depth} ({kind} units {sizes}), {stem} stem"
   if found != wanted:
