@@ -452,7 +452,9 @@ def mixed_size_folder(path):
     Image.fromarray(rgb).save(os.path.join(path, "images", name + ".png"))
     Image.fromarray(label, "L").save(os.path.join(path, "masks", name + ".png"))
   Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(os.path.join(path, "images", "train_0.png"))
-  Image.fromarray(np.zeros((24, 24), np.uint8)).save(os.path.join(path, "masks", "train_0.png"))
+  train_mask = np.zeros((24, 24), np.uint8)
+  train_mask[0, : len(shapes_render.CLASS_NAMES)] = np.arange(len(shapes_render.CLASS_NAMES))  # every class trains
+  Image.fromarray(train_mask).save(os.path.join(path, "masks", "train_0.png"))
   with open(os.path.join(path, "splits", "train.txt"), "w") as f:
     f.write("train_0\n")
   with open(os.path.join(path, "splits", "val.txt"), "w") as f:

@@ -85,7 +85,7 @@ def test_savedmodel_reloaded_by_plain_tensorflow_gives_predicts_masks(demo_run, 
   assert masks.dtype == np.int32 and masks.shape == (3, *SIZE) and probs.shape == (3, *SIZE, 6)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
   np.testing.assert_array_equal(mask1[0], masks[1])  # another batch size, the same image: the same mask
-  predict_one = predict.make_predictor(config, variables)
+  predict_one = predict.make_predictor(run_spec.derive(config), variables)
   equal = 0
   for image, mask in zip(images, masks):
     expected = predict_one(image).refined

@@ -296,7 +296,7 @@ def test_baseline_writes_raw_outputs_only(data_dir, images, tmp_path):
   out = str(tmp_path / "out")
   grey = os.path.join(images, "b_grey.png")
   assert predict.main([f"--workdir={workdir}", f"--input={grey}", f"--output={out}"]) == 0
-  assert sorted(os.listdir(out)) == ["b_grey_mask.png", "b_grey_seg.png"]
+  assert sorted(os.listdir(out)) == ["b_grey_mask.png", "b_grey_seg.png", predict.LEGEND_NAME]
   mask = read(os.path.join(out, "b_grey_mask.png"))
   assert mask.shape == IMAGES["b_grey"][0] and len(np.unique(mask)) >= 2
   palette = visualize.palette_for(config.dataset.name)
@@ -377,7 +377,7 @@ def test_truncated_image_in_a_folder_is_reported_after_the_others(trained, tmp_p
   err = capsys.readouterr().err
   assert "error: 1 image(s) could not be read (the others were written): " in err
   assert f"cannot read image {folder / 'cut.jpg'}: " in err
-  assert sorted(os.listdir(out)) == ["good_mask.png", "good_refined.png", "good_seg.png"]
+  assert sorted(os.listdir(out)) == ["good_mask.png", "good_refined.png", "good_seg.png", predict.LEGEND_NAME]
 
 
 def test_command_line_exits_2_on_a_missing_input(tmp_path):
