@@ -30,6 +30,7 @@ def get_config(variant: str = ""):
     c.dataset.crop_size = 97
     c.train.batch_size = 8
     c.train.num_steps = 600
+    c.train.eval_every = 150  # a validation curve of 4 points (an image folder has no split apart from val)
     c.eval.max_images = 0  # the whole val split
   else:
     c = default.get_config()
