@@ -67,3 +67,20 @@ def assert_one_error_line(proc, *fragments):
     assert fragment in last, (fragment, last)
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   return last
+
+
+def run_outside_the_project(script: str, *args: str, cwd: str) -> dict:
+  """Runs ``script`` (Python source) with ``args`` in ``cwd``, without the repository on the path (as a deployment
+  would): it must exit 0 and print, as its last line, a JSON object whose ``modules`` lists no module of the
+  project (``dilaff...``). Returns that object."""
+  import json
+
+  path = os.path.join(cwd, "outside.py")
+  with open(path, "w") as f:
+    f.write(script)
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  run = subprocess.run([sys.executable, path, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = json.loads(run.stdout.strip().splitlines()[-1])
+  assert out["modules"] == [], out  # plain JAX / TensorFlow, not the project
+  return out

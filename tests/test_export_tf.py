@@ -4,8 +4,6 @@ refused with its reason."""
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,6 +14,7 @@ from dilaff_jax import export, predict
 from dilaff_jax.datasets import shapes_render
 from dilaff_jax.engine import checkpoints, run_spec
 from dilaff_jax.engine import train_state as state_lib
+from cli_helpers import run_outside_the_project
 from test_image_folder import scramble_heads
 from test_train import tiny_config
 
@@ -68,19 +67,8 @@ def test_savedmodel_reloaded_by_plain_tensorflow_gives_predicts_masks(demo_run, 
   assert info["source_checkpoint"]["step"] == 2 and info["platforms"] == ["cpu"]
   assert os.path.isfile(os.path.join(output, "saved_model.pb"))
   np.save(tmp_path / "images.npy", images)
-  (tmp_path / "reload.py").write_text(RELOAD)
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   outs = [str(tmp_path / f"{name}.npy") for name in ("mask", "probs", "mask1")]
-  run = subprocess.run(
-      [sys.executable, str(tmp_path / "reload.py"), output, str(tmp_path / "images.npy"), *outs],
-      cwd=str(tmp_path),
-      capture_output=True,
-      text=True,
-      timeout=300,
-      env=env,
-  )
-  assert run.returncode == 0, run.stderr[-3000:]
-  assert json.loads(run.stdout.strip().splitlines()[-1])["modules"] == []  # plain TensorFlow, not the project
+  run_outside_the_project(RELOAD, output, str(tmp_path / "images.npy"), *outs, cwd=str(tmp_path))  # plain TF
   masks, probs, mask1 = (np.load(p) for p in outs)
   assert masks.dtype == np.int32 and masks.shape == (3, *SIZE) and probs.shape == (3, *SIZE, 6)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)

@@ -23,6 +23,7 @@ from dilaff_jax.research import stats
 from dilaff_jax.engine import checkpoints, run_spec, visualize
 from dilaff_jax.engine import train_state as state_lib
 from dilaff_jax.datasets import image_folder, prepare, shapes_render
+from cli_helpers import run_outside_the_project
 from test_train import REPO
 
 CLASSES = list(shapes_render.CLASS_NAMES)
@@ -391,26 +392,8 @@ def test_exported_artifact_gives_predicts_masks_without_the_project(trained, fol
   assert info["classes"] == CLASSES and info["size"] == list(size) and info["iterations"] == 1
   assert info["source_checkpoint"]["step"] == 3 and len(info["palette"]) == len(CLASSES)
   np.save(tmp_path / "images.npy", images)
-  script = tmp_path / "reload.py"
-  script.write_text(RELOAD)
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  run = subprocess.run(
-      [
-          sys.executable,
-          str(script),
-          output,
-          str(tmp_path / "images.npy"),
-          str(tmp_path / "m.npy"),
-          str(tmp_path / "p.npy"),
-      ],
-      cwd=str(tmp_path),
-      capture_output=True,
-      text=True,
-      timeout=300,
-      env=env,
-  )
-  assert run.returncode == 0, run.stderr[-3000:]
-  assert json.loads(run.stdout.strip().splitlines()[-1])["modules"] == []
+  npys = [str(tmp_path / n) for n in ("images.npy", "m.npy", "p.npy")]
+  run_outside_the_project(RELOAD, output, *npys, cwd=str(tmp_path))  # plain JAX, not the project
   masks, probs = np.load(tmp_path / "m.npy"), np.load(tmp_path / "p.npy")
   assert masks.dtype == np.int32 and masks.shape == (2, *size) and probs.shape == (2, *size, len(CLASSES))
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
