@@ -31,6 +31,8 @@ def get_config(variant: str = ""):
     c.train.batch_size = 8
     c.train.num_steps = 600
     c.train.eval_every = 150  # a validation curve of 4 points (an image folder has no split apart from val)
+    c.train.eval_max_images = 0  # the whole val split
+    c.train.validation_split = ""  # dataset.eval_split: "val"
     c.eval.max_images = 0  # the whole val split
   else:
     c = default.get_config()

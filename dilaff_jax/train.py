@@ -292,6 +292,7 @@ def _train_and_evaluate(
         num_classes=config.dataset.num_classes,
         foreground_255=bool(config.dataset.get("foreground_255", False)),
     )
+    check_splits(config, list(builder.info.splits))  # before a training that would fail at its first validation
     for line in datasets.split_warnings(builder, config.dataset.eval_split):
       print(f"[train] warning: {line}", flush=True)
   multihost.barrier("dataset prepared")
@@ -422,6 +423,21 @@ def _train_and_evaluate(
         spec, workdir, final, writer, evaluator=evaluator() if eval_every else None
     )
   return result
+
+
+def check_splits(config: ml_collections.ConfigDict, known: Sequence[str]) -> None:
+  """Raises :class:`config_checks.ConfigError` for a split the run will read that the prepared dataset lacks: the
+  training split, the evaluation split (``train.eval_at_end``) and the validation split (``train.eval_every``)."""
+  wanted = {"dataset.train_split": config.dataset.train_split}
+  if config.train.eval_at_end:
+    wanted["dataset.eval_split"] = config.dataset.eval_split
+  if config.train.get("eval_every", 0):
+    wanted["train.validation_split"] = config.train.get("validation_split") or config.dataset.eval_split
+  for key, split in wanted.items():
+    if split.split("[")[0] not in known:  # a slice such as "train[:100]" names its split first
+      raise config_checks.ConfigError(
+          f"config.{key} = {split!r}: {config.dataset.name} has no such split (its splits: {', '.join(known)})"
+      )
 
 
 def validation_score(results: dict) -> float:

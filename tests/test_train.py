@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import image_folder as image_folder_config
 from configs import synthetic, voc
 from dilaff_jax import evaluate, train
 from dilaff_jax.datasets import input_pipeline
@@ -473,3 +474,25 @@ def test_segmentation_loss_sum_against_a_loop():
   valid = labels != 255
   ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits), jnp.asarray(np.where(valid, labels, 0)))
   np.testing.assert_allclose(float(total), float(jnp.sum(jnp.where(valid, ce, 0.0))), rtol=1e-6)
+
+
+def test_a_split_the_run_would_read_later_is_named_at_start():
+  """The image-folder config once inherited the demo's validation split "tune": its training failed at step 150,
+  in its first validation, with a traceback. Every split a run reads is checked against the prepared dataset first."""
+  config = synthetic.get_config("tiny")
+  known = ["train", "test", "tune"]
+  train.check_splits(config, known)
+  config.train.eval_every, config.train.validation_split = 2, "val"
+  with pytest.raises(
+      config_checks.ConfigError, match=r"^config.train.validation_split = 'val': .* \(its splits: train, test, tune\)"
+  ):
+    train.check_splits(config, known)
+  config.train.validation_split = ""  # the evaluation split then
+  config.train.eval_at_end, config.dataset.eval_split = True, "validation"
+  with pytest.raises(config_checks.ConfigError, match=r"^config.dataset.eval_split = 'validation'"):
+    train.check_splits(config, known)
+  config.dataset.eval_split, config.dataset.train_split = "test", "train[:50%]"
+  train.check_splits(config, known)
+  for name in ("small", "small_baseline"):  # the image-folder configs read only the folder's splits
+    folder = image_folder_config.get_config(name)
+    train.check_splits(folder, ["train", "val"])
