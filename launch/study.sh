@@ -11,6 +11,8 @@
 # `kill <pid>` (SIGTERM) stops after the current run saved a checkpoint. Extra arguments go to
 # `python -m dilaff_jax.research.study` (e.g. --config.KEY=VALUE for every run). WORKDIR: runs/study_<stage>; results there
 # (study.md, .json, .png); `--aggregate_only --export=results/study_synthetic/<stage>` keeps the small files.
+# On another machine, go on from the committed export: cp -r results/study_synthetic/<stage> runs/study_<stage>
+# first (finished runs are skipped; a run whose checkpoints an evaluate row needs is trained again).
 # A run takes about 20-25 minutes on 2 quiet CPU cores (1000 steps of batch 4 at crop 257, then evaluation).
 set -euo pipefail
 cd "$(dirname "$0")/.."

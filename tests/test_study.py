@@ -75,6 +75,65 @@ def test_plan_is_seed_major_and_resolve_reads_num_steps():
     study.resolve(study.parse_rows([], "a=tiny@nosuch=1", [0]), "configs/synthetic.py", [])
 
 
+def test_plan_puts_each_evaluate_row_right_after_its_source():
+  rows = study.parse_rows([], "a=tiny; b=tiny; a2=evaluate:a; b2=evaluate:b#1; a3=evaluate:a", [0, 1])
+  assert [(r.name, s) for r, s in study.plan(rows)] == [
+      ("a", 0), ("a2", 0), ("a3", 0), ("b", 0),
+      ("a", 1), ("a2", 1), ("a3", 1), ("b", 1), ("b2", 1),
+  ]  # fmt: skip
+
+
+class _FakeRun:
+  """Stands in for ``subprocess.Popen`` of ``dilaff_jax.main``: writes the results (mIoU ``miou``) and, for a
+  training, the final checkpoint's folder, where the real command would."""
+
+  def __init__(self, miou):
+    self.miou, self.commands, self.popen = miou, [], subprocess.Popen
+
+  def __call__(self, cmd, **kwargs):
+    if "dilaff_jax.main" not in cmd:  # another program (e.g. matplotlib's font lookup) runs for real
+      return self.popen(cmd, **kwargs)
+    self.commands.append(cmd)
+    args = dict(a.split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+    if "--mode=evaluate" in cmd:
+      out = args["--config.eval.output_dir"]
+    else:
+      out = os.path.join(args["--workdir"], "eval")
+      os.makedirs(os.path.join(args["--workdir"], "checkpoints", "4"))
+    os.makedirs(os.path.join(out, "step_4"), exist_ok=True)
+    with open(os.path.join(out, "step_4", "results.json"), "w") as f:
+      json.dump({"miou": self.miou, "num_images": 8}, f)
+    return self
+
+  def wait(self):
+    return 0
+
+  poll = wait
+
+
+@pytest.mark.parametrize("miou,said", [(0.5, "(the same as recorded)"), (0.625, "DIFFERS from the recorded 0.5")])
+def test_a_study_resumed_from_its_export_trains_a_run_again_for_a_row_that_evaluates_it(
+    tmp_path, monkeypatch, capsys, miou, said
+):
+  """An export keeps results but no checkpoints: the evaluate row's source is trained again first (its new mIoU
+  compared with the recorded one, aloud), then the evaluate row runs; a finished row without dependants is not."""
+  rows = study.resolve(study.parse_rows([], "a=tiny; b=tiny; a2=evaluate:a", [0]), "configs/synthetic.py", [])
+  for name in ("a", "b"):  # what the export holds of two finished runs
+    os.makedirs(tmp_path / name / "seed_0" / "eval" / "step_4")
+    (tmp_path / name / "seed_0" / "eval" / "step_4" / "results.json").write_text('{"miou": 0.5, "num_images": 8}')
+  fake = _FakeRun(miou)
+  monkeypatch.setattr(study.subprocess, "Popen", fake)
+  assert study.run_study("configs/synthetic.py", [], rows, str(tmp_path), "a") == 0
+  out = capsys.readouterr().out
+  assert [c[-1] for c in fake.commands] == [f"--workdir={tmp_path}/a/seed_0", f"--workdir={tmp_path}/a/seed_0"]
+  assert "--mode=evaluate" in fake.commands[1] and "--mode=evaluate" not in fake.commands[0]
+  assert "a seed 0: its final checkpoint is gone" in out and f"trained again, mIoU {miou!r} {said}" in out
+  assert json.loads((tmp_path / "a" / "seed_0" / "eval" / "step_4" / "results.json").read_text())["miou"] == miou
+  assert not os.path.exists(tmp_path / "a" / "seed_0" / "eval" / "step_4" / "results.json.before_training_again")
+  assert study.run_study("configs/synthetic.py", [], rows, str(tmp_path), "a") == 0  # now nothing to do
+  assert len(fake.commands) == 2
+
+
 def test_eta_from_the_durations_of_each_kind():
   assert study.eta_seconds({"train": [], "evaluate": []}, ["train"]) is None
   assert study.eta_seconds({"train": [100.0, 200.0], "evaluate": [10.0]}, ["train", "train", "evaluate"]) == 310.0

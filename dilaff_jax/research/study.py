@@ -17,8 +17,10 @@ Other ``--config.KEY=VALUE`` arguments apply to every run (e.g. ``--config.datas
 
 Runs. Run ``(row, seed)`` is ``python -m dilaff_jax.main --config=CONFIG:VARIANT --config.seed=SEED ...`` in
 ``DIR/<row>/seed_<seed>/`` (log: ``log.txt`` there), one at a time, seed by seed (so every row has its first seeds
-early). A run is finished when ``eval/step_<num_steps>/results.json`` exists in its folder; finished runs are
-skipped and unfinished ones resume from their checkpoints. An ``evaluate:`` row writes there too (through
+early; a row that evaluates another follows it at once). A run is finished when ``eval/step_<num_steps>/results.json``
+exists in its folder; finished runs are skipped and unfinished ones resume from their checkpoints. A study resumes
+from its export too (copy it as ``DIR``): a run that an ``evaluate:`` row needs and whose checkpoints are gone is
+trained again first (runs are deterministic; a different mIoU would be reported). An ``evaluate:`` row writes there too (through
 ``eval.output_dir``) and keeps no checkpoints. A failed run is reported (with the tail of its log) and the study goes
 on; the exit status is then 1. SIGTERM stops the current run (which saves a checkpoint) and the study (exit 3).
 The aggregate is rewritten after every run, so a partial study always has an up-to-date ``study.md``.
@@ -241,9 +243,19 @@ def command(
 
 
 def plan(rows: Sequence[Row]) -> list[tuple[Row, int]]:
-  """Every (row, seed), seed by seed in increasing order, rows in their order within a seed."""
+  """Every (row, seed), seed by seed in increasing order; within a seed the trained rows in their order, each
+  followed at once by the rows that evaluate it (so its checkpoints are used while they are on this disk)."""
   seeds = sorted({s for row in rows for s in row.seeds})
-  return [(row, s) for s in seeds for row in rows if s in row.seeds]
+  ordered = []
+  for row in rows:
+    if not row.evaluates:
+      ordered += [row, *(r for r in rows if r.evaluates == row.name)]
+  return [(row, s) for s in seeds for row in ordered if s in row.seeds]
+
+
+def has_final_checkpoint(workdir: str, row: Row, seed: int) -> bool:
+  """Whether run ``(row, seed)`` still holds its final checkpoint (Orbax names a finished one by its step)."""
+  return os.path.isdir(os.path.join(run_dir(workdir, row, seed), "checkpoints", str(row.final_step)))
 
 
 def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -296,6 +308,56 @@ class _Stop:
       signal.signal(sig, handler)
 
 
+def _run(
+    config_path: str, overrides: Sequence[str], rows: Sequence[Row], row: Row, seed: int, workdir: str, stop: _Stop
+) -> int:
+  """Runs ``(row, seed)``'s command in its folder (``run.json``; output appended to ``log.txt``); its exit status."""
+  folder = run_dir(workdir, row, seed)
+  os.makedirs(folder, exist_ok=True)
+  cmd = command(config_path, overrides, rows, row, seed, workdir)
+  run = {"row": dataclasses.asdict(row), "seed": seed, "command": cmd[1:]}
+  files.write_atomic(os.path.join(folder, "run.json"), json.dumps(run, indent=1))
+  with open(os.path.join(folder, "log.txt"), "a") as log:
+    log.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+    log.flush()
+    stop.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    rc = stop.process.wait()
+    stop.process = None
+  return rc
+
+
+def _train_again(
+    config_path: str, overrides: Sequence[str], rows: Sequence[Row], src: Row, seed: int, workdir: str, stop: _Stop
+) -> bool:
+  """Trains finished run ``(src, seed)`` again when its checkpoints are gone (a study resumed from its export keeps
+  none), so that a row evaluating it can run. Runs are deterministic: the new mIoU must equal the recorded one, and
+  a difference is reported, never hidden (the new results replace the old). True when the checkpoint is back."""
+  path = results_path(workdir, src, seed)
+  with open(path) as f:
+    before = json.load(f)
+  print(
+      f"[study] {src.name} seed {seed}: its final checkpoint is gone (a study resumed from an export keeps none); "
+      "training it again",
+      flush=True,
+  )
+  os.rename(path, path + ".before_training_again")
+  rc = _run(config_path, overrides, rows, src, seed, workdir, stop)
+  if rc != 0 or not os.path.exists(path) or not has_final_checkpoint(workdir, src, seed):
+    os.replace(path + ".before_training_again", path)  # the recorded results stay the run's
+    print(f"[study] {src.name} seed {seed}: training it again FAILED (exit {rc}); its recorded results kept", flush=True)
+    return False
+  os.remove(path + ".before_training_again")
+  with open(path) as f:
+    after = json.load(f)
+  same = after.get("miou") == before.get("miou")
+  print(
+      f"[study] {src.name} seed {seed}: trained again, mIoU {after.get('miou')!r} "
+      + ("(the same as recorded)" if same else f"DIFFERS from the recorded {before.get('miou')!r}: not deterministic"),
+      flush=True,
+  )
+  return True
+
+
 def run_study(
     config_path: str,
     overrides: Sequence[str],
@@ -326,6 +388,12 @@ def run_study(
         print(f"{head}: FAILED, run {src.name} seed {seed} (its checkpoints) did not finish", flush=True)
         failed.append((row.name, seed))
         continue
+      if row.evaluates and not has_final_checkpoint(workdir, src, seed):
+        if not _train_again(config_path, overrides, rows, src, seed, workdir, stop):
+          if stop.requested:
+            break
+          failed.append((row.name, seed))
+          continue
       remaining = [
           "evaluate" if r.evaluates else "train" for r, s in todo[i:] if not os.path.exists(results_path(workdir, r, s))
       ]
@@ -335,19 +403,8 @@ def run_study(
           + (f", ETA {_duration(eta)}" if eta is not None else ", ETA after the first run"),
           flush=True,
       )
-      folder = run_dir(workdir, row, seed)
-      os.makedirs(folder, exist_ok=True)
-      cmd = command(config_path, overrides, rows, row, seed, workdir)
-      run = {"row": dataclasses.asdict(row), "seed": seed, "command": cmd[1:]}
-      files.write_atomic(os.path.join(folder, "run.json"), json.dumps(run, indent=1))
-      log_path = os.path.join(folder, "log.txt")
       start = time.time()
-      with open(log_path, "a") as log:
-        log.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
-        log.flush()
-        stop.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        rc = stop.process.wait()
-        stop.process = None
+      rc = _run(config_path, overrides, rows, row, seed, workdir, stop)
       elapsed = time.time() - start
       if rc == 0 and os.path.exists(results_path(workdir, row, seed)):
         durations[kind].append(elapsed)
@@ -358,7 +415,7 @@ def run_study(
         failed.append((row.name, seed))
         print(
             f"[study] {row.name} seed {seed}: FAILED (exit {rc}) after {_duration(elapsed)}; end of {log_path}:\n"
-            + _tail(log_path),
+            + _tail(os.path.join(run_dir(workdir, row, seed), "log.txt")),
             flush=True,
         )
       write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
