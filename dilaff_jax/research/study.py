@@ -344,7 +344,9 @@ def _train_again(
   rc = _run(config_path, overrides, rows, src, seed, workdir, stop)
   if rc != 0 or not os.path.exists(path) or not has_final_checkpoint(workdir, src, seed):
     os.replace(path + ".before_training_again", path)  # the recorded results stay the run's
-    print(f"[study] {src.name} seed {seed}: training it again FAILED (exit {rc}); its recorded results kept", flush=True)
+    print(
+        f"[study] {src.name} seed {seed}: training it again FAILED (exit {rc}); its recorded results kept", flush=True
+    )
     return False
   os.remove(path + ".before_training_again")
   with open(path) as f:
@@ -413,9 +415,10 @@ def run_study(
         print(f"[study] {row.name} seed {seed}: stopped (exit {rc}); rerun the study to resume", flush=True)
       else:
         failed.append((row.name, seed))
+        log_path = os.path.join(run_dir(workdir, row, seed), "log.txt")
         print(
             f"[study] {row.name} seed {seed}: FAILED (exit {rc}) after {_duration(elapsed)}; end of {log_path}:\n"
-            + _tail(os.path.join(run_dir(workdir, row, seed), "log.txt")),
+            + _tail(log_path),
             flush=True,
         )
       write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
