@@ -15,10 +15,18 @@ os.environ["JAX_NUM_CPU_DEVICES"] = "8"
 # Compiling dominates the suite's time and most tests compile the same tiny programs (the tiny demo's training step
 # above all, in-process and in the command-line tests' subprocesses, which inherit the variable). A cache private to
 # this run, empty at its start and removed at its end, compiles each program once (measured: a tiny training run in
-# 42 s against 120-130 s). A user's own cache is never read.
-_XLA_CACHE = tempfile.mkdtemp(prefix="dilaff-tests-xla-cache-")
+# 42 s against 120-130 s). A user's own cache is never read. The first process of the run (pytest, or
+# pytest-xdist's controller) makes it and removes it at exit; the workers it starts inherit it through the
+# environment, so a program compiled by one worker is not compiled again by the other. A size limit turns on JAX's
+# cache eviction and with it a file lock around every read and write of the folder (the filelock package): without
+# it JAX writes entries in place, and a reader in another process could get half a file.
+_XLA_CACHE = os.environ.get("DILAFF_TESTS_XLA_CACHE")
+if _XLA_CACHE is None:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="dilaff-tests-xla-cache-")
+  os.environ["DILAFF_TESTS_XLA_CACHE"] = _XLA_CACHE
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
-atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(64 << 30)
 
 import jax  # noqa: E402
 
@@ -61,6 +69,25 @@ def _free_compiled_code_between_tests():
   _PEAK_MAPPINGS[0] = max(_PEAK_MAPPINGS[0], _mappings())
   jax.clear_caches()
   gc.collect()
+
+
+def pytest_sessionfinish(session):
+  """A pytest-xdist worker hands its peak to the controller (``pytest_testnodedown``)."""
+  if hasattr(session.config, "workeroutput"):
+    session.config.workeroutput["peak_mappings"] = _PEAK_MAPPINGS[0]
+
+
+class _WorkersPeaks:
+  """pytest-xdist's controller side: the largest peak any worker reported."""
+
+  def pytest_testnodedown(self, node, error):
+    del error
+    _PEAK_MAPPINGS[0] = max(_PEAK_MAPPINGS[0], getattr(node, "workeroutput", {}).get("peak_mappings", 0))
+
+
+def pytest_configure(config):
+  if config.pluginmanager.hasplugin("xdist"):  # the hook exists only with the plugin
+    config.pluginmanager.register(_WorkersPeaks())
 
 
 def pytest_terminal_summary(terminalreporter):
