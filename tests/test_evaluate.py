@@ -366,6 +366,51 @@ def test_watch_evaluates_every_checkpoint_once(data_dir, tmp_path):
   assert evaluate.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1) == []
 
 
+def test_watch_beside_a_running_training_evaluates_each_checkpoint_once_and_none_is_damaged(data_dir, tmp_path):
+  """The documented way to evaluate during training, live: a training in its own process writes checkpoints 2, 4
+  and 6 while ``--watch``'s loop polls the same folder, so it lists checkpoints that are still being written. Every
+  one is evaluated once, none is called damaged or skipped, and the watch ends at the final step of the training's
+  own ``config.json`` (6, not the 4 of the config the watcher was given)."""
+  import contextlib
+  import io
+  import subprocess
+  import sys
+  import time
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "run"
+  cmd = [
+      sys.executable,
+      "-m",
+      "dilaff_jax.main",
+      "--config=configs/synthetic.py:tiny",
+      f"--workdir={workdir}",
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.train.batch_size=8",
+      "--config.eval.batch_size=8",
+      "--config.train.num_steps=6",
+      "--config.train.keep_checkpoints=5",
+      "--config.train.eval_at_end=False",
+      "--config.train.image_summary_every=0",
+  ]
+  training = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    for _ in range(600):  # the watcher refuses a workdir that does not exist yet
+      if workdir.is_dir() or training.poll() is not None:
+        break
+      time.sleep(0.1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      results = evaluate.evaluate_checkpoints(
+          tiny_config(data_dir), str(workdir), watch=True, poll_seconds=0.05, timeout_seconds=300
+      )
+  finally:
+    out, _ = training.communicate(timeout=600)
+  assert training.returncode == 0, out[-3000:]
+  assert [r["step"] for r in results] == [2, 4, 6], printed.getvalue()  # the given config says 4 steps
+  assert "skipping" not in printed.getvalue() and "damaged" not in printed.getvalue(), printed.getvalue()
+
+
 def test_multiscale_affinity_comes_from_the_scale_one_passes_only():
   """A rate's channel at input scale s spans r/s original pixels: a fake model whose affinity depends on the input
   scale shows that the affinity is the scale-1.0 pass' (never a mix), while the probabilities average all scales."""
