@@ -24,6 +24,12 @@ def test_scalars_read_back_and_a_resumed_step_keeps_its_last_value(tmp_path):
   scalars = curves.read_scalars(str(tmp_path))
   assert scalars["train/loss"] == [(1, 2.5), (2, 1.0), (3, 0.75)]
   assert scalars["validation/miou"] == [(2, 0.5)]
+  # the order of writing decides, not the file names: renamed so that the resumed run's file sorts first (as TF's
+  # per-process counter does within one second: "...10.v2" before "...9.v2")
+  first, second = sorted(p for p in os.listdir(tmp_path) if p.startswith("events.out.tfevents."))
+  os.rename(tmp_path / first, tmp_path / "events.out.tfevents.1.host.1.9.v2")
+  os.rename(tmp_path / second, tmp_path / "events.out.tfevents.1.host.1.10.v2")
+  assert curves.read_scalars(str(tmp_path)) == scalars
   out = str(tmp_path / "curves.png")
   assert curves.plot(scalars, ["validation/miou", "nope", "train/loss"], out, "run") == [
       "validation/miou",

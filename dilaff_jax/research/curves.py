@@ -35,7 +35,9 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   paths = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
   if not paths:
     raise CurvesError(f"--workdir={workdir}: no TensorBoard event file there (is it a training's workdir?)")
-  scalars: dict[str, dict[int, float]] = {}
+  # the value written last wins, by the events' own wall times: file names do not order two files of one second
+  # (their per-process counter sorts "10" before "9")
+  scalars: dict[str, dict[int, tuple[float, float]]] = {}
   for path in paths:
     for event in tf.compat.v1.train.summary_iterator(path):
       for value in event.summary.value:
@@ -45,8 +47,11 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
           number = float(tf.make_ndarray(value.tensor))
         else:
           continue
-        scalars.setdefault(value.tag, {})[int(event.step)] = float(number)
-  return {tag: sorted(points.items()) for tag, points in scalars.items()}
+        points = scalars.setdefault(value.tag, {})
+        step = int(event.step)
+        if step not in points or event.wall_time >= points[step][0]:
+          points[step] = (event.wall_time, float(number))
+  return {tag: sorted((step, v) for step, (_, v) in points.items()) for tag, points in scalars.items()}
 
 
 def plot(scalars: dict[str, list[tuple[int, float]]], tags: Sequence[str], path: str, title: str) -> list[str]:
