@@ -22,8 +22,9 @@ early; a row that evaluates another follows it at once). A run is finished when
 from their checkpoints. A study resumes from its export too (copy it as ``DIR``): a run that an ``evaluate:`` row
 needs and whose checkpoints are gone is trained again first (runs are deterministic; a different mIoU would be
 reported). An ``evaluate:`` row writes there too (through ``eval.output_dir``) and keeps no checkpoints. A failed
-run is reported (with the tail of its log) and the study goes on; the exit status is then 1. SIGTERM stops the current run (which saves a checkpoint) and the study (exit 3).
-The aggregate is rewritten after every run, so a partial study always has an up-to-date ``study.md``.
+run is reported (with the tail of its log) and the study goes on; the exit status is then 1. SIGTERM stops the
+current run (which saves a checkpoint) and the study (exit 3). The aggregate is rewritten after every run, so a
+partial study always has an up-to-date ``study.md``.
 
 Aggregates (per row, over the seeds that finished): mIoU without post-processing, with propagation
 (``affinity.iterations``) and with the dense CRF when evaluated: mean ± sample standard deviation (ddof=1), min–max
