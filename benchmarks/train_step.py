@@ -58,7 +58,6 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -67,7 +66,7 @@ from configs import voc  # noqa: E402
 from dilaff_jax.datasets import device_feed  # noqa: E402
 from dilaff_jax.method import affinity  # noqa: E402
 from dilaff_jax.process import host_memory  # noqa: E402
-from dilaff_jax.engine import run_spec  # noqa: E402
+from dilaff_jax.engine import replicas, run_spec  # noqa: E402
 from dilaff_jax.engine import train_state as state_lib  # noqa: E402
 from dilaff_jax.engine import train_step as step_lib  # noqa: E402
 from dilaff_jax.models import resnet  # noqa: E402
@@ -156,7 +155,9 @@ def compile_step(
   spec = dataclasses.replace(run_spec.derive(config), rates=tuple(rates))
   model = state_lib.build_model(spec, affinity.prior_bias(stats.pos_freq) if rates else None)
   device = jax.local_devices()[0]
-  state = flax.jax_utils.replicate(state_lib.create_train_state(spec, model, jax.random.key(seed)), [device])
+  state = replicas.replicate(
+      state_lib.create_train_state(spec, model, jax.random.key(seed)), axis_name=state_lib.AXIS, devices=[device]
+  )
   step = step_lib.make_train_step(spec, stats, state_lib.learning_rate_schedule(config))
   p_step = jax.pmap(step, axis_name=state_lib.AXIS, in_axes=(0, 0, None), donate_argnums=(0,), devices=[device])
   data = fake_batch(np.random.default_rng(seed), crop, batch, config.dataset.num_classes, config.dataset.ignore_label)

@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import flax
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,7 +24,7 @@ import numpy as np
 from clu import metric_writers
 
 from dilaff_jax.datasets import input_pipeline
-from dilaff_jax.engine import checkpoints, config_checks, crf, eval_metrics, eval_report, inference, run_spec, visualize
+from dilaff_jax.engine import checkpoints, config_checks, crf, eval_metrics, eval_report, inference, replicas, run_spec, visualize
 from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.method import affinity, propagation
 from dilaff_jax.engine.train_state import AXIS, build_model, state_template
@@ -243,7 +241,7 @@ def evaluate_state(
     dataset = ml_collections.ConfigDict(dataset.to_dict())
     dataset.eval_split = split
   pipes = input_pipeline.eval_from_config(dataset, local_device_count=ndev, per_device_batch=per_device)
-  variables = flax.jax_utils.replicate({"params": state.params, "batch_stats": state.batch_stats})
+  variables = replicas.replicate({"params": state.params, "batch_stats": state.batch_stats}, axis_name=AXIS)
   num_batches = pipes.num_eval_batches()
   limit = config.eval.max_images if max_images is None else max_images
   if limit:

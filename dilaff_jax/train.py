@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,7 +26,7 @@ from clu import metric_writers, metrics, periodic_actions
 
 from dilaff_jax import datasets, errors, evaluate
 from dilaff_jax.datasets import device_feed, input_pipeline
-from dilaff_jax.engine import affinity_stats, checkpoints, config_checks, run_spec, warm_start
+from dilaff_jax.engine import affinity_stats, checkpoints, config_checks, replicas, run_spec, warm_start
 from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.method import neighbour_stats, affinity
 from dilaff_jax.process import files, multihost
@@ -347,7 +346,7 @@ def _train_and_evaluate(
     total = config.train.num_steps
     if start >= total:
       logging.info("Checkpoint is at step %d >= train.num_steps=%d: nothing to train", start, total)
-    state = flax.jax_utils.replicate(state)
+    state = replicas.replicate(state, axis_name=AXIS)
     progress = periodic_actions.ReportProgress(
         num_train_steps=total, writer=writer, every_steps=config.train.log_every, every_secs=None
     )
@@ -398,11 +397,11 @@ def _train_and_evaluate(
         score = None
         if eval_every and step % eval_every == 0:
           _check_loss(first_nonfinite, mngr, advice)
-          score = _validate(spec, workdir, flax.jax_utils.unreplicate(state), writer, evaluator())
+          score = _validate(spec, workdir, replicas.first_replica(state), writer, evaluator())
         if step % config.train.checkpoint_every == 0 or step == total or stop or score is not None:
           _check_loss(first_nonfinite, mngr, advice)  # names the step where it went wrong, before the state check
           try:  # batch statistics can blow up while the loss (computed with batch statistics) stays finite
-            checkpoints.save_checkpoint(mngr, flax.jax_utils.unreplicate(state), meta(step), score)
+            checkpoints.save_checkpoint(mngr, replicas.first_replica(state), meta(step), score)
           except checkpoints.NonFiniteStateError as e:
             raise TrainingError(f"{e}. {advice(step)}") from None
           if score is not None and is_chief:
@@ -418,7 +417,7 @@ def _train_and_evaluate(
   writer.flush()
   result = {"train": last}
   if config.train.eval_at_end:
-    final = flax.jax_utils.unreplicate(state)
+    final = replicas.first_replica(state)
     result["eval"] = evaluate.evaluate_state(
         spec, workdir, final, writer, evaluator=evaluator() if eval_every else None
     )

@@ -343,11 +343,14 @@ def test_study_end_to_end_on_tiny(tmp_path, data_dir):
       "--config=configs/synthetic.py",
       "--seeds=0",
       f"--workdir={w}",
-      "--rows=aff=tiny; aff4=evaluate:aff@eval.max_images=4",
+      "--rows=aff=tiny; aff4=evaluate:aff@dataset.eval_split=tune",  # the 4 tune scenes
       "--baseline_row=aff",
       f"--config.dataset.data_dir={data_dir}",
+      # the suite's 8 CPU devices and the other tests' batches: their compiled programs are reused from the cache
+      "--config.train.batch_size=8",
+      "--config.eval.batch_size=8",
   ]
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", PYTHONPATH=REPO)
+  env = dict(os.environ, PYTHONPATH=REPO)
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert "run 1/2: aff seed 0 (train), 2 left" in proc.stdout and "run 2/2: aff4 seed 0 (evaluate)" in proc.stdout

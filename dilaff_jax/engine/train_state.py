@@ -106,8 +106,11 @@ def create_train_state(spec: RunSpec, model: DeepLabV3Plus, rng: jax.Array) -> T
     params[AAF_PARAMS] = structure_losses.init_adaptive_weights(
         config.dataset.num_classes, len(config.structure.aaf_dilations)
     )
-  return TrainState.create(
-      apply_fn=model.apply, params=params, tx=create_optimizer(config), batch_stats=variables["batch_stats"]
+  tx = create_optimizer(config)
+  # TrainState.create's tx.init outside jit compiles one zeros program per parameter shape; one program here
+  opt_state = jax.jit(tx.init)(params)
+  return TrainState(
+      step=0, apply_fn=model.apply, params=params, tx=tx, opt_state=opt_state, batch_stats=variables["batch_stats"]
   )
 
 
