@@ -9,7 +9,7 @@ logits (a stride-8 map bilinearly upsampled, as a network's output would be). Th
 (its permutohedral lattice grows with the number of distinct colours), so the image is a real photograph by
 default: matplotlib's bundled sample ``grace_hopper.jpg`` resized to the crop size.
 
-  .venv/bin/python benchmarks/crf_vs_propagation.py [--size 513] [--classes 21] [--iterations 10] [--repeats 3]
+  .venv/bin/python benchmarks/crf_vs_propagation.py [--size 513] [--classes 21] [--iterations 10] [--repeats 5]
   (--only crf runs without JAX, e.g. in a venv that has just numpy, pillow and pydensecrf2)
 """
 
@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 
 import numpy as np
 
 from dilaff_jax.engine import crf
-from timing import best_of  # benchmarks/timing.py (run as python benchmarks/crf_vs_propagation.py)
+from timing import best_and_median, interleaved, per_round  # benchmarks/timing.py (run from the repository root)
 
 
 def photo(size: int) -> tuple[np.ndarray, str]:
@@ -54,12 +55,13 @@ def smooth_probs(size: int, classes: int, seed: int = 0) -> np.ndarray:
   return (e / e.sum(-1, keepdims=True)).astype(np.float32)
 
 
-def time_crf(image: np.ndarray, probs: np.ndarray, iterations: int, repeats: int) -> float:
-  return best_of(lambda: crf.dense_crf(image, probs, iterations=iterations), repeats)
+def crf_case(image: np.ndarray, probs: np.ndarray, iterations: int):
+  return lambda: crf.dense_crf(image, probs, iterations=iterations)
 
 
-def time_propagation(probs: np.ndarray, rates_text: str, iterations: int, repeats: int) -> tuple[float, str]:
-  """Seconds per image of ``propagate`` (compiled, device-resident inputs), and a description of the device."""
+def propagation_case(probs: np.ndarray, rates_text: str, iterations: int):
+  """A call of ``propagate`` on device-resident inputs (compiled by the warm-up call), and a description of the
+  device."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
@@ -70,9 +72,8 @@ def time_propagation(probs: np.ndarray, rates_text: str, iterations: int, repeat
   rng = np.random.default_rng(1)
   aff = propagation.steep_sigmoid(jnp.asarray(rng.normal(size=(1, h, w, 8 * len(rates))), jnp.float32))
   p = jnp.asarray(probs[None])
-  run = lambda: jax.block_until_ready(propagation.propagate(p, aff, rates, iterations=iterations))
   device = f"{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}"
-  return best_of(run, repeats), device
+  return lambda: propagation.propagate(p, aff, rates, iterations=iterations), device
 
 
 def main() -> None:
@@ -81,33 +82,34 @@ def main() -> None:
   parser.add_argument("--classes", type=int, default=21)
   parser.add_argument("--iterations", type=int, default=10)
   parser.add_argument("--rates", default="8,12x24,16")
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
   parser.add_argument("--only", choices=("both", "crf", "propagation"), default="both")
   args = parser.parse_args()
 
   image, source = photo(args.size)
   probs = smooth_probs(args.size, args.classes)
   s, c, n = args.size, args.classes, args.iterations
-  rows = []
-  t_prop = t_crf = None
+  cases, where = {}, {}
+  prop = f"affinity propagation (Eq. 6), R={args.rates}, λ=6"
+  dense = "dense CRF (pydensecrf2), θγ=3 w2=3 θα=80 θβ=13 w1=10"
   if args.only in ("both", "propagation"):
-    t_prop, device = time_propagation(probs, args.rates, n, args.repeats)
-    rows.append((f"affinity propagation (Eq. 6), R={args.rates}, λ=6", device, t_prop))
+    cases[prop], where[prop] = propagation_case(probs, args.rates, n)
   if args.only in ("both", "crf"):
     if not crf.available():
       raise SystemExit(crf.MISSING_MESSAGE)
-    t_crf = time_crf(image, probs, n, args.repeats)
-    rows.append(("dense CRF (pydensecrf2), θγ=3 w2=3 θα=80 θβ=13 w1=10", "CPU, 1 thread (C++)", t_crf))
+    cases[dense], where[dense] = crf_case(image, probs, n), "CPU, 1 thread (C++)"
+  t = interleaved(cases, args.repeats, lambda m: print(m, file=sys.stderr, flush=True))
 
   print(
-      f"# post-processing time per image: {s}x{s}, {c} classes, {n} iterations, best of {args.repeats}; "
-      f"image: {source}; host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+      f"# post-processing time per image: {s}x{s}, {c} classes, {n} iterations; each method once per round, "
+      f"{args.repeats} interleaved rounds after a warm-up, best (median); image: {source}; host: "
+      f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
   )
-  print("| method | runs on | ms / image | × propagation |")
+  print("| method | runs on | ms / image | × propagation, round by round |")
   print("|---|---|---|---|")
-  for name, where, seconds in rows:
-    ratio = f"{seconds / t_prop:.1f}" if t_prop else "n/a"
-    print(f"| {name} | {where} | {1e3 * seconds:.1f} | {ratio} |")
+  for name, times in t.items():
+    ratio = best_and_median(per_round(lambda a, b: a / b, times, t[prop]), digits=1) if prop in t else "n/a"
+    print(f"| {name} | {where[name]} | {best_and_median(times, 1e3, 1)} | {ratio} |")
 
 
 if __name__ == "__main__":

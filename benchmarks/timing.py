@@ -1,6 +1,10 @@
-"""The benchmarks' timer: best wall time of a call, after a warm-up call that compiles."""
+"""The benchmarks' timers: the best wall time of one call, and several calls timed in interleaved rounds."""
 
+from __future__ import annotations
+
+import statistics
 import time
+from collections.abc import Callable, Mapping
 
 
 def _wait(out):
@@ -20,3 +24,33 @@ def best_of(fn, repeats: int) -> float:
     _wait(fn())
     times.append(time.perf_counter() - start)
   return min(times)
+
+
+def interleaved(cases: Mapping[str, Callable[[], object]], rounds: int, log=None) -> dict[str, list[float]]:
+  """Seconds of every call of each case: one untimed warm-up call each (compiles, first touches), then ``rounds``
+  rounds of one call of every case in turn (A, B, C, A, B, C, ...), so that a change in the machine's load falls
+  on all cases alike and a ratio of two cases taken round by round is a same-moment ratio. ``log(message)`` gets a
+  line per round."""
+  if rounds < 1:
+    raise ValueError(f"rounds must be >= 1, got {rounds}")
+  for fn in cases.values():
+    _wait(fn())
+  times = {name: [] for name in cases}
+  for r in range(rounds):
+    for name, fn in cases.items():
+      start = time.perf_counter()
+      _wait(fn())
+      times[name].append(time.perf_counter() - start)
+    if log is not None:
+      log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {1e3 * t[-1]:.1f} ms" for n, t in times.items()))
+  return times
+
+
+def per_round(fn: Callable[..., float], *series: list[float]) -> list[float]:
+  """``fn`` applied round by round to series of :func:`interleaved` (e.g. a ratio of two cases' times)."""
+  return [fn(*values) for values in zip(*series)]
+
+
+def best_and_median(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+  """``"best (median)"`` of ``values`` times ``scale``, e.g. ``"3.45 (3.61)"``; best is the minimum."""
+  return f"{scale * min(values):.{digits}f} ({scale * statistics.median(values):.{digits}f})"
