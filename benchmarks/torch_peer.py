@@ -6,7 +6,9 @@ stride for dilation with multi-grid (1, 2, 4) (rates 2, 4, 8), ASPP (1x1, 3x3 at
 256 channels, 1x1 projection, dropout 0.1), the decoder (48-channel projection of the stride-4 features, two 3x3
 convolutions of 256 channels) and a 1x1 classifier, BatchNorm after every convolution but the classifier. Its
 parameter count equals the JAX model's; `train_step.py` checks that before it times anything, so a layout drift
-shows as an error rather than as a wrong comparison. Only torch itself is needed (no torchvision).
+shows as an error rather than as a wrong comparison. Only torch itself is needed (no torchvision). Other configs
+(`train_step.py --config`) get their own unit kind (ResNet-18/34's basic units, e.g. the demo's ResNet-18) and
+widths: the demo's peer has the JAX model's 12,237,814 parameters (checked with torch 2.13).
 
 The step mirrors `dilaff_jax.engine.train_step.train_step` without head: forward, bilinear upsampling of the stride-4 logits
 with aligned corners, cross-entropy that ignores 255, backward, SGD with momentum 0.9 and weight decay 1e-4. It runs
@@ -55,12 +57,46 @@ class Bottleneck(nn.Module):
     return F.relu(y + (x if self.down is None else self.down(x)))
 
 
+class BasicBlock(nn.Module):
+  """ResNet-18/34's unit: two 3x3 convolutions, the first with the stride and ``rate``, the second with
+  ``out_rate`` (``dilaff_jax.models.resnet.BasicUnit``)."""
+
+  def __init__(self, cin: int, width: int, stride: int, rate: int, out_rate: int):
+    super().__init__()
+    self.conv1 = nn.Conv2d(cin, width, 3, stride=stride, padding=rate, dilation=rate, bias=False)
+    self.bn1 = nn.BatchNorm2d(width)
+    self.conv2 = nn.Conv2d(width, width, 3, padding=out_rate, dilation=out_rate, bias=False)
+    self.bn2 = nn.BatchNorm2d(width)
+    self.down = None
+    if stride != 1 or cin != width:
+      self.down = nn.Sequential(nn.Conv2d(cin, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width))
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return F.relu(y + (x if self.down is None else self.down(x)))
+
+
 class DeepLabV3Plus(nn.Module):
   """``schedule``: per stage, the ``dilaff_jax.models.resnet.Unit`` tuples ``(stride, rate, out_rate)`` of the JAX
-  model (``unit_schedule``), so both networks place strides and dilations identically."""
+  model (``unit_schedule``), so both networks place strides and dilations identically; ``kind``: "bottleneck"
+  (ResNet-50/101/152) or "basic" (ResNet-18/34); the widths are ``config.model``'s (``aspp_channels``,
+  ``low_level_channels``, ``decoder_channels``, ``dropout_rate``)."""
 
-  def __init__(self, num_classes: int, schedule, aspp_rates=(6, 12, 18)):
+  def __init__(
+      self,
+      num_classes: int,
+      schedule,
+      aspp_rates=(6, 12, 18),
+      *,
+      kind: str = "bottleneck",
+      aspp_channels: int = 256,
+      low_level_channels: int = 48,
+      decoder_channels: int = 256,
+      dropout_rate: float = 0.1,
+  ):
     super().__init__()
+    unit, expansion = {"bottleneck": (Bottleneck, 4), "basic": (BasicBlock, 1)}[kind]
     self.stem = nn.Sequential(
         nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
         nn.BatchNorm2d(64),
@@ -72,18 +108,22 @@ class DeepLabV3Plus(nn.Module):
       width = 64 * 2**index
       blocks = []
       for stride, rate, out_rate in units:
-        blocks.append(Bottleneck(cin, width, stride, rate, out_rate))
-        cin = 4 * width
+        blocks.append(unit(cin, width, stride, rate, out_rate))
+        cin = expansion * width
       stages.append(nn.Sequential(*blocks))
+    low_in = 64 * expansion
     self.stages = nn.ModuleList(stages)
+    a = aspp_channels
     self.aspp = nn.ModuleList(
-        [conv_bn_relu(cin, 256, 1)] + [conv_bn_relu(cin, 256, 3, r) for r in aspp_rates] + [conv_bn_relu(cin, 256, 1)]
+        [conv_bn_relu(cin, a, 1)] + [conv_bn_relu(cin, a, 3, r) for r in aspp_rates] + [conv_bn_relu(cin, a, 1)]
     )
-    self.project = conv_bn_relu(256 * (len(aspp_rates) + 2), 256, 1)
-    self.dropout = nn.Dropout(0.1)
-    self.low_level = conv_bn_relu(256, 48, 1)
-    self.decoder = nn.Sequential(conv_bn_relu(256 + 48, 256, 3), conv_bn_relu(256, 256, 3))
-    self.classifier = nn.Conv2d(256, num_classes, 1)
+    self.project = conv_bn_relu(a * (len(aspp_rates) + 2), a, 1)
+    self.dropout = nn.Dropout(dropout_rate)
+    self.low_level = conv_bn_relu(low_in, low_level_channels, 1)
+    self.decoder = nn.Sequential(
+        conv_bn_relu(a + low_level_channels, decoder_channels, 3), conv_bn_relu(decoder_channels, decoder_channels, 3)
+    )
+    self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
 
   def forward(self, x):
     x = self.stem(x)
@@ -155,11 +195,12 @@ class TorchStep:
       torch.cuda.empty_cache()
 
 
-def make_step(schedule, num_classes, images, labels, *, dtype: str, compiled: bool) -> TorchStep:
-  """``images`` float32 ``[B, H, W, 3]`` and ``labels`` int ``[B, H, W]`` (numpy), as the JAX step gets them."""
+def make_step(schedule, num_classes, images, labels, *, dtype: str, compiled: bool, **layout) -> TorchStep:
+  """``images`` float32 ``[B, H, W, 3]`` and ``labels`` int ``[B, H, W]`` (numpy), as the JAX step gets them;
+  ``layout``: :class:`DeepLabV3Plus`'s keyword arguments (unit kind, widths, dropout)."""
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   torch.manual_seed(0)
-  model = DeepLabV3Plus(num_classes, schedule).to(device).train()
+  model = DeepLabV3Plus(num_classes, schedule, **layout).to(device).train()
   x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
   y = torch.from_numpy(labels).long().to(device)
   return TorchStep(model, x, y, dtype=dtype, compiled=compiled, crop=images.shape[1], batch=images.shape[0])

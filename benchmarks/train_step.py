@@ -1,7 +1,7 @@
 """Training-step cost of the paper's model on this CPU, with and without the dilated-affinity head.
 
-The model is the paper's ResNet-101 DeepLabv3+ (21 classes, output stride 16 to train) with the affinity head for
-R = {8, (12, 24), 16} (4 explicit rates, 32 channels), next to plain DeepLabv3+ (no head, rates = ()): the head's
+By default the model is the paper's ResNet-101 DeepLabv3+ (21 classes, output stride 16 to train) with the
+affinity head for R = {8, (12, 24), 16} (4 explicit rates, 32 channels), next to plain DeepLabv3+ (no head, rates = ()): the head's
 overhead, the paper's "minor extra cost", is printed as a percentage of time, FLOPs and memory. For each crop and
 batch it times the real ``dilaff_jax.engine.train_step.train_step`` (forward + backward + cross-replica BatchNorm + SGD update)
 under ``jax.pmap(axis_name="batch")`` on 1 CPU device, and prints one Markdown table (progress goes to stderr):
@@ -25,7 +25,16 @@ Quick check (a couple of minutes)::
 
   .venv/bin/python benchmarks/train_step.py --crops 129 --batches 1 --depth 50 --repeats 2
 
-Other flags (defaults): ``--crops 257,513 --batches 1,2 --repeats 5 --depth 101`` (50, 101 or 152)
+Any config instead of the paper's (its model, classes, affinity rates, crop and per-device batch; ``--crops``,
+``--batches`` and ``--depth`` override them), e.g. the demo, with both frameworks on one core and on two::
+
+  .venv/bin/python benchmarks/train_step.py --config=configs/synthetic.py --threads 1
+  .venv/bin/python benchmarks/train_step.py --config=configs/synthetic.py --threads 2
+
+``--threads N`` pins the process to its first N cores before JAX starts (XLA:CPU sizes its thread pool from them)
+and sets PyTorch's ``set_num_threads(N)``: both frameworks then compute with N threads.
+
+Other flags (defaults): ``--crops 257,513 --batches 1,2 --repeats 5 --depth 101`` (18, 34, 50, 101 or 152)
 ``--dtypes float32`` (compute dtypes, comma-separated: ``bfloat16`` is the GPU setting). Crops must be 16k + 1
 (output stride 16). On one GPU, the side-by-side rows of the paper's model with and without head, in both
 precisions (the PyTorch peers come from a separate measuring kit)::
@@ -58,11 +67,32 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+
+def _pin_threads(argv: Sequence[str]) -> int | None:
+  """``--threads=N`` (or ``--threads N``): this process runs on its first N allowed cores, set before JAX starts
+  (XLA:CPU sizes its thread pool from the cores the process may use) and passed to PyTorch's
+  ``set_num_threads`` for its peers, so both frameworks compute with N threads. None: every allowed core."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--threads"):
+      value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+      if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"error: --threads={value!r}: expected a positive integer")
+      allowed = sorted(os.sched_getaffinity(0))
+      if int(value) > len(allowed):
+        raise SystemExit(f"error: --threads={value}: this process may use {len(allowed)} core(s)")
+      os.sched_setaffinity(0, allowed[: int(value)])
+      return int(value)
+  return None
+
+
+THREADS = _pin_threads(sys.argv[1:]) if __name__ == "__main__" else None
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import voc  # noqa: E402
+from dilaff_jax.engine import config_checks  # noqa: E402
 from dilaff_jax.datasets import device_feed  # noqa: E402
 from dilaff_jax.method import affinity  # noqa: E402
 from dilaff_jax.process import host_memory  # noqa: E402
@@ -74,6 +104,19 @@ from dilaff_jax.method.neighbour_stats import AffinityStats  # noqa: E402
 
 PAPER_RATES = affinity.expand_rates([8, (12, 24), 16])
 GIB = 1024**3
+
+
+def load_config(spec: str):
+  """``configs/NAME.py[:VARIANT]`` as ``dilaff_jax.main`` reads it (``get_config(VARIANT)``), validated."""
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("benchmarked_config", os.path.join(REPO, path))
+  if module_spec is None or not os.path.isfile(os.path.join(REPO, path)):
+    raise SystemExit(f"error: --config={spec}: no such config file")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(variant) if variant else module.get_config()
+  config_checks.validate(config, num_devices=1, mode="evaluate")  # no weights file needed: random init here
+  return config
 
 
 def log(message: str) -> None:
@@ -89,15 +132,15 @@ def made_up_stats(rates: affinity.Rates) -> AffinityStats:
   return AffinityStats(rates, freq / freq.sum(1, keepdims=True), pos, source="made up (benchmark)")
 
 
-def paper_config(crop: int, batch: int, depth: int, dtype: str = "float32"):
-  """``configs/voc.py`` (the paper's §4.1 setting) at this crop, per-device batch, ResNet depth and compute dtype
-  (``model.dtype``; parameters stay float32), random init."""
-  config = voc.get_config()
+def paper_config(crop: int, batch: int, depth: int, dtype: str = "float32", base=None):
+  """``base`` (default ``configs/voc.py``, the paper's §4.1 setting) at this crop, per-device batch, ResNet depth
+  and compute dtype (``model.dtype``; parameters stay float32), random init."""
+  config = voc.get_config() if base is None else base.copy_and_resolve_references()
   config.dataset.crop_size = crop
   config.train.batch_size = batch
   config.model.depth = depth
   config.model.dtype = dtype
-  config.model.pretrained = ""
+  config.model.pretrained = "none" if base is not None else ""
   if (crop - 1) % config.model.train_output_stride:
     raise ValueError(
         f"--crops: crop {crop} does not fit output stride {config.model.train_output_stride} "
@@ -147,10 +190,18 @@ class CompiledStep:
 
 
 def compile_step(
-    crop: int, batch: int, rates: affinity.Rates, *, depth: int = 101, dtype: str = "float32", seed: int = 0
+    crop: int,
+    batch: int,
+    rates: affinity.Rates,
+    *,
+    depth: int = 101,
+    dtype: str = "float32",
+    seed: int = 0,
+    base=None,
 ) -> CompiledStep:
-  """Builds the model, state and a fake batch, and compiles ``step_lib.train_step`` (pmap over 1 device)."""
-  config = paper_config(crop, batch, depth, dtype)
+  """Builds the model, state and a fake batch, and compiles ``step_lib.train_step`` (pmap over 1 device); ``base``:
+  the config to start from (default: the paper's)."""
+  config = paper_config(crop, batch, depth, dtype, base)
   stats = made_up_stats(rates) if rates else None
   spec = dataclasses.replace(run_spec.derive(config), rates=tuple(rates))
   model = state_lib.build_model(spec, affinity.prior_bias(stats.pos_freq) if rates else None)
@@ -227,14 +278,22 @@ def _percent(new: float, base: float) -> str:
   return f"{100 * (new / base - 1):+.1f}%"
 
 
-def torch_peers(kinds: Sequence[str], jax_step: CompiledStep, depth: int, seed: int = 0) -> list:
+def torch_peers(kinds: Sequence[str], jax_step: CompiledStep, depth: int, seed: int = 0, base=None) -> list:
   """``(name, TorchStep)`` for each of ``kinds`` (``eager``, ``compile``) at the JAX step's crop, batch and dtype,
-  on the JAX step's own fake batch; a RuntimeError when the PyTorch network's parameter count differs from the JAX
-  no-head model's (a layout drift would make the comparison wrong)."""
+  on the JAX step's own fake batch, with the layout of ``base``'s model (default: the paper's); a RuntimeError when
+  the PyTorch network's parameter count differs from the JAX no-head model's (a layout drift would make the
+  comparison wrong)."""
   import torch_peer  # pylint: disable=import-outside-toplevel  # optional: needs torch
 
-  config = paper_config(jax_step.crop, jax_step.batch, depth, jax_step.dtype)
-  stage_sizes = resnet.layout(depth)[1]
+  if THREADS is not None:
+    import torch  # pylint: disable=import-outside-toplevel
+
+    torch.set_num_threads(THREADS)
+  config = paper_config(jax_step.crop, jax_step.batch, depth, jax_step.dtype, base)
+  m = config.model
+  if m.separable or m.stem != "standard":
+    raise RuntimeError("the PyTorch peer has the standard stem and plain convolutions only")
+  kind, stage_sizes = resnet.layout(depth)
   schedule = resnet.unit_schedule(stage_sizes, config.model.train_output_stride, config.model.multi_grid)
   data = fake_batch(
       np.random.default_rng(seed),
@@ -244,6 +303,7 @@ def torch_peers(kinds: Sequence[str], jax_step: CompiledStep, depth: int, seed: 
       config.dataset.ignore_label,
   )
   jax_count = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(jax_step.state.params))  # [devices, ...]
+  unit_kind = "basic" if kind == "basic" else "bottleneck"
   peers = []
   for kind in kinds:
     step = torch_peer.make_step(
@@ -253,6 +313,12 @@ def torch_peers(kinds: Sequence[str], jax_step: CompiledStep, depth: int, seed: 
         data["label"][0],
         dtype=jax_step.dtype,
         compiled=kind == "compile",
+        kind=unit_kind,
+        aspp_rates=tuple(m.get("aspp_rates", (6, 12, 18))),
+        aspp_channels=m.aspp_channels,
+        low_level_channels=m.low_level_channels,
+        decoder_channels=m.decoder_channels,
+        dropout_rate=m.dropout_rate,
     )
     count = torch_peer.parameter_count(step.model)
     if count != jax_count:
@@ -263,8 +329,15 @@ def torch_peers(kinds: Sequence[str], jax_step: CompiledStep, depth: int, seed: 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--crops", default="257,513", help="comma-separated square crops (16k + 1)")
-  parser.add_argument("--batches", default="1,2", help="comma-separated batch sizes (one device)")
+  parser.add_argument(
+      "--config",
+      default="",
+      help="a config file (optionally :VARIANT), e.g. configs/synthetic.py for the demo: its model, classes, rates, "
+      "crop and batch (--crops, --batches, --depth override them); default: the paper's configs/voc.py",
+  )
+  parser.add_argument("--threads", type=int, default=None, help="cores for both frameworks (default: all)")
+  parser.add_argument("--crops", default=None, help="comma-separated square crops (16k + 1); default 257,513")
+  parser.add_argument("--batches", default=None, help="comma-separated batch sizes (one device); default 1,2")
   parser.add_argument("--repeats", type=int, default=5, help="timed steps per case (best and median reported)")
   parser.add_argument(
       "--dtypes",
@@ -274,9 +347,10 @@ def main() -> None:
   parser.add_argument(
       "--depth",
       type=int,
-      default=101,
-      choices=[50, 101, 152],
-      help="ResNet depth (bottleneck only: multi-grid (1, 2, 4) needs 3 units in the last stage)",
+      default=None,
+      choices=[18, 34, 50, 101, 152],
+      help="ResNet depth (default: the config's; the paper's 101); multi-grid needs one rate per unit of the last "
+      "stage (the paper's (1, 2, 4): 50, 101, 152)",
   )
   parser.add_argument(
       "--torch",
@@ -296,13 +370,20 @@ def main() -> None:
     torch_kinds = [] if args.torch == "none" else [k.strip() for k in args.torch.split(",")]
     if not set(torch_kinds) <= {"eager", "compile"}:
       parser.error(f"--torch={args.torch}: expected auto, none, or a subset of eager,compile")
-  crops = [int(c) for c in args.crops.split(",")]
-  batches = [int(b) for b in args.batches.split(",")]
+  base, head_rates = None, PAPER_RATES
+  if args.config:
+    base = load_config(args.config)
+    head_rates = run_spec.derive(base).rates if base.affinity.enabled else ()
+    if not head_rates:
+      parser.error(f"--config={args.config}: the config has no affinity head to compare")
+  depth = args.depth or (int(base.model.depth) if base is not None else 101)
+  crops = [int(c) for c in (args.crops or (str(base.dataset.crop_size) if base else "257,513")).split(",")]
+  batches = [int(b) for b in (args.batches or (str(base.train.batch_size) if base else "1,2")).split(",")]
   dtypes = [d.strip() for d in args.dtypes.split(",")]
   if not set(dtypes) <= {"float32", "bfloat16", "float16"}:
     parser.error(f"--dtypes={args.dtypes}: expected float32, bfloat16 or float16")
   for crop in crops:
-    paper_config(crop, 1, args.depth)  # fail fast on a bad crop
+    paper_config(crop, 1, depth, base=base)  # fail fast on a bad crop
   if args.repeats < 1 or min(batches) < 1:
     parser.error("--repeats and --batches must be >= 1")
 
@@ -313,19 +394,19 @@ def main() -> None:
   cases = [(crop, batch, dtype) for dtype in dtypes for crop in crops for batch in batches]
   for crop, batch, dtype in cases:
     pair = []
-    for name, rates in (("DeepLabv3+ (no head)", ()), ("+ affinity head", PAPER_RATES)):
+    for name, rates in (("DeepLabv3+ (no head)", ()), ("+ affinity head", head_rates)):
       log(
-          f"[{len(pairs) * 2 + len(pair) + 1}/{2 * len(cases)}] ResNet-{args.depth} {name}, {dtype}, "
+          f"[{len(pairs) * 2 + len(pair) + 1}/{2 * len(cases)}] ResNet-{depth} {name}, {dtype}, "
           f"crop {crop}, batch {batch}: compiling ({time.perf_counter() - t0:.0f}s so far)"
       )
-      s = compile_step(crop, batch, rates, depth=args.depth, dtype=dtype)
+      s = compile_step(crop, batch, rates, depth=depth, dtype=dtype, base=base)
       log(f"    compiled in {s.compile_s:.1f}s: {s.flops / 1e9:.1f} GFLOPs, {s.memory_bytes / GIB:.2f} GiB")
       pair.append((name, s))
     if torch_kinds and batch < 2:
       log("    no PyTorch rows at batch 1 (its BatchNorm needs 2 values per channel in the image-pooling branch)")
     elif torch_kinds:
       log(f"    PyTorch peers ({', '.join(torch_kinds)}): building and compiling")
-      pair += torch_peers(torch_kinds, pair[0][1], args.depth)
+      pair += torch_peers(torch_kinds, pair[0][1], depth, base=base)
     log(f"    timing all {len(pair)}, interleaved: {args.repeats} rounds after a warm-up")
     time_interleaved([s for _, s in pair], args.repeats)
     pairs.append(pair)
@@ -337,10 +418,12 @@ def main() -> None:
   matmul_after = matmul_gflops(repeats=args.repeats + 2)
   matmul = max(matmul_before, matmul_after)
 
+  num_classes = base.dataset.num_classes if base is not None else 21
   print(
-      f"Training step of ResNet-{args.depth} DeepLabv3+ (21 classes, output stride 16, SGD momentum; compute "
-      f"dtype per row, float32 parameters), "
-      f"affinity head R = {{8, (12,24), 16}} = {len(PAPER_RATES)} explicit rates; `jax.pmap` on 1 "
+      f"Training step of ResNet-{depth} DeepLabv3+ ({args.config or 'configs/voc.py'}: {num_classes} classes, "
+      f"output stride 16, SGD momentum; compute dtype per row, float32 parameters), "
+      f"affinity head R = {list(head_rates)} ({len(head_rates)} explicit rates); "
+      f"{'every allowed core' if THREADS is None else f'{THREADS} thread(s) for both frameworks'}; `jax.pmap` on 1 "
       f"{jax.devices()[0].platform.upper()} device ({jax.devices()[0].device_kind}); jax {jax.__version__}; "
       f"host {_cpu_name()}, {os.cpu_count()} "
       f"cores.\nStep time: best (and median) of {args.repeats} steps after a warm-up, the two models timed in "
