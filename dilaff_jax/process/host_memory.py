@@ -6,8 +6,9 @@ kernel afresh every step (mapped on their own, or trimmed from a heap when freed
 pages in again and the kernel zeroes each one: on a training step of a ResNet-50 DeepLabv3+ (crop 97, batch 8, 2
 cores) about 376,000 page faults and 1.3 s of system time per 3.6 s step. :func:`reuse_freed_memory` tells glibc
 to serve every thread from one arena that is never trimmed and never to map a buffer on its own, so that the
-buffers of one step serve the next: next to no page faults or system time (benchmarks/host_memory.py). Results are the same
-bit for bit (only where the bytes live changes); the process's resident memory no longer shrinks after a peak.
+buffers of one step serve the next: most steps then fault no page, a few fault in bursts (measured over 20 steps:
+about 15,000 faults per step on average, 0.04x; docs/performance.md, benchmarks/host_memory.py). Results are the
+same bit for bit (only where the bytes live changes); the process's resident memory no longer shrinks after a peak.
 
 The command-line jobs call it at start-up, before JAX starts its backend (threads that already exist keep their
 arenas). ``DILAFF_REUSE_FREED_MEMORY=0`` turns it off. Elsewhere than glibc (macOS, musl) it does nothing.
