@@ -24,7 +24,8 @@ import numpy as np
 from clu import metric_writers
 
 from dilaff_jax.datasets import input_pipeline
-from dilaff_jax.engine import checkpoints, config_checks, crf, eval_metrics, eval_report, inference, replicas, run_spec, visualize
+from dilaff_jax.engine import checkpoints, config_checks, crf, eval_metrics, eval_report, inference, replicas
+from dilaff_jax.engine import run_spec, visualize
 from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.method import affinity, propagation
 from dilaff_jax.engine.train_state import AXIS, build_model, state_template

@@ -87,7 +87,8 @@ STEPS = textwrap.dedent("""
     stats = AffinityStats(rates, freq / freq.sum(1, keepdims=True), np.full(len(rates), 0.9))
     model = state_lib.build_model(spec, affinity.prior_bias(stats.pos_freq))
     device = jax.local_devices()[:1]
-    state = replicas.replicate(state_lib.create_train_state(spec, model, jax.random.key(0)), axis_name=state_lib.AXIS, devices=device)
+    state = state_lib.create_train_state(spec, model, jax.random.key(0))
+    state = replicas.replicate(state, axis_name=state_lib.AXIS, devices=device)
     step = step_lib.make_train_step(spec, stats, state_lib.learning_rate_schedule(config))
     p_step = jax.pmap(step, axis_name=state_lib.AXIS, in_axes=(0, 0, None), devices=device)
     rng = np.random.default_rng(0)
