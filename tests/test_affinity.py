@@ -365,6 +365,88 @@ def test_affinity_loss_rejects_mismatches():
     affinity.affinity_loss(jnp.zeros((1, 4, 4, 16)), labels, [(1, 1)], stats)
 
 
+def autodiff_reference_loss(logits, labels, rates, stats, scheme, gamma, max_weight):
+  """The loss in its unpacked form: rolled targets, categories, a weight lookup and the focal loss of Eq. 4
+  differentiated automatically (no written-out gradient)."""
+  targets, valid = affinity.affinity_targets(labels, rates)
+  z = jnp.where(targets > 0.5, logits, -logits)
+  g = 0.0 if scheme == "none" else gamma
+  fl = jnp.exp(g * jax.nn.log_sigmoid(-z)) * -jax.nn.log_sigmoid(z)
+  fl = jnp.where(valid, fl, 0.0)
+  shape5 = (*labels.shape, len(rates), 8)
+  if scheme == "none":
+    w = jnp.ones(shape5)
+  elif scheme == "signal":
+    sw = jnp.asarray(affinity.signal_weights(stats.pos_freq, max_weight))
+    w = jnp.where(targets.reshape(shape5) > 0.5, sw[:, 1][:, None], sw[:, 0][:, None])
+  else:
+    k = affinity.neighbor_categories(targets, valid, len(rates), stats.partial_neighbors)
+    table = jnp.asarray(affinity.neighbor_weights(stats.freq, scheme, max_weight))
+    w = jnp.broadcast_to(table[jnp.arange(len(rates)), jnp.maximum(k, 0)][..., None], shape5)
+  return jnp.sum(fl.reshape(shape5) * w) / jnp.sum(labels != IGN)
+
+
+@pytest.mark.parametrize("scheme", ["none", "signal", "sqrt"])
+@pytest.mark.parametrize("gamma", [0.0, 1.5, 2.0])
+def test_affinity_loss_gradient_equals_automatic_differentiation_of_the_unpacked_form(scheme, gamma):
+  labels = jnp.asarray(random_labels(31, shape=(2, 6, 7)))
+  rng = np.random.default_rng(32)
+  logits = rng.normal(scale=3.0, size=(2, 6, 7, 8 * len(RATES)))
+  logits[0, 1, 2, :5] = [0.0, 40.0, -40.0, 200.0, -200.0]  # a tie and saturated logits
+  stats = AffinityStats(RATES, FREQ, POS, partial_neighbors="count")
+  with jax.enable_x64(True):
+    x = jnp.asarray(logits, jnp.float64)
+    f = lambda x: affinity.affinity_loss(x, labels, RATES, stats, scheme=scheme, gamma=gamma, max_weight=8.0)
+    ref = lambda x: autodiff_reference_loss(x, labels, RATES, stats, scheme, gamma, 8.0)
+    value, grad = jax.value_and_grad(f)(x)
+    want_value, want_grad = jax.value_and_grad(ref)(x)
+  assert float(value) == pytest.approx(float(want_value), rel=1e-12)
+  assert np.all(np.isfinite(np.asarray(grad)))
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-9, atol=1e-15)
+  assert np.abs(np.asarray(grad)).max() > 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_affinity_loss_terms_upsampling_inside_equal_upsampling_first(dtype):
+  """The training step passes the stride-4 logits and DeepLab's upsampling; the loss, counts and gradient are those
+  of upsampling first (the gradient pulled back through the same linear map, image by image)."""
+  from dilaff_jax.models.deeplab import upsample_logits
+
+  labels = jnp.asarray(random_labels(41, shape=(3, 13, 17)))
+  x = jnp.asarray(np.random.default_rng(42).normal(scale=2.0, size=(3, 4, 5, 8 * len(RATES))), dtype)
+  stats = AffinityStats(RATES, FREQ, POS)
+
+  def inside(x):
+    total, n, correct, valid = affinity.affinity_loss_terms(x, labels, RATES, stats, upsample=upsample_logits)
+    return total / n, (correct, valid)
+
+  def first(x):
+    z = upsample_logits(x, labels.shape[1:])
+    total, n, correct, valid = affinity.affinity_loss_terms(z, labels, RATES, stats)
+    return total / n, (correct, valid)
+
+  (got, got_counts), got_grad = jax.value_and_grad(inside, has_aux=True)(x)
+  (want, want_counts), want_grad = jax.value_and_grad(first, has_aux=True)(x)
+  assert got_grad.dtype == dtype and got_grad.shape == x.shape
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+  assert [int(c) for c in got_counts] == [int(c) for c in want_counts] and int(want_counts[1]) > 0
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(
+      np.asarray(got_grad, np.float32), np.asarray(want_grad, np.float32), rtol=tol, atol=tol * 1e-3
+  )
+  assert np.abs(np.asarray(want_grad, np.float32)).max() > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_direction_bits_unpack_to_the_brute_force_targets(seed):
+  labels = random_labels(seed, shape=(2, 7, 9))
+  positive, valid = affinity.direction_bits(jnp.asarray(labels), RATES, IGN)
+  assert positive.dtype == valid.dtype == jnp.uint8 and positive.shape == (2, 7, 9, len(RATES))
+  targets, want_valid = brute_targets(labels, RATES)
+  np.testing.assert_array_equal(np.asarray(affinity.unpack_bits(valid)), want_valid)
+  np.testing.assert_array_equal(np.asarray(affinity.unpack_bits(positive)), targets == 1)
+
+
 def test_affinity_loss_all_ignored_is_zero():
   labels = jnp.full((1, 4, 4), IGN, jnp.int32)
   stats = AffinityStats(((1, 1),), FREQ[:1], POS[:1])
@@ -405,6 +487,12 @@ def test_affinity_accuracy_counts_brute_force(rule):
   # the training step's total: the same counts, summed
   c_all, t_all = affinity.affinity_accuracy_total(jnp.asarray(logits), jnp.asarray(labels), RATES)
   assert (int(c_all), int(t_all)) == (want_c.sum(), want_t.sum()) and want_t.sum() > 0
+  # ... and as the training step counts them, beside the loss (zero logits included: σ(0) = 0.5 is not > 0.5)
+  logits[0, 0, 0, :] = 0.0
+  stats = AffinityStats(RATES, FREQ, POS, partial_neighbors=rule)
+  _, _, c_step, t_step = affinity.affinity_loss_terms(jnp.asarray(logits), jnp.asarray(labels), RATES, stats)
+  c_all, t_all = affinity.affinity_accuracy_total(jnp.asarray(logits), jnp.asarray(labels), RATES)
+  assert (int(c_step), int(t_step)) == (int(c_all), int(t_all))
 
 
 def test_neighbour_inside_matches_a_loop_for_the_image_and_for_each_examples_real_size():

@@ -111,8 +111,8 @@ def make_loss_fn(spec: RunSpec, stats: AffinityStats | None) -> LossFn:
   Returns ``loss_fn(params, out, batch, step) -> (loss, aux)`` on this device's shard of the batch: every term is
   normalised by the *global* number of labelled pixels (or AAF's global element counts), so the sum over the
   devices is the whole batch's loss. ``aux["terms"]`` holds ``loss``, ``ce_loss`` and, where used,
-  ``affinity_loss`` and ``structure_loss`` on the same scale; ``aux["logits"]`` (and ``aux["aff_logits"]``) the
-  upsampled outputs the metrics read."""
+  ``affinity_loss`` and ``structure_loss`` on the same scale; ``aux["logits"]`` the upsampled logits the metrics
+  read, and ``aux["affinity_counts"]`` (with ``rates``) this shard's correct and valid affinity signals."""
   config, rates = spec.config, spec.rates
   ign = config.dataset.ignore_label
   replace_ce, add_term = STRUCTURE_TERMS[spec.structure](config)
@@ -130,10 +130,10 @@ def make_loss_fn(spec: RunSpec, stats: AffinityStats | None) -> LossFn:
     if replace_ce is not None:
       terms["structure_loss"] = loss = replace_ce(params, out, logits, batch, step, denom)
     if rates:
-      aux["aff_logits"] = upsample_logits(out["affinity_logits"], size)
-      aff_sum, _ = affinity.affinity_loss_sum(
-          aux["aff_logits"], labels, rates, stats, a.scheme, a.gamma, ign, a.max_weight
+      aff_sum, _, aff_correct, aff_valid = affinity.affinity_loss_terms(
+          out["affinity_logits"], labels, rates, stats, a.scheme, a.gamma, ign, a.max_weight, upsample=upsample_logits
       )
+      aux["affinity_counts"] = (aff_correct, aff_valid)
       terms["affinity_loss"] = aff_sum / denom
       loss = loss + a.beta * terms["affinity_loss"]
     if add_term is not None:
@@ -163,7 +163,7 @@ def make_metrics_fn(spec: RunSpec, schedule: optax.Schedule) -> MetricsFn:
     out = {k: psum(v) for k, v in aux["terms"].items()}
     out.update(learning_rate=schedule(step), pixel_accuracy=psum(correct) / jnp.maximum(psum(jnp.sum(valid)), 1))
     if rates:
-      c, t = affinity.affinity_accuracy_total(aux["aff_logits"], labels, rates, ign)
+      c, t = aux["affinity_counts"]
       out["affinity_accuracy"] = psum(c) / jnp.maximum(psum(t), 1)
     return collection.single_from_model_output(**out)
 

@@ -15,7 +15,7 @@ Conventions (``docs/conventions.md`` states each with the reason where the paper
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Union
 
 import jax
@@ -293,7 +293,144 @@ def signal_weights(pos_freq: np.ndarray, max_weight: float | None = None) -> np.
   return _cap(np.stack([neg, np.ones_like(pi)], axis=-1), max_weight)
 
 
-def affinity_loss_sum(
+def direction_bits(
+    labels: jax.Array, rates: Sequence[RateSpec], ignore_label: int = IGNORE_LABEL
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`affinity_targets` packed one byte per pixel and rate: ``(positive, valid)``, uint8 ``[B, H, W, |R|]``,
+  bit ``d`` of byte ``r`` holding channel ``8·r + d``.
+
+  The neighbour of direction ``(s, t)`` is a static slice of the labels padded with ``ignore_label``: a neighbour
+  outside the image reads void, so it is invalid exactly as under the roll and border mask. One pass over the
+  labels per direction, and a ``[B, H, W, |R|]`` result a 32nd of the unpacked targets' size.
+  """
+  labels = jnp.asarray(labels)
+  b, h, w = labels.shape
+  offsets = neighbor_offsets(rates)
+  pad = max(max(abs(s), abs(t)) for s, t in offsets)
+  padded = jnp.pad(labels, ((0, 0), (pad, pad), (pad, pad)), constant_values=ignore_label)
+  centre_ok = labels != ignore_label
+  positive, valid = [], []
+  for r in range(len(offsets) // DIRECTIONS_PER_RATE):
+    pos_bits = val_bits = jnp.zeros((b, h, w), jnp.uint8)
+    for d in range(DIRECTIONS_PER_RATE):
+      s, t = offsets[DIRECTIONS_PER_RATE * r + d]
+      nb = padded[:, pad + s : pad + s + h, pad + t : pad + t + w]
+      v = centre_ok & (nb != ignore_label)
+      val_bits = val_bits | (v.astype(jnp.uint8) << d)
+      pos_bits = pos_bits | ((v & (nb == labels)).astype(jnp.uint8) << d)
+    positive.append(pos_bits)
+    valid.append(val_bits)
+  return jnp.stack(positive, -1), jnp.stack(valid, -1)
+
+
+def unpack_bits(bits: jax.Array) -> jax.Array:
+  """Bool ``[B, H, W, 8·|R|]`` from :func:`direction_bits`' ``[B, H, W, |R|]`` bytes (channel ``8·r + d`` = bit ``d``
+  of byte ``r``)."""
+  d = jnp.arange(DIRECTIONS_PER_RATE, dtype=jnp.uint8)
+  return (((bits[..., None] >> d) & 1) == 1).reshape(*bits.shape[:-1], bits.shape[-1] * DIRECTIONS_PER_RATE)
+
+
+def _materialised(fn, *args):
+  """``fn(*args)`` in a conditional whose two branches are both ``fn``: XLA fuses nothing across a conditional, so
+  the outputs are computed once into buffers of their own. Without it XLA:CPU fuses cheap producers into their
+  consumers and recomputes them per use: the 8·|R| label comparisons for every channel of every pixel, or the focal
+  loss's gradient at each of the several reads of the upsampling's transpose (3-6x slower)."""
+  pred = jnp.ravel(args[0])[0] != 0  # any value: both branches are fn; a traced predicate is never folded away
+  return jax.lax.cond(pred, fn, fn, *args)
+
+
+def _pixel_weights(positive, valid, stats, scheme: str, max_weight):
+  """``(w_pos, w_neg)`` float32, broadcastable to ``[B, H, W, |R|]``: the weight of a positive and of a negative
+  pair of each pixel and rate (Eq. 5, Table 1)."""
+  num_rates = positive.shape[-1]
+  if scheme == "none":
+    one = jnp.ones((num_rates,), jnp.float32)
+    return one, one
+  if scheme == "signal":
+    sw = signal_weights(stats.pos_freq, max_weight)  # [R, 2]: (negative, positive)
+    return jnp.asarray(sw[:, 1]), jnp.asarray(sw[:, 0])
+  table = neighbor_weights(stats.freq, scheme, max_weight)  # [R, 9]
+  q = jax.lax.population_count(positive).astype(jnp.int32)
+  v = jax.lax.population_count(valid).astype(jnp.int32)
+  if stats.partial_neighbors == "rescale":
+    k = jnp.round(DIRECTIONS_PER_RATE * q / jnp.maximum(v, 1)).astype(jnp.int32)
+  else:
+    k = q
+  # a pixel with v = 0 (k = -1 in neighbor_categories) has no valid pair, so its weight never counts
+  w = sum(jnp.where(k == j, table[:, j], np.float32(0)) for j in range(NUM_CATEGORIES))
+  return w, w
+
+
+def _weighted_focal(logits, positive, valid, w_pos, w_neg, gamma: float):
+  """Per channel: the weighted focal loss, its gradient with respect to the logits, and 1 where the logit's sign
+  is right (all 0 on invalid pairs). One exp and one log1p per element: with ``z = ±logit`` (+ for a positive
+  target), ``e = exp(-|z|)``, ``p_t = σ(z)`` and ``1 - p_t`` are ``1/(1+e)`` and ``e/(1+e)`` (in either order by
+  the sign of ``z``), ``-log p_t = max(-z, 0) + log1p(e)``, ``FL = (1 - p_t)^γ · (-log p_t)`` (Eq. 4) and
+  ``dFL/dz = -(1 - p_t)^γ · (γ · p_t · (-log p_t) + 1 - p_t)``: finite for logits of any magnitude."""
+  pos = unpack_bits(positive)
+  val = unpack_bits(valid)
+  num_rates = positive.shape[-1]
+  w = jnp.where(
+      pos.reshape(*pos.shape[:-1], num_rates, DIRECTIONS_PER_RATE),
+      jnp.asarray(w_pos)[..., None],
+      jnp.asarray(w_neg)[..., None],
+  ).reshape(pos.shape)
+  z = jnp.where(pos, logits, -logits)
+  e = jnp.exp(-jnp.abs(z))
+  r = 1.0 / (1.0 + e)
+  nonneg = z >= 0
+  p_t = jnp.where(nonneg, r, e * r)
+  q_t = jnp.where(nonneg, e * r, r)
+  nll = jnp.maximum(-z, 0.0) + jnp.log1p(e)
+  if gamma == 0:
+    mod = jnp.ones_like(q_t)
+  elif float(gamma).is_integer():
+    mod = jax.lax.integer_pow(q_t, int(gamma))
+  else:
+    mod = jnp.exp(-gamma * (jnp.maximum(z, 0.0) + jnp.log1p(e)))  # (1 - p_t)^γ = exp(γ · log σ(-z))
+  dz = -mod * (gamma * p_t * nll + q_t)
+  correct = jnp.where(pos, z > 0, z >= 0)  # σ(logit) > 0.5 equals the target
+  return (
+      jnp.where(val, w * mod * nll, 0.0),
+      jnp.where(val, w * jnp.where(pos, dz, -dz), 0.0),
+      (val & correct).astype(jnp.int8),
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _loss_terms(logits, positive, valid, w_pos, w_neg, gamma, upsample):
+  return _loss_terms_fwd(logits, positive, valid, w_pos, w_neg, gamma, upsample)[0]
+
+
+def _loss_terms_fwd(logits, positive, valid, w_pos, w_neg, gamma, upsample):
+  """Loss and accuracy sums and the gradient with respect to ``logits``, one image at a time: the image's logits
+  upsampled (``upsample``; None: already at the label size), its loss terms (:func:`_weighted_focal`), and the
+  gradient pulled back through the upsampling. Only that low-resolution gradient is kept for the backward pass:
+  the full-resolution buffers (logits, loss, gradient) exist for one image at a time."""
+  size = positive.shape[1:3]
+  w_pos = jnp.broadcast_to(jnp.asarray(w_pos, jnp.float32), positive.shape)
+  w_neg = jnp.broadcast_to(jnp.asarray(w_neg, jnp.float32), positive.shape)
+
+  def one_image(args):
+    x, *label_terms = (a[None] for a in args)
+    z, pull_back = jax.vjp((lambda t: t) if upsample is None else (lambda t: upsample(t, size)), x)
+    fl, dz, correct = _materialised(lambda *a: _weighted_focal(*a, gamma), z, *label_terms)
+    (grad,) = pull_back(dz.astype(z.dtype))
+    return jnp.sum(fl), jnp.sum(correct, dtype=jnp.int32), grad[0]
+
+  totals, corrects, grads = jax.lax.map(one_image, (logits, positive, valid, w_pos, w_neg))
+  return (jnp.sum(totals), jnp.sum(corrects)), (grads, positive, valid, w_pos, w_neg)
+
+
+def _loss_terms_bwd(gamma, upsample, residuals, g):
+  grads, _, _, w_pos, w_neg = residuals
+  return (grads * g[0]).astype(grads.dtype), None, None, jnp.zeros_like(w_pos), jnp.zeros_like(w_neg)
+
+
+_loss_terms.defvjp(_loss_terms_fwd, _loss_terms_bwd)
+
+
+def affinity_loss_terms(
     logits: jax.Array,
     labels: jax.Array,
     rates: Sequence[RateSpec],
@@ -302,11 +439,19 @@ def affinity_loss_sum(
     gamma: float = 2.0,
     ignore_label: int = IGNORE_LABEL,
     max_weight: float | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """Numerator and denominator of :func:`affinity_loss`: ``(Σ_pixels Σ_r w_r(k) Σ_c valid·FL, N)``.
+    upsample: Callable[[jax.Array, tuple[int, int]], jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(Σ_pixels Σ_r w_r(k) Σ_{c valid} FL, N, correct, valid)``: the numerator and denominator of
+  :func:`affinity_loss` and the affinity accuracy's counts of :func:`affinity_accuracy_total`, in one pass.
 
-  Data-parallel training sums both over devices before dividing, so the loss of a sharded batch equals the
-  loss of the whole batch.
+  ``logits`` are at the label resolution, or, with ``upsample`` (a linear map ``(x, size) -> x at size``, e.g.
+  DeepLab's bilinear upsampling of the stride-4 logits), at the network's resolution and upsampled here.
+
+  The targets are packed one byte per pixel and rate (:func:`direction_bits`); the focal loss, its gradient and
+  the accuracy come from one exp and one log1p per element, computed in the forward pass one image at a time
+  (:func:`_loss_terms_fwd`): the backward pass keeps only the gradient at the logits' own resolution. Equal to
+  the unpacked form (targets, categories, weight lookup, focal loss) up to float32 rounding of the sums (tested
+  against brute-force loops and automatic differentiation).
   """
   rates = explicit_rates(rates)
   if tuple(map(tuple, stats.rates)) != rates:
@@ -317,30 +462,46 @@ def affinity_loss_sum(
   if scheme not in SCHEMES:
     raise ValueError(f"affinity_loss: unknown weighting scheme {scheme!r}; expected one of {SCHEMES}")
   num_rates = len(rates)
-  if logits.shape[-1] != DIRECTIONS_PER_RATE * num_rates or logits.shape[:-1] != labels.shape:
+  same_size = logits.shape[:-1] == labels.shape or (upsample is not None and logits.shape[0] == labels.shape[0])
+  if logits.shape[-1] != DIRECTIONS_PER_RATE * num_rates or not same_size:
     raise ValueError(
         f"affinity_loss: logits {logits.shape} do not match labels {labels.shape} and "
         f"{num_rates} rates (expected [..., {DIRECTIONS_PER_RATE * num_rates}])"
     )
-  targets, valid = affinity_targets(labels, rates, ignore_label)
-  b, h, w, _ = targets.shape
-  shape5 = (b, h, w, num_rates, DIRECTIONS_PER_RATE)
-  fl = focal_loss(logits, targets, 0.0 if scheme == "none" else gamma)
-  fl = jnp.where(valid, fl, 0.0).reshape(shape5)
-  if scheme == "signal":
-    sw = jnp.asarray(signal_weights(stats.pos_freq, max_weight))  # [R, 2]
-    pos = targets.reshape(shape5) > 0.5
-    total = (fl * jnp.where(pos, sw[:, 1][:, None], sw[:, 0][:, None])).sum()
-  else:
-    per_pixel = fl.sum(-1)  # [B, H, W, R]
-    if scheme == "none":
-      total = per_pixel.sum()
-    else:
-      table = jnp.asarray(neighbor_weights(stats.freq, scheme, max_weight))  # [R, 9]
-      k = neighbor_categories(targets, valid, num_rates, stats.partial_neighbors)
-      # k = -1 (no valid neighbour) has per_pixel = 0: any weight gives 0, so index it safely
-      total = (table[jnp.arange(num_rates), jnp.maximum(k, 0)] * per_pixel).sum()
-  return total, jnp.sum(labels != ignore_label)
+  logits = jnp.asarray(logits)
+  if upsample is None:
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+  def label_side(labels):
+    positive, valid = direction_bits(labels, rates, ignore_label)
+    w_pos, w_neg = _pixel_weights(positive, valid, stats, scheme, max_weight)
+    n_valid = jnp.sum(jax.lax.population_count(valid), dtype=jnp.int32)
+    return positive, valid, w_pos, w_neg, n_valid, jnp.sum(labels != ignore_label)
+
+  positive, valid, w_pos, w_neg, n_valid, n = _materialised(label_side, jnp.asarray(labels))
+  gamma = 0.0 if scheme == "none" else float(gamma)
+  total, correct = _loss_terms(logits, positive, valid, w_pos, w_neg, gamma, upsample)
+  return total, n, correct, n_valid
+
+
+def affinity_loss_sum(
+    logits: jax.Array,
+    labels: jax.Array,
+    rates: Sequence[RateSpec],
+    stats: "AffinityStats",
+    scheme: str = "sqrt",
+    gamma: float = 2.0,
+    ignore_label: int = IGNORE_LABEL,
+    max_weight: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Numerator and denominator of :func:`affinity_loss`: ``(Σ_pixels Σ_r w_r(k) Σ_c valid·FL, N)``
+  (:func:`affinity_loss_terms` without the accuracy).
+
+  Data-parallel training sums both over devices before dividing, so the loss of a sharded batch equals the
+  loss of the whole batch.
+  """
+  total, n, _, _ = affinity_loss_terms(logits, labels, rates, stats, scheme, gamma, ignore_label, max_weight)
+  return total, n
 
 
 def affinity_loss(
