@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dilaff_jax.models import atrous
 from dilaff_jax.models.resnet import OUTPUT_STRIDES, ResNet, batch_norm
 
 _he_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -136,6 +137,7 @@ class ConvBNReLU(nn.Module):
         use_bias=False,
         dtype=self.dtype,
         kernel_init=_he_init,
+        conv_general_dilated=atrous.conv_general_dilated,  # lax's, without the taps that read only padding
     )
     if self.separable and self.kernel > 1:
       x = conv(x.shape[-1], feature_group_count=x.shape[-1], name="depthwise")(x)

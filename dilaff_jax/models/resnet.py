@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dilaff_jax.models import pooling
+from dilaff_jax.models import atrous, pooling
 
 # depth -> (unit kind, units per stage). 14 and 26 are timm's small bottleneck layouts (used by the parity tests).
 LAYOUTS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
@@ -114,6 +114,7 @@ def _conv(features: int, kernel: int, *, stride: int = 1, rate: int = 1, dtype: 
       use_bias=False,
       dtype=dtype,
       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+      conv_general_dilated=atrous.conv_general_dilated,  # lax's, without the taps that read only padding
       name=name,
   )
 
