@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model_probes import conv_calls
+
 from dilaff_jax.models.deeplab import DeepLabV3Plus, resize_bilinear, upsample_logits
 
 PAPER_RATES = ((8, 8), (12, 24), (24, 12), (16, 16))  # R = {8, (12, 24), 16}, expanded
@@ -78,12 +80,8 @@ def test_rejects_bad_output_stride():
 
 def _conv_dilations(model, output_stride, in_features, kernel=3):
   """Atrous rates of the model's convolutions whose kernel is [kernel, kernel, in_features, *], in call order."""
-  images = jnp.zeros((1, 65, 65, 3))
-  variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0), images)
-  jaxpr = jax.make_jaxpr(partial(model.apply, train=False, output_stride=output_stride))(variables, images)
-  convs = [eqn for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"]
-  wanted = (kernel, kernel, in_features)
-  return [eqn.params["rhs_dilation"][0] for eqn in convs if eqn.invars[1].aval.shape[:3] == wanted]
+  calls = conv_calls(model, jnp.zeros((1, 65, 65, 3)), output_stride=output_stride)
+  return [dilation[0] for shape, dilation in calls if shape == (kernel, kernel, in_features)]
 
 
 @pytest.mark.parametrize("output_stride, aspp, layer4", [(16, [6, 12, 18], [2, 4, 8]), (8, [12, 24, 36], [4, 8, 16])])

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model_probes import conv_calls
+
 from dilaff_jax.models.resnet import ResNet, Unit, resnet_param_count, unit_schedule
 from dilaff_jax.models.pretrained import torch_resnet_to_flax
 
@@ -166,13 +168,6 @@ def test_bfloat16_compute_keeps_float32_params(resnet26):
 def test_basic_units_dilate_their_second_conv_at_the_new_rate():
   # ResNet-18 at OS 8: layer3's first unit reads the stride-8 grid (conv1 rate 1), its conv2 the dilated one (2).
   model = ResNet(depth=18, multi_grid=(1, 2))
-  images = jnp.zeros((1, 33, 33, 3))
-  variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0), images)
-  jaxpr = jax.make_jaxpr(partial(model.apply, train=False, output_stride=8))(variables, images)
-  dilations = [
-      eqn.params["rhs_dilation"][0]
-      for eqn in jaxpr.jaxpr.eqns
-      if eqn.primitive.name == "conv_general_dilated" and eqn.params["lhs_dilation"] == (1, 1)
-  ]
+  dilations = [dilation[0] for _, dilation in conv_calls(model, jnp.zeros((1, 33, 33, 3)), output_stride=8)]
   # stem, layer1 (2 units x 2), layer2 (2 x 2 + downsample), layer3, layer4 (multi-grid 4 * (1, 2)).
   assert dilations == [1] + [1] * 4 + [1, 1, 1, 1, 1] + [1, 2, 1, 2, 2] + [4, 4, 1, 8, 8]

@@ -408,6 +408,7 @@ def _loss_terms_fwd(logits, positive, valid, w_pos, w_neg, gamma, upsample):
   gradient pulled back through the upsampling. Only that low-resolution gradient is kept for the backward pass:
   the full-resolution buffers (logits, loss, gradient) exist for one image at a time."""
   size = positive.shape[1:3]
+  weights = (w_pos, w_neg)  # for their shapes in the backward pass
   w_pos = jnp.broadcast_to(jnp.asarray(w_pos, jnp.float32), positive.shape)
   w_neg = jnp.broadcast_to(jnp.asarray(w_neg, jnp.float32), positive.shape)
 
@@ -419,11 +420,11 @@ def _loss_terms_fwd(logits, positive, valid, w_pos, w_neg, gamma, upsample):
     return jnp.sum(fl), jnp.sum(correct, dtype=jnp.int32), grad[0]
 
   totals, corrects, grads = jax.lax.map(one_image, (logits, positive, valid, w_pos, w_neg))
-  return (jnp.sum(totals), jnp.sum(corrects)), (grads, positive, valid, w_pos, w_neg)
+  return (jnp.sum(totals), jnp.sum(corrects)), (grads, *weights)
 
 
 def _loss_terms_bwd(gamma, upsample, residuals, g):
-  grads, _, _, w_pos, w_neg = residuals
+  grads, w_pos, w_neg = residuals  # the weights come from the labels: no gradient flows to them
   return (grads * g[0]).astype(grads.dtype), None, None, jnp.zeros_like(w_pos), jnp.zeros_like(w_neg)
 
 
