@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dilaff_jax.method import fusion
 from dilaff_jax.method.conventions import IGNORE_LABEL
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -330,15 +331,6 @@ def unpack_bits(bits: jax.Array) -> jax.Array:
   return (((bits[..., None] >> d) & 1) == 1).reshape(*bits.shape[:-1], bits.shape[-1] * DIRECTIONS_PER_RATE)
 
 
-def _materialised(fn, *args):
-  """``fn(*args)`` in a conditional whose two branches are both ``fn``: XLA fuses nothing across a conditional, so
-  the outputs are computed once into buffers of their own. Without it XLA:CPU fuses cheap producers into their
-  consumers and recomputes them per use: the 8·|R| label comparisons for every channel of every pixel, or the focal
-  loss's gradient at each of the several reads of the upsampling's transpose (3-6x slower)."""
-  pred = jnp.ravel(args[0])[0] != 0  # any value: both branches are fn; a traced predicate is never folded away
-  return jax.lax.cond(pred, fn, fn, *args)
-
-
 def _pixel_weights(positive, valid, stats, scheme: str, max_weight):
   """``(w_pos, w_neg)`` float32, broadcastable to ``[B, H, W, |R|]``: the weight of a positive and of a negative
   pair of each pixel and rate (Eq. 5, Table 1)."""
@@ -415,7 +407,7 @@ def _loss_terms_fwd(logits, positive, valid, w_pos, w_neg, gamma, upsample):
   def one_image(args):
     x, *label_terms = (a[None] for a in args)
     z, pull_back = jax.vjp((lambda t: t) if upsample is None else (lambda t: upsample(t, size)), x)
-    fl, dz, correct = _materialised(lambda *a: _weighted_focal(*a, gamma), z, *label_terms)
+    fl, dz, correct = fusion.computed_once(lambda *a: _weighted_focal(*a, gamma), z, *label_terms)
     (grad,) = pull_back(dz.astype(z.dtype))
     return jnp.sum(fl), jnp.sum(correct, dtype=jnp.int32), grad[0]
 
@@ -479,7 +471,7 @@ def affinity_loss_terms(
     n_valid = jnp.sum(jax.lax.population_count(valid), dtype=jnp.int32)
     return positive, valid, w_pos, w_neg, n_valid, jnp.sum(labels != ignore_label)
 
-  positive, valid, w_pos, w_neg, n_valid, n = _materialised(label_side, jnp.asarray(labels))
+  positive, valid, w_pos, w_neg, n_valid, n = fusion.computed_once(label_side, jnp.asarray(labels))
   gamma = 0.0 if scheme == "none" else float(gamma)
   total, correct = _loss_terms(logits, positive, valid, w_pos, w_neg, gamma, upsample)
   return total, n, correct, n_valid
