@@ -192,6 +192,12 @@ def neighbor_categories(
   shape5 = (b, h, w, num_rates, DIRECTIONS_PER_RATE)
   q = ((targets > 0.5) & valid).reshape(shape5).sum(-1, dtype=jnp.int32)
   v = valid.reshape(shape5).sum(-1, dtype=jnp.int32)
+  return category_of_counts(q, v, partial_neighbors)
+
+
+def category_of_counts(q: jax.Array, v: jax.Array, partial_neighbors: str) -> jax.Array:
+  """The n_k category from ``q`` positive of ``v`` valid neighbours at a rate (:func:`neighbor_categories`'
+  rules); ``-1`` where ``v = 0``."""
   if partial_neighbors == "rescale":
     k = jnp.round(DIRECTIONS_PER_RATE * q / jnp.maximum(v, 1)).astype(jnp.int32)
   else:
@@ -344,11 +350,7 @@ def _pixel_weights(positive, valid, stats, scheme: str, max_weight):
   table = neighbor_weights(stats.freq, scheme, max_weight)  # [R, 9]
   q = jax.lax.population_count(positive).astype(jnp.int32)
   v = jax.lax.population_count(valid).astype(jnp.int32)
-  if stats.partial_neighbors == "rescale":
-    k = jnp.round(DIRECTIONS_PER_RATE * q / jnp.maximum(v, 1)).astype(jnp.int32)
-  else:
-    k = q
-  # a pixel with v = 0 (k = -1 in neighbor_categories) has no valid pair, so its weight never counts
+  k = category_of_counts(q, v, stats.partial_neighbors)  # -1 (no valid pair) matches no category: weight 0
   w = sum(jnp.where(k == j, table[:, j], np.float32(0)) for j in range(NUM_CATEGORIES))
   return w, w
 
