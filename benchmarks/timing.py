@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 
 def _wait(out):
@@ -54,3 +55,20 @@ def per_round(fn: Callable[..., float], *series: list[float]) -> list[float]:
 def best_and_median(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
   """``"best (median)"`` of ``values`` times ``scale``, e.g. ``"3.45 (3.61)"``; best is the minimum."""
   return f"{scale * min(values):.{digits}f} ({scale * statistics.median(values):.{digits}f})"
+
+
+def pin_threads(argv: Sequence[str]) -> int | None:
+  """``--threads=N`` (or ``--threads N``): this process runs on its first N allowed cores, set before JAX starts
+  (XLA:CPU sizes its thread pool from the cores the process may use) and passed to PyTorch's
+  ``set_num_threads`` for its peers, so both frameworks compute with N threads. None: every allowed core."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--threads"):
+      value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+      if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"error: --threads={value!r}: expected a positive integer")
+      allowed = sorted(os.sched_getaffinity(0))
+      if int(value) > len(allowed):
+        raise SystemExit(f"error: --threads={value}: this process may use {len(allowed)} core(s)")
+      os.sched_setaffinity(0, allowed[: int(value)])
+      return int(value)
+  return None

@@ -67,25 +67,10 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-
-def _pin_threads(argv: Sequence[str]) -> int | None:
-  """``--threads=N`` (or ``--threads N``): this process runs on its first N allowed cores, set before JAX starts
-  (XLA:CPU sizes its thread pool from the cores the process may use) and passed to PyTorch's
-  ``set_num_threads`` for its peers, so both frameworks compute with N threads. None: every allowed core."""
-  for i, arg in enumerate(argv):
-    if arg.startswith("--threads"):
-      value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
-      if not value.isdigit() or int(value) < 1:
-        raise SystemExit(f"error: --threads={value!r}: expected a positive integer")
-      allowed = sorted(os.sched_getaffinity(0))
-      if int(value) > len(allowed):
-        raise SystemExit(f"error: --threads={value}: this process may use {len(allowed)} core(s)")
-      os.sched_setaffinity(0, allowed[: int(value)])
-      return int(value)
-  return None
+from timing import pin_threads  # noqa: E402  (benchmarks/timing.py; imports nothing heavy)
 
 
-THREADS = _pin_threads(sys.argv[1:]) if __name__ == "__main__" else None
+THREADS = pin_threads(sys.argv[1:]) if __name__ == "__main__" else None
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -105,3 +105,74 @@ def test_flax_conv_with_taps_keeps_its_parameters_and_values():
   np.testing.assert_allclose(
       np.asarray(taps.apply(variables, x)), np.asarray(plain.apply(variables, x)), rtol=1e-5, atol=1e-5
   )
+
+
+def brute_pointwise(x, w, stride):
+  """out[b, y, x, o] = sum_c x[b, y·s, x·s, c] · w[0, 0, c, o], by loops over the output positions."""
+  b, h, wd, _ = x.shape
+  ho, wo = (h - 1) // stride + 1, (wd - 1) // stride + 1
+  out = np.zeros((b, ho, wo, w.shape[-1]))
+  for y, xx in np.ndindex(ho, wo):
+    out[:, y, xx] = x[:, y * stride, xx * stride].astype(np.float64) @ w[0, 0].astype(np.float64)
+  return out
+
+
+@pytest.mark.parametrize("stride,padding", [(1, ((0, 0), (0, 0))), (2, ((0, 0), (0, 0))), (1, "VALID"), (2, "VALID")])
+def test_pointwise_is_a_matrix_product_with_the_convolution_values_and_gradients(stride, padding):
+  rng = np.random.default_rng(7 + stride)
+  x = rng.normal(size=(2, 9, 7, 5)).astype(np.float32)
+  w = rng.normal(size=(1, 1, 5, 3)).astype(np.float32)
+  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, NUMBERS)
+
+  def ours(x, w):
+    return atrous.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=numbers)
+
+  def theirs(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NUMBERS)
+
+  got = ours(jnp.asarray(x), jnp.asarray(w))
+  np.testing.assert_allclose(np.asarray(got), brute_pointwise(x, w, stride), rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(rng.normal(size=got.shape).astype(np.float32))
+  want_grads = jax.vjp(theirs, jnp.asarray(x), jnp.asarray(w))[1](g)
+  got_grads = jax.vjp(ours, jnp.asarray(x), jnp.asarray(w))[1](g)
+  for a, b in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(ours)(x, w))
+  assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+
+
+def test_pointwise_with_padding_groups_or_a_narrow_dtype():
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.normal(size=(1, 5, 5, 4)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(1, 1, 4, 4)).astype(np.float32))
+  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, NUMBERS)
+  # a padded 1x1 convolution (its border is 0) and a grouped one stay convolutions
+  padded = lambda x, w: atrous.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers)
+  assert "conv_general_dilated" in str(jax.make_jaxpr(padded)(x, w))
+  np.testing.assert_allclose(
+      np.asarray(padded(x, w)), np.asarray(jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                                       dimension_numbers=NUMBERS)), rtol=1e-6
+  )
+  w2 = jnp.asarray(rng.normal(size=(1, 1, 2, 4)).astype(np.float32))
+  grouped = lambda x, w: atrous.conv_general_dilated(
+      x, w, (1, 1), "VALID", dimension_numbers=numbers, feature_group_count=2
+  )
+  assert "conv_general_dilated" in str(jax.make_jaxpr(grouped)(x, w2))
+  # bfloat16 in, bfloat16 out, as the convolution
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  got = atrous.conv_general_dilated(xb, wb, (1, 1), "VALID", dimension_numbers=numbers)
+  assert got.dtype == jnp.bfloat16
+  want = np.asarray(x.astype(jnp.bfloat16), np.float32)[0] @ np.asarray(wb, np.float32)[0, 0]
+  np.testing.assert_allclose(np.asarray(got, np.float32)[0], want, rtol=2e-2, atol=2e-2)
+
+
+def test_flax_pointwise_conv_with_bias_keeps_its_parameters_and_values():
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 7, 7, 6)).astype(np.float32))
+  plain = nn.Conv(3, (1, 1), strides=(2, 2))
+  ours = nn.Conv(3, (1, 1), strides=(2, 2), padding="VALID", conv_general_dilated=atrous.conv_general_dilated)
+  variables = plain.init(jax.random.key(1), x)
+  variables = {"params": {**variables["params"], "bias": jnp.arange(3.0)}}
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, variables)
+  np.testing.assert_allclose(
+      np.asarray(ours.apply(variables, x)), np.asarray(plain.apply(variables, x)), rtol=1e-5, atol=1e-5
+  )

@@ -270,7 +270,14 @@ class DeepLabV3Plus(nn.Module):
     x = Decoder(self.low_level_channels, self.decoder_channels, norm, self.separable, self.dtype, name="decoder")(
         x, features["stage1"]
     )
-    head = partial(nn.Conv, kernel_size=(1, 1), dtype=jnp.float32, kernel_init=nn.initializers.normal(0.01))
+    head = partial(
+        nn.Conv,
+        kernel_size=(1, 1),
+        padding="VALID",  # as "SAME" for a 1x1 kernel
+        dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(0.01),
+        conv_general_dilated=atrous.conv_general_dilated,  # a matrix product on the CPU
+    )
     out = {"logits": head(self.num_classes, name="classifier")(x)}
     if self.rates:
       bias = np.zeros(8 * len(self.rates), np.float32)
