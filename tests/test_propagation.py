@@ -59,6 +59,17 @@ def test_propagate_matches_brute_force(iterations):
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-6)
 
 
+def test_a_fixed_count_inside_a_jitted_program_keeps_the_two_step_loop():
+  """Evaluation calls propagate with constant counts inside its jitted step: the loop must stay the one the
+  top-level call compiles (a conditional ping-pong), not a folded one that fuses each step into the next (2.5x
+  slower), and give the brute-force values."""
+  p, a = random_inputs(2)
+  inner = jax.jit(lambda p, a: propagation.propagate(p, a, RATES, lam=6.0, iterations=4))
+  hlo = inner.lower(jnp.asarray(p), jnp.asarray(a)).compile().as_text()
+  assert " conditional(" in hlo and " while(" in hlo
+  np.testing.assert_allclose(np.asarray(inner(p, a)), brute_propagate(p, a, RATES, 6.0, 4), rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("iterations", [1, 2, 5])
 def test_anchored_reading_matches_brute_force_and_differs_from_the_papers(iterations):
   """The anchored reading keeps λ·p⁰·max p⁰ (the network's prediction) as the self term of every iteration."""
