@@ -46,7 +46,7 @@ requirement of the project): the same-layout DeepLabv3+ without head in PyTorch 
 and under ``torch.compile``, stepped in the same rounds as the JAX models and on the same device kind (CUDA when
 torch sees a GPU). Their parameter count is checked against the JAX model's before anything is timed. They need a
 batch of at least 2 (PyTorch's BatchNorm refuses the image-pooling branch's single value per channel at batch 1).
-After the table, the ratios of images/s: the paper's model and the plain one against ``torch.compile`` and eager.
+After the table, the ratios of images/s: the model with head and the plain one against ``torch.compile`` and eager.
 Statistics for the loss weights are made up (binomial neighbour counts around π_r ≈ 0.9): they change the loss value,
 not its cost.
 """
@@ -450,7 +450,7 @@ def main() -> None:
     )
     peers = [name for name, _ in peered[0][2:]]
     print(
-        "| dtype | crop | batch | " + " | ".join(f"{m} / {p}" for m in ("paper's model", "plain") for p in peers) + " |"
+        "| dtype | crop | batch | " + " | ".join(f"{m} / {p}" for m in ("with head", "plain") for p in peers) + " |"
     )
     print("| --- | ---: | ---: |" + " ---: |" * (2 * len(peers)))
     for pair in peered:
