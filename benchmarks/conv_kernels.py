@@ -74,11 +74,13 @@ class ConvCall:
     kh, kw = m.kernel_size
     dil = _pair(m.kernel_dilation)
     stride = _pair(m.strides)
-    extra = "".join([
-        f" /{stride[0]}" if stride != (1, 1) else "",
-        f" rate {dil[0]}" if dil != (1, 1) else "",
-        f" groups {m.feature_group_count}" if m.feature_group_count != 1 else "",
-    ])
+    extra = "".join(
+        [
+            f" /{stride[0]}" if stride != (1, 1) else "",
+            f" rate {dil[0]}" if dil != (1, 1) else "",
+            f" groups {m.feature_group_count}" if m.feature_group_count != 1 else "",
+        ]
+    )
     n, h, w, c = self.in_shape
     return f"{kh}x{kw} {c}->{m.features}{extra} on {n}x{h}x{w}"
 
@@ -194,8 +196,10 @@ def main() -> None:
       cases[f"torch {i}"] = torch_case(call)
   times = interleaved(cases, args.repeats, log=None)
   med = lambda key: statistics.median(times[key])
-  print(f"\nConvolutions of `{args.config}`'s training step, forward + backward, threads: {THREADS or 'all'}, "
-        f"best (median) of {args.repeats} interleaved rounds, ms\n")
+  print(
+      f"\nConvolutions of `{args.config}`'s training step, forward + backward, threads: {THREADS or 'all'}, "
+      f"best (median) of {args.repeats} interleaved rounds, ms\n"
+  )
   head = "| convolution | calls | JAX ms | JAX GFLOP/s |"
   if have_torch:
     head += " PyTorch ms | PyTorch GFLOP/s | JAX / PyTorch time |"
@@ -212,7 +216,9 @@ def main() -> None:
       t = times[f"torch {i}"]
       total["torch"][0] += call.count * min(t)
       total["torch"][1] += call.count * med(f"torch {i}")
-      row += f" {1e3 * min(t):.2f} ({1e3 * med(f'torch {i}'):.2f}) | {flops / min(t) / 1e9:.0f} | {min(j) / min(t):.2f} |"
+      row += (
+          f" {1e3 * min(t):.2f} ({1e3 * med(f'torch {i}'):.2f}) | {flops / min(t) / 1e9:.0f} | {min(j) / min(t):.2f} |"
+      )
     print(row)
   all_flops = sum(2 * c.macs * c.passes * c.count for c in calls)
   row = f"| **all, weighted by calls** | {sum(c.count for c in calls)} | {1e3 * total['jax'][0]:.0f} ({1e3 * total['jax'][1]:.0f}) | {all_flops / total['jax'][0] / 1e9:.0f} |"
@@ -222,8 +228,10 @@ def main() -> None:
         f" {total['jax'][0] / total['torch'][0]:.2f} |"
     )
   print(row)
-  print(f"\n{all_flops / 1e9:.1f} GFLOPs of convolution per step (padding taps included); JAX {jax.__version__}"
-        + (f", torch {torch.__version__}" if have_torch else ""))
+  print(
+      f"\n{all_flops / 1e9:.1f} GFLOPs of convolution per step (padding taps included); JAX {jax.__version__}"
+      + (f", torch {torch.__version__}" if have_torch else "")
+  )
 
 
 if __name__ == "__main__":

@@ -69,7 +69,6 @@ sys.path.insert(0, REPO)
 
 from timing import pin_threads  # noqa: E402  (benchmarks/timing.py; imports nothing heavy)
 
-
 THREADS = pin_threads(sys.argv[1:]) if __name__ == "__main__" else None
 
 import jax  # noqa: E402
@@ -78,7 +77,7 @@ import numpy as np  # noqa: E402
 
 from configs import voc  # noqa: E402
 from dilaff_jax.engine import config_checks  # noqa: E402
-from dilaff_jax.datasets import device_feed  # noqa: E402
+from dilaff_jax.engine import device_feed  # noqa: E402
 from dilaff_jax.method import affinity  # noqa: E402
 from dilaff_jax.process import host_memory  # noqa: E402
 from dilaff_jax.engine import replicas, run_spec  # noqa: E402
@@ -449,9 +448,7 @@ def main() -> None:
         "Ratios of images/s in the same rounds (> 1: this project is faster):\n"
     )
     peers = [name for name, _ in peered[0][2:]]
-    print(
-        "| dtype | crop | batch | " + " | ".join(f"{m} / {p}" for m in ("with head", "plain") for p in peers) + " |"
-    )
+    print("| dtype | crop | batch | " + " | ".join(f"{m} / {p}" for m in ("with head", "plain") for p in peers) + " |")
     print("| --- | ---: | ---: |" + " ---: |" * (2 * len(peers)))
     for pair in peered:
       best = {name: min(s.times) for name, s in pair}

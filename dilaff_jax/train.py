@@ -25,7 +25,8 @@ from absl import logging
 from clu import metric_writers, metrics, periodic_actions
 
 from dilaff_jax import datasets, errors, evaluate
-from dilaff_jax.datasets import device_feed, input_pipeline
+from dilaff_jax.datasets import input_pipeline
+from dilaff_jax.engine import device_feed
 from dilaff_jax.engine import affinity_stats, checkpoints, config_checks, replicas, run_spec, warm_start
 from dilaff_jax.engine.run_spec import RunSpec
 from dilaff_jax.method import neighbour_stats, affinity

@@ -19,8 +19,8 @@ FOLDERS = (
     "process",  # command line, TensorFlow's environment, host memory, multi-host, preemption, the workdir lock
     "method",  # the paper's maths: affinity, n_k statistics, propagation, Table 5's losses, conventions
     "models",  # ResNet, DeepLabv3+ with the affinity head, ImageNet weight import
-    "datasets",  # TFDS builders, the input pipeline, device feeding
-    "engine",  # what every job shares: config checks, state, step, checkpoints, inference, metrics, report, CRF
+    "datasets",  # TFDS builders, the input pipeline
+    "engine",  # what every job shares: config checks, state, step, device feeding, checkpoints, inference, metrics, CRF
     "",  # the jobs: main, train, evaluate, predict, export
     "research",  # programs nothing imports: the study, the propagation diagnosis, the statistics CLI, geometry
 )
@@ -203,7 +203,9 @@ print('ok', 'tensorflow' in sys.modules)
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0 and out.stdout.split() == ["ok", "False"], out.stderr[-3000:]
   # the GPU benchmarks too: a JAX-only GPU machine runs them (their torch peers need only torch)
-  code = code.replace("from dilaff_jax import state, step", "import train_step, affinity_head, propagation")
+  imports = "from dilaff_jax.engine import train_state as state, train_step as step"
+  assert imports in code
+  code = code.replace(imports, "import train_step, affinity_head, propagation, conv_kernels")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", capture_output=True, text=True)
   assert out.returncode == 0 and out.stdout.split() == ["ok", "False"], out.stderr[-3000:]
 

@@ -150,8 +150,9 @@ def test_pointwise_with_padding_groups_or_a_narrow_dtype():
   padded = lambda x, w: atrous.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=numbers)
   assert "conv_general_dilated" in str(jax.make_jaxpr(padded)(x, w))
   np.testing.assert_allclose(
-      np.asarray(padded(x, w)), np.asarray(jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                                                       dimension_numbers=NUMBERS)), rtol=1e-6
+      np.asarray(padded(x, w)),
+      np.asarray(jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NUMBERS)),
+      rtol=1e-6,
   )
   w2 = jnp.asarray(rng.normal(size=(1, 1, 2, 4)).astype(np.float32))
   grouped = lambda x, w: atrous.conv_general_dilated(

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from dilaff_jax import datasets
-from dilaff_jax.datasets import device_feed
+from dilaff_jax.engine import device_feed
 from dilaff_jax.datasets import input_pipeline as ip
 
 MEAN = np.asarray(ip.IMAGENET_MEAN_255, np.float32)
