@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from dilaff_jax.engine import crf
-from timing import best_and_median, interleaved, per_round  # benchmarks/timing.py (run from the repository root)
+from timing import best_and_median, interleaved, per_round, user_error  # benchmarks/timing.py (run from the repository root)
 
 
 def photo(size: int) -> tuple[np.ndarray, str]:
@@ -96,7 +96,7 @@ def main() -> None:
     cases[prop], where[prop] = propagation_case(probs, args.rates, n)
   if args.only in ("both", "crf"):
     if not crf.available():
-      raise SystemExit(crf.MISSING_MESSAGE)
+      user_error(crf.MISSING_MESSAGE)
     cases[dense], where[dense] = crf_case(image, probs, n), "CPU, 1 thread (C++)"
   t = interleaved(cases, args.repeats, lambda m: print(m, file=sys.stderr, flush=True))
 

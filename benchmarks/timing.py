@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -65,10 +66,16 @@ def pin_threads(argv: Sequence[str]) -> int | None:
     if arg.startswith("--threads"):
       value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
       if not value.isdigit() or int(value) < 1:
-        raise SystemExit(f"error: --threads={value!r}: expected a positive integer")
+        user_error(f"--threads={value!r}: expected a positive integer")
       allowed = sorted(os.sched_getaffinity(0))
       if int(value) > len(allowed):
-        raise SystemExit(f"error: --threads={value}: this process may use {len(allowed)} core(s)")
+        user_error(f"--threads={value}: this process may use {len(allowed)} core(s)")
       os.sched_setaffinity(0, allowed[: int(value)])
       return int(value)
   return None
+
+
+def user_error(message: str) -> None:
+  """A mistake in a benchmark's arguments: one ``error: ...`` line on stderr and exit status 2, as the jobs do."""
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  raise SystemExit(2)

@@ -67,7 +67,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from timing import pin_threads  # noqa: E402  (benchmarks/timing.py; imports nothing heavy)
+from timing import pin_threads, user_error  # noqa: E402  (benchmarks/timing.py; imports nothing heavy)
 
 THREADS = pin_threads(sys.argv[1:]) if __name__ == "__main__" else None
 
@@ -95,7 +95,7 @@ def load_config(spec: str):
   path, _, variant = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("benchmarked_config", os.path.join(REPO, path))
   if module_spec is None or not os.path.isfile(os.path.join(REPO, path)):
-    raise SystemExit(f"error: --config={spec}: no such config file")
+    user_error(f"--config={spec}: no such config file")
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   config = module.get_config(variant) if variant else module.get_config()

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -47,3 +48,15 @@ def test_conv_kernels_jax_case_computes_forward_and_both_gradients():
   h, w = call.out_shape[1:3]
   want = np.einsum("bhwc,bhwo->co", xp[:, 0:h, 0:w], dy)[0, 0]  # tap (0, 0), channel 0 -> 0
   np.testing.assert_allclose(float(kernel[0, 0, 0, 0]), want, rtol=1e-4)
+
+
+def test_a_bad_benchmark_argument_is_one_error_line_and_exit_status_2(capsys):
+  import timing
+
+  for argv, named in ((["--threads", "0"], "--threads='0'"), (["--threads=999"], "--threads=999")):
+    with pytest.raises(SystemExit) as exit_info:
+      timing.pin_threads(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {named}:")
+  assert timing.pin_threads(["--repeats", "3"]) is None  # no --threads: every allowed core, nothing pinned
