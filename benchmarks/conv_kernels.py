@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.util
 import os
 import statistics
@@ -45,6 +44,7 @@ import numpy as np  # noqa: E402
 from dilaff_jax.engine import run_spec  # noqa: E402
 from dilaff_jax.engine import train_state as state_lib  # noqa: E402
 from dilaff_jax.method import affinity  # noqa: E402
+from dilaff_jax.models import probes  # noqa: E402
 from dilaff_jax.process import host_memory  # noqa: E402
 from timing import interleaved  # noqa: E402
 from train_step import load_config, log, made_up_stats  # noqa: E402
@@ -100,27 +100,20 @@ def record_convs(config) -> list[ConvCall]:
   crop, batch = config.dataset.crop_size, config.train.batch_size
   images = jax.ShapeDtypeStruct((batch, crop, crop, 3), jnp.float32)
   calls: dict[Any, ConvCall] = {}
-
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    if isinstance(module, nn.Conv) and context.method_name == "__call__":
-      unbound = module.clone(parent=None, name=None)
-      key = (repr(unbound), tuple(args[0].shape))
-      if key in calls:
-        calls[key].count += 1
-      else:
-        calls[key] = ConvCall(unbound, tuple(args[0].shape), tuple(out.shape), input_grad=args[0].shape != images.shape)
-    return out
-
-  kw = dict(train=True, output_stride=config.model.train_output_stride)
-  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
-  with nn.intercept_methods(record):
-    jax.eval_shape(
-        functools.partial(model.apply, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)}, **kw),
-        variables,
-        images,
-    )
+  recorded = probes.recorded_convs(
+      model,
+      images,
+      train=True,
+      output_stride=config.model.train_output_stride,
+      mutable=["batch_stats"],
+      rngs={"dropout": jax.random.key(1)},
+  )
+  for module, in_shape, out_shape in recorded:
+    key = (repr(module), in_shape)
+    if key in calls:
+      calls[key].count += 1
+    else:
+      calls[key] = ConvCall(module, in_shape, out_shape, input_grad=in_shape != images.shape)
   return list(calls.values())
 
 

@@ -1,7 +1,7 @@
 """The embedded default: `synthetic_shapes` (generated locally, no download), sized for a 2-core CPU.
 
 A small DeepLabv3+ (ResNet-18, narrow heads, random init) trains jointly with dilated affinity for 500 steps and is
-scored with the propagation sweep on the first 250 test scenes, in about 13 minutes on 2 CPU cores:
+scored with the propagation sweep on the first 250 test scenes, in about 11 minutes on 2 CPU cores:
 
   python -m dilaff_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
   python -m dilaff_jax.main --config=configs/synthetic.py:baseline --workdir=runs/synthetic_baseline

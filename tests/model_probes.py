@@ -1,9 +1,6 @@
 """What a test reads off a model without running it: the convolutions it calls."""
 
-from functools import partial
-
-import flax.linen as nn
-import jax
+from dilaff_jax.models.probes import recorded_convs
 
 
 def conv_calls(model, images, **apply_kwargs):
@@ -11,17 +8,8 @@ def conv_calls(model, images, **apply_kwargs):
   the rates as the layers are configured (on a CPU, atrous convolutions run tap by tap, so the program itself holds
   no dilated convolution to read them from)."""
   calls = []
-
-  def record(next_fun, args, kwargs, context):
-    module = context.module
-    if isinstance(module, nn.Conv) and context.method_name == "__call__":
-      dilation = module.kernel_dilation
-      dilation = (dilation,) * 2 if isinstance(dilation, int) else tuple(dilation or (1, 1))
-      kernel = tuple(module.kernel_size) + (args[0].shape[-1] // module.feature_group_count,)
-      calls.append((kernel, dilation))
-    return next_fun(*args, **kwargs)
-
-  variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0), images)
-  with nn.intercept_methods(record):
-    jax.eval_shape(partial(model.apply, train=False, **apply_kwargs), variables, images)
+  for module, in_shape, _ in recorded_convs(model, images, train=False, **apply_kwargs):
+    dilation = module.kernel_dilation
+    dilation = (dilation,) * 2 if isinstance(dilation, int) else tuple(dilation or (1, 1))
+    calls.append((tuple(module.kernel_size) + (in_shape[-1] // module.feature_group_count,), dilation))
   return calls

@@ -122,27 +122,20 @@ def conv_general_dilated(
   padding takes at least :data:`MIN_PADDING_SHARE` of the multiply-adds, and as a matrix product when it is a 1x1
   convolution without padding (see the module docstring)."""
   rate = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
-  pointwise = (
+  cpu_nhwc = (  # what both rewrites need: the CPU, an NHWC/HWIO 2-D convolution without input dilation
       jax.default_backend() == "cpu"
       and lhs.ndim == 4
       and _numbers(dimension_numbers) == _NHWC_HWIO
-      and tuple(rhs.shape[:2]) == (1, 1)
-      and _no_padding(padding, 2)
       and all(int(d) == 1 for d in (lhs_dilation or (1, 1)))
-      and feature_group_count == 1
       and batch_group_count == 1
   )
-  if pointwise:
+  if cpu_nhwc and tuple(rhs.shape[:2]) == (1, 1) and _no_padding(padding, 2) and feature_group_count == 1:
     return _pointwise_apply(lhs, rhs, tuple(int(s) for s in window_strides), precision, preferred_element_type)
   taps = (
-      jax.default_backend() == "cpu"
-      and lhs.ndim == 4
-      and _numbers(dimension_numbers) == _NHWC_HWIO
+      cpu_nhwc
       and not isinstance(padding, str)
       and all(int(s) == 1 for s in window_strides)
-      and all(int(d) == 1 for d in (lhs_dilation or (1, 1)))
       and max(rate) > 1
-      and batch_group_count == 1
       and preferred_element_type is None
       and (feature_group_count == 1 or (feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1))
   )
