@@ -22,6 +22,8 @@ def test_conv_kernels_records_every_convolution_of_the_step_once_with_its_count(
   stem = calls[0]
   b, crop = config.train.batch_size, config.dataset.crop_size
   assert stem.in_shape == (b, crop, crop, 3) and not stem.input_grad and stem.passes == 2
+  assert stem.out_shape == (b, (crop + 1) // 2, (crop + 1) // 2, 64)  # 7x7, stride 2, padding 3
+  assert all(c.out_shape[-1] == c.module.features and c.out_shape[0] == b for c in calls)
   assert all(c.input_grad for c in calls[1:])
   # layer1's 3x3 convolution runs 4 times on the same input shape: one case, counted 4 times
   layer1 = [c for c in calls if c.module.kernel_size == (3, 3) and c.in_shape[-1] == 64 and c.count == 4]
