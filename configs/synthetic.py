@@ -26,9 +26,10 @@ them over seeds):
   Table 2 (sqrt weights, the paper's rate sets halved): table2_r4_8, table2_r4_8_16, table2_r4_8_16_32,
                               table2_r4_6x12_8 (= the default), table2_r4_6x12_8_16x32_24
   Table 5: aaf, boundary
-Loss weights (β, AAF's weight, boundary's w0) and propagation's λ and iteration count are the values in force until
-the tune stage has chosen them on the tune split; its choice and evidence go here and in
-results/study_synthetic/tuning.md.
+Loss weights (β, AAF's weight, boundary's w0) and propagation's λ, reading and iteration count are the values in
+force until the tune stage has chosen them on the tune split (`STAGE=choose bash launch/study.sh` writes the choices
+and their evidence to results/study_synthetic/tuning.md and .json); they then go here, and the test stage checks
+that they did.
 """
 
 from configs import default, variants

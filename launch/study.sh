@@ -3,11 +3,14 @@
 # stages, each over seeds, one run at a time, resumable (rerun the same command; finished runs are skipped):
 #   STAGE=tune nohup bash launch/study.sh > study_tune.out 2>&1 &    # 1. choose every method's weights on "tune"
 #   STAGE=test nohup bash launch/study.sh > study_test.out 2>&1 &    # 2. the reported rows, on "test" (1000 images)
+#   STAGE=choose bash launch/study.sh                                 # between them: the choices of stage 1
 # Stage 1 trains every method of Tables 1 and 5 with the same budget (3 values of its loss weight x 2 seeds, 100 and
-# 101) and scores it on the tune split; plain DeepLabv3+ is there as the reference. The chosen values are then
-# written into configs/synthetic.py with the evidence (results/study_synthetic/tuning.md), and only then stage 2
-# runs: it refuses to start while tuning.md is missing. Stage 2's rows and seeds, including the fresh seeds 5-7 that
-# re-test every "better than" claim of the headline rows, are declared here before any of them runs.
+# 101) and scores it on the tune split; plain DeepLabv3+ is there as the reference. STAGE=choose then picks every
+# value by the rule of dilaff_jax/research/tuning.py (TUNE_CHOICES below: what is chosen from which rows) and writes
+# it with the evidence to results/study_synthetic/tuning.{md,json}; the values are written into configs/synthetic.py
+# by hand, and only then stage 2 runs: it refuses to start while the config differs from tuning.json. Stage 2's rows
+# and seeds, including the fresh seeds 5-7 that re-test every "better than" claim of the headline rows, are declared
+# here before any of them runs.
 # `kill <pid>` (SIGTERM) stops after the current run saved a checkpoint. Extra arguments go to
 # `python -m dilaff_jax.research.study` (e.g. --config.KEY=VALUE for every run). WORKDIR: runs/study_<stage>; results there
 # (study.md, .json, .png); `--aggregate_only --export=results/study_synthetic/<stage>` keeps the small files.
@@ -54,6 +57,18 @@ tune_sqrt_b1_anchored=evaluate:tune_sqrt_b1@affinity.propagation_reading=anchore
 # Propagation's λ (and, from each evaluation's sweep 0-10, its iteration count) and its reading of Eq. 6 (the paper's,
 # or the self term anchored on the network's prediction) are chosen with the default's β on the same tune runs: the
 # *_lam* and *_anchored rows only evaluate them again (λ = 6 and the paper's reading: the training rows' own).
+# VARIANT:KEY=ROWS: the value of KEY among those rows (highest mean mIoU on tune over the seeds they all finished);
+# VARIANT:propagation: λ, the reading of Eq. 6 and the iteration count, on the runs of the row chosen for VARIANT.
+TUNE_CHOICES="
+default:affinity.beta=tune_sqrt_b0.1,tune_sqrt_b0.3,tune_sqrt_b1
+default:propagation
+aaf:structure.aaf_weight=tune_aaf_w0.3,tune_aaf_w1,tune_aaf_w3
+boundary:structure.boundary_w0=tune_boundary_w3,tune_boundary_w10,tune_boundary_w30
+table1_none:affinity.beta=tune_t1_none_b0.1,tune_t1_none_b0.3,tune_t1_none_b1
+table1_signal:affinity.beta=tune_t1_signal_b0.1,tune_t1_signal_b0.3,tune_t1_signal_b1
+table1_neighbor:affinity.beta=tune_t1_neighbor_b0.1,tune_t1_neighbor_b0.3,tune_t1_neighbor_b1
+table1_sqrt:affinity.beta=tune_t1_sqrt_b0.1,tune_t1_sqrt_b0.3,tune_t1_sqrt_b1
+"
 TUNE_COMPARE="tune_sqrt_b0.3:tune_t1_sqrt_b0.3,tune_aaf_w1:tune_sqrt_b0.3,tune_boundary_w10:tune_sqrt_b0.3"
 # Stage 2. Headline rows at 5 seeds; the rest of Tables 1 and 2 at 3; *_fresh: seeds 5, 6, 7, which no other row
 # uses, for every claim of the paper that a headline row tests (default better than plain, than AAF, than boundary
@@ -83,16 +98,19 @@ table2_r4_8:default,table2_r4_8_16:default,table2_r4_6x12_8_16x32_24:default,tab
 default_fresh:baseline_fresh,default_fresh:aaf_fresh,default_fresh:boundary_fresh,default_fresh:baseline_fresh+crf"
 case "$STAGE" in
   tune) DEFAULT_ROWS=$TUNE_ROWS; DEFAULT_COMPARE=$TUNE_COMPARE; BASELINE=tune_baseline; SEEDS=${SEEDS:-100,101} ;;
-  test)
-    if [ ! -f results/study_synthetic/tuning.md ]; then
-      echo "error: STAGE=test runs with the weights chosen on the tune split; write them into configs/synthetic.py" \
-        "and the evidence into results/study_synthetic/tuning.md first (STAGE=tune)" >&2
-      exit 2
-    fi
-    DEFAULT_ROWS=$TEST_ROWS; DEFAULT_COMPARE=$TEST_COMPARE; BASELINE=baseline; SEEDS=${SEEDS:-0,1,2} ;;
-  *) echo "error: STAGE=$STAGE: expected tune or test" >&2; exit 2 ;;
+  choose)
+    bash launch/setup.sh
+    # ALLOW_UNFINISHED=1: a provisional choice while stage 1 runs (marked as such; stage 2 does not start from it)
+    exec .venv/bin/python -m dilaff_jax.research.tuning --workdir="${WORKDIR:-runs/study_tune}" \
+      --choices="$TUNE_CHOICES" --output=results/study_synthetic/tuning \
+      ${ALLOW_UNFINISHED:+--allow_unfinished} "$@" ;;
+  test) DEFAULT_ROWS=$TEST_ROWS; DEFAULT_COMPARE=$TEST_COMPARE; BASELINE=baseline; SEEDS=${SEEDS:-0,1,2} ;;
+  *) echo "error: STAGE=$STAGE: expected tune, choose or test" >&2; exit 2 ;;
 esac
 bash launch/setup.sh
+if [ "$STAGE" = test ]; then  # the weights chosen on tune must be the config's (an error line names any that is not)
+  .venv/bin/python -m dilaff_jax.research.tuning --check=results/study_synthetic/tuning.json
+fi
 WORKDIR=${WORKDIR:-runs/study_$STAGE}
 # Your own ROWS get no comparisons unless you give COMPARE too (its rows must be in ROWS).
 [ -n "${ROWS:-}" ] && COMPARE=${COMPARE:-}

@@ -22,7 +22,7 @@ FOLDERS = (
     "datasets",  # TFDS builders, the input pipeline
     "engine",  # what every job shares: config checks, state, step, device feeding, checkpoints, inference, metrics, CRF
     "",  # the jobs: main, train, evaluate, predict, export
-    "research",  # programs nothing imports: the study, the propagation diagnosis, the statistics CLI, geometry
+    "research",  # programs nothing imports: the study and its choices, the propagation diagnosis, the n_k CLI, geometry
 )
 JOBS = {"main", "train", "evaluate", "predict", "export"}
 

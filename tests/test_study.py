@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from dilaff_jax.research import study
+from dilaff_jax.research import study, tuning
 from dilaff_jax.research.study import Row
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -278,7 +278,7 @@ def test_comparisons_of_two_rows_seed_by_seed(tmp_path):
   assert "| aff | plain | mIoU | +1.50 ± 3.54 (n=2, t = 0.60, p = 0.66; sign p = 1) | 1/2 | 0: +4.00, 1: -1.00 |" in md
   assert "| aff | one | mIoU with propagation against mIoU | -2.00 (n=1) | 0/1 | 1: -2.00 |" in md
   # --aggregate_only without rows reads the comparisons back from study.json
-  assert study._rows_from_study_json(w)[4] == ["aff:plain", "aff:one", "one:aff", "aff2:aff"]
+  assert study.rows_from_study_json(w)[4] == ["aff:plain", "aff:one", "one:aff", "aff2:aff"]
 
 
 @pytest.mark.parametrize(
@@ -394,8 +394,24 @@ def _launcher_stages() -> tuple[dict[str, tuple[str, list[str], list[int]]], lis
     compare = re.search(rf'{stage.upper()}_COMPARE="(.*?)"', text, re.S).group(1)
     seeds = re.search(rf"{stage}\).*?SEEDS=\$\{{SEEDS:-([0-9,]+)\}}", text, re.S).group(1)
     out[stage] = rows, [c for c in compare.split(",") if c], [int(s) for s in seeds.split(",")]
-  every_run = re.findall(r"--config\.(\S+=\S+)", text[text.index("exec ") :])  # overrides of every run
+  every_run = re.findall(r"--config\.(\S+=\S+)", text[text.rindex("exec ") :])  # overrides of every run
   return out, every_run
+
+
+def test_the_launchers_tune_choices_cover_every_tuned_row_once():
+  """``TUNE_CHOICES`` parses against the tune stage's rows, and every trained row but the reference is the
+  candidate of exactly one choice (so no method's weight goes unchosen), with the default's propagation chosen too."""
+  with open(os.path.join(REPO, "launch", "study.sh")) as f:
+    choices_text = re.search(r'TUNE_CHOICES="(.*?)"', f.read(), re.S).group(1)
+  stages, every_run = _launcher_stages()
+  rows_text, _, seeds = stages["tune"]
+  rows = study.resolve(study.parse_rows([], rows_text, seeds), os.path.join(REPO, "configs", "synthetic.py"), every_run)
+  choices = tuning.parse_choices(choices_text, rows)
+  listed = [name for c in choices for name in c.rows]
+  trained = [r.name for r in rows if not r.evaluates and r.name != "tune_baseline"]
+  assert sorted(listed) == sorted(trained)
+  assert ("", tuning.PROPAGATION) in {(c.variant, c.key) for c in choices}
+  assert {c.variant for c in choices} >= {"", "aaf", "boundary", "table1_none", "table1_signal", "table1_sqrt"}
 
 
 @pytest.mark.parametrize("stage", ["tune", "test"])

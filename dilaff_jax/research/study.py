@@ -803,7 +803,8 @@ def export(workdir: str, rows: Sequence[Row], destination: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------- command line
 
 
-def _rows_from_study_json(workdir: str) -> tuple[str, list[str], list[Row], str, list[str]]:
+def rows_from_study_json(workdir: str) -> tuple[str, list[str], list[Row], str, list[str]]:
+  """A study folder's ``(config, overrides of every run, rows, baseline row, comparisons)`` from its study.json."""
   path = os.path.join(workdir, "study.json")
   if not os.path.exists(path):
     raise StudyError(f"no {path}: give --config and --variants/--rows, or point --workdir at a study")
@@ -819,7 +820,7 @@ def main(argv) -> None:
   workdir = FLAGS.workdir
   try:
     if FLAGS.aggregate_only and not (FLAGS.variants or FLAGS.rows):
-      config_path, overrides, rows, baseline, compared = _rows_from_study_json(workdir)
+      config_path, overrides, rows, baseline, compared = rows_from_study_json(workdir)
       baseline = FLAGS.baseline_row or baseline
       compared = FLAGS.compare or compared
     else:

@@ -1,0 +1,214 @@
+"""The tune stage's choices: the declared rule (highest mean over the seeds every candidate finished, ties to the one
+listed first) on fabricated results with hand-computed winners, the propagation choice on the chosen row's runs, the
+provisional mode, and the check of a config against the choices."""
+
+import json
+import os
+
+import pytest
+
+from cli_helpers import CONFIG, assert_one_error_line, run_cli
+from dilaff_jax.research import study, tuning
+from dilaff_jax.research.study import Row
+
+OVERRIDES = ["eval.max_images=0"]
+
+
+def _rows(seeds=(0, 1)):
+  return [
+      Row("b0.1", "", ("affinity.beta=0.1",), seeds, final_step=10),
+      Row("b0.3", "", ("affinity.beta=0.3",), seeds, final_step=10),
+      Row("b1", "", ("affinity.beta=1.0",), seeds, final_step=10),
+      Row("b0.1_lam3", "", ("affinity.lam=3.0",), seeds, evaluates="b0.1", final_step=10),
+      Row("b0.1_anchored", "", ("affinity.propagation_reading=anchored",), seeds, evaluates="b0.1", final_step=10),
+      Row("b0.3_lam3", "", ("affinity.lam=3.0",), seeds, evaluates="b0.3", final_step=10),
+      Row("aaf_w1", "aaf", ("structure.aaf_weight=1.0",), seeds, final_step=10),
+      Row("aaf_w3", "aaf", ("structure.aaf_weight=3.0",), seeds, final_step=10),
+  ]
+
+
+CHOICES = """
+default:affinity.beta=b0.1,b0.3,b1
+default:propagation
+aaf:structure.aaf_weight=aaf_w1,aaf_w3
+"""
+
+
+def _sweep(*predicted):
+  return {"iterations": [0, 1, 3], "predicted": list(predicted), "oracle": list(predicted)}
+
+
+def _results():
+  """Seed -> mIoU per row. β: means 0.72 (0.1), 0.715 (0.3), 0.61 (1.0): 0.1 wins though 0.3 has the best seed.
+  Propagation on b0.1 (unrefined 0.70 / 0.74): means per iteration count 0 / 1 / 3 are
+  λ = 6 (the row's own): 0.72 / 0.735 / 0.70;  λ = 3: 0.72 / 0.745 / 0.69;  anchored: 0.72 / 0.745 / 0.74
+  so λ = 3 and the anchored reading tie at 1 iteration (λ = 3 is listed first) and the anchored reading at 3
+  iterations is below both: λ = 3, the paper's reading, 1 iteration. b0.3_lam3 (not the chosen β) would beat all.
+  AAF: 1.0 and 3.0 tie at 0.80: the first listed (1.0) wins."""
+  return {
+      "b0.1": {
+          0: {"miou": 0.70, "sweep": _sweep(0.70, 0.72, 0.69)},
+          1: {"miou": 0.74, "sweep": _sweep(0.74, 0.75, 0.71)},
+      },
+      "b0.3": {0: {"miou": 0.75, "sweep": _sweep(0.75, 0.9, 0.9)}, 1: {"miou": 0.68, "sweep": _sweep(0.68, 0.9, 0.9)}},
+      "b1": {0: {"miou": 0.60}, 1: {"miou": 0.62}},
+      "b0.1_lam3": {
+          0: {"miou": 0.70, "sweep": _sweep(0.70, 0.73, 0.68)},
+          1: {"miou": 0.74, "sweep": _sweep(0.74, 0.76, 0.70)},
+      },
+      "b0.1_anchored": {
+          0: {"miou": 0.70, "sweep": _sweep(0.70, 0.73, 0.73)},
+          1: {"miou": 0.74, "sweep": _sweep(0.74, 0.76, 0.75)},
+      },
+      "b0.3_lam3": {
+          0: {"miou": 0.75, "sweep": _sweep(0.75, 0.99, 0.99)},
+          1: {"miou": 0.68, "sweep": _sweep(0.68, 0.99, 0.99)},
+      },
+      "aaf_w1": {0: {"miou": 0.81}, 1: {"miou": 0.79}},
+      "aaf_w3": {0: {"miou": 0.79}, 1: {"miou": 0.81}},
+  }
+
+
+def _choose(results=None, rows=None, **kw):
+  rows = rows or _rows()
+  return tuning.choose(tuning.parse_choices(CHOICES, rows), rows, results or _results(), CONFIG, OVERRIDES, **kw)
+
+
+def _by_key(out):
+  return {(c["variant"], c["key"]): c for c in out["choices"]}
+
+
+def test_the_rule_picks_the_hand_computed_winners():
+  out = _choose()
+  c = _by_key(out)
+  assert out["complete"] and out["config"] == CONFIG
+  assert c[("", "affinity.beta")]["chosen"] == {"affinity.beta": 0.1}
+  assert [e["mean"] for e in c[("", "affinity.beta")]["candidates"]] == pytest.approx([0.72, 0.715, 0.61])
+  assert c[("", "propagation")]["chosen"] == {
+      "affinity.propagation_reading": "paper",
+      "affinity.lam": 3.0,
+      "affinity.iterations": 1,
+  }
+  winners = [e for e in c[("", "propagation")]["candidates"] if e.get("chosen")]
+  assert len(winners) == 1 and winners[0]["row"] == "b0.1_lam3" and winners[0]["mean"] == pytest.approx(0.745)
+  rows = {e["row"] for e in c[("", "propagation")]["candidates"]}
+  assert rows == {"b0.1", "b0.1_lam3", "b0.1_anchored"}  # only the chosen β's runs
+  assert c[("aaf", "structure.aaf_weight")]["chosen"] == {"structure.aaf_weight": 1.0}  # the tie: listed first
+
+
+def test_propagation_that_never_helps_chooses_zero_iterations_only():
+  results = _results()
+  for name in ("b0.1", "b0.1_lam3", "b0.1_anchored"):
+    for seed, r in results[name].items():
+      r["sweep"] = _sweep(r["miou"], r["miou"] - 0.01, r["miou"] - 0.02)
+  assert _by_key(_choose(results))[("", "propagation")]["chosen"] == {"affinity.iterations": 0}
+
+
+def test_unfinished_runs_are_an_error_or_a_provisional_choice_from_the_seeds_all_finished():
+  rows = _rows(seeds=(0, 1, 2))
+  results = _results()
+  results["b0.3"][2] = {"miou": 0.99, "sweep": _sweep(0.99, 0.99, 0.99)}  # b0.3's own mean would now be best
+  with pytest.raises(tuning.TuningError, match=r"has not finished .*b0\.1 seed 2.*--allow_unfinished"):
+    _choose(results, rows)
+  out = _choose(results, rows, allow_unfinished=True)
+  beta = _by_key(out)[("", "affinity.beta")]
+  assert not out["complete"] and beta["seeds"] == [0, 1] and beta["chosen"] == {"affinity.beta": 0.1}
+  del results["aaf_w3"][1], results["aaf_w1"][0]  # no seed finished by both AAF rows: not chosen yet
+  out = _choose(results, rows, allow_unfinished=True)
+  assert _by_key(out)[("aaf", "structure.aaf_weight")]["chosen"] is None
+  assert "Not chosen yet" in tuning.markdown(out, "tune") and "Provisional" in tuning.markdown(out, "tune")
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("default:affinity.beta", "is not VARIANT:KEY=ROW"),
+        ("affinity.beta=b0.1,b0.3", "is not VARIANT:KEY=ROW"),
+        ("default:affinity.beta=b0.1,nope", "'nope' is not a row"),
+        ("aaf:structure.aaf_weight=aaf_w1,b0.1", "row 'b0.1' must train variant 'aaf'"),
+        ("default:affinity.beta=b0.1,b0.1_lam3", "row 'b0.1_lam3' must train variant 'default' .it evaluates b0.1"),
+        ("aaf:propagation", "needs exactly one KEY=ROWS line"),
+        ("default:affinity.beta=b0.1;default:affinity.beta=b0.3", "default:affinity.beta is chosen twice"),
+        ("", "no choice given"),
+    ],
+)
+def test_a_bad_choice_line_names_itself(text, match):
+  with pytest.raises(tuning.TuningError, match=match):
+    tuning.parse_choices(text, _rows())
+
+
+def test_rows_without_their_own_value_of_the_key_are_refused():
+  rows = _rows()
+  text = "default:affinity.lam=b0.1,b0.3"  # both train with the config's λ
+  with pytest.raises(tuning.TuningError, match="do not each have their own value"):
+    tuning.choose(tuning.parse_choices(text, rows), rows, _results(), CONFIG, OVERRIDES)
+
+
+def _config_values():
+  default, aaf = study.load_config(CONFIG, "", []), study.load_config(CONFIG, "aaf", [])
+  return default.affinity.beta, default.affinity.iterations, aaf.structure.aaf_weight
+
+
+def _tuning(beta, iterations, aaf_weight, complete=True):
+  return {
+      "config": CONFIG,
+      "complete": complete,
+      "choices": [
+          {"variant": "", "key": "affinity.beta", "chosen": {"affinity.beta": beta}},
+          {"variant": "", "key": "propagation", "chosen": {"affinity.iterations": iterations}},
+          {"variant": "aaf", "key": "structure.aaf_weight", "chosen": {"structure.aaf_weight": aaf_weight}},
+      ],
+  }
+
+
+def test_check_passes_a_config_that_runs_the_choices_and_names_every_value_that_differs():
+  beta, iterations, aaf_weight = _config_values()
+  tuning.check(_tuning(beta, iterations, aaf_weight), "t.json")
+  with pytest.raises(tuning.TuningError) as e:
+    tuning.check(_tuning(beta + 1, iterations, aaf_weight + 1), "t.json")
+  assert f"default: affinity.beta is {beta!r}, tune chose {beta + 1!r}" in str(e.value)
+  assert f"aaf: structure.aaf_weight is {aaf_weight!r}, tune chose {aaf_weight + 1!r}" in str(e.value)
+  assert "iterations" not in str(e.value)
+  with pytest.raises(tuning.TuningError, match="t.json is provisional"):
+    tuning.check(_tuning(beta, iterations, aaf_weight, complete=False), "t.json")
+
+
+def _study_folder(tmp_path):
+  w = tmp_path / "study"
+  rows = _rows()
+  for name, per_seed in _results().items():
+    for seed, r in per_seed.items():
+      d = w / name / f"seed_{seed}" / "eval" / "step_10"
+      d.mkdir(parents=True)
+      (d / "results.json").write_text(json.dumps(r))
+  study_json = {
+      "config": CONFIG,
+      "overrides": OVERRIDES,
+      "baseline_row": "b0.1",
+      "rows": [{**vars(r), "overrides": list(r.overrides), "seeds": list(r.seeds)} for r in rows],
+      "comparisons": [],
+  }
+  (w / "study.json").write_text(json.dumps(study_json))
+  return w
+
+
+def test_the_command_line_writes_the_choices_and_checks_them(tmp_path):
+  w = _study_folder(tmp_path)
+  out = tmp_path / "tuning"
+  proc = run_cli("dilaff_jax.research.tuning", f"--workdir={w}", f"--choices={CHOICES}", f"--output={out}")
+  assert proc.returncode == 0, proc.stderr
+  assert "[tuning] default: {'affinity.beta': 0.1}" in proc.stdout
+  md = (tmp_path / "tuning.md").read_text()
+  assert "| b0.1 | 0.1 | 70.00 | 74.00 | **72.00** |" in md
+  assert "| b0.1_lam3 | paper | 3.0 | 72.00 | **74.50** | 69.00 |" in md
+  assert "- `aaf`: `structure.aaf_weight = 1.0`" in md
+  saved = json.loads((tmp_path / "tuning.json").read_text())
+  assert saved["complete"] and _by_key(saved)[("", "affinity.beta")]["chosen"] == {"affinity.beta": 0.1}
+  # the config (β 0.25 until the study chooses) differs from these choices: one error line naming them, status 2
+  proc = run_cli("dilaff_jax.research.tuning", f"--check={tmp_path / 'tuning.json'}")
+  assert_one_error_line(proc, "affinity.beta is")
+  proc = run_cli("dilaff_jax.research.tuning", f"--check={tmp_path / 'nothing.json'}")
+  assert_one_error_line(proc, "does not exist: run the tune stage and choose first")
+  proc = run_cli("dilaff_jax.research.tuning", f"--workdir={w}", f"--output={out}")
+  assert_one_error_line(proc, "--choices is required")
+  assert os.path.exists(tmp_path / "tuning.md")
