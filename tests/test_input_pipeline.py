@@ -153,6 +153,31 @@ def test_train_label_out_of_range_names_the_example(tiny):
     _train(tiny, seed=0, steps=6, num_classes=3)
 
 
+def test_every_pipeline_runs_without_tf_data_autotuning(tiny, monkeypatch):
+  """Autotuning's background thread makes deleting an old iterator wait up to a minute while JAX keeps the cores
+  busy (``datasets/tfdata.py``): the training and evaluation pipelines, the n_k statistics' and the class counts'
+  iterations all run with it off."""
+  from dilaff_jax.datasets import class_pixels
+  from dilaff_jax.engine import affinity_stats
+
+  seen = []
+  real = ip._numpy_batches
+  monkeypatch.setattr(ip, "_numpy_batches", lambda ds: seen.append(ds.options().autotune.enabled) or real(ds))
+  _train(tiny, seed=0, steps=1)
+  list(ip.eval_iterator(tiny, split="test", local_device_count=2, per_device_batch=3, num_classes=6, **SINGLE_HOST))
+  assert seen and seen[0] is False and all(s is False for s in seen), seen
+  from dilaff_jax.datasets import tfdata
+
+  wrapped = []
+  original = tfdata.without_autotune
+  monkeypatch.setattr(tfdata, "without_autotune", lambda ds: wrapped.append(ds) or original(ds))
+  labels, total = affinity_stats.tfds_label_maps("synthetic_shapes/tiny", "test", tiny.data_dir_root)
+  assert len(list(labels)) == total == 8 and len(wrapped) == 1
+  counts = class_pixels.count_split(tiny, "test", 6)
+  assert len(wrapped) == 2 and counts
+  assert tfdata.without_autotune(tf.data.Dataset.range(3)).options().autotune.enabled is False
+
+
 def _decoded(builder, split):
   return {ex["image_id"].decode(): ex for ex in builder.as_dataset(split=split).as_numpy_iterator()}
 

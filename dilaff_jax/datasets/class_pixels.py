@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dilaff_jax.datasets import common
+from dilaff_jax.datasets import common, tfdata
 from dilaff_jax.method import conventions
 from dilaff_jax.process import files
 
@@ -27,7 +27,7 @@ def count_split(builder: tfds.core.DatasetBuilder, split: str, num_classes: int)
   :class:`common.DataError` (the builders refuse them while preparing, so it means a damaged copy)."""
   totals = np.zeros(256, np.int64)
   images = 0
-  dataset = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  dataset = tfdata.without_autotune(builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()}))
   for example in dataset.as_numpy_iterator():
     totals += np.bincount(example["label"].reshape(-1), minlength=256)
     images += 1

@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 from dilaff_jax import datasets
 from dilaff_jax.method import conventions
 from dilaff_jax.method.conventions import IMAGENET_MEAN_255, IMAGENET_STD_255
-from dilaff_jax.datasets import records
+from dilaff_jax.datasets import records, tfdata
 
 Batch = dict[str, np.ndarray]
 BuilderOrName = tfds.core.DatasetBuilder | str
@@ -318,6 +318,7 @@ def train_iterator(
       .map(lambda b: _to_devices(b, local_device_count, per_device_batch))
       .prefetch(prefetch)
   )
+  dataset = tfdata.without_autotune(dataset)
   return _numpy_batches(dataset)
 
 
@@ -562,6 +563,7 @@ def _eval_group(
       .batch(batch_size)
       .prefetch(prefetch)
   )
+  dataset = tfdata.without_autotune(dataset)
   return _eval_batches(
       _numpy_batches(dataset), num_batches, batch_size, pad, ignore_label, devices, per_device, score_pad
   )

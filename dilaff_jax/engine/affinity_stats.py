@@ -20,6 +20,7 @@ def tfds_label_maps(name: str, split: str, data_dir: str | None = None, max_imag
   """``(iterator of [H, W] uint8 label maps, count)`` from a prepared TFDS dataset with a ``label`` feature."""
   import tensorflow_datasets as tfds
   from dilaff_jax import datasets  # registers the project's builders
+  from dilaff_jax.datasets import tfdata
 
   datasets.dataset_class_names(name)  # an unknown name lists this project's datasets
   builder = tfds.builder(name, data_dir=data_dir)
@@ -36,7 +37,7 @@ def tfds_label_maps(name: str, split: str, data_dir: str | None = None, max_imag
   if max_images:
     ds = ds.take(max_images)
     total = min(total, max_images)
-  ds = ds.map(lambda ex: ex["label"][..., 0])
+  ds = tfdata.without_autotune(ds.map(lambda ex: ex["label"][..., 0]))
   return ds.as_numpy_iterator(), total
 
 
