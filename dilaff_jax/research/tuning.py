@@ -183,10 +183,10 @@ def choose(
     best = max(range(len(entries)), key=lambda i: (entries[i]["mean"], -i))  # the first of equal means
     entries[best]["chosen"] = True
     value = dict(entries[best]["values"])
-    if c.key == PROPAGATION and value["affinity.iterations"] == 0:
+    if c.key != PROPAGATION:
+      winner[c.variant] = by_name[entries[best]["row"]]  # the runs its propagation choice is made on
+    elif value["affinity.iterations"] == 0:
       value = {"affinity.iterations": 0}  # no iteration helps: λ and the reading are not chosen
-    else:
-      winner[c.variant] = by_name[entries[best]["row"]]
     complete &= done
     out.append({"variant": c.variant, "key": c.key, "chosen": value, "seeds": seeds, "candidates": entries})
   return {"config": config_path, "complete": complete, "choices": out}
