@@ -7,7 +7,7 @@
 # Stage 1 trains every method of Tables 1 and 5 with the same budget (3 values of its loss weight x 2 seeds, 100 and
 # 101) and scores it on the tune split; plain DeepLabv3+ is there as the reference. STAGE=choose then picks every
 # value by the rule of dilaff_jax/research/tuning.py (TUNE_CHOICES below: what is chosen from which rows) and writes
-# it with the evidence to results/study_synthetic/tuning.{md,json}; the values are written into configs/synthetic.py
+# it with the evidence to results/study_synthetic/tuning.{md,json,png}; the values are written into configs/synthetic.py
 # by hand, and only then stage 2 runs: it refuses to start while the config differs from tuning.json. Stage 2's rows
 # and seeds, including the fresh seeds 5-7 that re-test every "better than" claim of the headline rows, are declared
 # here before any of them runs.

@@ -161,6 +161,17 @@ def _tuning(beta, iterations, aaf_weight, complete=True):
   }
 
 
+def test_the_picture_has_a_panel_per_made_choice(tmp_path):
+  out = _choose()
+  assert tuning.plot(out, str(tmp_path / "t.png")) == [
+      "default: affinity.beta",
+      "aaf: structure.aaf_weight",
+      "default: propagation",
+  ]
+  out["choices"][1]["chosen"] = None  # not chosen yet: no panel
+  assert tuning.plot(out, str(tmp_path / "t.png")) == ["default: affinity.beta", "default: propagation"]
+
+
 def test_check_passes_a_config_that_runs_the_choices_and_names_every_value_that_differs():
   beta, iterations, aaf_weight = _config_values()
   tuning.check(_tuning(beta, iterations, aaf_weight), "t.json")
@@ -202,6 +213,7 @@ def test_the_command_line_writes_the_choices_and_checks_them(tmp_path):
   assert "| b0.1 | 0.1 | 70.00 | 74.00 | **72.00** |" in md
   assert "| b0.1_lam3 | paper | 3.0 | 72.00 | **74.50** | 69.00 |" in md
   assert "- `aaf`: `structure.aaf_weight = 1.0`" in md
+  assert (tmp_path / "tuning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = json.loads((tmp_path / "tuning.json").read_text())
   assert saved["complete"] and _by_key(saved)[("", "affinity.beta")]["chosen"] == {"affinity.beta": 0.1}
   # the config (β 0.25 until the study chooses) differs from these choices: one error line naming them, status 2

@@ -3,7 +3,7 @@ r"""The tune stage's choices, made by one rule fixed before its runs: the settin
 checked against the config that the test stage will run.
 
   python -m dilaff_jax.research.tuning --workdir=runs/study_tune --choices="$TUNE_CHOICES" \
-      --output=results/study_synthetic/tuning                    # writes tuning.md and tuning.json
+      --output=results/study_synthetic/tuning                    # writes tuning.md, .json and .png
   python -m dilaff_jax.research.tuning --check=results/study_synthetic/tuning.json    # the config agrees with it
 
 ``--choices``: one choice per line (or ``;``), in one of two forms:
@@ -255,6 +255,50 @@ def _sweep_table(candidates: Sequence[dict]) -> list[str]:
   return lines
 
 
+def plot(tuning: dict, path: str) -> list[str]:
+  """``tuning.png``: one panel per made choice: the score against the weight (mean as a line, seeds as dots), or
+  for propagation the mean sweep of every candidate row; the choice starred. Returns the panels' titles."""
+  from dilaff_jax.engine import visualize  # pylint: disable=import-outside-toplevel  # jax: only to draw
+
+  plt = visualize.pyplot()
+  made = [c for c in tuning["choices"] if c["chosen"] is not None]
+  if not made:
+    return []
+  fig, axes = plt.subplots(1, len(made), figsize=(3.4 * len(made), 3.2), dpi=110, squeeze=False)
+  titles = []
+  for ax, c in zip(axes[0], made):
+    titles.append(f"{c['variant'] or study.DEFAULT_VARIANT}: {c['key']}")
+    if c["key"] == PROPAGATION:
+      for name in dict.fromkeys(e["row"] for e in c["candidates"]):
+        line = sorted((e["values"]["affinity.iterations"], e) for e in c["candidates"] if e["row"] == name)
+        first = line[0][1]["values"]
+        label = f"{first['affinity.propagation_reading']}, λ {first['affinity.lam']:g}"
+        ax.plot([n for n, _ in line], [100 * e["mean"] for _, e in line], marker="o", ms=3, label=label)
+      ax.set_xlabel("iterations", fontsize=8)
+      ax.legend(fontsize=6)
+    else:
+      xs = [e["values"][c["key"]] for e in c["candidates"]]
+      ax.plot(xs, [100 * e["mean"] for e in c["candidates"]], marker="o", ms=3)
+      for x, e in zip(xs, c["candidates"]):
+        ax.plot([x] * len(e["scores"]), [100 * v for v in e["scores"]], "k.", ms=3)
+      ax.set_xscale("log")
+      ax.set_xlabel(c["key"], fontsize=8)
+    best = next(e for e in c["candidates"] if e.get("chosen"))
+    bx = best["values"]["affinity.iterations"] if c["key"] == PROPAGATION else best["values"][c["key"]]
+    ax.plot([bx], [100 * best["mean"]], "r*", ms=12)
+    ax.set_title(titles[-1], fontsize=9)
+    ax.set_ylabel("mIoU on tune (%)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  fig.suptitle(
+      "Tune stage: " + ("" if tuning["complete"] else "PROVISIONAL, ") + "the chosen value starred", fontsize=9
+  )
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return titles
+
+
 def check(tuning: dict, path: str) -> None:
   """Raises :class:`TuningError` naming every chosen value the config (each choice's variant) does not have."""
   if not tuning.get("complete"):
@@ -275,7 +319,7 @@ def _define(fv) -> None:
 
   flags.DEFINE_string("workdir", None, "The tune stage's study folder (or its export).", flag_values=fv)
   flags.DEFINE_string("choices", None, "What to choose, from which rows (see the module doc).", flag_values=fv)
-  flags.DEFINE_string("output", None, "Writes OUTPUT.md and OUTPUT.json.", flag_values=fv)
+  flags.DEFINE_string("output", None, "Writes OUTPUT.md, OUTPUT.json and OUTPUT.png.", flag_values=fv)
   flags.DEFINE_bool("allow_unfinished", False, "A provisional choice from the finished seeds.", flag_values=fv)
   flags.DEFINE_string("check", None, "A tuning.json to check the config against (nothing else runs).", flag_values=fv)
 
@@ -300,11 +344,12 @@ def main(argv: Sequence[str]) -> int:
     tuning = choose(choices, rows, study.load_results(fv.workdir, rows), config_path, overrides, fv.allow_unfinished)
     files.write_atomic(fv.output + ".json", json.dumps(tuning, indent=1) + "\n")
     files.write_atomic(fv.output + ".md", markdown(tuning, os.path.basename(os.path.normpath(fv.workdir))))
+    plot(tuning, fv.output + ".png")
   except errors.UserError as e:
     cli.exit_with_error(e)
   for c in tuning["choices"]:
     print(f"[tuning] {c['variant'] or study.DEFAULT_VARIANT}: {c['chosen']}", flush=True)
-  print(f"[tuning] {'' if tuning['complete'] else 'PROVISIONAL: '}{fv.output}.md, .json", flush=True)
+  print(f"[tuning] {'' if tuning['complete'] else 'PROVISIONAL: '}{fv.output}.md, .json, .png", flush=True)
   return 0
 
 
