@@ -17,7 +17,8 @@ class ConfigError(errors.UserError, ValueError):
   """A configuration value is invalid; the message starts with the dotted key."""
 
 
-def _get(config: ml_collections.ConfigDict, key: str):
+def get(config: ml_collections.ConfigDict, key: str):
+  """The value at dotted ``key`` (e.g. ``"affinity.beta"``); :class:`ConfigError` naming it when it is missing."""
   node = config
   for part in key.split("."):
     if part not in node:
@@ -31,14 +32,14 @@ def _fail(key: str, value, expected: str):
 
 
 def _positive_int(config, key):
-  v = _get(config, key)
+  v = get(config, key)
   if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
     _fail(key, v, "expected a positive integer")
   return v
 
 
 def _number(config, key, lo=None, hi=None, lo_open=False):
-  v = _get(config, key)
+  v = get(config, key)
   if not isinstance(v, (int, float)) or isinstance(v, bool):
     _fail(key, v, "expected a number")
   if lo is not None and (v <= lo if lo_open else v < lo):
@@ -50,7 +51,7 @@ def _number(config, key, lo=None, hi=None, lo_open=False):
 
 def _int(config, key, lo=None, hi=None):
   """An int (not a bool) in ``[lo, hi]`` (either bound optional)."""
-  v = _get(config, key)
+  v = get(config, key)
   if not isinstance(v, int) or isinstance(v, bool):
     _fail(key, v, "expected an integer")
   if lo is not None and v < lo:
@@ -61,21 +62,21 @@ def _int(config, key, lo=None, hi=None):
 
 
 def _bool(config, key):
-  v = _get(config, key)
+  v = get(config, key)
   if not isinstance(v, bool):
     _fail(key, v, "expected True or False")
   return v
 
 
 def _text(config, key, optional=False):
-  v = _get(config, key)
+  v = get(config, key)
   if not (isinstance(v, str) and (v or optional) or optional and v is None):
     _fail(key, v, "expected a path or name" + (" (or None)" if optional else ""))
   return v
 
 
 def _choice(config, key, choices):
-  v = _get(config, key)
+  v = get(config, key)
   if v not in choices:
     _fail(key, v, f"expected one of {list(choices)}")
   return v
@@ -83,9 +84,9 @@ def _choice(config, key, choices):
 
 def rates_of(config: ml_collections.ConfigDict) -> affinity.Rates:
   """Explicit rate pairs of ``config.affinity.rates`` (shorthand expanded), or () when affinity is disabled."""
-  if not _get(config, "affinity.enabled"):
+  if not get(config, "affinity.enabled"):
     return ()
-  raw = _get(config, "affinity.rates")
+  raw = get(config, "affinity.rates")
   if isinstance(raw, str):
     return affinity.parse_rates(raw)
   try:
@@ -100,15 +101,15 @@ MIN_DEPTH_NEEDING_WEIGHTS = 50
 
 def pretrained_path(config: ml_collections.ConfigDict) -> str | None:
   """The weights file of ``model.pretrained``, or None for random init (``"none"``, or ``""`` on small models)."""
-  value = _get(config, "model.pretrained")
+  value = get(config, "model.pretrained")
   return None if value in ("", PRETRAINED_NONE) else value
 
 
 def _check_pretrained(config: ml_collections.ConfigDict) -> None:
   """ResNet-50 and deeper need ImageNet weights (the paper's backbone is pretrained: training from random init
   costs tens of mIoU points), or an explicit ``"none"``; a named file must be readable."""
-  value = _get(config, "model.pretrained")
-  depth = _get(config, "model.depth")
+  value = get(config, "model.pretrained")
+  depth = get(config, "model.depth")
   how = (
       "give a torchvision/timm ResNet .safetensors or .pth file (python -m dilaff_jax.models.convert checks and makes "
       f'one), or "{PRETRAINED_NONE}" to train from random init on purpose'
@@ -150,7 +151,7 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
   if source is None:
     return
   workdir, _ = source
-  value = _get(config, "train.init_from")
+  value = get(config, "train.init_from")
   how = "give WORKDIR or WORKDIR:STEP of a finished training run (python -m dilaff_jax.main --mode=train)"
   if not os.path.isdir(workdir):
     _fail("train.init_from", value, f"no such folder {workdir!r}: {how}")
@@ -170,7 +171,7 @@ def propagation_reading(config: ml_collections.ConfigDict) -> str:
 
 def structure_kind(config: ml_collections.ConfigDict) -> str:
   """``config.structure.kind``; ``"none"`` for a config without the section (the ``config.json`` of older runs)."""
-  return _get(config, "structure.kind") if "structure" in config else "none"
+  return get(config, "structure.kind") if "structure" in config else "none"
 
 
 def _check_structure(config) -> None:
@@ -182,7 +183,7 @@ def _check_structure(config) -> None:
     _number(config, "structure.aaf_weight", 0)
     _number(config, "structure.aaf_margin", 0, lo_open=True)
     _bool(config, "structure.aaf_decay")
-    dil = _get(config, "structure.aaf_dilations")
+    dil = get(config, "structure.aaf_dilations")
     if (
         not isinstance(dil, (list, tuple))
         or not dil
@@ -194,8 +195,8 @@ def _check_structure(config) -> None:
     _number(config, "structure.boundary_w0", 0)
     _number(config, "structure.boundary_sigma", 0, lo_open=True)
     _bool(config, "structure.boundary_class_balance")
-    bg = _get(config, "structure.boundary_background")
-    if not isinstance(bg, int) or isinstance(bg, bool) or not -1 <= bg < _get(config, "dataset.num_classes"):
+    bg = get(config, "structure.boundary_background")
+    if not isinstance(bg, int) or isinstance(bg, bool) or not -1 <= bg < get(config, "dataset.num_classes"):
       _fail("structure.boundary_background", bg, "expected a class index, or -1 when no class is background")
 
 
@@ -247,7 +248,7 @@ def check_model_keys(config: ml_collections.ConfigDict) -> None:
   """Raises :class:`ConfigError` for a ``config.model`` key that is neither a model field nor in
   :data:`NOT_MODEL_FIELDS`."""
   known = model_fields() | set(NOT_MODEL_FIELDS)
-  for key in sorted(_get(config, "model")):
+  for key in sorted(get(config, "model")):
     if key not in known:
       raise ConfigError(
           f"config.model.{key}: no such key (the model's keys are the fields of DeepLabV3Plus and "
@@ -260,10 +261,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   _int(config, "seed", 0)
   _positive_int(config, "dataset.num_classes")
   _dataset(config)
-  ign = _get(config, "dataset.ignore_label")
+  ign = get(config, "dataset.ignore_label")
   if not isinstance(ign, int) or not 0 <= ign <= 255:
     _fail("dataset.ignore_label", ign, "expected an int in [0, 255] (labels are stored as uint8)")
-  if ign < _get(config, "dataset.num_classes"):
+  if ign < get(config, "dataset.num_classes"):
     _fail("dataset.ignore_label", ign, "must not be a class index (< dataset.num_classes)")
   crop = _positive_int(config, "dataset.crop_size")
   lo = _number(config, "dataset.min_scale", 0, lo_open=True)
@@ -272,12 +273,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
     _fail("dataset.max_scale", hi, f"must be >= dataset.min_scale ({lo})")
   _number(config, "dataset.scale_step", 0)
   for key in ("dataset.mean", "dataset.std"):
-    v = _get(config, key)
+    v = get(config, key)
     if len(tuple(v)) != 3:
       _fail(key, v, "expected 3 values (RGB, 0-255 scale)")
-  if any(s <= 0 for s in _get(config, "dataset.std")):
-    _fail("dataset.std", _get(config, "dataset.std"), "every value must be > 0")
-  pad = _get(config, "dataset.eval_pad_size")
+  if any(s <= 0 for s in get(config, "dataset.std")):
+    _fail("dataset.std", get(config, "dataset.std"), "every value must be > 0")
+  pad = get(config, "dataset.eval_pad_size")
   if pad is not None and (
       not isinstance(pad, (tuple, list))
       or len(pad) != 2
@@ -296,18 +297,18 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   check_model_keys(config)
   _choice(config, "model.depth", (18, 34, 50, 101, 152))
   _choice(config, "model.stem", ("standard", "deep"))
-  units = {18: 2, 34: 3, 50: 3, 101: 3, 152: 3}[_get(config, "model.depth")]
-  grid = _get(config, "model.multi_grid")
+  units = {18: 2, 34: 3, 50: 3, 101: 3, 152: 3}[get(config, "model.depth")]
+  grid = get(config, "model.multi_grid")
   if grid is not None and (len(tuple(grid)) != units or any(not isinstance(g, int) or g < 1 for g in grid)):
     _fail(
         "model.multi_grid",
         grid,
         f"expected {units} positive ints (one per unit of the last stage of "
-        f"ResNet-{_get(config, 'model.depth')}), or None",
+        f"ResNet-{get(config, 'model.depth')}), or None",
     )
   for key in ("model.train_output_stride", "eval.output_stride"):
     _choice(config, key, (8, 16, 32))
-  os_train = _get(config, "model.train_output_stride")
+  os_train = get(config, "model.train_output_stride")
   if (crop - 1) % os_train:
     _fail(
         "dataset.crop_size",
@@ -326,19 +327,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
     _check_pretrained(config)
     _check_init_from(config)
 
-  if _get(config, "affinity.enabled"):
+  if get(config, "affinity.enabled"):
     rates = rates_of(config)
     if not rates:
       _fail(
           "affinity.rates",
-          _get(config, "affinity.rates"),
+          get(config, "affinity.rates"),
           "empty: give at least one rate or set " "affinity.enabled=False for the baseline",
       )
     _choice(config, "affinity.scheme", affinity.SCHEMES)
     _number(config, "affinity.beta", 0)
     _number(config, "affinity.gamma", 0)
     _choice(config, "affinity.partial_neighbors", affinity.PARTIAL_NEIGHBORS)
-    if _get(config, "affinity.max_weight") is not None:
+    if get(config, "affinity.max_weight") is not None:
       _number(config, "affinity.max_weight", 1)
   _check_structure(config)
   _number(config, "affinity.lam", 0)
@@ -347,7 +348,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
     _choice(config, "affinity.propagation_reading", propagation.READINGS)
   _int(config, "affinity.iterations", 0)
   _int(config, "affinity.stats_max_images", 0)
-  its = _get(config, "eval.iterations")
+  its = get(config, "eval.iterations")
   if not all(isinstance(i, int) and i >= 0 for i in its):
     _fail("eval.iterations", its, "expected non-negative integers")
 
@@ -359,7 +360,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
     _fail("eval.batch_size", eval_batch, f"must be divisible by the number of devices ({num_devices})")
   steps = _positive_int(config, "train.num_steps")
   if _int(config, "train.warmup_steps", 0) >= steps:
-    _fail("train.warmup_steps", _get(config, "train.warmup_steps"), f"must be < train.num_steps ({steps})")
+    _fail("train.warmup_steps", get(config, "train.warmup_steps"), f"must be < train.num_steps ({steps})")
   lr = _number(config, "train.learning_rate", 0, lo_open=True)
   _number(config, "train.end_learning_rate", 0, lr)
   _int(config, "train.image_summary_every", 0)
@@ -373,10 +374,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   _number(config, "train.weight_decay", 0)
   for key in ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints"):
     _positive_int(config, key)
-  scales = _get(config, "eval.scales")
+  scales = get(config, "eval.scales")
   if not scales or any(not isinstance(s, (int, float)) or s <= 0 for s in scales):
     _fail("eval.scales", scales, "expected a non-empty list of positive scales")
-  if _get(config, "affinity.enabled") and 1.0 not in tuple(scales):
+  if get(config, "affinity.enabled") and 1.0 not in tuple(scales):
     _fail(
         "eval.scales",
         scales,
@@ -386,7 +387,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, mode: str =
   _int(config, "eval.max_images", 0)
   for key in ("model.separable", "train.eval_at_end", "eval.flip", "eval.ground_truth_oracle", "eval.crf"):
     _bool(config, key)
-  if _get(config, "eval.crf"):
+  if get(config, "eval.crf"):
     from dilaff_jax.engine import crf  # noqa: PLC0415
 
     if not crf.available():  # at start-up, not after a training
@@ -419,6 +420,6 @@ def _dataset(config: ml_collections.ConfigDict) -> None:
     names = datasets.dataset_class_names(name)
   except errors.UserError:
     _fail("dataset.name", name, f"not one of this project's datasets ({', '.join(datasets.known_names())})")
-  n = _get(config, "dataset.num_classes")
+  n = get(config, "dataset.num_classes")
   if names is not None and n != len(names):  # image_folder: checked against the folder's classes.txt at start
     _fail("dataset.num_classes", n, f"{name} has {len(names)} classes ({', '.join(names)})")

@@ -39,6 +39,7 @@ import sys
 from collections.abc import Sequence
 
 from dilaff_jax import errors
+from dilaff_jax.engine import config_checks
 from dilaff_jax.process import cli, files
 from dilaff_jax.research import study
 
@@ -106,11 +107,7 @@ def parse_choices(text: str, rows: Sequence[study.Row]) -> list[Choice]:
 
 
 def _value(config, key: str):
-  node = config
-  for part in key.split("."):
-    if part not in node:
-      raise TuningError(f"--choices: config key {key!r} does not exist (part {part!r})")
-    node = node[part]
+  node = config_checks.get(config, key)
   return node.to_dict() if hasattr(node, "to_dict") else node
 
 
