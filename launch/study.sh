@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The reproduction study on the embedded default (configs/synthetic.py, the paper's geometry at half scale), in two
-# stages, each over seeds, one run at a time, resumable (rerun the same command; finished runs are skipped):
+# stages, each over seeds, one run at a time (JOBS=N: N at once), resumable (rerun the same command; finished runs
+# are skipped):
 #   STAGE=tune nohup bash launch/study.sh > study_tune.out 2>&1 &    # 1. choose every method's weights on "tune"
 #   STAGE=test nohup bash launch/study.sh > study_test.out 2>&1 &    # 2. the reported rows, on "test" (1000 images)
 #   STAGE=choose bash launch/study.sh                                 # between them: the choices of stage 1
@@ -11,12 +12,14 @@
 # by hand, and only then stage 2 runs: it refuses to start while the config differs from tuning.json. Stage 2's rows
 # and seeds, including the fresh seeds 5-7 that re-test every "better than" claim of the headline rows, are declared
 # here before any of them runs.
-# `kill <pid>` (SIGTERM) stops after the current run saved a checkpoint. Extra arguments go to
+# `kill <pid>` (SIGTERM) stops after the running runs saved a checkpoint. Extra arguments go to
 # `python -m dilaff_jax.research.study` (e.g. --config.KEY=VALUE for every run). WORKDIR: runs/study_<stage>; results there
 # (study.md, .json, .png); `--aggregate_only --export=results/study_synthetic/<stage>` keeps the small files.
 # On another machine, go on from the committed export: cp -r results/study_synthetic/<stage> runs/study_<stage>
 # first (finished runs are skipped; a run whose checkpoints an evaluate row needs is trained again).
 # A run takes about 20-25 minutes on 2 quiet CPU cores (1000 steps of batch 4 at crop 257, then evaluation).
+# JOBS=N: N runs at once, each pinned to cores/N cores (about 3 GiB of memory each). On 2 cores JOBS=2 gets 1.2x as
+# many runs done (benchmarks/study_jobs.py); a run's last bits depend on its core count (recorded in its run.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${STAGE:-tune}
@@ -122,9 +125,10 @@ WORKDIR=${WORKDIR:-runs/study_$STAGE}
 [ -n "${ROWS:-}" ] && COMPARE=${COMPARE:-}
 ROWS=${ROWS:-$DEFAULT_ROWS}
 COMPARE=${COMPARE-$DEFAULT_COMPARE}
-echo "[launch] python -m dilaff_jax.research.study --workdir=$WORKDIR --seeds=$SEEDS (stage $STAGE) $*"
+JOBS=${JOBS:-1}
+echo "[launch] python -m dilaff_jax.research.study --workdir=$WORKDIR --seeds=$SEEDS --jobs=$JOBS (stage $STAGE) $*"
 # Every run: all images of its split (the README's demo scores the first 250 test images) and 1000 steps instead of
 # the demo's 500 (at 500 the loss is still falling; a run further from convergence is likely to vary more by seed).
 exec .venv/bin/python -m dilaff_jax.research.study --config=configs/synthetic.py --seeds="$SEEDS" --workdir="$WORKDIR" \
   --baseline_row="$BASELINE" --rows="$ROWS" --compare="$COMPARE" --config.eval.max_images=0 \
-  --config.train.num_steps=1000 "$@"
+  --config.train.num_steps=1000 --jobs="$JOBS" "$@"

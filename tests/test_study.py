@@ -134,6 +134,152 @@ def test_a_study_resumed_from_its_export_trains_a_run_again_for_a_row_that_evalu
   assert len(fake.commands) == 2
 
 
+def test_slot_cores_are_equal_shares_in_order_and_bad_jobs_are_named():
+  assert study.slot_cores(range(16), 3) == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12, 13, 14)]  # 15 unused
+  assert study.slot_cores((3, 1, 2, 0), 2) == [(0, 1), (2, 3)]
+  assert study.slot_cores((7,), 1) == [(7,)]
+  with pytest.raises(study.StudyError, match=r"--jobs=3: this process may use 2 core\(s\)"):
+    study.slot_cores((0, 1), 3)
+  with pytest.raises(study.StudyError, match="--jobs=0: expected a positive number"):
+    study.study_slots(0)
+
+
+class _SlowFakeRuns:
+  """``subprocess.Popen`` of ``dilaff_jax.main`` runs that each end on their third poll, writing their results
+  then; records how many ran at once, the cores each was pinned to, and whether an evaluate run's source had
+  finished when it started."""
+
+  def __init__(self, monkeypatch):
+    self.started, self.live, self.most_at_once, self.pinned = [], [], 0, {}
+    self.affinity = None
+    monkeypatch.setattr(study.os, "sched_setaffinity", lambda pid, cores: setattr(self, "affinity", tuple(cores)))
+
+  def __call__(self, cmd, preexec_fn=None, **kwargs):
+    args = dict(a.split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+    evaluate = "--mode=evaluate" in cmd
+    out = args["--config.eval.output_dir"] if evaluate else os.path.join(args["--workdir"], "eval")
+    name = os.path.relpath(os.path.dirname(out), os.path.dirname(os.path.dirname(os.path.dirname(out))))
+    if evaluate:  # its source's results and checkpoint are there
+      assert os.path.exists(os.path.join(args["--workdir"], "eval", "step_4", "results.json")), name
+    self.affinity = None
+    if preexec_fn is not None:
+      preexec_fn()  # the patched sched_setaffinity records what the child would be pinned to
+    self.pinned[name] = self.affinity
+    run = _SlowFakeRun(self, out, None if evaluate else args["--workdir"])
+    self.started.append(name)
+    self.live.append(run)
+    self.most_at_once = max(self.most_at_once, len(self.live))
+    return run
+
+
+class _SlowFakeRun:
+
+  def __init__(self, runs, out, workdir):
+    self.runs, self.out, self.workdir, self.polls = runs, out, workdir, 0
+
+  def poll(self):
+    self.polls += 1
+    if self.polls < 3:
+      return None
+    if self in self.runs.live:
+      self.runs.live.remove(self)
+      if self.workdir:
+        os.makedirs(os.path.join(self.workdir, "checkpoints", "4"))
+      os.makedirs(os.path.join(self.out, "step_4"), exist_ok=True)
+      with open(os.path.join(self.out, "step_4", "results.json"), "w") as f:
+        json.dump({"miou": 0.5, "num_images": 8}, f)
+    return 0
+
+  def wait(self):
+    while self.poll() is None:
+      pass
+    return 0
+
+
+def test_jobs_run_at_once_on_their_own_cores_and_an_evaluate_row_waits_for_its_source(tmp_path, monkeypatch, capsys):
+  rows = study.resolve(
+      study.parse_rows([], "a=tiny; a2=evaluate:a; b=tiny; c=tiny", [0, 1]), "configs/synthetic.py", []
+  )
+  runs = _SlowFakeRuns(monkeypatch)
+  monkeypatch.setattr(study.subprocess, "Popen", runs)
+  monkeypatch.setattr(study.time, "sleep", lambda seconds: None)
+  monkeypatch.setattr(study, "allowed_cores", lambda: (0, 1, 2, 3, 4))
+  assert study.run_study("configs/synthetic.py", [], rows, str(tmp_path), "a", jobs=2) == 0
+  out = capsys.readouterr().out
+  assert runs.most_at_once == 2
+  # a0 and b0 start together (a2 waits for a0); a2 takes the first free slot, then c0, then seed 1 the same way
+  assert runs.started == [
+      "a/seed_0",
+      "b/seed_0",
+      "a2/seed_0",
+      "c/seed_0",
+      "a/seed_1",
+      "b/seed_1",
+      "a2/seed_1",
+      "c/seed_1",
+  ]
+  assert set(runs.pinned.values()) == {(0, 1), (2, 3)}  # core 4 unused: both slots compute with 2 threads
+  assert runs.pinned["a/seed_0"] == (0, 1) and runs.pinned["b/seed_0"] == (2, 3)
+  assert "run 1/8: a seed 0 (train) on cores 0-1, 8 left" in out and "run 3/8: b seed 0 (train) on cores 2-3" in out
+  assert json.loads((tmp_path / "b" / "seed_1" / "run.json").read_text())["cores"] == 2
+  assert all(os.path.exists(study.results_path(str(tmp_path), r, s)) for r, s in study.plan(rows))
+  assert study.run_study("configs/synthetic.py", [], rows, str(tmp_path), "a", jobs=2) == 0  # nothing left to do
+  assert len(runs.started) == 8 and capsys.readouterr().out.count("finished, skipped") == 8
+
+
+def test_jobs_pin_the_real_child_processes(tmp_path, monkeypatch):
+  """Through a real ``subprocess.Popen``: each child computes on its slot's core (two slots on the first core(s)
+  of this machine; on one core both slots are that core)."""
+  allowed = sorted(os.sched_getaffinity(0))
+  slots = (allowed[0], allowed[-1])
+
+  def command(config_path, overrides, rows, row, seed, workdir):
+    out = study.results_path(workdir, row, seed)
+    write = f"json.dump({{'miou': 0.5, 'cores': sorted(os.sched_getaffinity(0))}}, open({out!r}, 'w'))"
+    return [sys.executable, "-c", f"import json, os; os.makedirs(os.path.dirname({out!r})); {write}"]
+
+  monkeypatch.setattr(study, "command", command)
+  monkeypatch.setattr(study, "allowed_cores", lambda: slots)
+  rows = study.resolve(study.parse_rows([], "a=tiny; b=tiny", [0]), "configs/synthetic.py", [])
+  assert study.run_study("configs/synthetic.py", [], rows, str(tmp_path), "a", jobs=2) == 0
+  cores = {r.name: json.load(open(study.results_path(str(tmp_path), r, 0)))["cores"] for r in rows}
+  assert cores == {"a": [slots[0]], "b": [slots[1]]}
+
+
+@pytest.mark.parametrize(
+    "args,said",
+    [
+        (["--jobs=two"], "flag --jobs=two: invalid literal"),
+        (["--jobs=0"], "--jobs=0: expected a positive number of runs at once"),
+        (["--bogus=1"], "Unknown command line flag 'bogus'"),
+        (["stray"], "unexpected argument 'stray'"),
+    ],
+)
+def test_a_bad_command_line_is_one_error_line(tmp_path, args, said):
+  cmd = [sys.executable, "-m", "dilaff_jax.research.study", "--config=configs/synthetic.py", "--variants=baseline"]
+  proc = subprocess.run(cmd + [f"--workdir={tmp_path}", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and proc.stderr.startswith("error: ") and said in proc.stderr, proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)
+
+
+def test_a_signal_stops_every_running_job():
+  class Running:
+
+    def __init__(self):
+      self.signals = []
+
+    def poll(self):
+      return None
+
+    def send_signal(self, sig):
+      self.signals.append(sig)
+
+  stop = study._Stop()
+  stop.processes = {Running(), Running()}
+  stop._handle(15, None)
+  assert stop.requested and [p.signals for p in stop.processes] == [[15], [15]]
+
+
 def test_eta_from_the_durations_of_each_kind():
   assert study.eta_seconds({"train": [], "evaluate": []}, ["train"]) is None
   assert study.eta_seconds({"train": [100.0, 200.0], "evaluate": [10.0]}, ["train", "train", "evaluate"]) == 310.0

@@ -16,14 +16,18 @@ variant). ``--rows`` adds rows separated by ``;`` or newlines, each ``NAME=SOURC
 Other ``--config.KEY=VALUE`` arguments apply to every run (e.g. ``--config.dataset.data_dir=...``).
 
 Runs. Run ``(row, seed)`` is ``python -m dilaff_jax.main --config=CONFIG:VARIANT --config.seed=SEED ...`` in
-``DIR/<row>/seed_<seed>/`` (log: ``log.txt`` there), one at a time, seed by seed (so every row has its first seeds
-early; a row that evaluates another follows it at once). A run is finished when
+``DIR/<row>/seed_<seed>/`` (log: ``log.txt`` there), seed by seed (so every row has its first seeds early; a row
+that evaluates another follows it at once), one at a time on every core, or ``--jobs=N`` at a time, each pinned to
+its own ``cores // N`` cores (Linux; an ``evaluate:`` row waits for its source run). Several single-core runs get
+more done than one run on all cores (XLA:CPU does not scale linearly: ``benchmarks/study_jobs.py``), but a run's
+last bits depend on how many cores it computes with (XLA's sums are split by thread), so a study is reproduced bit
+for bit with the same ``cores // N``; ``run.json`` records it as ``cores``. A run is finished when
 ``eval/step_<num_steps>/results.json`` exists in its folder; finished runs are skipped and unfinished ones resume
 from their checkpoints. A study resumes from its export too (copy it as ``DIR``): a run that an ``evaluate:`` row
 needs and whose checkpoints are gone is trained again first (runs are deterministic; a different mIoU would be
 reported). An ``evaluate:`` row writes there too (through ``eval.output_dir``) and keeps no checkpoints. A failed
 run is reported (with the tail of its log) and the study goes on; the exit status is then 1. SIGTERM stops the
-current run (which saves a checkpoint) and the study (exit 3). The aggregate is rewritten after every run, so a
+running runs (each saves a checkpoint) and the study (exit 3). The aggregate is rewritten after every run, so a
 partial study always has an up-to-date ``study.md``.
 
 Aggregates (per row, over the seeds that finished): mIoU without post-processing, with propagation
@@ -77,6 +81,9 @@ flags.DEFINE_list(
     "compare", [], "Paired comparisons 'A:B' of two rows (A minus B, seed by seed), besides the one to the baseline."
 )
 flags.DEFINE_bool("aggregate_only", False, "Only aggregate the finished runs (rows from the flags or study.json).")
+flags.DEFINE_integer(
+    "jobs", 1, "Runs at once, each pinned to cores // jobs of this process's cores (Linux); 1: one run on every core."
+)
 flags.DEFINE_string("export", None, "Copy the small outputs (aggregates, per-run results and configs) to this folder.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -283,13 +290,50 @@ def eta_seconds(durations: dict[str, list[float]], remaining: Sequence[str]) -> 
   return sum(means.get(kind, mean_all) for kind in remaining)
 
 
+def allowed_cores() -> tuple[int, ...] | None:
+  """The cores this process may run on (Linux), None where the system cannot tell or pin (macOS)."""
+  return tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else None
+
+
+def slot_cores(allowed: Sequence[int], jobs: int) -> list[tuple[int, ...]]:
+  """The cores of each of ``jobs`` runs at once: ``len(allowed) // jobs`` each, in order. Cores left over stay
+  unused, so that every run computes with the same number of threads (XLA:CPU's sums, hence a run's last bits,
+  depend on it: a run is reproduced bit for bit with the same number of cores)."""
+  if jobs < 1:
+    raise StudyError(f"--jobs={jobs}: expected a positive number of runs at once")
+  if jobs > len(allowed):
+    raise StudyError(f"--jobs={jobs}: this process may use {len(allowed)} core(s); give at most that many jobs")
+  cores, per = sorted(allowed), len(allowed) // jobs
+  return [tuple(cores[k * per : (k + 1) * per]) for k in range(jobs)]
+
+
+def study_slots(jobs: int) -> list[tuple[int, ...] | None]:
+  """The cores of each run slot of ``--jobs=jobs``: one slot of every allowed core (None where unknown) for 1."""
+  if jobs < 1:
+    raise StudyError(f"--jobs={jobs}: expected a positive number of runs at once")
+  allowed = allowed_cores()
+  if jobs == 1:
+    return [allowed]
+  if allowed is None:
+    raise StudyError(f"--jobs={jobs}: this system cannot pin a process to cores (no sched_setaffinity); use --jobs=1")
+  return slot_cores(allowed, jobs)
+
+
+def _cores_text(cores: Sequence[int]) -> str:
+  if len(cores) == 1:
+    return f"core {cores[0]}"
+  if list(cores) == list(range(cores[0], cores[-1] + 1)):
+    return f"cores {cores[0]}-{cores[-1]}"
+  return "cores " + ",".join(str(c) for c in cores)
+
+
 class _Stop:
-  """SIGTERM/SIGINT: forwards SIGTERM to the running ``dilaff_jax.main`` (which checkpoints and exits) and asks the
-  study to stop after it."""
+  """SIGTERM/SIGINT: forwards SIGTERM to the running ``dilaff_jax.main`` processes (which checkpoint and exit) and
+  asks the study to start nothing more."""
 
   def __init__(self):
     self.requested = False
-    self.process = None
+    self.processes = set()
     self._previous = {}
 
   def __enter__(self):
@@ -300,65 +344,73 @@ class _Stop:
   def _handle(self, signum, frame):
     del frame
     self.requested = True
-    print(f"[study] signal {signum}: stopping after the current run saves its checkpoint", flush=True)
-    if self.process is not None and self.process.poll() is None:
-      self.process.send_signal(signal.SIGTERM)
+    print(f"[study] signal {signum}: stopping after the running run(s) save their checkpoints", flush=True)
+    for process in list(self.processes):
+      if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
 
-def _run(
-    config_path: str, overrides: Sequence[str], rows: Sequence[Row], row: Row, seed: int, workdir: str, stop: _Stop
-) -> int:
-  """Runs ``(row, seed)``'s command in its folder (``run.json``; output appended to ``log.txt``); its exit status."""
+@dataclasses.dataclass
+class _Job:
+  """A running ``dilaff_jax.main``: run ``(row, seed)`` of kind ``train``, ``evaluate`` or ``train again`` (a
+  finished run whose checkpoints an ``evaluate:`` row needs; ``before``: its recorded results)."""
+
+  row: Row
+  seed: int
+  kind: str
+  process: subprocess.Popen
+  log: object
+  start: float
+  before: dict | None = None
+
+
+def _start(
+    config_path: str,
+    overrides: Sequence[str],
+    rows: Sequence[Row],
+    row: Row,
+    seed: int,
+    workdir: str,
+    cores: Sequence[int] | None,
+    pin: bool,
+) -> tuple[subprocess.Popen, object]:
+  """Starts ``(row, seed)``'s command in its folder (``run.json``; output appended to ``log.txt``), pinned to
+  ``cores`` when ``pin``; the process and its open log."""
   folder = run_dir(workdir, row, seed)
   os.makedirs(folder, exist_ok=True)
   cmd = command(config_path, overrides, rows, row, seed, workdir)
-  run = {"row": dataclasses.asdict(row), "seed": seed, "command": cmd[1:]}
+  n_cores = len(cores) if cores is not None else os.cpu_count()
+  run = {"row": dataclasses.asdict(row), "seed": seed, "command": cmd[1:], "cores": n_cores}
   files.write_atomic(os.path.join(folder, "run.json"), json.dumps(run, indent=1))
-  with open(os.path.join(folder, "log.txt"), "a") as log:
-    log.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
-    log.flush()
-    stop.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    rc = stop.process.wait()
-    stop.process = None
-  return rc
+  log = open(os.path.join(folder, "log.txt"), "a")
+  log.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+  log.flush()
+  pin_to = tuple(cores) if pin and cores is not None else None
+  # The study runs no threads of its own, so a function between fork and exec is safe here.
+  preexec = (lambda: os.sched_setaffinity(0, pin_to)) if pin_to else None
+  try:
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
+  except BaseException:
+    log.close()
+    raise
+  return process, log
 
 
-def _train_again(
-    config_path: str, overrides: Sequence[str], rows: Sequence[Row], src: Row, seed: int, workdir: str, stop: _Stop
-) -> bool:
-  """Trains finished run ``(src, seed)`` again when its checkpoints are gone (a study resumed from its export keeps
-  none), so that a row evaluating it can run. Runs are deterministic: the new mIoU must equal the recorded one, and
-  a difference is reported, never hidden (the new results replace the old). True when the checkpoint is back."""
-  path = results_path(workdir, src, seed)
-  with open(path) as f:
-    before = json.load(f)
-  print(
-      f"[study] {src.name} seed {seed}: its final checkpoint is gone (a study resumed from an export keeps none); "
-      "training it again",
-      flush=True,
-  )
-  os.rename(path, path + ".before_training_again")
-  rc = _run(config_path, overrides, rows, src, seed, workdir, stop)
-  if rc != 0 or not os.path.exists(path) or not has_final_checkpoint(workdir, src, seed):
-    os.replace(path + ".before_training_again", path)  # the recorded results stay the run's
-    print(
-        f"[study] {src.name} seed {seed}: training it again FAILED (exit {rc}); its recorded results kept", flush=True
-    )
-    return False
-  os.remove(path + ".before_training_again")
-  with open(path) as f:
-    after = json.load(f)
-  same = after.get("miou") == before.get("miou")
-  print(
-      f"[study] {src.name} seed {seed}: trained again, mIoU {after.get('miou')!r} "
-      + ("(the same as recorded)" if same else f"DIFFERS from the recorded {before.get('miou')!r}: not deterministic"),
-      flush=True,
-  )
-  return True
+def _wait_any(running: dict[int, _Job]) -> int:
+  """The slot of a job that has ended (blocking; one job: its own wait, several: polled twice a second)."""
+  if len(running) == 1:
+    slot, job = next(iter(running.items()))
+    job.process.wait()
+    return slot
+  while True:
+    for slot, job in running.items():
+      if job.process.poll() is not None:
+        return slot
+    time.sleep(0.5)
 
 
 def run_study(
@@ -368,61 +420,149 @@ def run_study(
     workdir: str,
     baseline: str,
     comparisons: Sequence[tuple[str, str]] = (),
+    jobs: int = 1,
 ) -> int:
-  """Runs every unfinished (row, seed) in turn, aggregating after each; returns the exit status (0: all finished,
-  1: some failed, 3: stopped by a signal)."""
+  """Runs every unfinished (row, seed) in plan order, ``jobs`` at a time (more than one: each pinned to its own equal
+  share of the cores; an ``evaluate:`` row waits for its source run), aggregating after each; returns the exit
+  status (0: all finished, 1: some failed, 3: stopped by a signal)."""
+  slots = study_slots(jobs)
   os.makedirs(workdir, exist_ok=True)
   lock = contextlib.ExitStack()  # two studies in one folder would train the same run twice
   lock.enter_context(workdir_lock.hold(workdir, name=STUDY_LOCK, holder="study"))
   todo = plan(rows)
+  pending = list(range(len(todo)))  # indices into todo, not started yet
+  running: dict[int, _Job] = {}  # slot -> job
+  busy: set[tuple[str, int]] = set()  # (row, seed) of the running jobs
+  retrain_failed: set[tuple[str, int]] = set()
   durations: dict[str, list[float]] = {"train": [], "evaluate": []}
   failed = []
-  with lock, _Stop() as stop:
-    for i, (row, seed) in enumerate(todo):
-      kind = "evaluate" if row.evaluates else "train"
-      head = f"[study] run {i + 1}/{len(todo)}: {row.name} seed {seed}"
+
+  def head(i: int) -> str:
+    return f"[study] run {i + 1}/{len(todo)}: {todo[i][0].name} seed {todo[i][1]}"
+
+  def next_ready() -> tuple[int, str] | None:
+    """The first pending run that can start now and its kind; reports (and drops) finished and failed ones."""
+    for i in list(pending):
+      row, seed = todo[i]
       if os.path.exists(results_path(workdir, row, seed)):
-        print(f"{head}: finished, skipped", flush=True)
+        print(f"{head(i)}: finished, skipped", flush=True)
+        pending.remove(i)
         continue
-      if stop.requested:
-        break
+      if not row.evaluates:
+        return i, "train"
       src = source_row(row, rows)
-      if row.evaluates and not os.path.exists(results_path(workdir, src, seed)):
-        print(f"{head}: FAILED, run {src.name} seed {seed} (its checkpoints) did not finish", flush=True)
-        failed.append((row.name, seed))
+      if (src.name, seed) in busy:  # its source is still running: later
         continue
-      if row.evaluates and not has_final_checkpoint(workdir, src, seed):
-        if not _train_again(config_path, overrides, rows, src, seed, workdir, stop):
-          if stop.requested:
-            break
-          failed.append((row.name, seed))
-          continue
-      remaining = [
-          "evaluate" if r.evaluates else "train" for r, s in todo[i:] if not os.path.exists(results_path(workdir, r, s))
+      if (src.name, seed) in retrain_failed or not os.path.exists(results_path(workdir, src, seed)):
+        print(f"{head(i)}: FAILED, run {src.name} seed {seed} (its checkpoints) did not finish", flush=True)
+        failed.append((row.name, seed))
+        pending.remove(i)
+        continue
+      if not has_final_checkpoint(workdir, src, seed):
+        return i, "train again"
+      return i, "evaluate"
+    return None
+
+  def start(i: int, kind: str, slot: int) -> None:
+    row, seed = todo[i]
+    before = None
+    if kind == "train again":  # the source first; row i stays pending until it has its checkpoint
+      row = source_row(row, rows)
+      path = results_path(workdir, row, seed)
+      with open(path) as f:
+        before = json.load(f)
+      print(
+          f"[study] {row.name} seed {seed}: its final checkpoint is gone (a study resumed from an export keeps "
+          "none); training it again" + (f" on {_cores_text(slots[slot])}" if len(slots) > 1 else ""),
+          flush=True,
+      )
+      os.rename(path, path + ".before_training_again")
+    else:
+      pending.remove(i)
+      remaining = [kind] + [
+          "evaluate" if todo[j][0].evaluates else "train"
+          for j in pending
+          if j > i and not os.path.exists(results_path(workdir, *todo[j]))
       ]
       eta = eta_seconds(durations, remaining)
       print(
-          f"{head} ({kind}), {len(remaining)} left"
-          + (f", ETA {_duration(eta)}" if eta is not None else ", ETA after the first run"),
+          f"{head(i)} ({kind})"
+          + (f" on {_cores_text(slots[slot])}" if len(slots) > 1 else "")
+          + f", {len(remaining)} left"
+          + (f", ETA {_duration(eta / len(slots))}" if eta is not None else ", ETA after the first run"),
           flush=True,
       )
-      start = time.time()
-      rc = _run(config_path, overrides, rows, row, seed, workdir, stop)
-      elapsed = time.time() - start
-      if rc == 0 and os.path.exists(results_path(workdir, row, seed)):
-        durations[kind].append(elapsed)
-        print(f"[study] {row.name} seed {seed}: done in {_duration(elapsed)}", flush=True)
-      elif stop.requested:
-        print(f"[study] {row.name} seed {seed}: stopped (exit {rc}); rerun the study to resume", flush=True)
+    process, log = _start(config_path, overrides, rows, row, seed, workdir, slots[slot], pin=len(slots) > 1)
+    running[slot] = _Job(row, seed, kind, process, log, time.time(), before)
+    busy.add((row.name, seed))
+    stop.processes.add(process)
+
+  def train_again_ended(job: _Job, rc: int) -> None:
+    """A run trained again: runs are deterministic, so its new mIoU must equal the recorded one; a difference is
+    reported, never hidden (the new results replace the old)."""
+    path = results_path(workdir, job.row, job.seed)
+    if rc != 0 or not os.path.exists(path) or not has_final_checkpoint(workdir, job.row, job.seed):
+      os.replace(path + ".before_training_again", path)  # the recorded results stay the run's
+      print(
+          f"[study] {job.row.name} seed {job.seed}: training it again FAILED (exit {rc}); its recorded results kept",
+          flush=True,
+      )
+      if not stop.requested:
+        retrain_failed.add((job.row.name, job.seed))
+      return
+    os.remove(path + ".before_training_again")
+    with open(path) as f:
+      after = json.load(f)
+    same = after.get("miou") == job.before.get("miou")
+    print(
+        f"[study] {job.row.name} seed {job.seed}: trained again, mIoU {after.get('miou')!r} "
+        + (
+            "(the same as recorded)"
+            if same
+            else f"DIFFERS from the recorded {job.before.get('miou')!r}: not deterministic"
+        ),
+        flush=True,
+    )
+
+  def ended(job: _Job, rc: int) -> None:
+    elapsed = time.time() - job.start
+    kind, row, seed = job.kind, job.row, job.seed
+    if rc == 0 and os.path.exists(results_path(workdir, row, seed)):
+      durations[kind].append(elapsed)
+      print(f"[study] {row.name} seed {seed}: done in {_duration(elapsed)}", flush=True)
+    elif stop.requested:
+      print(f"[study] {row.name} seed {seed}: stopped (exit {rc}); rerun the study to resume", flush=True)
+    else:
+      failed.append((row.name, seed))
+      log_path = os.path.join(run_dir(workdir, row, seed), "log.txt")
+      print(
+          f"[study] {row.name} seed {seed}: FAILED (exit {rc}) after {_duration(elapsed)}; end of {log_path}:\n"
+          + _tail(log_path),
+          flush=True,
+      )
+    write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
+
+  with lock, _Stop() as stop:
+    while True:
+      for slot in range(len(slots)):
+        if slot in running or stop.requested:
+          continue
+        ready = next_ready()
+        if ready is None:
+          break
+        start(*ready, slot)
+      if not running:
+        break
+      slot = _wait_any(running)
+      job = running.pop(slot)
+      rc = job.process.wait()
+      job.log.close()
+      busy.discard((job.row.name, job.seed))
+      stop.processes.discard(job.process)
+      if job.kind == "train again":
+        train_again_ended(job, rc)
       else:
-        failed.append((row.name, seed))
-        log_path = os.path.join(run_dir(workdir, row, seed), "log.txt")
-        print(
-            f"[study] {row.name} seed {seed}: FAILED (exit {rc}) after {_duration(elapsed)}; end of {log_path}:\n"
-            + _tail(log_path),
-            flush=True,
-        )
-      write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
+        ended(job, rc)
   if stop.requested:
     return errors.EXIT_PREEMPTED
   if failed:
@@ -847,8 +987,12 @@ def main(argv) -> None:
       write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
       status = 0
     else:
-      print(f"[study] {len(rows)} rows, {len(plan(rows))} runs in {workdir}", flush=True)
-      status = run_study(config_path, overrides, rows, workdir, baseline, comparisons)
+      at_once = ""
+      if FLAGS.jobs != 1:
+        slots = study_slots(FLAGS.jobs)
+        at_once = f", {len(slots)} at a time on {len(slots[0])} core(s) each"
+      print(f"[study] {len(rows)} rows, {len(plan(rows))} runs in {workdir}{at_once}", flush=True)
+      status = run_study(config_path, overrides, rows, workdir, baseline, comparisons, jobs=FLAGS.jobs)
       write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
     print(f"[study] aggregates: {os.path.join(workdir, 'study.md')} (.json, .png)", flush=True)
     if FLAGS.export:
@@ -864,9 +1008,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl parsing of the study's flags; the ``--config.KEY=VALUE`` overrides of every run are passed on to ``main``
   as its arguments."""
   overrides = [a for a in argv[1:] if a.startswith("--config.")]
-  rest = FLAGS([argv[0], *(a for a in argv[1:] if not a.startswith("--config."))])
-  if len(rest) > 1:
-    raise app.UsageError(f"unexpected arguments: {rest[1:]}")
+  see = "(see python -m dilaff_jax.research.study --help)"
+  try:
+    rest = FLAGS([argv[0], *(a for a in argv[1:] if not a.startswith("--config."))])
+    if len(rest) > 1:
+      raise StudyError(f"unexpected argument {rest[1]!r}: every option is a --flag=VALUE")
+  except (flags.Error, StudyError) as e:  # an unknown flag, a bad value (--jobs=two), a missing --workdir
+    print(f"error: {cli.one_line(e)} {see}", file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
   return [argv[0], *overrides]
 
 
