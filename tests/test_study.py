@@ -427,6 +427,22 @@ def test_comparisons_of_two_rows_seed_by_seed(tmp_path):
   assert study.rows_from_study_json(w)[4] == ["aff:plain", "aff:one", "one:aff", "aff2:aff"]
 
 
+def test_a_comparison_with_a_dense_crf_row_is_against_its_refined_miou(tmp_path):
+  """A CRF row's unrefined mIoU is its source's: every metric of A is compared with the CRF's refined mIoU."""
+  w, rows = _fabricated(tmp_path)
+  rows.append(Row("plain+crf", "", seeds=(0, 1), evaluates="plain", final_step=10))
+  for seed, (m, c) in enumerate(((0.70, 0.74), (0.73, 0.72))):
+    _write(w, "plain+crf", seed, 10, {"miou": m, "miou_crf": c})
+  s = study.write_aggregates(w, "configs/synthetic.py", [], rows, "plain", [("aff", "plain+crf")])
+  (c,) = s["comparisons"]
+  # aff: mIoU .74 / .72, propagated .75 / .78; the CRF .74 / .72 (the unrefined .70 / .73 would give +4 / -1)
+  for key, want in (("miou", {"0": 0.0, "1": 0.0}), ("miou_propagated", {"0": 0.01, "1": 0.06})):
+    assert c["metrics"][key]["against"] == "miou_crf"
+    assert c["metrics"][key]["values"] == pytest.approx(want)
+  md = open(os.path.join(w, "study.md")).read()
+  assert "| aff | plain+crf | mIoU against mIoU with dense CRF |" in md
+
+
 @pytest.mark.parametrize(
     "item, match",
     [("aff", "is not A:B"), ("aff:", "is not A:B"), ("aff:nope", "'nope' .* is not a row"), ("aff:aff", "itself")],

@@ -35,8 +35,9 @@ Aggregates (per row, over the seeds that finished): mIoU without post-processing
 and n; the propagation sweeps (predicted and ground-truth affinity) as mean ± std per iteration count; and the
 paired difference to ``--baseline_row``'s mIoU seed by seed (mean ± std, how many seeds improved, and the paired
 t-test: t and its two-sided p, for two or more seeds that do not all differ by the same amount). ``--compare=A:B,...``
-adds the same paired statistics of row A against row B for every metric of A: against B's same metric where B has it,
-else against B's mIoU without post-processing (as against the baseline), e.g. ``--compare=affinity:plain+crf``.
+adds the same paired statistics of row A against row B for every metric of A: against B's mIoU with dense CRF where
+B has one (``--compare=affinity:plain+crf``: A's mIoU, and with propagation, against the CRF's), else against B's
+same metric where B has it, else against B's mIoU without post-processing (as against the baseline).
 
 What to keep (commit): ``study.{json,md,png}`` and, per run, ``config.json``, ``run.json`` and
 ``eval/step_<N>/results.{json,md}``; ``--export=DIR2`` copies exactly those with the same layout (so
@@ -636,14 +637,16 @@ def _metric(per_seed: dict[int, dict], key: str) -> dict[int, float]:
 
 
 def compare(results: dict[str, dict[int, dict]], a: str, b: str) -> dict:
-  """Row ``a`` against row ``b``, seed by seed: per metric of ``a``, :func:`paired` against ``b``'s same metric
-  where ``b`` has it, else against ``b``'s mIoU (``against`` names which)."""
+  """Row ``a`` against row ``b``, seed by seed: per metric of ``a``, :func:`paired` against ``b``'s mIoU with dense
+  CRF where ``b`` has one (a CRF row stands for its refined result: ``b``'s unrefined mIoU is another row's),
+  else against ``b``'s same metric where ``b`` has it, else against ``b``'s mIoU (``against`` names which)."""
   out = {"a": a, "b": b, "metrics": {}}
+  b_crf = bool(_metric(results.get(b, {}), "miou_crf"))
   for key, _ in METRICS:
     values = _metric(results.get(a, {}), key)
     if not values:
       continue
-    against = key if _metric(results.get(b, {}), key) else "miou"
+    against = "miou_crf" if b_crf else key if _metric(results.get(b, {}), key) else "miou"
     out["metrics"][key] = {**paired(values, _metric(results.get(b, {}), against)), "against": against}
   return out
 
@@ -793,8 +796,9 @@ def markdown(study: dict) -> str:
     lines += [
         "## Paired comparisons",
         "",
-        "Row A minus row B, seed by seed over the seeds both finished, with the paired t-test; a metric B lacks is "
-        "compared with B's mIoU (no post-processing).",
+        "Row A minus row B, seed by seed over the seeds both finished, with the paired t-test; against a dense-CRF "
+        "row every metric of A is compared with B's mIoU with dense CRF; otherwise a metric B lacks is compared with "
+        "B's mIoU (no post-processing).",
         "",
         "| A | B | metric (A against B) | Δ (mean ± std, paired t-test) | A better | per seed |",
         "|---|---|---|---:|---:|---|",
