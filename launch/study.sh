@@ -5,6 +5,7 @@
 #   STAGE=tune nohup bash launch/study.sh > study_tune.out 2>&1 &    # 1. choose every method's weights on "tune"
 #   STAGE=test nohup bash launch/study.sh > study_test.out 2>&1 &    # 2. the reported rows, on "test" (1000 images)
 #   STAGE=choose bash launch/study.sh                                 # between them: the choices of stage 1
+#   STAGE=answer bash launch/study.sh                                 # after them: the claims' verdicts
 # Stage 1 trains every method of Tables 1 and 5 with the same budget (3 values of its loss weight x 2 seeds, 100 and
 # 101) and scores it on the tune split; plain DeepLabv3+ is there as the reference. STAGE=choose then picks every
 # value by the rule of dilaff_jax/research/tuning.py (TUNE_CHOICES below: what is chosen from which rows) and writes
@@ -105,6 +106,24 @@ table1_sqrt:table1_none,table1_signal:table1_none,table1_neighbor:table1_none,ta
 table2_r4_8:default,table2_r4_8_16:default,table2_r4_6x12_8_16x32_24:default,table1_sqrt:default,\
 default_fresh:baseline_fresh,default_fresh:aaf_fresh,default_fresh:boundary_fresh,default_fresh:baseline_fresh+crf,\
 default+anchored:default+paper,default_fresh+anchored:default_fresh+paper"
+# The claims the answer reads (STAGE=answer, by the rule of dilaff_jax/research/answer.py and docs/reproduction.md):
+# TITLE=TEST|FRESH_TEST; Tables 1 and 2 as the paper's orders of adjacent rows (3 seeds: at most "suggested").
+TEST_CLAIMS="
+joint training helps=default>baseline|default_fresh>baseline_fresh
+dilated affinity beats AAF=default>aaf|default_fresh>aaf_fresh
+dilated affinity beats boundary reweighting=default>boundary|default_fresh>boundary_fresh
+dilated affinity beats dense CRF=default>baseline+crf|default_fresh>baseline_fresh+crf
+dilated affinity with propagation beats dense CRF=default>baseline+crf@miou_propagated|default_fresh>baseline_fresh+crf@miou_propagated
+propagation rises up to 10 iterations (the paper's reading of Eq. 6)=sweep:default+paper|sweep:default_fresh+paper
+propagation rises up to 10 iterations (quoted beside it: the anchored reading)=sweep:default+anchored|sweep:default_fresh+anchored
+Table 1: sqrt above neighbor=order:table1_sqrt>table1_neighbor
+Table 1: neighbor above signal=order:table1_neighbor>table1_signal
+Table 1: signal above none=order:table1_signal>table1_none
+Table 1: sqrt above none=order:table1_sqrt>table1_none
+Table 2: {4, 8} above {4, 8, 16}=order:table2_r4_8>table2_r4_8_16
+Table 2: {4, 8, 16} above the default {4, (6, 12), 8}=order:table2_r4_8_16>default
+Table 2: the default above {4, (6, 12), 8, (16, 32), 24}=order:default>table2_r4_6x12_8_16x32_24
+"
 case "$STAGE" in
   tune) DEFAULT_ROWS=$TUNE_ROWS; DEFAULT_COMPARE=$TUNE_COMPARE; BASELINE=tune_baseline; SEEDS=${SEEDS:-100,101} ;;
   choose)
@@ -114,7 +133,11 @@ case "$STAGE" in
       --choices="$TUNE_CHOICES" --output=results/study_synthetic/tuning \
       ${ALLOW_UNFINISHED:+--allow_unfinished} "$@" ;;
   test) DEFAULT_ROWS=$TEST_ROWS; DEFAULT_COMPARE=$TEST_COMPARE; BASELINE=baseline; SEEDS=${SEEDS:-0,1,2} ;;
-  *) echo "error: STAGE=$STAGE: expected tune, choose or test" >&2; exit 2 ;;
+  answer)  # after stage test: every claim's verdict -> results/study_synthetic/answer.{md,json} (provisional if unfinished)
+    bash launch/setup.sh
+    exec .venv/bin/python -m dilaff_jax.research.answer --workdir="${WORKDIR:-runs/study_test}" \
+      --claims="$TEST_CLAIMS" --output=results/study_synthetic/answer "$@" ;;
+  *) echo "error: STAGE=$STAGE: expected tune, choose, test or answer" >&2; exit 2 ;;
 esac
 bash launch/setup.sh
 if [ "$STAGE" = test ]; then  # the weights chosen on tune must be the config's (an error line names any that is not)

@@ -1,0 +1,251 @@
+r"""The study's answer: each of the paper's claims read by the rule written down before stage ``test`` ran
+(``docs/reproduction.md``, "How the answer will be read"), from a study folder's per-run results.
+
+  python -m dilaff_jax.research.answer --workdir=runs/study_test --claims="$TEST_CLAIMS" \
+      --output=results/study_synthetic/answer                       # writes answer.md and answer.json
+
+``--claims``: one claim per line (or ``;``), ``TITLE=TEST[|FRESH_TEST]``, each test in one of three forms:
+  A>B[@METRIC]     row A better than row B, seed by seed over the seeds both finished (``study.compare``: against a
+                   dense-CRF row, B's CRF-refined mIoU); METRIC is A's ``miou`` (default) or ``miou_propagated``
+  sweep:ROW        propagation rises: ROW's predicted sweep at its last iteration count against 0 iterations
+  order:A>B        an order of two rows with no fresh seeds (Tables 1 and 2): at most "suggested"
+
+The rule. A claim **holds** when its test on the main seeds is positive with a two-sided paired t-test p < 0.05 and
+its FRESH_TEST repeats it: mean difference positive and positive in at least 2 of its 3 seeds. It is **reversed**
+when the main test is negative with p < 0.05 and the fresh seeds agree in the same way. Otherwise it is **not
+shown**. A ``sweep:`` claim holds only if, besides, its last iteration count is the best of the mean sweep on the
+main seeds. An ``order:`` claim is **suggested** (or suggested reversed) at p < 0.05, else not shown. A test whose
+rows have not finished every declared seed is **unfinished**, and the whole answer is marked provisional. Where
+every seed differs by the same amount the t-test is undefined (``study.paired`` gives no p): not shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+from dilaff_jax import errors
+from dilaff_jax.process import cli, files
+from dilaff_jax.research import study
+
+ALPHA = 0.05
+FRESH_AGREE = 2  # of 3 fresh seeds
+METRICS = ("miou", "miou_propagated")
+_TEST = re.compile(
+    r"^(?:(?P<kind>sweep|order):)?(?P<a>[A-Za-z0-9_.+-]+?)(?:>(?P<b>[A-Za-z0-9_.+-]+?))?(?:@(?P<m>\w+))?$"
+)
+
+
+class AnswerError(errors.UserError):
+  """A bad claim line or a study folder that cannot answer it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Test:
+  """``kind`` ``better`` (``a`` > ``b`` in ``metric``), ``sweep`` (row ``a``'s sweep) or ``order``."""
+
+  kind: str
+  a: str
+  b: str = ""
+  metric: str = "miou"
+
+  def text(self) -> str:
+    if self.kind == "sweep":
+      return f"sweep:{self.a}"
+    suffix = "" if self.metric == "miou" else f"@{self.metric}"
+    return ("order:" if self.kind == "order" else "") + f"{self.a}>{self.b}{suffix}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  title: str
+  main: Test
+  fresh: Test | None = None
+
+
+def _parse_test(text: str, line: str, names: Sequence[str]) -> Test:
+  m = _TEST.match(text.strip())
+  kind = (m.group("kind") if m else None) or "better"
+  if not m or (kind == "sweep") != (m.group("b") is None) or (kind != "better" and m.group("m")):
+    raise AnswerError(f"--claims: {line!r}: {text.strip()!r} is not A>B[@METRIC], sweep:ROW or order:A>B")
+  test = Test(kind, m.group("a"), m.group("b") or "", m.group("m") or "miou")
+  for name in (test.a, test.b):
+    if name and name not in names:
+      raise AnswerError(f"--claims: {line!r}: {name!r} is not a row of the study ({', '.join(names)})")
+  if test.metric not in METRICS:
+    raise AnswerError(f"--claims: {line!r}: metric {test.metric!r} is not one of {', '.join(METRICS)}")
+  return test
+
+
+def parse_claims(text: str, rows: Sequence[study.Row]) -> list[Claim]:
+  """``--claims`` as :class:`Claim` s (see the module doc); a bad line raises :class:`AnswerError` naming it."""
+  names = [r.name for r in rows]
+  claims = []
+  for line in (s.strip() for s in re.split(r"[;\n]", text)):
+    if not line:
+      continue
+    title, sep, tests = line.partition("=")
+    parts = tests.split("|")
+    if not sep or not title.strip() or len(parts) > 2:
+      raise AnswerError(f"--claims: {line!r} is not TITLE=TEST or TITLE=TEST|FRESH_TEST")
+    main = _parse_test(parts[0], line, names)
+    fresh = _parse_test(parts[1], line, names) if len(parts) == 2 else None
+    if (main.kind == "order") != (fresh is None) or (fresh is not None and fresh.kind != main.kind):
+      raise AnswerError(f"--claims: {line!r}: an order: claim has no fresh test; every other claim has one of its kind")
+    claims.append(Claim(title.strip(), main, fresh))
+  if not claims:
+    raise AnswerError("--claims: no claim given")
+  return claims
+
+
+def _sweep_at(result: dict, iterations: int) -> float | None:
+  sweep = result.get("sweep") or {}
+  its = sweep.get("iterations") or []
+  return sweep["predicted"][its.index(iterations)] if iterations in its and "predicted" in sweep else None
+
+
+def evaluate_test(test: Test, rows: Sequence[study.Row], results: dict[str, dict[int, dict]]) -> dict:
+  """The test's paired statistics (``study.paired``: per-seed differences, mean, std, t, p, sign test), whether
+  its rows finished every declared seed, and for a sweep the mean sweep and its best iteration count."""
+  declared = {r.name: set(r.seeds) for r in rows}
+  names = [test.a] + ([test.b] if test.b else [])
+  finished = all(declared[n] <= set(results.get(n, {})) for n in names)
+  out = {"test": test.text(), "finished": finished}
+  if test.kind == "sweep":
+    per_seed = results.get(test.a, {})
+    sweeps = {s: r["sweep"] for s, r in per_seed.items() if (r.get("sweep") or {}).get("predicted")}
+    if not sweeps:
+      return {**out, "finished": False, "paired": None}
+    its = next(iter(sweeps.values()))["iterations"]
+    last = its[-1]
+    top = {s: _sweep_at(per_seed[s], last) for s in sweeps}
+    zero = {s: _sweep_at(per_seed[s], 0) for s in sweeps}
+    out["paired"] = study.paired({s: v for s, v in top.items() if v is not None}, zero)
+    same = [sw["predicted"] for sw in sweeps.values() if sw["iterations"] == its]
+    mean = [sum(col) / len(col) for col in zip(*same)]
+    out.update(iterations=its, mean_sweep=mean, best_iterations=its[max(range(len(its)), key=mean.__getitem__)])
+    out["against"] = "0 iterations"
+    return out
+  compared = study.compare(results, test.a, test.b)["metrics"].get(test.metric)
+  out["paired"] = compared
+  out["against"] = compared["against"] if compared else None
+  return out
+
+
+def _direction(paired: dict | None) -> int:
+  """+1 / -1 when the paired difference is significant (p < ALPHA) in that direction, else 0."""
+  if not paired or paired.get("p") is None or not paired["n"] or paired["p"] >= ALPHA:
+    return 0
+  return 1 if paired["mean"] > 0 else -1
+
+
+def _fresh_agrees(paired: dict | None, direction: int) -> bool:
+  if not paired or not paired["n"]:
+    return False
+  agree = sum(v * direction > 0 for v in paired["values"].values())
+  return paired["mean"] * direction > 0 and agree >= FRESH_AGREE
+
+
+def verdict(claim: Claim, main: dict, fresh: dict | None) -> str:
+  """The rule of the module doc: holds, reversed, not shown, suggested (reversed), or unfinished."""
+  if not main["finished"] or (fresh is not None and not fresh["finished"]):
+    return "unfinished"
+  direction = _direction(main["paired"])
+  if claim.main.kind == "order":
+    return {1: "suggested", -1: "suggested reversed", 0: "not shown"}[direction]
+  if direction == 0:
+    return "not shown"
+  if not _fresh_agrees(fresh["paired"], direction):
+    return "not shown (the fresh seeds do not repeat it)"
+  if claim.main.kind == "sweep" and direction > 0 and main["best_iterations"] != main["iterations"][-1]:
+    return f"not shown (rises, but {main['best_iterations']} iterations are the best of the mean sweep)"
+  return "holds" if direction > 0 else "reversed"
+
+
+def answer(claims: Sequence[Claim], rows: Sequence[study.Row], results: dict[str, dict[int, dict]]) -> dict:
+  out = []
+  for claim in claims:
+    main = evaluate_test(claim.main, rows, results)
+    fresh = evaluate_test(claim.fresh, rows, results) if claim.fresh else None
+    out.append({"claim": claim.title, "main": main, "fresh": fresh, "verdict": verdict(claim, main, fresh)})
+  return {"complete": all(c["verdict"] != "unfinished" for c in out), "alpha": ALPHA, "claims": out}
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:+.2f}"
+
+
+def _stats(paired: dict | None) -> str:
+  if not paired or not paired["n"]:
+    return "–"
+  text = _pct(paired["mean"]) + (f" ± {100 * paired['std']:.2f}" if paired["std"] is not None else "")
+  extra = [f"n={paired['n']}"]
+  if paired.get("p") is not None:
+    extra.append(f"p = {paired['p']:.2g}")
+  if paired.get("sign_p") is not None:
+    extra.append(f"sign p = {paired['sign_p']:.2g}")
+  per_seed = ", ".join(f"{s}: {_pct(v)}" for s, v in paired["values"].items())
+  return f"{text} ({', '.join(extra)}; {paired['improved']}/{paired['n']} better; {per_seed})"
+
+
+def markdown(result: dict, source: str) -> str:
+  lines = [
+      "# The study's answer" + ("" if result["complete"] else " (PROVISIONAL: some runs have not finished)"),
+      "",
+      f"From `{source}`, by `python -m dilaff_jax.research.answer`: every claim read by the rule written down before "
+      f"the runs (paired t-test p < {result['alpha']} on the main seeds, repeated on the fresh seeds: mean positive "
+      f"and positive in at least {FRESH_AGREE} of 3). Differences in mIoU points, A minus B.",
+      "",
+      "| claim | test | main seeds: Δ | fresh test | fresh seeds: Δ | verdict |",
+      "|---|---|---|---|---|---|",
+  ]
+  for c in result["claims"]:
+    main, fresh = c["main"], c["fresh"] or {}
+    against = f" (against {main['against']})" if main.get("against") not in (None, "miou") else ""
+    lines.append(
+        f"| {c['claim']} | `{main['test']}`{against} | {_stats(main['paired'])} | "
+        + (f"`{fresh['test']}` | {_stats(fresh['paired'])}" if fresh else "– | –")
+        + f" | **{c['verdict']}** |"
+    )
+  sweeps = [c["main"] for c in result["claims"] if "mean_sweep" in c["main"]]
+  if sweeps:
+    lines += ["", "Mean predicted sweeps of the sweep claims (main seeds):", ""]
+    for s in sweeps:
+      cells = ", ".join(f"{i} it. {100 * v:.2f}" for i, v in zip(s["iterations"], s["mean_sweep"]))
+      lines.append(f"- `{s['test']}`: {cells} (best: {s['best_iterations']})")
+  return "\n".join(lines) + "\n"
+
+
+def _define(fv) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  flags.DEFINE_string("workdir", None, "The test stage's study folder (or its export).", flag_values=fv)
+  flags.DEFINE_string("claims", None, "The claims and their tests (see the module doc).", flag_values=fv)
+  flags.DEFINE_string("output", None, "Writes OUTPUT.md and OUTPUT.json.", flag_values=fv)
+
+
+def main(argv: Sequence[str]) -> int:
+  try:
+    fv = cli.parse_flags(_define, argv, "dilaff_jax.research.answer", __doc__, required=("workdir", "claims", "output"))
+    if fv is None:
+      return 0
+    _, _, rows, _, _ = study.rows_from_study_json(fv.workdir)
+    claims = parse_claims(fv.claims, rows)
+    result = answer(claims, rows, study.load_results(fv.workdir, rows))
+    os.makedirs(os.path.dirname(os.path.abspath(fv.output)), exist_ok=True)
+    files.write_atomic(fv.output + ".json", json.dumps(result, indent=1, allow_nan=False) + "\n")
+    files.write_atomic(fv.output + ".md", markdown(result, os.path.basename(os.path.normpath(fv.workdir))))
+  except errors.UserError as e:
+    cli.exit_with_error(e)
+  for c in result["claims"]:
+    print(f"[answer] {c['claim']}: {c['verdict']}", flush=True)
+  print(f"[answer] {'' if result['complete'] else 'PROVISIONAL: '}{fv.output}.md, .json", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
