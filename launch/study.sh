@@ -101,6 +101,8 @@ baseline_fresh+crf=evaluate:baseline_fresh@eval.crf=True#5,6,7
 default_fresh+paper=evaluate:default_fresh@affinity.propagation_reading=paper#5,6,7
 default_fresh+anchored=evaluate:default_fresh@affinity.propagation_reading=anchored#5,6,7
 "
+# Stage 2 runs the headline rows (and the rows evaluating them) first, every seed, then Tables 1 and 2.
+TEST_FIRST="baseline,default,aaf,boundary,baseline_fresh,default_fresh,aaf_fresh,boundary_fresh"
 TEST_COMPARE="default:aaf,default:boundary,default:baseline+crf,aaf:baseline+crf,\
 table1_sqrt:table1_none,table1_signal:table1_none,table1_neighbor:table1_none,table1_sqrt:table1_neighbor,\
 table2_r4_8:default,table2_r4_8_16:default,table2_r4_6x12_8_16x32_24:default,table1_sqrt:default,\
@@ -125,14 +127,16 @@ Table 2: {4, 8, 16} above the default {4, (6, 12), 8}=order:table2_r4_8_16>defau
 Table 2: the default above {4, (6, 12), 8, (16, 32), 24}=order:default>table2_r4_6x12_8_16x32_24
 "
 case "$STAGE" in
-  tune) DEFAULT_ROWS=$TUNE_ROWS; DEFAULT_COMPARE=$TUNE_COMPARE; BASELINE=tune_baseline; SEEDS=${SEEDS:-100,101} ;;
+  tune) DEFAULT_ROWS=$TUNE_ROWS; DEFAULT_COMPARE=$TUNE_COMPARE; BASELINE=tune_baseline; SEEDS=${SEEDS:-100,101}
+    DEFAULT_FIRST= ;;
   choose)
     bash launch/setup.sh
     # ALLOW_UNFINISHED=1: a provisional choice while stage 1 runs (marked as such; stage 2 does not start from it)
     exec .venv/bin/python -m dilaff_jax.research.tuning --workdir="${WORKDIR:-runs/study_tune}" \
       --choices="$TUNE_CHOICES" --output=results/study_synthetic/tuning \
       ${ALLOW_UNFINISHED:+--allow_unfinished} "$@" ;;
-  test) DEFAULT_ROWS=$TEST_ROWS; DEFAULT_COMPARE=$TEST_COMPARE; BASELINE=baseline; SEEDS=${SEEDS:-0,1,2} ;;
+  test) DEFAULT_ROWS=$TEST_ROWS; DEFAULT_COMPARE=$TEST_COMPARE; BASELINE=baseline; SEEDS=${SEEDS:-0,1,2}
+    DEFAULT_FIRST=$TEST_FIRST ;;
   answer)  # after stage test: every claim's verdict -> results/study_synthetic/answer.{md,json} (provisional if unfinished)
     bash launch/setup.sh
     exec .venv/bin/python -m dilaff_jax.research.answer --workdir="${WORKDIR:-runs/study_test}" \
@@ -144,14 +148,15 @@ if [ "$STAGE" = test ]; then  # the weights chosen on tune must be the config's 
   .venv/bin/python -m dilaff_jax.research.tuning --check=results/study_synthetic/tuning.json
 fi
 WORKDIR=${WORKDIR:-runs/study_$STAGE}
-# Your own ROWS get no comparisons unless you give COMPARE too (its rows must be in ROWS).
-[ -n "${ROWS:-}" ] && COMPARE=${COMPARE:-}
+# Your own ROWS get no comparisons (nor FIRST rows) unless you give COMPARE (FIRST) too: its rows must be in ROWS.
+[ -n "${ROWS:-}" ] && COMPARE=${COMPARE:-} && FIRST=${FIRST:-}
 ROWS=${ROWS:-$DEFAULT_ROWS}
 COMPARE=${COMPARE-$DEFAULT_COMPARE}
+FIRST=${FIRST-$DEFAULT_FIRST}
 JOBS=${JOBS:-1}
 echo "[launch] python -m dilaff_jax.research.study --workdir=$WORKDIR --seeds=$SEEDS --jobs=$JOBS (stage $STAGE) $*"
 # Every run: all images of its split (the README's demo scores the first 250 test images) and 1000 steps instead of
 # the demo's 500 (at 500 the loss is still falling; a run further from convergence is likely to vary more by seed).
 exec .venv/bin/python -m dilaff_jax.research.study --config=configs/synthetic.py --seeds="$SEEDS" --workdir="$WORKDIR" \
   --baseline_row="$BASELINE" --rows="$ROWS" --compare="$COMPARE" --config.eval.max_images=0 \
-  --config.train.num_steps=1000 --jobs="$JOBS" "$@"
+  --config.train.num_steps=1000 --jobs="$JOBS" --first="$FIRST" "$@"

@@ -83,6 +83,18 @@ def test_plan_puts_each_evaluate_row_right_after_its_source():
   ]  # fmt: skip
 
 
+def test_first_rows_run_all_their_seeds_before_the_others():
+  rows = study.parse_rows([], "a=tiny; b=tiny; a2=evaluate:a; c=tiny#5", [0, 1])
+  assert [(r.name, s) for r, s in study.plan(rows, first=["b", "a"])] == [
+      ("a", 0), ("a2", 0), ("b", 0), ("a", 1), ("a2", 1), ("b", 1), ("c", 5),
+  ]  # fmt: skip
+  assert [(r.name, s) for r, s in study.plan(rows, first=["c"])][:2] == [("c", 5), ("a", 0)]
+  with pytest.raises(study.StudyError, match="--first: nope not a row"):
+    study.plan(rows, first=["nope"])
+  with pytest.raises(study.StudyError, match="--first: a2 evaluate another row"):
+    study.plan(rows, first=["a2"])
+
+
 class _FakeRun:
   """Stands in for ``subprocess.Popen`` of ``dilaff_jax.main``: writes the results (mIoU ``miou``) and, for a
   training, the final checkpoint's folder, where the real command would."""
@@ -599,6 +611,12 @@ def test_the_launchers_study_is_valid_and_the_committed_one_is_part_of_it(stage)
       assert all(s < 100 for s in r.seeds), r.name  # the tune stage's seeds (100, 101) are not reused
   fresh = {r.name for r in rows if r.name.endswith("_fresh")}
   assert all(set(by_name[n].seeds) == {5, 6, 7} for n in fresh) and (stage == "tune" or len(fresh) >= 4)
+  if stage == "test":  # the headline rows first, every seed of them, then Tables 1 and 2
+    with open(os.path.join(REPO, "launch", "study.sh")) as f:
+      first = re.search(r'^TEST_FIRST="(.*)"$', f.read(), re.M).group(1).split(",")
+    order = [r.name for r, _ in study.plan(rows, first)]
+    tables = [i for i, n in enumerate(order) if n.startswith("table")]
+    assert tables == list(range(len(order) - len(tables), len(order))) and len(tables) == 21
   path = os.path.join(REPO, "results", "study_synthetic", stage, "study.json")
   if not os.path.exists(path):
     assert stage == "test", "the tune stage's export is committed"  # the test stage has not run yet

@@ -17,7 +17,8 @@ Other ``--config.KEY=VALUE`` arguments apply to every run (e.g. ``--config.datas
 
 Runs. Run ``(row, seed)`` is ``python -m dilaff_jax.main --config=CONFIG:VARIANT --config.seed=SEED ...`` in
 ``DIR/<row>/seed_<seed>/`` (log: ``log.txt`` there), seed by seed (so every row has its first seeds early; a row
-that evaluates another follows it at once), one at a time on every core, or ``--jobs=N`` at a time, each pinned to
+that evaluates another follows it at once; ``--first=ROW,...`` runs those rows' seeds before all others), one at a
+time on every core, or ``--jobs=N`` at a time, each pinned to
 its own ``cores // N`` cores (Linux; an ``evaluate:`` row waits for its source run). Several single-core runs get
 more done than one run on all cores (XLA:CPU does not scale linearly: ``benchmarks/study_jobs.py``), but a run's
 last bits depend on how many cores it computes with (XLA's sums are split by thread), so a study is reproduced bit
@@ -84,6 +85,9 @@ flags.DEFINE_list(
 flags.DEFINE_bool("aggregate_only", False, "Only aggregate the finished runs (rows from the flags or study.json).")
 flags.DEFINE_integer(
     "jobs", 1, "Runs at once, each pinned to cores // jobs of this process's cores (Linux); 1: one run on every core."
+)
+flags.DEFINE_list(
+    "first", [], "Rows run before all others (all their seeds, with the rows evaluating them), e.g. the headline rows."
 )
 flags.DEFINE_string("export", None, "Copy the small outputs (aggregates, per-run results and configs) to this folder.")
 flags.mark_flags_as_required(["workdir"])
@@ -251,15 +255,28 @@ def command(
   return cmd + [f"--workdir={os.path.abspath(run_dir(workdir, row, seed))}"]
 
 
-def plan(rows: Sequence[Row]) -> list[tuple[Row, int]]:
+def plan(rows: Sequence[Row], first: Sequence[str] = ()) -> list[tuple[Row, int]]:
   """Every (row, seed), seed by seed in increasing order; within a seed the trained rows in their order, each
-  followed at once by the rows that evaluate it (so its checkpoints are used while they are on this disk)."""
-  seeds = sorted({s for row in rows for s in row.seeds})
-  ordered = []
-  for row in rows:
-    if not row.evaluates:
-      ordered += [row, *(r for r in rows if r.evaluates == row.name)]
-  return [(row, s) for s in seeds for row in ordered if s in row.seeds]
+  followed at once by the rows that evaluate it (so its checkpoints are used while they are on this disk). The rows
+  named in ``first`` (with the rows that evaluate them) are planned like that before all the others, e.g. the
+  headline rows of a study before its ablations."""
+  unknown = [n for n in first if n not in {r.name for r in rows}]
+  if unknown:
+    raise StudyError(f"--first: {', '.join(unknown)} not a row of the study ({', '.join(r.name for r in rows)})")
+  evaluated = [r.name for r in rows if r.evaluates and r.name in first]
+  if evaluated:
+    raise StudyError(f"--first: {', '.join(evaluated)} evaluate another row: name the row they evaluate instead")
+
+  def seed_major(part: Sequence[Row]) -> list[tuple[Row, int]]:
+    seeds = sorted({s for row in part for s in row.seeds})
+    ordered = []
+    for row in part:
+      if not row.evaluates:
+        ordered += [row, *(r for r in part if r.evaluates == row.name)]
+    return [(row, s) for s in seeds for row in ordered if s in row.seeds]
+
+  early = [r for r in rows if r.name in first or r.evaluates in first]
+  return seed_major(early) + seed_major([r for r in rows if r not in early])
 
 
 def has_final_checkpoint(workdir: str, row: Row, seed: int) -> bool:
@@ -422,15 +439,16 @@ def run_study(
     baseline: str,
     comparisons: Sequence[tuple[str, str]] = (),
     jobs: int = 1,
+    first: Sequence[str] = (),
 ) -> int:
-  """Runs every unfinished (row, seed) in plan order, ``jobs`` at a time (more than one: each pinned to its own equal
+  """Runs every unfinished (row, seed) in plan order (:func:`plan`, ``first`` rows first), ``jobs`` at a time (more than one: each pinned to its own equal
   share of the cores; an ``evaluate:`` row waits for its source run), aggregating after each; returns the exit
   status (0: all finished, 1: some failed, 3: stopped by a signal)."""
   slots = study_slots(jobs)
+  todo = plan(rows, first)
   os.makedirs(workdir, exist_ok=True)
   lock = contextlib.ExitStack()  # two studies in one folder would train the same run twice
   lock.enter_context(workdir_lock.hold(workdir, name=STUDY_LOCK, holder="study"))
-  todo = plan(rows)
   pending = list(range(len(todo)))  # indices into todo, not started yet
   running: dict[int, _Job] = {}  # slot -> job
   busy: set[tuple[str, int]] = set()  # (row, seed) of the running jobs
@@ -995,8 +1013,10 @@ def main(argv) -> None:
       if FLAGS.jobs != 1:
         slots = study_slots(FLAGS.jobs)
         at_once = f", {len(slots)} at a time on {len(slots[0])} core(s) each"
-      print(f"[study] {len(rows)} rows, {len(plan(rows))} runs in {workdir}{at_once}", flush=True)
-      status = run_study(config_path, overrides, rows, workdir, baseline, comparisons, jobs=FLAGS.jobs)
+      print(f"[study] {len(rows)} rows, {len(plan(rows, FLAGS.first))} runs in {workdir}{at_once}", flush=True)
+      status = run_study(
+          config_path, overrides, rows, workdir, baseline, comparisons, jobs=FLAGS.jobs, first=FLAGS.first
+      )
       write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
     print(f"[study] aggregates: {os.path.join(workdir, 'study.md')} (.json, .png)", flush=True)
     if FLAGS.export:
