@@ -220,6 +220,13 @@ def markdown(result: dict, source: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def write(result: dict, output: str, source: str) -> None:
+  """``OUTPUT.json`` (the verdicts with their statistics) and ``OUTPUT.md`` (the table)."""
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  files.write_atomic(output + ".json", json.dumps(result, indent=1, allow_nan=False) + "\n")
+  files.write_atomic(output + ".md", markdown(result, source))
+
+
 def _define(fv) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
 
@@ -236,14 +243,12 @@ def main(argv: Sequence[str]) -> int:
     _, _, rows, _, _ = study.rows_from_study_json(fv.workdir)
     claims = parse_claims(fv.claims, rows)
     result = answer(claims, rows, study.load_results(fv.workdir, rows))
-    os.makedirs(os.path.dirname(os.path.abspath(fv.output)), exist_ok=True)
-    files.write_atomic(fv.output + ".json", json.dumps(result, indent=1, allow_nan=False) + "\n")
-    files.write_atomic(fv.output + ".md", markdown(result, os.path.basename(os.path.normpath(fv.workdir))))
+    write(result, fv.output, os.path.basename(os.path.normpath(fv.workdir)))
   except errors.UserError as e:
     cli.exit_with_error(e)
-  for c in result["claims"]:
-    print(f"[answer] {c['claim']}: {c['verdict']}", flush=True)
-  print(f"[answer] {'' if result['complete'] else 'PROVISIONAL: '}{fv.output}.md, .json", flush=True)
+  said = [f"[answer] {c['claim']}: {c['verdict']}" for c in result["claims"]]
+  said.append(f"[answer] {'' if result['complete'] else 'PROVISIONAL: '}{fv.output}.md, .json")
+  print("\n".join(said), flush=True)
   return 0
 
 
