@@ -102,6 +102,18 @@ def test_propagate_zero_iterations_is_identity_and_outputs_are_distributions():
   np.testing.assert_allclose(only_far, brute_propagate(p, a_far, RATES, 6.0, 1), rtol=2e-5, atol=1e-6)
 
 
+def test_the_input_is_renormalised_over_its_classes_first():
+  """Each pixel's classes are made to sum to 1 before Eq. 6 (its normaliser relies on it): scores that do not sum
+  to 1 give the brute-force result of the renormalised probabilities, under both readings."""
+  p, a = random_inputs(4, c=5)
+  scale = np.random.default_rng(4).uniform(0.2, 3.0, size=p.shape[:3] + (1,)).astype(np.float32)
+  unnormalised = p * scale
+  for anchored in (False, True):
+    got = propagation.propagate(unnormalised, a, RATES, lam=6.0, iterations=3, anchor=p if anchored else None)
+    want = brute_propagate(p, a, RATES, 6.0, 3, anchored=anchored)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-6)
+
+
 def test_propagate_any_size_and_bfloat16():
   for h, w in ((3, 4), (11, 2)):
     p, a = random_inputs(h * w, b=1, h=h, w=w, c=3)

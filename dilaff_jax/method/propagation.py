@@ -36,12 +36,9 @@ def _live_offsets(offsets, h: int, w: int) -> tuple[tuple[int, int, int], ...]:
   return tuple((c, s, t) for c, (s, t) in enumerate(offsets) if abs(s) < h and abs(t) < w)
 
 
-def _masked_affinity(aff: jax.Array, live, planes: bool) -> jax.Array:
-  """Affinities in float32, one entry per live direction, zero where the neighbour is outside the image.
-
-  ``planes=False``: ``[B, H, W, D]`` (the input's own layout; one scalar per pixel and direction, broadcast
-  over the classes by :func:`_neighbour_sum`). ``planes=True``: ``[B, H, D, W]`` (one row per direction, for
-  :func:`_plane_neighbour_sum`, which vectorises along W).
+def _masked_affinity(aff: jax.Array, live) -> jax.Array:
+  """Affinities ``[B, H, W, D]`` in float32, one entry per live direction, zero where the neighbour is outside the
+  image (one scalar per pixel and direction, broadcast over the classes by :func:`_neighbour_sum`).
 
   Folding "outside the image contributes nothing" into the weights lets the neighbour sums read shifted
   neighbours as flat offsets that may wrap into the next row: whatever finite value they read there is weighed
@@ -50,27 +47,23 @@ def _masked_affinity(aff: jax.Array, live, planes: bool) -> jax.Array:
   _, h, w, _ = aff.shape
   ds = np.array([s for _, s, _ in live], np.int32)
   dt = np.array([t for _, _, t in live], np.int32)
-  if planes:
-    rows, cols = jnp.arange(h)[:, None, None] + ds[:, None], jnp.arange(w)[None, None, :] + dt[:, None]
-  else:
-    rows, cols = jnp.arange(h)[:, None, None] + ds, jnp.arange(w)[None, :, None] + dt
+  rows, cols = jnp.arange(h)[:, None, None] + ds, jnp.arange(w)[None, :, None] + dt
   inside = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)  # from iotas (no big constant)
   channels = [c for c, _, _ in live]
   a = aff if channels == list(range(aff.shape[-1])) else jnp.stack([aff[..., c] for c in channels], axis=-1)
-  if planes:
-    a = jnp.transpose(a, (0, 1, 3, 2))
   return jnp.where(inside, a.astype(jnp.float32), 0.0)
 
 
-def _class_stats(pp: jax.Array, c: int) -> tuple[jax.Array, jax.Array]:
-  """``max_c p`` and ``Σ_c p`` over the first ``c`` entries of the class axis (3) of ``[B, H', W, K]``, float32.
+def _class_max(pp: jax.Array, c: int) -> jax.Array:
+  """``max_c p`` over the first ``c`` entries of the class axis (3) of ``[B, H', W, K]``, float32.
 
-  One variadic reduce: XLA:CPU hands a plain large ``reduce`` to YNNPACK, whose fusions cannot read strided
-  slices and would then materialise every shifted copy of ``p`` (about 50 ms per iteration instead of a few).
+  A variadic reduce (the max and, unused, the sum): XLA:CPU hands a plain large ``reduce`` to YNNPACK, whose
+  fusions cannot read strided slices and would then materialise every shifted copy of ``p`` (about 50 ms per
+  iteration instead of a few).
   """
   pf = pp[..., :c].astype(jnp.float32)
   both = lambda x, y: (jnp.maximum(x[0], y[0]), x[1] + y[1])
-  return jax.lax.reduce((pf, pf), (np.float32(-np.inf), np.float32(0)), both, (3,))
+  return jax.lax.reduce((pf, pf), (np.float32(-np.inf), np.float32(0)), both, (3,))[0]
 
 
 def _neighbour_sum(x: jax.Array, am: jax.Array, live, pad: int, h: int) -> jax.Array:
@@ -93,61 +86,42 @@ def _neighbour_sum(x: jax.Array, am: jax.Array, live, pad: int, h: int) -> jax.A
   return acc
 
 
-def _plane_neighbour_sum(x: jax.Array, am: jax.Array, live, pad: int, h: int) -> jax.Array:
-  """``Σ_s a_s · x_s`` for one plane ``x`` ``[B, h + 2·pad, W]`` and ``am`` ``[B, h, D, W]``, vectorised along W.
-
-  Same flat-offset reads as :func:`_neighbour_sum` (offset ``s·W + t``); used for the per-pixel normaliser.
-  """
-  b, hp, w = x.shape
-  flat = x.reshape(b, hp * w)
-  acc = None
-  for d, (_, s, t) in enumerate(live):
-    o = (pad + s) * w + t
-    term = am[:, :, d] * jax.lax.slice_in_dim(flat, o, o + h * w, axis=1).reshape(b, h, w)
-    acc = term if acc is None else acc + term
-  return acc
-
-
 @functools.partial(jax.jit, static_argnames=("rates",))
 def _propagate(probs, aff, rates, lam, iterations, anchor=None):
   """Eq. 6 on the layout ``[B, H + 2·pad, W, K]``: rows padded with zeros, classes padded to ``K``, a multiple of
   the vector width (the extra classes stay 0), so XLA:CPU vectorises along the classes.
 
-  Per iteration: one reduce for ``max_c p`` and ``Σ_c p``; the normaliser ``Σ_c(λ·p·max p + Σ_s a_s·p_s) =
-  λ·max p·Σ_c p + Σ_s a_s·(Σ_c p)_s`` from those per-pixel sums (1/C of the work, no reduce over the result),
-  with the affinity in a second, per-direction-row copy so that this sum vectorises along W; then one fused loop
-  for the neighbour sum, the self term and the normalisation, written back row-padded.
-  The state keeps the input dtype between iterations (as ``p`` itself would); arithmetic is float32.
-  ``iterations`` is traced: one compilation serves every count (``iterations // 2`` double steps, then one more
-  step if odd), and a count of 1 is not unrolled (unrolled, XLA fuses the once-per-call layout changes into the
-  32-term loop and recomputes them per element).
+  The state's classes sum to 1 (the input is renormalised once; every iteration's output is a distribution), so
+  the normaliser ``Σ_c(λ·p·max p + Σ_s a_s·p_s)`` is ``λ·max p + Σ_s a_s``, with ``Σ_s a_s`` over the neighbours
+  inside the image summed once per call: per iteration one reduce for ``max_c p``, then one fused loop for the
+  neighbour sum, the self term and the normalisation, written back row-padded. (Anchored: ``λ·max p⁰·Σ_c p⁰ +
+  Σ_s a_s``, fixed.) The state keeps the input dtype between iterations (as ``p`` itself would); arithmetic is
+  float32. ``iterations`` is traced: one compilation serves every count (``iterations // 2`` double steps, then one
+  more step if odd), and a count of 1 is not unrolled (unrolled, XLA fuses the once-per-call layout changes into
+  the 32-term loop and recomputes them per element).
   """
   _, h, w, c = probs.shape
   live = _live_offsets(affinity.neighbor_offsets(rates), h, w)
   pad = max([abs(s) for _, s, _ in live], default=0) + 1  # +1 row: flat reads at t < 0 on the first row
-  am = _masked_affinity(aff, live, planes=False) if live else None
-  am_planes = _masked_affinity(aff, live, planes=True) if live else None
+  am = _masked_affinity(aff, live) if live else None
+  a_sum = am.sum(-1) if live else jnp.zeros(probs.shape[:3], jnp.float32)  # Σ_s a_s, neighbours inside
   rows = ((0, 0), (pad, pad), (0, 0), (0, 0))
+  k = -(-c // _LANES) * _LANES
   anchored = anchor is not None
   if anchored:  # the self term of the network's own prediction, fixed over the iterations
     p0 = anchor.astype(jnp.float32)
     m0 = p0.max(-1)
-    self0 = lam * p0 * m0[..., None]
-    norm0 = lam * m0 * p0.sum(-1)
-    k = -(-c // _LANES) * _LANES
-    self0 = jnp.pad(self0, ((0, 0), (0, 0), (0, 0), (0, k - c)))
+    self0 = jnp.pad(lam * p0 * m0[..., None], ((0, 0), (0, 0), (0, 0), (0, k - c)))
+    norm0 = lam * m0 * p0.sum(-1) + a_sum
 
   def body(_, pp):
-    mx, sm = _class_stats(pp, c)
     if anchored:
       norm, un = norm0, self0
     else:
-      m = mx[:, pad : pad + h]
-      q = pp[:, pad : pad + h].astype(jnp.float32)
-      norm = lam * m * sm[:, pad : pad + h]
-      un = lam * q * m[..., None]
+      m = _class_max(pp, c)[:, pad : pad + h]
+      norm = lam * m + a_sum
+      un = lam * pp[:, pad : pad + h].astype(jnp.float32) * m[..., None]
     if live:
-      norm = norm + _plane_neighbour_sum(sm, am_planes, live, pad, h)
       un = un + _neighbour_sum(pp.astype(jnp.float32), am, live, pad, h)
     out = un * (1.0 / jnp.maximum(norm, _TINY))[..., None]
     return jnp.pad(out.astype(pp.dtype), rows)
@@ -165,8 +139,9 @@ def _propagate(probs, aff, rates, lam, iterations, anchor=None):
   # predicate, drop the ping-pong and fuse each step into the next one's 32 reads (2.5x slower per sweep). The
   # barrier keeps the count opaque to the compiler.
   iterations = jax.lax.optimization_barrier(iterations)
-  k = -(-c // _LANES) * _LANES
-  pp = jnp.pad(probs, ((0, 0), (pad, pad), (0, 0), (0, k - c)))
+  p = probs.astype(jnp.float32)
+  p = (p / jnp.maximum(p.sum(-1, keepdims=True), _TINY)).astype(probs.dtype)  # each pixel's classes sum to 1
+  pp = jnp.pad(p, ((0, 0), (pad, pad), (0, 0), (0, k - c)))
   pp = jax.lax.fori_loop(0, iterations // 2, twice, pp)
   pp = jax.lax.fori_loop(0, iterations % 2, body, pp)
   return pp[:, pad : pad + h, :, :c]
@@ -192,7 +167,10 @@ def propagate(
 
   Args:
     probs: class probabilities ``[B, H, W, C]`` at full resolution (softmax of upsampled logits), float32 or
-      bfloat16 (the result has the same dtype; arithmetic is float32).
+      bfloat16 (the result has the same dtype; arithmetic is float32). Each pixel's classes are renormalised to
+      sum to 1 first (a softmax's do already, up to rounding), which Eq. 6's output does at every iteration; the
+      normaliser relies on it, so a pixel of all zeros, which is no distribution, would be counted in its
+      neighbours' normalisers as if it summed to 1.
     affinity_map: ``[B, H, W, 8·|R|]`` in [0, 1]: ``steep_sigmoid`` of the predicted affinity logits (Eq. 7)
       or the oracle :func:`gt_affinity`. Channel ``c`` weighs the neighbour at offset
       ``neighbor_offsets(rates)[c]``; neighbours outside the image contribute nothing. Affinities stay fixed.
