@@ -441,9 +441,9 @@ def run_study(
     jobs: int = 1,
     first: Sequence[str] = (),
 ) -> int:
-  """Runs every unfinished (row, seed) in plan order (:func:`plan`, ``first`` rows first), ``jobs`` at a time (more than one: each pinned to its own equal
-  share of the cores; an ``evaluate:`` row waits for its source run), aggregating after each; returns the exit
-  status (0: all finished, 1: some failed, 3: stopped by a signal)."""
+  """Runs every unfinished (row, seed) in plan order (:func:`plan`, ``first`` rows first), ``jobs`` at a time
+  (more than one: each pinned to its own equal share of the cores; an ``evaluate:`` row waits for its source run),
+  aggregating after each; returns the exit status (0: all finished, 1: some failed, 3: stopped by a signal)."""
   slots = study_slots(jobs)
   todo = plan(rows, first)
   os.makedirs(workdir, exist_ok=True)
