@@ -142,6 +142,16 @@ def test_a_bad_claim_line_names_itself(line, match):
     answer.parse_claims(line, ROWS)
 
 
+def test_a_metric_the_runs_lack_is_not_measured():
+  results = _results(SIGNIFICANT, (0.01, 0.01, 0.01))
+  for name in ("default", "default_fresh"):  # propagation off: no miou_propagated
+    for r in results[name].values():
+      del r["miou_propagated"]
+  verdicts, got = _verdicts(results)
+  assert verdicts["beats CRF, propagated"] == "not measured (no miou_propagated in default's results)"
+  assert verdicts["beats CRF"] != verdicts["beats CRF, propagated"] and got["complete"]
+
+
 def test_identical_differences_have_no_t_test_and_are_not_shown():
   """The paired t-test is undefined when every seed differs by the same amount (``study.paired``: p None)."""
   results = _results(SIGNIFICANT, (0.01, 0.01, 0.01), aaf_gain={s: -0.01 for s in BASE})

@@ -15,7 +15,8 @@ its FRESH_TEST repeats it: mean difference positive and positive in at least 2 o
 when the main test is negative with p < 0.05 and the fresh seeds agree in the same way. Otherwise it is **not
 shown**. A ``sweep:`` claim holds only if, besides, its last iteration count is the best of the mean sweep on the
 main seeds. An ``order:`` claim is **suggested** (or suggested reversed) at p < 0.05, else not shown. A test whose
-rows have not finished every declared seed is **unfinished**, and the whole answer is marked provisional. Where
+rows have not finished every declared seed is **unfinished**, and the whole answer is marked provisional; one whose
+metric the runs do not have (``miou_propagated`` where propagation is off) is **not measured**. Where
 every seed differs by the same amount the t-test is undefined (``study.paired`` gives no p): not shown.
 """
 
@@ -133,6 +134,7 @@ def evaluate_test(test: Test, rows: Sequence[study.Row], results: dict[str, dict
   compared = study.compare(results, test.a, test.b)["metrics"].get(test.metric)
   out["paired"] = compared
   out["against"] = compared["against"] if compared else None
+  out["missing"] = finished and compared is None  # e.g. no miou_propagated where propagation is off
   return out
 
 
@@ -154,6 +156,8 @@ def verdict(claim: Claim, main: dict, fresh: dict | None) -> str:
   """The rule of the module doc: holds, reversed, not shown, suggested (reversed), or unfinished."""
   if not main["finished"] or (fresh is not None and not fresh["finished"]):
     return "unfinished"
+  if main.get("missing") or (fresh is not None and fresh.get("missing")):
+    return f"not measured (no {claim.main.metric} in {claim.main.a}'s results)"
   direction = _direction(main["paired"])
   if claim.main.kind == "order":
     return {1: "suggested", -1: "suggested reversed", 0: "not shown"}[direction]
