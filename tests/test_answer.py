@@ -152,6 +152,22 @@ def test_a_metric_the_runs_lack_is_not_measured():
   assert verdicts["beats CRF"] != verdicts["beats CRF, propagated"] and got["complete"]
 
 
+def test_the_interval_is_the_t_interval_whose_exclusion_of_zero_is_the_t_test():
+  # differences 1, 2, 3: mean 2, std 1, n 3; t_{2, 0.975} = 4.302653 (tables): 2 ± 4.302653 / sqrt(3)
+  paired = {"n": 3, "mean": 2.0, "std": 1.0}
+  mean, low, high = answer.interval(paired)
+  assert (
+      mean == 2.0 and low == pytest.approx(2 - 2.4841377, abs=1e-6) and high == pytest.approx(2 + 2.4841377, abs=1e-6)
+  )
+  assert answer.interval({"n": 1, "mean": 2.0, "std": None}) is None
+  # the rule's p < 0.05 and the interval excluding 0 agree on the fabricated claims
+  got = answer.answer(answer.parse_claims(CLAIMS, ROWS), ROWS, _results(SIGNIFICANT, (0.01, 0.01, 0.01)))
+  for c in got["claims"]:
+    p, ci = c["main"]["paired"], answer.interval(c["main"]["paired"])
+    if p and p.get("p") is not None:
+      assert (p["p"] < 0.05) == (ci[1] > 0 or ci[2] < 0), c["claim"]
+
+
 def test_identical_differences_have_no_t_test_and_are_not_shown():
   """The paired t-test is undefined when every seed differs by the same amount (``study.paired``: p None)."""
   results = _results(SIGNIFICANT, (0.01, 0.01, 0.01), aaf_gain={s: -0.01 for s in BASE})
@@ -202,5 +218,6 @@ def test_the_command_line_writes_the_answer(tmp_path):
   md = open(tmp_path / "out" / "answer.md").read()
   assert "| joint training helps | `default>baseline` | +2.50 ± 0.50 (n=5, p = " in md and "**holds**" in md
   assert json.load(open(tmp_path / "out" / "answer.json"))["complete"] is True
+  assert os.path.getsize(tmp_path / "out" / "answer.png") > 10_000
   proc = subprocess.run(cmd + ["--claims=t=default>x|y>z"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1

@@ -2,7 +2,7 @@ r"""The study's answer: each of the paper's claims read by the rule written down
 (``docs/reproduction.md``, "How the answer will be read"), from a study folder's per-run results.
 
   python -m dilaff_jax.research.answer --workdir=runs/study_test --claims="$TEST_CLAIMS" \
-      --output=results/study_synthetic/answer                       # writes answer.md and answer.json
+      --output=results/study_synthetic/answer                       # writes answer.md, .json and .png
 
 ``--claims``: one claim per line (or ``;``), ``TITLE=TEST[|FRESH_TEST]``, each test in one of three forms:
   A>B[@METRIC]     row A better than row B, seed by seed over the seeds both finished (``study.compare``: against a
@@ -224,11 +224,53 @@ def markdown(result: dict, source: str) -> str:
   return "\n".join(lines) + "\n"
 
 
+def interval(paired: dict | None, level: float = 0.95) -> tuple[float, float, float] | None:
+  """``(mean, low, high)`` of a paired difference: the mean with its two-sided ``level`` t interval, ``mean ±
+  t_{n-1} · std / sqrt(n)`` (the interval the paired t-test rejects 0 outside of); None for fewer than 2 seeds."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+
+  if not paired or not paired["n"] or paired["n"] < 2 or paired["std"] is None:
+    return None
+  half = float(stats.t.ppf(0.5 + level / 2, paired["n"] - 1)) * paired["std"] / paired["n"] ** 0.5
+  return paired["mean"], paired["mean"] - half, paired["mean"] + half
+
+
+def plot(result: dict, path: str) -> None:
+  """``answer.png``: one line per claim: the main seeds' mean difference with its 95% t interval (the p < 0.05
+  test is whether it excludes 0), the fresh seeds' differences as dots, the verdict at the right."""
+  from dilaff_jax.engine import visualize  # pylint: disable=import-outside-toplevel  # jax: only to draw
+
+  plt = visualize.pyplot()
+  claims = result["claims"]
+  fig, ax = plt.subplots(figsize=(9, 0.45 * len(claims) + 1.4), dpi=110)
+  for y, c in enumerate(reversed(claims)):
+    ci = interval(c["main"]["paired"])
+    if ci is not None:
+      mean, low, high = (100 * v for v in ci)
+      ax.plot([low, high], [y, y], color="tab:blue", lw=2)
+      ax.plot([mean], [y], "o", color="tab:blue", ms=5)
+    fresh = (c.get("fresh") or {}).get("paired") or {}
+    xs = [100 * v for v in (fresh.get("values") or {}).values()]
+    ax.plot(xs, [y - 0.2] * len(xs), "^", color="tab:orange", ms=4, ls="none")
+    ax.text(1.01, y, c["verdict"], transform=ax.get_yaxis_transform(), va="center", fontsize=7)
+  ax.axvline(0, color="k", lw=0.8)
+  ax.set_yticks(range(len(claims)))
+  ax.set_yticklabels([c["claim"] for c in reversed(claims)], fontsize=7)
+  ax.set_xlabel("A minus B, mIoU points (blue: main seeds, mean and 95% interval; orange: fresh seeds)", fontsize=8)
+  ax.tick_params(axis="x", labelsize=7)
+  ax.grid(axis="x", alpha=0.3)
+  ax.set_title("The study's answer" + ("" if result["complete"] else " (PROVISIONAL)"), fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, bbox_inches="tight")
+  plt.close(fig)
+
+
 def write(result: dict, output: str, source: str) -> None:
-  """``OUTPUT.json`` (the verdicts with their statistics) and ``OUTPUT.md`` (the table)."""
+  """``OUTPUT.json`` (the verdicts with their statistics), ``OUTPUT.md`` (the table) and ``OUTPUT.png``."""
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   files.write_atomic(output + ".json", json.dumps(result, indent=1, allow_nan=False) + "\n")
   files.write_atomic(output + ".md", markdown(result, source))
+  plot(result, output + ".png")
 
 
 def _define(fv) -> None:
@@ -236,7 +278,7 @@ def _define(fv) -> None:
 
   flags.DEFINE_string("workdir", None, "The test stage's study folder (or its export).", flag_values=fv)
   flags.DEFINE_string("claims", None, "The claims and their tests (see the module doc).", flag_values=fv)
-  flags.DEFINE_string("output", None, "Writes OUTPUT.md and OUTPUT.json.", flag_values=fv)
+  flags.DEFINE_string("output", None, "Writes OUTPUT.md, OUTPUT.json and OUTPUT.png.", flag_values=fv)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -251,7 +293,7 @@ def main(argv: Sequence[str]) -> int:
   except errors.UserError as e:
     cli.exit_with_error(e)
   said = [f"[answer] {c['claim']}: {c['verdict']}" for c in result["claims"]]
-  said.append(f"[answer] {'' if result['complete'] else 'PROVISIONAL: '}{fv.output}.md, .json")
+  said.append(f"[answer] {'' if result['complete'] else 'PROVISIONAL: '}{fv.output}.md, .json, .png")
   print("\n".join(said), flush=True)
   return 0
 
