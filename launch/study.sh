@@ -137,7 +137,8 @@ case "$STAGE" in
       ${ALLOW_UNFINISHED:+--allow_unfinished} "$@" ;;
   test) DEFAULT_ROWS=$TEST_ROWS; DEFAULT_COMPARE=$TEST_COMPARE; BASELINE=baseline; SEEDS=${SEEDS:-0,1,2}
     DEFAULT_FIRST=$TEST_FIRST ;;
-  answer)  # after stage test: every claim's verdict -> results/study_synthetic/answer.{md,json,png} (provisional if unfinished)
+  answer)  # after stage test: every claim's verdict -> results/study_synthetic/answer.{md,json,png}
+    # (marked provisional while runs are unfinished)
     bash launch/setup.sh
     exec .venv/bin/python -m dilaff_jax.research.answer --workdir="${WORKDIR:-runs/study_test}" \
       --claims="$TEST_CLAIMS" --output=results/study_synthetic/answer "$@" ;;
