@@ -179,20 +179,16 @@ def answer(claims: Sequence[Claim], rows: Sequence[study.Row], results: dict[str
   return {"complete": all(c["verdict"] != "unfinished" for c in out), "alpha": ALPHA, "claims": out}
 
 
-def _pct(x: float) -> str:
-  return f"{100 * x:+.2f}"
-
-
 def _stats(paired: dict | None) -> str:
   if not paired or not paired["n"]:
     return "–"
-  text = _pct(paired["mean"]) + (f" ± {100 * paired['std']:.2f}" if paired["std"] is not None else "")
+  text = study.format_mean_std(paired, signed=True)
   extra = [f"n={paired['n']}"]
   if paired.get("p") is not None:
     extra.append(f"p = {paired['p']:.2g}")
   if paired.get("sign_p") is not None:
     extra.append(f"sign p = {paired['sign_p']:.2g}")
-  per_seed = ", ".join(f"{s}: {_pct(v)}" for s, v in paired["values"].items())
+  per_seed = study.format_per_seed(paired["values"], signed=True)
   return f"{text} ({', '.join(extra)}; {paired['improved']}/{paired['n']} better; {per_seed})"
 
 

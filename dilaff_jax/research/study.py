@@ -725,11 +725,13 @@ def _pct(v: float | None, signed: bool = False) -> str:
   return f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}"
 
 
-def _mean_std(s: dict, signed: bool = False) -> str:
+def format_mean_std(s: dict, signed: bool = False) -> str:
+  """A summary's (or paired difference's) mean ± std in percent points, e.g. ``+1.50 ± 3.54``."""
   return _pct(s["mean"], signed) + ("" if s["std"] is None else f" ± {100 * s['std']:.2f}")
 
 
-def _per_seed(values: dict[str, float], signed: bool = False) -> str:
+def format_per_seed(values: dict[str, float], signed: bool = False) -> str:
+  """Per-seed values in percent points, e.g. ``0: +4.00, 1: -1.00``."""
   return ", ".join(f"{s}: {_pct(v, signed)}" for s, v in values.items())
 
 
@@ -741,7 +743,7 @@ def _delta(d: dict) -> str:
     test = f", t = {d['t']:.2f}, p {fmt(d['p'])}"
   if d.get("sign_p") is not None:
     test += f"; sign p {fmt(d['sign_p'])}"
-  return f"{_mean_std(d, True)} (n={d['n']}{test})"
+  return f"{format_mean_std(d, True)} (n={d['n']}{test})"
 
 
 def _describe(row: Row) -> str:
@@ -781,9 +783,9 @@ def markdown(study: dict) -> str:
           else ""
       )
       lines.append(
-          f"| {label} | {_describe(r)} | {m['n']} | {_mean_std(m)} | {_pct(m['min'])}–{_pct(m['max'])} | "
+          f"| {label} | {_describe(r)} | {m['n']} | {format_mean_std(m)} | {_pct(m['min'])}–{_pct(m['max'])} | "
           + (f"{_delta(d)} | {d['improved']}/{d['n']} | " if d and d["n"] else "– | – | ")
-          + _per_seed(m["values"])
+          + format_per_seed(m["values"])
           + " |"
       )
     lines.append("")
@@ -803,7 +805,7 @@ def markdown(study: dict) -> str:
       sw = agg[r.name]["sweep"]
       for name in ("predicted", "oracle"):
         if name in sw:
-          cells = [_mean_std({"mean": m, "std": s}) for m, s in zip(sw[name]["mean"], sw[name]["std"])]
+          cells = [format_mean_std({"mean": m, "std": s}) for m, s in zip(sw[name]["mean"], sw[name]["std"])]
           if sw["iterations"] != its:
             cells = [f"{it} it.: {c}" for it, c in zip(sw["iterations"], cells)]
           lines.append(f"| {r.name} | {name} | {sw[name]['n']} | " + " | ".join(cells) + " |")
@@ -828,7 +830,7 @@ def markdown(study: dict) -> str:
         metric = titles[key] + ("" if d["against"] == key else f" against {titles[d['against']]}")
         lines.append(
             f"| {c['a']} | {c['b']} | {metric} | {_delta(d)} | {d['improved']}/{d['n']} | "
-            + _per_seed(d["values"], signed=True)
+            + format_per_seed(d["values"], signed=True)
             + " |"
         )
     lines.append("")
