@@ -128,7 +128,7 @@ Table 2: the default above {4, (6, 12), 8, (16, 32), 24}=order:default>table2_r4
 "
 case "$STAGE" in
   tune) DEFAULT_ROWS=$TUNE_ROWS; DEFAULT_COMPARE=$TUNE_COMPARE; BASELINE=tune_baseline; SEEDS=${SEEDS:-100,101}
-    DEFAULT_FIRST= ;;
+    DEFAULT_FIRST=; STAGE_FLAGS= ;;
   choose)
     bash launch/setup.sh
     # ALLOW_UNFINISHED=1: a provisional choice while stage 1 runs (marked as such; stage 2 does not start from it)
@@ -136,7 +136,10 @@ case "$STAGE" in
       --choices="$TUNE_CHOICES" --output=results/study_synthetic/tuning \
       ${ALLOW_UNFINISHED:+--allow_unfinished} "$@" ;;
   test) DEFAULT_ROWS=$TEST_ROWS; DEFAULT_COMPARE=$TEST_COMPARE; BASELINE=baseline; SEEDS=${SEEDS:-0,1,2}
-    DEFAULT_FIRST=$TEST_FIRST ;;
+    DEFAULT_FIRST=$TEST_FIRST
+    # No validation during training: it leaves the training unchanged (tests/test_train.py) and the study reads only
+    # each run's final evaluation; 50 tune images every 100 steps would cost about a tenth of every run.
+    STAGE_FLAGS=--config.train.eval_every=0 ;;
   answer)  # after stage test: every claim's verdict -> results/study_synthetic/answer.{md,json,png}
     # (marked provisional while runs are unfinished)
     bash launch/setup.sh
@@ -160,4 +163,4 @@ echo "[launch] python -m dilaff_jax.research.study --workdir=$WORKDIR --seeds=$S
 # the demo's 500 (at 500 the loss is still falling; a run further from convergence is likely to vary more by seed).
 exec .venv/bin/python -m dilaff_jax.research.study --config=configs/synthetic.py --seeds="$SEEDS" --workdir="$WORKDIR" \
   --baseline_row="$BASELINE" --rows="$ROWS" --compare="$COMPARE" --config.eval.max_images=0 \
-  --config.train.num_steps=1000 --jobs="$JOBS" --first="$FIRST" "$@"
+  --config.train.num_steps=1000 $STAGE_FLAGS --jobs="$JOBS" --first="$FIRST" "$@"

@@ -556,9 +556,9 @@ def test_study_end_to_end_on_tiny(tmp_path, data_dir):
   assert os.path.getmtime(os.path.join(w, "aff", "seed_0", "eval", "step_4", "results.json")) == stamp
 
 
-def _launcher_stages() -> tuple[dict[str, tuple[str, list[str], list[int]]], list[str]]:
+def _launcher_stages() -> tuple[dict[str, tuple[str, list[str], list[int]]], dict[str, list[str]]]:
   """``launch/study.sh``'s rows, comparisons and seeds per stage (tune, test), as the shell would expand them, and
-  the config overrides it gives every run."""
+  per stage the config overrides it gives every run (the exec line's, then the stage's ``STAGE_FLAGS``)."""
   with open(os.path.join(REPO, "launch", "study.sh")) as f:
     text = f.read().replace("\\\n", "")  # the shell's line continuations
   tune_split = re.search(r"^T=(\S+)$", text, re.M).group(1)
@@ -568,7 +568,12 @@ def _launcher_stages() -> tuple[dict[str, tuple[str, list[str], list[int]]], lis
     compare = re.search(rf'{stage.upper()}_COMPARE="(.*?)"', text, re.S).group(1)
     seeds = re.search(rf"{stage}\).*?SEEDS=\$\{{SEEDS:-([0-9,]+)\}}", text, re.S).group(1)
     out[stage] = rows, [c for c in compare.split(",") if c], [int(s) for s in seeds.split(",")]
-  every_run = re.findall(r"--config\.(\S+=\S+)", text[text.rindex("exec ") :])  # overrides of every run
+  common = re.findall(r"--config\.(\S+=\S+)", text[text.rindex("exec ") :])  # overrides of every run
+  assert "$STAGE_FLAGS" in text[text.rindex("exec ") :]
+  every_run = {}
+  for stage in ("tune", "test"):
+    flags = re.search(rf"^  {stage}\).*?STAGE_FLAGS=(\S*) ;;", text, re.S | re.M).group(1)
+    every_run[stage] = common + re.findall(r"--config\.(\S+=\S+)", flags)
   return out, every_run
 
 
@@ -579,7 +584,9 @@ def test_the_launchers_tune_choices_cover_every_tuned_row_once():
     choices_text = re.search(r'TUNE_CHOICES="(.*?)"', f.read(), re.S).group(1)
   stages, every_run = _launcher_stages()
   rows_text, _, seeds = stages["tune"]
-  rows = study.resolve(study.parse_rows([], rows_text, seeds), os.path.join(REPO, "configs", "synthetic.py"), every_run)
+  rows = study.resolve(
+      study.parse_rows([], rows_text, seeds), os.path.join(REPO, "configs", "synthetic.py"), every_run["tune"]
+  )
   choices = tuning.parse_choices(choices_text, rows)
   listed = [name for c in choices for name in c.rows]
   trained = [r.name for r in rows if not r.evaluates and r.name != "tune_baseline"]
@@ -598,7 +605,10 @@ def test_the_launchers_study_is_valid_and_the_committed_one_is_part_of_it(stage)
   is rerun."""
   stages, every_run = _launcher_stages()
   rows_text, compare, seeds = stages[stage]
+  every_run = every_run[stage]
   assert "train.num_steps=1000" in every_run and "eval.max_images=0" in every_run
+  # stage test trains without validation (which leaves the training unchanged); stage tune kept it
+  assert ("train.eval_every=0" in every_run) == (stage == "test")
   rows = study.resolve(study.parse_rows([], rows_text, seeds), os.path.join(REPO, "configs", "synthetic.py"), every_run)
   pairs = study.parse_comparisons(compare, rows)
   assert len(rows) >= 17 and len(pairs) >= 3, (len(rows), len(pairs))

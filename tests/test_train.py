@@ -164,6 +164,12 @@ def test_resume_after_sigterm_equals_straight_run(data_dir, tmp_path, capsys):
   s_b, v_b = restored_variables(str(tmp_path / "resumed"), config)
   assert s_a == s_b == 4
   tree_allclose(v_a, v_b, rtol=1e-6, atol=1e-7)
+  # bit for bit: neither the resume nor the straight run's validations and summaries changed the training
+  recorded = [
+      json.load(open(tmp_path / run / "checkpoints" / "4" / "meta" / "metadata"))["fingerprint"]
+      for run in ("straight", "resumed")
+  ]
+  assert recorded[0] == recorded[1] and recorded[0][checkpoints.FINGERPRINT]
 
 
 KILL_SCRIPT = textwrap.dedent("""
