@@ -238,3 +238,25 @@ def test_the_readmes_config_paths_work_from_any_folder(tmp_path, monkeypatch):
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert '"name": "synthetic_shapes/tiny"' in proc.stdout
+
+
+def test_the_study_tools_name_a_folder_without_study_json_in_their_own_words(tmp_path, capsys):
+  """``research.tuning`` and ``research.answer`` read a study folder: one without study.json is named with what
+  that tool needs (not the study's --config/--rows, which they do not have); ``research.geometry`` takes no flags."""
+  from dilaff_jax.research import answer, geometry, tuning  # pylint: disable=import-outside-toplevel
+
+  w = str(tmp_path / "nothing")
+  calls = (
+      (tuning.main, [f"--workdir={w}", "--choices=x", "--output=o"], "give the tune stage's study folder"),
+      (answer.main, [f"--workdir={w}", "--claims=x", "--output=o"], "give the test stage's study folder"),
+      (geometry.main, ["--rates=4"], "Unknown command line flag 'rates'"),
+      (geometry.main, ["stray"], "unexpected argument 'stray'"),
+  )
+  for main, argv, advice in calls:
+    with pytest.raises(SystemExit) as exited:
+      main(argv)
+    assert exited.value.code == errors.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and advice in err[0], err
+    if main is not geometry.main:
+      assert err[0].startswith(f"error: --workdir={w}: no study.json there: ") and "--rows" not in err[0], err

@@ -282,11 +282,7 @@ def main(argv: Sequence[str]) -> int:
     fv = cli.parse_flags(_define, argv, "dilaff_jax.research.answer", __doc__, required=("workdir", "claims", "output"))
     if fv is None:
       return 0
-    if not os.path.exists(os.path.join(fv.workdir, "study.json")):
-      raise AnswerError(
-          f"--workdir={fv.workdir}: no study.json there: give the test stage's study folder or its export"
-      )
-    _, _, rows, _, _ = study.rows_from_study_json(fv.workdir)
+    _, _, rows, _, _ = study.rows_from_study_json(fv.workdir, "give the test stage's study folder or its export")
     claims = parse_claims(fv.claims, rows)
     result = answer(claims, rows, study.load_results(fv.workdir, rows))
     write(result, fv.output, os.path.basename(os.path.normpath(fv.workdir)))

@@ -18,7 +18,9 @@ import sys
 import numpy as np
 from scipy import ndimage
 
+from dilaff_jax import errors
 from dilaff_jax.datasets import synthetic_shapes
+from dilaff_jax.process import cli
 
 MIN_OBJECT_PX = 20  # smaller components are slivers left between occluding objects, not objects
 DECODER_STRIDE = 4  # DeepLabv3+'s decoder (and the affinity head) work at 1/4 of the input
@@ -120,7 +122,12 @@ def table(geometries: list[Geometry]) -> str:
 
 
 def main(argv: list[str]) -> int:
-  del argv
+  """Prints the table; it takes no flags (``--help`` prints this module's doc, anything else is one error line)."""
+  try:
+    if cli.parse_flags(lambda fv: None, argv, "dilaff_jax.research.geometry", __doc__) is None:
+      return 0
+  except errors.UserError as e:
+    cli.exit_with_error(e)
   configs = {c.name: c for c in synthetic_shapes.SyntheticShapes.BUILDER_CONFIGS}
   old = dataclasses.replace(configs["default"], min_size=96, max_size=128, texture_scale=1.0)  # before 2026-12-05
   rows = [
@@ -133,4 +140,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  sys.exit(main(sys.argv[1:]))

@@ -967,11 +967,14 @@ def export(workdir: str, rows: Sequence[Row], destination: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------- command line
 
 
-def rows_from_study_json(workdir: str) -> tuple[str, list[str], list[Row], str, list[str]]:
-  """A study folder's ``(config, overrides of every run, rows, baseline row, comparisons)`` from its study.json."""
+def rows_from_study_json(
+    workdir: str, advice: str = "give --config and --variants/--rows, or point --workdir at a study"
+) -> tuple[str, list[str], list[Row], str, list[str]]:
+  """A study folder's ``(config, overrides of every run, rows, baseline row, comparisons)`` from its study.json;
+  without one, a :class:`StudyError` naming ``--workdir`` and what to do (``advice``, in the calling tool's words)."""
   path = os.path.join(workdir, "study.json")
   if not os.path.exists(path):
-    raise StudyError(f"no {path}: give --config and --variants/--rows, or point --workdir at a study")
+    raise StudyError(f"--workdir={workdir}: no study.json there: {advice}")
   with open(path) as f:
     study = json.load(f)
   rows = [Row(**{**r, "overrides": tuple(r["overrides"]), "seeds": tuple(r["seeds"])}) for r in study["rows"]]

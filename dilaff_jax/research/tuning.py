@@ -336,7 +336,9 @@ def main(argv: Sequence[str]) -> int:
     for name in ("workdir", "choices", "output"):
       if not getattr(fv, name):
         raise TuningError(f"--{name} is required (or --check=tuning.json)")
-    config_path, overrides, rows, _, _ = study.rows_from_study_json(fv.workdir)
+    config_path, overrides, rows, _, _ = study.rows_from_study_json(
+        fv.workdir, "give the tune stage's study folder or its export (STAGE=tune of launch/study.sh)"
+    )
     choices = parse_choices(fv.choices, rows)
     tuning = choose(choices, rows, study.load_results(fv.workdir, rows), config_path, overrides, fv.allow_unfinished)
     files.write_atomic(fv.output + ".json", json.dumps(tuning, indent=1) + "\n")
