@@ -138,8 +138,9 @@ case "$STAGE" in
   test) DEFAULT_ROWS=$TEST_ROWS; DEFAULT_COMPARE=$TEST_COMPARE; BASELINE=baseline; SEEDS=${SEEDS:-0,1,2}
     DEFAULT_FIRST=$TEST_FIRST
     # No validation during training: it leaves the training unchanged (tests/test_train.py) and the study reads only
-    # each run's final evaluation; 50 tune images every 100 steps would cost about a tenth of every run.
-    STAGE_FLAGS=--config.train.eval_every=0 ;;
+    # each run's final evaluation; 50 tune images every 100 steps would cost about a tenth of every run. A checkpoint
+    # every 100 steps, as the validations saved one in stage tune: a killed run loses at most 100 steps.
+    STAGE_FLAGS="--config.train.eval_every=0 --config.train.checkpoint_every=100" ;;
   answer)  # after stage test: every claim's verdict -> results/study_synthetic/answer.{md,json,png}
     # (marked provisional while runs are unfinished)
     bash launch/setup.sh

@@ -572,7 +572,7 @@ def _launcher_stages() -> tuple[dict[str, tuple[str, list[str], list[int]]], dic
   assert "$STAGE_FLAGS" in text[text.rindex("exec ") :]
   every_run = {}
   for stage in ("tune", "test"):
-    flags = re.search(rf"^  {stage}\).*?STAGE_FLAGS=(\S*) ;;", text, re.S | re.M).group(1)
+    flags = re.search(rf'^  {stage}\).*?STAGE_FLAGS="?([^";]*)"? ;;', text, re.S | re.M).group(1)
     every_run[stage] = common + re.findall(r"--config\.(\S+=\S+)", flags)
   return out, every_run
 
@@ -608,7 +608,7 @@ def test_the_launchers_study_is_valid_and_the_committed_one_is_part_of_it(stage)
   every_run = every_run[stage]
   assert "train.num_steps=1000" in every_run and "eval.max_images=0" in every_run
   # stage test trains without validation (which leaves the training unchanged); stage tune kept it
-  assert ("train.eval_every=0" in every_run) == (stage == "test")
+  assert ("train.eval_every=0" in every_run) == ("train.checkpoint_every=100" in every_run) == (stage == "test")
   rows = study.resolve(study.parse_rows([], rows_text, seeds), os.path.join(REPO, "configs", "synthetic.py"), every_run)
   pairs = study.parse_comparisons(compare, rows)
   assert len(rows) >= 17 and len(pairs) >= 3, (len(rows), len(pairs))
