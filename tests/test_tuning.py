@@ -94,6 +94,22 @@ def test_the_rule_picks_the_hand_computed_winners():
   rows = {e["row"] for e in c[("", "propagation")]["candidates"]}
   assert rows == {"b0.1", "b0.1_lam3", "b0.1_anchored"}  # only the chosen β's runs
   assert c[("aaf", "structure.aaf_weight")]["chosen"] == {"structure.aaf_weight": 1.0}  # the tie: listed first
+  # β = 0.1 is the smallest of 3 values tried (the best may lie below); AAF tried only 2 values: no edge to speak of
+  assert c[("", "affinity.beta")]["edge"] == "smallest" and c[("aaf", "structure.aaf_weight")]["edge"] is None
+  assert "edge" not in c[("", "propagation")]
+
+
+@pytest.mark.parametrize("scores, edge", [((0.7, 0.75, 0.6), None), ((0.6, 0.65, 0.7), "largest")])
+def test_a_choice_at_the_edge_of_the_values_tried_is_marked(scores, edge):
+  results = _results()
+  for row, score in zip(("b0.1", "b0.3", "b1"), scores):
+    results[row] = {seed: {"sweep": _sweep(0.7, 0.7, 0.7), **results[row][seed], "miou": score} for seed in (0, 1)}
+  out = _choose(results)
+  beta = _by_key(out)[("", "affinity.beta")]
+  assert beta["edge"] == edge and beta["chosen"] == {"affinity.beta": (0.3 if edge is None else 1.0)}
+  md = tuning.markdown(out, "w")
+  said = "Chosen: `affinity.beta = 1.0`, the largest value tried: the best may lie above the values tried."
+  assert (said in md) == (edge == "largest") and ("Chosen: `affinity.beta = 0.3`." in md) == (edge is None)
 
 
 def test_propagation_that_never_helps_chooses_zero_iterations_only():

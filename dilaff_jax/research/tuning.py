@@ -185,8 +185,20 @@ def choose(
     elif value["affinity.iterations"] == 0:
       value = {"affinity.iterations": 0}  # no iteration helps: λ and the reading are not chosen
     complete &= done
-    out.append({"variant": c.variant, "key": c.key, "chosen": value, "seeds": seeds, "candidates": entries})
+    choice = {"variant": c.variant, "key": c.key, "chosen": value, "seeds": seeds, "candidates": entries}
+    if c.key != PROPAGATION:
+      choice["edge"] = grid_edge(value[c.key], [e["values"][c.key] for e in entries])
+    out.append(choice)
   return {"config": config_path, "complete": complete, "choices": out}
+
+
+def grid_edge(chosen, values: Sequence) -> str | None:
+  """``"smallest"`` or ``"largest"`` when a numeric ``chosen`` is the smallest or largest of the (at least 3)
+  ``values`` tried: the best value may then lie outside them. None otherwise (or for non-numeric values)."""
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+  if not numeric or len(values) < 3:
+    return None
+  return "smallest" if chosen == min(values) else "largest" if chosen == max(values) else None
 
 
 def markdown(tuning: dict, source: str) -> str:
@@ -213,7 +225,10 @@ def markdown(tuning: dict, source: str) -> str:
     else:
       lines += _weight_table(c["candidates"], seeds)
     chosen = ", ".join(f"`{k} = {v!r}`" for k, v in c["chosen"].items())
-    lines += ["", f"Chosen: {chosen}.", ""]
+    edge = c.get("edge")
+    beyond = {"smallest": "below", "largest": "above"}.get(edge)
+    note = f", the {edge} value tried: the best may lie {beyond} the values tried" if edge else ""
+    lines += ["", f"Chosen: {chosen}{note}.", ""]
   lines += [f"## In `{tuning['config']}`", ""]
   for c in tuning["choices"]:
     for k, v in (c["chosen"] or {}).items():
