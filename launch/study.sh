@@ -145,7 +145,8 @@ case "$STAGE" in
     # (marked provisional while runs are unfinished)
     bash launch/setup.sh
     exec .venv/bin/python -m dilaff_jax.research.answer --workdir="${WORKDIR:-runs/study_test}" \
-      --claims="$TEST_CLAIMS" --output=results/study_synthetic/answer "$@" ;;
+      --claims="$TEST_CLAIMS" --output=results/study_synthetic/answer \
+      --tuning=results/study_synthetic/tuning.json "$@" ;;
   *) echo "error: STAGE=$STAGE: expected tune, choose, test or answer" >&2; exit 2 ;;
 esac
 bash launch/setup.sh

@@ -197,6 +197,38 @@ def test_the_launchers_claims_name_its_test_rows_with_fresh_seeds_apart(tmp_path
       assert (used <= {5, 6, 7}) == (t is c.fresh), c.title
 
 
+def test_weights_chosen_at_the_edge_of_the_grid_are_noted_beside_the_claims_of_their_methods():
+  """tuning.json's ``edge`` marks reach every claim whose rows (or the rows an evaluation row evaluates) run that
+  variant, once per claim; the verdicts are unchanged; a choice without an edge adds nothing."""
+  tuning = {
+      "choices": [
+          {"variant": "", "key": "affinity.beta", "chosen": {"affinity.beta": 0.1}, "edge": "smallest"},
+          {"variant": "aaf", "key": "structure.aaf_weight", "chosen": {"structure.aaf_weight": 1.0}, "edge": None},
+          {"variant": "x", "key": "affinity.beta", "chosen": {"affinity.beta": 1.0}, "edge": "largest"},
+          {"variant": "", "key": "propagation", "chosen": {"affinity.iterations": 1}},
+      ]
+  }
+  results = _results(SIGNIFICANT, (0.01, -0.005, 0.02))
+  claims = answer.parse_claims(CLAIMS, ROWS)
+  plain = answer.answer(claims, ROWS, results)
+  got = answer.answer(claims, ROWS, results, tuning)
+  beta = "`default`: affinity.beta = 0.1 is the smallest value tried on tune"
+  notes = {c["claim"]: c.get("tuned_at_edge") for c in got["claims"]}
+  assert notes == {
+      "joint training helps": [beta],
+      "beats AAF": [beta],  # AAF's weight is inside its grid
+      "beats CRF": [beta],  # baseline+crf evaluates the baseline, whose variant was not tuned
+      "beats CRF, propagated": [beta],
+      "propagation rises": [beta],  # default+paper evaluates default's runs
+      "order": ["`x`: affinity.beta = 1.0 is the largest value tried on tune"],
+  }
+  assert [c["verdict"] for c in got["claims"]] == [c["verdict"] for c in plain["claims"]]
+  assert not any("tuned_at_edge" in c for c in plain["claims"])
+  md = answer.markdown(got, "w")
+  assert "Weights chosen at the edge of the values tried on tune" in md and f"- beats AAF: {beta}" in md
+  assert "edge of the values" not in answer.markdown(plain, "w")
+
+
 def test_the_command_line_writes_the_answer(tmp_path):
   """From a study folder's study.json and per-run results; a bad claim is one error line, exit 2."""
   from dilaff_jax.research import study  # pylint: disable=import-outside-toplevel
@@ -221,3 +253,14 @@ def test_the_command_line_writes_the_answer(tmp_path):
   assert os.path.getsize(tmp_path / "out" / "answer.png") > 10_000
   proc = subprocess.run(cmd + ["--claims=t=default>x|y>z"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
+  (tmp_path / "bad.json").write_text("[1, 2]")
+  for bad in ("bad.json", "none.json"):  # not a tuning.json; no file
+    proc = subprocess.run(
+        cmd + [f"--claims={CLAIMS}", f"--tuning={tmp_path / bad}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --tuning={tmp_path / bad}: "), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1

@@ -2,7 +2,11 @@ r"""The study's answer: each of the paper's claims read by the rule written down
 (``docs/reproduction.md``, "How the answer will be read"), from a study folder's per-run results.
 
   python -m dilaff_jax.research.answer --workdir=runs/study_test --claims="$TEST_CLAIMS" \
-      --output=results/study_synthetic/answer                       # writes answer.md, .json and .png
+      --output=results/study_synthetic/answer --tuning=results/study_synthetic/tuning.json
+
+writes answer.md, .json and .png. ``--tuning`` (optional: the tune stage's choices) adds to each claim the weights
+of its methods that the tune stage chose at the smallest or largest of the values tried (the method may be
+under-tuned).
 
 ``--claims``: one claim per line (or ``;``), ``TITLE=TEST[|FRESH_TEST]``, each test in one of three forms:
   A>B[@METRIC]     row A better than row B, seed by seed over the seeds both finished (``study.compare``: against a
@@ -170,12 +174,44 @@ def verdict(claim: Claim, main: dict, fresh: dict | None) -> str:
   return "holds" if direction > 0 else "reversed"
 
 
-def answer(claims: Sequence[Claim], rows: Sequence[study.Row], results: dict[str, dict[int, dict]]) -> dict:
+def edge_notes(tuning: dict | None, rows: Sequence[study.Row]) -> dict[str, list[str]]:
+  """Row name -> the weights the tune stage chose for its variant (an evaluation row: its source's) at the smallest
+  or largest of the values tried (``tuning.json``'s ``edge``): that method may be under-tuned against the others."""
+  by_variant: dict[str, list[str]] = {}
+  for c in (tuning or {}).get("choices", []):
+    if c.get("edge"):
+      value = c["chosen"][c["key"]]
+      name = c["variant"] or study.DEFAULT_VARIANT
+      by_variant.setdefault(c["variant"], []).append(
+          f"`{name}`: {c['key']} = {value!r} is the {c['edge']} value tried on tune"
+      )
+  by_name = {r.name: r for r in rows}
+  out = {}
+  for r in rows:
+    source = by_name.get(r.evaluates, r)
+    if source.variant in by_variant:
+      out[r.name] = by_variant[source.variant]
+  return out
+
+
+def answer(
+    claims: Sequence[Claim],
+    rows: Sequence[study.Row],
+    results: dict[str, dict[int, dict]],
+    tuning: dict | None = None,
+) -> dict:
+  """Every claim's tests and verdict; with ``tuning`` (the tune stage's ``tuning.json``), each claim also lists
+  the weights of its rows' methods that were chosen at the edge of the values tried (``edge_notes``)."""
+  notes = edge_notes(tuning, rows)
   out = []
   for claim in claims:
     main = evaluate_test(claim.main, rows, results)
     fresh = evaluate_test(claim.fresh, rows, results) if claim.fresh else None
+    names = [n for t in (claim.main, claim.fresh) if t for n in (t.a, t.b) if n]
+    edge = list(dict.fromkeys(note for n in names for note in notes.get(n, [])))
     out.append({"claim": claim.title, "main": main, "fresh": fresh, "verdict": verdict(claim, main, fresh)})
+    if edge:
+      out[-1]["tuned_at_edge"] = edge
   return {"complete": all(c["verdict"] != "unfinished" for c in out), "alpha": ALPHA, "claims": out}
 
 
@@ -217,6 +253,10 @@ def markdown(result: dict, source: str) -> str:
     for s in sweeps:
       cells = ", ".join(f"{i} it. {100 * v:.2f}" for i, v in zip(s["iterations"], s["mean_sweep"]))
       lines.append(f"- `{s['test']}`: {cells} (best: {s['best_iterations']})")
+  edged = [c for c in result["claims"] if c.get("tuned_at_edge")]
+  if edged:
+    lines += ["", "Weights chosen at the edge of the values tried on tune (that method may be under-tuned):", ""]
+    lines += [f"- {c['claim']}: {'; '.join(c['tuned_at_edge'])}" for c in edged]
   return "\n".join(lines) + "\n"
 
 
@@ -275,6 +315,12 @@ def _define(fv) -> None:
   flags.DEFINE_string("workdir", None, "The test stage's study folder (or its export).", flag_values=fv)
   flags.DEFINE_string("claims", None, "The claims and their tests (see the module doc).", flag_values=fv)
   flags.DEFINE_string("output", None, "Writes OUTPUT.md, OUTPUT.json and OUTPUT.png.", flag_values=fv)
+  flags.DEFINE_string(
+      "tuning",
+      None,
+      "The tune stage's tuning.json: notes the weights chosen at the edge of the values tried.",
+      flag_values=fv,
+  )
 
 
 def main(argv: Sequence[str]) -> int:
@@ -284,7 +330,16 @@ def main(argv: Sequence[str]) -> int:
       return 0
     _, _, rows, _, _ = study.rows_from_study_json(fv.workdir, "give the test stage's study folder or its export")
     claims = parse_claims(fv.claims, rows)
-    result = answer(claims, rows, study.load_results(fv.workdir, rows))
+    tuning = None
+    if fv.tuning:
+      try:
+        with open(fv.tuning) as f:
+          tuning = json.load(f)
+      except (OSError, ValueError) as e:
+        raise AnswerError(f"--tuning={fv.tuning}: cannot read it ({e}): give the tune stage's tuning.json") from None
+      if not isinstance(tuning, dict) or not isinstance(tuning.get("choices"), list):
+        raise AnswerError(f"--tuning={fv.tuning}: not a tuning.json (no list of choices): give the tune stage's")
+    result = answer(claims, rows, study.load_results(fv.workdir, rows), tuning)
     write(result, fv.output, os.path.basename(os.path.normpath(fv.workdir)))
   except errors.UserError as e:
     cli.exit_with_error(e)
