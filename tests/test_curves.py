@@ -50,3 +50,17 @@ def test_the_command_names_a_folder_without_events_and_unknown_tags(tmp_path, ca
   assert "none of the scalars validation/miou was written (found: train/loss)" in capsys.readouterr().err
   assert curves.main([f"--workdir={tmp_path}", f"--output={tmp_path / 'c.png'}"]) == 0
   assert os.path.exists(tmp_path / "c.png") and "train/loss ->" in capsys.readouterr().out
+
+
+def test_an_event_file_cut_short_gives_the_events_before_the_cut_and_a_note(tmp_path, capsys):
+  """A run killed while writing leaves a truncated last record: its scalars up to there are read, with a note, and
+  nothing is printed about TensorFlow's deprecated reader."""
+  _write(tmp_path, [(step, {"train/loss": 1.0 / step}) for step in (1, 2, 3)])
+  (path,) = [tmp_path / p for p in os.listdir(tmp_path) if p.startswith("events.out.tfevents.")]
+  assert curves.read_scalars(str(tmp_path))["train/loss"] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+  assert capsys.readouterr().err == ""
+  os.truncate(path, os.path.getsize(path) - 5)  # into the last record (step 3's)
+  assert curves.read_scalars(str(tmp_path))["train/loss"] == [(1, 1.0), (2, 0.5)]
+  err = capsys.readouterr().err
+  assert f"[curves] note: {path}: the record after its first " in err and "is truncated or damaged" in err
+  assert "deprecated" not in err

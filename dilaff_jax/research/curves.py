@@ -31,6 +31,7 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   """Every scalar of the event files directly in ``workdir`` (the training's; evaluations write theirs under
   ``eval/``): tag -> ``[(step, value)]`` sorted by step, the last value kept where a resumed run wrote a step twice."""
   import tensorflow as tf
+  from tensorflow.core.util import event_pb2
 
   paths = sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*")))
   if not paths:
@@ -39,7 +40,7 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
   # (their per-process counter sorts "10" before "9")
   scalars: dict[str, dict[int, tuple[float, float]]] = {}
   for path in paths:
-    for event in tf.compat.v1.train.summary_iterator(path):
+    for event in _events(tf, event_pb2, path):
       for value in event.summary.value:
         if value.HasField("simple_value"):
           number = value.simple_value
@@ -52,6 +53,28 @@ def read_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
         if step not in points or event.wall_time >= points[step][0]:
           points[step] = (event.wall_time, float(number))
   return {tag: sorted((step, v) for step, (_, v) in points.items()) for tag, points in scalars.items()}
+
+
+def _events(tf, event_pb2, path: str):
+  """The events of one file, in order (tf.data rather than tf.compat.v1.train.summary_iterator, which prints a
+  deprecation warning on every use). A file that cannot be read to its end, as a run killed while writing leaves
+  its last record, yields the events before the damage, with a note on stderr."""
+  count = 0
+  records = iter(tf.data.TFRecordDataset(path))
+  while True:
+    try:
+      record = next(records)
+    except StopIteration:
+      return
+    except tf.errors.DataLossError:
+      print(
+          f"[curves] note: {path}: the record after its first {count} events is truncated or damaged (a run killed "
+          "while writing?); those events are used",
+          file=sys.stderr,
+      )
+      return
+    count += 1
+    yield event_pb2.Event.FromString(record.numpy())
 
 
 def plot(scalars: dict[str, list[tuple[int, float]]], tags: Sequence[str], path: str, title: str) -> list[str]:
