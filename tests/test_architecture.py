@@ -205,7 +205,7 @@ print('ok', 'tensorflow' in sys.modules)
   # the GPU benchmarks too: a JAX-only GPU machine runs them (their torch peers need only torch)
   imports = "from dilaff_jax.engine import train_state as state, train_step as step"
   assert imports in code
-  code = code.replace(imports, "import train_step, affinity_head, propagation, conv_kernels")
+  code = code.replace(imports, "import train_step, affinity_head, propagation, conv_kernels, evaluation")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", capture_output=True, text=True)
   assert out.returncode == 0 and out.stdout.split() == ["ok", "False"], out.stderr[-3000:]
 
