@@ -439,6 +439,19 @@ def test_comparisons_of_two_rows_seed_by_seed(tmp_path):
   assert study.rows_from_study_json(w)[4] == ["aff:plain", "aff:one", "one:aff", "aff2:aff"]
 
 
+def test_a_damaged_results_file_is_named_with_how_to_make_it_again(tmp_path):
+  """A results.json cut short or without an mIoU (a finished run, as far as the study's skip goes) stops the
+  aggregation with a StudyError naming the file and what to do, not a JSON traceback."""
+  w, rows = _fabricated(tmp_path)
+  path = study.results_path(w, rows[0], 1)
+  for text, said in (('{"miou": 0.7', "cannot be read (Expecting"), ('{"loss": 1}', "is not a run's results")):
+    with open(path, "w") as f:
+      f.write(text)
+    with pytest.raises(study.StudyError) as e:
+      study.load_results(w, rows)
+    assert str(e.value).startswith(f"{path} {said}") and "delete it and rerun the study" in str(e.value)
+
+
 def test_a_comparison_with_a_dense_crf_row_is_against_its_refined_miou(tmp_path):
   """A CRF row's unrefined mIoU is its source's: every metric of A is compared with the CRF's refined mIoU."""
   w, rows = _fabricated(tmp_path)

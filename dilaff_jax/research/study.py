@@ -714,9 +714,23 @@ def load_results(workdir: str, rows: Sequence[Row]) -> dict[str, dict[int, dict]
     for seed in row.seeds:
       path = results_path(workdir, row, seed)
       if os.path.exists(path):
-        with open(path) as f:
-          out.setdefault(row.name, {})[seed] = json.load(f)
+        out.setdefault(row.name, {})[seed] = _read_results(path)
   return out
+
+
+def _read_results(path: str) -> dict:
+  """A run's results.json, or a :class:`StudyError` naming a damaged one and how to make it again."""
+  redo = (
+      "delete it and rerun the study: the run resumes from its last checkpoint (or trains again) and is evaluated again"
+  )
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError) as e:
+    raise StudyError(f"{path} cannot be read ({cli.one_line(e)}): {redo}") from None
+  if not isinstance(results, dict) or not isinstance(results.get("miou"), (int, float)):
+    raise StudyError(f"{path} is not a run's results (no mIoU in it): {redo}")
+  return results
 
 
 def _pct(v: float | None, signed: bool = False) -> str:
