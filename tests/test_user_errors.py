@@ -240,9 +240,10 @@ def test_the_readmes_config_paths_work_from_any_folder(tmp_path, monkeypatch):
   assert '"name": "synthetic_shapes/tiny"' in proc.stdout
 
 
-def test_the_study_tools_name_a_folder_without_study_json_in_their_own_words(tmp_path, capsys):
+def test_the_study_tools_name_a_missing_or_damaged_study_file_in_their_own_words(tmp_path, capsys):
   """``research.tuning`` and ``research.answer`` read a study folder: one without study.json is named with what
-  that tool needs (not the study's --config/--rows, which they do not have); ``research.geometry`` takes no flags."""
+  that tool needs (not the study's --config/--rows, which they do not have), a damaged study.json or tuning.json
+  with how to write it again; ``research.geometry`` takes no flags."""
   from dilaff_jax.research import answer, geometry, tuning  # pylint: disable=import-outside-toplevel
 
   w = str(tmp_path / "nothing")
@@ -260,3 +261,24 @@ def test_the_study_tools_name_a_folder_without_study_json_in_their_own_words(tmp
     assert len(err) == 1 and err[0].startswith("error: ") and advice in err[0], err
     if main is not geometry.main:
       assert err[0].startswith(f"error: --workdir={w}: no study.json there: ") and "--rows" not in err[0], err
+  # damaged files they read: a study.json cut short or of another shape, a tuning.json that is not one
+  os.makedirs(w)
+  damaged = {
+      "study.json": ('{"rows": [', "cannot be read"),
+      "study2.json": ('{"rows": [{"name": "a"}]}', "is not a study's study.json"),
+  }
+  for name, (text, said) in damaged.items():
+    with open(os.path.join(w, "study.json"), "w") as f:
+      f.write(text)
+    with pytest.raises(SystemExit):
+      answer.main([f"--workdir={w}", "--claims=x", "--output=o"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {os.path.join(w, 'study.json')} {said}"), (name, err)
+    assert "rerun the study's own command" in err[0]
+  for text in ("[1, 2", '{"complete": true, "choices": [{"variant": ""}]}'):
+    with open(tmp_path / "tuning.json", "w") as f:
+      f.write(text)
+    with pytest.raises(SystemExit):
+      tuning.main([f"--check={tmp_path / 'tuning.json'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --check={tmp_path / 'tuning.json'} is not a readable"), err

@@ -488,8 +488,7 @@ def run_study(
     if kind == "train again":  # the source first; row i stays pending until it has its checkpoint
       row = source_row(row, rows)
       path = results_path(workdir, row, seed)
-      with open(path) as f:
-        before = json.load(f)
+      before = _read_results(path)
       print(
           f"[study] {row.name} seed {seed}: its final checkpoint is gone (a study resumed from an export keeps "
           "none); training it again" + (f" on {_cores_text(slots[slot])}" if len(slots) > 1 else ""),
@@ -989,11 +988,18 @@ def rows_from_study_json(
   path = os.path.join(workdir, "study.json")
   if not os.path.exists(path):
     raise StudyError(f"--workdir={workdir}: no study.json there: {advice}")
-  with open(path) as f:
-    study = json.load(f)
-  rows = [Row(**{**r, "overrides": tuple(r["overrides"]), "seeds": tuple(r["seeds"])}) for r in study["rows"]]
-  compared = [f"{c['a']}:{c['b']}" for c in study.get("comparisons", [])]
-  return study["config"], study["overrides"], rows, study["baseline_row"], compared
+  again = "rerun the study's own command to write it again (its finished runs are skipped)"
+  try:
+    with open(path) as f:
+      study = json.load(f)
+  except (OSError, ValueError) as e:
+    raise StudyError(f"{path} cannot be read ({cli.one_line(e)}): {again}") from None
+  try:
+    rows = [Row(**{**r, "overrides": tuple(r["overrides"]), "seeds": tuple(r["seeds"])}) for r in study["rows"]]
+    compared = [f"{c['a']}:{c['b']}" for c in study.get("comparisons", [])]
+    return study["config"], study["overrides"], rows, study["baseline_row"], compared
+  except (KeyError, TypeError, AttributeError) as e:
+    raise StudyError(f"{path} is not a study's study.json (at {cli.one_line(e)}): {again}") from None
 
 
 def main(argv) -> None:

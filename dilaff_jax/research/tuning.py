@@ -344,8 +344,16 @@ def main(argv: Sequence[str]) -> int:
     if fv.check:
       if not os.path.exists(fv.check):
         raise TuningError(f"--check={fv.check} does not exist: run the tune stage and choose first (STAGE=choose)")
-      with open(fv.check) as f:
-        check(json.load(f), fv.check)
+      try:
+        with open(fv.check) as f:
+          chosen = json.load(f)
+        check(chosen, fv.check)
+      except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        if isinstance(e, errors.UserError):
+          raise
+        raise TuningError(
+            f"--check={fv.check} is not a readable tuning.json ({cli.one_line(e)}): choose again (STAGE=choose)"
+        ) from None
       print(f"[tuning] the config runs what {fv.check} chose", flush=True)
       return 0
     for name in ("workdir", "choices", "output"):
