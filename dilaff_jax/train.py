@@ -239,8 +239,16 @@ def record_config(
     history_path = os.path.join(workdir, CONFIG_HISTORY)
     history = []
     if os.path.isfile(history_path):
-      with open(history_path) as f:
-        history = json.load(f)
+      try:
+        with open(history_path) as f:
+          history = json.load(f)
+        if not isinstance(history, list):
+          raise ValueError("not a list of changes")
+      except (OSError, ValueError) as e:
+        raise ConfigChangedError(
+            f"{history_path} cannot be read ({e}); it records this run's earlier config changes: restore it, or "
+            "delete it to start a new record"
+        ) from None
     history.append({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "changes": changes})
     files.write_atomic(history_path, json.dumps(history, indent=1))
     print(f"[train] config changed at step {step}: {', '.join(changes)} (recorded in {history_path})", flush=True)

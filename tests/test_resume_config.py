@@ -47,6 +47,20 @@ def test_an_allowed_change_is_recorded_with_its_step_and_the_same_config_records
   assert json.load(open(tmp_path / "config.json"))["train"]["learning_rate"] == 0.05
 
 
+def test_a_damaged_change_record_is_named_and_left_as_it_is(tmp_path):
+  w = str(tmp_path)
+  train.record_config(w, _config(), step=0, allow_change=False)
+  for text in ('[{"step": 2', '{"step": 2}'):  # cut short; not a list of changes
+    (tmp_path / train.CONFIG_HISTORY).write_text(text)
+    with pytest.raises(train.ConfigChangedError) as e:
+      train.record_config(w, _config(**{"train.learning_rate": 0.05}), step=2, allow_change=True)
+    assert str(e.value).startswith(f"{tmp_path / train.CONFIG_HISTORY} cannot be read (") and "restore it" in str(
+        e.value
+    )
+    assert (tmp_path / train.CONFIG_HISTORY).read_text() == text
+    assert json.load(open(tmp_path / "config.json"))["train"]["learning_rate"] == 0.02
+
+
 def test_keys_of_another_code_version_are_not_changes():
   old = {"train": {"learning_rate": 0.1, "removed_key": 1}, "affinity": {"rates": [4, [6, 12]]}}
   new = {"train": {"learning_rate": 0.1, "new_key": 2}, "affinity": {"rates": [4, [6, 12]]}}
