@@ -579,5 +579,10 @@ def test_prepare_prints_and_saves_the_pixels_per_class_and_warns_about_a_small_v
   with open(path, "w") as f:
     json.dump(saved, f)
   assert datasets.class_pixels.load_or_count(builder)["splits"]["val"]["void_pixels"] == -1
+  for damaged in ("[1, 2]", '{"splits": ', '{"class_names": []}'):  # valid JSON of another shape; cut short; stale
+    with open(path, "w") as f:
+      f.write(damaged)
+    assert datasets.class_pixels.load_or_count(builder)["splits"]["val"]["void_pixels"] >= 0  # counted again
+    assert json.load(open(path))["splits"]["val"]["pixels"][4] == 0  # and written again
   (small,) = datasets.split_warnings(builder, "train")  # 5 images, every class: only their number is a warning
   assert small.startswith("the train split has 5 image(s), fewer than 20")

@@ -52,7 +52,11 @@ def load_or_count(builder: tfds.core.DatasetBuilder) -> dict:
   try:
     with open(path) as f:
       saved = json.load(f)
-    if saved.get("class_names") == names and set(saved.get("splits", ())) == set(builder.info.splits):
+    if (
+        isinstance(saved, dict)
+        and saved.get("class_names") == names
+        and set(saved.get("splits") or ()) == set(builder.info.splits)
+    ):
       return saved
   except (OSError, ValueError):
     pass  # absent or unreadable: counted again below
