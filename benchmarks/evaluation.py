@@ -52,13 +52,8 @@ def parts(batch: int, size: int) -> tuple[dict, str]:
   inside = inference.inside_mask(full, full, (size, size), rates)
   counts = tuple(sorted(config.eval.iterations))
 
-  def sweep(p, a):
-    out, done = [], 0
-    for n in counts:
-      p = propagation.propagate(p, a, rates, lam=lam, iterations=n - done)
-      done = n
-      out.append(jnp.argmax(p, -1))
-    return out
+  def sweep(p, a):  # as eval_step: the class map after every count
+    return [jnp.argmax(q, -1) for q in propagation.sweep(p, a, rates, counts, lam=lam).values()]
 
   predicted = jax.jit(lambda p, a: sweep(p, a * inside))
   oracle = jax.jit(lambda p, lb: sweep(p, propagation.gt_affinity(lb, rates, ign)))

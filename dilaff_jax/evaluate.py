@@ -83,10 +83,7 @@ def eval_step(variables, batch, *, apply_fn, spec: RunSpec, iterations: tuple[in
       sweeps["oracle"] = propagation.gt_affinity(labels, rates, ign)
     anchor = probs if spec.anchored else None
     for name, a in sweeps.items():
-      p, done = probs, 0
-      for it in sorted(iterations):
-        p = propagation.propagate(p, a, rates, lam=config.affinity.lam, iterations=it - done, anchor=anchor)
-        done = it
+      for it, p in propagation.sweep(probs, a, rates, iterations, lam=config.affinity.lam, anchor=anchor).items():
         out[eval_metrics.sweep_name(name, it)] = score(jnp.argmax(p, -1))
     # Fig. 4: affinity accuracy per rate and n_k, from the logits' sign (σ > 0.5 <=> steep σ > 0.5)
     logit_sign = jnp.where(aff > 0.5, 1.0, -1.0)

@@ -186,3 +186,18 @@ def test_ground_truth_oracle_repairs_a_corrupted_prediction():
   flat = jnp.ones_like(aff)
   out = propagation.propagate(jnp.asarray(probs[None], jnp.float32), flat, rates, iterations=10)
   assert miou(np.asarray(out[0]).argmax(-1), labels, c) < scores[-1]
+
+
+def test_a_sweep_continues_each_count_from_the_last_and_equals_propagating_from_scratch():
+  """``sweep`` gives, for every count (in any order), what ``propagate`` gives for that count from the start: the
+  paper's reading and the anchored one (whose p⁰ stays the sweep's input)."""
+  rng = np.random.default_rng(3)
+  probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(2, 9, 11, 4)), jnp.float32), axis=-1)
+  aff = jnp.asarray(rng.uniform(size=(2, 9, 11, 8 * len(RATES))), jnp.float32)
+  for anchor in (None, probs):
+    got = propagation.sweep(probs, aff, RATES, (3, 0, 1), lam=4.0, anchor=anchor)
+    assert list(got) == [0, 1, 3]
+    for n, p in got.items():
+      want = propagation.propagate(probs, aff, RATES, lam=4.0, iterations=n, anchor=anchor)
+      np.testing.assert_allclose(np.asarray(p), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(got[3]), np.asarray(got[1]), atol=1e-4)

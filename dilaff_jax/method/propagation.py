@@ -194,3 +194,22 @@ def propagate(
   if iterations == 0:
     return probs
   return _propagate(probs, affinity_map, rates, jnp.float32(lam), jnp.int32(iterations), anchor)
+
+
+def sweep(
+    probs: jax.Array,
+    affinity_map: jax.Array,
+    rates: Sequence,
+    counts: Sequence[int],
+    lam: float = 6.0,
+    anchor: jax.Array | None = None,
+) -> dict[int, jax.Array]:
+  """The propagation sweep of Tables 3–4: ``{n: probs after n iterations}`` for every count of ``counts`` (sorted),
+  each count continuing from the previous one, so the whole sweep costs ``max(counts)`` iterations
+  (:func:`propagate`'s arguments otherwise)."""
+  out, p, done = {}, probs, 0
+  for n in sorted(counts):
+    p = propagate(p, affinity_map, rates, lam=lam, iterations=n - done, anchor=anchor)
+    done = n
+    out[n] = p
+  return out

@@ -348,9 +348,9 @@ def main(argv: Sequence[str]) -> int:
         with open(fv.check) as f:
           chosen = json.load(f)
         check(chosen, fv.check)
+      except errors.UserError:
+        raise  # check's own verdict
       except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        if isinstance(e, errors.UserError):
-          raise
         raise TuningError(
             f"--check={fv.check} is not a readable tuning.json ({cli.one_line(e)}): choose again (STAGE=choose)"
         ) from None
