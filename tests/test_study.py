@@ -129,7 +129,9 @@ def test_a_study_resumed_from_its_export_trains_a_run_again_for_a_row_that_evalu
 ):
   """An export keeps results but no checkpoints: the evaluate row's source is trained again first (its new mIoU
   compared with the recorded one, aloud), then the evaluate row runs; a finished row without dependants is not."""
-  rows = study.resolve(study.parse_rows([], "a=tiny; b=tiny; a2=evaluate:a", [0]), "configs/synthetic.py", [])
+  rows = study.resolve(
+      study.parse_rows([], "a=tiny; b=tiny; a2=evaluate:a@affinity.lam=3.0", [0]), "configs/synthetic.py", []
+  )
   for name in ("a", "b"):  # what the export holds of two finished runs
     os.makedirs(tmp_path / name / "seed_0" / "eval" / "step_4")
     (tmp_path / name / "seed_0" / "eval" / "step_4" / "results.json").write_text('{"miou": 0.5, "num_images": 8}')
@@ -144,6 +146,48 @@ def test_a_study_resumed_from_its_export_trains_a_run_again_for_a_row_that_evalu
   assert not os.path.exists(tmp_path / "a" / "seed_0" / "eval" / "step_4" / "results.json.before_training_again")
   assert study.run_study("configs/synthetic.py", [], rows, str(tmp_path), "a") == 0  # now nothing to do
   assert len(fake.commands) == 2
+
+
+def test_an_evaluate_row_that_changes_no_config_value_takes_its_sources_evaluation(tmp_path, monkeypatch, capsys):
+  """An evaluate row whose overrides leave the config as its source's (a value it has already, in the variant or in
+  the source's own overrides) is marked, runs nothing and gets its source's results byte for byte, with a run.json
+  naming them; even from an export without checkpoints nothing is trained again for it. A row that changes a value
+  runs."""
+  rows = study.resolve(
+      study.parse_rows(
+          [],
+          "a=tiny@affinity.lam=3.0; same=evaluate:a@affinity.propagation_reading=paper@affinity.lam=3.0;"
+          "lam=evaluate:a@affinity.lam=6.0; b=tiny",
+          [0],
+      ),
+      "configs/synthetic.py",
+      [],
+  )
+  assert [r.same_config for r in rows] == [False, True, False, False]
+  fake = _FakeRun(0.5)
+  monkeypatch.setattr(study.subprocess, "Popen", fake)
+  assert study.run_study("configs/synthetic.py", [], rows, str(tmp_path), "a") == 0
+  out = capsys.readouterr().out
+  assert [("--mode=evaluate" in c, c[-1]) for c in fake.commands] == [
+      (False, f"--workdir={tmp_path}/a/seed_0"),
+      (True, f"--workdir={tmp_path}/a/seed_0"),
+      (False, f"--workdir={tmp_path}/b/seed_0"),
+  ]
+  assert "run 2/4: same seed 0: the same config as a: its evaluation taken, nothing run" in out
+  assert "run 1/4: a seed 0 (train), 3 left" in out  # the same-config row is not counted as a run to come
+  step = lambda name: tmp_path / name / "seed_0" / "eval" / "step_4"
+  assert (step("same") / "results.json").read_bytes() == (step("a") / "results.json").read_bytes()
+  run = json.loads((tmp_path / "same" / "seed_0" / "run.json").read_text())
+  assert run["command"] is None and run["evaluation_of"] == os.path.join("a", "seed_0", "eval", "step_4")
+  assert "(no change to `a`'s config: its own evaluation)" in (tmp_path / "study.md").read_text()
+
+  resumed = tmp_path / "export"  # results only: no checkpoints, the same-config row not done yet
+  os.makedirs(resumed / "a" / "seed_0" / "eval")
+  os.rename(step("a"), resumed / "a" / "seed_0" / "eval" / "step_4")
+  fake.commands.clear()
+  rows = [r for r in rows if r.name in ("a", "same")]
+  assert study.run_study("configs/synthetic.py", [], rows, str(resumed), "a") == 0
+  assert fake.commands == [] and (resumed / "same" / "seed_0" / "eval" / "step_4" / "results.json").exists()
 
 
 def test_slot_cores_are_equal_shares_in_order_and_bad_jobs_are_named():
@@ -210,7 +254,7 @@ class _SlowFakeRun:
 
 def test_jobs_run_at_once_on_their_own_cores_and_an_evaluate_row_waits_for_its_source(tmp_path, monkeypatch, capsys):
   rows = study.resolve(
-      study.parse_rows([], "a=tiny; a2=evaluate:a; b=tiny; c=tiny", [0, 1]), "configs/synthetic.py", []
+      study.parse_rows([], "a=tiny; a2=evaluate:a@affinity.lam=3.0; b=tiny; c=tiny", [0, 1]), "configs/synthetic.py", []
   )
   runs = _SlowFakeRuns(monkeypatch)
   monkeypatch.setattr(study.subprocess, "Popen", runs)

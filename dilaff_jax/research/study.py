@@ -26,7 +26,10 @@ for bit with the same ``cores // N``; ``run.json`` records it as ``cores``. A ru
 ``eval/step_<num_steps>/results.json`` exists in its folder; finished runs are skipped and unfinished ones resume
 from their checkpoints. A study resumes from its export too (copy it as ``DIR``): a run that an ``evaluate:`` row
 needs and whose checkpoints are gone is trained again first (runs are deterministic; a different mIoU would be
-reported). An ``evaluate:`` row writes there too (through ``eval.output_dir``) and keeps no checkpoints. A failed
+reported). An ``evaluate:`` row writes there too (through ``eval.output_dir``) and keeps no checkpoints; one whose
+overrides leave its source's config as it was (e.g. ``affinity.propagation_reading=paper`` on a config that reads
+Eq. 6 that way already) runs nothing: the source's own final evaluation is that row's, copied into its folder once
+the source has finished, and ``run.json`` names where it came from (evaluation is deterministic). A failed
 run is reported (with the tail of its log) and the study goes on; the exit status is then 1. SIGTERM stops the
 running runs (each saves a checkpoint) and the study (exit 3). The aggregate is rewritten after every run, so a
 partial study always has an up-to-date ``study.md``.
@@ -107,7 +110,8 @@ class StudyError(errors.UserError):
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One line of the study: a config variant trained with ``overrides`` (``evaluates`` empty), or the evaluation of
-  row ``evaluates``'s runs with ``overrides`` added to that row's. ``final_step``: ``train.num_steps`` of its runs."""
+  row ``evaluates``'s runs with ``overrides`` added to that row's. ``final_step``: ``train.num_steps`` of its runs;
+  ``same_config``: an evaluate row whose config is its source's (its runs reuse the source's evaluation)."""
 
   name: str
   variant: str = ""
@@ -115,6 +119,7 @@ class Row:
   seeds: tuple[int, ...] = ()
   evaluates: str = ""
   final_step: int = 0
+  same_config: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- the study's rows
@@ -212,12 +217,17 @@ def run_overrides(row: Row, rows: Sequence[Row], overrides: Sequence[str]) -> li
 
 
 def resolve(rows: Sequence[Row], config_path: str, overrides: Sequence[str]) -> list[Row]:
-  """Rows with ``final_step`` from their configs; checks every config loads before anything runs."""
+  """Rows with ``final_step`` from their configs and ``same_config`` for an evaluate row whose config equals its
+  source's; checks every config loads before anything runs."""
   out = []
+  configs = {}  # trained row -> its config as a dict
   for row in rows:
     src = source_row(row, out)
     config = load_config(config_path, src.variant, run_overrides(row, out, overrides))
-    out.append(dataclasses.replace(row, final_step=int(config.train.num_steps)))
+    same = bool(row.evaluates) and config.to_dict() == configs[src.name]
+    if not row.evaluates:
+      configs[row.name] = config.to_dict()
+    out.append(dataclasses.replace(row, final_step=int(config.train.num_steps), same_config=same))
   return out
 
 
@@ -282,6 +292,27 @@ def plan(rows: Sequence[Row], first: Sequence[str] = ()) -> list[tuple[Row, int]
 def has_final_checkpoint(workdir: str, row: Row, seed: int) -> bool:
   """Whether run ``(row, seed)`` still holds its final checkpoint (Orbax names a finished one by its step)."""
   return os.path.isdir(os.path.join(run_dir(workdir, row, seed), "checkpoints", str(row.final_step)))
+
+
+def reuse_evaluation(workdir: str, row: Row, src: Row, seed: int) -> None:
+  """Run ``(row, seed)`` of a ``same_config`` row: the finished source run's ``results.json`` (and ``results.md``)
+  copied into the row's folder, with a ``run.json`` that names it (no command: nothing ran)."""
+  source_step = os.path.dirname(results_path(workdir, src, seed))
+  step = os.path.dirname(results_path(workdir, row, seed))
+  os.makedirs(step, exist_ok=True)
+  run = {
+      "row": dataclasses.asdict(row),
+      "seed": seed,
+      "command": None,
+      "evaluation_of": os.path.relpath(source_step, workdir),
+      "why": f"its config is {src.name}'s: that run's final evaluation, not run again",
+  }
+  files.write_atomic(os.path.join(run_dir(workdir, row, seed), "run.json"), json.dumps(run, indent=1))
+  if os.path.exists(os.path.join(source_step, "results.md")):
+    shutil.copyfile(os.path.join(source_step, "results.md"), os.path.join(step, "results.md"))
+  with open(os.path.join(source_step, "results.json")) as f:
+    text = f.read()
+  files.write_atomic(os.path.join(step, "results.json"), text)  # last: it marks the run finished
 
 
 def _tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
@@ -477,6 +508,12 @@ def run_study(
         failed.append((row.name, seed))
         pending.remove(i)
         continue
+      if row.same_config:  # nothing to run: the source's final evaluation is this row's
+        reuse_evaluation(workdir, row, src, seed)
+        print(f"{head(i)}: the same config as {src.name}: its evaluation taken, nothing run", flush=True)
+        pending.remove(i)
+        write_aggregates(workdir, config_path, overrides, rows, baseline, comparisons)
+        continue
       if not has_final_checkpoint(workdir, src, seed):
         return i, "train again"
       return i, "evaluate"
@@ -500,7 +537,7 @@ def run_study(
       remaining = [kind] + [
           "evaluate" if todo[j][0].evaluates else "train"
           for j in pending
-          if j > i and not os.path.exists(results_path(workdir, *todo[j]))
+          if j > i and not todo[j][0].same_config and not os.path.exists(results_path(workdir, *todo[j]))
       ]
       eta = eta_seconds(durations, remaining)
       print(
@@ -761,7 +798,8 @@ def _delta(d: dict) -> str:
 
 def _describe(row: Row) -> str:
   what = f"evaluates `{row.evaluates}`" if row.evaluates else f"`:{row.variant or DEFAULT_VARIANT}`"
-  return what + "".join(f" `{o}`" for o in row.overrides)
+  same = f" (no change to `{row.evaluates}`'s config: its own evaluation)" if row.same_config else ""
+  return what + "".join(f" `{o}`" for o in row.overrides) + same
 
 
 def markdown(study: dict) -> str:
