@@ -98,6 +98,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     cli.exit_with_error(f"--config={spec}: no such config file")
   try:
     return FLAGS(argv)
+  except BrokenPipeError:  # --help | head
+    cli.exit_reader_gone()
   except Exception as e:  # noqa: BLE001  (everything here comes from the command line)
     cli.exit_with_error(cli.flag_error(e, argv[1:]), show_traceback=cli.wants_traceback(_verbosity(argv)))
 

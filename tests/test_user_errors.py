@@ -31,6 +31,21 @@ def test_mistyped_config_key_names_the_nearest_key(data_dir, tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith("error: config.train.learnig_rate: no such key")
 
 
+def test_help_read_by_a_reader_that_stops_early_ends_quietly():
+  """``python -m dilaff_jax.main --help | head -1``: the help is longer than a pipe holds and the reader goes away
+  while it is written; that is no mistake of the user's (before: sometimes ``error: [Errno 32] Broken pipe``, exit
+  2, depending on which write met the closed pipe). The flag parsing meets the closed pipe for certain here."""
+  code = (
+      "from dilaff_jax import main\n"
+      "def gone(argv):\n"
+      "  raise BrokenPipeError(32, 'Broken pipe')\n"
+      "main.FLAGS = gone\n"
+      "main.parse_flags(['main', '--config=configs/synthetic.py', '--help'])\n"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", "")
+
+
 def test_nearest_key_and_override_parsing():
   config = synthetic.get_config()
   assert cli.missing_key(config, "train.learning_rate") is None

@@ -41,6 +41,12 @@ def exit_with_error(error: BaseException | str, *, show_traceback: bool = False)
   sys.exit(errors.EXIT_USER_ERROR)
 
 
+def exit_reader_gone() -> NoReturn:
+  """Ends quietly when the reader of stdout has gone (``--help | head``), as a Unix tool does: no error line."""
+  os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail again
+  sys.exit(1)
+
+
 # ----------------------------------------------------------------------------------------------- flags
 
 
