@@ -123,7 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.flip = False
   c.eval.iterations = (0, 1, 3, 6, 10)  # propagation sweep (Tables 3–4)
   c.eval.ground_truth_oracle = True  # also the sweep with ground-truth affinity
-  c.eval.max_images = 0  # 0 = the whole split
+  c.eval.max_images = 0  # the first N images, in whole batches of eval.batch_size (0 = the whole split)
   c.eval.output_dir = ""  # results go to <output_dir>/step_<N>/; "" = <workdir>/eval
   c.eval.crf = False  # also score dense-CRF post-processing (Table 5; pydensecrf2), slow
   c.eval.crf_iterations = 10  # mean-field iterations; kernels: Krähenbühl & Koltun's defaults

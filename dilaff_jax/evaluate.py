@@ -244,6 +244,18 @@ def evaluate_state(
   limit = config.eval.max_images if max_images is None else max_images
   if limit:
     num_batches = min(num_batches, -(-limit // config.eval.batch_size))
+    if (
+        report
+        and jax.process_index() == 0
+        and limit % config.eval.batch_size
+        and num_batches * config.eval.batch_size > limit
+    ):
+      print(
+          f"[eval] max_images={limit}: scored in whole batches of {config.eval.batch_size}, so up to "
+          f"{num_batches * config.eval.batch_size} images ({num_batches} batch{'es' if num_batches > 1 else ''}); "
+          "results.json says how many",
+          flush=True,
+      )
   start = time.time()
   crf_fn = functools.partial(crf.confusion_after_crf, config=config) if config.eval.crf else None
   totals = accumulate(p_eval, variables, pipes.make_eval(), num_batches, config.eval.batch_size, crf_fn)

@@ -354,14 +354,18 @@ def test_report_writes_the_files_and_the_summaries_of_a_hand_made_result(tmp_pat
   assert eval_report.scalars(plain) == {"eval/miou": 0.5}
 
 
-def test_watch_evaluates_every_checkpoint_once(data_dir, tmp_path):
+def test_watch_evaluates_every_checkpoint_once(data_dir, tmp_path, capsys):
   from dilaff_jax import train
 
   config = tiny_config(data_dir)  # 4 steps, a checkpoint every 2
+  config.eval.max_images = 3  # less than one batch of 8: the whole batch is scored, and that is said
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   results = evaluate.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1, timeout_seconds=30)
   assert [r["step"] for r in results] == [2, 4]
+  assert [r["num_images"] for r in results] == [8, 8]
+  note = "[eval] max_images=3: scored in whole batches of 8, so up to 8 images (1 batch); results.json says how many"
+  assert capsys.readouterr().out.count(note) == 2  # the training's final evaluation (step 4), then step 2
   # a second watcher finds both already evaluated and stops at once (the last step is reached)
   assert evaluate.evaluate_checkpoints(config, workdir, watch=True, poll_seconds=0.1) == []
 
