@@ -190,6 +190,32 @@ def test_an_evaluate_row_that_changes_no_config_value_takes_its_sources_evaluati
   assert fake.commands == [] and (resumed / "same" / "seed_0" / "eval" / "step_4" / "results.json").exists()
 
 
+def test_run_json_sums_a_runs_seconds_and_a_resumed_study_has_an_eta_at_once(tmp_path, monkeypatch, capsys):
+  """run.json records the seconds a run computed, summed over the invocations it ran in; a study started again
+  estimates its remaining runs from the finished runs' seconds on the same core count before any run of its own."""
+  rows = study.resolve(study.parse_rows([], "a=tiny; b=tiny; c=tiny@affinity.lam=3.0", [0]), "configs/synthetic.py", [])
+  fake = _FakeRun(0.5)
+  monkeypatch.setattr(study.subprocess, "Popen", fake)
+  monkeypatch.setattr(study, "allowed_cores", lambda: (0, 1))
+  assert study.run_study("configs/synthetic.py", [], rows[:1], str(tmp_path), "a") == 0
+  run_a = json.loads((tmp_path / "a" / "seed_0" / "run.json").read_text())
+  assert run_a["cores"] == 2 and 0 <= run_a["seconds"] < 60
+  (tmp_path / "a" / "seed_0" / "run.json").write_text(json.dumps({**run_a, "seconds": 600.0}))
+  # b was stopped after 50 s of computing on 2 cores; c has no run.json yet
+  os.makedirs(tmp_path / "b" / "seed_0")
+  (tmp_path / "b" / "seed_0" / "run.json").write_text(json.dumps({**run_a, "seconds": 50.0}))
+  capsys.readouterr()
+  assert study.run_study("configs/synthetic.py", [], rows, str(tmp_path), "a") == 0
+  out = capsys.readouterr().out
+  assert "run 2/3: b seed 0 (train), 2 left, ETA 0h20m00s" in out  # 2 x the 600 s of a, at once
+  assert re.search(r"b seed 0: done in 0h00m0\ds \(0h00m5\ds in all\)", out), out
+  b_seconds = json.loads((tmp_path / "b" / "seed_0" / "run.json").read_text())["seconds"]
+  assert 50.0 <= b_seconds < 60 and json.loads((tmp_path / "c" / "seed_0" / "run.json").read_text())["seconds"] < 10
+  # on another core count, a's 600 s say nothing: no ETA before the first run of this invocation
+  durations = study.recorded_durations(str(tmp_path), study.plan(rows), 1)
+  assert durations == {"train": [], "evaluate": []}
+
+
 def test_slot_cores_are_equal_shares_in_order_and_bad_jobs_are_named():
   assert study.slot_cores(range(16), 3) == [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12, 13, 14)]  # 15 unused
   assert study.slot_cores((3, 1, 2, 0), 2) == [(0, 1), (2, 3)]

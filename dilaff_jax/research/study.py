@@ -22,7 +22,10 @@ time on every core, or ``--jobs=N`` at a time, each pinned to
 its own ``cores // N`` cores (Linux; an ``evaluate:`` row waits for its source run). Several single-core runs get
 more done than one run on all cores (XLA:CPU does not scale linearly: ``benchmarks/study_jobs.py``), but a run's
 last bits depend on how many cores it computes with (XLA's sums are split by thread), so a study is reproduced bit
-for bit with the same ``cores // N``; ``run.json`` records it as ``cores``. A run is finished when
+for bit with the same ``cores // N``; ``run.json`` records it as ``cores``, and as ``seconds`` the time the run has
+computed (summed over the invocations it was resumed in; one killed outright, with SIGKILL, cannot add its part):
+the ETA printed before every run starts from the finished runs' seconds on the same core count, so a resumed study
+has one at once. A run is finished when
 ``eval/step_<num_steps>/results.json`` exists in its folder; finished runs are skipped and unfinished ones resume
 from their checkpoints. A study resumes from its export too (copy it as ``DIR``): a run that an ``evaluate:`` row
 needs and whose checkpoints are gone is trained again first (runs are deterministic; a different mIoU would be
@@ -434,6 +437,9 @@ def _start(
   cmd = command(config_path, overrides, rows, row, seed, workdir)
   n_cores = len(cores) if cores is not None else os.cpu_count()
   run = {"row": dataclasses.asdict(row), "seed": seed, "command": cmd[1:], "cores": n_cores}
+  before = _run_json(folder)  # a run resumed from its checkpoints: the seconds it computed before
+  if before.get("cores") == n_cores and isinstance(before.get("seconds"), (int, float)):
+    run["seconds"] = before["seconds"]
   files.write_atomic(os.path.join(folder, "run.json"), json.dumps(run, indent=1))
   log = open(os.path.join(folder, "log.txt"), "a")
   log.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
@@ -447,6 +453,39 @@ def _start(
     log.close()
     raise
   return process, log
+
+
+def _run_json(folder: str) -> dict:
+  """A run folder's ``run.json`` ({} when missing or unreadable: it is only rewritten, never trusted for results)."""
+  try:
+    with open(os.path.join(folder, "run.json")) as f:
+      run = json.load(f)
+  except (OSError, ValueError):
+    return {}
+  return run if isinstance(run, dict) else {}
+
+
+def add_seconds(folder: str, seconds: float) -> float:
+  """Adds ``seconds`` to the computing time recorded in the run folder's ``run.json``; returns the new total."""
+  run = _run_json(folder)
+  if not run:
+    return seconds
+  run["seconds"] = round(float(run.get("seconds") or 0.0) + seconds, 1)
+  files.write_atomic(os.path.join(folder, "run.json"), json.dumps(run, indent=1))
+  return run["seconds"]
+
+
+def recorded_durations(workdir: str, todo: Sequence[tuple[Row, int]], cores: int) -> dict[str, list[float]]:
+  """The computing times (``seconds`` of run.json) of the finished runs among ``todo`` that ran on ``cores`` cores,
+  by kind: what a resumed study's ETA starts from."""
+  durations: dict[str, list[float]] = {"train": [], "evaluate": []}
+  for row, seed in todo:
+    run = _run_json(run_dir(workdir, row, seed))
+    if row.same_config or run.get("cores") != cores or not os.path.exists(results_path(workdir, row, seed)):
+      continue
+    if isinstance(run.get("seconds"), (int, float)) and run["seconds"] > 0:
+      durations["evaluate" if row.evaluates else "train"].append(float(run["seconds"]))
+  return durations
 
 
 def _wait_any(running: dict[int, _Job]) -> int:
@@ -484,7 +523,8 @@ def run_study(
   running: dict[int, _Job] = {}  # slot -> job
   busy: set[tuple[str, int]] = set()  # (row, seed) of the running jobs
   retrain_failed: set[tuple[str, int]] = set()
-  durations: dict[str, list[float]] = {"train": [], "evaluate": []}
+  n_cores = len(slots[0]) if slots[0] is not None else os.cpu_count()
+  durations = recorded_durations(workdir, todo, n_cores)  # the finished runs' times, for the ETA
   failed = []
 
   def head(i: int) -> str:
@@ -582,9 +622,14 @@ def run_study(
   def ended(job: _Job, rc: int) -> None:
     elapsed = time.time() - job.start
     kind, row, seed = job.kind, job.row, job.seed
+    total = add_seconds(run_dir(workdir, row, seed), elapsed)  # a resumed run: its earlier seconds too
     if rc == 0 and os.path.exists(results_path(workdir, row, seed)):
-      durations[kind].append(elapsed)
-      print(f"[study] {row.name} seed {seed}: done in {_duration(elapsed)}", flush=True)
+      durations[kind].append(total)
+      print(
+          f"[study] {row.name} seed {seed}: done in {_duration(elapsed)}"
+          + (f" ({_duration(total)} in all)" if total > elapsed + 1 else ""),
+          flush=True,
+      )
     elif stop.requested:
       print(f"[study] {row.name} seed {seed}: stopped (exit {rc}); rerun the study to resume", flush=True)
     else:
