@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -188,6 +189,12 @@ def test_an_evaluate_row_that_changes_no_config_value_takes_its_sources_evaluati
   rows = [r for r in rows if r.name in ("a", "same")]
   assert study.run_study("configs/synthetic.py", [], rows, str(resumed), "a") == 0
   assert fake.commands == [] and (resumed / "same" / "seed_0" / "eval" / "step_4" / "results.json").exists()
+  # a damaged source is named, not copied
+  (resumed / "a" / "seed_0" / "eval" / "step_4" / "results.json").write_text('{"miou": ')
+  shutil.rmtree(resumed / "same")
+  with pytest.raises(study.StudyError, match="a/seed_0/eval/step_4/results.json cannot be read"):
+    study.run_study("configs/synthetic.py", [], rows, str(resumed), "a")
+  assert not (resumed / "same" / "seed_0" / "eval" / "step_4" / "results.json").exists()
 
 
 def test_run_json_sums_a_runs_seconds_and_a_resumed_study_has_an_eta_at_once(tmp_path, monkeypatch, capsys):

@@ -301,6 +301,7 @@ def reuse_evaluation(workdir: str, row: Row, src: Row, seed: int) -> None:
   """Run ``(row, seed)`` of a ``same_config`` row: the finished source run's ``results.json`` (and ``results.md``)
   copied into the row's folder, with a ``run.json`` that names it (no command: nothing ran)."""
   source_step = os.path.dirname(results_path(workdir, src, seed))
+  _read_results(os.path.join(source_step, "results.json"))  # a damaged one is named, not copied
   step = os.path.dirname(results_path(workdir, row, seed))
   os.makedirs(step, exist_ok=True)
   run = {
