@@ -2,8 +2,9 @@
 # The reproduction study on the embedded default (configs/synthetic.py, the paper's geometry at half scale), in two
 # stages, each over seeds, one run at a time (JOBS=N: N at once), resumable (rerun the same command; finished runs
 # are skipped):
-#   STAGE=tune nohup bash launch/study.sh > study_tune.out 2>&1 &    # 1. choose every method's weights on "tune"
-#   STAGE=test nohup bash launch/study.sh > study_test.out 2>&1 &    # 2. the reported rows, on "test" (1000 images)
+#   mkdir -p runs
+#   STAGE=tune nohup bash launch/study.sh > runs/study_tune.out 2>&1 &    # 1. every method's weights, on "tune"
+#   STAGE=test nohup bash launch/study.sh > runs/study_test.out 2>&1 &    # 2. the reported rows, on "test" (1000)
 #   STAGE=choose bash launch/study.sh                                 # between them: the choices of stage 1
 #   STAGE=answer bash launch/study.sh                                 # after them: the claims' verdicts
 # Stage 1 trains every method of Tables 1 and 5 with the same budget (3 values of its loss weight x 2 seeds, 100 and
@@ -22,7 +23,7 @@
 # 34 minutes on one core of two at JOBS=2; the evaluation of all 1000 test scenes about 11 of them. On 2 cores
 # stage tune (44 trainings, 18 evaluations of 300 scenes) takes about 13 hours, stage test (53 trainings, 16
 # evaluations of 1000 scenes) about 16 to 17.
-# JOBS=N: N runs at once, each pinned to cores/N cores (about 3 GiB of memory each). On 2 cores JOBS=2 gets 1.2x as
+# JOBS=N: N runs at once, each pinned to cores/N cores (about 3 GiB of memory each). On 2 cores JOBS=2 gets 1.27x as
 # many runs done (benchmarks/study_jobs.py); a run's last bits depend on its core count (recorded in its run.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
