@@ -5,6 +5,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -114,6 +115,43 @@ def test_synthetic_prepare_is_byte_identical(tiny, tmp_path):
     first = [i.filename for i in tiny.info.splits[split].file_instructions]
     second = [i.filename for i in again.info.splits[split].file_instructions]
     assert [open(a, "rb").read() for a in first] == [open(b, "rb").read() for b in second]
+
+
+def test_two_processes_preparing_one_dataset_at_once_take_turns(tiny, tmp_path):
+  """Two processes (a study's --jobs=2 on a fresh machine) prepare the same dataset at the same moment: both get the
+  prepared dataset, the one copy that the first made, with its split sizes; before, the second failed renaming its
+  finished copy onto the first's (a traceback, and the study lost that run)."""
+  code = (
+      "import os, sys, time\n"
+      "from dilaff_jax import datasets\n"
+      "open(sys.argv[2], 'w').close()\n"
+      "while not os.path.exists(sys.argv[1]):\n"
+      "  time.sleep(0.01)\n"
+      "b = datasets.get_builder('synthetic_shapes/tiny', data_dir=sys.argv[3])\n"
+      "print(b.info.splits['train'].num_examples, b.info.splits['test'].num_examples)\n"
+  )
+  go, data = tmp_path / "go", tmp_path / "data"
+  procs = [
+      subprocess.Popen(
+          [sys.executable, "-c", code, str(go), str(tmp_path / f"ready{i}"), str(data)],
+          cwd=REPO,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
+  for _ in range(6000):  # both imported, then both start preparing at once
+    if all((tmp_path / f"ready{i}").exists() for i in range(2)) or any(p.poll() is not None for p in procs):
+      break
+    time.sleep(0.01)
+  go.touch()
+  outs = [p.communicate(timeout=300) for p in procs]
+  want = f"{tiny.info.splits['train'].num_examples} {tiny.info.splits['test'].num_examples}"
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0 and out.strip().splitlines()[-1] == want, err[-2000:]
+  version_dir = data / "synthetic_shapes" / "tiny"
+  assert sorted(os.listdir(version_dir)) == [f".{tiny.info.version}.prepare.lock", str(tiny.info.version)]
 
 
 def test_record_offsets_read_the_same_examples_as_tfrecord_dataset(tiny):

@@ -12,6 +12,7 @@ store ``class_names`` / ``num_classes`` / ``ignore_label`` in ``builder.info.met
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -135,8 +136,15 @@ def get_builder(
   )
   kwargs = {"num_classes": num_classes, "foreground_255": foreground_255} if is_image_folder(name) else {}
   builder = tfds.builder(name, data_dir=data_dir, **kwargs)
-  if prepare:
-    download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
+  if not prepare:
+    return builder
+  download_config = tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir) if manual_dir is not None else None)
+  # Processes that prepare the same dataset at once (a study's --jobs, two trainings) take turns: the second would
+  # otherwise fail to rename its finished copy onto the first's. It then finds the dataset prepared.
+  version_dir = os.fspath(builder.data_dir)
+  lock = os.path.join(os.path.dirname(version_dir), f".{os.path.basename(version_dir)}.prepare.lock")
+  with files.taking_turns(lock) if "://" not in version_dir else contextlib.nullcontext():
+    builder = tfds.builder(name, data_dir=data_dir, **kwargs)  # again: its info as the turn before left it
     try:
       builder.download_and_prepare(download_config=download_config)
     except Exception as e:  # noqa: BLE001  (a full disk reaches us wrapped in TFDS's or TensorFlow's errors)

@@ -1,10 +1,13 @@
 """Files written whole or not at all: a temporary file beside the target, flushed to disk, renamed over it. A crash
-or a full disk leaves the old file (or none), never a truncated one, and a failed write is one named error."""
+or a full disk leaves the old file (or none), never a truncated one, and a failed write is one named error. And a
+lock that lets processes of one machine take turns at work that must not run twice at once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 
 from dilaff_jax import errors
 
@@ -45,3 +48,30 @@ def write_atomic(path: str, content: str | bytes) -> None:
         f"writing {path} failed: [Errno {e.errno}] {e.strerror} ({free_space(folder)}); free disk space or fix the "
         "folder's permissions and rerun (the file is unchanged)"
     ) from None
+
+
+@contextlib.contextmanager
+def taking_turns(lock_path: str) -> Iterator[None]:
+  """Holds an exclusive ``flock`` on ``lock_path`` (created with its folder): another process entering with the same
+  path waits until this one leaves. The kernel drops the lock when its holder dies, so a killed process leaves no
+  stale lock (the empty file stays). A folder where no lock can be taken (e.g. a network filesystem without
+  ``flock``, or a system without ``fcntl``) runs the work without one."""
+  try:
+    import fcntl  # pylint: disable=import-outside-toplevel  (POSIX only)
+  except ImportError:
+    yield
+    return
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError:
+    yield
+    return
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+      pass
+    yield
+  finally:
+    os.close(fd)  # releases the lock
