@@ -127,8 +127,9 @@ def get_builder(
   Preparing is a no-op once the dataset exists. ``manual_dir`` is where ``voc2012_aug`` and ``cityscapes19`` look
   for their archives (TFDS's default: ``<data_dir>/downloads/manual``) and the folder of ``image_folder``, which
   takes ``num_classes`` when the folder has no ``classes.txt`` and ``foreground_255`` (see :func:`location`).
-  Preparing also writes the pixels per class and split beside the copy (:mod:`class_pixels`). In a multi-host job
-  prepare once, before the hosts start reading.
+  Preparing also writes the pixels per class and split beside the copy (:mod:`class_pixels`). Processes of one
+  machine that prepare the same dataset at once take turns (a lock file beside it); in a multi-host job prepare
+  once, before the hosts start reading.
   """
   dataset_class_names(name)  # an unknown name is named here, not by TFDS's list of every dataset it has
   name, data_dir = location(
