@@ -12,6 +12,7 @@ weights file, a checkpoint), printed as one line ``error: <message>`` on stderr 
 run was preempted (SIGTERM) after saving a checkpoint: rerun it, or let the scheduler requeue it, to resume.
 A mistyped ``--config.KEY`` names the nearest key. The traceback of an error is shown only with ``--verbosity=1``
 or the environment variable ``DILAFF_TRACEBACK=1`` (for bug reports); any other exception is a bug and keeps it.
+A run that seems stuck: ``kill -USR1 <pid>`` prints the stack of each of its threads to stderr, and it goes on.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def _make_workdir(workdir: str) -> None:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.print_stacks_on_sigusr1()
   if not FLAGS["verbosity"].present:  # progress goes to stdout; library INFO logs only with --verbosity=0
     logging.set_verbosity(logging.WARNING)
   try:

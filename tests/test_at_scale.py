@@ -4,7 +4,9 @@ compiled and stepped at a small crop."""
 
 import json
 import os
+import signal
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -27,7 +29,7 @@ def test_two_processes_with_jax_distributed_train_and_checkpoint(data_dir, tmp_p
   def launch(*flags):
     script = os.path.join(REPO, "launch", "cpu_multiprocess.sh")
     flags = (f"--config.dataset.data_dir={data_dir}", "--config.train.eval_at_end=False", *flags)
-    return subprocess.run(["bash", script, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return _run_or_show_stacks(["bash", script, *flags], env, workdir, timeout=900)
 
   proc = launch()
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -57,6 +59,30 @@ def test_two_processes_with_jax_distributed_train_and_checkpoint(data_dir, tmp_p
     log = open(os.path.join(workdir, f"process_{i}.log")).read()
     assert "[train] resumed from the checkpoint at step 4" in log and "[train] step 6/6" in log
   assert restored_variables(workdir, config)[0] == 6
+
+
+def _run_or_show_stacks(cmd, env, workdir, timeout):
+  """Runs the launcher; should it hang, each process prints its threads' stacks into its log (SIGUSR1, as
+  dilaff_jax.main installs it), everything is killed, and the test fails showing where each process waited."""
+  proc = subprocess.Popen(
+      cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+  )
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGUSR1)  # the launcher's bash ends; its python processes print their stacks
+    time.sleep(5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    logs = []
+    for i in range(2):
+      with open(os.path.join(workdir, f"process_{i}.log")) as f:
+        lines = f.read().splitlines()
+      first = next((j for j, line in enumerate(lines) if line.startswith(("Thread 0x", "Current thread 0x"))), None)
+      shown = lines[max(0, first - 10) : first + 300] if first is not None else lines[-60:]
+      logs.append(f"----- process_{i}.log:\n" + "\n".join(shown))
+    pytest.fail(f"{' '.join(cmd[1:2])} did not end in {timeout} s:\n" + "\n".join(logs))
+  return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.slow

@@ -596,3 +596,44 @@ def test_images_of_mixed_sizes_are_grouped_and_score_as_each_image_alone(tmp_pat
       int(np.sum(ex["label"] != IGN)) for ex in builder.as_dataset(split="val").as_numpy_iterator()
   )  # every pixel of the full-size labels, once
   assert totals.predicted_0.matrix.sum() == labelled
+
+
+def test_a_job_that_seems_stuck_prints_its_threads_stacks_on_sigusr1_and_goes_on(data_dir, tmp_path):
+  """``kill -USR1 <pid>`` on the main job (here a watch waiting for a training's first checkpoint) prints the stack
+  of every thread to stderr, naming the line it waits on, and the job goes on waiting."""
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  cmd = [
+      sys.executable,
+      "-m",
+      "dilaff_jax.main",
+      "--config=configs/synthetic.py:tiny",
+      f"--workdir={workdir}",
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.train.batch_size=8",
+      "--config.eval.batch_size=8",
+      "--mode=evaluate",
+      "--watch",
+      "--watch_timeout=300",
+  ]
+  job = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = job.stdout.readline()
+    while line and not line.startswith("[eval] watching"):
+      line = job.stdout.readline()
+    assert line.startswith("[eval] watching"), job.stderr.read()[-2000:]
+    job.send_signal(signal.SIGUSR1)
+    time.sleep(3)
+    assert job.poll() is None  # still waiting
+  finally:
+    job.kill()
+    _, err = job.communicate(timeout=60)
+  assert "Current thread 0x" in err
+  sleep = [line for line in err.splitlines() if 'evaluate.py", line' in line]
+  assert sleep and "in evaluate_checkpoints" in sleep[0], err[-3000:]

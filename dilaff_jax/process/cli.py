@@ -9,9 +9,11 @@ environment variable ``DILAFF_TRACEBACK=1``.
 from __future__ import annotations
 
 import difflib
+import faulthandler
 import importlib.util
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +41,14 @@ def exit_with_error(error: BaseException | str, *, show_traceback: bool = False)
     traceback.print_exception(error)
   print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
   sys.exit(errors.EXIT_USER_ERROR)
+
+
+def print_stacks_on_sigusr1() -> None:
+  """``kill -USR1 <pid>`` then prints the stack of every thread of this process to its stderr (not to the
+  workdir's log.txt) and the process goes on: what a run that seems stuck is doing, e.g. a process of a multi-host
+  run waiting in a barrier for another. Nothing happens where the system has no SIGUSR1 (Windows)."""
+  if hasattr(signal, "SIGUSR1"):
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True, chain=False)
 
 
 def exit_reader_gone() -> NoReturn:
