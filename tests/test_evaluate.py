@@ -17,6 +17,7 @@ from dilaff_jax.engine import crf, eval_metrics, inference, run_spec
 from dilaff_jax.method import affinity
 from dilaff_jax.method import propagation
 from dilaff_jax.engine import train_state as state_lib
+from cli_helpers import REPO
 from test_train import tiny_config
 
 IGN = 255
@@ -378,26 +379,18 @@ def test_watch_beside_a_running_training_evaluates_each_checkpoint_once_and_none
   import contextlib
   import io
   import subprocess
-  import sys
   import time
 
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = tmp_path / "run"
-  cmd = [
-      sys.executable,
-      "-m",
-      "dilaff_jax.main",
-      "--config=configs/synthetic.py:tiny",
-      f"--workdir={workdir}",
-      f"--config.dataset.data_dir={data_dir}",
-      "--config.train.batch_size=8",
-      "--config.eval.batch_size=8",
+  cmd = _tiny_main(
+      workdir,
+      data_dir,
       "--config.train.num_steps=6",
       "--config.train.keep_checkpoints=5",
       "--config.train.eval_at_end=False",
       "--config.train.image_summary_every=0",
-  ]
-  training = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  )
+  training = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     for _ in range(600):  # the watcher refuses a workdir that does not exist yet
       if workdir.is_dir() or training.poll() is not None:
@@ -598,18 +591,11 @@ def test_images_of_mixed_sizes_are_grouped_and_score_as_each_image_alone(tmp_pat
   assert totals.predicted_0.matrix.sum() == labelled
 
 
-def test_a_job_that_seems_stuck_prints_its_threads_stacks_on_sigusr1_and_goes_on(data_dir, tmp_path):
-  """``kill -USR1 <pid>`` on the main job (here a watch waiting for a training's first checkpoint) prints the stack
-  of every thread to stderr, naming the line it waits on, and the job goes on waiting."""
-  import signal
-  import subprocess
+def _tiny_main(workdir, data_dir, *flags) -> list[str]:
+  """The command of ``python -m dilaff_jax.main`` on the tiny config and data, batches of 8 (the 8 test devices)."""
   import sys
-  import time
 
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  cmd = [
+  return [
       sys.executable,
       "-m",
       "dilaff_jax.main",
@@ -618,11 +604,21 @@ def test_a_job_that_seems_stuck_prints_its_threads_stacks_on_sigusr1_and_goes_on
       f"--config.dataset.data_dir={data_dir}",
       "--config.train.batch_size=8",
       "--config.eval.batch_size=8",
-      "--mode=evaluate",
-      "--watch",
-      "--watch_timeout=300",
+      *flags,
   ]
-  job = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_job_that_seems_stuck_prints_its_threads_stacks_on_sigusr1_and_goes_on(data_dir, tmp_path):
+  """``kill -USR1 <pid>`` on the main job (here a watch waiting for a training's first checkpoint) prints the stack
+  of every thread to stderr, naming the line it waits on, and the job goes on waiting."""
+  import signal
+  import subprocess
+  import time
+
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  cmd = _tiny_main(workdir, data_dir, "--mode=evaluate", "--watch", "--watch_timeout=300")
+  job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     line = job.stdout.readline()
     while line and not line.startswith("[eval] watching"):
