@@ -375,27 +375,37 @@ def test_watch_beside_a_running_training_evaluates_each_checkpoint_once_and_none
   """The documented way to evaluate during training, live: a training in its own process writes checkpoints 2, 4
   and 6 while ``--watch``'s loop polls the same folder, so it lists checkpoints that are still being written. Every
   one is evaluated once, none is called damaged or skipped, and the watch ends at the final step of the training's
-  own ``config.json`` (6, not the 4 of the config the watcher was given)."""
+  own ``config.json`` (6, not the 4 of the config the watcher was given). ``kill -USR1`` on the training, early in
+  its run, prints the stack of each of its threads and the training goes on to its end."""
   import contextlib
   import io
+  import signal
   import subprocess
+  import sys
   import time
 
   workdir = tmp_path / "run"
-  cmd = _tiny_main(
-      workdir,
-      data_dir,
+  cmd = [
+      sys.executable,
+      "-m",
+      "dilaff_jax.main",
+      "--config=configs/synthetic.py:tiny",
+      f"--workdir={workdir}",
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.train.batch_size=8",
+      "--config.eval.batch_size=8",
       "--config.train.num_steps=6",
       "--config.train.keep_checkpoints=5",
       "--config.train.eval_at_end=False",
       "--config.train.image_summary_every=0",
-  )
+  ]
   training = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     for _ in range(600):  # the watcher refuses a workdir that does not exist yet
       if workdir.is_dir() or training.poll() is not None:
         break
       time.sleep(0.1)
+    training.send_signal(signal.SIGUSR1)  # main() installs the handler before it makes the workdir
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
       results = evaluate.evaluate_checkpoints(
@@ -404,6 +414,7 @@ def test_watch_beside_a_running_training_evaluates_each_checkpoint_once_and_none
   finally:
     out, _ = training.communicate(timeout=600)
   assert training.returncode == 0, out[-3000:]
+  assert "Current thread 0x" in out and 'dilaff_jax/main.py", line' in out, out[-3000:]
   assert [r["step"] for r in results] == [2, 4, 6], printed.getvalue()  # the given config says 4 steps
   assert "skipping" not in printed.getvalue() and "damaged" not in printed.getvalue(), printed.getvalue()
 
@@ -589,47 +600,3 @@ def test_images_of_mixed_sizes_are_grouped_and_score_as_each_image_alone(tmp_pat
       int(np.sum(ex["label"] != IGN)) for ex in builder.as_dataset(split="val").as_numpy_iterator()
   )  # every pixel of the full-size labels, once
   assert totals.predicted_0.matrix.sum() == labelled
-
-
-def _tiny_main(workdir, data_dir, *flags) -> list[str]:
-  """The command of ``python -m dilaff_jax.main`` on the tiny config and data, batches of 8 (the 8 test devices)."""
-  import sys
-
-  return [
-      sys.executable,
-      "-m",
-      "dilaff_jax.main",
-      "--config=configs/synthetic.py:tiny",
-      f"--workdir={workdir}",
-      f"--config.dataset.data_dir={data_dir}",
-      "--config.train.batch_size=8",
-      "--config.eval.batch_size=8",
-      *flags,
-  ]
-
-
-def test_a_job_that_seems_stuck_prints_its_threads_stacks_on_sigusr1_and_goes_on(data_dir, tmp_path):
-  """``kill -USR1 <pid>`` on the main job (here a watch waiting for a training's first checkpoint) prints the stack
-  of every thread to stderr, naming the line it waits on, and the job goes on waiting."""
-  import signal
-  import subprocess
-  import time
-
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  cmd = _tiny_main(workdir, data_dir, "--mode=evaluate", "--watch", "--watch_timeout=300")
-  job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    line = job.stdout.readline()
-    while line and not line.startswith("[eval] watching"):
-      line = job.stdout.readline()
-    assert line.startswith("[eval] watching"), job.stderr.read()[-2000:]
-    job.send_signal(signal.SIGUSR1)
-    time.sleep(3)
-    assert job.poll() is None  # still waiting
-  finally:
-    job.kill()
-    _, err = job.communicate(timeout=60)
-  assert "Current thread 0x" in err
-  sleep = [line for line in err.splitlines() if 'evaluate.py", line' in line]
-  assert sleep and "in evaluate_checkpoints" in sleep[0], err[-3000:]
