@@ -81,7 +81,7 @@ def _run_or_show_stacks(cmd, env, workdir, timeout):
       first = next((j for j, line in enumerate(lines) if line.startswith(("Thread 0x", "Current thread 0x"))), None)
       shown = lines[max(0, first - 10) : first + 300] if first is not None else lines[-60:]
       logs.append(f"----- process_{i}.log:\n" + "\n".join(shown))
-    pytest.fail(f"{' '.join(cmd[1:2])} did not end in {timeout} s:\n" + "\n".join(logs))
+    pytest.fail(f"{cmd[1]} did not end in {timeout} s:\n" + "\n".join(logs))
   return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
