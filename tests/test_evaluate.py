@@ -414,7 +414,7 @@ def test_watch_beside_a_running_training_evaluates_each_checkpoint_once_and_none
   finally:
     out, _ = training.communicate(timeout=600)
   assert training.returncode == 0, out[-3000:]
-  assert "Current thread 0x" in out and 'dilaff_jax/main.py", line' in out, out[-3000:]
+  assert "Thread 0x" in out and 'dilaff_jax/main.py", line' in out, out[-3000:]
   assert [r["step"] for r in results] == [2, 4, 6], printed.getvalue()  # the given config says 4 steps
   assert "skipping" not in printed.getvalue() and "damaged" not in printed.getvalue(), printed.getvalue()
 
