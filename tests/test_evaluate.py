@@ -375,11 +375,9 @@ def test_watch_beside_a_running_training_evaluates_each_checkpoint_once_and_none
   """The documented way to evaluate during training, live: a training in its own process writes checkpoints 2, 4
   and 6 while ``--watch``'s loop polls the same folder, so it lists checkpoints that are still being written. Every
   one is evaluated once, none is called damaged or skipped, and the watch ends at the final step of the training's
-  own ``config.json`` (6, not the 4 of the config the watcher was given). ``kill -USR1`` on the training, early in
-  its run, prints the stack of each of its threads and the training goes on to its end."""
+  own ``config.json`` (6, not the 4 of the config the watcher was given)."""
   import contextlib
   import io
-  import signal
   import subprocess
   import sys
   import time
@@ -405,7 +403,6 @@ def test_watch_beside_a_running_training_evaluates_each_checkpoint_once_and_none
       if workdir.is_dir() or training.poll() is not None:
         break
       time.sleep(0.1)
-    training.send_signal(signal.SIGUSR1)  # main() installs the handler before it makes the workdir
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
       results = evaluate.evaluate_checkpoints(
@@ -414,7 +411,6 @@ def test_watch_beside_a_running_training_evaluates_each_checkpoint_once_and_none
   finally:
     out, _ = training.communicate(timeout=600)
   assert training.returncode == 0, out[-3000:]
-  assert "Thread 0x" in out and 'dilaff_jax/main.py", line' in out, out[-3000:]
   assert [r["step"] for r in results] == [2, 4, 6], printed.getvalue()  # the given config says 4 steps
   assert "skipping" not in printed.getvalue() and "damaged" not in printed.getvalue(), printed.getvalue()
 
