@@ -415,6 +415,56 @@ def test_watch_beside_a_running_training_evaluates_each_checkpoint_once_and_none
   assert "skipping" not in printed.getvalue() and "damaged" not in printed.getvalue(), printed.getvalue()
 
 
+def test_sigusr1_prints_every_threads_stack_and_the_job_goes_on(data_dir, tmp_path):
+  """``kill -USR1 <pid>`` on a main job that waits (``--watch`` on a workdir with no checkpoint yet) writes each
+  thread's stack to stderr, the waiting loop of ``evaluate_checkpoints`` among them, and the job keeps waiting
+  (without the handler the signal ends the process). The signal is sent once the job has said it is watching, so
+  the dump cannot race its start-up."""
+  import re
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+  cmd = [
+      sys.executable,
+      "-m",
+      "dilaff_jax.main",
+      "--config=configs/synthetic.py:tiny",
+      f"--workdir={workdir}",
+      f"--config.dataset.data_dir={data_dir}",
+      "--config.train.batch_size=8",
+      "--config.eval.batch_size=8",
+      "--mode=evaluate",
+      "--watch",
+      "--watch_timeout=300",
+  ]
+  with open(out_path, "w") as out, open(err_path, "w") as err:
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, text=True)
+    try:
+      deadline = time.time() + 240
+      while "[eval] watching" not in out_path.read_text():
+        assert job.poll() is None and time.time() < deadline, err_path.read_text()[-3000:]
+        time.sleep(0.2)
+      job.send_signal(signal.SIGUSR1)
+      deadline = time.time() + 30
+      while "in evaluate_checkpoints" not in err_path.read_text() and time.time() < deadline:
+        time.sleep(0.2)
+      time.sleep(1)
+      still_running = job.poll() is None
+    finally:
+      job.kill()
+      job.wait(timeout=60)
+  stderr = err_path.read_text()
+  assert still_running, (job.returncode, stderr[-3000:])
+  # faulthandler names the thread that took the signal "Current thread", the others "Thread"
+  assert re.search(r"^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):$", stderr, re.M), stderr[-3000:]
+  assert re.search(r'evaluate\.py", line \d+ in evaluate_checkpoints$', stderr, re.M), stderr[-3000:]
+
+
 def test_multiscale_affinity_comes_from_the_scale_one_passes_only():
   """A rate's channel at input scale s spans r/s original pixels: a fake model whose affinity depends on the input
   scale shows that the affinity is the scale-1.0 pass' (never a mix), while the probabilities average all scales."""
