@@ -22,7 +22,8 @@
 # A run takes about 20-25 minutes on 2 quiet CPU cores (1000 steps of batch 4 at crop 257, then evaluation), about
 # 34 minutes on one core of two at JOBS=2; the evaluation of all 1000 test scenes about 11 of them. On 2 cores
 # stage tune (44 trainings, 18 evaluations of 300 scenes) takes about 13 hours, stage test (53 trainings, 16
-# evaluations of 1000 scenes) about 16 to 17.
+# evaluations of 1000 scenes) about 16 to 17. Machines of the same description differ: on another 2-core machine
+# (2026-12-07) a training of stage tune took about 52 minutes on one core of two, 1.5x as long.
 # JOBS=N: N runs at once, each pinned to cores/N cores (about 3 GiB of memory each). On 2 cores JOBS=2 gets 1.27x as
 # many runs done (benchmarks/study_jobs.py); a run's last bits depend on its core count (recorded in its run.json).
 set -euo pipefail

@@ -28,19 +28,22 @@ def run_cli(module, *args, env=None, timeout=300, **kwargs):
   )
 
 
-def main_cli(data_dir, workdir, *args, env=None, timeout=300):
-  """``python -m dilaff_jax.main`` on the tiny demo config with batches that divide over the 8 CPU devices."""
-  return run_cli(
-      "dilaff_jax.main",
+def main_cli_args(data_dir, workdir, *args) -> list[str]:
+  """The arguments of ``python -m dilaff_jax.main`` on the tiny demo config with batches that divide over the 8 CPU
+  devices, then ``args``."""
+  return [
       f"--config={CONFIG}:tiny",
       f"--workdir={workdir}",
       f"--config.dataset.data_dir={data_dir}",
       "--config.train.batch_size=8",
       "--config.eval.batch_size=8",
       *args,
-      env=env,
-      timeout=timeout,
-  )
+  ]
+
+
+def main_cli(data_dir, workdir, *args, env=None, timeout=300):
+  """``python -m dilaff_jax.main`` with :func:`main_cli_args`, run to its end."""
+  return run_cli("dilaff_jax.main", *main_cli_args(data_dir, workdir, *args), env=env, timeout=timeout)
 
 
 def user_facing_lines(stderr: str) -> list[str]:

@@ -17,7 +17,7 @@ from dilaff_jax.engine import crf, eval_metrics, inference, run_spec
 from dilaff_jax.method import affinity
 from dilaff_jax.method import propagation
 from dilaff_jax.engine import train_state as state_lib
-from cli_helpers import REPO
+from cli_helpers import REPO, main_cli_args
 from test_train import tiny_config
 
 IGN = 255
@@ -383,20 +383,14 @@ def test_watch_beside_a_running_training_evaluates_each_checkpoint_once_and_none
   import time
 
   workdir = tmp_path / "run"
-  cmd = [
-      sys.executable,
-      "-m",
-      "dilaff_jax.main",
-      "--config=configs/synthetic.py:tiny",
-      f"--workdir={workdir}",
-      f"--config.dataset.data_dir={data_dir}",
-      "--config.train.batch_size=8",
-      "--config.eval.batch_size=8",
+  cmd = [sys.executable, "-m", "dilaff_jax.main"] + main_cli_args(
+      data_dir,
+      workdir,
       "--config.train.num_steps=6",
       "--config.train.keep_checkpoints=5",
       "--config.train.eval_at_end=False",
       "--config.train.image_summary_every=0",
-  ]
+  )
   training = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     for _ in range(600):  # the watcher refuses a workdir that does not exist yet
@@ -429,19 +423,9 @@ def test_sigusr1_prints_every_threads_stack_and_the_job_goes_on(data_dir, tmp_pa
   workdir = tmp_path / "run"
   workdir.mkdir()
   out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-  cmd = [
-      sys.executable,
-      "-m",
-      "dilaff_jax.main",
-      "--config=configs/synthetic.py:tiny",
-      f"--workdir={workdir}",
-      f"--config.dataset.data_dir={data_dir}",
-      "--config.train.batch_size=8",
-      "--config.eval.batch_size=8",
-      "--mode=evaluate",
-      "--watch",
-      "--watch_timeout=300",
-  ]
+  cmd = [sys.executable, "-m", "dilaff_jax.main"] + main_cli_args(
+      data_dir, workdir, "--mode=evaluate", "--watch", "--watch_timeout=300"
+  )
   with open(out_path, "w") as out, open(err_path, "w") as err:
     job = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, text=True)
     try:
