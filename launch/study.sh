@@ -23,7 +23,8 @@
 # 34 minutes on one core of two at JOBS=2; the evaluation of all 1000 test scenes about 11 of them. On 2 cores
 # stage tune (44 trainings, 18 evaluations of 300 scenes) takes about 13 hours, stage test (53 trainings, 16
 # evaluations of 1000 scenes) about 16 to 17. Machines of the same description differ: on another 2-core machine
-# (2026-12-07) a training of stage tune took about 52 minutes on one core of two, 1.5x as long.
+# (2026-12-07, 00:00-03:10 UTC) a training of stage tune took about 52 minutes on one core of two, 1.5x as long; on
+# the next (2026-12-07 from 03:40 UTC) 32-36 minutes without the affinity head and 40-44 with it.
 # JOBS=N: N runs at once, each pinned to cores/N cores (about 3 GiB of memory each). On 2 cores JOBS=2 gets 1.27x as
 # many runs done (benchmarks/study_jobs.py); a run's last bits depend on its core count (recorded in its run.json).
 set -euo pipefail
