@@ -14,7 +14,8 @@ Two classes with 0/255 masks (255 is void otherwise): ``--config.dataset.foregro
 Default: the paper's VOC setting (§4.1, §4.3 best): ResNet-101 with ImageNet weights, crop 513, batch 16, 30K steps,
 R = {8, (12, 24), 16}, β = 1.2, sqrt weights, 10 propagation iterations. Scale ``train.num_steps`` to your data.
 ``:small``: the embedded demo's model and rates (configs/synthetic.py: ResNet-18, narrow heads, R = {4, (6, 12), 8},
-β = 0.25, 1 iteration), random init, crop 97, for images of about 100-130 px a side. ``:baseline``: plain DeepLabv3+.
+β = 0.1, λ = 3, 1 iteration: chosen on the demo's tune split), random init, crop 97, for images of about 100-130 px a
+side. ``:baseline``: plain DeepLabv3+.
 """
 
 import ml_collections

@@ -131,7 +131,7 @@ def test_a_study_resumed_from_its_export_trains_a_run_again_for_a_row_that_evalu
   """An export keeps results but no checkpoints: the evaluate row's source is trained again first (its new mIoU
   compared with the recorded one, aloud), then the evaluate row runs; a finished row without dependants is not."""
   rows = study.resolve(
-      study.parse_rows([], "a=tiny; b=tiny; a2=evaluate:a@affinity.lam=3.0", [0]), "configs/synthetic.py", []
+      study.parse_rows([], "a=tiny; b=tiny; a2=evaluate:a@affinity.lam=12.0", [0]), "configs/synthetic.py", []
   )
   for name in ("a", "b"):  # what the export holds of two finished runs
     os.makedirs(tmp_path / name / "seed_0" / "eval" / "step_4")
@@ -287,7 +287,9 @@ class _SlowFakeRun:
 
 def test_jobs_run_at_once_on_their_own_cores_and_an_evaluate_row_waits_for_its_source(tmp_path, monkeypatch, capsys):
   rows = study.resolve(
-      study.parse_rows([], "a=tiny; a2=evaluate:a@affinity.lam=3.0; b=tiny; c=tiny", [0, 1]), "configs/synthetic.py", []
+      study.parse_rows([], "a=tiny; a2=evaluate:a@affinity.lam=12.0; b=tiny; c=tiny", [0, 1]),
+      "configs/synthetic.py",
+      [],
   )
   runs = _SlowFakeRuns(monkeypatch)
   monkeypatch.setattr(study.subprocess, "Popen", runs)

@@ -69,8 +69,21 @@ def _results():
   }
 
 
+def _recorded(rows=None, lam=6.0):
+  """The config.json of every training run, as saved when the config file had λ = ``lam`` (the tune stage ran before
+  its choices were written into the file)."""
+  out = {}
+  for r in rows or _rows():
+    if not r.evaluates:
+      config = json.loads(json.dumps(study.load_config(CONFIG, r.variant, OVERRIDES + list(r.overrides)).to_dict()))
+      config["affinity"]["lam"] = lam
+      out[r.name] = {s: config for s in r.seeds}
+  return out
+
+
 def _choose(results=None, rows=None, **kw):
   rows = rows or _rows()
+  kw.setdefault("recorded", _recorded(rows))
   return tuning.choose(tuning.parse_choices(CHOICES, rows), rows, results or _results(), CONFIG, OVERRIDES, **kw)
 
 
@@ -97,6 +110,32 @@ def test_the_rule_picks_the_hand_computed_winners():
   # β = 0.1 is the smallest of 3 values tried (the best may lie below); AAF tried only 2 values: no edge to speak of
   assert c[("", "affinity.beta")]["edge"] == "smallest" and c[("aaf", "structure.aaf_weight")]["edge"] is None
   assert "edge" not in c[("", "propagation")]
+
+
+def test_each_candidates_values_are_the_ones_its_runs_recorded_not_the_config_files_now():
+  """The choices go into the config file after the runs, so λ of the row that is not re-evaluated (6 when it ran)
+  may read 3 in the file now: the values come from the runs' config.json. Here b0.1's own λ = 6 sweep wins; read from
+  the file it would be chosen as λ = 3, a setting no run had."""
+  results = _results()
+  for seed in (0, 1):
+    results["b0.1"][seed]["sweep"]["predicted"][1] = 0.8
+  config_lam = study.load_config(CONFIG, "", []).affinity.lam
+  prop = _by_key(_choose(results))[("", "propagation")]
+  assert prop["chosen"] == {"affinity.propagation_reading": "paper", "affinity.lam": 6.0, "affinity.iterations": 1}
+  lams = {e["row"]: e["values"]["affinity.lam"] for e in prop["candidates"]}
+  assert lams == {"b0.1": 6.0, "b0.1_lam3": 3.0, "b0.1_anchored": 6.0}  # the anchored row evaluated with b0.1's λ
+  if config_lam != 6.0:  # the file's λ now (what the values were read from before)
+    stale = _by_key(_choose(results, recorded=None))[("", "propagation")]
+    assert stale["chosen"]["affinity.lam"] == config_lam
+  recorded = _recorded()
+  del recorded["b0.1"][1]
+  with pytest.raises(tuning.TuningError, match=r"b0\.1/seed_1/config\.json is missing: which affinity\.beta"):
+    _choose(results, recorded=recorded)
+  recorded = _recorded()
+  recorded["b0.1"][1] = json.loads(json.dumps(recorded["b0.1"][0]))
+  recorded["b0.1"][1]["affinity"]["lam"] = 12.0
+  with pytest.raises(tuning.TuningError, match=r"row b0\.1: its seeds' runs used different affinity\.lam"):
+    _choose(results, recorded=recorded)
 
 
 @pytest.mark.parametrize("scores, edge", [((0.7, 0.75, 0.6), None), ((0.6, 0.65, 0.7), "largest")])
@@ -208,6 +247,9 @@ def _study_folder(tmp_path):
       d = w / name / f"seed_{seed}" / "eval" / "step_10"
       d.mkdir(parents=True)
       (d / "results.json").write_text(json.dumps(r))
+  for name, per_seed in _recorded(rows).items():  # what each training run saved (λ = 6 then)
+    for seed, config in per_seed.items():
+      (w / name / f"seed_{seed}" / "config.json").write_text(json.dumps(config))
   study_json = {
       "config": CONFIG,
       "overrides": OVERRIDES,
@@ -228,15 +270,48 @@ def test_the_command_line_writes_the_choices_and_checks_them(tmp_path):
   md = (tmp_path / "tuning.md").read_text()
   assert "| b0.1 | 0.1 | 70.00 | 74.00 | **72.00** |" in md
   assert "| b0.1_lam3 | paper | 3.0 | 72.00 | **74.50** | 69.00 |" in md
+  assert "| b0.1 | paper | 6.0 | 72.00 | 73.50 | 70.00 |" in md  # the λ its runs used
   assert "- `aaf`: `structure.aaf_weight = 1.0`" in md
   assert (tmp_path / "tuning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = json.loads((tmp_path / "tuning.json").read_text())
   assert saved["complete"] and _by_key(saved)[("", "affinity.beta")]["chosen"] == {"affinity.beta": 0.1}
-  # the config (β 0.25 until the study chooses) differs from these choices: one error line naming them, status 2
-  proc = run_cli("dilaff_jax.research.tuning", f"--check={tmp_path / 'tuning.json'}")
-  assert_one_error_line(proc, "affinity.beta is")
+  # a config that differs from the choices (here: another β chosen): one error line naming the value, status 2
+  beta = _config_values()[0]
+  _by_key(saved)[("", "affinity.beta")]["chosen"] = {"affinity.beta": beta + 1}
+  (tmp_path / "other.json").write_text(json.dumps(saved))
+  proc = run_cli("dilaff_jax.research.tuning", f"--check={tmp_path / 'other.json'}")
+  assert_one_error_line(proc, f"default: affinity.beta is {beta!r}, tune chose {beta + 1!r}")
   proc = run_cli("dilaff_jax.research.tuning", f"--check={tmp_path / 'nothing.json'}")
   assert_one_error_line(proc, "does not exist: run the tune stage and choose first")
   proc = run_cli("dilaff_jax.research.tuning", f"--workdir={w}", f"--output={out}")
   assert_one_error_line(proc, "--choices is required")
   assert os.path.exists(tmp_path / "tuning.md")
+
+
+def test_the_committed_choices_follow_from_the_committed_tune_runs_and_the_config_runs_them(tmp_path):
+  """``results/study_synthetic/tuning.json`` is what the rule chooses from the committed tune export with the
+  launcher's ``TUNE_CHOICES`` (so the evidence and the choice cannot drift apart), it is complete, and
+  ``configs/synthetic.py`` runs every chosen value (what the test stage checks before it starts)."""
+  import re
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(repo, "launch", "study.sh")) as f:
+    choices_text = re.search(r'TUNE_CHOICES="(.*?)"', f.read(), re.S).group(1)
+  out = tmp_path / "tuning"
+  proc = run_cli(
+      "dilaff_jax.research.tuning",
+      f"--workdir={os.path.join(repo, 'results', 'study_synthetic', 'tune')}",
+      f"--choices={choices_text}",
+      f"--output={out}",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  again = json.loads((tmp_path / "tuning.json").read_text())
+  with open(os.path.join(repo, "results", "study_synthetic", "tuning.json")) as f:
+    committed = json.load(f)
+  assert committed["complete"] and again["complete"]
+  assert [(c["variant"], c["key"], c["chosen"]) for c in committed["choices"]] == [
+      (c["variant"], c["key"], c["chosen"]) for c in again["choices"]
+  ]
+  tuning.check(committed, "tuning.json")
+  default = _by_key(committed)[("", "affinity.beta")]
+  assert default["chosen"] == {"affinity.beta": study.load_config(CONFIG, "", []).affinity.beta}

@@ -22,7 +22,9 @@ The rule. Means are taken over the seeds that every candidate of the choice has 
 of one candidate does not decide). A tie goes to the candidate listed first (rows in the order given, iteration
 counts in increasing order), so list weights from small to large. Every declared seed of every candidate must be
 finished; ``--allow_unfinished`` makes a provisional choice from the seeds there are, marked as such, which
-``--check`` refuses.
+``--check`` refuses. Each candidate's values are the ones its runs used, read from the ``config.json`` every training
+run saves (an evaluate row: its own overrides over its source's), not from the config file, which the choices are
+written into after the runs (a value the runs left at the file's default would otherwise change under them).
 
 ``--check`` loads each choice's variant of the config named in ``tuning.json`` (the study's, e.g.
 ``configs/synthetic.py``) and exits with an ``error:`` line (status 2) naming every key whose value differs from the
@@ -111,6 +113,64 @@ def _value(config, key: str):
   return node.to_dict() if hasattr(node, "to_dict") else node
 
 
+def recorded_configs(workdir: str, rows: Sequence[study.Row]) -> dict[str, dict[int, dict]]:
+  """``{trained row: {seed: the config its run saved}}`` (each run's ``config.json``) of the runs that saved one.
+
+  The values a run used are these, not what the config file says now: the choices are written into the config file
+  after the runs, so a key the tune stage left at its default (λ of the row that is not re-evaluated) has changed."""
+  out = {}
+  for row in rows:
+    if row.evaluates:
+      continue  # an evaluation saves no config of its own: its source's plus its own overrides
+    for seed in row.seeds:
+      path = os.path.join(study.run_dir(workdir, row, seed), "config.json")
+      if not os.path.exists(path):
+        continue
+      try:
+        with open(path) as f:
+          config = json.load(f)
+        if not isinstance(config, dict):
+          raise ValueError("not a JSON object")
+      except (OSError, ValueError) as e:
+        raise TuningError(f"{path} cannot be read ({cli.one_line(e)}): copy it again from the run's folder") from None
+      out.setdefault(row.name, {})[seed] = config
+  return out
+
+
+def _recorded_value(config: dict, key: str, where: str):
+  node = config
+  for part in key.split("."):
+    if not isinstance(node, dict) or part not in node:
+      raise TuningError(f"{where} has no {key}: it is not a config of this project")
+    node = node[part]
+  return node
+
+
+def _run_values(row, rows, keys, seeds, config_of, recorded):
+  """The values of ``keys`` that ``row``'s runs of ``seeds`` used: what the evaluate row itself overrides, else what
+  its source's (or its own) runs recorded in ``config.json`` (``recorded``; None: the config file as it is now)."""
+  now = config_of(row)
+  own = {o.split("=", 1)[0] for o in row.overrides} if row.evaluates else set()
+  src = study.source_row(row, rows)
+  out = {}
+  for key in keys:
+    if recorded is None or key in own:
+      out[key] = json.loads(json.dumps(_value(now, key)))
+      continue
+    values = []
+    for seed in seeds:
+      if seed not in recorded.get(src.name, {}):
+        raise TuningError(
+            f"{src.name}/seed_{seed}/config.json is missing: which {key} that run used cannot be told (the config file "
+            "may have changed since); copy the run's folder whole, or train it again"
+        )
+      values.append(_recorded_value(recorded[src.name][seed], key, f"{src.name}/seed_{seed}/config.json"))
+    if any(v != values[0] for v in values):
+      raise TuningError(f"row {row.name}: its seeds' runs used different {key} ({values}): one value per row")
+    out[key] = values[0]
+  return out
+
+
 def _common_seeds(
     candidates: Sequence[study.Row], results: dict[str, dict[int, dict]], allow_unfinished: bool
 ) -> tuple[list[int], bool]:
@@ -132,9 +192,12 @@ def choose(
     config_path: str,
     overrides: Sequence[str],
     allow_unfinished: bool = False,
+    recorded: dict[str, dict[int, dict]] | None = None,
 ) -> dict:
   """Every choice by the module's rule: ``{"complete", "choices": [{variant, key, value(s), seeds, candidates}]}``
-  (``candidates``: per row its values of the chosen keys, per-seed scores and mean; the winner marked)."""
+  (``candidates``: per row its values of the chosen keys, per-seed scores and mean; the winner marked).
+  ``recorded``: the configs the runs saved (:func:`recorded_configs`), where each candidate's values are read; None
+  reads them from the config file as it is now, right only while it is unchanged since the runs."""
   by_name = {r.name: r for r in rows}
   config_of = lambda row: study.load_config(
       config_path, study.source_row(row, rows).variant, study.run_overrides(row, rows, overrides)
@@ -156,14 +219,15 @@ def choose(
       entries = []
       for row in candidates:
         scores = [results[row.name][s]["miou"] for s in seeds]
-        entries.append({"row": row.name, "values": {c.key: _value(config_of(row), c.key)}, "scores": scores})
+        values = _run_values(row, rows, [c.key], seeds, config_of, recorded)
+        entries.append({"row": row.name, "values": values, "scores": scores})
       values = [e["values"][c.key] for e in entries]
       if len(set(map(repr, values))) != len(values):
         raise TuningError(f"--choices: the rows of {c.key} ({', '.join(c.rows)}) do not each have their own value")
     else:
       entries = []
       for row in candidates:
-        config = config_of(row)
+        used = _run_values(row, rows, PROPAGATION_KEYS[:2], seeds, config_of, recorded)
         sweeps = [results[row.name][s].get("sweep") for s in seeds]
         if any(not sw or "predicted" not in sw for sw in sweeps):
           raise TuningError(f"row {row.name}: a run without a propagation sweep (eval.iterations) cannot tune it")
@@ -171,8 +235,7 @@ def choose(
         if any(sw["iterations"] != counts for sw in sweeps):
           raise TuningError(f"row {row.name}: its seeds' sweeps have different iteration counts")
         for i, n in enumerate(counts):
-          values = {k: _value(config, k) for k in PROPAGATION_KEYS[:2]}
-          entries.append({"row": row.name, "values": {**values, "affinity.iterations": n}, "scores": []})
+          entries.append({"row": row.name, "values": {**used, "affinity.iterations": n}, "scores": []})
           entries[-1]["scores"] = [sw["predicted"][i] for sw in sweeps]
       entries.sort(key=lambda e: e["values"]["affinity.iterations"])  # ties: fewer iterations, then row order
     for e in entries:
@@ -276,9 +339,13 @@ def plot(tuning: dict, path: str) -> list[str]:
   made = [c for c in tuning["choices"] if c["chosen"] is not None]
   if not made:
     return []
-  fig, axes = plt.subplots(1, len(made), figsize=(3.4 * len(made), 3.2), dpi=110, squeeze=False)
+  cols = min(4, len(made))
+  rows = -(-len(made) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows + 0.4), dpi=110, squeeze=False)
+  for ax in axes.flat[len(made) :]:
+    ax.set_visible(False)
   titles = []
-  for ax, c in zip(axes[0], made):
+  for ax, c in zip(axes.flat, made):
     titles.append(f"{c['variant'] or study.DEFAULT_VARIANT}: {c['key']}")
     if c["key"] == PROPAGATION:
       for name in dict.fromkeys(e["row"] for e in c["candidates"]):
@@ -294,6 +361,8 @@ def plot(tuning: dict, path: str) -> list[str]:
       for x, e in zip(xs, c["candidates"]):
         ax.plot([x] * len(e["scores"]), [100 * v for v in e["scores"]], "k.", ms=3)
       ax.set_xscale("log")
+      ax.set_xticks(xs, [f"{x:g}" for x in xs])  # the values tried, not the log axis's own (crowded) labels
+      ax.xaxis.set_minor_formatter(plt.NullFormatter())
       ax.set_xlabel(c["key"], fontsize=8)
     best = next(e for e in c["candidates"] if e.get("chosen"))
     bx = best["values"]["affinity.iterations"] if c["key"] == PROPAGATION else best["values"][c["key"]]
@@ -363,7 +432,9 @@ def main(argv: Sequence[str]) -> int:
         fv.workdir, "give the tune stage's study folder or its export (STAGE=tune of launch/study.sh)"
     )
     choices = parse_choices(fv.choices, rows)
-    tuning = choose(choices, rows, study.load_results(fv.workdir, rows), config_path, overrides, fv.allow_unfinished)
+    results = study.load_results(fv.workdir, rows)
+    recorded = recorded_configs(fv.workdir, rows)
+    tuning = choose(choices, rows, results, config_path, overrides, fv.allow_unfinished, recorded)
     files.write_atomic(fv.output + ".json", json.dumps(tuning, indent=1) + "\n")
     files.write_atomic(fv.output + ".md", markdown(tuning, os.path.basename(os.path.normpath(fv.workdir))))
     plot(tuning, fv.output + ".png")
