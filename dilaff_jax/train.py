@@ -240,10 +240,7 @@ def record_config(
     history = []
     if os.path.isfile(history_path):
       try:
-        with open(history_path) as f:
-          history = json.load(f)
-        if not isinstance(history, list):
-          raise ValueError("not a list of changes")
+        history = files.read_json(history_path, list, "a list of changes")
       except (OSError, ValueError) as e:
         raise ConfigChangedError(
             f"{history_path} cannot be read ({e}); it records this run's earlier config changes: restore it, or "

@@ -315,3 +315,13 @@ def test_the_committed_choices_follow_from_the_committed_tune_runs_and_the_confi
   tuning.check(committed, "tuning.json")
   default = _by_key(committed)[("", "affinity.beta")]
   assert default["chosen"] == {"affinity.beta": study.load_config(CONFIG, "", []).affinity.beta}
+
+
+def test_a_damaged_config_json_of_a_run_is_named(tmp_path):
+  w = _study_folder(tmp_path)
+  out = tmp_path / "tuning"
+  for text, said in (('{"affinity": ', "Expecting value"), ("[1, 2]", "not a JSON object")):
+    (w / "b0.3" / "seed_1" / "config.json").write_text(text)
+    proc = run_cli("dilaff_jax.research.tuning", f"--workdir={w}", f"--choices={CHOICES}", f"--output={out}")
+    assert_one_error_line(proc, "b0.3/seed_1/config.json cannot be read", said, "copy it again from the run's folder")
+    assert not os.path.exists(f"{out}.json")

@@ -5,6 +5,7 @@ lock that lets processes of one machine take turns at work that must not run twi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -25,6 +26,16 @@ def free_space(path: str) -> str:
     return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free there"
   except OSError:
     return "free space unknown"
+
+
+def read_json(path: str, kind: type, expected: str):
+  """The JSON value in ``path``; ``OSError`` when it cannot be read, ``ValueError`` when it is not JSON or not a
+  ``kind`` (the message then says it is not ``expected``, e.g. "a JSON object")."""
+  with open(path) as f:
+    value = json.load(f)
+  if not isinstance(value, kind):
+    raise ValueError(f"not {expected}")
+  return value
 
 
 def write_atomic(path: str, content: str | bytes) -> None:

@@ -127,10 +127,7 @@ def recorded_configs(workdir: str, rows: Sequence[study.Row]) -> dict[str, dict[
       if not os.path.exists(path):
         continue
       try:
-        with open(path) as f:
-          config = json.load(f)
-        if not isinstance(config, dict):
-          raise ValueError("not a JSON object")
+        config = files.read_json(path, dict, "a JSON object")
       except (OSError, ValueError) as e:
         raise TuningError(f"{path} cannot be read ({cli.one_line(e)}): copy it again from the run's folder") from None
       out.setdefault(row.name, {})[seed] = config
