@@ -135,12 +135,10 @@ def recorded_configs(workdir: str, rows: Sequence[study.Row]) -> dict[str, dict[
 
 
 def _recorded_value(config: dict, key: str, where: str):
-  node = config
-  for part in key.split("."):
-    if not isinstance(node, dict) or part not in node:
-      raise TuningError(f"{where} has no {key}: it is not a config of this project")
-    node = node[part]
-  return node
+  try:
+    return config_checks.get(config, key)  # a saved config.json is the ConfigDict's nesting as plain dicts
+  except (config_checks.ConfigError, TypeError):
+    raise TuningError(f"{where} has no {key}: it is not a config of this project") from None
 
 
 def _run_values(row, rows, keys, seeds, config_of, recorded):
