@@ -156,6 +156,9 @@ case "$STAGE" in
       --tuning=results/study_synthetic/tuning.json "$@" ;;
   *) echo "error: STAGE=$STAGE: expected tune, choose, test or answer" >&2; exit 2 ;;
 esac
+if [ "$STAGE" = test ]; then  # its *+crf rows need the dense CRF's optional package (the study checks it at start)
+  export EXTRAS=${EXTRAS:-crf}
+fi
 bash launch/setup.sh
 if [ "$STAGE" = test ]; then  # the weights chosen on tune must be the config's (an error line names any that is not)
   .venv/bin/python -m dilaff_jax.research.tuning --check=results/study_synthetic/tuning.json

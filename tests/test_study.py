@@ -76,6 +76,35 @@ def test_plan_is_seed_major_and_resolve_reads_num_steps():
     study.resolve(study.parse_rows([], "a=tiny@nosuch=1", [0]), "configs/synthetic.py", [])
 
 
+def test_every_rows_config_passes_the_main_jobs_checks_before_anything_runs(monkeypatch):
+  """A row the main job would refuse at its start (a bad value; the dense CRF without its optional package) stops the
+  study at its start, naming the row, instead of failing after hours of other runs; aggregating does not check."""
+  config = "configs/synthetic.py"
+  with pytest.raises(study.StudyError, match=r"row 'b': config.affinity.beta = -1.0: "):
+    study.resolve(study.parse_rows([], "a=tiny; b=tiny@affinity.beta=-1.0", [0]), config, [])
+  rows = study.parse_rows([], "p=tiny; p+crf=evaluate:p@eval.crf=True", [0])
+  assert [r.name for r in study.resolve(rows, config, [])] == ["p", "p+crf"]  # the package is installed here
+  monkeypatch.setitem(sys.modules, "pydensecrf", None)  # as if it were not: `import pydensecrf` raises ImportError
+  monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+  with pytest.raises(
+      study.StudyError, match=r"row 'p\+crf': config.eval.crf = True: the dense CRF needs the optional package pydensecrf2"
+  ):
+    study.resolve(rows, config, [])
+  assert [r.name for r in study.resolve(rows, config, [], check=False)] == ["p", "p+crf"]
+
+
+@pytest.mark.parametrize("stage,extras", [("test", "crf"), ("tune", ""), ("answer", "")])
+def test_the_launcher_sets_up_the_crf_extra_for_the_stage_with_crf_rows(tmp_path, stage, extras):
+  """Stage test's ``+crf`` rows need ``pydensecrf2``: its set-up installs the ``crf`` extra (the launcher run with a
+  stand-in set-up that prints what it was given)."""
+  os.makedirs(tmp_path / "launch")
+  shutil.copy(os.path.join(REPO, "launch", "study.sh"), tmp_path / "launch" / "study.sh")
+  (tmp_path / "launch" / "setup.sh").write_text('echo "EXTRAS=[$EXTRAS]"; exit 7\n')
+  env = {k: v for k, v in os.environ.items() if k != "EXTRAS"} | {"STAGE": stage}
+  proc = subprocess.run(["bash", str(tmp_path / "launch" / "study.sh")], env=env, capture_output=True, text=True)
+  assert (proc.returncode, proc.stdout.strip()) == (7, f"EXTRAS=[{extras}]"), proc.stderr
+
+
 def test_plan_puts_each_evaluate_row_right_after_its_source():
   rows = study.parse_rows([], "a=tiny; b=tiny; a2=evaluate:a; b2=evaluate:b#1; a3=evaluate:a", [0, 1])
   assert [(r.name, s) for r, s in study.plan(rows)] == [

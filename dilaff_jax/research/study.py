@@ -209,6 +209,17 @@ def load_config(config_path: str, variant: str, overrides: Sequence[str]):
     raise StudyError(f"{' '.join(argv[1:])}: {message}") from None
 
 
+def _check_config(row: Row, config) -> None:
+  """The main job's start-up checks of ``row``'s config, as a :class:`StudyError` naming the row (the device count
+  is each run's own: checked when it starts)."""
+  from dilaff_jax.engine import config_checks  # noqa: PLC0415 (imports JAX, which --aggregate_only does without)
+
+  try:
+    config_checks.validate(config, num_devices=1, mode="evaluate" if row.evaluates else "train")
+  except config_checks.ConfigError as e:
+    raise StudyError(f"row {row.name!r}: {e}") from None
+
+
 def source_row(row: Row, rows: Sequence[Row]) -> Row:
   """The trained row whose checkpoints ``row`` evaluates (``row`` itself when it trains)."""
   return next(r for r in rows if r.name == row.evaluates) if row.evaluates else row
@@ -219,14 +230,18 @@ def run_overrides(row: Row, rows: Sequence[Row], overrides: Sequence[str]) -> li
   return [*overrides, *(source_row(row, rows).overrides if row.evaluates else ()), *row.overrides]
 
 
-def resolve(rows: Sequence[Row], config_path: str, overrides: Sequence[str]) -> list[Row]:
+def resolve(rows: Sequence[Row], config_path: str, overrides: Sequence[str], check: bool = True) -> list[Row]:
   """Rows with ``final_step`` from their configs and ``same_config`` for an evaluate row whose config equals its
-  source's; checks every config loads before anything runs."""
+  source's; checks every config loads and (``check``: the study will run them) passes the main job's start-up checks
+  (values, files, optional packages such as the dense CRF's) before anything runs, so that no row fails hours into a
+  study for a reason known at its start."""
   out = []
   configs = {}  # trained row -> its config as a dict
   for row in rows:
     src = source_row(row, out)
     config = load_config(config_path, src.variant, run_overrides(row, out, overrides))
+    if check:
+      _check_config(row, config)
     same = bool(row.evaluates) and config.to_dict() == configs[src.name]
     if not row.evaluates:
       configs[row.name] = config.to_dict()
@@ -1105,7 +1120,8 @@ def main(argv) -> None:
       config_path = FLAGS.config
       if any(o.split("=", 1)[0] == "seed" for o in overrides):
         raise StudyError("--config.seed: the study sets each run's seed; give --seeds=... instead")
-      rows = resolve(parse_rows(FLAGS.variants, FLAGS.rows, _seeds(FLAGS.seeds, "--seeds")), config_path, overrides)
+      parsed = parse_rows(FLAGS.variants, FLAGS.rows, _seeds(FLAGS.seeds, "--seeds"))
+      rows = resolve(parsed, config_path, overrides, check=not FLAGS.aggregate_only)
       names = [r.name for r in rows]
       baseline = FLAGS.baseline_row or ("baseline" if "baseline" in names else names[0])
       compared = FLAGS.compare
