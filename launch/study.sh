@@ -149,11 +149,13 @@ case "$STAGE" in
     # every 100 steps, as the validations saved one in stage tune: a killed run loses at most 100 steps.
     STAGE_FLAGS="--config.train.eval_every=0 --config.train.checkpoint_every=100" ;;
   answer)  # after stage test: every claim's verdict -> results/study_synthetic/answer.{md,json,png}
-    # (marked provisional while runs are unfinished)
+    # (marked provisional while runs are unfinished). The first machine's result of default_fresh seed 5, replaced
+    # by a training on another CPU (docs/reproduction.md): a claim it touches must read the same with it.
     bash launch/setup.sh
     exec .venv/bin/python -m dilaff_jax.research.answer --workdir="${WORKDIR:-runs/study_test}" \
       --claims="$TEST_CLAIMS" --output=results/study_synthetic/answer \
-      --tuning=results/study_synthetic/tuning.json "$@" ;;
+      --tuning=results/study_synthetic/tuning.json \
+      --alternatives="${ALTERNATIVES-results/study_synthetic/test_first_machine}" "$@" ;;
   *) echo "error: STAGE=$STAGE: expected tune, choose, test or answer" >&2; exit 2 ;;
 esac
 if [ "$STAGE" = test ]; then  # its *+crf rows need the dense CRF's optional package (the study checks it at start)

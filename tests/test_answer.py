@@ -264,3 +264,43 @@ def test_the_command_line_writes_the_answer(tmp_path):
     )
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: --tuning={tmp_path / bad}: "), proc.stderr
     assert len(proc.stderr.splitlines()) == 1
+  os.makedirs(tmp_path / "empty")
+  for folder, said in (("empty", "holds no results of this study's runs"), ("none", "no such folder")):
+    alt = tmp_path / folder
+    proc = subprocess.run(
+        cmd + [f"--claims={CLAIMS}", f"--alternatives={alt}"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --alternatives={alt}: {said}"), proc.stderr
+
+
+def test_alternative_results_of_a_run_keep_a_verdict_only_where_both_readings_agree(tmp_path):
+  """A fresh seed with another result (the same run computed on another CPU): a claim it touches holds only if it
+  holds with either result; claims it does not touch are unchanged; both readings are written down."""
+  claims, results = answer.parse_claims(CLAIMS, ROWS), _results(SIGNIFICANT, (0.01, -0.005, 0.02))
+  # default_fresh seed 7 two points lower: fresh gains +1, -0.5, 0 -> 1 of 3 positive: not repeated
+  seven = results["default_fresh"][7]
+  lower = {"default_fresh": {7: {**seven, "miou": seven["miou"] - 0.02}}}
+  got = answer.answer_with_alternatives(claims, ROWS, results, lower, "first_machine")
+  verdicts = {c["claim"]: c["verdict"] for c in got["claims"]}
+  assert verdicts["joint training helps"] == (
+      "not shown (holds with the runs as they stand, not shown (the fresh seeds do not repeat it) with the "
+      "alternative results)"
+  )
+  joint = got["claims"][0]
+  assert joint["alternative"]["fresh"]["paired"]["values"] == pytest.approx({"5": 0.01, "6": -0.005, "7": 0.0})
+  assert joint["as_they_stand"] == {"verdict": "holds"}
+  # untouched: the main-seed-only order, and the sweep claim (its rows are default_fresh+paper, not default_fresh)
+  assert verdicts["order"] == "suggested" and "alternative" not in got["claims"][-1]
+  assert verdicts["propagation rises"] == "holds" and "alternative" not in got["claims"][4]
+  assert got["alternatives"] == {"source": "first_machine", "runs": ["default_fresh seed 7"]}
+  md = answer.markdown(got, "w")
+  assert "Alternative results, from `first_machine`: default_fresh seed 7." in md
+  assert "| joint training helps | holds | +2.50 ± 0.50 (n=5" in md
+  # an alternative that agrees changes nothing but the record; none at all is the plain answer
+  same = {"default_fresh": {7: {**seven, "miou": seven["miou"] + 0.01}}}
+  agreeing = answer.answer_with_alternatives(claims, ROWS, results, same, "m")
+  assert {c["claim"]: c["verdict"] for c in agreeing["claims"]} == {
+      c["claim"]: c["verdict"] for c in answer.answer(claims, ROWS, results)["claims"]
+  }
+  assert answer.answer_with_alternatives(claims, ROWS, results, {}, "") == answer.answer(claims, ROWS, results)
+  assert answer.combine("holds", "unfinished") == "unfinished"

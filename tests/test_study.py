@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from dilaff_jax.process import machine
 from dilaff_jax.research import study, tuning
 from dilaff_jax.research.study import Row
 
@@ -87,7 +88,8 @@ def test_every_rows_config_passes_the_main_jobs_checks_before_anything_runs(monk
   monkeypatch.setitem(sys.modules, "pydensecrf", None)  # as if it were not: `import pydensecrf` raises ImportError
   monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
   with pytest.raises(
-      study.StudyError, match=r"row 'p\+crf': config.eval.crf = True: the dense CRF needs the optional package pydensecrf2"
+      study.StudyError,
+      match=r"row 'p\+crf': config.eval.crf = True: the dense CRF needs the optional package pydensecrf2",
   ):
     study.resolve(rows, config, [])
   assert [r.name for r in study.resolve(rows, config, [], check=False)] == ["p", "p+crf"]
@@ -153,18 +155,35 @@ class _FakeRun:
   poll = wait
 
 
-@pytest.mark.parametrize("miou,said", [(0.5, "(the same as recorded)"), (0.625, "DIFFERS from the recorded 0.5")])
+OTHER_MACHINE = {"cpu": "Some CPU", "isa": ["avx2", "fma", "avx512f"], "arch": "x86_64", "jaxlib": "0.0.1"}
+
+
+@pytest.mark.parametrize(
+    "miou,earlier,said",
+    [
+        (0.5, None, "(the same as recorded)"),
+        (0.625, None, "DIFFERS from the recorded 0.5: not deterministic, or computed first on a machine its run.json"),
+        (
+            0.625,
+            OTHER_MACHINE,
+            "DIFFERS from the recorded 0.5: computed first on another kind of machine (cpu Some CPU",
+        ),
+    ],
+)
 def test_a_study_resumed_from_its_export_trains_a_run_again_for_a_row_that_evaluates_it(
-    tmp_path, monkeypatch, capsys, miou, said
+    tmp_path, monkeypatch, capsys, miou, earlier, said
 ):
   """An export keeps results but no checkpoints: the evaluate row's source is trained again first (its new mIoU
-  compared with the recorded one, aloud), then the evaluate row runs; a finished row without dependants is not."""
+  compared with the recorded one, aloud, naming the machine it was first computed on when that differs; a replaced
+  result kept as results.first.json), then the evaluate row runs; a finished row without dependants is not."""
   rows = study.resolve(
       study.parse_rows([], "a=tiny; b=tiny; a2=evaluate:a@affinity.lam=12.0", [0]), "configs/synthetic.py", []
   )
   for name in ("a", "b"):  # what the export holds of two finished runs
     os.makedirs(tmp_path / name / "seed_0" / "eval" / "step_4")
     (tmp_path / name / "seed_0" / "eval" / "step_4" / "results.json").write_text('{"miou": 0.5, "num_images": 8}')
+    if earlier:
+      (tmp_path / name / "seed_0" / "run.json").write_text(json.dumps({"cores": 1, "machines": [earlier]}))
   fake = _FakeRun(miou)
   monkeypatch.setattr(study.subprocess, "Popen", fake)
   assert study.run_study("configs/synthetic.py", [], rows, str(tmp_path), "a") == 0
@@ -172,8 +191,17 @@ def test_a_study_resumed_from_its_export_trains_a_run_again_for_a_row_that_evalu
   assert [c[-1] for c in fake.commands] == [f"--workdir={tmp_path}/a/seed_0", f"--workdir={tmp_path}/a/seed_0"]
   assert "--mode=evaluate" in fake.commands[1] and "--mode=evaluate" not in fake.commands[0]
   assert "a seed 0: its final checkpoint is gone" in out and f"trained again, mIoU {miou!r} {said}" in out
-  assert json.loads((tmp_path / "a" / "seed_0" / "eval" / "step_4" / "results.json").read_text())["miou"] == miou
-  assert not os.path.exists(tmp_path / "a" / "seed_0" / "eval" / "step_4" / "results.json.before_training_again")
+  step = tmp_path / "a" / "seed_0" / "eval" / "step_4"
+  assert json.loads((step / "results.json").read_text())["miou"] == miou
+  assert not os.path.exists(step / "results.json.before_training_again")
+  if miou == 0.5:
+    assert not (step / "results.first.json").exists()
+  else:  # the first result stays, and goes into the export
+    assert json.loads((step / "results.first.json").read_text())["miou"] == 0.5
+    assert "a/seed_0/eval/step_4/results.first.json" in study.export(str(tmp_path), rows, str(tmp_path / "export"))
+  machines = json.loads((tmp_path / "a" / "seed_0" / "run.json").read_text())["machines"]
+  assert machines == ([earlier] if earlier else []) + [machine.describe()]
+  assert ("computed before on another kind of machine" in out) == bool(earlier)
   assert study.run_study("configs/synthetic.py", [], rows, str(tmp_path), "a") == 0  # now nothing to do
   assert len(fake.commands) == 2
 

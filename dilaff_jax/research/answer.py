@@ -22,6 +22,12 @@ main seeds. An ``order:`` claim is **suggested** (or suggested reversed) at p < 
 rows have not finished every declared seed is **unfinished**, and the whole answer is marked provisional; one whose
 metric the runs do not have (``miou_propagated`` where propagation is off) is **not measured**. Where
 every seed differs by the same amount the t-test is undefined (``study.paired`` gives no p): not shown.
+
+``--alternatives=DIR``: a folder of the study's layout holding other results of some of its runs (a run trained
+again on another kind of CPU gives other last bits, and another mIoU: ``docs/reproduction.md``). The answer is read
+twice, with the runs as they stand and with DIR's results in place of theirs; a claim keeps its verdict only where
+the two agree, and is **not shown** where they do not (unfinished where either is). ``answer.md`` names the
+substituted runs and both verdicts of every claim they touch.
 """
 
 from __future__ import annotations
@@ -215,6 +221,56 @@ def answer(
   return {"complete": all(c["verdict"] != "unfinished" for c in out), "alpha": ALPHA, "claims": out}
 
 
+def substitute(results: dict[str, dict[int, dict]], others: dict[str, dict[int, dict]]) -> dict:
+  """``results`` with every run that ``others`` holds replaced by ``others``' results of it."""
+  out = {name: dict(per_seed) for name, per_seed in results.items()}
+  for name, per_seed in others.items():
+    out.setdefault(name, {}).update(per_seed)
+  return out
+
+
+def combine(as_they_stand: str, alternative: str) -> str:
+  """One claim's verdict read with both results of its substituted runs: kept where the two agree."""
+  if as_they_stand == alternative:
+    return as_they_stand
+  if "unfinished" in (as_they_stand, alternative):
+    return "unfinished"
+  return f"not shown ({as_they_stand} with the runs as they stand, {alternative} with the alternative results)"
+
+
+def answer_with_alternatives(
+    claims: Sequence[Claim],
+    rows: Sequence[study.Row],
+    results: dict[str, dict[int, dict]],
+    others: dict[str, dict[int, dict]],
+    source: str,
+    tuning: dict | None = None,
+) -> dict:
+  """:func:`answer` read with the runs as they stand and with ``others`` (from ``source``) in their place: each
+  claim's ``verdict`` is :func:`combine` of the two; a claim whose tests touch a substituted run keeps both readings
+  (``as_they_stand``, ``alternative``: verdict and statistics)."""
+  first = answer(claims, rows, results, tuning)
+  if not others:
+    return first
+  second = answer(claims, rows, substitute(results, others), tuning)
+  runs = sorted(f"{name} seed {seed}" for name, per_seed in others.items() for seed in per_seed)
+  for c, alt in zip(first["claims"], second["claims"]):
+    tests = [t for t in (c["main"], c["fresh"]) if t]
+    touched = any(
+        name in others and str(seed) in (t["paired"] or {}).get("values", {})
+        for t in tests
+        for name in re.split(r"[>@:]", t["test"])
+        for seed in others.get(name, {})
+    )
+    if touched:
+      c["as_they_stand"] = {"verdict": c["verdict"]}
+      c["alternative"] = {"verdict": alt["verdict"], "main": alt["main"], "fresh": alt["fresh"]}
+      c["verdict"] = combine(c["verdict"], alt["verdict"])
+  first["alternatives"] = {"source": source, "runs": runs}
+  first["complete"] = all(c["verdict"] != "unfinished" for c in first["claims"])
+  return first
+
+
 def _stats(paired: dict | None) -> str:
   if not paired or not paired["n"]:
     return "–"
@@ -247,6 +303,23 @@ def markdown(result: dict, source: str) -> str:
         + (f"`{fresh['test']}` | {_stats(fresh['paired'])}" if fresh else "– | –")
         + f" | **{c['verdict']}** |"
     )
+  alternatives = result.get("alternatives")
+  if alternatives:
+    lines += [
+        "",
+        f"Alternative results, from `{alternatives['source']}`: {', '.join(alternatives['runs'])}. Every claim they "
+        "touch was read twice, and keeps its verdict only where the two readings agree:",
+        "",
+        "| claim | as they stand | with the alternative results: main Δ | fresh Δ | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for c in result["claims"]:
+      if "alternative" in c:
+        alt = c["alternative"]
+        lines.append(
+            f"| {c['claim']} | {c['as_they_stand']['verdict']} | {_stats(alt['main']['paired'])} | "
+            f"{_stats((alt['fresh'] or {}).get('paired'))} | {alt['verdict']} |"
+        )
   sweeps = [c["main"] for c in result["claims"] if "mean_sweep" in c["main"]]
   if sweeps:
     lines += ["", "Mean predicted sweeps of the sweep claims (main seeds):", ""]
@@ -321,6 +394,13 @@ def _define(fv) -> None:
       "The tune stage's tuning.json: notes the weights chosen at the edge of the values tried.",
       flag_values=fv,
   )
+  flags.DEFINE_string(
+      "alternatives",
+      None,
+      "A folder of the study's layout with other results of some runs: a claim they touch keeps its verdict only "
+      "if it reads the same with them.",
+      flag_values=fv,
+  )
 
 
 def main(argv: Sequence[str]) -> int:
@@ -339,7 +419,18 @@ def main(argv: Sequence[str]) -> int:
         raise AnswerError(f"--tuning={fv.tuning}: cannot read it ({e}): give the tune stage's tuning.json") from None
       if not isinstance(tuning, dict) or not isinstance(tuning.get("choices"), list):
         raise AnswerError(f"--tuning={fv.tuning}: not a tuning.json (no list of choices): give the tune stage's")
-    result = answer(claims, rows, study.load_results(fv.workdir, rows), tuning)
+    others = {}
+    if fv.alternatives:
+      if not os.path.isdir(fv.alternatives):
+        raise AnswerError(f"--alternatives={fv.alternatives}: no such folder: give a folder of the study's layout")
+      others = study.load_results(fv.alternatives, rows)
+      if not others:
+        raise AnswerError(
+            f"--alternatives={fv.alternatives}: holds no results of this study's runs "
+            "(expected ROW/seed_N/eval/step_K/results.json)"
+        )
+    source = os.path.basename(os.path.normpath(fv.alternatives)) if fv.alternatives else ""
+    result = answer_with_alternatives(claims, rows, study.load_results(fv.workdir, rows), others, source, tuning)
     write(result, fv.output, os.path.basename(os.path.normpath(fv.workdir)))
   except errors.UserError as e:
     cli.exit_with_error(e)

@@ -22,14 +22,16 @@ time on every core, or ``--jobs=N`` at a time, each pinned to
 its own ``cores // N`` cores (Linux; an ``evaluate:`` row waits for its source run). Several single-core runs get
 more done than one run on all cores (XLA:CPU does not scale linearly: ``benchmarks/study_jobs.py``), but a run's
 last bits depend on how many cores it computes with (XLA's sums are split by thread), so a study is reproduced bit
-for bit with the same ``cores // N``; ``run.json`` records it as ``cores``, and as ``seconds`` the time the run has
+for bit with the same ``cores // N`` on the same kind of CPU (``dilaff_jax.process.machine``); ``run.json`` records
+them as ``cores`` and ``machines`` (each kind a run computed on; a run resumed on another kind is reported), and as ``seconds`` the time the run has
 computed (summed over the invocations it was resumed in; one killed outright, with SIGKILL, cannot add its part):
 the ETA printed before every run starts from the finished runs' seconds on the same core count, so a resumed study
 has one at once. A run is finished when
 ``eval/step_<num_steps>/results.json`` exists in its folder; finished runs are skipped and unfinished ones resume
 from their checkpoints. A study resumes from its export too (copy it as ``DIR``): a run that an ``evaluate:`` row
-needs and whose checkpoints are gone is trained again first (runs are deterministic; a different mIoU would be
-reported). An ``evaluate:`` row writes there too (through ``eval.output_dir``) and keeps no checkpoints; one whose
+needs and whose checkpoints are gone is trained again first (on the same kind of machine it gives the recorded
+mIoU to the last digit; on another it does not: the difference is reported, the new results replace the old and
+the old stay beside them as ``results.first.json``, exported too). An ``evaluate:`` row writes there too (through ``eval.output_dir``) and keeps no checkpoints; one whose
 overrides leave its source's config as it was (e.g. ``affinity.propagation_reading=paper`` on a config that reads
 Eq. 6 that way already) runs nothing: the source's own final evaluation is that row's, copied into its folder once
 the source has finished, and ``run.json`` names where it came from (evaluation is deterministic). A failed
@@ -70,7 +72,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from dilaff_jax import errors
-from dilaff_jax.process import cli, files, workdir_lock
+from dilaff_jax.process import cli, files, machine, workdir_lock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", None, "Config file of every run, e.g. configs/synthetic.py (no variant).")
@@ -258,6 +260,14 @@ def run_dir(workdir: str, row: Row, seed: int) -> str:
 
 def results_path(workdir: str, row: Row, seed: int) -> str:
   return os.path.join(run_dir(workdir, row, seed), "eval", f"step_{row.final_step}", "results.json")
+
+
+# A run trained again (its checkpoints lost) whose mIoU came out other than recorded: its first results, kept.
+FIRST_RESULTS = "results.first.json"
+
+
+def first_results_path(workdir: str, row: Row, seed: int) -> str:
+  return os.path.join(os.path.dirname(results_path(workdir, row, seed)), FIRST_RESULTS)
 
 
 def command(
@@ -456,6 +466,16 @@ def _start(
   before = _run_json(folder)  # a run resumed from its checkpoints: the seconds it computed before
   if before.get("cores") == n_cores and isinstance(before.get("seconds"), (int, float)):
     run["seconds"] = before["seconds"]
+  here = machine.describe()
+  machines = [m for m in before.get("machines", []) if isinstance(m, dict)]
+  moved = machine.difference(machines[-1], here) if machines else ""
+  if moved:
+    print(
+        f"[study] {row.name} seed {seed}: computed before on another kind of machine ({moved}); its last bits, "
+        "and its mIoU, will differ from a run made on one",
+        flush=True,
+    )
+  run["machines"] = machines + ([here] if here not in machines else [])
   files.write_atomic(os.path.join(folder, "run.json"), json.dumps(run, indent=1))
   log = open(os.path.join(folder, "log.txt"), "a")
   log.write(f"\n[study] {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
@@ -621,17 +641,28 @@ def run_study(
       if not stop.requested:
         retrain_failed.add((job.row.name, job.seed))
       return
-    os.remove(path + ".before_training_again")
     with open(path) as f:
       after = json.load(f)
     same = after.get("miou") == job.before.get("miou")
+    if same:
+      os.remove(path + ".before_training_again")
+      print(
+          f"[study] {job.row.name} seed {job.seed}: trained again, mIoU {after.get('miou')!r} (the same as recorded)",
+          flush=True,
+      )
+      return
+    first = first_results_path(workdir, job.row, job.seed)  # kept and exported: a replaced result stays visible
+    os.replace(path + ".before_training_again", first)
+    machines = _run_json(run_dir(workdir, job.row, job.seed)).get("machines") or []
+    moved = machine.difference(machines[-2], machines[-1]) if len(machines) > 1 else ""
+    why = (
+        f"computed first on another kind of machine ({moved})"
+        if moved
+        else "not deterministic, or computed first on a machine its run.json does not name"
+    )
     print(
-        f"[study] {job.row.name} seed {job.seed}: trained again, mIoU {after.get('miou')!r} "
-        + (
-            "(the same as recorded)"
-            if same
-            else f"DIFFERS from the recorded {job.before.get('miou')!r}: not deterministic"
-        ),
+        f"[study] {job.row.name} seed {job.seed}: trained again, mIoU {after.get('miou')!r} DIFFERS from the "
+        f"recorded {job.before.get('miou')!r}: {why}; the new results replace the old, kept as {first}",
         flush=True,
     )
 
@@ -1060,6 +1091,7 @@ def export(workdir: str, rows: Sequence[Row], destination: str) -> list[str]:
           os.path.join(rel, "run.json"),
           os.path.join(step, "results.json"),
           os.path.join(step, "results.md"),
+          os.path.join(step, FIRST_RESULTS),
       ]
   copied = []
   prefix = os.path.abspath(workdir) + os.sep
