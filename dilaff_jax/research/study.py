@@ -23,20 +23,21 @@ its own ``cores // N`` cores (Linux; an ``evaluate:`` row waits for its source r
 more done than one run on all cores (XLA:CPU does not scale linearly: ``benchmarks/study_jobs.py``), but a run's
 last bits depend on how many cores it computes with (XLA's sums are split by thread), so a study is reproduced bit
 for bit with the same ``cores // N`` on the same kind of CPU (``dilaff_jax.process.machine``); ``run.json`` records
-them as ``cores`` and ``machines`` (each kind a run computed on; a run resumed on another kind is reported), and as ``seconds`` the time the run has
-computed (summed over the invocations it was resumed in; one killed outright, with SIGKILL, cannot add its part):
-the ETA printed before every run starts from the finished runs' seconds on the same core count, so a resumed study
-has one at once. A run is finished when
+them as ``cores`` and ``machines`` (each kind a run computed on; a run resumed on another kind is reported), and
+as ``seconds`` the time the run has computed (summed over the invocations it was resumed in; one killed outright,
+with SIGKILL, cannot add its part): the ETA printed before every run starts from the finished runs' seconds on the
+same core count, so a resumed study has one at once. A run is finished when
 ``eval/step_<num_steps>/results.json`` exists in its folder; finished runs are skipped and unfinished ones resume
 from their checkpoints. A study resumes from its export too (copy it as ``DIR``): a run that an ``evaluate:`` row
 needs and whose checkpoints are gone is trained again first (on the same kind of machine it gives the recorded
 mIoU to the last digit; on another it does not: the difference is reported, the new results replace the old and
-the old stay beside them as ``results.first.json``, exported too). An ``evaluate:`` row writes there too (through ``eval.output_dir``) and keeps no checkpoints; one whose
-overrides leave its source's config as it was (e.g. ``affinity.propagation_reading=paper`` on a config that reads
-Eq. 6 that way already) runs nothing: the source's own final evaluation is that row's, copied into its folder once
-the source has finished, and ``run.json`` names where it came from (evaluation is deterministic). A failed
-run is reported (with the tail of its log) and the study goes on; the exit status is then 1. SIGTERM stops the
-running runs (each saves a checkpoint) and the study (exit 3). The aggregate is rewritten after every run, so a
+the old stay beside them as ``results.first.json``, exported too). An ``evaluate:`` row writes there too (through
+``eval.output_dir``) and keeps no checkpoints; one whose overrides leave its source's config as it was (e.g.
+``affinity.propagation_reading=paper`` on a config that reads Eq. 6 that way already) runs nothing: the source's
+own final evaluation is that row's, copied into its folder once the source has finished, and ``run.json`` names
+where it came from (evaluation is deterministic). A failed run is reported (with the tail of its log) and the
+study goes on; the exit status is then 1. SIGTERM stops the running runs (each saves a checkpoint) and the study
+(exit 3). The aggregate is rewritten after every run, so a
 partial study always has an up-to-date ``study.md``.
 
 Aggregates (per row, over the seeds that finished): mIoU without post-processing, with propagation
@@ -467,7 +468,8 @@ def _start(
   if before.get("cores") == n_cores and isinstance(before.get("seconds"), (int, float)):
     run["seconds"] = before["seconds"]
   here = machine.describe()
-  machines = [m for m in before.get("machines", []) if isinstance(m, dict)]
+  recorded = before.get("machines")
+  machines = [m for m in recorded if isinstance(m, dict)] if isinstance(recorded, list) else []
   moved = machine.difference(machines[-1], here) if machines else ""
   if moved:
     print(
@@ -653,8 +655,9 @@ def run_study(
       return
     first = first_results_path(workdir, job.row, job.seed)  # kept and exported: a replaced result stays visible
     os.replace(path + ".before_training_again", first)
-    machines = _run_json(run_dir(workdir, job.row, job.seed)).get("machines") or []
-    moved = machine.difference(machines[-2], machines[-1]) if len(machines) > 1 else ""
+    machines = _run_json(run_dir(workdir, job.row, job.seed)).get("machines")
+    known = isinstance(machines, list) and len(machines) > 1 and all(isinstance(m, dict) for m in machines[-2:])
+    moved = machine.difference(machines[-2], machines[-1]) if known else ""
     why = (
         f"computed first on another kind of machine ({moved})"
         if moved
