@@ -254,12 +254,12 @@ def answer_with_alternatives(
     return first
   second = answer(claims, rows, substitute(results, others), tuning)
   runs = sorted(f"{name} seed {seed}" for name, per_seed in others.items() for seed in per_seed)
-  for c, alt in zip(first["claims"], second["claims"]):
-    tests = [t for t in (c["main"], c["fresh"]) if t]
-    touched = any(
-        name in others and str(seed) in (t["paired"] or {}).get("values", {})
-        for t in tests
-        for name in re.split(r"[>@:]", t["test"])
+  for claim, c, alt in zip(claims, first["claims"], second["claims"]):
+    pairs = [(test, out) for test, out in ((claim.main, c["main"]), (claim.fresh, c["fresh"])) if test]
+    touched = any(  # a substituted run that one of the claim's tests compared
+        str(seed) in (out["paired"] or {}).get("values", {})
+        for test, out in pairs
+        for name in (test.a, test.b)
         for seed in others.get(name, {})
     )
     if touched:
