@@ -125,6 +125,44 @@ def test_orders_are_at_most_suggested_and_unfinished_runs_say_so():
   assert not got["complete"] and "PROVISIONAL" in answer.markdown(got, "x")
 
 
+def test_the_headline_groups_the_claims_by_verdict_in_a_fixed_order():
+  _, got = _verdicts(_results(SIGNIFICANT, (0.01, -0.005, 0.02)))
+  assert answer.headline(got) == (
+      "**holds**: joint training helps; beats AAF; beats CRF, propagated; propagation rises. "
+      "**suggested**: order. **not shown**: beats CRF."
+  )
+  results = _results(tuple(-g for g in SIGNIFICANT), (-0.01, -0.02, 0.01), t1=(-0.01, -0.02, -0.015))
+  del results["aaf_fresh"][7]
+  _, got = _verdicts(results)
+  assert answer.headline(got) == (  # provisional: aaf_fresh seed 7 missing
+      "(provisional) **holds**: propagation rises. **reversed**: joint training helps; beats CRF; beats CRF, "
+      "propagated. **suggested reversed**: order. **unfinished**: beats AAF."
+  )
+  assert "In one paragraph: " + answer.headline(got) in answer.markdown(got, "x")
+
+
+def _squeezed(path):
+  with open(os.path.join(REPO, path)) as f:
+    return " ".join(f.read().split())
+
+
+def test_readme_and_the_reproduction_page_quote_the_committed_answer():
+  """Before the study's answer is committed complete, README says the question is open; after, README and
+  docs/reproduction.md quote its headline word for word (line breaks aside) and no longer say it is open."""
+  readme, page = _squeezed("README.md"), _squeezed("docs/reproduction.md")
+  path = os.path.join(REPO, "results", "study_synthetic", "answer.json")
+  done = None
+  if os.path.exists(path):
+    with open(path) as f:
+      done = json.load(f)
+  if done and done["complete"]:
+    assert done["headline"] == answer.headline(done)
+    assert done["headline"] in readme and done["headline"] in page
+    assert "Not answered yet" not in readme
+  else:
+    assert "Does the method work? Not answered yet" in readme
+
+
 @pytest.mark.parametrize(
     "line, match",
     [
@@ -249,7 +287,8 @@ def test_the_command_line_writes_the_answer(tmp_path):
   assert "[answer] joint training helps: holds" in proc.stdout
   md = open(tmp_path / "out" / "answer.md").read()
   assert "| joint training helps | `default>baseline` | +2.50 ± 0.50 (n=5, p = " in md and "**holds**" in md
-  assert json.load(open(tmp_path / "out" / "answer.json"))["complete"] is True
+  written = json.load(open(tmp_path / "out" / "answer.json"))
+  assert written["complete"] is True and written["headline"].startswith("**holds**: joint training helps; ")
   assert os.path.getsize(tmp_path / "out" / "answer.png") > 10_000
   proc = subprocess.run(cmd + ["--claims=t=default>x|y>z"], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1

@@ -4,9 +4,10 @@ r"""The study's answer: each of the paper's claims read by the rule written down
   python -m dilaff_jax.research.answer --workdir=runs/study_test --claims="$TEST_CLAIMS" \
       --output=results/study_synthetic/answer --tuning=results/study_synthetic/tuning.json
 
-writes answer.md, .json and .png. ``--tuning`` (optional: the tune stage's choices) adds to each claim the weights
-of its methods that the tune stage chose at the smallest or largest of the values tried (the method may be
-under-tuned).
+writes answer.md, .json and .png. Both carry the answer in one paragraph (``headline``: the claims grouped by
+verdict), which README and ``docs/reproduction.md`` quote word for word. ``--tuning`` (optional: the tune stage's
+choices) adds to each claim the weights of its methods that the tune stage chose at the smallest or largest of the
+values tried (the method may be under-tuned).
 
 ``--claims``: one claim per line (or ``;``), ``TITLE=TEST[|FRESH_TEST]``, each test in one of three forms:
   A>B[@METRIC]     row A better than row B, seed by seed over the seeds both finished (``study.compare``: against a
@@ -271,6 +272,21 @@ def answer_with_alternatives(
   return first
 
 
+VERDICT_ORDER = ("holds", "reversed", "suggested", "suggested reversed", "not shown", "not measured", "unfinished")
+
+
+def headline(result: dict) -> str:
+  """The answer in one paragraph, the claims grouped by verdict (a verdict's reason in brackets left out) in the
+  order of ``VERDICT_ORDER``: the sentence README and ``docs/reproduction.md`` quote word for word."""
+  groups: dict[str, list[str]] = {}
+  for c in result["claims"]:
+    groups.setdefault(c["verdict"].split(" (")[0], []).append(c["claim"])
+  parts = [f"**{v}**: {'; '.join(groups[v])}" for v in VERDICT_ORDER if v in groups]
+  parts += [f"**{v}**: {'; '.join(t)}" for v, t in groups.items() if v not in VERDICT_ORDER]
+  prefix = "" if result["complete"] else "(provisional) "
+  return prefix + ". ".join(parts) + "."
+
+
 def _stats(paired: dict | None) -> str:
   if not paired or not paired["n"]:
     return "–"
@@ -291,6 +307,8 @@ def markdown(result: dict, source: str) -> str:
       f"From `{source}`, by `python -m dilaff_jax.research.answer`: every claim read by the rule written down before "
       f"the runs (paired t-test p < {result['alpha']} on the main seeds, repeated on the fresh seeds: mean positive "
       f"and positive in at least {FRESH_AGREE} of 3). Differences in mIoU points, A minus B.",
+      "",
+      "In one paragraph: " + headline(result),
       "",
       "| claim | test | main seeds: Δ | fresh test | fresh seeds: Δ | verdict |",
       "|---|---|---|---|---|---|",
@@ -377,6 +395,7 @@ def plot(result: dict, path: str) -> None:
 def write(result: dict, output: str, source: str) -> None:
   """``OUTPUT.json`` (the verdicts with their statistics), ``OUTPUT.md`` (the table) and ``OUTPUT.png``."""
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  result = {**result, "headline": headline(result)}
   files.write_atomic(output + ".json", json.dumps(result, indent=1, allow_nan=False) + "\n")
   files.write_atomic(output + ".md", markdown(result, source))
   plot(result, output + ".png")
