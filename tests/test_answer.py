@@ -129,14 +129,14 @@ def test_the_headline_groups_the_claims_by_verdict_in_a_fixed_order():
   _, got = _verdicts(_results(SIGNIFICANT, (0.01, -0.005, 0.02)))
   assert answer.headline(got) == (
       "**holds**: joint training helps; beats AAF; beats CRF, propagated; propagation rises. "
-      "**suggested**: order. **not shown**: beats CRF."
+      "**suggested** (3 seeds, no fresh ones: not a verdict): order. **not shown**: beats CRF."
   )
   results = _results(tuple(-g for g in SIGNIFICANT), (-0.01, -0.02, 0.01), t1=(-0.01, -0.02, -0.015))
   del results["aaf_fresh"][7]
   _, got = _verdicts(results)
   assert answer.headline(got) == (  # provisional: aaf_fresh seed 7 missing
       "(provisional) **holds**: propagation rises. **reversed**: joint training helps; beats CRF; beats CRF, "
-      "propagated. **suggested reversed**: order. **unfinished**: beats AAF."
+      "propagated. **suggested reversed** (3 seeds, no fresh ones: not a verdict): order. **unfinished**: beats AAF."
   )
   assert "In one paragraph: " + answer.headline(got) in answer.markdown(got, "x")
 

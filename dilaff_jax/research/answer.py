@@ -275,14 +275,18 @@ def answer_with_alternatives(
 VERDICT_ORDER = ("holds", "reversed", "suggested", "suggested reversed", "not shown", "not measured", "unfinished")
 
 
+_ONLY_SUGGESTED = " (3 seeds, no fresh ones: not a verdict)"
+
+
 def headline(result: dict) -> str:
   """The answer in one paragraph, the claims grouped by verdict (a verdict's reason in brackets left out) in the
-  order of ``VERDICT_ORDER``: the sentence README and ``docs/reproduction.md`` quote word for word."""
+  order of ``VERDICT_ORDER``, a suggested order marked as no verdict: the sentence README and
+  ``docs/reproduction.md`` quote word for word."""
   groups: dict[str, list[str]] = {}
   for c in result["claims"]:
     groups.setdefault(c["verdict"].split(" (")[0], []).append(c["claim"])
-  parts = [f"**{v}**: {'; '.join(groups[v])}" for v in VERDICT_ORDER if v in groups]
-  parts += [f"**{v}**: {'; '.join(t)}" for v, t in groups.items() if v not in VERDICT_ORDER]
+  order = [v for v in VERDICT_ORDER if v in groups] + [v for v in groups if v not in VERDICT_ORDER]
+  parts = [f"**{v}**{_ONLY_SUGGESTED * v.startswith('suggested')}: {'; '.join(groups[v])}" for v in order]
   prefix = "" if result["complete"] else "(provisional) "
   return prefix + ". ".join(parts) + "."
 
