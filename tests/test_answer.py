@@ -304,6 +304,8 @@ def test_the_command_line_writes_the_answer(tmp_path):
   assert "[answer] joint training helps: holds" in proc.stdout
   md = open(tmp_path / "out" / "answer.md").read()
   assert "| joint training helps | `default>baseline` | +2.50 ± 0.50 (n=5, p = " in md and "**holds**" in md
+  # the t interval by hand: 2.776 (t_4 at 0.975) x 0.50 / sqrt(5) = 0.62 points either side of +2.50
+  assert "p = 0.00036, 95% interval +1.88 to +3.12, sign p = " in md
   written = json.load(open(tmp_path / "out" / "answer.json"))
   assert written["complete"] is True and written["headline"].startswith("**holds**: joint training helps; ")
   assert os.path.getsize(tmp_path / "out" / "answer.png") > 10_000

@@ -298,6 +298,9 @@ def _stats(paired: dict | None) -> str:
   extra = [f"n={paired['n']}"]
   if paired.get("p") is not None:
     extra.append(f"p = {paired['p']:.2g}")
+  bounds = interval(paired)
+  if bounds:  # what the seeds leave possible: a claim not shown may still hide a gain up to the high end
+    extra.append(f"95% interval {100 * bounds[1]:+.2f} to {100 * bounds[2]:+.2f}")
   if paired.get("sign_p") is not None:
     extra.append(f"sign p = {paired['sign_p']:.2g}")
   per_seed = study.format_per_seed(paired["values"], signed=True)
@@ -310,7 +313,8 @@ def markdown(result: dict, source: str) -> str:
       "",
       f"From `{source}`, by `python -m dilaff_jax.research.answer`: every claim read by the rule written down before "
       f"the runs (paired t-test p < {result['alpha']} on the main seeds, repeated on the fresh seeds: mean positive "
-      f"and positive in at least {FRESH_AGREE} of 3). Differences in mIoU points, A minus B.",
+      f"and positive in at least {FRESH_AGREE} of 3). Differences in mIoU points, A minus B, with the 95% t interval "
+      "of their mean (what the seeds leave possible: a claim not shown may hide a difference up to its ends).",
       "",
       "In one paragraph: " + headline(result),
       "",
