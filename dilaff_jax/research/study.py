@@ -447,6 +447,12 @@ class _Job:
   before: dict | None = None
 
 
+def _recorded_machines(run: dict) -> list[dict]:
+  """A run.json's ``machines`` (the kinds it computed on), its damaged entries left out; none when absent."""
+  recorded = run.get("machines")
+  return [m for m in recorded if isinstance(m, dict)] if isinstance(recorded, list) else []
+
+
 def _start(
     config_path: str,
     overrides: Sequence[str],
@@ -468,8 +474,7 @@ def _start(
   if before.get("cores") == n_cores and isinstance(before.get("seconds"), (int, float)):
     run["seconds"] = before["seconds"]
   here = machine.describe()
-  recorded = before.get("machines")
-  machines = [m for m in recorded if isinstance(m, dict)] if isinstance(recorded, list) else []
+  machines = _recorded_machines(before)
   moved = machine.difference(machines[-1], here) if machines else ""
   if moved:
     print(
@@ -655,9 +660,8 @@ def run_study(
       return
     first = first_results_path(workdir, job.row, job.seed)  # kept and exported: a replaced result stays visible
     os.replace(path + ".before_training_again", first)
-    machines = _run_json(run_dir(workdir, job.row, job.seed)).get("machines")
-    known = isinstance(machines, list) and len(machines) > 1 and all(isinstance(m, dict) for m in machines[-2:])
-    moved = machine.difference(machines[-2], machines[-1]) if known else ""
+    machines = _recorded_machines(_run_json(run_dir(workdir, job.row, job.seed)))
+    moved = machine.difference(machines[-2], machines[-1]) if len(machines) > 1 else ""
     why = (
         f"computed first on another kind of machine ({moved})"
         if moved
